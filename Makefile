@@ -1,0 +1,45 @@
+# consolegate — the two commands a newcomer needs: `make run` and `make test`.
+# Both work on a fresh Debian 12 machine as root: they install what they need.
+
+CARGO ?= cargo
+RELEASE_BIN := target/release/consolegate
+
+.PHONY: run test build release deps test-deps bench lint fmt clean
+
+build:
+	$(CARGO) build --locked
+
+release:
+	$(CARGO) build --locked --release --workspace
+
+# Build deps (Rust toolchain is expected; C toolchain for ring).
+deps:
+	@bash scripts/install-deps.sh build
+
+# Peers the tests talk to: TigerVNC Xvnc, noVNC, Chromium, node modules for the browser test.
+test-deps: deps
+	@bash scripts/install-deps.sh test
+
+# The appliance on its built-in default: until appliance mode exists this is
+# `consolegate proxy` in front of a local Xvnc that the script starts itself.
+run: deps release
+	@bash scripts/run-demo.sh
+
+test: test-deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	$(CARGO) build --locked --bins
+	$(CARGO) test --locked --workspace -- --test-threads=2
+
+bench: deps
+	@bash scripts/bench.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

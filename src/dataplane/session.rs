@@ -1,0 +1,970 @@
+//! The relay session state machine: one browser connection from accept to
+//! close, sans-IO.
+//!
+//! The IO backends (epoll, io_uring) move bytes and report events; this
+//! type decides everything else: TLS (rustls as a state machine), the HTTP
+//! upgrade, routing, WebSocket framing both ways, backpressure, timeouts and
+//! close codes. It never touches a socket, a clock (time is passed in) or a
+//! runtime, and nothing a client sends makes it panic.
+//!
+//! Backpressure contract with the IO layer: read from the browser only while
+//! [`Session::want_browser_read`] holds and at most
+//! [`Session::browser_read_limit`] bytes; likewise for the backend. Every
+//! byte handed in is consumed, so the bound on buffered bytes is
+//! `buffer_bytes` plus what one read can bring.
+//!
+//! Lifecycle: `Sniff` (TLS or plain?) → `Handshake` (HTTP upgrade) →
+//! `Connecting` (101 sent, backend connect under way) → `Relay` →
+//! `Closing` (close frame sent, waiting for the browser's) → `Done`.
+//! Requests that end in an HTTP response (errors, static files) go
+//! `Handshake` → `Responding` → `Done`.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+use crate::config::ProxyConfig;
+use crate::dataplane::buffer::{BufPool, ByteQueue};
+use crate::dataplane::router::Router;
+use crate::dataplane::web::WebRoot;
+use crate::metrics::WorkerMetrics;
+use crate::protocol::http_upgrade::{self, Request, RequestLimits};
+use crate::protocol::websocket::{
+    self, close_code, Decoder, DecoderLimits, Event, Opcode, PayloadMode,
+};
+
+/// What a worker lends its sessions: config, pool, router, metrics, scratch.
+pub struct WorkerCtx {
+    pub cfg: Arc<ProxyConfig>,
+    pub worker_id: usize,
+    pub pool: BufPool,
+    pub router: Router,
+    pub web: Option<Arc<WebRoot>>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub metrics: WorkerMetrics,
+    /// Plaintext out of rustls, and frame assembly for TLS and base64.
+    scratch: Vec<u8>,
+}
+
+impl WorkerCtx {
+    pub fn new(
+        cfg: Arc<ProxyConfig>,
+        worker_id: usize,
+        router: Router,
+        web: Option<Arc<WebRoot>>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
+        let l = &cfg.limits;
+        // A chunk holds one whole downstream frame: the largest read plus
+        // the largest header, base64-expanded in the worst case.
+        let chunk = (l.recv_buffer_bytes / 3 + 1) * 4 + websocket::MAX_SERVER_HEADER_LEN;
+        let pool = BufPool::new(chunk, l.pool_max_free_buffers);
+        let scratch = vec![0u8; chunk];
+        Self {
+            cfg,
+            worker_id,
+            pool,
+            router,
+            web,
+            tls,
+            metrics: WorkerMetrics::default(),
+            scratch,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Sniff,
+    Handshake,
+    Connecting,
+    Relay,
+    Closing,
+    Responding,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    None,
+    Connecting,
+    Open,
+    Closed,
+}
+
+/// Why a session ended, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseInfo {
+    /// WebSocket close code sent (or echoed); None when the session ended
+    /// without one (HTTP response, browser vanished).
+    pub code: Option<u16>,
+    pub reason: String,
+}
+
+pub struct Session {
+    pub id: u64,
+    phase: Phase,
+    tls: Option<Box<rustls::ServerConnection>>,
+    req: Vec<u8>,
+    decoder: Option<Decoder>,
+    mode: PayloadMode,
+    to_browser: ByteQueue,
+    to_backend: ByteQueue,
+    backend: Backend,
+    connect_to: Option<SocketAddr>,
+    target: Option<SocketAddr>,
+    started: Instant,
+    deadline: Option<Instant>,
+    last_activity: Instant,
+    next_ping: Option<Instant>,
+    /// The browser's close frame arrived (or will never come): once our
+    /// output is flushed the session is done.
+    close_received: bool,
+    close: Option<CloseInfo>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Bytes at the front of each queue that an io_uring send holds; they
+    /// must stay put until it completes (always 0 on epoll).
+    browser_inflight: usize,
+    backend_inflight: usize,
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// `io::Write` into a ByteQueue (rustls writes its records through it).
+struct QueueWriter<'a> {
+    q: &'a mut ByteQueue,
+    pool: &'a mut BufPool,
+}
+
+impl Write for QueueWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.q.push(self.pool, buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Session {
+    pub fn new(id: u64, ctx: &WorkerCtx, now: Instant) -> Self {
+        let l = &ctx.cfg.limits;
+        let phase = if ctx.tls.is_some() {
+            Phase::Sniff
+        } else {
+            Phase::Handshake
+        };
+        Self {
+            id,
+            phase,
+            tls: None,
+            req: Vec::new(),
+            decoder: None,
+            mode: PayloadMode::Raw,
+            to_browser: ByteQueue::new(),
+            to_backend: ByteQueue::new(),
+            backend: Backend::None,
+            connect_to: None,
+            target: None,
+            started: now,
+            deadline: Some(now + ms(l.handshake_timeout_ms)),
+            last_activity: now,
+            next_ping: None,
+            close_received: false,
+            close: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            browser_inflight: 0,
+            backend_inflight: 0,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    pub fn close_info(&self) -> Option<&CloseInfo> {
+        self.close.as_ref()
+    }
+
+    pub fn target(&self) -> Option<SocketAddr> {
+        self.target
+    }
+
+    // ---- what the IO layer asks -------------------------------------------
+
+    /// Read from the browser now?
+    pub fn want_browser_read(&self, ctx: &WorkerCtx) -> bool {
+        match self.phase {
+            Phase::Sniff | Phase::Handshake | Phase::Closing => true,
+            Phase::Connecting | Phase::Relay => {
+                self.to_backend.len() < ctx.cfg.limits.buffer_bytes
+                    && self.to_browser.len() < ctx.cfg.limits.buffer_bytes
+            }
+            Phase::Responding | Phase::Done => false,
+        }
+    }
+
+    /// Most bytes to read from the browser in one go.
+    pub fn browser_read_limit(&self, ctx: &WorkerCtx) -> usize {
+        let l = &ctx.cfg.limits;
+        match self.phase {
+            Phase::Sniff | Phase::Handshake | Phase::Closing => l.recv_buffer_bytes,
+            _ => l
+                .buffer_bytes
+                .saturating_sub(self.to_backend.len())
+                .clamp(1, l.recv_buffer_bytes),
+        }
+    }
+
+    /// Read from the backend now?
+    pub fn want_backend_read(&self, ctx: &WorkerCtx) -> bool {
+        self.phase == Phase::Relay
+            && self.backend == Backend::Open
+            && self.to_browser.len() < ctx.cfg.limits.buffer_bytes
+    }
+
+    /// Most bytes to read from the backend in one go (one frame's payload).
+    pub fn backend_read_limit(&self, ctx: &WorkerCtx) -> usize {
+        let l = &ctx.cfg.limits;
+        let room = l.buffer_bytes.saturating_sub(self.to_browser.len());
+        let room = match self.mode {
+            PayloadMode::Raw => room,
+            PayloadMode::Base64 => room / 4 * 3,
+        };
+        room.clamp(1, l.recv_buffer_bytes)
+    }
+
+    /// The backend connection to open, once.
+    pub fn take_connect(&mut self) -> Option<SocketAddr> {
+        self.connect_to.take()
+    }
+
+    /// The backend socket should be closed now (the session is ending).
+    pub fn backend_should_close(&self) -> bool {
+        matches!(self.backend, Backend::Connecting | Backend::Open)
+            && matches!(self.phase, Phase::Closing | Phase::Responding | Phase::Done)
+    }
+
+    /// The IO layer closed the backend socket.
+    pub fn backend_closed(&mut self) {
+        self.backend = Backend::Closed;
+    }
+
+    /// Bytes to write to the browser (the first contiguous run).
+    pub fn browser_pending(&self) -> &[u8] {
+        self.to_browser.front()
+    }
+
+    pub fn browser_pending_len(&self) -> usize {
+        self.to_browser.len()
+    }
+
+    /// Bytes to write to the backend (the first contiguous run).
+    pub fn backend_pending(&self) -> &[u8] {
+        if self.backend == Backend::Open {
+            self.to_backend.front()
+        } else {
+            &[]
+        }
+    }
+
+    /// An asynchronous send of the first `n` pending browser bytes started
+    /// (io_uring): they stay in place until [`Session::browser_sent`].
+    pub fn browser_send_started(&mut self, n: usize) {
+        self.browser_inflight = n;
+    }
+
+    /// Same as [`Session::browser_send_started`] for the backend.
+    pub fn backend_send_started(&mut self, n: usize) {
+        self.backend_inflight = n;
+    }
+
+    /// `n` bytes of [`Session::browser_pending`] were written.
+    pub fn browser_sent(&mut self, ctx: &mut WorkerCtx, n: usize, now: Instant) {
+        self.browser_inflight = 0;
+        self.to_browser.consume(&mut ctx.pool, n);
+        self.advance(ctx, now);
+    }
+
+    /// `n` bytes of [`Session::backend_pending`] were written.
+    pub fn backend_sent(&mut self, ctx: &mut WorkerCtx, n: usize) {
+        self.backend_inflight = 0;
+        self.to_backend.consume(&mut ctx.pool, n);
+    }
+
+    /// Return every buffer to the pool; call before dropping a done session,
+    /// once no send is in flight.
+    pub fn release(&mut self, ctx: &mut WorkerCtx) {
+        self.browser_inflight = 0;
+        self.backend_inflight = 0;
+        self.to_browser.clear(&mut ctx.pool);
+        self.to_backend.clear(&mut ctx.pool);
+        self.req = Vec::new();
+    }
+
+    /// The earliest instant at which [`Session::on_tick`] has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match (self.deadline, self.next_ping) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    // ---- events from the IO layer -----------------------------------------
+
+    /// Bytes arrived from the browser (raw: TLS records when TLS is on).
+    pub fn on_browser_data(&mut self, ctx: &mut WorkerCtx, data: &[u8], now: Instant) {
+        if data.is_empty() || self.phase == Phase::Done {
+            return;
+        }
+        self.last_activity = now;
+        if self.phase == Phase::Sniff {
+            self.sniff(ctx, data[0], now);
+            if self.phase == Phase::Done {
+                return;
+            }
+        }
+        if self.tls.is_some() {
+            self.tls_input(ctx, data, now);
+            self.flush_tls(ctx);
+        } else {
+            self.plain_input(ctx, data, now);
+        }
+        self.advance(ctx, now);
+    }
+
+    /// The browser closed its side (EOF) or the socket failed.
+    pub fn on_browser_gone(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        error: Option<&io::Error>,
+        now: Instant,
+    ) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        match error {
+            Some(e) => {
+                ctx.metrics.error("browser_io");
+                tracing::debug!(session = self.id, error = %e, "browser connection failed");
+            }
+            None => {
+                if matches!(self.phase, Phase::Connecting | Phase::Relay) {
+                    ctx.metrics.error("browser_eof_without_close");
+                }
+            }
+        }
+        if self.close.is_none() {
+            self.close = Some(CloseInfo {
+                code: None,
+                reason: "browser went away".into(),
+            });
+        }
+        self.to_browser
+            .truncate_to(&mut ctx.pool, self.browser_inflight);
+        self.finish(ctx, now);
+    }
+
+    /// The backend TCP connect completed.
+    pub fn on_backend_connected(&mut self, ctx: &mut WorkerCtx, now: Instant) {
+        if self.backend != Backend::Connecting {
+            return;
+        }
+        self.backend = Backend::Open;
+        if self.phase == Phase::Connecting {
+            self.phase = Phase::Relay;
+            self.deadline = None;
+            self.last_activity = now;
+            let hb = ctx.cfg.limits.heartbeat_ms;
+            if hb > 0 {
+                self.next_ping = Some(now + ms(hb));
+            }
+            tracing::debug!(session = self.id, backend = ?self.target, "backend connected");
+        }
+    }
+
+    /// The backend connect failed.
+    pub fn on_backend_connect_failed(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        err: &io::Error,
+        now: Instant,
+    ) {
+        self.backend = Backend::Closed;
+        ctx.metrics.error("backend_connect_failed");
+        tracing::warn!(session = self.id, backend = ?self.target, error = %err, "backend connect failed");
+        self.start_close(
+            ctx,
+            close_code::INTERNAL_ERROR,
+            "backend connect failed",
+            now,
+        );
+    }
+
+    /// Bytes arrived from the backend.
+    pub fn on_backend_data(&mut self, ctx: &mut WorkerCtx, data: &[u8], now: Instant) {
+        if data.is_empty() || !matches!(self.phase, Phase::Relay) {
+            return;
+        }
+        self.last_activity = now;
+        self.bytes_down += data.len() as u64;
+        ctx.metrics.bytes_backend_to_browser += data.len() as u64;
+        match self.mode {
+            PayloadMode::Raw => self.send_data_frame(ctx, Opcode::Binary, data),
+            PayloadMode::Base64 => {
+                // Encode chunk by chunk: each chunk is its own text frame,
+                // whole base64 groups, so the browser decodes each frame.
+                let step = ctx.scratch.len() / 4 * 3;
+                for part in data.chunks(step.max(3)) {
+                    let mut scratch = std::mem::take(&mut ctx.scratch);
+                    let n = base64::engine::general_purpose::STANDARD
+                        .encode_slice(part, &mut scratch)
+                        .unwrap_or(0);
+                    self.send_data_frame(ctx, Opcode::Text, &scratch[..n]);
+                    ctx.scratch = scratch;
+                }
+            }
+        }
+    }
+
+    /// The backend closed (EOF) or failed.
+    pub fn on_backend_gone(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        error: Option<&io::Error>,
+        now: Instant,
+    ) {
+        if matches!(self.backend, Backend::Closed | Backend::None) {
+            return;
+        }
+        self.backend = Backend::Closed;
+        match error {
+            None => self.start_close(ctx, close_code::NORMAL, "backend closed", now),
+            Some(e) => {
+                ctx.metrics.error("backend_io");
+                tracing::warn!(session = self.id, error = %e, "backend connection failed");
+                self.start_close(
+                    ctx,
+                    close_code::INTERNAL_ERROR,
+                    "backend connection failed",
+                    now,
+                );
+            }
+        }
+    }
+
+    /// Timers: handshake, connect, idle, heartbeat, close.
+    pub fn on_tick(&mut self, ctx: &mut WorkerCtx, now: Instant) {
+        let (idle, heartbeat) = (ctx.cfg.limits.idle_timeout_ms, ctx.cfg.limits.heartbeat_ms);
+        let expired = self.deadline.is_some_and(|d| now >= d);
+        match self.phase {
+            Phase::Sniff | Phase::Handshake if expired => {
+                ctx.metrics.error("handshake_timeout");
+                tracing::info!(session = self.id, "handshake timed out");
+                self.respond_error(
+                    ctx,
+                    408,
+                    "handshake_timeout",
+                    "the request did not arrive in time",
+                    now,
+                );
+                if self.tls.as_ref().is_some_and(|t| t.is_handshaking())
+                    || self.phase == Phase::Sniff
+                {
+                    // Nothing sensible can be sent on an unfinished TLS handshake.
+                    self.finish(ctx, now);
+                }
+            }
+            Phase::Connecting if expired => {
+                ctx.metrics.error("backend_connect_timeout");
+                tracing::warn!(session = self.id, backend = ?self.target, "backend connect timed out");
+                self.start_close(
+                    ctx,
+                    close_code::INTERNAL_ERROR,
+                    "backend connect timed out",
+                    now,
+                );
+            }
+            Phase::Relay => {
+                if idle > 0 && now.duration_since(self.last_activity) >= ms(idle) {
+                    ctx.metrics.error("idle_timeout");
+                    tracing::info!(session = self.id, "idle timeout");
+                    self.start_close(ctx, close_code::GOING_AWAY, "idle timeout", now);
+                } else if let Some(p) = self.next_ping.filter(|p| now >= *p) {
+                    let frame = websocket::ping_frame(b"consolegate");
+                    self.push_browser(ctx, &[frame.as_bytes()]);
+                    let hb = ms(heartbeat);
+                    // Skip missed beats rather than bursting pings.
+                    self.next_ping = Some(if p + hb > now { p + hb } else { now + hb });
+                }
+            }
+            Phase::Closing | Phase::Responding if expired => self.finish(ctx, now),
+            _ => {}
+        }
+        self.advance(ctx, now);
+    }
+
+    /// Server shutdown: close with 1001.
+    pub fn on_drain(&mut self, ctx: &mut WorkerCtx, now: Instant) {
+        match self.phase {
+            Phase::Connecting | Phase::Relay => {
+                self.start_close(ctx, close_code::GOING_AWAY, "server shutting down", now)
+            }
+            Phase::Sniff | Phase::Handshake => self.finish(ctx, now),
+            _ => {}
+        }
+        self.advance(ctx, now);
+    }
+
+    // ---- internals ---------------------------------------------------------
+
+    fn sniff(&mut self, ctx: &mut WorkerCtx, first: u8, now: Instant) {
+        // A TLS ClientHello starts with record type 22 (handshake); websockify
+        // sniffs the same way to serve ws and wss on one port.
+        let tls_cfg = ctx.tls.clone();
+        let ssl_only = ctx.cfg.tls.as_ref().is_some_and(|t| t.ssl_only);
+        self.phase = Phase::Handshake;
+        if first == 0x16 {
+            if let Some(cfg) = tls_cfg {
+                match rustls::ServerConnection::new(cfg) {
+                    Ok(conn) => self.tls = Some(Box::new(conn)),
+                    Err(e) => {
+                        ctx.metrics.error("tls_setup");
+                        tracing::error!(session = self.id, error = %e, "TLS session setup failed");
+                        self.finish(ctx, now);
+                    }
+                }
+            }
+        } else if ssl_only {
+            ctx.metrics.error("plain_on_ssl_only");
+            tracing::info!(session = self.id, "plain connection refused (--ssl-only)");
+            self.finish(ctx, now);
+        }
+    }
+
+    fn tls_input(&mut self, ctx: &mut WorkerCtx, mut data: &[u8], now: Instant) {
+        while !data.is_empty() && self.phase != Phase::Done {
+            let Some(tls) = self.tls.as_mut() else { return };
+            match tls.read_tls(&mut data) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    ctx.metrics.error("tls_read");
+                    tracing::info!(session = self.id, error = %e, "TLS input refused");
+                    self.finish(ctx, now);
+                    return;
+                }
+            }
+            if let Err(e) = tls.process_new_packets() {
+                ctx.metrics.error("tls_error");
+                tracing::info!(session = self.id, error = %e, "TLS error from browser");
+                // Send the alert rustls queued, then close.
+                self.flush_tls(ctx);
+                self.phase = Phase::Responding;
+                self.deadline = Some(now + ms(ctx.cfg.limits.close_timeout_ms));
+                return;
+            }
+            self.drain_tls_plaintext(ctx, now);
+        }
+    }
+
+    fn drain_tls_plaintext(&mut self, ctx: &mut WorkerCtx, now: Instant) {
+        loop {
+            let Some(tls) = self.tls.as_mut() else { return };
+            let mut scratch = std::mem::take(&mut ctx.scratch);
+            let r = tls.reader().read(&mut scratch);
+            match r {
+                Ok(0) => {
+                    ctx.scratch = scratch;
+                    // close_notify: the browser is done sending.
+                    self.on_browser_gone(ctx, None, now);
+                    return;
+                }
+                Ok(n) => {
+                    self.plain_input(ctx, &scratch[..n], now);
+                    ctx.scratch = scratch;
+                }
+                Err(e) => {
+                    ctx.scratch = scratch;
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        self.on_browser_gone(ctx, Some(&e), now);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn flush_tls(&mut self, ctx: &mut WorkerCtx) {
+        if let Some(tls) = self.tls.as_mut() {
+            let mut w = QueueWriter {
+                q: &mut self.to_browser,
+                pool: &mut ctx.pool,
+            };
+            while tls.wants_write() {
+                if tls.write_tls(&mut w).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Plaintext bytes from the browser, by phase. Consumes all of `data`.
+    fn plain_input(&mut self, ctx: &mut WorkerCtx, data: &[u8], now: Instant) {
+        match self.phase {
+            Phase::Handshake => {
+                let max = ctx.cfg.limits.max_request_bytes;
+                let take = data.len().min(max.saturating_sub(self.req.len()).max(1));
+                self.req.extend_from_slice(&data[..take.min(data.len())]);
+                let rest_from = take.min(data.len());
+                self.try_handshake(ctx, now);
+                if matches!(self.phase, Phase::Connecting) && rest_from < data.len() {
+                    self.decode_input(ctx, &data[rest_from..], now);
+                }
+            }
+            Phase::Connecting | Phase::Relay | Phase::Closing => self.decode_input(ctx, data, now),
+            Phase::Sniff | Phase::Responding | Phase::Done => {}
+        }
+    }
+
+    fn try_handshake(&mut self, ctx: &mut WorkerCtx, now: Instant) {
+        let l = &ctx.cfg.limits;
+        let limits = RequestLimits {
+            max_request_bytes: l.max_request_bytes,
+            max_headers: l.max_headers,
+        };
+        let parsed = http_upgrade::parse_request(&self.req, &limits);
+        let (request, consumed) = match parsed {
+            Ok(None) => return,
+            Ok(Some(r)) => r,
+            Err(e) => {
+                ctx.metrics.error(e.kind());
+                tracing::info!(session = self.id, status = e.status(), error = %e, "bad handshake");
+                self.respond_error(ctx, e.status(), e.kind(), &e.to_string(), now);
+                return;
+            }
+        };
+        let leftover = self.req.split_off(consumed);
+        self.req = Vec::new();
+        let up = match request {
+            Request::Get { path, head, .. } => {
+                match ctx.web.clone() {
+                    Some(web) => {
+                        ctx.metrics.static_responses += 1;
+                        let resp = web.respond(&path, head);
+                        self.push_browser(ctx, &[&resp]);
+                        self.phase = Phase::Responding;
+                        self.deadline = Some(now + ms(ctx.cfg.limits.close_timeout_ms.max(5_000)));
+                    }
+                    None => {
+                        ctx.metrics.error("not_websocket");
+                        self.respond_error(
+                            ctx,
+                            400,
+                            "not_websocket",
+                            "this port expects a WebSocket upgrade request",
+                            now,
+                        );
+                    }
+                }
+                return;
+            }
+            Request::Upgrade(up) => up,
+        };
+        if !ctx.cfg.origins.is_empty() {
+            let ok = up
+                .origin
+                .as_deref()
+                .is_some_and(|o| ctx.cfg.origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
+            if !ok {
+                ctx.metrics.error("origin_not_allowed");
+                tracing::warn!(session = self.id, origin = ?up.origin, "origin not allowed");
+                self.respond_error(
+                    ctx,
+                    403,
+                    "origin_not_allowed",
+                    "this Origin is not allowed",
+                    now,
+                );
+                return;
+            }
+        }
+        let protocol = match http_upgrade::choose_subprotocol(&up.protocols) {
+            Ok(p) => p,
+            Err(e) => {
+                ctx.metrics.error(e.kind());
+                tracing::info!(session = self.id, offered = ?up.protocols, "no supported subprotocol");
+                self.respond_error(ctx, e.status(), e.kind(), &e.to_string(), now);
+                return;
+            }
+        };
+        let addr = match ctx.router.route(&up, now) {
+            Ok(a) => a,
+            Err(e) => {
+                ctx.metrics.error(e.kind());
+                tracing::info!(session = self.id, error = %e, "route refused");
+                self.respond_error(ctx, e.status(), e.kind(), &e.to_string(), now);
+                return;
+            }
+        };
+        self.mode = if protocol == Some("base64") {
+            PayloadMode::Base64
+        } else {
+            PayloadMode::Raw
+        };
+        self.decoder = Some(Decoder::new(
+            self.mode,
+            DecoderLimits {
+                max_frame_bytes: ctx.cfg.limits.max_frame_bytes,
+            },
+        ));
+        let mut resp = Vec::with_capacity(256);
+        http_upgrade::write_upgrade_response(&mut resp, &up.key, protocol);
+        self.push_browser(ctx, &[&resp]);
+        ctx.metrics.handshakes_ok += 1;
+        tracing::info!(
+            session = self.id,
+            worker = ctx.worker_id,
+            backend = %addr,
+            path = %up.path,
+            protocol = protocol.unwrap_or("-"),
+            "session open"
+        );
+        self.phase = Phase::Connecting;
+        self.backend = Backend::Connecting;
+        self.target = Some(addr);
+        self.connect_to = Some(addr);
+        self.deadline = Some(now + ms(ctx.cfg.limits.connect_timeout_ms));
+        if !leftover.is_empty() {
+            self.decode_input(ctx, &leftover, now);
+        }
+    }
+
+    /// WebSocket frames from the browser: payload to the backend queue,
+    /// control frames answered here.
+    fn decode_input(&mut self, ctx: &mut WorkerCtx, mut data: &[u8], now: Instant) {
+        while !data.is_empty() && !matches!(self.phase, Phase::Done | Phase::Responding) {
+            let Some(dec) = self.decoder.as_mut() else {
+                return;
+            };
+            if dec.close_received() {
+                return;
+            }
+            let discard = self.phase == Phase::Closing;
+            let result = if discard {
+                // After our close frame, data is read and dropped while we
+                // wait for the browser's close.
+                let mut scratch = std::mem::take(&mut ctx.scratch);
+                let r = dec.decode(data, &mut scratch);
+                ctx.scratch = scratch;
+                r
+            } else {
+                let spare = self.to_backend.spare(&mut ctx.pool, 1);
+                let r = dec.decode(data, spare);
+                if let Ok(p) = &r {
+                    self.to_backend.commit(p.written);
+                } else {
+                    self.to_backend.commit(0);
+                }
+                r
+            };
+            match result {
+                Ok(p) => {
+                    data = &data[p.consumed..];
+                    if !discard {
+                        self.bytes_up += p.written as u64;
+                        ctx.metrics.bytes_browser_to_backend += p.written as u64;
+                    }
+                    if let Some(ev) = p.event {
+                        self.on_ws_event(ctx, ev, now);
+                    }
+                    if p.consumed == 0 && p.written == 0 && p.event.is_none() {
+                        // No progress possible (cannot happen with a non-empty
+                        // output buffer, but never spin).
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if discard {
+                        self.close_received = true;
+                    } else {
+                        ctx.metrics.error(e.kind());
+                        tracing::info!(session = self.id, error = %e, "protocol error from browser");
+                        self.start_close(ctx, e.close_code(), &e.to_string(), now);
+                        // The browser broke the protocol: do not wait for its close.
+                        self.close_received = true;
+                    }
+                    break;
+                }
+            }
+        }
+        // Release an uncommitted spare chunk.
+        self.to_backend.consume(&mut ctx.pool, 0);
+    }
+
+    fn on_ws_event(&mut self, ctx: &mut WorkerCtx, ev: Event, now: Instant) {
+        match ev {
+            Event::Ping(p) => {
+                if self.phase != Phase::Closing {
+                    let f = websocket::pong_frame(p.as_slice());
+                    self.push_browser(ctx, &[f.as_bytes()]);
+                }
+            }
+            Event::Pong(_) => {}
+            Event::Close { code, reason } => {
+                self.close_received = true;
+                if self.phase != Phase::Closing {
+                    // Echo the browser's code, as RFC 6455 5.5.1 suggests.
+                    let echo = code.unwrap_or(close_code::NORMAL);
+                    let why = String::from_utf8_lossy(reason.as_slice()).into_owned();
+                    tracing::debug!(session = self.id, code = echo, reason = %why, "browser closed");
+                    self.start_close(ctx, echo, "", now);
+                    self.close = Some(CloseInfo {
+                        code: Some(echo),
+                        reason: format!("browser closed: {why}"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Queue a close frame and stop relaying; the backend is closed by the
+    /// IO layer (see [`Session::backend_should_close`]).
+    fn start_close(&mut self, ctx: &mut WorkerCtx, code: u16, reason: &str, now: Instant) {
+        match self.phase {
+            Phase::Connecting | Phase::Relay => {
+                let f = websocket::close_frame(code, reason);
+                self.push_browser(ctx, &[f.as_bytes()]);
+                if let Some(tls) = self.tls.as_mut() {
+                    tls.send_close_notify();
+                    self.flush_tls(ctx);
+                }
+                self.phase = Phase::Closing;
+                self.next_ping = None;
+                self.deadline = Some(now + ms(ctx.cfg.limits.close_timeout_ms));
+                // Bytes for a backend we are leaving are dropped.
+                self.to_backend
+                    .truncate_to(&mut ctx.pool, self.backend_inflight);
+                if self.close.is_none() {
+                    self.close = Some(CloseInfo {
+                        code: Some(code),
+                        reason: reason.to_string(),
+                    });
+                }
+            }
+            Phase::Sniff | Phase::Handshake => self.finish(ctx, now),
+            Phase::Closing | Phase::Responding | Phase::Done => {}
+        }
+    }
+
+    fn respond_error(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        status: u16,
+        code: &str,
+        message: &str,
+        now: Instant,
+    ) {
+        let mut resp = Vec::with_capacity(256);
+        http_upgrade::write_error_response(&mut resp, status, code, message, &[]);
+        self.push_browser(ctx, &[&resp]);
+        self.phase = Phase::Responding;
+        self.deadline = Some(now + ms(ctx.cfg.limits.close_timeout_ms));
+        self.close = Some(CloseInfo {
+            code: None,
+            reason: format!("HTTP {status} {code}"),
+        });
+    }
+
+    /// Frame `payload` and queue it for the browser.
+    fn send_data_frame(&mut self, ctx: &mut WorkerCtx, op: Opcode, payload: &[u8]) {
+        let mut hdr = [0u8; websocket::MAX_SERVER_HEADER_LEN];
+        let n = websocket::write_server_header(&mut hdr, true, op, payload.len() as u64);
+        self.push_browser(ctx, &[&hdr[..n], payload]);
+    }
+
+    /// Queue plaintext for the browser, through TLS when it is on.
+    fn push_browser(&mut self, ctx: &mut WorkerCtx, parts: &[&[u8]]) {
+        match self.tls.as_mut() {
+            Some(tls) => {
+                // One write per frame so rustls makes one record, not two.
+                let total: usize = parts.iter().map(|p| p.len()).sum();
+                let mut buf = Vec::with_capacity(total);
+                for p in parts {
+                    buf.extend_from_slice(p);
+                }
+                let _ = tls.writer().write_all(&buf);
+                self.flush_tls(ctx);
+            }
+            None => {
+                let total: usize = parts.iter().map(|p| p.len()).sum();
+                // Keep a frame in one chunk when it fits, so one send carries it.
+                let spare = self.to_browser.spare(&mut ctx.pool, total);
+                if spare.len() >= total {
+                    let mut at = 0;
+                    for p in parts {
+                        spare[at..at + p.len()].copy_from_slice(p);
+                        at += p.len();
+                    }
+                    self.to_browser.commit(total);
+                } else {
+                    self.to_browser.commit(0);
+                    for p in parts {
+                        self.to_browser.push(&mut ctx.pool, p);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Move to Done once nothing is left to do.
+    fn advance(&mut self, ctx: &mut WorkerCtx, now: Instant) {
+        let flushed = self.to_browser.is_empty();
+        match self.phase {
+            Phase::Closing if flushed && self.close_received => self.finish(ctx, now),
+            Phase::Responding if flushed => self.finish(ctx, now),
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self, ctx: &mut WorkerCtx, now: Instant) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        let was_session = self.decoder.is_some();
+        self.phase = Phase::Done;
+        self.deadline = None;
+        self.next_ping = None;
+        if was_session {
+            ctx.metrics.sessions_closed += 1;
+            let info = self.close.clone().unwrap_or(CloseInfo {
+                code: None,
+                reason: "closed".into(),
+            });
+            tracing::info!(
+                session = self.id,
+                worker = ctx.worker_id,
+                code = info.code.unwrap_or(0),
+                reason = %info.reason,
+                bytes_up = self.bytes_up,
+                bytes_down = self.bytes_down,
+                duration_ms = now.duration_since(self.started).as_millis() as u64,
+                "session closed"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,369 @@
+//! Session state machine tests: no sockets, time passed in.
+
+use super::*;
+use crate::config::{IoChoice, Limits, ProxyConfig, TargetConfig};
+use crate::protocol::websocket::{encode_client_frame, Opcode};
+
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+fn cfg_with(f: impl FnOnce(&mut ProxyConfig)) -> Arc<ProxyConfig> {
+    let mut c = ProxyConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        target: TargetConfig::Fixed("127.0.0.1:5900".parse().unwrap()),
+        tls: None,
+        web_dir: None,
+        origins: vec![],
+        workers: 1,
+        io: IoChoice::Epoll,
+        limits: Limits {
+            buffer_bytes: 8192,
+            recv_buffer_bytes: 4096,
+            ..Limits::default()
+        },
+    };
+    f(&mut c);
+    Arc::new(c)
+}
+
+fn ctx_with(f: impl FnOnce(&mut ProxyConfig)) -> WorkerCtx {
+    let cfg = cfg_with(f);
+    WorkerCtx::new(
+        cfg,
+        0,
+        Router::Fixed("127.0.0.1:5900".parse().unwrap()),
+        None,
+        None,
+    )
+}
+
+fn upgrade_request(extra: &str) -> Vec<u8> {
+    format!(
+        "GET /websockify HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}
+
+fn drain_browser(s: &mut Session, ctx: &mut WorkerCtx, now: Instant) -> Vec<u8> {
+    let mut out = Vec::new();
+    while s.browser_pending_len() > 0 {
+        let p = s.browser_pending().to_vec();
+        out.extend_from_slice(&p);
+        s.browser_sent(ctx, p.len(), now);
+    }
+    out
+}
+
+fn drain_backend(s: &mut Session, ctx: &mut WorkerCtx) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let p = s.backend_pending().to_vec();
+        if p.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&p);
+        s.backend_sent(ctx, p.len());
+    }
+    out
+}
+
+fn frame(op: Opcode, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    encode_client_frame(&mut v, true, op, [1, 2, 3, 4], payload);
+    v
+}
+
+/// A session through the handshake and backend connect.
+fn relaying(ctx: &mut WorkerCtx, now: Instant) -> Session {
+    let mut s = Session::new(1, ctx, now);
+    s.on_browser_data(ctx, &upgrade_request(""), now);
+    let resp = drain_browser(&mut s, ctx, now);
+    assert!(
+        resp.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+    assert_eq!(s.take_connect(), Some("127.0.0.1:5900".parse().unwrap()));
+    s.on_backend_connected(ctx, now);
+    assert_eq!(s.phase(), Phase::Relay);
+    s
+}
+
+/// Parse server frames (unmasked) into (opcode byte, payload).
+fn server_frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut v = Vec::new();
+    while b.len() >= 2 {
+        let op = b[0] & 0x0f;
+        let (len, hl) = match b[1] & 0x7f {
+            126 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        v.push((op, b[hl..hl + len].to_vec()));
+        b = &b[hl + len..];
+    }
+    v
+}
+
+#[test]
+fn relays_both_ways_and_closes_on_browser_close() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|_| {});
+    let mut s = relaying(&mut ctx, now);
+    s.on_browser_data(&mut ctx, &frame(Opcode::Binary, b"RFB 003.008\n"), now);
+    assert_eq!(drain_backend(&mut s, &mut ctx), b"RFB 003.008\n");
+    s.on_backend_data(&mut ctx, b"\x01\x01", now);
+    let out = drain_browser(&mut s, &mut ctx, now);
+    assert_eq!(server_frames(&out), vec![(2, b"\x01\x01".to_vec())]);
+    let mut close = Vec::new();
+    encode_client_frame(
+        &mut close,
+        true,
+        Opcode::Close,
+        [9, 9, 9, 9],
+        &1000u16.to_be_bytes(),
+    );
+    s.on_browser_data(&mut ctx, &close, now);
+    assert!(s.backend_should_close());
+    let out = drain_browser(&mut s, &mut ctx, now);
+    assert_eq!(server_frames(&out)[0].0, 8);
+    assert!(s.is_done());
+    assert_eq!(s.bytes_up, 12);
+    assert_eq!(s.bytes_down, 2);
+    s.release(&mut ctx);
+    assert_eq!(ctx.pool.outstanding, 0);
+}
+
+#[test]
+fn request_split_byte_by_byte_with_frames_in_the_same_packet() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|_| {});
+    let mut s = Session::new(1, &ctx, now);
+    let mut bytes = upgrade_request("");
+    bytes.extend(frame(Opcode::Binary, b"early"));
+    for b in &bytes {
+        s.on_browser_data(&mut ctx, std::slice::from_ref(b), now);
+    }
+    assert_eq!(s.phase(), Phase::Connecting);
+    assert!(s.take_connect().is_some());
+    s.on_backend_connected(&mut ctx, now);
+    assert_eq!(drain_backend(&mut s, &mut ctx), b"early");
+}
+
+#[test]
+fn ping_gets_pong() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|_| {});
+    let mut s = relaying(&mut ctx, now);
+    s.on_browser_data(&mut ctx, &frame(Opcode::Ping, b"hi"), now);
+    let out = drain_browser(&mut s, &mut ctx, now);
+    assert_eq!(server_frames(&out), vec![(10, b"hi".to_vec())]);
+}
+
+#[test]
+fn unmasked_frame_closes_with_1002_and_counts() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|_| {});
+    let mut s = relaying(&mut ctx, now);
+    s.on_browser_data(&mut ctx, &[0x82, 0x01, b'x'], now);
+    let out = drain_browser(&mut s, &mut ctx, now);
+    let f = server_frames(&out);
+    assert_eq!(f[0].0, 8);
+    assert_eq!(u16::from_be_bytes([f[0].1[0], f[0].1[1]]), 1002);
+    assert!(s.is_done());
+    assert_eq!(ctx.metrics.errors().iter().map(|e| e.1).sum::<u64>(), 1);
+}
+
+#[test]
+fn oversized_frame_closes_with_1009() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|c| c.limits.max_frame_bytes = 16);
+    let mut s = relaying(&mut ctx, now);
+    s.on_browser_data(&mut ctx, &frame(Opcode::Binary, &[0u8; 17]), now);
+    let f = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(u16::from_be_bytes([f[0].1[0], f[0].1[1]]), 1009);
+}
+
+#[test]
+fn backend_eof_sends_1000_after_pending_data() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|_| {});
+    let mut s = relaying(&mut ctx, now);
+    s.on_backend_data(&mut ctx, b"last", now);
+    s.on_backend_gone(&mut ctx, None, now);
+    let f = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(f[0], (2, b"last".to_vec()));
+    assert_eq!(f[1].0, 8);
+    assert_eq!(u16::from_be_bytes([f[1].1[0], f[1].1[1]]), 1000);
+    // Waits for the browser's close, then a timeout ends it.
+    assert!(!s.is_done());
+    s.on_tick(&mut ctx, now + Duration::from_secs(5));
+    assert!(s.is_done());
+}
+
+#[test]
+fn connect_failure_and_timeout_close_with_1011() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|c| c.limits.connect_timeout_ms = 100);
+    let mut s = Session::new(1, &ctx, now);
+    s.on_browser_data(&mut ctx, &upgrade_request(""), now);
+    drain_browser(&mut s, &mut ctx, now);
+    assert!(s.take_connect().is_some());
+    s.on_tick(&mut ctx, now + Duration::from_millis(150));
+    let f = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(u16::from_be_bytes([f[0].1[0], f[0].1[1]]), 1011);
+    assert!(s.backend_should_close());
+
+    let mut s = Session::new(2, &ctx, now);
+    s.on_browser_data(&mut ctx, &upgrade_request(""), now);
+    drain_browser(&mut s, &mut ctx, now);
+    s.take_connect();
+    s.on_backend_connect_failed(
+        &mut ctx,
+        &io::Error::from(io::ErrorKind::ConnectionRefused),
+        now,
+    );
+    let f = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(u16::from_be_bytes([f[0].1[0], f[0].1[1]]), 1011);
+}
+
+#[test]
+fn backpressure_stops_reads_when_the_browser_is_slow() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|_| {});
+    let mut s = relaying(&mut ctx, now);
+    let mut fed = 0;
+    while s.want_backend_read(&ctx) {
+        let n = s.backend_read_limit(&ctx);
+        s.on_backend_data(&mut ctx, &vec![7u8; n], now);
+        fed += n;
+        assert!(fed < 1 << 20, "never stopped reading");
+    }
+    let limit = ctx.cfg.limits.buffer_bytes;
+    assert!(s.browser_pending_len() <= limit + ctx.cfg.limits.recv_buffer_bytes + 14);
+    // The browser drains: reading resumes.
+    drain_browser(&mut s, &mut ctx, now);
+    assert!(s.want_backend_read(&ctx));
+}
+
+#[test]
+fn base64_subprotocol_decodes_up_and_encodes_down() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|_| {});
+    let mut s = Session::new(1, &ctx, now);
+    s.on_browser_data(
+        &mut ctx,
+        &upgrade_request("Sec-WebSocket-Protocol: base64\r\n"),
+        now,
+    );
+    let resp = String::from_utf8(drain_browser(&mut s, &mut ctx, now)).unwrap();
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("sec-websocket-protocol: base64"),
+        "{resp}"
+    );
+    s.take_connect();
+    s.on_backend_connected(&mut ctx, now);
+    s.on_browser_data(&mut ctx, &frame(Opcode::Text, b"aGVsbG8="), now);
+    assert_eq!(drain_backend(&mut s, &mut ctx), b"hello");
+    s.on_backend_data(&mut ctx, b"hello", now);
+    let f = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(f, vec![(1, b"aGVsbG8=".to_vec())]);
+}
+
+#[test]
+fn bad_requests_get_http_errors() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|c| c.origins = vec!["https://ok.example".into()]);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"BREW / HTCPCP/1.0\r\n\r\n".to_vec(), "HTTP/1.1 505"),
+        (b"GET /\x00 HTTP/1.1\r\n\r\n".to_vec(), "HTTP/1.1 400"),
+        (
+            upgrade_request("Origin: https://evil.example\r\n"),
+            "HTTP/1.1 403",
+        ),
+        (
+            upgrade_request("Origin: https://ok.example\r\nSec-WebSocket-Protocol: chat\r\n"),
+            "HTTP/1.1 400",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "HTTP/1.1 400",
+        ),
+    ];
+    for (req, want) in cases {
+        let mut s = Session::new(1, &ctx, now);
+        s.on_browser_data(&mut ctx, &req, now);
+        let out = String::from_utf8(drain_browser(&mut s, &mut ctx, now)).unwrap();
+        assert!(out.starts_with(want), "{want}: {out}");
+        assert!(out.contains("\"error\""), "{out}");
+        assert!(s.is_done());
+        assert!(s.take_connect().is_none());
+    }
+}
+
+#[test]
+fn handshake_timeout_and_oversized_request() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|c| c.limits.handshake_timeout_ms = 50);
+    let mut s = Session::new(1, &ctx, now);
+    s.on_browser_data(&mut ctx, b"GET / HTTP/1.1\r\n", now);
+    s.on_tick(&mut ctx, now + Duration::from_millis(60));
+    let out = String::from_utf8(drain_browser(&mut s, &mut ctx, now)).unwrap();
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+
+    let mut s = Session::new(2, &ctx, now);
+    let big = vec![b'a'; ctx.cfg.limits.max_request_bytes + 10];
+    s.on_browser_data(&mut ctx, &big, now);
+    let out = String::from_utf8(drain_browser(&mut s, &mut ctx, now)).unwrap();
+    assert!(out.starts_with("HTTP/1.1 4"), "{out}");
+    assert!(s.is_done());
+}
+
+#[test]
+fn idle_timeout_and_heartbeat() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|c| {
+        c.limits.idle_timeout_ms = 1000;
+        c.limits.heartbeat_ms = 300;
+    });
+    let mut s = relaying(&mut ctx, now);
+    s.on_tick(&mut ctx, now + Duration::from_millis(310));
+    let f = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(f[0].0, 9, "ping");
+    s.on_tick(&mut ctx, now + Duration::from_millis(1010));
+    let f = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    let close = f.iter().find(|f| f.0 == 8).expect("close frame");
+    assert_eq!(u16::from_be_bytes([close.1[0], close.1[1]]), 1001);
+}
+
+#[test]
+fn drain_closes_with_1001_and_browser_eof_ends_it() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|_| {});
+    let mut s = relaying(&mut ctx, now);
+    s.on_drain(&mut ctx, now);
+    let f = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(u16::from_be_bytes([f[0].1[0], f[0].1[1]]), 1001);
+    s.on_browser_gone(&mut ctx, None, now);
+    assert!(s.is_done());
+}
+
+#[test]
+fn in_flight_bytes_survive_a_close() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|_| {});
+    let mut s = relaying(&mut ctx, now);
+    s.on_browser_data(&mut ctx, &frame(Opcode::Binary, b"abcdef"), now);
+    let p = s.backend_pending().as_ptr();
+    s.backend_send_started(6);
+    // The browser vanishes while the backend send is in flight.
+    s.on_browser_gone(&mut ctx, None, now);
+    assert_eq!(s.backend_pending().as_ptr(), p);
+    s.backend_sent(&mut ctx, 6);
+    s.release(&mut ctx);
+    assert_eq!(ctx.pool.outstanding, 0);
+}

@@ -1,0 +1,188 @@
+//! Starting, running and stopping the workers.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::config::{ProxyConfig, TargetConfig};
+use crate::dataplane::router::Router;
+use crate::dataplane::session::WorkerCtx;
+use crate::dataplane::tokens::TokenFile;
+use crate::dataplane::web::WebRoot;
+use crate::io::{self, IoBackend};
+use crate::metrics::WorkerMetrics;
+
+/// The little state workers share: the drain flag. Read with a relaxed load
+/// once per loop turn.
+#[derive(Debug, Default)]
+pub struct WorkerControl {
+    draining: AtomicBool,
+}
+
+impl WorkerControl {
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// Drain bookkeeping common to both backends.
+#[derive(Debug, Default)]
+pub struct DrainState {
+    /// When the listener was closed and live sessions got their grace.
+    pub deadline: Option<Instant>,
+    /// Sessions were told to close.
+    pub closed_sessions: bool,
+}
+
+impl DrainState {
+    /// Returns (listener should close now, sessions should be closed now).
+    pub fn poll(&mut self, ctl: &WorkerControl, grace_ms: u64, now: Instant) -> (bool, bool) {
+        if self.deadline.is_none() && ctl.is_draining() {
+            self.deadline = Some(now + Duration::from_millis(grace_ms));
+            return (true, false);
+        }
+        match self.deadline {
+            Some(d) if now >= d && !self.closed_sessions => {
+                self.closed_sessions = true;
+                (false, true)
+            }
+            _ => (false, false),
+        }
+    }
+
+    pub fn active(&self) -> bool {
+        self.deadline.is_some()
+    }
+}
+
+/// A running data plane.
+pub struct DataPlane {
+    pub addr: SocketAddr,
+    pub backend: IoBackend,
+    pub workers: usize,
+    control: Arc<WorkerControl>,
+    handles: Vec<std::thread::JoinHandle<anyhow::Result<WorkerMetrics>>>,
+}
+
+impl DataPlane {
+    /// Bind the listeners, build each worker's context and start the threads.
+    pub fn start(cfg: ProxyConfig) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let backend = io::select(cfg.io).context("io backend")?;
+        let n = cfg.worker_count();
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        // Every worker gets its own SO_REUSEPORT listener; the first decides
+        // the port when port 0 was asked for.
+        let first = io::sys::reuseport_listener(cfg.listen, 1024)
+            .with_context(|| format!("listen on {}", cfg.listen))?;
+        let addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..n {
+            listeners.push(io::sys::reuseport_listener(addr, 1024)?);
+        }
+        let tls = match &cfg.tls {
+            Some(t) => Some(crate::dataplane::tls::server_config(&t.cert, &t.key)?),
+            None => None,
+        };
+        let web = match &cfg.web_dir {
+            Some(d) => Some(Arc::new(
+                WebRoot::new(d, cfg.limits.web_max_file_bytes)
+                    .map_err(|e| anyhow::anyhow!("--web {}: {e}", d.display()))?,
+            )),
+            None => None,
+        };
+        let cfg = Arc::new(cfg);
+        let control = Arc::new(WorkerControl::default());
+        let mut handles = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let router = make_router(&cfg)?;
+            let ctx = WorkerCtx::new(cfg.clone(), i, router, web.clone(), tls.clone());
+            let control = control.clone();
+            let pin = n <= cores;
+            let h = std::thread::Builder::new()
+                .name(format!("cg-worker-{i}"))
+                .spawn(move || run_worker(ctx, listener, control, backend, pin, i % cores))
+                .context("spawn worker")?;
+            handles.push(h);
+        }
+        Ok(Self {
+            addr,
+            backend,
+            workers: n,
+            control,
+            handles,
+        })
+    }
+
+    pub fn control(&self) -> Arc<WorkerControl> {
+        self.control.clone()
+    }
+
+    /// Wait for every worker to exit; merged counters.
+    pub fn join(self) -> anyhow::Result<WorkerMetrics> {
+        let mut total = WorkerMetrics::default();
+        let mut first_err = None;
+        for h in self.handles {
+            match h.join() {
+                Ok(Ok(m)) => total.merge(&m),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "worker failed");
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(anyhow::anyhow!("a worker panicked"));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+}
+
+fn make_router(cfg: &ProxyConfig) -> anyhow::Result<Router> {
+    Ok(match &cfg.target {
+        TargetConfig::Fixed(a) => Router::Fixed(*a),
+        TargetConfig::TokenFile { source } => {
+            let l = &cfg.limits;
+            let f = TokenFile::load(
+                source,
+                l.token_reload_interval_ms,
+                l.max_tokens,
+                l.token_max_file_bytes,
+            )
+            .with_context(|| format!("token source {}", source.display()))?;
+            Router::Tokens(Box::new(f))
+        }
+    })
+}
+
+fn run_worker(
+    ctx: WorkerCtx,
+    listener: TcpListener,
+    control: Arc<WorkerControl>,
+    backend: IoBackend,
+    pin: bool,
+    cpu: usize,
+) -> anyhow::Result<WorkerMetrics> {
+    if pin {
+        if let Err(e) = io::sys::pin_to_cpu(cpu) {
+            tracing::warn!(worker = ctx.worker_id, cpu, error = %e, "could not pin worker");
+        }
+    }
+    let id = ctx.worker_id;
+    let m = match backend {
+        IoBackend::Epoll => io::epoll::run(ctx, listener, control),
+        IoBackend::Uring => io::uring::run(ctx, listener, control),
+    }
+    .with_context(|| format!("worker {id}"))?;
+    Ok(m)
+}

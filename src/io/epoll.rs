@@ -1,0 +1,396 @@
+//! The epoll backend (mio, edge-triggered): the fallback where io_uring is
+//! blocked (Docker's default seccomp profile, `kernel.io_uring_disabled`).
+//!
+//! Readiness is remembered per socket (readable / writable flags, cleared on
+//! `WouldBlock`), and [`pump`] moves bytes until no direction can make
+//! progress or a per-turn budget is spent, so one busy session cannot starve
+//! the others. Reads go into one worker-wide receive buffer and are handed to
+//! the session at once; the session's queues are the only per-session
+//! buffers, taken from the pool only while bytes are pending.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener as StdListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+
+use crate::dataplane::session::{Session, WorkerCtx};
+use crate::dataplane::worker::{DrainState, WorkerControl};
+use crate::metrics::WorkerMetrics;
+
+const LISTENER: Token = Token(usize::MAX);
+/// Rounds of [`pump`] per session per event before yielding to others.
+const PUMP_ROUNDS_PER_TURN: usize = 32;
+/// Readiness events taken from the kernel per poll.
+const EVENTS_PER_POLL: usize = 1024;
+
+struct Conn {
+    s: Session,
+    browser: TcpStream,
+    b_readable: bool,
+    b_writable: bool,
+    backend: Option<TcpStream>,
+    k_readable: bool,
+    k_writable: bool,
+    k_connecting: bool,
+}
+
+fn token(idx: usize, backend: bool) -> Token {
+    Token(idx << 1 | usize::from(backend))
+}
+
+/// Run one worker until drained. Returns its counters.
+pub fn run(
+    mut ctx: WorkerCtx,
+    listener: StdListener,
+    ctl: Arc<WorkerControl>,
+) -> io::Result<WorkerMetrics> {
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(EVENTS_PER_POLL);
+    let mut listener = Some(TcpListener::from_std(listener));
+    if let Some(l) = listener.as_mut() {
+        poll.registry().register(l, LISTENER, Interest::READABLE)?;
+    }
+    let mut conns: slab::Slab<Conn> = slab::Slab::new();
+    let mut rbuf = vec![0u8; ctx.cfg.limits.recv_buffer_bytes];
+    let tick = Duration::from_millis(ctx.cfg.limits.timer_tick_ms);
+    let mut next_tick = Instant::now() + tick;
+    let mut drain = DrainState::default();
+    let mut again: Vec<usize> = Vec::new();
+    let mut accept_again = false;
+    let mut next_id: u64 = (ctx.worker_id as u64) << 48;
+
+    loop {
+        let now = Instant::now();
+        let timeout = if !again.is_empty() || accept_again {
+            Duration::ZERO
+        } else {
+            next_tick.saturating_duration_since(now)
+        };
+        match poll.poll(&mut events, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        let now = Instant::now();
+        let mut revisit = std::mem::take(&mut again);
+        for ev in events.iter() {
+            if ev.token() == LISTENER {
+                accept_again = true;
+                continue;
+            }
+            let idx = ev.token().0 >> 1;
+            let is_backend = ev.token().0 & 1 == 1;
+            let Some(c) = conns.get_mut(idx) else {
+                continue;
+            };
+            let failed = ev.is_error() || ev.is_read_closed() || ev.is_write_closed();
+            if is_backend {
+                c.k_readable |= ev.is_readable() || failed;
+                c.k_writable |= ev.is_writable() || failed;
+            } else {
+                c.b_readable |= ev.is_readable() || failed;
+                c.b_writable |= ev.is_writable() || failed;
+            }
+            revisit.push(idx);
+        }
+        if accept_again {
+            accept_again = false;
+            if let Some(l) = listener.as_ref() {
+                accept_again = accept_batch(
+                    l,
+                    &mut poll,
+                    &mut conns,
+                    &mut ctx,
+                    &mut next_id,
+                    now,
+                    &mut revisit,
+                )?;
+            }
+        }
+        revisit.sort_unstable();
+        revisit.dedup();
+        for idx in revisit {
+            if conns.contains(idx) && pump(&mut conns, idx, &mut ctx, &mut poll, &mut rbuf, now) {
+                again.push(idx);
+            }
+        }
+
+        let now = Instant::now();
+        let (close_listener, close_sessions) = drain.poll(&ctl, ctx.cfg.limits.drain_grace_ms, now);
+        if close_listener {
+            if let Some(mut l) = listener.take() {
+                let _ = poll.registry().deregister(&mut l);
+            }
+            accept_again = false;
+            tracing::info!(worker = ctx.worker_id, live = conns.len(), "draining");
+        }
+        if close_sessions {
+            let ids: Vec<usize> = conns.iter().map(|(i, _)| i).collect();
+            for idx in ids {
+                if let Some(c) = conns.get_mut(idx) {
+                    c.s.on_drain(&mut ctx, now);
+                }
+                pump(&mut conns, idx, &mut ctx, &mut poll, &mut rbuf, now);
+            }
+        }
+        if now >= next_tick {
+            next_tick = now + tick;
+            let ids: Vec<usize> = conns.iter().map(|(i, _)| i).collect();
+            for idx in ids {
+                if let Some(c) = conns.get_mut(idx) {
+                    c.s.on_tick(&mut ctx, now);
+                }
+                if pump(&mut conns, idx, &mut ctx, &mut poll, &mut rbuf, now) {
+                    again.push(idx);
+                }
+            }
+        }
+        if drain.active() && conns.is_empty() {
+            tracing::info!(worker = ctx.worker_id, "drained");
+            return Ok(ctx.metrics);
+        }
+    }
+}
+
+/// Accept up to `accept_batch_max` connections; true when more may wait.
+fn accept_batch(
+    l: &TcpListener,
+    poll: &mut Poll,
+    conns: &mut slab::Slab<Conn>,
+    ctx: &mut WorkerCtx,
+    next_id: &mut u64,
+    now: Instant,
+    revisit: &mut Vec<usize>,
+) -> io::Result<bool> {
+    for _ in 0..ctx.cfg.limits.accept_batch_max {
+        let (mut stream, peer) = match l.accept() {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // EMFILE and friends: count, log, and retry on the next turn
+                // rather than spinning on a listener we cannot serve.
+                ctx.metrics.error("accept_failed");
+                tracing::warn!(worker = ctx.worker_id, error = %e, "accept failed");
+                return Ok(false);
+            }
+        };
+        ctx.metrics.accepted += 1;
+        if conns.len() >= ctx.cfg.limits.max_sessions_per_worker {
+            ctx.metrics.refused_over_limit += 1;
+            ctx.metrics.error("over_session_limit");
+            tracing::warn!(worker = ctx.worker_id, %peer, "session limit reached, connection refused");
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        *next_id += 1;
+        let entry = conns.vacant_entry();
+        let idx = entry.key();
+        poll.registry().register(
+            &mut stream,
+            token(idx, false),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        tracing::debug!(worker = ctx.worker_id, session = *next_id, %peer, "accepted");
+        entry.insert(Conn {
+            s: Session::new(*next_id, ctx, now),
+            browser: stream,
+            b_readable: true,
+            b_writable: true,
+            backend: None,
+            k_readable: false,
+            k_writable: false,
+            k_connecting: false,
+        });
+        revisit.push(idx);
+    }
+    Ok(true)
+}
+
+/// Move bytes for one session until nothing moves or the turn's budget is
+/// spent. Removes the session when it is done. Returns true when the session
+/// should be pumped again on the next turn (budget spent with work left).
+fn pump(
+    conns: &mut slab::Slab<Conn>,
+    idx: usize,
+    ctx: &mut WorkerCtx,
+    poll: &mut Poll,
+    rbuf: &mut [u8],
+    now: Instant,
+) -> bool {
+    let Some(c) = conns.get_mut(idx) else {
+        return false;
+    };
+    let mut more = false;
+    for round in 0.. {
+        if round == PUMP_ROUNDS_PER_TURN {
+            more = true;
+            break;
+        }
+        let mut progress = false;
+
+        if let Some(addr) = c.s.take_connect() {
+            progress = true;
+            match TcpStream::connect(addr) {
+                Ok(mut st) => {
+                    match poll.registry().register(
+                        &mut st,
+                        token(idx, true),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        Ok(()) => {
+                            c.backend = Some(st);
+                            c.k_connecting = true;
+                        }
+                        Err(e) => c.s.on_backend_connect_failed(ctx, &e, now),
+                    }
+                }
+                Err(e) => c.s.on_backend_connect_failed(ctx, &e, now),
+            }
+        }
+
+        if c.k_connecting && c.k_writable {
+            let st = c.backend.as_ref().expect("connecting implies a socket");
+            match st.take_error() {
+                Ok(None) => match st.peer_addr() {
+                    Ok(_) => {
+                        c.k_connecting = false;
+                        let _ = st.set_nodelay(true);
+                        c.s.on_backend_connected(ctx, now);
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                        // Spurious wake-up before the handshake finished.
+                        c.k_writable = false;
+                    }
+                    Err(e) => {
+                        c.k_connecting = false;
+                        c.s.on_backend_connect_failed(ctx, &e, now);
+                        progress = true;
+                    }
+                },
+                Ok(Some(e)) | Err(e) => {
+                    c.k_connecting = false;
+                    c.s.on_backend_connect_failed(ctx, &e, now);
+                    progress = true;
+                }
+            }
+        }
+
+        if c.s.backend_should_close() || (c.backend.is_some() && c.s.is_done()) {
+            if let Some(mut st) = c.backend.take() {
+                let _ = poll.registry().deregister(&mut st);
+                let _ = st.shutdown(Shutdown::Both);
+            }
+            c.s.backend_closed();
+            c.k_connecting = false;
+        }
+
+        // Browser writes.
+        while c.b_writable && c.s.browser_pending_len() > 0 {
+            match c.browser.write(c.s.browser_pending()) {
+                Ok(0) => {
+                    c.b_writable = false;
+                    break;
+                }
+                Ok(n) => {
+                    c.s.browser_sent(ctx, n, now);
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.b_writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    c.s.on_browser_gone(ctx, Some(&e), now);
+                    break;
+                }
+            }
+        }
+
+        // Backend writes.
+        if !c.k_connecting {
+            if let Some(st) = c.backend.as_mut() {
+                while c.k_writable && !c.s.backend_pending().is_empty() {
+                    match st.write(c.s.backend_pending()) {
+                        Ok(0) => {
+                            c.k_writable = false;
+                        }
+                        Ok(n) => {
+                            c.s.backend_sent(ctx, n);
+                            progress = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.k_writable = false,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            c.s.on_backend_gone(ctx, Some(&e), now);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+
+        // Browser read.
+        if c.b_readable && c.s.want_browser_read(ctx) {
+            let lim = c.s.browser_read_limit(ctx).min(rbuf.len());
+            match c.browser.read(&mut rbuf[..lim]) {
+                Ok(0) => {
+                    c.b_readable = false;
+                    c.s.on_browser_gone(ctx, None, now);
+                }
+                Ok(n) => {
+                    c.s.on_browser_data(ctx, &rbuf[..n], now);
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.b_readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => c.s.on_browser_gone(ctx, Some(&e), now),
+            }
+        }
+
+        // Backend read.
+        if c.k_readable && !c.k_connecting && c.s.want_backend_read(ctx) {
+            if let Some(st) = c.backend.as_mut() {
+                let lim = c.s.backend_read_limit(ctx).min(rbuf.len());
+                match st.read(&mut rbuf[..lim]) {
+                    Ok(0) => {
+                        c.k_readable = false;
+                        c.s.on_backend_gone(ctx, None, now);
+                        progress = true;
+                    }
+                    Ok(n) => {
+                        c.s.on_backend_data(ctx, &rbuf[..n], now);
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.k_readable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        c.s.on_backend_gone(ctx, Some(&e), now);
+                        progress = true;
+                    }
+                }
+            }
+        }
+
+        if c.s.is_done() || !progress {
+            break;
+        }
+    }
+
+    if c.s.is_done() {
+        let mut c = conns.remove(idx);
+        if let Some(mut st) = c.backend.take() {
+            let _ = poll.registry().deregister(&mut st);
+        }
+        let _ = poll.registry().deregister(&mut c.browser);
+        // Half-close first so a response we just wrote is not cut off by a
+        // reset when unread request bytes remain.
+        let _ = c.browser.shutdown(Shutdown::Write);
+        c.s.release(ctx);
+        return false;
+    }
+    more
+}

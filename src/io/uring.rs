@@ -1,0 +1,734 @@
+//! The io_uring backend: one ring per worker, a completion loop written
+//! directly on the `io-uring` crate.
+//!
+//! - Multishot accept on the worker's SO_REUSEPORT listener.
+//! - Multishot recv on both legs of every session, with buffers picked by
+//!   the kernel from a provided buffer ring: an idle session holds no receive
+//!   buffer at all. A buffer is handed back to the ring as soon as its bytes
+//!   were given to the session.
+//! - One send in flight per leg, straight from the session's queue (whose
+//!   bytes never move while queued, see `dataplane::buffer`).
+//! - Backpressure: when the session stops wanting a leg's bytes, the
+//!   multishot recv is cancelled; it is re-armed when the session drains.
+//! - Teardown: a finished session's sockets are shut down, which completes
+//!   every pending operation; the slot is freed (and the fds closed) only
+//!   when no operation of it is in flight, so the kernel never writes to or
+//!   reads from memory that was given back.
+//!
+//! Timers: the loop waits at most one timer tick (`submit_with_args` with a
+//! timeout) and scans the sessions each tick.
+
+use std::io;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
+use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
+
+use crate::dataplane::session::{Session, WorkerCtx};
+use crate::dataplane::worker::{DrainState, WorkerControl};
+use crate::metrics::WorkerMetrics;
+
+/// Buffer group id of the provided buffer ring (one ring per io_uring).
+const BGID: u16 = 0;
+
+// Operation kinds, the low byte of user_data.
+const OP_ACCEPT: u64 = 1;
+const OP_BROWSER_RECV: u64 = 2;
+const OP_BROWSER_SEND: u64 = 3;
+const OP_CONNECT: u64 = 4;
+const OP_BACKEND_RECV: u64 = 5;
+const OP_BACKEND_SEND: u64 = 6;
+const OP_CANCEL: u64 = 7;
+const LISTENER_SLOT: u64 = 0xffff_ffff;
+
+fn ud(slot: u64, op: u64) -> u64 {
+    (slot << 8) | op
+}
+
+/// Check that io_uring is usable here with every opcode this backend needs.
+/// Docker's default seccomp profile makes `io_uring_setup` fail with EPERM;
+/// `kernel.io_uring_disabled` with EPERM or ENOSYS; old kernels lack ops.
+pub fn probe() -> io::Result<()> {
+    let ring = IoUring::new(8)?;
+    let mut p = Probe::new();
+    ring.submitter().register_probe(&mut p)?;
+    for (code, name) in [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::RecvMulti::CODE, "recv"),
+        (opcode::Send::CODE, "send"),
+        (opcode::Connect::CODE, "connect"),
+        (opcode::AsyncCancel::CODE, "async_cancel"),
+    ] {
+        if !p.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring lacks the {name} opcode"),
+            ));
+        }
+    }
+    // Provided buffer rings arrived in 5.19; multishot recv in 6.0.
+    let bufs = ProvidedBufs::new(&ring, 16, 4096)?;
+    bufs.unregister(&ring);
+    Ok(())
+}
+
+/// A provided buffer ring: `entries` buffers of `buf_bytes`, both regions
+/// mapped anonymously (page aligned, as the kernel requires of the ring).
+struct ProvidedBufs {
+    ring: *mut BufRingEntry,
+    ring_bytes: usize,
+    storage: *mut u8,
+    storage_bytes: usize,
+    buf_bytes: usize,
+    mask: u16,
+    tail: u16,
+}
+
+fn mmap_anon(len: usize) -> io::Result<*mut u8> {
+    // SAFETY: an anonymous private mapping with no address hint has no
+    // preconditions; failure is reported as MAP_FAILED and checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(p.cast())
+    }
+}
+
+impl ProvidedBufs {
+    fn new(ring: &IoUring, entries: u16, buf_bytes: usize) -> io::Result<Self> {
+        if !entries.is_power_of_two() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "entries must be a power of two",
+            ));
+        }
+        let ring_bytes = entries as usize * std::mem::size_of::<BufRingEntry>();
+        let storage_bytes = entries as usize * buf_bytes;
+        let ring_mem = mmap_anon(ring_bytes)?;
+        let storage = match mmap_anon(storage_bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                // SAFETY: ring_mem was mapped above with this length.
+                unsafe { libc::munmap(ring_mem.cast(), ring_bytes) };
+                return Err(e);
+            }
+        };
+        let mut bufs = Self {
+            ring: ring_mem.cast(),
+            ring_bytes,
+            storage,
+            storage_bytes,
+            buf_bytes,
+            mask: entries - 1,
+            tail: 0,
+        };
+        // SAFETY: the ring memory is page aligned (mmap), zeroed, sized for
+        // `entries` entries and stays mapped until `Drop`, after the caller
+        // unregisters it (see `unregister`).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(bufs.ring as u64, entries, BGID, 0)?;
+        }
+        for bid in 0..entries {
+            bufs.push(bid);
+        }
+        bufs.publish();
+        Ok(bufs)
+    }
+
+    /// Give buffer `bid` (back) to the kernel; visible after `publish`.
+    fn push(&mut self, bid: u16) {
+        let idx = (self.tail & self.mask) as usize;
+        // SAFETY: idx ≤ mask < entries, so the entry lies inside the ring
+        // mapping; the kernel only reads entries between its head and our
+        // published tail, and this one is past the published tail.
+        let e = unsafe { &mut *self.ring.add(idx) };
+        // SAFETY: bid < entries, so the buffer lies inside `storage`.
+        let addr = unsafe { self.storage.add(bid as usize * self.buf_bytes) };
+        e.set_addr(addr as u64);
+        e.set_len(self.buf_bytes as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    fn publish(&self) {
+        // SAFETY: the tail field lives in the first entry of our mapping; the
+        // kernel reads it concurrently, so it is written atomically with
+        // release ordering after the entries it covers.
+        unsafe {
+            let tail = BufRingEntry::tail(self.ring) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// The bytes the kernel put in buffer `bid`.
+    fn get(&self, bid: u16, len: usize) -> &[u8] {
+        let bid = (bid & self.mask) as usize;
+        let len = len.min(self.buf_bytes);
+        // SAFETY: the kernel handed buffer `bid` to us in a completion and
+        // will not touch it until we push it back; it lies inside `storage`.
+        unsafe { std::slice::from_raw_parts(self.storage.add(bid * self.buf_bytes), len) }
+    }
+
+    fn unregister(&self, ring: &IoUring) {
+        let _ = ring.submitter().unregister_buf_ring(BGID);
+    }
+}
+
+impl Drop for ProvidedBufs {
+    fn drop(&mut self) {
+        // SAFETY: both regions were mapped in `new` with these lengths and the
+        // ring is unregistered (or the io_uring is gone) before this runs.
+        unsafe {
+            libc::munmap(self.ring.cast(), self.ring_bytes);
+            libc::munmap(self.storage.cast(), self.storage_bytes);
+        }
+    }
+}
+
+/// One session's sockets and the operations it has in flight.
+struct Conn {
+    s: Session,
+    browser: TcpStream,
+    backend: Option<TcpStream>,
+    /// Connect target, kept here because the kernel reads it asynchronously
+    /// (the Conn is boxed, so the address is stable).
+    addr: Option<socket2::SockAddr>,
+    /// Operations whose final completion has not arrived.
+    inflight: u32,
+    b_recv: bool,
+    b_recv_cancel: bool,
+    b_send: bool,
+    k_recv: bool,
+    k_recv_cancel: bool,
+    k_send: bool,
+    k_connecting: bool,
+    k_connect_cancel: bool,
+    /// No more reads from the browser (EOF or error seen).
+    b_eof: bool,
+    k_eof: bool,
+    /// The session is done; waiting for `inflight` to reach zero.
+    teardown: bool,
+}
+
+struct Worker {
+    ring: IoUring,
+    bufs: ProvidedBufs,
+    conns: slab::Slab<Box<Conn>>,
+    listener: Option<TcpListener>,
+    accept_armed: bool,
+    accept_cancel: bool,
+    next_id: u64,
+}
+
+impl Worker {
+    /// Queue an SQE, submitting first when the queue is full.
+    fn push(&mut self, e: squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every entry built in this module points only at memory
+            // that outlives the operation: session queue bytes that stay put
+            // until the send completes, the boxed Conn's sockaddr, or nothing.
+            let pushed = unsafe { self.ring.submission().push(&e) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    fn arm_accept(&mut self) -> io::Result<()> {
+        if let Some(l) = self.listener.as_ref() {
+            let e = opcode::AcceptMulti::new(Fd(l.as_raw_fd()))
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+                .user_data(ud(LISTENER_SLOT, OP_ACCEPT));
+            self.push(e)?;
+            self.accept_armed = true;
+        }
+        Ok(())
+    }
+}
+
+/// Run one worker until drained. Returns its counters.
+pub fn run(
+    mut ctx: WorkerCtx,
+    listener: TcpListener,
+    ctl: Arc<WorkerControl>,
+) -> io::Result<WorkerMetrics> {
+    let l = &ctx.cfg.limits;
+    let ring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_coop_taskrun()
+        .build(l.uring_entries)
+        .or_else(|_| IoUring::new(l.uring_entries))?;
+    let bufs = ProvidedBufs::new(&ring, l.uring_provided_buffers, l.recv_buffer_bytes)?;
+    let mut w = Worker {
+        ring,
+        bufs,
+        conns: slab::Slab::new(),
+        listener: Some(listener),
+        accept_armed: false,
+        accept_cancel: false,
+        next_id: (ctx.worker_id as u64) << 48,
+    };
+    w.arm_accept()?;
+    let tick = Duration::from_millis(ctx.cfg.limits.timer_tick_ms);
+    let mut next_tick = Instant::now() + tick;
+    let mut drain = DrainState::default();
+    let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(ctx.cfg.limits.uring_entries as usize);
+    let mut touched: Vec<usize> = Vec::new();
+
+    let result = loop {
+        let now = Instant::now();
+        let wait = next_tick.saturating_duration_since(now);
+        let ts = Timespec::new()
+            .sec(wait.as_secs())
+            .nsec(wait.subsec_nanos());
+        let args = SubmitArgs::new().timespec(&ts);
+        match w.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => break Err(e),
+        }
+        cqes.clear();
+        for cqe in w.ring.completion() {
+            cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
+        }
+        let now = Instant::now();
+        touched.clear();
+        for &(user_data, res, flags) in &cqes {
+            complete(&mut w, &mut ctx, user_data, res, flags, now, &mut touched)?;
+        }
+        w.bufs.publish();
+        touched.sort_unstable();
+        touched.dedup();
+        for &slot in &touched {
+            sync(&mut w, &mut ctx, slot, now)?;
+        }
+
+        let now = Instant::now();
+        let (close_listener, close_sessions) = drain.poll(&ctl, ctx.cfg.limits.drain_grace_ms, now);
+        if close_listener {
+            tracing::info!(worker = ctx.worker_id, live = w.conns.len(), "draining");
+            if w.accept_armed && !w.accept_cancel {
+                let e = opcode::AsyncCancel::new(ud(LISTENER_SLOT, OP_ACCEPT))
+                    .build()
+                    .user_data(ud(LISTENER_SLOT, OP_CANCEL));
+                w.push(e)?;
+                w.accept_cancel = true;
+            }
+        }
+        if close_sessions {
+            let ids: Vec<usize> = w.conns.iter().map(|(i, _)| i).collect();
+            for slot in ids {
+                if let Some(c) = w.conns.get_mut(slot) {
+                    c.s.on_drain(&mut ctx, now);
+                }
+                sync(&mut w, &mut ctx, slot, now)?;
+            }
+        }
+        if now >= next_tick {
+            next_tick = now + tick;
+            let ids: Vec<usize> = w.conns.iter().map(|(i, _)| i).collect();
+            for slot in ids {
+                if let Some(c) = w.conns.get_mut(slot) {
+                    if !c.teardown {
+                        c.s.on_tick(&mut ctx, now);
+                    }
+                }
+                sync(&mut w, &mut ctx, slot, now)?;
+            }
+        }
+        if drain.active() && !w.accept_armed && w.listener.is_some() {
+            w.listener = None;
+        }
+        if drain.active() && w.conns.is_empty() && !w.accept_armed {
+            tracing::info!(worker = ctx.worker_id, "drained");
+            break Ok(());
+        }
+    };
+    w.bufs.unregister(&w.ring);
+    result.map(|()| ctx.metrics)
+}
+
+fn errno_err(res: i32) -> io::Error {
+    io::Error::from_raw_os_error(-res)
+}
+
+/// Apply one completion to its session (or the listener).
+fn complete(
+    w: &mut Worker,
+    ctx: &mut WorkerCtx,
+    user_data: u64,
+    res: i32,
+    flags: u32,
+    now: Instant,
+    touched: &mut Vec<usize>,
+) -> io::Result<()> {
+    let op = user_data & 0xff;
+    let slot = user_data >> 8;
+    let more = cqueue::more(flags);
+    if slot == LISTENER_SLOT {
+        match op {
+            OP_ACCEPT => {
+                if !more {
+                    w.accept_armed = false;
+                }
+                if res >= 0 {
+                    // SAFETY: a successful accept completion returns a new
+                    // file descriptor that nothing else owns.
+                    let stream = unsafe { TcpStream::from_raw_fd(res as RawFd) };
+                    accept(w, ctx, stream, now, touched);
+                } else if res != -libc::ECANCELED {
+                    ctx.metrics.error("accept_failed");
+                    tracing::warn!(worker = ctx.worker_id, error = %errno_err(res), "accept failed");
+                }
+                if !w.accept_armed && !w.accept_cancel {
+                    w.arm_accept()?;
+                }
+            }
+            OP_CANCEL => {}
+            _ => {}
+        }
+        return Ok(());
+    }
+    let slot = slot as usize;
+    let buf_id = cqueue::buffer_select(flags);
+    let Some(c) = w.conns.get_mut(slot) else {
+        // Cannot happen: slots are freed only with nothing in flight. Keep
+        // the buffer accounting right regardless.
+        if let Some(bid) = buf_id {
+            w.bufs.push(bid);
+        }
+        return Ok(());
+    };
+    touched.push(slot);
+    match op {
+        OP_BROWSER_RECV | OP_BACKEND_RECV => {
+            let browser = op == OP_BROWSER_RECV;
+            if !more {
+                c.inflight -= 1;
+                if browser {
+                    c.b_recv = false;
+                    c.b_recv_cancel = false;
+                } else {
+                    c.k_recv = false;
+                    c.k_recv_cancel = false;
+                }
+            }
+            if res > 0 {
+                let bid = buf_id.unwrap_or(0);
+                if !c.teardown {
+                    let data = w.bufs.get(bid, res as usize);
+                    if browser {
+                        c.s.on_browser_data(ctx, data, now);
+                    } else {
+                        c.s.on_backend_data(ctx, data, now);
+                    }
+                }
+                w.bufs.push(bid);
+            } else if res == 0 {
+                if browser {
+                    c.b_eof = true;
+                    if !c.teardown {
+                        c.s.on_browser_gone(ctx, None, now);
+                    }
+                } else {
+                    c.k_eof = true;
+                    if !c.teardown {
+                        c.s.on_backend_gone(ctx, None, now);
+                    }
+                }
+            } else if res == -libc::ENOBUFS || res == -libc::ECANCELED {
+                // Out of provided buffers for a moment, or cancelled for
+                // backpressure: re-armed by `sync` when wanted.
+                if res == -libc::ENOBUFS {
+                    ctx.metrics.error("uring_no_buffers");
+                }
+            } else if !c.teardown {
+                let e = errno_err(res);
+                if browser {
+                    c.b_eof = true;
+                    c.s.on_browser_gone(ctx, Some(&e), now);
+                } else {
+                    c.k_eof = true;
+                    c.s.on_backend_gone(ctx, Some(&e), now);
+                }
+            }
+        }
+        OP_BROWSER_SEND | OP_BACKEND_SEND => {
+            c.inflight -= 1;
+            let browser = op == OP_BROWSER_SEND;
+            if browser {
+                c.b_send = false;
+            } else {
+                c.k_send = false;
+            }
+            if res >= 0 {
+                if browser {
+                    c.s.browser_sent(ctx, res as usize, now);
+                } else {
+                    c.s.backend_sent(ctx, res as usize);
+                }
+            } else {
+                // Nothing was sent; the bytes are no longer held.
+                if browser {
+                    c.s.browser_send_started(0);
+                } else {
+                    c.s.backend_send_started(0);
+                }
+                if !c.teardown {
+                    let e = errno_err(res);
+                    if browser {
+                        c.s.on_browser_gone(ctx, Some(&e), now);
+                    } else {
+                        c.s.on_backend_gone(ctx, Some(&e), now);
+                    }
+                }
+            }
+        }
+        OP_CONNECT => {
+            c.inflight -= 1;
+            c.k_connecting = false;
+            if c.teardown || c.k_connect_cancel {
+                return Ok(());
+            }
+            if res == 0 {
+                c.s.on_backend_connected(ctx, now);
+            } else {
+                let e = errno_err(res);
+                c.s.on_backend_connect_failed(ctx, &e, now);
+            }
+        }
+        OP_CANCEL => {
+            c.inflight -= 1;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn accept(
+    w: &mut Worker,
+    ctx: &mut WorkerCtx,
+    stream: TcpStream,
+    now: Instant,
+    touched: &mut Vec<usize>,
+) {
+    ctx.metrics.accepted += 1;
+    if w.conns.len() >= ctx.cfg.limits.max_sessions_per_worker {
+        ctx.metrics.refused_over_limit += 1;
+        ctx.metrics.error("over_session_limit");
+        tracing::warn!(
+            worker = ctx.worker_id,
+            "session limit reached, connection refused"
+        );
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    w.next_id += 1;
+    let slot = w.conns.insert(Box::new(Conn {
+        s: Session::new(w.next_id, ctx, now),
+        browser: stream,
+        backend: None,
+        addr: None,
+        inflight: 0,
+        b_recv: false,
+        b_recv_cancel: false,
+        b_send: false,
+        k_recv: false,
+        k_recv_cancel: false,
+        k_send: false,
+        k_connecting: false,
+        k_connect_cancel: false,
+        b_eof: false,
+        k_eof: false,
+        teardown: false,
+    }));
+    tracing::debug!(worker = ctx.worker_id, session = w.next_id, "accepted");
+    touched.push(slot);
+}
+
+/// The SQEs one `sync` produces (at most one per kind of operation).
+#[derive(Default)]
+struct Batch {
+    e: [Option<squeue::Entry>; 8],
+    n: usize,
+}
+
+impl Batch {
+    fn add(&mut self, e: squeue::Entry) {
+        if let Some(slot) = self.e.get_mut(self.n) {
+            *slot = Some(e);
+            self.n += 1;
+        }
+    }
+}
+
+fn new_backend_socket(addr: std::net::SocketAddr) -> io::Result<TcpStream> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(
+        domain,
+        socket2::Type::STREAM.cloexec(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s.into())
+}
+
+/// Bring one session's operations in line with what it wants: connect,
+/// sends, recvs (armed or cancelled), teardown. Frees the slot when done.
+fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::Result<()> {
+    let mut batch = Batch::default();
+    {
+        let Some(c) = w.conns.get_mut(slot) else {
+            return Ok(());
+        };
+        let s64 = slot as u64;
+        if !c.teardown {
+            if let Some(addr) = c.s.take_connect() {
+                match new_backend_socket(addr) {
+                    Ok(sock) => {
+                        let sa = socket2::SockAddr::from(addr);
+                        c.addr = Some(sa);
+                        let sa = c.addr.as_ref().expect("just set");
+                        let e = opcode::Connect::new(
+                            Fd(sock.as_raw_fd()),
+                            sa.as_ptr().cast(),
+                            sa.len(),
+                        )
+                        .build()
+                        .user_data(ud(s64, OP_CONNECT));
+                        c.backend = Some(sock);
+                        c.k_connecting = true;
+                        c.inflight += 1;
+                        batch.add(e);
+                    }
+                    Err(e) => c.s.on_backend_connect_failed(ctx, &e, now),
+                }
+            }
+            if c.s.backend_should_close() {
+                end_backend(c, s64, &mut batch);
+            }
+            // Sends.
+            if !c.b_send && c.s.browser_pending_len() > 0 {
+                let p = c.s.browser_pending();
+                let e = opcode::Send::new(Fd(c.browser.as_raw_fd()), p.as_ptr(), p.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(ud(s64, OP_BROWSER_SEND));
+                c.s.browser_send_started(p.len());
+                c.b_send = true;
+                c.inflight += 1;
+                batch.add(e);
+            }
+            if !c.k_send && !c.k_connecting && !c.s.backend_pending().is_empty() {
+                if let Some(k) = c.backend.as_ref() {
+                    let p = c.s.backend_pending();
+                    let e = opcode::Send::new(Fd(k.as_raw_fd()), p.as_ptr(), p.len() as u32)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build()
+                        .user_data(ud(s64, OP_BACKEND_SEND));
+                    c.s.backend_send_started(p.len());
+                    c.k_send = true;
+                    c.inflight += 1;
+                    batch.add(e);
+                }
+            }
+            // Receives: arm when wanted, cancel when not (backpressure).
+            let want_b = c.s.want_browser_read(ctx) && !c.b_eof;
+            if want_b && !c.b_recv {
+                let e = opcode::RecvMulti::new(Fd(c.browser.as_raw_fd()), BGID)
+                    .build()
+                    .user_data(ud(s64, OP_BROWSER_RECV));
+                c.b_recv = true;
+                c.inflight += 1;
+                batch.add(e);
+            } else if !want_b && c.b_recv && !c.b_recv_cancel {
+                let e = opcode::AsyncCancel::new(ud(s64, OP_BROWSER_RECV))
+                    .build()
+                    .user_data(ud(s64, OP_CANCEL));
+                c.b_recv_cancel = true;
+                c.inflight += 1;
+                batch.add(e);
+            }
+            let want_k =
+                c.s.want_backend_read(ctx) && !c.k_eof && !c.k_connecting && c.backend.is_some();
+            if want_k && !c.k_recv {
+                if let Some(k) = c.backend.as_ref() {
+                    let e = opcode::RecvMulti::new(Fd(k.as_raw_fd()), BGID)
+                        .build()
+                        .user_data(ud(s64, OP_BACKEND_RECV));
+                    c.k_recv = true;
+                    c.inflight += 1;
+                    batch.add(e);
+                }
+            } else if !want_k && c.k_recv && !c.k_recv_cancel {
+                let e = opcode::AsyncCancel::new(ud(s64, OP_BACKEND_RECV))
+                    .build()
+                    .user_data(ud(s64, OP_CANCEL));
+                c.k_recv_cancel = true;
+                c.inflight += 1;
+                batch.add(e);
+            }
+            if c.s.is_done() {
+                c.teardown = true;
+                // Ends every pending recv and send on these sockets; their
+                // completions bring `inflight` to zero.
+                let _ = c.browser.shutdown(Shutdown::Both);
+                end_backend(c, s64, &mut batch);
+            }
+        }
+    }
+    for e in batch.e.into_iter().take(batch.n).flatten() {
+        w.push(e)?;
+    }
+    let done = w
+        .conns
+        .get(slot)
+        .is_some_and(|c| c.teardown && c.inflight == 0);
+    if done {
+        let mut c = w.conns.remove(slot);
+        c.s.release(ctx);
+        // Dropping the streams closes both fds.
+    }
+    Ok(())
+}
+
+/// Stop using the backend: cancel a pending connect, or shut the socket
+/// down so its recv/send complete.
+fn end_backend(c: &mut Conn, slot: u64, batch: &mut Batch) {
+    if c.k_connecting && !c.k_connect_cancel {
+        c.k_connect_cancel = true;
+        c.inflight += 1;
+        batch.add(
+            opcode::AsyncCancel::new(ud(slot, OP_CONNECT))
+                .build()
+                .user_data(ud(slot, OP_CANCEL)),
+        );
+    } else if let Some(k) = c.backend.as_ref() {
+        let _ = k.shutdown(Shutdown::Both);
+    }
+    c.k_eof = true;
+    c.s.backend_closed();
+}

@@ -1,0 +1,9 @@
+//! consolegate: a console proxy appliance. Browsers (noVNC, VMware WebMKS)
+//! open WebSockets to it; it relays each to a VM console. See
+//! `docs/ARCHITECTURE.md` for the map.
+
+pub mod config;
+pub mod dataplane;
+pub mod io;
+pub mod metrics;
+pub mod protocol;

@@ -1,0 +1,361 @@
+//! The `consolegate` binary: CLI parsing, logging, signals. `anyhow` lives
+//! only here, at the edge.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+
+use consolegate::config::{IoChoice, Limits, ProxyConfig, TargetConfig, TlsFiles};
+use consolegate::dataplane::worker::DataPlane;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "consolegate",
+    version,
+    about = "A console proxy appliance: browsers (noVNC, WebMKS) to VM consoles"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// websockify-compatible WebSocket → TCP proxy:
+    /// `consolegate proxy [options] [source_addr:]source_port [target_addr:target_port]`.
+    Proxy(ProxyArgs),
+}
+
+#[derive(Args, Debug)]
+struct ProxyArgs {
+    /// `[source_addr:]source_port` to listen on (websockify's first argument).
+    source: String,
+    /// `target_addr:target_port` to relay to (omit with --token-plugin).
+    target: Option<String>,
+
+    /// Token plugin: only `TokenFile` (websockify's `token: host:port` lines).
+    #[arg(long)]
+    token_plugin: Option<String>,
+    /// File or directory of token files.
+    #[arg(long)]
+    token_source: Option<PathBuf>,
+    /// Deprecated websockify spelling of `--token-plugin TokenFile --token-source FILE`.
+    #[arg(long)]
+    target_config: Option<PathBuf>,
+
+    /// PEM certificate for wss (enables TLS; plain ws still accepted unless --ssl-only).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// PEM private key (default: the --cert file).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Refuse connections that are not TLS.
+    #[arg(long)]
+    ssl_only: bool,
+    /// Serve static files from this directory on the same port (e.g. noVNC).
+    #[arg(long)]
+    web: Option<PathBuf>,
+    /// Close a session after this many seconds without traffic (0 = never).
+    #[arg(long, default_value_t = 0)]
+    idle_timeout: u64,
+    /// Send a WebSocket ping every this many seconds (0 = never).
+    #[arg(long, default_value_t = 0)]
+    heartbeat: u64,
+    /// Comma-separated allowlist of Origin values (default: any, with a warning).
+    #[arg(long, value_delimiter = ',')]
+    origin: Vec<String>,
+    /// Verbose logging (same as RUST_LOG=debug).
+    #[arg(short, long)]
+    verbose: bool,
+
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// IO backend.
+    #[arg(long, default_value = "auto")]
+    io: IoChoice,
+
+    /// Backend TCP connect timeout, milliseconds.
+    #[arg(long)]
+    connect_timeout_ms: Option<u64>,
+    /// Time allowed from accept to a complete upgrade request, milliseconds.
+    #[arg(long)]
+    handshake_timeout_ms: Option<u64>,
+    /// After SIGTERM, time live sessions keep running before 1001, milliseconds.
+    #[arg(long)]
+    drain_grace_ms: Option<u64>,
+    /// Bytes buffered per direction per session before backpressure.
+    #[arg(long)]
+    buffer_bytes: Option<usize>,
+    /// Largest WebSocket frame payload accepted from a browser, bytes.
+    #[arg(long)]
+    max_frame_bytes: Option<u64>,
+    /// Live sessions per worker.
+    #[arg(long)]
+    max_sessions: Option<usize>,
+}
+
+/// websockify options we do not implement, with why. Refused with a clear
+/// message instead of being silently ignored.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("--record", "session recording is not supported"),
+    (
+        "--traffic",
+        "per-frame traffic printing is not supported; use -v",
+    ),
+    (
+        "--daemon",
+        "run under systemd instead (packaging/ ships a unit)",
+    ),
+    ("-D", "run under systemd instead (packaging/ ships a unit)"),
+    ("--run-once", "not supported"),
+    (
+        "--timeout",
+        "server-wide timeout is not supported; --idle-timeout is per session",
+    ),
+    (
+        "--key-password",
+        "encrypted keys are not supported; decrypt the key file",
+    ),
+    (
+        "--ssl-target",
+        "TLS to the target is not supported for VNC targets yet",
+    ),
+    ("--verify-client", "client certificates are not supported"),
+    ("--cafile", "client certificates are not supported"),
+    (
+        "--ssl-version",
+        "TLS versions follow rustls's safe defaults (1.2, 1.3)",
+    ),
+    (
+        "--ssl-ciphers",
+        "cipher suites follow rustls's safe defaults",
+    ),
+    ("--unix-target", "UNIX socket targets are not supported"),
+    ("--inetd", "inetd mode is not supported"),
+    ("--web-auth", "web authentication plugins are not supported"),
+    ("--wrap-mode", "wrapping a program is not supported"),
+    (
+        "--prefer-ipv6",
+        "give an explicit [::] source address instead",
+    ),
+    ("-6", "give an explicit [::] source address instead"),
+    ("--libserver", "not applicable"),
+    (
+        "--host-token",
+        "Host-header tokens are not supported; use ?token=",
+    ),
+    (
+        "--auth-plugin",
+        "auth plugins are not supported; use the appliance mode's tickets",
+    ),
+    ("--auth-source", "auth plugins are not supported"),
+    ("--log-file", "logs go to stderr (journald under systemd)"),
+    ("--syslog", "logs go to stderr (journald under systemd)"),
+    (
+        "--legacy-syslog",
+        "logs go to stderr (journald under systemd)",
+    ),
+    ("--file-only", "not supported"),
+    ("--no-parent", "not supported"),
+];
+
+fn check_unsupported(args: &[String]) -> anyhow::Result<()> {
+    for a in args.iter().skip(1) {
+        let name = a.split('=').next().unwrap_or(a);
+        if let Some((opt, why)) = UNSUPPORTED.iter().find(|(o, _)| *o == name) {
+            bail!("websockify option {opt} is not supported by consolegate: {why}");
+        }
+    }
+    Ok(())
+}
+
+fn parse_source(s: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    resolve(s).with_context(|| format!("source address {s:?}: expected [addr:]port"))
+}
+
+fn resolve(s: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.to_socket_addrs()?
+        .next()
+        .with_context(|| format!("{s:?} does not resolve"))
+}
+
+fn proxy_config(a: ProxyArgs) -> anyhow::Result<ProxyConfig> {
+    let listen = parse_source(&a.source)?;
+    let target = match (&a.target, &a.token_plugin, &a.target_config) {
+        (Some(t), None, None) => TargetConfig::Fixed(
+            resolve(t).with_context(|| format!("target {t:?}: expected host:port"))?,
+        ),
+        (None, Some(p), None) => {
+            if p != "TokenFile" && p != "websockify.token_plugins.TokenFile" {
+                bail!("--token-plugin {p}: only TokenFile is supported");
+            }
+            let src = a
+                .token_source
+                .clone()
+                .context("--token-plugin TokenFile needs --token-source FILE_OR_DIR")?;
+            TargetConfig::TokenFile { source: src }
+        }
+        (None, None, Some(src)) => TargetConfig::TokenFile {
+            source: src.clone(),
+        },
+        (None, None, None) => {
+            bail!("give a target host:port or --token-plugin TokenFile --token-source FILE")
+        }
+        _ => bail!("give either a target host:port or a token plugin, not both"),
+    };
+    if a.token_source.is_some() && a.token_plugin.is_none() {
+        bail!("--token-source needs --token-plugin TokenFile");
+    }
+    let tls = match (&a.cert, a.ssl_only) {
+        (Some(cert), ssl_only) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: a.key.clone().unwrap_or_else(|| cert.clone()),
+            ssl_only,
+        }),
+        (None, true) => bail!("--ssl-only needs --cert"),
+        (None, false) => {
+            if a.key.is_some() {
+                bail!("--key needs --cert");
+            }
+            None
+        }
+    };
+    let mut limits = Limits {
+        idle_timeout_ms: a.idle_timeout.saturating_mul(1000),
+        heartbeat_ms: a.heartbeat.saturating_mul(1000),
+        ..Limits::default()
+    };
+    if let Some(v) = a.connect_timeout_ms {
+        limits.connect_timeout_ms = v;
+    }
+    if let Some(v) = a.handshake_timeout_ms {
+        limits.handshake_timeout_ms = v;
+    }
+    if let Some(v) = a.drain_grace_ms {
+        limits.drain_grace_ms = v;
+    }
+    if let Some(v) = a.buffer_bytes {
+        limits.buffer_bytes = v;
+    }
+    if let Some(v) = a.max_frame_bytes {
+        limits.max_frame_bytes = v;
+    }
+    if let Some(v) = a.max_sessions {
+        limits.max_sessions_per_worker = v;
+    }
+    let origins: Vec<String> = a.origin.into_iter().filter(|o| !o.is_empty()).collect();
+    Ok(ProxyConfig {
+        listen,
+        target,
+        tls,
+        web_dir: a.web,
+        origins,
+        workers: a.workers,
+        io: a.io,
+        limits,
+    })
+}
+
+fn init_logging(json: bool, verbose: bool) {
+    let default = if verbose { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
+    if cfg.origins.is_empty() {
+        tracing::warn!("no --origin allowlist: any Origin is accepted (as websockify does)");
+    }
+    let dp = DataPlane::start(cfg)?;
+    let control = dp.control();
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "listening on {} (io={}, workers={})",
+            dp.addr,
+            dp.backend.name(),
+            dp.workers
+        )?;
+        out.flush()?;
+    }
+    tracing::info!(addr = %dp.addr, io = dp.backend.name(), workers = dp.workers, "proxy started");
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    std::thread::Builder::new()
+        .name("cg-signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for sig in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!(
+                        signal = sig,
+                        "draining: no new connections, live sessions get their grace period"
+                    );
+                    control.start_drain();
+                } else {
+                    tracing::warn!(signal = sig, "second signal: exiting now");
+                    std::process::exit(1);
+                }
+            }
+        })?;
+    let m = dp.join()?;
+    let errors: Vec<String> = m.errors().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    tracing::info!(
+        accepted = m.accepted,
+        handshakes = m.handshakes_ok,
+        closed = m.sessions_closed,
+        bytes_up = m.bytes_browser_to_backend,
+        bytes_down = m.bytes_backend_to_browser,
+        errors = %errors.join(","),
+        "stopped"
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let Err(e) = check_unsupported(&args) {
+        eprintln!("consolegate: {e}");
+        return ExitCode::from(2);
+    }
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Command::Proxy(a) => {
+            init_logging(cli.log_format == "json", a.verbose);
+            proxy_config(a).and_then(run_proxy)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("consolegate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
