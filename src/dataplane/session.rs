@@ -770,7 +770,8 @@ impl Session {
                 ctx.scratch = scratch;
                 r
             } else {
-                let spare = self.to_backend.spare(&mut ctx.pool, 1);
+                // Base64 decoding needs room for a whole group (3 bytes) to progress.
+                let spare = self.to_backend.spare(&mut ctx.pool, 64);
                 let r = dec.decode(data, spare);
                 if let Ok(p) = &r {
                     self.to_backend.commit(p.written);
