@@ -101,6 +101,9 @@ pub struct Limits {
     /// io_uring: submission queue entries per worker ring.
     pub uring_entries: u32,
     /// io_uring: provided buffers per worker (each `recv_buffer_bytes`).
+    /// Cost: count × size resident per worker (the kernel cycles through
+    /// all of them); a buffer is held only from a receive's completion until
+    /// its bytes are queued, so a few per busy session in one batch suffice.
     pub uring_provided_buffers: u16,
     /// Size of one receive buffer (one read from a socket at most).
     pub recv_buffer_bytes: usize,
@@ -120,7 +123,7 @@ impl Default for Limits {
             drain_grace_ms: 5_000,
             close_timeout_ms: 1_000,
             max_sessions_per_worker: 50_000,
-            pool_max_free_buffers: 256,
+            pool_max_free_buffers: 64,
             web_max_file_bytes: 8 * 1024 * 1024,
             token_reload_interval_ms: 1_000,
             max_tokens: 100_000,
@@ -128,7 +131,7 @@ impl Default for Limits {
             timer_tick_ms: 100,
             accept_batch_max: 256,
             uring_entries: 4096,
-            uring_provided_buffers: 1024,
+            uring_provided_buffers: 128,
             recv_buffer_bytes: 64 * 1024,
         }
     }

@@ -182,7 +182,20 @@ pub fn parse_request(
             };
         }
         Err(httparse::Error::TooManyHeaders) => return Err(HttpError::TooLarge),
-        Err(httparse::Error::Version) => return Err(HttpError::NotHttp11),
+        Err(httparse::Error::Version) => {
+            // Only a real "HTTP/x.y" of another version earns 505; garbage in
+            // the version slot is a malformed request (websockify says 400).
+            let line = window.split(|&b| b == b'\n').next().unwrap_or_default();
+            let is_http = line
+                .split(|&b| b == b' ')
+                .nth(2)
+                .is_some_and(|v| v.starts_with(b"HTTP/"));
+            return Err(if is_http {
+                HttpError::NotHttp11
+            } else {
+                HttpError::Malformed("not an HTTP request line".to_owned())
+            });
+        }
         Err(e) => return Err(HttpError::Malformed(e.to_string())),
     };
     // httparse fills all three on Complete; treat absence as malformed rather

@@ -279,7 +279,8 @@ fn bad_requests_get_http_errors() {
     let now = Instant::now();
     let mut ctx = ctx_with(|c| c.origins = vec!["https://ok.example".into()]);
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (b"BREW / HTCPCP/1.0\r\n\r\n".to_vec(), "HTTP/1.1 505"),
+        (b"BREW / HTCPCP/1.0\r\n\r\n".to_vec(), "HTTP/1.1 400"),
+        (b"this is not http\r\n\r\n".to_vec(), "HTTP/1.1 400"),
         (b"GET /\x00 HTTP/1.1\r\n\r\n".to_vec(), "HTTP/1.1 400"),
         (
             upgrade_request("Origin: https://evil.example\r\n"),
@@ -366,4 +367,12 @@ fn in_flight_bytes_survive_a_close() {
     s.backend_sent(&mut ctx, 6);
     s.release(&mut ctx);
     assert_eq!(ctx.pool.outstanding, 0);
+}
+
+#[test]
+fn an_idle_session_is_small() {
+    // The per-idle-session budget is 8 KB including kernel socket memory;
+    // the struct itself must stay a small fraction of it.
+    let size = std::mem::size_of::<Session>();
+    assert!(size <= 1024, "Session is {size} bytes");
 }

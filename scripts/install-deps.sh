@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Installs what `make` needs on a Debian 12 machine, and nothing when it is all
+# there already (so `make test` stays quick on a warm machine).
+#
+#   bash scripts/install-deps.sh build   C toolchain for ring (gcc, pkg-config); checks cargo
+#   bash scripts/install-deps.sh test    peers of the end-to-end tests: TigerVNC Xvnc (and
+#                                        vncpasswd), noVNC, Chromium, and tests/browser's
+#                                        node_modules (playwright-core, pinned by package-lock.json)
+#
+# As root, missing Debian packages are installed with apt-get (one `apt-get update`
+# at most). As another user, the script names what is missing and how to install
+# it, and exits non-zero: it never skips a peer silently.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+mode="${1:-}"
+case "$mode" in
+build | test) ;;
+*)
+    echo "usage: $0 build|test" >&2
+    exit 2
+    ;;
+esac
+
+export DEBIAN_FRONTEND=noninteractive
+
+log() { echo "install-deps($mode): $*" >&2; }
+die() {
+    echo "install-deps($mode): error: $*" >&2
+    exit 1
+}
+
+# Debian packages still to install, as "package|why" (why = the command or file it provides).
+missing=()
+
+# need_pkg PACKAGE CHECK...: CHECK is `cmd NAME` (a command on PATH), `file PATH`
+# (an executable or regular file) or `dpkg` (the package itself is installed).
+need_pkg() {
+    local pkg="$1" kind="$2" what="${3:-}"
+    case "$kind" in
+    cmd) command -v "$what" >/dev/null 2>&1 && return 0 ;;
+    file) [ -e "$what" ] && return 0 ;;
+    dpkg) dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" && return 0 ;;
+    esac
+    missing+=("$pkg|${what:-$pkg}")
+}
+
+install_missing() {
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    local pkgs=() m
+    for m in "${missing[@]}"; do pkgs+=("${m%%|*}"); done
+    if [ "$(id -u)" -ne 0 ]; then
+        for m in "${missing[@]}"; do
+            echo "install-deps($mode): missing: Debian package ${m%%|*} (for ${m#*|})" >&2
+        done
+        die "not root, cannot install; run: sudo apt-get update && sudo apt-get install -y ${pkgs[*]}"
+    fi
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install these packages by hand: ${pkgs[*]}"
+    log "installing ${pkgs[*]}"
+    # One `apt-get update` at most, skipped when the package lists are less
+    # than an hour old; an install that then fails gets one update and a retry.
+    local updated=""
+    if ! find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -60 2>/dev/null | grep -q .; then
+        apt-get update -q
+        updated=1
+    fi
+    if ! apt-get install -y -q --no-install-recommends "${pkgs[@]}"; then
+        [ -n "$updated" ] && die "apt-get install ${pkgs[*]} failed"
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends "${pkgs[@]}" || die "apt-get install ${pkgs[*]} failed"
+    fi
+    missing=()
+}
+
+check_cargo() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        if [ -x "$HOME/.cargo/bin/cargo" ]; then
+            die "cargo is installed in $HOME/.cargo/bin but not on PATH: run 'source \$HOME/.cargo/env'"
+        fi
+        die "cargo (the Rust toolchain) not found: install it with rustup (https://rustup.rs), then re-run make"
+    fi
+    command -v rustc >/dev/null 2>&1 || die "rustc not found next to cargo: reinstall the Rust toolchain with rustup"
+}
+
+deps_build() {
+    check_cargo
+    need_pkg gcc cmd gcc
+    need_pkg pkg-config cmd pkg-config
+    install_missing
+}
+
+# tests/browser/node_modules is current when playwright-core is there at the
+# version package.json pins; otherwise npm ci reinstalls exactly what
+# package-lock.json says.
+browser_modules_current() {
+    node -e '
+        const fs = require("fs");
+        const want = JSON.parse(fs.readFileSync("package.json", "utf8")).dependencies["playwright-core"];
+        let have = null;
+        try { have = JSON.parse(fs.readFileSync("node_modules/playwright-core/package.json", "utf8")).version; } catch (e) {}
+        process.exit(have === want ? 0 : 1);
+    '
+}
+
+deps_test() {
+    # Xvnc: the VNC server every end-to-end test relays to; vncpasswd (tigervnc-tools)
+    # makes password files for the VncAuth tests.
+    need_pkg tigervnc-standalone-server cmd Xvnc
+    need_pkg tigervnc-tools cmd vncpasswd
+    # noVNC's client (core/rfb.js) and app (vnc.html), served by the proxy's --web.
+    need_pkg novnc file /usr/share/novnc/core/rfb.js
+    # Debian's Chromium: /usr/lib/chromium/chromium is the real binary.
+    need_pkg chromium file /usr/lib/chromium/chromium
+    install_missing
+
+    # Node.js and npm come with the machine image (NodeSource). Debian's own npm
+    # package conflicts with that nodejs, so the script does not install it.
+    command -v node >/dev/null 2>&1 || die "node not found: install Node.js >= 20 with npm (e.g. NodeSource's nodejs package); Debian's npm package conflicts with it"
+    command -v npm >/dev/null 2>&1 || die "npm not found: install Node.js >= 20 with npm (NodeSource's nodejs package includes npm)"
+
+    local dir=tests/browser
+    [ -f "$dir/package-lock.json" ] || die "$dir/package-lock.json is missing (it pins playwright-core)"
+    if ! (cd "$dir" && browser_modules_current); then
+        log "npm ci in $dir"
+        # No browser download: playwright-core drives Debian's Chromium.
+        (cd "$dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error) ||
+            die "npm ci in $dir failed"
+    fi
+}
+
+case "$mode" in
+build) deps_build ;;
+test) deps_test ;;
+esac

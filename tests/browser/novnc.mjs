@@ -1,0 +1,246 @@
+#!/usr/bin/env node
+// Drives real noVNC in Debian's headless Chromium through consolegate (or any
+// websockify-compatible proxy that serves /usr/share/novnc with --web) and
+// checks that a VNC desktop actually shows up.
+//
+//   node tests/browser/novnc.mjs --base http://127.0.0.1:PORT --out-dir DIR
+//        [--runs app,none,binary] [--chromium /usr/lib/chromium/chromium]
+//        [--timeout-ms 30000]
+//
+// Runs (each in a fresh page of one browser; the default is all three):
+//   app     noVNC's own app, vnc.html?autoconnect=true (no Sec-WebSocket-Protocol)
+//   none    rfb-test.html: core/rfb.js with noVNC's default (no subprotocol)
+//   binary  rfb-test.html with wsProtocols: ['binary']
+// rfb-test.html is written into a document the proxy served (a 404 for a path
+// that is no file), so the page has the proxy's origin and every module it
+// imports (core/rfb.js and what that imports) comes from the proxy's --web
+// directory.
+//
+// For each run: wait (bounded) for the RFB connection, check the negotiated
+// subprotocol, wait until the noVNC canvas shows more than one colour (Xvnc
+// -retro draws the X weave), and save a PNG screenshot to DIR/novnc-<run>.png.
+// Exits 0 when every run passed; otherwise prints why (with the page's console)
+// and exits 1. Exit 2: bad usage or environment.
+
+import { chromium } from 'playwright-core';
+import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+function usage(msg) {
+  console.error(`novnc.mjs: ${msg}`);
+  console.error('usage: node novnc.mjs --base http://127.0.0.1:PORT --out-dir DIR [--runs app,none,binary] [--chromium PATH] [--timeout-ms N]');
+  process.exit(2);
+}
+
+const opts = { runs: 'app,none,binary', chromium: '/usr/lib/chromium/chromium', timeoutMs: 30000 };
+const argv = process.argv.slice(2);
+for (let i = 0; i < argv.length; i++) {
+  const a = argv[i];
+  const val = () => (i + 1 < argv.length ? argv[++i] : usage(`${a} needs a value`));
+  if (a === '--base') opts.base = val();
+  else if (a === '--out-dir') opts.outDir = val();
+  else if (a === '--runs') opts.runs = val();
+  else if (a === '--chromium') opts.chromium = val();
+  else if (a === '--timeout-ms') opts.timeoutMs = Number(val());
+  else usage(`unknown argument ${a}`);
+}
+if (!opts.base) usage('--base is required');
+if (!opts.outDir) usage('--out-dir is required');
+if (!existsSync(opts.chromium)) {
+  usage(`Chromium not found at ${opts.chromium}: install Debian package chromium (make test does)`);
+}
+const base = new URL(opts.base);
+const runs = opts.runs.split(',').filter(Boolean);
+for (const r of runs) if (!['app', 'none', 'binary'].includes(r)) usage(`unknown run ${r}`);
+mkdirSync(opts.outDir, { recursive: true });
+const testPage = readFileSync(join(here, 'rfb-test.html'), 'utf8');
+const testPagePath = '/__consolegate_rfb_test.html';
+
+// Whatever happens, never outlive the caller's patience.
+const watchdogMs = opts.timeoutMs * (runs.length + 1) + 15000;
+const watchdog = setTimeout(() => {
+  console.error(`novnc.mjs: FAIL: gave up after ${watchdogMs} ms`);
+  process.exit(1);
+}, watchdogMs);
+watchdog.unref();
+
+// Records every WebSocket the page opens: offered and negotiated subprotocol.
+// A wrapper that returns the native object (not a subclass: noVNC's Websock
+// checks the channel's prototype for its properties).
+function recordWebSockets() {
+  const Native = window.WebSocket;
+  window.__sockets = [];
+  function RecordedWebSocket(url, protocols) {
+    const ws = protocols === undefined ? new Native(url) : new Native(url, protocols);
+    const rec = {
+      url: String(url),
+      offered: protocols === undefined ? [] : [].concat(protocols),
+      protocol: null,
+      opened: false,
+      closeCode: null,
+    };
+    window.__sockets.push(rec);
+    ws.addEventListener('open', () => { rec.opened = true; rec.protocol = ws.protocol; });
+    ws.addEventListener('close', (e) => { rec.closeCode = e.code; });
+    return ws;
+  }
+  RecordedWebSocket.prototype = Native.prototype;
+  for (const k of ['CONNECTING', 'OPEN', 'CLOSING', 'CLOSED']) RecordedWebSocket[k] = Native[k];
+  window.WebSocket = RecordedWebSocket;
+}
+
+// Size and number of distinct colours (capped) of the noVNC canvas.
+function canvasStats(selector) {
+  const canvas = document.querySelector(selector);
+  if (!canvas || !canvas.width || !canvas.height) return { found: !!canvas, width: 0, height: 0, colours: 0 };
+  const ctx = canvas.getContext('2d');
+  const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+  const seen = new Set();
+  for (let i = 0; i < data.length && seen.size < 64; i += 4) {
+    seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
+  }
+  return { found: true, width: canvas.width, height: canvas.height, colours: seen.size };
+}
+
+async function poll(fn, timeoutMs, intervalMs = 100) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    last = await fn();
+    if (last.done) return last;
+    if (Date.now() >= deadline) return { ...last, timedOut: true };
+    await new Promise((r) => setTimeout(r, intervalMs));
+  }
+}
+
+async function runOne(browser, run) {
+  const context = await browser.newContext({ viewport: { width: 900, height: 700 } });
+  const logs = [];
+  try {
+    await context.addInitScript(recordWebSockets);
+    const page = await context.newPage();
+    page.setDefaultTimeout(opts.timeoutMs);
+    page.on('console', (m) => logs.push(`console.${m.type()}: ${m.text()}`));
+    page.on('pageerror', (e) => logs.push(`pageerror: ${e.message}`));
+    page.on('requestfailed', (r) => logs.push(`requestfailed: ${r.url()} ${r.failure()?.errorText}`));
+    page.on('response', (r) => { if (r.status() >= 400) logs.push(`http ${r.status()}: ${r.url()}`); });
+
+    let url;
+    let canvasSelector;
+    let wantProtocol;
+    if (run === 'app') {
+      const q = new URLSearchParams({
+        autoconnect: 'true', host: base.hostname, port: base.port, path: 'websockify',
+        resize: 'off', reconnect: 'false', encrypt: base.protocol === 'https:' ? 'true' : 'false',
+      });
+      url = new URL(`/vnc.html?${q}`, base).href;
+      canvasSelector = '#noVNC_container canvas';
+      wantProtocol = '';
+    } else {
+      const q = new URLSearchParams({ path: 'websockify' });
+      if (run === 'binary') q.set('protocols', 'binary');
+      url = new URL(`${testPagePath}?${q}`, base).href;
+      canvasSelector = '#screen canvas';
+      wantProtocol = run === 'binary' ? 'binary' : '';
+    }
+
+    const response = await page.goto(url, { waitUntil: 'load' });
+    if (run === 'app') {
+      if (!response || !response.ok()) throw new Error(`GET ${url}: HTTP ${response && response.status()}`);
+    } else {
+      // The test page is no file of the web root: the proxy answers this URL
+      // with an error document, which gives the page the proxy's origin (a
+      // real network response, as Chromium's local-network checks want);
+      // setContent then writes rfb-test.html into it, keeping that URL.
+      if (!response) throw new Error(`GET ${url}: no response`);
+      await page.setContent(testPage, { waitUntil: 'load' });
+      const at = page.url();
+      if (at !== url) throw new Error(`test page landed at ${at}, not ${url}`);
+    }
+
+    // 1. Connected (RFB handshake done: noVNC fires `connect` after ServerInit).
+    const connected = await poll(async () => {
+      const s = await page.evaluate((isApp) => {
+        if (isApp) {
+          const status = document.getElementById('noVNC_status');
+          return {
+            connected: document.documentElement.classList.contains('noVNC_connected'),
+            status: status ? status.textContent : '',
+            failed: document.documentElement.classList.contains('noVNC_disconnected') &&
+              !!(status && /fail|error|disconnect/i.test(status.textContent)),
+          };
+        }
+        const t = window.__test || { status: 'no __test', events: [] };
+        return {
+          connected: t.status === 'connected',
+          status: t.events.join(' | '),
+          failed: ['error', 'disconnected', 'securityfailure', 'credentialsrequired'].includes(t.status),
+        };
+      }, run === 'app');
+      return { ...s, done: s.connected || s.failed };
+    }, opts.timeoutMs);
+    if (!connected.connected) {
+      throw new Error(`not connected${connected.timedOut ? ` within ${opts.timeoutMs} ms` : ''}; status: ${connected.status}`);
+    }
+
+    // 2. The WebSocket went to the proxy with the expected subprotocol.
+    const sockets = await page.evaluate(() => window.__sockets);
+    const ws = sockets.find((s) => s.opened);
+    if (!ws) throw new Error(`no open WebSocket recorded: ${JSON.stringify(sockets)}`);
+    if (ws.protocol !== wantProtocol) {
+      throw new Error(`negotiated subprotocol ${JSON.stringify(ws.protocol)}, want ${JSON.stringify(wantProtocol)} (offered ${JSON.stringify(ws.offered)})`);
+    }
+
+    // 3. The desktop is drawn: the canvas has more than one colour.
+    const drawn = await poll(async () => {
+      const s = await page.evaluate(canvasStats, canvasSelector);
+      return { ...s, done: s.colours > 1 };
+    }, opts.timeoutMs, 200);
+    if (!(drawn.colours > 1)) {
+      throw new Error(`canvas ${canvasSelector} blank: ${JSON.stringify(drawn)}`);
+    }
+
+    const shot = resolve(join(opts.outDir, `novnc-${run}.png`));
+    await page.screenshot({ path: shot });
+    const size = statSync(shot).size;
+    if (size < 1000) throw new Error(`screenshot ${shot} is only ${size} bytes`);
+
+    await page.evaluate(() => { if (window.__rfb) window.__rfb.disconnect(); });
+    console.log(`novnc.mjs: ok run=${run} protocol=${JSON.stringify(ws.protocol)} ws=${ws.url} ` +
+      `canvas=${drawn.width}x${drawn.height} colours=${drawn.colours >= 64 ? '64+' : drawn.colours} screenshot=${shot} (${size} bytes)`);
+    return true;
+  } catch (e) {
+    console.error(`novnc.mjs: FAIL run=${run}: ${e && e.message || e}`);
+    for (const l of logs.slice(-60)) console.error(`  ${l}`);
+    return false;
+  } finally {
+    await context.close().catch(() => {});
+  }
+}
+
+let browser;
+let ok = true;
+try {
+  browser = await chromium.launch({
+    executablePath: opts.chromium,
+    headless: true,
+    timeout: opts.timeoutMs,
+    args: [
+      '--headless', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--disable-quic',
+      '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    ],
+  });
+  for (const run of runs) {
+    ok = (await runOne(browser, run)) && ok;
+  }
+} catch (e) {
+  console.error(`novnc.mjs: FAIL: ${e && e.stack || e}`);
+  ok = false;
+} finally {
+  if (browser) await browser.close().catch(() => {});
+}
+console.log(`novnc.mjs: ${ok ? 'all runs passed' : 'FAILED'}`);
+process.exit(ok ? 0 : 1);

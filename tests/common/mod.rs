@@ -1,0 +1,1577 @@
+//! Shared helpers of the end-to-end tests: real peers (TigerVNC `Xvnc`, the
+//! `consolegate` binary, small TCP servers), WebSocket clients (plain and TLS)
+//! and the bits of RFB the tests speak.
+//!
+//! Rules the helpers keep so the tests can too: every server listens on
+//! 127.0.0.1 on an ephemeral port; every wait is a bounded poll against a
+//! deadline (no fixed sleeps for synchronisation); every process a helper
+//! starts is killed by PID when its guard drops; a missing peer is a failure
+//! naming the Debian package, never a silent skip.
+//!
+//! Each test file includes this module with `#[macro_use] mod common;`, and
+//! not every file uses every helper.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use tungstenite::handshake::client::Response;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, WebSocket};
+
+/// The IO backends every end-to-end test runs against.
+pub const IO_BACKENDS: [&str; 2] = ["epoll", "uring"];
+
+/// `backend_tests!(name, ...)` turns each `fn name(io: &str)` into one
+/// `#[test]` per IO backend: `name::epoll` and `name::uring`, so a failure
+/// names its backend in the test name; the helpers' own panic messages name
+/// it too (see [`ctx`]). The names are those of [`IO_BACKENDS`].
+#[allow(unused_macros)]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn epoll() {
+                    crate::common::set_current_io("epoll");
+                    super::$name("epoll")
+                }
+                #[test]
+                fn uring() {
+                    crate::common::set_current_io("uring");
+                    super::$name("uring")
+                }
+            }
+        )*
+    };
+}
+
+thread_local! {
+    // libtest runs each test on its own thread.
+    static CURRENT_IO: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Records the IO backend of the test running on this thread.
+pub fn set_current_io(io: &str) {
+    CURRENT_IO.with(|c| *c.borrow_mut() = io.to_string());
+}
+
+/// `"io=epoll: "` in a backend test, `""` elsewhere: the prefix of helper
+/// panic messages.
+pub fn ctx() -> String {
+    CURRENT_IO.with(|c| {
+        let c = c.borrow();
+        if c.is_empty() {
+            String::new()
+        } else {
+            format!("io={c}: ")
+        }
+    })
+}
+
+/// How long a helper waits for a peer to come up before failing.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default read timeout of test clients: long enough for a loaded 2-core CI
+/// machine, short enough that a hung test fails rather than stalls.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Small utilities
+// ---------------------------------------------------------------------------
+
+/// Polls `f` every few milliseconds until it returns `Some`, or panics with
+/// `what` once `timeout` has passed.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("{}timed out after {timeout:?} waiting for {what}", ctx());
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1 (bound to :0 and released).
+/// Racy by nature: callers that hand it to another program verify it listens.
+pub fn pick_free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// Finds an executable on PATH (like `command -v`), also looking in the
+/// system directories in case PATH is minimal.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/bin", "/usr/sbin", "/bin"].iter().map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Sends a signal to every process of a process group (a child spawned with
+/// `process_group(0)` leads its own group, with the group id = its pid).
+pub fn signal_group(pgid: u32, signal: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Sends a signal with /usr/bin/kill (keeps `unsafe` out of the tests).
+pub fn send_signal(pid: u32, signal: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Waits up to `timeout` for `child` to exit.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Ends a child: SIGTERM, a bounded wait, then SIGKILL. Always reaps it.
+pub fn stop_child(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    send_signal(child.id(), "TERM");
+    if wait_child(child, grace).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The last `max` bytes of a log file, for failure messages.
+pub fn tail_of_file(path: &Path, max: usize) -> String {
+    let data = fs::read(path).unwrap_or_default();
+    let start = data.len().saturating_sub(max);
+    String::from_utf8_lossy(&data[start..]).into_owned()
+}
+
+/// A field (in KiB) of /proc/<pid>/status or /proc/<pid>/smaps_rollup.
+fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Resident set size of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    proc_kib(pid, "status", "VmRSS").map(|k| k * 1024)
+}
+
+/// Proportional set size of a process, in bytes.
+pub fn pss_bytes(pid: u32) -> Option<u64> {
+    proc_kib(pid, "smaps_rollup", "Pss").map(|k| k * 1024)
+}
+
+// ---------------------------------------------------------------------------
+// Xvnc: the real VNC server behind the proxy
+// ---------------------------------------------------------------------------
+
+/// How to start an [`Xvnc`].
+#[derive(Debug, Clone)]
+pub struct XvncOptions {
+    pub width: u32,
+    pub height: u32,
+    /// `Some(pw)`: VncAuth with this password; `None`: security type None.
+    pub password: Option<String>,
+}
+
+impl Default for XvncOptions {
+    fn default() -> Self {
+        Self {
+            width: 320,
+            height: 240,
+            password: None,
+        }
+    }
+}
+
+/// A TigerVNC `Xvnc` on 127.0.0.1, with the classic X weave on its root
+/// window (`-retro`) so that its screen is never blank. Killed on drop.
+pub struct Xvnc {
+    child: Option<Child>,
+    pub port: u16,
+    pub display: u32,
+    pub options: XvncOptions,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Xvnc {
+    pub fn start() -> Xvnc {
+        Self::start_with(XvncOptions::default())
+    }
+
+    pub fn with_password(password: &str) -> Xvnc {
+        Self::start_with(XvncOptions {
+            password: Some(password.to_string()),
+            ..XvncOptions::default()
+        })
+    }
+
+    pub fn start_with(options: XvncOptions) -> Xvnc {
+        let xvnc = find_program("Xvnc").unwrap_or_else(|| {
+            panic!("Xvnc not found: install Debian package tigervnc-standalone-server (make test does)")
+        });
+        let dir = tempfile::Builder::new()
+            .prefix("consolegate-xvnc-")
+            .tempdir()
+            .expect("tempdir");
+        let password_file = options.password.as_ref().map(|pw| {
+            let path = dir.path().join("passwd");
+            write_vnc_password_file(pw, &path);
+            path
+        });
+        let log = dir.path().join("Xvnc.log");
+        let mut last_error = String::new();
+        // The RFB port is picked by binding :0 and releasing it, so another
+        // process may take it first; Xvnc then exits ("failed to bind socket")
+        // and we try another port.
+        for attempt in 1..=8 {
+            let port = pick_free_port();
+            let mut cmd = Command::new(&xvnc);
+            // -displayfd 1: Xvnc picks a free display itself (no clash with
+            // parallel tests) and writes its number to stdout when ready.
+            cmd.args(["-displayfd", "1", "-nolisten", "tcp"])
+                .args(["-rfbport", &port.to_string()])
+                .args(["-localhost", "-interface", "127.0.0.1"])
+                .args([
+                    "-geometry",
+                    &format!("{}x{}", options.width, options.height),
+                ])
+                .args(["-depth", "24", "-retro", "-AlwaysShared"])
+                .args(["-BlacklistThreshold", "1000000"]);
+            match &password_file {
+                Some(p) => {
+                    cmd.args(["-SecurityTypes", "VncAuth", "-PasswordFile"])
+                        .arg(p);
+                }
+                None => {
+                    cmd.args(["-SecurityTypes", "None"]);
+                }
+            }
+            let log_file = File::create(&log).expect("create Xvnc log");
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(log_file));
+            let mut child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {xvnc:?}: {e}"));
+            let stdout = child.stdout.take().unwrap();
+            let (tx, rx) = mpsc::channel();
+            thread::spawn(move || {
+                let mut line = String::new();
+                let _ = BufReader::new(stdout).read_line(&mut line);
+                let _ = tx.send(line);
+            });
+            let display = match rx.recv_timeout(STARTUP_TIMEOUT) {
+                Ok(line) => line.trim().parse::<u32>().ok(),
+                Err(_) => None,
+            };
+            let Some(display) = display else {
+                stop_child(&mut child, Duration::from_secs(2));
+                last_error = format!(
+                    "attempt {attempt} (port {port}): Xvnc did not report a display; log:\n{}",
+                    tail_of_file(&log, 4000)
+                );
+                continue;
+            };
+            // Ready: make sure the port is ours by reading the RFB greeting
+            // while our Xvnc is still alive.
+            match probe_rfb(port, &mut child) {
+                Ok(()) => {
+                    return Xvnc {
+                        child: Some(child),
+                        port,
+                        display,
+                        options,
+                        log,
+                        _dir: dir,
+                    }
+                }
+                Err(e) => {
+                    stop_child(&mut child, Duration::from_secs(2));
+                    last_error = format!(
+                        "attempt {attempt} (port {port}): {e}; log:\n{}",
+                        tail_of_file(&log, 4000)
+                    );
+                }
+            }
+        }
+        panic!("could not start Xvnc: {last_error}");
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `127.0.0.1:PORT`, as a proxy TARGET or token file entry.
+    pub fn target(&self) -> String {
+        self.addr().to_string()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Kills Xvnc at once (SIGKILL), as a crashed backend.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        tail_of_file(&self.log, 16 * 1024)
+    }
+}
+
+impl Drop for Xvnc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM first so Xvnc removes its /tmp/.X<n>-lock and socket.
+            stop_child(&mut c, Duration::from_secs(3));
+        }
+        if thread::panicking() {
+            eprintln!(
+                "---- Xvnc :{} (port {}) log ----\n{}",
+                self.display,
+                self.port,
+                self.log()
+            );
+        }
+    }
+}
+
+/// Connects to `port` and reads the 12-byte RFB ProtocolVersion while `child`
+/// is alive.
+fn probe_rfb(port: u16, child: &mut Child) -> Result<(), String> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("Xvnc exited with {status}"));
+        }
+        if let Ok(mut s) = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(1),
+        ) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut greeting = [0u8; 12];
+            return match s.read_exact(&mut greeting) {
+                Ok(()) if greeting.starts_with(b"RFB 003.") => match child.try_wait() {
+                    Ok(None) => Ok(()),
+                    _ => Err("Xvnc exited right after the probe".into()),
+                },
+                Ok(()) => Err(format!(
+                    "port {port} answered {:?}, not RFB",
+                    String::from_utf8_lossy(&greeting)
+                )),
+                Err(e) => Err(format!("reading the RFB greeting on port {port}: {e}")),
+            };
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("port {port} never accepted"));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes a VNC password file with `vncpasswd -f` (TigerVNC's obfuscated format).
+pub fn write_vnc_password_file(password: &str, path: &Path) {
+    let vncpasswd = find_program("vncpasswd").unwrap_or_else(|| {
+        panic!("vncpasswd not found: install Debian package tigervnc-tools (make test does)")
+    });
+    let mut child = Command::new(vncpasswd)
+        .arg("-f")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vncpasswd");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("vncpasswd");
+    assert!(
+        out.status.success() && !out.stdout.is_empty(),
+        "vncpasswd -f failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(path, out.stdout).expect("write password file");
+}
+
+// ---------------------------------------------------------------------------
+// The proxy under test
+// ---------------------------------------------------------------------------
+
+/// Path of the consolegate binary: cargo's build of this package, or
+/// `CONSOLEGATE_TEST_BIN` (e.g. a release build) when set.
+pub fn consolegate_bin() -> PathBuf {
+    match std::env::var_os("CONSOLEGATE_TEST_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_consolegate")),
+    }
+}
+
+/// A running `consolegate proxy`. Killed on drop; its stderr and stdout are
+/// printed when the test is failing.
+pub struct Proxy {
+    child: Child,
+    pub addr: SocketAddr,
+    pub io: String,
+    /// The `listening on ...` line, as printed.
+    pub listening_line: String,
+    stdout: Arc<Mutex<String>>,
+    stderr_path: PathBuf,
+    exit: Option<ExitStatus>,
+    args: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// `consolegate proxy --io IO EXTRA... 127.0.0.1:0 [TARGET]`; returns once
+    /// it has printed `listening on ADDR`.
+    pub fn start(io: &str, extra: &[&str], target: Option<&str>) -> Proxy {
+        Self::try_start(io, extra, target).unwrap_or_else(|e| panic!("io={io}: {e}"))
+    }
+
+    pub fn try_start(io: &str, extra: &[&str], target: Option<&str>) -> Result<Proxy, String> {
+        let mut args: Vec<String> = vec!["proxy".into(), "--io".into(), io.into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push("127.0.0.1:0".into());
+        if let Some(t) = target {
+            args.push(t.into());
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("consolegate-proxy-")
+            .tempdir()
+            .expect("tempdir");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = File::create(&stderr_path).expect("create stderr log");
+        let bin = consolegate_bin();
+        let mut cmd = Command::new(&bin);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr));
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        // The log goes to a file that failure messages print: no ANSI colours.
+        cmd.env("NO_COLOR", "1");
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+
+        // stdout is drained for the whole life of the process (so it never
+        // blocks on a full pipe) into a buffer, and each line goes to `rx`
+        // until the `listening on` line has been seen.
+        let stdout_buf = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel::<String>();
+        {
+            let out = child.stdout.take().unwrap();
+            let buf = stdout_buf.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    {
+                        let mut b = buf.lock().unwrap();
+                        b.push_str(&line);
+                        b.push('\n');
+                    }
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let found = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = parse_listening_line(&line) {
+                        break Ok((addr, line));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    break Err(format!("no `listening on` line within {STARTUP_TIMEOUT:?}"))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = wait_child(&mut child, Duration::from_secs(5));
+                    break Err(format!(
+                        "proxy closed stdout (exit status {status:?}) before `listening on`"
+                    ));
+                }
+            }
+        };
+        match found {
+            Ok((addr, line)) => {
+                if let Some(reported) = line.split("io=").nth(1) {
+                    let reported: String = reported
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if reported != io && !(io == "uring" && reported == "io_uring") {
+                        stop_child(&mut child, Duration::from_secs(2));
+                        return Err(format!(
+                            "asked for --io {io} but the proxy runs io={reported}: {line:?}\nstderr:\n{}",
+                            tail_of_file(&stderr_path, 8000)
+                        ));
+                    }
+                }
+                Ok(Proxy {
+                    child,
+                    addr,
+                    io: io.to_string(),
+                    listening_line: line,
+                    stdout: stdout_buf,
+                    stderr_path,
+                    exit: None,
+                    args,
+                    _dir: dir,
+                })
+            }
+            Err(e) => {
+                stop_child(&mut child, Duration::from_secs(2));
+                Err(format!(
+                    "{e}\ncommand: {} {}\nstdout:\n{}\nstderr:\n{}",
+                    bin.display(),
+                    args.join(" "),
+                    stdout_buf.lock().unwrap(),
+                    tail_of_file(&stderr_path, 8000)
+                ))
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `ws://127.0.0.1:PORT` + `path`.
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    pub fn sigterm(&self) {
+        assert!(
+            send_signal(self.pid(), "TERM"),
+            "io={}: kill -TERM failed",
+            self.io
+        );
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = wait_child(&mut self.child, timeout);
+        }
+        self.exit
+    }
+
+    /// `None` while running.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    pub fn rss_bytes(&self) -> u64 {
+        rss_bytes(self.pid()).expect("read VmRSS of the proxy")
+    }
+
+    pub fn pss_bytes(&self) -> u64 {
+        pss_bytes(self.pid()).expect("read Pss of the proxy")
+    }
+
+    pub fn stderr(&self) -> String {
+        tail_of_file(&self.stderr_path, 64 * 1024)
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Everything useful for a failure message.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "---- consolegate {} (io={}, {}) ----\nstdout:\n{}\nstderr (tail):\n{}",
+            self.args.join(" "),
+            self.io,
+            self.addr,
+            self.stdout(),
+            tail_of_file(&self.stderr_path, 16 * 1024)
+        )
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            eprintln!("{}", self.diagnostics());
+        }
+    }
+}
+
+/// `listening on 127.0.0.1:43567 (io=uring, workers=2)` → the address.
+pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
+    let rest = line.split("listening on ").nth(1)?;
+    rest.split_whitespace()
+        .next()?
+        .trim_end_matches(',')
+        .parse()
+        .ok()
+}
+
+/// Runs the binary with `args` to completion (bounded by `timeout`, killed
+/// past it) and returns (status, stdout, stderr).
+pub fn run_cli(args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let mut child = Command::new(consolegate_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).unwrap())
+        .stderr(File::create(&err_path).unwrap())
+        .spawn()
+        .expect("spawn consolegate");
+    let status = match wait_child(&mut child, timeout) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "consolegate {} did not exit within {timeout:?}; stderr:\n{}",
+                args.join(" "),
+                tail_of_file(&err_path, 8000)
+            );
+        }
+    };
+    (
+        status,
+        fs::read_to_string(&out_path).unwrap_or_default(),
+        fs::read_to_string(&err_path).unwrap_or_default(),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// WebSocket clients
+// ---------------------------------------------------------------------------
+
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A stream whose TCP socket the helpers can reach (to set timeouts, shut
+/// down, or write raw bytes).
+pub trait TcpBacked: Read + Write {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl TcpBacked for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl TcpBacked for TlsStream {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+/// A WebSocket client session plus a byte buffer, so tests can read the
+/// relayed stream as bytes whatever the framing (binary frames, or base64 in
+/// text frames).
+pub struct WsClient<S: TcpBacked> {
+    pub ws: WebSocket<S>,
+    /// The subprotocol the server chose (`Sec-WebSocket-Protocol`), if any.
+    pub protocol: Option<String>,
+    pub response: Response,
+    pending: Vec<u8>,
+}
+
+/// What ended a read.
+#[derive(Debug)]
+pub enum WsEnd {
+    Timeout,
+    Close(Option<(u16, String)>),
+    Error(String),
+}
+
+pub type PlainClient = WsClient<TcpStream>;
+pub type TlsClient = WsClient<TlsStream>;
+
+/// Opens a TCP connection to `addr` with test timeouts set.
+pub fn tcp_connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Builds the upgrade request for `url` offering `protocols` (none: no
+/// `Sec-WebSocket-Protocol` header at all, as noVNC does by default).
+pub fn ws_request(
+    url: &str,
+    protocols: &[&str],
+    origin: Option<&str>,
+) -> tungstenite::handshake::client::Request {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().expect("valid ws url");
+    if !protocols.is_empty() {
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            protocols.join(", ").parse().unwrap(),
+        );
+    }
+    if let Some(o) = origin {
+        req.headers_mut().insert("Origin", o.parse().unwrap());
+    }
+    req
+}
+
+/// The error of a failed upgrade, with the HTTP status when the server
+/// answered with one.
+#[derive(Debug)]
+pub struct HandshakeFailure {
+    pub status: Option<u16>,
+    pub body: String,
+    pub message: String,
+}
+
+fn handshake_failure<S: Read + Write>(
+    e: tungstenite::HandshakeError<tungstenite::ClientHandshake<S>>,
+) -> HandshakeFailure {
+    match e {
+        tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => HandshakeFailure {
+            status: Some(resp.status().as_u16()),
+            body: resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default(),
+            message: format!("HTTP {}", resp.status()),
+        },
+        tungstenite::HandshakeError::Failure(e) => HandshakeFailure {
+            status: None,
+            body: String::new(),
+            message: e.to_string(),
+        },
+        tungstenite::HandshakeError::Interrupted(_) => HandshakeFailure {
+            status: None,
+            body: String::new(),
+            message: "handshake timed out (interrupted)".into(),
+        },
+    }
+}
+
+/// WebSocket upgrade over any stream.
+pub fn ws_handshake<S: TcpBacked>(
+    stream: S,
+    url: &str,
+    protocols: &[&str],
+    origin: Option<&str>,
+) -> Result<WsClient<S>, HandshakeFailure> {
+    let req = ws_request(url, protocols, origin);
+    let (ws, response) = tungstenite::client::client(req, stream).map_err(handshake_failure)?;
+    let protocol = response
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .map(|v| v.to_str().unwrap_or_default().to_string());
+    Ok(WsClient {
+        ws,
+        protocol,
+        response,
+        pending: Vec::new(),
+    })
+}
+
+/// Plain `ws://` session to the proxy, or the reason it failed.
+pub fn try_ws_connect(
+    addr: SocketAddr,
+    path: &str,
+    protocols: &[&str],
+) -> Result<PlainClient, HandshakeFailure> {
+    try_ws_connect_with(addr, path, protocols, None, IO_TIMEOUT)
+}
+
+/// Plain `ws://` upgrade with an `Origin` header and a bound on the whole
+/// handshake (`timeout` applies to the connect and to each read).
+pub fn try_ws_connect_with(
+    addr: SocketAddr,
+    path: &str,
+    protocols: &[&str],
+    origin: Option<&str>,
+    timeout: Duration,
+) -> Result<PlainClient, HandshakeFailure> {
+    let url = format!("ws://{addr}{path}");
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| HandshakeFailure {
+        status: None,
+        body: String::new(),
+        message: format!("connect {addr}: {e}"),
+    })?;
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    stream.set_write_timeout(Some(timeout)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let c = ws_handshake(stream, &url, protocols, origin)?;
+    c.ws.get_ref().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    Ok(c)
+}
+
+/// Plain `ws://` upgrade over a socket whose receive buffer is fixed at
+/// `rcvbuf` bytes (no autotuning), so a client that stops reading pushes back
+/// on the proxy quickly.
+pub fn ws_connect_small_rcvbuf(
+    io: &str,
+    addr: SocketAddr,
+    path: &str,
+    rcvbuf: usize,
+) -> PlainClient {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(rcvbuf).unwrap();
+    sock.connect_timeout(&addr.into(), IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("io={io}: connect {addr}: {e}"));
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    ws_handshake(stream, &format!("ws://{addr}{path}"), &[], None)
+        .unwrap_or_else(|e| panic!("io={io}: ws upgrade failed: {e:?}"))
+}
+
+/// Plain `ws://` session to the proxy; panics (naming `io`) when refused.
+pub fn ws_connect(io: &str, addr: SocketAddr, path: &str, protocols: &[&str]) -> PlainClient {
+    try_ws_connect(addr, path, protocols).unwrap_or_else(|e| {
+        panic!("io={io}: ws upgrade of {path} with protocols {protocols:?} failed: {e:?}")
+    })
+}
+
+/// TLS client configuration (rustls with ring) that trusts exactly `ca_der`.
+pub fn tls_client_config(ca_der: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca_der.to_vec()))
+        .expect("add test CA");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// `wss://` session: TLS (server name `localhost`) then the upgrade.
+pub fn try_wss_connect(
+    addr: SocketAddr,
+    path: &str,
+    protocols: &[&str],
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<TlsClient, HandshakeFailure> {
+    let fail = |message: String| HandshakeFailure {
+        status: None,
+        body: String::new(),
+        message,
+    };
+    let tcp = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .map_err(|e| fail(format!("connect {addr}: {e}")))?;
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    tcp.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(tls, name).map_err(|e| fail(format!("tls: {e}")))?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    // Finish the TLS handshake first, so a TLS failure is reported as such.
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .map_err(|e| fail(format!("TLS handshake with {addr}: {e}")))?;
+    }
+    ws_handshake(
+        stream,
+        &format!("wss://localhost:{}{path}", addr.port()),
+        protocols,
+        None,
+    )
+}
+
+impl<S: TcpBacked> WsClient<S> {
+    /// Sends relayed bytes the way the negotiated subprotocol wants them.
+    pub fn send(&mut self, data: &[u8]) {
+        let msg = if self.protocol.as_deref() == Some("base64") {
+            Message::Text(
+                base64::engine::general_purpose::STANDARD
+                    .encode(data)
+                    .into(),
+            )
+        } else {
+            Message::Binary(data.to_vec().into())
+        };
+        if let Err(e) = self.ws.send(msg) {
+            panic!("{}ws send: {e}", ctx());
+        }
+    }
+
+    /// The next message (pings included), or why there is none before
+    /// `timeout`.
+    pub fn next_message(&mut self, timeout: Duration) -> Result<Message, WsEnd> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(WsEnd::Timeout);
+            }
+            self.ws
+                .get_ref()
+                .tcp()
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            match self.ws.read() {
+                Ok(Message::Close(frame)) => return Err(WsEnd::Close(close_info(frame))),
+                Ok(m) => return Ok(m),
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(WsEnd::Error(e.to_string())),
+            }
+        }
+    }
+
+    /// Reads relayed bytes until `n` are buffered (binary frames, or base64
+    /// text frames under the `base64` subprotocol) and returns exactly `n`.
+    pub fn read_exact(&mut self, n: usize, timeout: Duration) -> Result<Vec<u8>, WsEnd> {
+        let deadline = Instant::now() + timeout;
+        while self.pending.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_message(left)? {
+                Message::Binary(b) => self.pending.extend_from_slice(&b),
+                Message::Text(t) => {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(t.as_bytes())
+                        .map_err(|e| {
+                            WsEnd::Error(format!("text frame is not base64: {e}: {:?}", t.as_str()))
+                        })?;
+                    self.pending.extend_from_slice(&bytes);
+                }
+                _ => {}
+            }
+        }
+        Ok(self.pending.drain(..n).collect())
+    }
+
+    /// Like [`read_exact`](Self::read_exact) but panics with context.
+    pub fn expect_bytes(&mut self, n: usize, what: &str) -> Vec<u8> {
+        self.read_exact(n, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}reading {n} bytes of {what}: {e:?}", ctx()))
+    }
+
+    /// Reads until a close frame arrives (skipping data and pings) and returns
+    /// its code and reason; panics on timeout or on a connection that ends
+    /// without a close frame.
+    pub fn expect_close(&mut self, timeout: Duration) -> (Option<u16>, String) {
+        let start = Instant::now();
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            match self.next_message(left) {
+                Ok(_) => continue,
+                Err(WsEnd::Close(Some((code, reason)))) => return (Some(code), reason),
+                Err(WsEnd::Close(None)) => return (None, String::new()),
+                Err(WsEnd::Timeout) => panic!("{}no close frame within {timeout:?}", ctx()),
+                Err(WsEnd::Error(e)) => panic!(
+                    "{}connection ended without a close frame after {:?}: {e}",
+                    ctx(),
+                    start.elapsed()
+                ),
+            }
+        }
+    }
+
+    /// Puts bytes back in front of the read buffer (after a test looked at a
+    /// message itself).
+    pub fn push_back(&mut self, data: &[u8]) {
+        let mut v = data.to_vec();
+        v.extend_from_slice(&self.pending);
+        self.pending = v;
+    }
+
+    /// Bytes read from frames but not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Sends raw bytes on the socket underneath (for frames tungstenite
+    /// would refuse to build).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.ws.get_mut().write_all(bytes).expect("raw write");
+        self.ws.get_mut().flush().expect("raw flush");
+    }
+
+    pub fn close(mut self) {
+        let _ = self.ws.close(None);
+        let _ = self.ws.flush();
+    }
+}
+
+fn close_info(frame: Option<CloseFrame>) -> Option<(u16, String)> {
+    frame.map(|f| (u16::from(f.code), f.reason.to_string()))
+}
+
+/// One client WebSocket frame, built by hand: `mask` None sends it unmasked
+/// (a protocol error from a client).
+pub fn raw_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(mask_bit | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(m) => {
+            f.extend_from_slice(&m);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
+        }
+        None => f.extend_from_slice(payload),
+    }
+    f
+}
+
+// ---------------------------------------------------------------------------
+// Raw HTTP (for error responses)
+// ---------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    /// Asserts the JSON error body `{"error":{"code":..,"message":..}}`.
+    pub fn assert_json_error(&self, context: &str) {
+        let b = self.body.trim();
+        assert!(
+            b.starts_with('{') && b.ends_with('}') && b.contains("\"error\"") && b.contains("\"code\"") && b.contains("\"message\""),
+            "{context}: expected a JSON error body {{\"error\":{{\"code\",\"message\"}}}}, got {:?} (head {:?})",
+            self.body,
+            self.head
+        );
+        if let Some(ct) = self.header("Content-Type") {
+            assert!(
+                ct.contains("json"),
+                "{context}: Content-Type {ct:?} is not JSON"
+            );
+        }
+    }
+}
+
+/// Sends `request` as is on a new connection and reads one HTTP response
+/// (head, then Content-Length bytes or until the server closes).
+pub fn raw_http(addr: SocketAddr, request: &[u8]) -> HttpResponse {
+    let mut s = tcp_connect(addr);
+    s.write_all(request).expect("write request");
+    read_http_response(&mut s)
+        .unwrap_or_else(|e| panic!("{}reading the HTTP response from {addr}: {e}", ctx()))
+}
+
+pub fn read_http_response(s: &mut impl Read) -> Result<HttpResponse, String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => {
+                return Err(format!(
+                    "connection closed after {} bytes: {:?}",
+                    buf.len(),
+                    String::from_utf8_lossy(&buf)
+                ))
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("{e} after {:?}", String::from_utf8_lossy(&buf))),
+        }
+        if buf.len() > 64 * 1024 {
+            return Err("response head over 64 KiB".into());
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    let mut resp = HttpResponse {
+        status,
+        head,
+        body: String::new(),
+    };
+    let mut body = buf[head_end..].to_vec();
+    match resp
+        .header("Content-Length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(len) => {
+            while body.len() < len {
+                match s.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => body.extend_from_slice(&chunk[..n]),
+                    Err(e) => return Err(format!("reading body: {e}")),
+                }
+            }
+            body.truncate(len);
+        }
+        None => loop {
+            match s.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+                Err(_) => break,
+            }
+        },
+    }
+    resp.body = String::from_utf8_lossy(&body).into_owned();
+    Ok(resp)
+}
+
+/// A well-formed upgrade request; `extra` header lines are appended.
+pub fn upgrade_request(path: &str, extra: &[&str]) -> Vec<u8> {
+    let mut r = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for h in extra {
+        r.push_str(h);
+        r.push_str("\r\n");
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
+}
+
+// ---------------------------------------------------------------------------
+// RFB (the VNC protocol) as a client, over the relayed byte stream
+// ---------------------------------------------------------------------------
+
+pub const RFB_38: &[u8; 12] = b"RFB 003.008\n";
+
+#[derive(Debug)]
+pub struct ServerInit {
+    pub width: u16,
+    pub height: u16,
+    pub bits_per_pixel: u8,
+    pub name: String,
+}
+
+/// ProtocolVersion 3.8, security type None, SecurityResult OK, ClientInit
+/// (shared), ServerInit.
+pub fn rfb_handshake_none<S: TcpBacked>(c: &mut WsClient<S>) -> ServerInit {
+    let greeting = c.expect_bytes(12, "the RFB ProtocolVersion");
+    assert_eq!(&greeting, RFB_38, "{}RFB greeting", ctx());
+    c.send(RFB_38);
+    let n = c.expect_bytes(1, "the number of security types")[0] as usize;
+    assert!(
+        n > 0,
+        "{}server refused the connection (0 security types)",
+        ctx()
+    );
+    let types = c.expect_bytes(n, "the security types");
+    assert!(
+        types.contains(&1),
+        "{}security type None (1) not offered: {types:?}",
+        ctx()
+    );
+    c.send(&[1]);
+    let result = c.expect_bytes(4, "the SecurityResult");
+    assert_eq!(result, [0, 0, 0, 0], "{}SecurityResult is not OK", ctx());
+    c.send(&[1]); // ClientInit: shared
+    let init = c.expect_bytes(24, "the ServerInit");
+    let name_len = u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize;
+    assert!(
+        name_len < 4096,
+        "{}absurd desktop name length {name_len}",
+        ctx()
+    );
+    let name = c.expect_bytes(name_len, "the desktop name");
+    ServerInit {
+        width: u16::from_be_bytes([init[0], init[1]]),
+        height: u16::from_be_bytes([init[2], init[3]]),
+        bits_per_pixel: init[4],
+        name: String::from_utf8_lossy(&name).into_owned(),
+    }
+}
+
+/// Sends a full (non-incremental) FramebufferUpdateRequest and reads the
+/// header of the FramebufferUpdate that answers it: (message type, rects,
+/// first rect's x, y, w, h, encoding).
+pub fn rfb_request_update<S: TcpBacked>(
+    c: &mut WsClient<S>,
+    width: u16,
+    height: u16,
+) -> (u8, u16, [u16; 4], i32) {
+    // SetEncodings: Raw only, so the reply's size is predictable.
+    c.send(&[2, 0, 0, 1, 0, 0, 0, 0]);
+    let mut req = vec![3, 0, 0, 0, 0, 0];
+    req.extend_from_slice(&width.to_be_bytes());
+    req.extend_from_slice(&height.to_be_bytes());
+    c.send(&req);
+    let head = c.expect_bytes(4, "the FramebufferUpdate header");
+    let rects = u16::from_be_bytes([head[2], head[3]]);
+    let r = c.expect_bytes(12, "the first rectangle header");
+    let rect = [
+        u16::from_be_bytes([r[0], r[1]]),
+        u16::from_be_bytes([r[2], r[3]]),
+        u16::from_be_bytes([r[4], r[5]]),
+        u16::from_be_bytes([r[6], r[7]]),
+    ];
+    let encoding = i32::from_be_bytes(r[8..12].try_into().unwrap());
+    (head[0], rects, rect, encoding)
+}
+
+// ---------------------------------------------------------------------------
+// TLS material
+// ---------------------------------------------------------------------------
+
+/// A self-signed certificate for `localhost` / 127.0.0.1, written as PEM
+/// files for `--cert` / `--key`.
+pub struct TestCert {
+    pub cert_der: Vec<u8>,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCert {
+    pub fn generate() -> TestCert {
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .expect("rcgen self-signed certificate");
+        let dir = tempfile::Builder::new()
+            .prefix("consolegate-tls-")
+            .tempdir()
+            .unwrap();
+        let cert_path = dir.path().join("cert.pem");
+        let key_path = dir.path().join("key.pem");
+        fs::write(&cert_path, ck.cert.pem()).unwrap();
+        fs::write(&key_path, ck.signing_key.serialize_pem()).unwrap();
+        TestCert {
+            cert_der: ck.cert.der().to_vec(),
+            cert_path,
+            key_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        tls_client_config(&self.cert_der)
+    }
+
+    pub fn cert_arg(&self) -> &str {
+        self.cert_path.to_str().unwrap()
+    }
+
+    pub fn key_arg(&self) -> &str {
+        self.key_path.to_str().unwrap()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Small TCP servers standing in for a backend
+// ---------------------------------------------------------------------------
+
+/// Byte `offset` of the test stream: the little-endian u64 counter of 8-byte
+/// words, so loss, duplication or reordering anywhere shows.
+pub fn pattern_byte(offset: u64) -> u8 {
+    (offset / 8).to_le_bytes()[(offset % 8) as usize]
+}
+
+pub fn fill_pattern(offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern_byte(offset + i as u64);
+    }
+}
+
+/// Index of the first byte of `data` (found at stream `offset`) that breaks
+/// the pattern.
+pub fn check_pattern(offset: u64, data: &[u8]) -> Option<usize> {
+    data.iter()
+        .enumerate()
+        .position(|(i, &b)| b != pattern_byte(offset + i as u64))
+}
+
+/// A backend that accepts one connection and writes the test pattern as fast
+/// as the connection takes it, up to `total` bytes or until `deadline`, then
+/// closes. `written()` counts bytes the kernel accepted.
+pub struct StreamServer {
+    pub addr: SocketAddr,
+    written: Arc<AtomicU64>,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    finished: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl StreamServer {
+    /// `sndbuf`: SO_SNDBUF for the accepted socket (small keeps the kernel's
+    /// share of the backlog small, so a stall shows sooner).
+    pub fn start(total: u64, deadline: Duration, sndbuf: Option<usize>) -> StreamServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let written = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicBool::new(false));
+        let (w, a, st, fin) = (
+            written.clone(),
+            accepted.clone(),
+            stop.clone(),
+            finished.clone(),
+        );
+        let handle = thread::spawn(move || {
+            let end = Instant::now() + deadline;
+            let mut sock = loop {
+                if st.load(Ordering::SeqCst) || Instant::now() >= end {
+                    fin.store(true, Ordering::SeqCst);
+                    return;
+                }
+                match listener.accept() {
+                    Ok((s, _)) => break s,
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            };
+            a.fetch_add(1, Ordering::SeqCst);
+            drop(listener);
+            sock.set_nonblocking(false).unwrap();
+            if let Some(size) = sndbuf {
+                let _ = socket2::SockRef::from(&sock).set_send_buffer_size(size);
+            }
+            // Short write timeout: the loop re-checks stop/deadline while blocked.
+            sock.set_write_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            let mut chunk = vec![0u8; 64 * 1024];
+            let mut offset = 0u64;
+            let mut filled_at = u64::MAX;
+            while offset < total && !st.load(Ordering::SeqCst) && Instant::now() < end {
+                if filled_at != offset {
+                    fill_pattern(offset, &mut chunk);
+                    filled_at = offset;
+                }
+                let n = chunk.len().min((total - offset) as usize);
+                match sock.write(&chunk[..n]) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        offset += k as u64;
+                        w.store(offset, Ordering::SeqCst);
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = sock.shutdown(Shutdown::Both);
+            fin.store(true, Ordering::SeqCst);
+        });
+        StreamServer {
+            addr,
+            written,
+            accepted,
+            stop,
+            finished,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// True once the writer has closed its socket (done, stopped or failed).
+    pub fn finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+
+    /// Closes the backend socket now (as a backend that goes away).
+    pub fn close_now(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for StreamServer {
+    fn drop(&mut self) {
+        self.close_now();
+    }
+}
+
+/// A backend that echoes every byte on every connection, optionally after
+/// sending a greeting, and counts accepted connections.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    pub fn start() -> EchoServer {
+        Self::with_greeting(b"")
+    }
+
+    pub fn with_greeting(greeting: &[u8]) -> EchoServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, st) = (accepted.clone(), stop.clone());
+        let greeting = greeting.to_vec();
+        let handle = thread::spawn(move || {
+            let mut conns: Vec<JoinHandle<()>> = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                        let st = st.clone();
+                        let greeting = greeting.clone();
+                        conns.push(thread::spawn(move || {
+                            s.set_nonblocking(false).unwrap();
+                            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                            if !greeting.is_empty() && s.write_all(&greeting).is_err() {
+                                return;
+                            }
+                            let mut buf = [0u8; 16 * 1024];
+                            while !st.load(Ordering::SeqCst) {
+                                match s.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => {
+                                        if s.write_all(&buf[..n]).is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                                        ) => {}
+                                    Err(_) => break,
+                                }
+                            }
+                        }));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        EchoServer {
+            addr,
+            accepted,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

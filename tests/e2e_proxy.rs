@@ -1,0 +1,833 @@
+//! End-to-end tests of `consolegate proxy` (the websockify-compatible CLI),
+//! each run once per IO backend (`name::epoll`, `name::uring`), against real
+//! peers on 127.0.0.1: TigerVNC's Xvnc, or small TCP servers from `common`
+//! where a test needs to control the backend (echo, endless stream).
+//!
+//! Needs Debian's tigervnc-standalone-server (`make test` installs it).
+
+#[macro_use]
+mod common;
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::*;
+use tungstenite::Message;
+
+backend_tests!(
+    rfb_session_through_proxy,
+    any_path_is_accepted,
+    subprotocol_binary_offered,
+    subprotocol_binary_preferred_over_base64,
+    subprotocol_base64,
+    subprotocol_unsupported_is_400,
+    token_file_routes_by_token,
+    token_directory_routes_by_token,
+    wss_and_plain_on_one_port,
+    ssl_only_refuses_plain,
+    backpressure_bounds_memory_and_stalls_backend,
+    backend_killed_closes_session,
+    backend_end_of_stream_delivers_all_then_closes,
+    backend_closed_mid_stream_closes_session,
+    backend_connect_failure,
+    idle_timeout_closes_session,
+    heartbeat_sends_pings,
+    bad_input_is_contained,
+    origin_allowlist,
+    web_serves_static_files,
+    sigterm_drains_and_exits_zero,
+    unsupported_websockify_option_fails,
+);
+
+/// RFB through the proxy, both ways: greeting, None security, ClientInit,
+/// ServerInit, then a FramebufferUpdateRequest answered with real pixels.
+fn rfb_session_through_proxy(io: &str) {
+    let xvnc = Xvnc::start();
+    let proxy = Proxy::start(io, &[], Some(&xvnc.target()));
+    let mut c = ws_connect(io, proxy.addr, "/websockify", &[]);
+    assert_eq!(
+        c.protocol, None,
+        "io={io}: no subprotocol offered, none may be chosen"
+    );
+
+    let init = rfb_handshake_none(&mut c);
+    assert_eq!(
+        (init.width, init.height),
+        (xvnc.options.width as u16, xvnc.options.height as u16),
+        "io={io}: ServerInit size"
+    );
+    assert_eq!(init.bits_per_pixel, 32, "io={io}: ServerInit pixel format");
+    assert!(!init.name.is_empty(), "io={io}: empty desktop name");
+
+    let (msg_type, rects, rect, encoding) = rfb_request_update(&mut c, init.width, init.height);
+    assert_eq!(msg_type, 0, "io={io}: expected a FramebufferUpdate");
+    assert!(rects >= 1, "io={io}: FramebufferUpdate with no rectangle");
+    assert_eq!(encoding, 0, "io={io}: asked for Raw only");
+    let len = rect[2] as usize * rect[3] as usize * 4;
+    assert!(len > 0, "io={io}: empty rectangle {rect:?}");
+    let pixels = c.expect_bytes(len, "the first rectangle's pixels");
+    let mut colours: Vec<&[u8]> = pixels.chunks(4).collect();
+    colours.sort();
+    colours.dedup();
+    assert!(
+        colours.len() > 1,
+        "io={io}: the -retro weave should give more than one colour, got {colours:?}"
+    );
+    c.close();
+}
+
+/// websockify ignores the URL path; so does the proxy.
+fn any_path_is_accepted(io: &str) {
+    let xvnc = Xvnc::start();
+    let proxy = Proxy::start(io, &[], Some(&xvnc.target()));
+    for path in ["/", "/websockify", "/some/deeper/path?x=1&y=2"] {
+        let mut c = ws_connect(io, proxy.addr, path, &[]);
+        let greeting = c.expect_bytes(12, "the RFB greeting");
+        assert_eq!(&greeting, RFB_38, "io={io}: greeting through path {path}");
+        c.close();
+    }
+}
+
+fn subprotocol_binary_offered(io: &str) {
+    let xvnc = Xvnc::start();
+    let proxy = Proxy::start(io, &[], Some(&xvnc.target()));
+    let mut c = ws_connect(io, proxy.addr, "/websockify", &["binary"]);
+    assert_eq!(
+        c.protocol.as_deref(),
+        Some("binary"),
+        "io={io}: chosen subprotocol"
+    );
+    match c.next_message(IO_TIMEOUT) {
+        Ok(Message::Binary(b)) => {
+            assert!(b.starts_with(b"RFB"), "io={io}: first bytes {b:?}");
+            c.push_back(&b);
+        }
+        other => panic!("io={io}: expected a binary frame with the greeting, got {other:?}"),
+    }
+    rfb_handshake_none(&mut c);
+}
+
+fn subprotocol_binary_preferred_over_base64(io: &str) {
+    let xvnc = Xvnc::start();
+    let proxy = Proxy::start(io, &[], Some(&xvnc.target()));
+    let c = ws_connect(io, proxy.addr, "/", &["base64", "binary"]);
+    assert_eq!(
+        c.protocol.as_deref(),
+        Some("binary"),
+        "io={io}: binary wins over base64 when both are offered"
+    );
+}
+
+/// `base64`: the relayed bytes travel base64-encoded in text frames, both ways.
+fn subprotocol_base64(io: &str) {
+    let xvnc = Xvnc::start();
+    let proxy = Proxy::start(io, &[], Some(&xvnc.target()));
+    let mut c = ws_connect(io, proxy.addr, "/websockify", &["base64"]);
+    assert_eq!(
+        c.protocol.as_deref(),
+        Some("base64"),
+        "io={io}: chosen subprotocol"
+    );
+    match c.next_message(IO_TIMEOUT) {
+        Ok(Message::Text(t)) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(t.as_bytes())
+                .unwrap_or_else(|e| panic!("io={io}: text frame {t:?} is not base64: {e}"));
+            assert!(bytes.starts_with(b"RFB"), "io={io}: decoded {bytes:?}");
+            c.push_back(&bytes);
+        }
+        other => panic!("io={io}: expected a text frame, got {other:?}"),
+    }
+    // The handshake only succeeds if our base64 text frames reach Xvnc decoded.
+    let init = rfb_handshake_none(&mut c);
+    assert_eq!(
+        init.width as u32, xvnc.options.width,
+        "io={io}: ServerInit over base64"
+    );
+    let (msg_type, ..) = rfb_request_update(&mut c, init.width, init.height);
+    assert_eq!(msg_type, 0, "io={io}: FramebufferUpdate over base64");
+}
+
+fn subprotocol_unsupported_is_400(io: &str) {
+    let backend = EchoServer::start();
+    let proxy = Proxy::start(io, &[], Some(&backend.target()));
+    let r = raw_http(
+        proxy.addr,
+        &upgrade_request("/websockify", &["Sec-WebSocket-Protocol: chat, superchat"]),
+    );
+    assert_eq!(
+        r.status, 400,
+        "io={io}: only unsupported subprotocols offered: {r:?}"
+    );
+    r.assert_json_error(&format!("io={io}"));
+    assert_eq!(
+        backend.accepted(),
+        0,
+        "io={io}: a refused upgrade opened a backend connection"
+    );
+}
+
+fn write_token_file(path: &std::path::Path, entries: &[(&str, String)]) {
+    let mut text = String::from("# websockify TokenFile format: `token: host:port`\n\n");
+    for (tok, target) in entries {
+        text.push_str(&format!("{tok}: {target}\n"));
+    }
+    fs::write(path, text).unwrap();
+}
+
+/// Asserts that `?token=` values that map to nothing (and a missing token)
+/// are refused with a JSON 404 (403 tolerated; 400 for no token at all) and
+/// open no backend connection, while `tok1` reaches Xvnc and `echo` the
+/// counting echo server.
+fn check_token_routing(io: &str, proxy: &Proxy, xvnc: &Xvnc, counter: &EchoServer) {
+    for path in [
+        "/websockify?token=nope",
+        "/websockify?token=",
+        "/websockify",
+    ] {
+        let r = raw_http(proxy.addr, &upgrade_request(path, &[]));
+        assert!(
+            matches!(r.status, 404 | 403) || (path == "/websockify" && r.status == 400),
+            "io={io}: {path}: expected 404 (or 403), got {r:?}"
+        );
+        r.assert_json_error(&format!("io={io} {path}"));
+    }
+
+    let mut c = ws_connect(io, proxy.addr, "/websockify?token=tok1", &[]);
+    let init = rfb_handshake_none(&mut c);
+    assert_eq!(
+        init.width as u32, xvnc.options.width,
+        "io={io}: tok1 reaches Xvnc"
+    );
+
+    let mut e = ws_connect(io, proxy.addr, "/websockify?token=echo", &[]);
+    e.send(b"token routing");
+    assert_eq!(
+        e.expect_bytes(13, "the echo"),
+        b"token routing",
+        "io={io}: echo token"
+    );
+    assert_eq!(
+        counter.accepted(),
+        1,
+        "io={io}: the refused tokens must not have opened backend connections"
+    );
+}
+
+fn token_file_routes_by_token(io: &str) {
+    let xvnc = Xvnc::start();
+    let counter = EchoServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.cfg");
+    write_token_file(
+        &file,
+        &[("tok1", xvnc.target()), ("echo", counter.target())],
+    );
+    let proxy = Proxy::start(
+        io,
+        &[
+            "--token-plugin",
+            "TokenFile",
+            "--token-source",
+            file.to_str().unwrap(),
+        ],
+        None,
+    );
+    check_token_routing(io, &proxy, &xvnc, &counter);
+}
+
+fn token_directory_routes_by_token(io: &str) {
+    let xvnc = Xvnc::start();
+    let counter = EchoServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    write_token_file(&dir.path().join("vnc.conf"), &[("tok1", xvnc.target())]);
+    write_token_file(&dir.path().join("echo.conf"), &[("echo", counter.target())]);
+    let proxy = Proxy::start(
+        io,
+        &[
+            "--token-plugin",
+            "TokenFile",
+            "--token-source",
+            dir.path().to_str().unwrap(),
+        ],
+        None,
+    );
+    check_token_routing(io, &proxy, &xvnc, &counter);
+}
+
+/// Without --ssl-only one port serves both wss and plain ws (first byte tells).
+fn wss_and_plain_on_one_port(io: &str) {
+    let xvnc = Xvnc::start();
+    let cert = TestCert::generate();
+    let proxy = Proxy::start(
+        io,
+        &["--cert", cert.cert_arg(), "--key", cert.key_arg()],
+        Some(&xvnc.target()),
+    );
+    let mut tls = try_wss_connect(proxy.addr, "/websockify", &["binary"], cert.client_config())
+        .unwrap_or_else(|e| panic!("io={io}: wss upgrade failed: {e:?}"));
+    assert_eq!(
+        tls.protocol.as_deref(),
+        Some("binary"),
+        "io={io}: wss subprotocol"
+    );
+    let init = rfb_handshake_none(&mut tls);
+    let (msg_type, ..) = rfb_request_update(&mut tls, init.width, init.height);
+    assert_eq!(msg_type, 0, "io={io}: FramebufferUpdate over wss");
+
+    let mut plain = ws_connect(io, proxy.addr, "/websockify", &[]);
+    let init = rfb_handshake_none(&mut plain);
+    assert_eq!(
+        init.width as u32, xvnc.options.width,
+        "io={io}: plain ws beside wss"
+    );
+    tls.close();
+    plain.close();
+}
+
+fn ssl_only_refuses_plain(io: &str) {
+    let backend = EchoServer::with_greeting(RFB_38);
+    let cert = TestCert::generate();
+    let proxy = Proxy::start(
+        io,
+        &[
+            "--cert",
+            cert.cert_arg(),
+            "--key",
+            cert.key_arg(),
+            "--ssl-only",
+        ],
+        Some(&backend.target()),
+    );
+    let started = Instant::now();
+    match try_ws_connect_with(proxy.addr, "/websockify", &[], None, Duration::from_secs(5)) {
+        Ok(_) => panic!("io={io}: --ssl-only accepted a plain ws upgrade"),
+        Err(e) => assert!(
+            !e.message.contains("interrupted") && started.elapsed() < Duration::from_secs(5),
+            "io={io}: a plain connection under --ssl-only should be refused promptly, not left hanging: {e:?}"
+        ),
+    }
+    assert_eq!(
+        backend.accepted(),
+        0,
+        "io={io}: refused plain client reached the backend"
+    );
+
+    let mut tls = try_wss_connect(proxy.addr, "/websockify", &[], cert.client_config())
+        .unwrap_or_else(|e| panic!("io={io}: wss under --ssl-only failed: {e:?}"));
+    assert_eq!(
+        &tls.expect_bytes(12, "the greeting over wss"),
+        RFB_38,
+        "io={io}"
+    );
+    tls.send(b"over tls");
+    assert_eq!(
+        tls.expect_bytes(8, "the echo over wss"),
+        b"over tls",
+        "io={io}"
+    );
+}
+
+/// A backend that writes as fast as it can and a client that stops reading:
+/// the proxy's memory stays bounded and the backend's writes stall; when the
+/// client reads again, it gets the whole stream intact and in order.
+fn backpressure_bounds_memory_and_stalls_backend(io: &str) {
+    const TOTAL: u64 = 64 << 20;
+    const RSS_BUDGET: u64 = 16 << 20;
+    let server = StreamServer::start(TOTAL, Duration::from_secs(90), Some(64 * 1024));
+    let proxy = Proxy::start(io, &[], Some(&server.target()));
+    let idle_rss = proxy.rss_bytes();
+
+    let mut c = ws_connect_small_rcvbuf(io, proxy.addr, "/websockify", 64 * 1024);
+    // One message proves the stream flows; then the client stops reading.
+    let mut offset = 0u64;
+    match c.next_message(IO_TIMEOUT) {
+        Ok(Message::Binary(b)) => {
+            assert_eq!(check_pattern(0, &b), None, "io={io}: first bytes corrupt");
+            offset += b.len() as u64;
+        }
+        other => panic!("io={io}: expected the stream's first binary frame, got {other:?}"),
+    }
+
+    // Wait until the backend's written count stops growing for a while.
+    let stall_window = Duration::from_millis(1500);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = server.written();
+    let mut last_change = Instant::now();
+    let mut max_rss = proxy.rss_bytes();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        max_rss = max_rss.max(proxy.rss_bytes());
+        let now = server.written();
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        } else if last_change.elapsed() >= stall_window {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "io={io}: the backend never stalled (written {now} bytes): no backpressure"
+        );
+    }
+    let stalled_at = server.written();
+    assert!(
+        stalled_at < TOTAL && !server.finished(),
+        "io={io}: the backend wrote the whole stream ({stalled_at} bytes) while the client was not reading"
+    );
+    let growth = max_rss.saturating_sub(idle_rss);
+    eprintln!(
+        "io={io}: backend stalled after {stalled_at} bytes; proxy RSS idle {idle_rss} max {max_rss} (+{growth})"
+    );
+    assert!(
+        growth < RSS_BUDGET,
+        "io={io}: proxy RSS grew by {growth} bytes (idle {idle_rss}, max {max_rss}) while the client \
+         was not reading; budget {RSS_BUDGET}"
+    );
+
+    // Resume: everything arrives, in order, then the backend's close.
+    let read_deadline = Instant::now() + Duration::from_secs(60);
+    while offset < TOTAL {
+        let left = read_deadline.saturating_duration_since(Instant::now());
+        match c.next_message(left) {
+            Ok(Message::Binary(b)) => {
+                if let Some(i) = check_pattern(offset, &b) {
+                    panic!(
+                        "io={io}: stream corrupt at byte {} (got {}, want {})",
+                        offset + i as u64,
+                        b[i],
+                        pattern_byte(offset + i as u64)
+                    );
+                }
+                offset += b.len() as u64;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("io={io}: stream ended at {offset} of {TOTAL} bytes: {e:?}"),
+        }
+    }
+    assert_eq!(offset, TOTAL, "io={io}: received more than was sent");
+    let (code, _) = c.expect_close(Duration::from_secs(5));
+    assert_eq!(
+        code,
+        Some(1000),
+        "io={io}: the backend closed normally after the stream"
+    );
+    // Not asserted: after the stream, RSS also counts buffers the proxy
+    // keeps for reuse (e.g. an io_uring provided-buffer ring the kernel has
+    // cycled through), a per-worker cost rather than a per-session one.
+    eprintln!(
+        "io={io}: proxy RSS after relaying {TOTAL} bytes: {} (idle {idle_rss})",
+        proxy.rss_bytes()
+    );
+}
+
+/// Xvnc dies mid-session: the browser gets a close frame within 1 s.
+fn backend_killed_closes_session(io: &str) {
+    let mut xvnc = Xvnc::start();
+    let proxy = Proxy::start(io, &[], Some(&xvnc.target()));
+    let mut c = ws_connect(io, proxy.addr, "/websockify", &[]);
+    rfb_handshake_none(&mut c);
+    let killed = Instant::now();
+    xvnc.kill();
+    let (code, reason) = c.expect_close(Duration::from_secs(1));
+    assert!(
+        matches!(code, Some(1000) | Some(1011)),
+        "io={io}: close code {code:?} ({reason:?}) after the backend died; want 1000 or 1011"
+    );
+    assert!(
+        killed.elapsed() <= Duration::from_secs(1),
+        "io={io}: close took {:?}",
+        killed.elapsed()
+    );
+    // The proxy itself lives on.
+    assert!(
+        proxy_is_alive(&proxy),
+        "io={io}: proxy exited after a backend died"
+    );
+}
+
+fn proxy_is_alive(proxy: &Proxy) -> bool {
+    TcpStream::connect_timeout(&proxy.addr, Duration::from_secs(2)).is_ok()
+}
+
+/// A backend that sends a finite stream and closes: every byte is delivered
+/// before the close frame, which says 1000.
+fn backend_end_of_stream_delivers_all_then_closes(io: &str) {
+    const TOTAL: u64 = 1 << 20;
+    let server = StreamServer::start(TOTAL, Duration::from_secs(30), None);
+    let proxy = Proxy::start(io, &[], Some(&server.target()));
+    let mut c = ws_connect(io, proxy.addr, "/", &[]);
+    let data = c
+        .read_exact(TOTAL as usize, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("io={io}: stream cut short: {e:?}"));
+    assert_eq!(check_pattern(0, &data), None, "io={io}: stream corrupt");
+    wait_until(Duration::from_secs(5), "the backend to finish", || {
+        server.finished().then_some(())
+    });
+    let closed_at = Instant::now();
+    let (code, reason) = c.expect_close(Duration::from_secs(1));
+    assert_eq!(
+        code,
+        Some(1000),
+        "io={io}: backend closed normally; reason {reason:?}"
+    );
+    assert!(closed_at.elapsed() <= Duration::from_secs(1), "io={io}");
+}
+
+/// The backend closes its socket in the middle of a stream the client is
+/// still reading: the client gets the close frame within 1 s.
+fn backend_closed_mid_stream_closes_session(io: &str) {
+    let mut server = StreamServer::start(1 << 30, Duration::from_secs(30), None);
+    let proxy = Proxy::start(io, &[], Some(&server.target()));
+    let mut c = ws_connect(io, proxy.addr, "/", &[]);
+    let data = c
+        .read_exact(256 * 1024, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("io={io}: stream did not start: {e:?}"));
+    assert_eq!(check_pattern(0, &data), None, "io={io}: stream corrupt");
+    let closed = Instant::now();
+    server.close_now();
+    let (code, reason) = c.expect_close(Duration::from_secs(1));
+    assert!(
+        matches!(code, Some(1000) | Some(1011)),
+        "io={io}: close code {code:?} ({reason:?}) after the backend closed; want 1000 or 1011"
+    );
+    assert!(
+        closed.elapsed() <= Duration::from_secs(1),
+        "io={io}: close took {:?}",
+        closed.elapsed()
+    );
+}
+
+/// Nothing listens at TARGET: the session ends with 1011 (after the upgrade)
+/// or an HTTP 5xx error (before it).
+fn backend_connect_failure(io: &str) {
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = Proxy::start(
+        io,
+        &["--connect-timeout-ms", "2000"],
+        Some(&dead.to_string()),
+    );
+    match try_ws_connect(proxy.addr, "/websockify", &[]) {
+        Ok(mut c) => {
+            let (code, reason) = c.expect_close(Duration::from_secs(5));
+            assert_eq!(
+                code,
+                Some(1011),
+                "io={io}: connect failure close code ({reason:?})"
+            );
+        }
+        Err(e) => assert!(
+            matches!(e.status, Some(502..=504)),
+            "io={io}: expected close 1011 or HTTP 502-504 for a dead backend, got {e:?}"
+        ),
+    }
+    assert!(
+        proxy_is_alive(&proxy),
+        "io={io}: proxy exited after a failed connect"
+    );
+}
+
+fn idle_timeout_closes_session(io: &str) {
+    let backend = EchoServer::start();
+    let proxy = Proxy::start(io, &["--idle-timeout", "1"], Some(&backend.target()));
+    let mut c = ws_connect(io, proxy.addr, "/", &[]);
+    c.send(b"hi");
+    assert_eq!(c.expect_bytes(2, "the echo"), b"hi", "io={io}");
+    let quiet_since = Instant::now();
+    let (code, reason) = c.expect_close(Duration::from_secs(5));
+    let idle = quiet_since.elapsed();
+    eprintln!("io={io}: idle close after {idle:?}: {code:?} {reason:?}");
+    assert!(
+        idle >= Duration::from_millis(900),
+        "io={io}: closed after {idle:?}, before the 1 s idle timeout"
+    );
+    assert!(code.is_some(), "io={io}: idle close frame without a code");
+}
+
+fn heartbeat_sends_pings(io: &str) {
+    let backend = EchoServer::start();
+    let proxy = Proxy::start(io, &["--heartbeat", "1"], Some(&backend.target()));
+    let mut c = ws_connect(io, proxy.addr, "/", &[]);
+    let start = Instant::now();
+    let mut pings = 0;
+    while pings < 2 {
+        let left = Duration::from_secs(5).saturating_sub(start.elapsed());
+        match c.next_message(left) {
+            // tungstenite answers each ping with a pong by itself.
+            Ok(Message::Ping(_)) => pings += 1,
+            Ok(other) => panic!("io={io}: unexpected message {other:?}"),
+            Err(e) => panic!(
+                "io={io}: {pings} ping(s) in {:?}, then {e:?}",
+                start.elapsed()
+            ),
+        }
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "io={io}: two pings in {:?} with --heartbeat 1",
+        start.elapsed()
+    );
+    // Pongs answered, the session is still up.
+    c.send(b"still here");
+    assert_eq!(
+        c.expect_bytes(10, "the echo after pings"),
+        b"still here",
+        "io={io}"
+    );
+}
+
+/// Malformed handshakes, an unmasked frame and an oversized frame each get
+/// their error; a healthy session on the same proxy keeps relaying.
+fn bad_input_is_contained(io: &str) {
+    let backend = EchoServer::start();
+    let proxy = Proxy::start(io, &["--max-frame-bytes", "1024"], Some(&backend.target()));
+    let mut healthy = ws_connect(io, proxy.addr, "/websockify", &[]);
+    healthy.send(b"before");
+    assert_eq!(healthy.expect_bytes(6, "echo"), b"before", "io={io}");
+
+    // No Sec-WebSocket-Key.
+    let r = raw_http(
+        proxy.addr,
+        b"GET /websockify HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert_eq!(
+        r.status, 400,
+        "io={io}: upgrade without Sec-WebSocket-Key: {r:?}"
+    );
+    r.assert_json_error(&format!("io={io} missing key"));
+
+    // Not HTTP at all.
+    let r = raw_http(proxy.addr, b"this is not http\r\n\r\n");
+    assert!(
+        (400..500).contains(&r.status),
+        "io={io}: garbage request: {r:?}"
+    );
+    r.assert_json_error(&format!("io={io} garbage"));
+
+    // Unsupported WebSocket version.
+    let mut req = String::from_utf8(upgrade_request("/websockify", &[])).unwrap();
+    req = req.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8");
+    let r = raw_http(proxy.addr, req.as_bytes());
+    assert_eq!(r.status, 426, "io={io}: Sec-WebSocket-Version 8: {r:?}");
+    r.assert_json_error(&format!("io={io} version"));
+    assert_eq!(
+        r.header("Sec-WebSocket-Version").as_deref(),
+        Some("13"),
+        "io={io}: RFC 6455 4.4: a 426 names the supported version"
+    );
+    assert_eq!(
+        backend.accepted(),
+        1,
+        "io={io}: refused upgrades must not reach the backend"
+    );
+
+    // A client frame without a mask: protocol error.
+    let mut c = ws_connect(io, proxy.addr, "/websockify", &[]);
+    c.send(b"ok");
+    assert_eq!(c.expect_bytes(2, "echo"), b"ok", "io={io}");
+    c.send_raw(&raw_frame(0x2, b"unmasked", None));
+    let (code, reason) = c.expect_close(Duration::from_secs(3));
+    assert_eq!(
+        code,
+        Some(1002),
+        "io={io}: unmasked client frame ({reason:?})"
+    );
+
+    // A frame over --max-frame-bytes: too big. The limit itself is fine.
+    let mut c = ws_connect(io, proxy.addr, "/websockify", &[]);
+    let at_limit = vec![7u8; 1024];
+    c.send(&at_limit);
+    assert_eq!(
+        c.expect_bytes(1024, "echo of a frame at the limit"),
+        at_limit,
+        "io={io}"
+    );
+    c.send(&[8u8; 2048]);
+    let (code, reason) = c.expect_close(Duration::from_secs(3));
+    assert_eq!(
+        code,
+        Some(1009),
+        "io={io}: frame over --max-frame-bytes ({reason:?})"
+    );
+
+    // A text frame that is not UTF-8 (no subprotocol: binary only).
+    let mut c = ws_connect(io, proxy.addr, "/websockify", &[]);
+    c.send_raw(&raw_frame(0x1, b"\xff\xfe\xfd", Some([1, 2, 3, 4])));
+    let (code, reason) = c.expect_close(Duration::from_secs(3));
+    assert!(
+        matches!(code, Some(1007) | Some(1003) | Some(1002)),
+        "io={io}: invalid UTF-8 text frame: close {code:?} ({reason:?})"
+    );
+
+    healthy.send(b"after");
+    assert_eq!(
+        healthy.expect_bytes(5, "echo after the bad clients"),
+        b"after",
+        "io={io}: the healthy session was disturbed"
+    );
+}
+
+fn origin_allowlist(io: &str) {
+    let backend = EchoServer::start();
+    let proxy = Proxy::start(
+        io,
+        &["--origin", "http://good.example,https://also.good.example"],
+        Some(&backend.target()),
+    );
+    let r = raw_http(
+        proxy.addr,
+        &upgrade_request("/websockify", &["Origin: http://evil.example"]),
+    );
+    assert_eq!(r.status, 403, "io={io}: Origin not in the allowlist: {r:?}");
+    r.assert_json_error(&format!("io={io} origin"));
+    assert_eq!(
+        backend.accepted(),
+        0,
+        "io={io}: refused origin reached the backend"
+    );
+
+    for origin in ["http://good.example", "https://also.good.example"] {
+        let mut c = try_ws_connect_with(proxy.addr, "/websockify", &[], Some(origin), IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("io={io}: allowed origin {origin} refused: {e:?}"));
+        c.send(b"hello");
+        assert_eq!(c.expect_bytes(5, "echo"), b"hello", "io={io}");
+    }
+}
+
+/// `--web DIR`: plain GETs are static files from DIR (with the MIME types a
+/// browser insists on for ES modules), and nothing outside DIR.
+fn web_serves_static_files(io: &str) {
+    let root = tempfile::tempdir().unwrap();
+    let web = root.path().join("web");
+    fs::create_dir_all(web.join("core")).unwrap();
+    fs::write(
+        web.join("index.html"),
+        "<!doctype html><title>t</title>hello page",
+    )
+    .unwrap();
+    fs::write(web.join("core/mod.js"), "export const x = 1;\n").unwrap();
+    fs::write(root.path().join("secret.txt"), "TOP-SECRET").unwrap();
+    let backend = EchoServer::start();
+    let proxy = Proxy::start(
+        io,
+        &["--web", web.to_str().unwrap()],
+        Some(&backend.target()),
+    );
+    let get = |path: &str| {
+        raw_http(
+            proxy.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+    };
+
+    let r = get("/index.html");
+    assert_eq!(r.status, 200, "io={io}: GET /index.html: {r:?}");
+    assert!(r.body.contains("hello page"), "io={io}: body {:?}", r.body);
+    assert!(
+        r.header("Content-Type")
+            .unwrap_or_default()
+            .starts_with("text/html"),
+        "io={io}: html Content-Type: {r:?}"
+    );
+    let r = get("/core/mod.js");
+    assert_eq!(r.status, 200, "io={io}: GET /core/mod.js: {r:?}");
+    let ct = r.header("Content-Type").unwrap_or_default();
+    assert!(
+        ct.starts_with("text/javascript") || ct.starts_with("application/javascript"),
+        "io={io}: ES modules need a JavaScript MIME type, got {ct:?}"
+    );
+    let r = get("/missing.html");
+    assert_eq!(r.status, 404, "io={io}: GET /missing.html: {r:?}");
+    for path in [
+        "/../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/core/../../secret.txt",
+        "/..%2fsecret.txt",
+    ] {
+        let r = get(path);
+        assert!(
+            r.status >= 400 && !r.body.contains("TOP-SECRET"),
+            "io={io}: {path} escaped the web root: {r:?}"
+        );
+    }
+    // The WebSocket still works on the same port.
+    let mut c = ws_connect(io, proxy.addr, "/websockify", &[]);
+    c.send(b"ws");
+    assert_eq!(c.expect_bytes(2, "echo"), b"ws", "io={io}");
+}
+
+/// SIGTERM: new connections are refused at once, live sessions keep relaying
+/// for --drain-grace-ms and are then closed with 1001, and the process exits 0.
+fn sigterm_drains_and_exits_zero(io: &str) {
+    let backend = EchoServer::start();
+    let mut proxy = Proxy::start(io, &["--drain-grace-ms", "300"], Some(&backend.target()));
+    let mut c = ws_connect(io, proxy.addr, "/websockify", &[]);
+    c.send(b"live");
+    assert_eq!(c.expect_bytes(4, "echo"), b"live", "io={io}");
+
+    let signalled = Instant::now();
+    proxy.sigterm();
+    // Still relaying during the grace period.
+    c.send(b"draining");
+    assert_eq!(
+        c.expect_bytes(8, "echo during the grace period"),
+        b"draining",
+        "io={io}"
+    );
+
+    // New connections are refused (connect refused, or closed without a 101).
+    let addr: SocketAddr = proxy.addr;
+    wait_until(
+        Duration::from_secs(1),
+        "new connections to be refused after SIGTERM",
+        || match try_ws_connect_with(addr, "/websockify", &[], None, Duration::from_millis(500)) {
+            Ok(c) => {
+                c.close();
+                None
+            }
+            Err(_) => Some(()),
+        },
+    );
+
+    let (code, reason) = c.expect_close(Duration::from_secs(3));
+    let after = signalled.elapsed();
+    assert_eq!(code, Some(1001), "io={io}: drain close code ({reason:?})");
+    assert!(
+        after >= Duration::from_millis(250),
+        "io={io}: live session closed {after:?} after SIGTERM, before --drain-grace-ms 300"
+    );
+    let status = proxy
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("io={io}: proxy still running 5 s after SIGTERM"));
+    assert!(
+        status.success(),
+        "io={io}: exit status after SIGTERM: {status}"
+    );
+}
+
+/// websockify options the proxy does not implement fail loudly.
+fn unsupported_websockify_option_fails(io: &str) {
+    let (status, _out, err) = run_cli(
+        &[
+            "proxy",
+            "--io",
+            io,
+            "--record",
+            "x",
+            "127.0.0.1:0",
+            "127.0.0.1:5900",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(!status.success(), "io={io}: --record accepted: {status}");
+    assert!(
+        err.contains("record"),
+        "io={io}: stderr does not name --record: {err:?}"
+    );
+}
