@@ -80,6 +80,9 @@ struct ProxyArgs {
     /// IO backend.
     #[arg(long, default_value = "auto")]
     io: IoChoice,
+    /// Do not pin workers to cores.
+    #[arg(long)]
+    no_pin: bool,
 
     /// Backend TCP connect timeout, milliseconds.
     #[arg(long)]
@@ -99,6 +102,9 @@ struct ProxyArgs {
     /// Live sessions per worker.
     #[arg(long)]
     max_sessions: Option<usize>,
+    /// Spin this many microseconds after traffic before sleeping (0 = off).
+    #[arg(long)]
+    busy_poll_us: Option<u64>,
 }
 
 /// websockify options we do not implement, with why. Refused with a clear
@@ -256,6 +262,9 @@ fn proxy_config(a: ProxyArgs) -> anyhow::Result<ProxyConfig> {
     if let Some(v) = a.max_sessions {
         limits.max_sessions_per_worker = v;
     }
+    if let Some(v) = a.busy_poll_us {
+        limits.busy_poll_us = v;
+    }
     let origins: Vec<String> = a.origin.into_iter().filter(|o| !o.is_empty()).collect();
     Ok(ProxyConfig {
         listen,
@@ -265,6 +274,7 @@ fn proxy_config(a: ProxyArgs) -> anyhow::Result<ProxyConfig> {
         origins,
         workers: a.workers,
         io: a.io,
+        pin_workers: !a.no_pin,
         limits,
     })
 }

@@ -105,7 +105,7 @@ impl DataPlane {
             let router = make_router(&cfg)?;
             let ctx = WorkerCtx::new(cfg.clone(), i, router, web.clone(), tls.clone());
             let control = control.clone();
-            let pin = n <= cores;
+            let pin = cfg.pin_workers && n <= cores;
             let h = std::thread::Builder::new()
                 .name(format!("cg-worker-{i}"))
                 .spawn(move || run_worker(ctx, listener, control, backend, pin, i % cores))

@@ -31,9 +31,13 @@ struct Conn {
     browser: TcpStream,
     b_readable: bool,
     b_writable: bool,
+    /// The peer's FIN (or an error) was reported: keep reading to EOF even
+    /// after a short read.
+    b_hup: bool,
     backend: Option<TcpStream>,
     k_readable: bool,
     k_writable: bool,
+    k_hup: bool,
     k_connecting: bool,
 }
 
@@ -61,10 +65,15 @@ pub fn run(
     let mut again: Vec<usize> = Vec::new();
     let mut accept_again = false;
     let mut next_id: u64 = (ctx.worker_id as u64) << 48;
+    let busy_poll = Duration::from_micros(ctx.cfg.limits.busy_poll_us);
+    let mut last_work = Instant::now();
 
     loop {
         let now = Instant::now();
-        let timeout = if !again.is_empty() || accept_again {
+        let timeout = if !again.is_empty()
+            || accept_again
+            || now.saturating_duration_since(last_work) < busy_poll
+        {
             Duration::ZERO
         } else {
             next_tick.saturating_duration_since(now)
@@ -75,6 +84,9 @@ pub fn run(
             Err(e) => return Err(e),
         }
         let now = Instant::now();
+        if !events.is_empty() {
+            last_work = now;
+        }
         let mut revisit = std::mem::take(&mut again);
         for ev in events.iter() {
             if ev.token() == LISTENER {
@@ -90,9 +102,11 @@ pub fn run(
             if is_backend {
                 c.k_readable |= ev.is_readable() || failed;
                 c.k_writable |= ev.is_writable() || failed;
+                c.k_hup |= failed;
             } else {
                 c.b_readable |= ev.is_readable() || failed;
                 c.b_writable |= ev.is_writable() || failed;
+                c.b_hup |= failed;
             }
             revisit.push(idx);
         }
@@ -201,9 +215,11 @@ fn accept_batch(
             browser: stream,
             b_readable: true,
             b_writable: true,
+            b_hup: false,
             backend: None,
             k_readable: false,
             k_writable: false,
+            k_hup: false,
             k_connecting: false,
         });
         revisit.push(idx);
@@ -342,6 +358,11 @@ fn pump(
                     c.s.on_browser_gone(ctx, None, now);
                 }
                 Ok(n) => {
+                    // A short read drained the socket: skip the read that
+                    // would only return EAGAIN (a new edge wakes us later).
+                    if n < lim && !c.b_hup {
+                        c.b_readable = false;
+                    }
                     c.s.on_browser_data(ctx, &rbuf[..n], now);
                     progress = true;
                 }
@@ -362,6 +383,9 @@ fn pump(
                         progress = true;
                     }
                     Ok(n) => {
+                        if n < lim && !c.k_hup {
+                            c.k_readable = false;
+                        }
                         c.s.on_backend_data(ctx, &rbuf[..n], now);
                         progress = true;
                     }

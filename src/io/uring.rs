@@ -292,14 +292,22 @@ pub fn run(
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(ctx.cfg.limits.uring_entries as usize);
     let mut touched: Vec<usize> = Vec::new();
 
+    let busy_poll = Duration::from_micros(ctx.cfg.limits.busy_poll_us);
+    let mut last_work = Instant::now();
     let result = loop {
         let now = Instant::now();
-        let wait = next_tick.saturating_duration_since(now);
+        let spinning = now.saturating_duration_since(last_work) < busy_poll;
+        let wait = if spinning {
+            Duration::ZERO
+        } else {
+            next_tick.saturating_duration_since(now)
+        };
         let ts = Timespec::new()
             .sec(wait.as_secs())
             .nsec(wait.subsec_nanos());
         let args = SubmitArgs::new().timespec(&ts);
-        match w.ring.submitter().submit_with_args(1, &args) {
+        let want = usize::from(!spinning);
+        match w.ring.submitter().submit_with_args(want, &args) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
@@ -311,6 +319,9 @@ pub fn run(
             cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
         }
         let now = Instant::now();
+        if !cqes.is_empty() {
+            last_work = now;
+        }
         touched.clear();
         for &(user_data, res, flags) in &cqes {
             complete(&mut w, &mut ctx, user_data, res, flags, now, &mut touched)?;

@@ -15,6 +15,7 @@ fn cfg_with(f: impl FnOnce(&mut ProxyConfig)) -> Arc<ProxyConfig> {
         origins: vec![],
         workers: 1,
         io: IoChoice::Epoll,
+        pin_workers: false,
         limits: Limits {
             buffer_bytes: 8192,
             recv_buffer_bytes: 4096,
