@@ -5,5 +5,6 @@
 pub mod config;
 pub mod dataplane;
 pub mod io;
+pub mod mailbox;
 pub mod metrics;
 pub mod protocol;

@@ -40,6 +40,9 @@ pub enum TargetConfig {
     Fixed(SocketAddr),
     /// websockify's TokenFile plugin: `?token=` picks the backend.
     TokenFile { source: PathBuf },
+    /// Appliance mode: sessions admitted by the control plane
+    /// (`/proxy/{session_id}?token=<ticket>`).
+    Appliance,
 }
 
 /// TLS on the browser leg.

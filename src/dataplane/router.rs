@@ -1,13 +1,19 @@
-//! Where a browser's upgrade request is relayed to: one fixed backend, or
-//! websockify's token file (`?token=`).
+//! Where a browser's upgrade request is relayed to: one fixed backend,
+//! websockify's token file (`?token=`), or — in appliance mode — a session
+//! the control plane admitted (`/proxy/{session_id}?token=<ticket>`).
 //!
-//! Each worker owns its router (no shared state). Must not depend on the IO
-//! backends.
+//! Each worker owns its router (no shared state beyond the admissions'
+//! atomic ticket state). Must not depend on the IO backends.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Instant;
 
+use subtle::ConstantTimeEq;
+
 use crate::dataplane::tokens::TokenFile;
+use crate::mailbox::{ticket_state, Admission};
 use crate::protocol::http_upgrade::{query_param, Upgrade};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,14 +24,36 @@ pub enum RouteError {
     UnknownToken,
     #[error("the token's target {0} does not resolve")]
     Unresolvable(String),
+    #[error("expected a /proxy/{{session_id}} path")]
+    BadPath,
+    #[error("unknown session")]
+    UnknownSession,
+    #[error("invalid ticket")]
+    BadTicket,
+    #[error("this ticket was already used")]
+    TicketUsed,
+    #[error("this ticket has expired")]
+    TicketExpired,
+    #[error("the session was revoked")]
+    Revoked,
+    #[error("this ticket is bound to another origin")]
+    OriginMismatch,
+    #[error("this ticket is bound to another client address")]
+    ClientIpMismatch,
 }
 
 impl RouteError {
     pub fn status(&self) -> u16 {
         match self {
-            Self::MissingToken => 400,
-            Self::UnknownToken => 404,
+            Self::MissingToken | Self::BadPath => 400,
+            Self::UnknownToken | Self::UnknownSession => 404,
             Self::Unresolvable(_) => 502,
+            Self::BadTicket
+            | Self::TicketUsed
+            | Self::OriginMismatch
+            | Self::ClientIpMismatch
+            | Self::Revoked => 403,
+            Self::TicketExpired => 410,
         }
     }
 
@@ -34,20 +62,94 @@ impl RouteError {
             Self::MissingToken => "missing_token",
             Self::UnknownToken => "unknown_token",
             Self::Unresolvable(_) => "target_unresolvable",
+            Self::BadPath => "bad_path",
+            Self::UnknownSession => "unknown_session",
+            Self::BadTicket => "bad_ticket",
+            Self::TicketUsed => "ticket_replay",
+            Self::TicketExpired => "ticket_expired",
+            Self::Revoked => "session_revoked",
+            Self::OriginMismatch => "origin_mismatch",
+            Self::ClientIpMismatch => "client_ip_mismatch",
         }
+    }
+}
+
+/// The outcome of routing: where to connect and, in appliance mode, the
+/// admitted session (password for the RFB handshake, id for reports).
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub addr: SocketAddr,
+    pub admission: Option<Arc<Admission>>,
+}
+
+/// Admitted appliance sessions known to this worker, by id.
+#[derive(Debug, Default)]
+pub struct AdmissionTable {
+    map: HashMap<u64, Arc<Admission>>,
+}
+
+impl AdmissionTable {
+    pub fn insert(&mut self, a: Arc<Admission>) {
+        self.map.insert(a.id, a);
+    }
+
+    pub fn remove(&mut self, id: u64) -> Option<Arc<Admission>> {
+        self.map.remove(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Drop admissions whose ticket expired unused, or that were claimed
+    /// (on this or another worker) or revoked: only pending ones are needed.
+    pub fn purge(&mut self, now: Instant) -> Vec<Arc<Admission>> {
+        let mut gone = Vec::new();
+        self.map.retain(|_, a| {
+            let keep = a.state() == ticket_state::PENDING && now < a.expires_at;
+            if !keep {
+                gone.push(a.clone());
+            }
+            keep
+        });
+        gone
     }
 }
 
 pub enum Router {
     Fixed(SocketAddr),
     Tokens(Box<TokenFile>),
+    Appliance(AdmissionTable),
+}
+
+/// What the router needs to know about the connection besides the request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnInfo<'a> {
+    pub peer: Option<IpAddr>,
+    /// The admission bound to the listener that accepted (dedicated port).
+    pub bound: Option<&'a Arc<Admission>>,
 }
 
 impl Router {
     /// The backend for this upgrade request.
-    pub fn route(&mut self, up: &Upgrade, now: Instant) -> Result<SocketAddr, RouteError> {
+    pub fn route(
+        &mut self,
+        up: &Upgrade,
+        conn: ConnInfo<'_>,
+        now: Instant,
+    ) -> Result<Route, RouteError> {
+        if let Some(bound) = conn.bound {
+            return check_admission(bound, up, conn.peer, now);
+        }
         match self {
-            Self::Fixed(addr) => Ok(*addr),
+            Self::Fixed(addr) => Ok(Route {
+                addr: *addr,
+                admission: None,
+            }),
             Self::Tokens(file) => {
                 let token = up
                     .query
@@ -55,10 +157,95 @@ impl Router {
                     .and_then(|q| query_param(q, "token"))
                     .ok_or(RouteError::MissingToken)?;
                 let target = file.lookup(&token, now).ok_or(RouteError::UnknownToken)?;
-                resolve(&target.host, target.port)
+                Ok(Route {
+                    addr: resolve(&target.host, target.port)?,
+                    admission: None,
+                })
+            }
+            Self::Appliance(table) => {
+                let id = session_id_from_path(&up.path).ok_or(RouteError::BadPath)?;
+                let a = table
+                    .map
+                    .get(&id)
+                    .cloned()
+                    .ok_or(RouteError::UnknownSession)?;
+                check_admission(&a, up, conn.peer, now)
             }
         }
     }
+}
+
+/// `/proxy/{id}` (hex) → id.
+pub fn session_id_from_path(path: &str) -> Option<u64> {
+    let rest = path.strip_prefix("/proxy/")?;
+    let id = rest.trim_end_matches('/');
+    if id.is_empty() || id.len() > 16 {
+        return None;
+    }
+    u64::from_str_radix(id, 16).ok()
+}
+
+/// Ticket checks in an order that leaks nothing: the ticket is compared in
+/// constant time first, and only a holder of the right ticket learns that
+/// it was used, expired or bound elsewhere.
+fn check_admission(
+    a: &Arc<Admission>,
+    up: &Upgrade,
+    peer: Option<IpAddr>,
+    now: Instant,
+) -> Result<Route, RouteError> {
+    if let Some(id) = session_id_from_path(&up.path) {
+        if id != a.id {
+            return Err(RouteError::UnknownSession);
+        }
+    } else {
+        return Err(RouteError::BadPath);
+    }
+    let given = up
+        .query
+        .as_deref()
+        .and_then(|q| query_param(q, "token"))
+        .ok_or(RouteError::MissingToken)?;
+    let expected = base64_url(&a.ticket);
+    if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        return Err(RouteError::BadTicket);
+    }
+    match a.state() {
+        ticket_state::CLAIMED => return Err(RouteError::TicketUsed),
+        ticket_state::REVOKED => return Err(RouteError::Revoked),
+        _ => {}
+    }
+    if now >= a.expires_at {
+        return Err(RouteError::TicketExpired);
+    }
+    if let Some(o) = &a.origin {
+        if up.origin.as_deref() != Some(o.as_str()) {
+            return Err(RouteError::OriginMismatch);
+        }
+    }
+    if let Some(ip) = a.client_ip {
+        if peer != Some(ip) {
+            return Err(RouteError::ClientIpMismatch);
+        }
+    }
+    // The single use: exactly one connect on any worker wins.
+    if !a.claim() {
+        return Err(if a.state() == ticket_state::REVOKED {
+            RouteError::Revoked
+        } else {
+            RouteError::TicketUsed
+        });
+    }
+    Ok(Route {
+        addr: a.target.addr,
+        admission: Some(a.clone()),
+    })
+}
+
+/// The ticket as it appears in URLs (base64url, no padding).
+pub fn base64_url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// An IP literal is used as is. A host name is resolved with the system
@@ -80,6 +267,8 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, RouteError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mailbox::Target;
+    use std::time::Duration;
 
     #[test]
     fn ip_literals_resolve_without_lookup() {
@@ -98,6 +287,117 @@ mod tests {
     fn route_errors_map_to_statuses() {
         assert_eq!(RouteError::UnknownToken.status(), 404);
         assert_eq!(RouteError::MissingToken.status(), 400);
+        assert_eq!(RouteError::TicketUsed.status(), 403);
+        assert_eq!(RouteError::TicketExpired.status(), 410);
         assert_eq!(RouteError::UnknownToken.kind(), "unknown_token");
+    }
+
+    fn upgrade(path: &str, query: Option<&str>, origin: Option<&str>) -> Upgrade {
+        Upgrade {
+            path: path.into(),
+            query: query.map(Into::into),
+            host: Some("x".into()),
+            origin: origin.map(Into::into),
+            key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
+            protocols: vec![],
+            forwarded_for: None,
+        }
+    }
+
+    fn admission(now: Instant, origin: Option<&str>, ip: Option<IpAddr>) -> Arc<Admission> {
+        Arc::new(Admission::new(
+            0xabc,
+            vec![7u8; 32],
+            Target {
+                addr: "127.0.0.1:5900".parse().unwrap(),
+                password: None,
+            },
+            "alice".into(),
+            now + Duration::from_secs(60),
+            origin.map(Into::into),
+            ip,
+            None,
+        ))
+    }
+
+    #[test]
+    fn appliance_ticket_is_single_use_and_checked() {
+        let now = Instant::now();
+        let mut table = AdmissionTable::default();
+        table.insert(admission(now, Some("https://portal"), None));
+        let mut r = Router::Appliance(table);
+        let good = format!("token={}", base64_url(&[7u8; 32]));
+        let info = ConnInfo::default();
+        let err = |r: &mut Router, u: Upgrade, t: Instant| r.route(&u, info, t).unwrap_err().kind();
+        assert_eq!(
+            err(&mut r, upgrade("/nope", Some(&good), None), now),
+            "bad_path"
+        );
+        assert_eq!(
+            err(&mut r, upgrade("/proxy/abd", Some(&good), None), now),
+            "unknown_session"
+        );
+        assert_eq!(
+            err(&mut r, upgrade("/proxy/abc", Some("token=AAAA"), None), now),
+            "bad_ticket"
+        );
+        assert_eq!(
+            err(&mut r, upgrade("/proxy/abc", None, None), now),
+            "missing_token"
+        );
+        assert_eq!(
+            err(
+                &mut r,
+                upgrade("/proxy/abc", Some(&good), Some("https://evil")),
+                now
+            ),
+            "origin_mismatch"
+        );
+        assert_eq!(
+            err(
+                &mut r,
+                upgrade("/proxy/abc", Some(&good), Some("https://portal")),
+                now + Duration::from_secs(61)
+            ),
+            "ticket_expired"
+        );
+        let ok = r
+            .route(
+                &upgrade("/proxy/abc", Some(&good), Some("https://portal")),
+                info,
+                now,
+            )
+            .unwrap();
+        assert_eq!(ok.addr.port(), 5900);
+        assert_eq!(
+            err(
+                &mut r,
+                upgrade("/proxy/abc", Some(&good), Some("https://portal")),
+                now
+            ),
+            "ticket_replay"
+        );
+    }
+
+    #[test]
+    fn client_ip_binding_and_purge() {
+        let now = Instant::now();
+        let a = admission(now, None, Some("10.0.0.1".parse().unwrap()));
+        let good = format!("token={}", base64_url(&[7u8; 32]));
+        let mut r = Router::Fixed("127.0.0.1:1".parse().unwrap());
+        let info = ConnInfo {
+            peer: Some("10.0.0.2".parse().unwrap()),
+            bound: Some(&a),
+        };
+        let e = r
+            .route(&upgrade("/proxy/abc", Some(&good), None), info, now)
+            .unwrap_err();
+        assert_eq!(e.kind(), "client_ip_mismatch");
+        let mut t = AdmissionTable::default();
+        t.insert(a.clone());
+        t.insert(admission(now, None, None));
+        assert_eq!(t.purge(now).len(), 0);
+        assert_eq!(t.purge(now + Duration::from_secs(61)).len(), 1);
+        assert!(t.is_empty());
     }
 }

@@ -28,8 +28,9 @@ use base64::Engine as _;
 
 use crate::config::ProxyConfig;
 use crate::dataplane::buffer::{BufPool, ByteQueue};
-use crate::dataplane::router::Router;
+use crate::dataplane::router::{ConnInfo, Router};
 use crate::dataplane::web::WebRoot;
+use crate::mailbox::{self, Admission, FromWorker};
 use crate::metrics::WorkerMetrics;
 use crate::protocol::http_upgrade::{self, Request, RequestLimits};
 use crate::protocol::websocket::{
@@ -45,6 +46,8 @@ pub struct WorkerCtx {
     pub web: Option<Arc<WebRoot>>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub metrics: WorkerMetrics,
+    /// Reports to the control plane (appliance mode).
+    pub events: Option<mailbox::Sender<FromWorker>>,
     /// Plaintext out of rustls, and frame assembly for TLS and base64.
     scratch: Vec<u8>,
 }
@@ -71,7 +74,18 @@ impl WorkerCtx {
             web,
             tls,
             metrics: WorkerMetrics::default(),
+            events: None,
             scratch,
+        }
+    }
+
+    /// Report to the control plane without blocking; a full mailbox drops
+    /// the report and counts it.
+    pub fn report(&mut self, msg: FromWorker) {
+        if let Some(tx) = &self.events {
+            if tx.send(msg).is_err() {
+                self.metrics.error("events_dropped");
+            }
         }
     }
 }
@@ -126,6 +140,11 @@ pub struct Session {
     close: Option<CloseInfo>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    peer: Option<SocketAddr>,
+    /// The admission of the dedicated listener this connection came from.
+    bound: Option<Arc<Admission>>,
+    /// The appliance session this connection is (after routing).
+    admission: Option<Arc<Admission>>,
     /// Bytes at the front of each queue that an io_uring send holds; they
     /// must stay put until it completes (always 0 on epoll).
     browser_inflight: usize,
@@ -153,7 +172,13 @@ impl Write for QueueWriter<'_> {
 }
 
 impl Session {
-    pub fn new(id: u64, ctx: &WorkerCtx, now: Instant) -> Self {
+    pub fn new(
+        id: u64,
+        ctx: &WorkerCtx,
+        now: Instant,
+        peer: Option<SocketAddr>,
+        bound: Option<Arc<Admission>>,
+    ) -> Self {
         let l = &ctx.cfg.limits;
         let phase = if ctx.tls.is_some() {
             Phase::Sniff
@@ -182,6 +207,9 @@ impl Session {
             bytes_down: 0,
             browser_inflight: 0,
             backend_inflight: 0,
+            peer,
+            bound,
+            admission: None,
         }
     }
 
@@ -515,6 +543,29 @@ impl Session {
         self.advance(ctx, now);
     }
 
+    /// The appliance session this connection carries, if any.
+    pub fn admission_id(&self) -> Option<u64> {
+        self.admission.as_ref().map(|a| a.id)
+    }
+
+    /// The admission of the dedicated listener this connection came from.
+    pub fn bound_id(&self) -> Option<u64> {
+        self.bound.as_ref().map(|a| a.id)
+    }
+
+    /// The control plane revoked the session (DELETE): close with 1008.
+    pub fn on_revoke(&mut self, ctx: &mut WorkerCtx, now: Instant) {
+        ctx.metrics.error("revoked");
+        match self.phase {
+            Phase::Connecting | Phase::Relay => {
+                self.start_close(ctx, close_code::POLICY, "session revoked", now)
+            }
+            Phase::Sniff | Phase::Handshake => self.finish(ctx, now),
+            _ => {}
+        }
+        self.advance(ctx, now);
+    }
+
     /// Server shutdown: close with 1001.
     pub fn on_drain(&mut self, ctx: &mut WorkerCtx, now: Instant) {
         match self.phase {
@@ -709,15 +760,32 @@ impl Session {
                 return;
             }
         };
-        let addr = match ctx.router.route(&up, now) {
-            Ok(a) => a,
+        let info = ConnInfo {
+            peer: self.peer.map(|p| p.ip()),
+            bound: self.bound.as_ref(),
+        };
+        let route = match ctx.router.route(&up, info, now) {
+            Ok(r) => r,
             Err(e) => {
                 ctx.metrics.error(e.kind());
                 tracing::info!(session = self.id, error = %e, "route refused");
+                if let Some(a) = self.bound.as_ref() {
+                    let id = a.id;
+                    ctx.report(FromWorker::Refused { id, kind: e.kind() });
+                }
                 self.respond_error(ctx, e.status(), e.kind(), &e.to_string(), now);
                 return;
             }
         };
+        let addr = route.addr;
+        if let Some(a) = route.admission {
+            ctx.report(FromWorker::Opened {
+                id: a.id,
+                worker: ctx.worker_id,
+                peer: self.peer,
+            });
+            self.admission = Some(a);
+        }
         self.mode = if protocol == Some("base64") {
             PayloadMode::Base64
         } else {
@@ -963,6 +1031,17 @@ impl Session {
                 duration_ms = now.duration_since(self.started).as_millis() as u64,
                 "session closed"
             );
+            if let Some(a) = self.admission.as_ref() {
+                let id = a.id;
+                ctx.report(FromWorker::Closed {
+                    id,
+                    worker: ctx.worker_id,
+                    code: info.code,
+                    reason: info.reason,
+                    bytes_up: self.bytes_up,
+                    bytes_down: self.bytes_down,
+                });
+            }
         }
     }
 }

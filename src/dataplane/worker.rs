@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::config::{ProxyConfig, TargetConfig};
-use crate::dataplane::router::Router;
+use crate::dataplane::router::{AdmissionTable, Router};
 use crate::dataplane::session::WorkerCtx;
 use crate::dataplane::tokens::TokenFile;
 use crate::dataplane::web::WebRoot;
 use crate::io::{self, IoBackend};
+use crate::mailbox::{self, ticket_state, Admission, FromWorker, Inbox, ToWorker, WorkerStats};
 use crate::metrics::WorkerMetrics;
 
 /// The little state workers share: the drain flag. Read with a relaxed load
@@ -62,6 +63,13 @@ impl DrainState {
     }
 }
 
+/// The data plane's side of the control-plane wiring.
+pub struct ApplianceLink {
+    /// One per worker, in worker order.
+    pub inboxes: Vec<Inbox<ToWorker>>,
+    pub events: mailbox::Sender<FromWorker>,
+}
+
 /// A running data plane.
 pub struct DataPlane {
     pub addr: SocketAddr,
@@ -74,6 +82,12 @@ pub struct DataPlane {
 impl DataPlane {
     /// Bind the listeners, build each worker's context and start the threads.
     pub fn start(cfg: ProxyConfig) -> anyhow::Result<Self> {
+        Self::start_with(cfg, None)
+    }
+
+    /// Same, wired to a control plane (appliance mode): one inbox per worker
+    /// and the shared report queue.
+    pub fn start_with(cfg: ProxyConfig, link: Option<ApplianceLink>) -> anyhow::Result<Self> {
         cfg.validate()?;
         let backend = io::select(cfg.io).context("io backend")?;
         let n = cfg.worker_count();
@@ -101,14 +115,25 @@ impl DataPlane {
         let cfg = Arc::new(cfg);
         let control = Arc::new(WorkerControl::default());
         let mut handles = Vec::new();
+        let (mut inboxes, events) = match link {
+            Some(l) => {
+                if l.inboxes.len() != n {
+                    anyhow::bail!("{} mailboxes for {n} workers", l.inboxes.len());
+                }
+                (l.inboxes.into_iter().map(Some).collect(), Some(l.events))
+            }
+            None => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
+        };
         for (i, listener) in listeners.into_iter().enumerate() {
             let router = make_router(&cfg)?;
-            let ctx = WorkerCtx::new(cfg.clone(), i, router, web.clone(), tls.clone());
+            let mut ctx = WorkerCtx::new(cfg.clone(), i, router, web.clone(), tls.clone());
+            ctx.events = events.clone();
+            let inbox = inboxes[i].take();
             let control = control.clone();
             let pin = cfg.pin_workers && n <= cores;
             let h = std::thread::Builder::new()
                 .name(format!("cg-worker-{i}"))
-                .spawn(move || run_worker(ctx, listener, control, backend, pin, i % cores))
+                .spawn(move || run_worker(ctx, listener, inbox, control, backend, pin, i % cores))
                 .context("spawn worker")?;
             handles.push(h);
         }
@@ -151,6 +176,7 @@ impl DataPlane {
 fn make_router(cfg: &ProxyConfig) -> anyhow::Result<Router> {
     Ok(match &cfg.target {
         TargetConfig::Fixed(a) => Router::Fixed(*a),
+        TargetConfig::Appliance => Router::Appliance(AdmissionTable::default()),
         TargetConfig::TokenFile { source } => {
             let l = &cfg.limits;
             let f = TokenFile::load(
@@ -168,6 +194,7 @@ fn make_router(cfg: &ProxyConfig) -> anyhow::Result<Router> {
 fn run_worker(
     ctx: WorkerCtx,
     listener: TcpListener,
+    inbox: Option<Inbox<ToWorker>>,
     control: Arc<WorkerControl>,
     backend: IoBackend,
     pin: bool,
@@ -180,9 +207,66 @@ fn run_worker(
     }
     let id = ctx.worker_id;
     let m = match backend {
-        IoBackend::Epoll => io::epoll::run(ctx, listener, control),
-        IoBackend::Uring => io::uring::run(ctx, listener, control),
+        IoBackend::Epoll => io::epoll::run(ctx, listener, inbox, control),
+        IoBackend::Uring => io::uring::run(ctx, listener, inbox, control),
     }
     .with_context(|| format!("worker {id}"))?;
     Ok(m)
+}
+
+/// What the IO layer must do after a control-plane message.
+pub enum Inbound {
+    /// Start accepting on a dedicated listener for this admission.
+    Listener(Arc<Admission>, TcpListener),
+    /// Close live sessions and listeners of this session id.
+    Revoke(u64),
+}
+
+/// Apply a control-plane message to the worker's state; returns what the
+/// IO layer has to do with sockets.
+pub fn take_message(ctx: &mut WorkerCtx, msg: ToWorker) -> Option<Inbound> {
+    match msg {
+        ToWorker::Admit(a) => {
+            if let Router::Appliance(t) = &mut ctx.router {
+                t.insert(a);
+            }
+            None
+        }
+        ToWorker::AdmitDedicated(a, l) => Some(Inbound::Listener(a, l)),
+        ToWorker::Revoke { id } => {
+            if let Router::Appliance(t) = &mut ctx.router {
+                if let Some(a) = t.remove(id) {
+                    a.revoke();
+                }
+            }
+            Some(Inbound::Revoke(id))
+        }
+    }
+}
+
+/// Whether a dedicated listener should close now: its admission was revoked,
+/// expired unused, or was claimed and its session is no longer live here.
+pub fn dedicated_listener_done(a: &Admission, session_live: bool, now: Instant) -> bool {
+    match a.state() {
+        ticket_state::REVOKED => true,
+        ticket_state::PENDING => now >= a.expires_at,
+        _ => !session_live,
+    }
+}
+
+/// Periodic worker report (appliance mode).
+pub fn stats_report(ctx: &WorkerCtx, live_sessions: usize) -> FromWorker {
+    let m = &ctx.metrics;
+    FromWorker::Stats(WorkerStats {
+        worker: ctx.worker_id,
+        live_sessions,
+        accepted: m.accepted,
+        handshakes_ok: m.handshakes_ok,
+        sessions_closed: m.sessions_closed,
+        bytes_browser_to_backend: m.bytes_browser_to_backend,
+        bytes_backend_to_browser: m.bytes_backend_to_browser,
+        errors: m.errors().to_vec(),
+        pool_outstanding: ctx.pool.outstanding,
+        pool_free: ctx.pool.free_len(),
+    })
 }

@@ -16,11 +16,27 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
+use crate::dataplane::router::Router;
 use crate::dataplane::session::{Session, WorkerCtx};
-use crate::dataplane::worker::{DrainState, WorkerControl};
+use crate::dataplane::worker::{self, DrainState, Inbound, WorkerControl};
+use crate::mailbox::{Admission, FromWorker, Inbox, ToWorker};
 use crate::metrics::WorkerMetrics;
 
 const LISTENER: Token = Token(usize::MAX);
+const WAKE: Token = Token(usize::MAX - 1);
+/// Dedicated listeners' tokens start here (session tokens are far below).
+const DEDICATED_BASE: usize = 1 << 60;
+/// Control-plane messages handled per wake-up before other work runs.
+const MESSAGES_PER_TURN: usize = 1024;
+/// How often a worker reports its counters to the control plane.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A per-session listener (dedicated-port mode) and the session it serves.
+struct Dedicated {
+    l: TcpListener,
+    a: Arc<Admission>,
+    port: u16,
+}
 /// Rounds of [`pump`] per session per event before yielding to others.
 const PUMP_ROUNDS_PER_TURN: usize = 32;
 /// Readiness events taken from the kernel per poll.
@@ -49,6 +65,7 @@ fn token(idx: usize, backend: bool) -> Token {
 pub fn run(
     mut ctx: WorkerCtx,
     listener: StdListener,
+    mut inbox: Option<Inbox<ToWorker>>,
     ctl: Arc<WorkerControl>,
 ) -> io::Result<WorkerMetrics> {
     let mut poll = Poll::new()?;
@@ -57,6 +74,13 @@ pub fn run(
     if let Some(l) = listener.as_mut() {
         poll.registry().register(l, LISTENER, Interest::READABLE)?;
     }
+    if let Some(ib) = inbox.as_ref() {
+        let fd = ib.wake_fd();
+        poll.registry()
+            .register(&mut mio::unix::SourceFd(&fd), WAKE, Interest::READABLE)?;
+    }
+    let mut dedicated: slab::Slab<Dedicated> = slab::Slab::new();
+    let mut next_stats = Instant::now() + STATS_INTERVAL;
     let mut conns: slab::Slab<Conn> = slab::Slab::new();
     let mut rbuf = vec![0u8; ctx.cfg.limits.recv_buffer_bytes];
     let tick = Duration::from_millis(ctx.cfg.limits.timer_tick_ms);
@@ -88,9 +112,19 @@ pub fn run(
             last_work = now;
         }
         let mut revisit = std::mem::take(&mut again);
+        let mut dedicated_ready: Vec<usize> = Vec::new();
+        let mut woken = false;
         for ev in events.iter() {
             if ev.token() == LISTENER {
                 accept_again = true;
+                continue;
+            }
+            if ev.token() == WAKE {
+                woken = true;
+                continue;
+            }
+            if ev.token().0 >= DEDICATED_BASE {
+                dedicated_ready.push(ev.token().0 - DEDICATED_BASE);
                 continue;
             }
             let idx = ev.token().0 >> 1;
@@ -115,6 +149,7 @@ pub fn run(
             if let Some(l) = listener.as_ref() {
                 accept_again = accept_batch(
                     l,
+                    None,
                     &mut poll,
                     &mut conns,
                     &mut ctx,
@@ -122,6 +157,65 @@ pub fn run(
                     now,
                     &mut revisit,
                 )?;
+            }
+        }
+        for d in dedicated_ready {
+            if let Some(dl) = dedicated.get(d) {
+                let a = dl.a.clone();
+                // A dedicated listener serves one session; a backlog beyond
+                // the batch is picked up on its next readiness edge.
+                let _ = accept_batch(
+                    &dl.l,
+                    Some(a),
+                    &mut poll,
+                    &mut conns,
+                    &mut ctx,
+                    &mut next_id,
+                    now,
+                    &mut revisit,
+                )?;
+            }
+        }
+        if woken {
+            if let Some(ib) = inbox.as_mut() {
+                ib.reset();
+                for _ in 0..MESSAGES_PER_TURN {
+                    let Some(msg) = ib.try_recv() else { break };
+                    match worker::take_message(&mut ctx, msg) {
+                        None => {}
+                        Some(Inbound::Listener(a, l)) => {
+                            let port = l.local_addr().map(|x| x.port()).unwrap_or(0);
+                            let entry = dedicated.vacant_entry();
+                            let mut ml = TcpListener::from_std(l);
+                            poll.registry().register(
+                                &mut ml,
+                                Token(DEDICATED_BASE + entry.key()),
+                                Interest::READABLE,
+                            )?;
+                            entry.insert(Dedicated { l: ml, a, port });
+                        }
+                        Some(Inbound::Revoke(id)) => {
+                            let hit: Vec<usize> = conns
+                                .iter()
+                                .filter(|(_, c)| {
+                                    c.s.admission_id() == Some(id) || c.s.bound_id() == Some(id)
+                                })
+                                .map(|(i, _)| i)
+                                .collect();
+                            for idx in hit {
+                                if let Some(c) = conns.get_mut(idx) {
+                                    c.s.on_revoke(&mut ctx, now);
+                                }
+                                revisit.push(idx);
+                            }
+                            close_dedicated(&mut dedicated, &mut poll, &mut ctx, |d| d.a.id == id);
+                        }
+                    }
+                }
+                // More may be queued than one turn takes: come back at once.
+                if ib.has_pending() {
+                    ib.wake().notify();
+                }
             }
         }
         revisit.sort_unstable();
@@ -138,6 +232,7 @@ pub fn run(
             if let Some(mut l) = listener.take() {
                 let _ = poll.registry().deregister(&mut l);
             }
+            close_dedicated(&mut dedicated, &mut poll, &mut ctx, |_| true);
             accept_again = false;
             tracing::info!(worker = ctx.worker_id, live = conns.len(), "draining");
         }
@@ -152,6 +247,21 @@ pub fn run(
         }
         if now >= next_tick {
             next_tick = now + tick;
+            if let Router::Appliance(t) = &mut ctx.router {
+                t.purge(now);
+            }
+            if !dedicated.is_empty() {
+                let live: std::collections::HashSet<u64> =
+                    conns.iter().filter_map(|(_, c)| c.s.bound_id()).collect();
+                close_dedicated(&mut dedicated, &mut poll, &mut ctx, |d| {
+                    worker::dedicated_listener_done(&d.a, live.contains(&d.a.id), now)
+                });
+            }
+            if ctx.events.is_some() && now >= next_stats {
+                next_stats = now + STATS_INTERVAL;
+                let report = worker::stats_report(&ctx, conns.len());
+                ctx.report(report);
+            }
             let ids: Vec<usize> = conns.iter().map(|(i, _)| i).collect();
             for idx in ids {
                 if let Some(c) = conns.get_mut(idx) {
@@ -169,9 +279,40 @@ pub fn run(
     }
 }
 
+/// Close the dedicated listeners `pred` selects and tell the control plane
+/// their ports are free.
+fn close_dedicated(
+    dedicated: &mut slab::Slab<Dedicated>,
+    poll: &mut Poll,
+    ctx: &mut WorkerCtx,
+    pred: impl Fn(&Dedicated) -> bool,
+) {
+    let gone: Vec<usize> = dedicated
+        .iter()
+        .filter(|(_, d)| pred(d))
+        .map(|(i, _)| i)
+        .collect();
+    for i in gone {
+        let mut d = dedicated.remove(i);
+        let _ = poll.registry().deregister(&mut d.l);
+        tracing::debug!(
+            worker = ctx.worker_id,
+            port = d.port,
+            session = d.a.id,
+            "dedicated listener closed"
+        );
+        ctx.report(FromWorker::ListenerClosed {
+            id: d.a.id,
+            port: d.port,
+        });
+    }
+}
+
 /// Accept up to `accept_batch_max` connections; true when more may wait.
+#[allow(clippy::too_many_arguments)]
 fn accept_batch(
     l: &TcpListener,
+    bound: Option<Arc<Admission>>,
     poll: &mut Poll,
     conns: &mut slab::Slab<Conn>,
     ctx: &mut WorkerCtx,
@@ -211,7 +352,7 @@ fn accept_batch(
         )?;
         tracing::debug!(worker = ctx.worker_id, session = *next_id, %peer, "accepted");
         entry.insert(Conn {
-            s: Session::new(*next_id, ctx, now),
+            s: Session::new(*next_id, ctx, now, Some(peer), bound.clone()),
             browser: stream,
             b_readable: true,
             b_writable: true,

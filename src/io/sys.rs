@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -50,9 +51,79 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListe
     Ok(s.into())
 }
 
+/// A Linux eventfd used as a wake-up: `notify` from any thread, the owner's
+/// loop sees the fd readable and calls `reset`.
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd has no memory preconditions; the result is checked
+        // and, when valid, is a new fd that we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a freshly created descriptor owned by no one else.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Wake the owner. Never blocks (the counter saturates long after any
+    /// real backlog; EAGAIN then just means "already woken").
+    pub fn notify(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own fd.
+        let _ = unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+
+    /// Clear pending wake-ups (non-blocking).
+    pub fn reset(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 from our own fd.
+        let _ = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut v as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eventfd_wakes_and_resets() {
+        let e = EventFd::new().unwrap();
+        let mut pfd = libc::pollfd {
+            fd: e.raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid pollfd with a zero timeout.
+        let ready = |p: &mut libc::pollfd| unsafe { libc::poll(p, 1, 0) };
+        assert_eq!(ready(&mut pfd), 0);
+        e.notify();
+        assert_eq!(ready(&mut pfd), 1);
+        e.reset();
+        assert_eq!(ready(&mut pfd), 0);
+    }
 
     #[test]
     fn two_listeners_share_a_port() {

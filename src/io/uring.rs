@@ -28,8 +28,10 @@ use std::time::{Duration, Instant};
 use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 
+use crate::dataplane::router::Router;
 use crate::dataplane::session::{Session, WorkerCtx};
-use crate::dataplane::worker::{DrainState, WorkerControl};
+use crate::dataplane::worker::{self, DrainState, Inbound, WorkerControl};
+use crate::mailbox::{Admission, FromWorker, Inbox, ToWorker};
 use crate::metrics::WorkerMetrics;
 
 /// Buffer group id of the provided buffer ring (one ring per io_uring).
@@ -43,7 +45,15 @@ const OP_CONNECT: u64 = 4;
 const OP_BACKEND_RECV: u64 = 5;
 const OP_BACKEND_SEND: u64 = 6;
 const OP_CANCEL: u64 = 7;
+const OP_WAKE: u64 = 8;
 const LISTENER_SLOT: u64 = 0xffff_ffff;
+const WAKE_SLOT: u64 = 0xffff_fffe;
+/// Dedicated listeners' slots start here (session slots are far below).
+const DEDICATED_BASE: u64 = 1 << 40;
+/// Control-plane messages handled per wake-up before other work runs.
+const MESSAGES_PER_TURN: usize = 1024;
+/// How often a worker reports its counters to the control plane.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 fn ud(slot: u64, op: u64) -> u64 {
     (slot << 8) | op
@@ -225,6 +235,16 @@ struct Conn {
     teardown: bool,
 }
 
+/// A per-session listener (dedicated-port mode) and the session it serves.
+struct Dedicated {
+    l: TcpListener,
+    a: Arc<Admission>,
+    port: u16,
+    armed: bool,
+    /// Closing: the accept was cancelled; dropped when its last CQE arrives.
+    closing: bool,
+}
+
 struct Worker {
     ring: IoUring,
     bufs: ProvidedBufs,
@@ -233,6 +253,12 @@ struct Worker {
     accept_armed: bool,
     accept_cancel: bool,
     next_id: u64,
+    inbox: Option<Inbox<ToWorker>>,
+    /// Target of the eventfd read; boxed so its address is stable while the
+    /// read is in flight.
+    wake_buf: Box<u64>,
+    wake_armed: bool,
+    dedicated: slab::Slab<Dedicated>,
 }
 
 impl Worker {
@@ -248,6 +274,83 @@ impl Worker {
             }
             self.ring.submit()?;
         }
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        if let Some(ib) = self.inbox.as_ref() {
+            let fd = ib.wake_fd();
+            let buf: *mut u64 = &mut *self.wake_buf;
+            let e = opcode::Read::new(Fd(fd), buf.cast(), 8)
+                .build()
+                .user_data(ud(WAKE_SLOT, OP_WAKE));
+            self.push(e)?;
+            self.wake_armed = true;
+        }
+        Ok(())
+    }
+
+    fn arm_dedicated(&mut self, idx: usize) -> io::Result<()> {
+        let Some(d) = self.dedicated.get_mut(idx) else {
+            return Ok(());
+        };
+        if d.armed || d.closing {
+            return Ok(());
+        }
+        d.armed = true;
+        let e = opcode::AcceptMulti::new(Fd(d.l.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(ud(DEDICATED_BASE + idx as u64, OP_ACCEPT));
+        self.push(e)
+    }
+
+    /// Close the dedicated listeners `pred` selects: cancel their accept and
+    /// drop them once it completes (at once if none is in flight).
+    fn close_dedicated(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        pred: impl Fn(&Dedicated) -> bool,
+    ) -> io::Result<()> {
+        let hit: Vec<usize> = self
+            .dedicated
+            .iter()
+            .filter(|(_, d)| !d.closing && pred(d))
+            .map(|(i, _)| i)
+            .collect();
+        for idx in hit {
+            let armed = {
+                let d = &mut self.dedicated[idx];
+                d.closing = true;
+                d.armed
+            };
+            if armed {
+                let slot = DEDICATED_BASE + idx as u64;
+                let e = opcode::AsyncCancel::new(ud(slot, OP_ACCEPT))
+                    .build()
+                    .user_data(ud(slot, OP_CANCEL));
+                self.push(e)?;
+            } else {
+                self.drop_dedicated(ctx, idx);
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_dedicated(&mut self, ctx: &mut WorkerCtx, idx: usize) {
+        if !self.dedicated.contains(idx) {
+            return;
+        }
+        let d = self.dedicated.remove(idx);
+        tracing::debug!(
+            worker = ctx.worker_id,
+            port = d.port,
+            session = d.a.id,
+            "dedicated listener closed"
+        );
+        ctx.report(FromWorker::ListenerClosed {
+            id: d.a.id,
+            port: d.port,
+        });
     }
 
     fn arm_accept(&mut self) -> io::Result<()> {
@@ -267,6 +370,7 @@ impl Worker {
 pub fn run(
     mut ctx: WorkerCtx,
     listener: TcpListener,
+    inbox: Option<Inbox<ToWorker>>,
     ctl: Arc<WorkerControl>,
 ) -> io::Result<WorkerMetrics> {
     let l = &ctx.cfg.limits;
@@ -284,8 +388,14 @@ pub fn run(
         accept_armed: false,
         accept_cancel: false,
         next_id: (ctx.worker_id as u64) << 48,
+        inbox,
+        wake_buf: Box::new(0),
+        wake_armed: false,
+        dedicated: slab::Slab::new(),
     };
     w.arm_accept()?;
+    w.arm_wake()?;
+    let mut next_stats = Instant::now() + STATS_INTERVAL;
     let tick = Duration::from_millis(ctx.cfg.limits.timer_tick_ms);
     let mut next_tick = Instant::now() + tick;
     let mut drain = DrainState::default();
@@ -327,6 +437,12 @@ pub fn run(
             complete(&mut w, &mut ctx, user_data, res, flags, now, &mut touched)?;
         }
         w.bufs.publish();
+        if w.inbox.is_some() && !w.wake_armed {
+            take_messages(&mut w, &mut ctx, now, &mut touched)?;
+            if !drain.active() {
+                w.arm_wake()?;
+            }
+        }
         touched.sort_unstable();
         touched.dedup();
         for &slot in &touched {
@@ -344,6 +460,14 @@ pub fn run(
                 w.push(e)?;
                 w.accept_cancel = true;
             }
+            w.close_dedicated(&mut ctx, |_| true)?;
+            if w.wake_armed {
+                // The eventfd read targets wake_buf: end it before exiting.
+                let e = opcode::AsyncCancel::new(ud(WAKE_SLOT, OP_WAKE))
+                    .build()
+                    .user_data(ud(WAKE_SLOT, OP_CANCEL));
+                w.push(e)?;
+            }
         }
         if close_sessions {
             let ids: Vec<usize> = w.conns.iter().map(|(i, _)| i).collect();
@@ -356,6 +480,25 @@ pub fn run(
         }
         if now >= next_tick {
             next_tick = now + tick;
+            if let Router::Appliance(t) = &mut ctx.router {
+                t.purge(now);
+            }
+            if !w.dedicated.is_empty() {
+                let live: std::collections::HashSet<u64> = w
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| !c.teardown)
+                    .filter_map(|(_, c)| c.s.bound_id())
+                    .collect();
+                w.close_dedicated(&mut ctx, |d| {
+                    worker::dedicated_listener_done(&d.a, live.contains(&d.a.id), now)
+                })?;
+            }
+            if ctx.events.is_some() && now >= next_stats {
+                next_stats = now + STATS_INTERVAL;
+                let report = worker::stats_report(&ctx, w.conns.len());
+                ctx.report(report);
+            }
             let ids: Vec<usize> = w.conns.iter().map(|(i, _)| i).collect();
             for slot in ids {
                 if let Some(c) = w.conns.get_mut(slot) {
@@ -369,13 +512,71 @@ pub fn run(
         if drain.active() && !w.accept_armed && w.listener.is_some() {
             w.listener = None;
         }
-        if drain.active() && w.conns.is_empty() && !w.accept_armed {
+        if drain.active()
+            && w.conns.is_empty()
+            && !w.accept_armed
+            && w.dedicated.is_empty()
+            && !w.wake_armed
+        {
             tracing::info!(worker = ctx.worker_id, "drained");
             break Ok(());
         }
     };
     w.bufs.unregister(&w.ring);
     result.map(|()| ctx.metrics)
+}
+
+/// Drain the control-plane mailbox (bounded per turn).
+fn take_messages(
+    w: &mut Worker,
+    ctx: &mut WorkerCtx,
+    now: Instant,
+    touched: &mut Vec<usize>,
+) -> io::Result<()> {
+    for _ in 0..MESSAGES_PER_TURN {
+        let Some(msg) = w.inbox.as_mut().and_then(|ib| ib.try_recv()) else {
+            return Ok(());
+        };
+        match worker::take_message(ctx, msg) {
+            None => {}
+            Some(Inbound::Listener(a, l)) => {
+                let port = l.local_addr().map(|x| x.port()).unwrap_or(0);
+                let idx = w.dedicated.insert(Dedicated {
+                    l,
+                    a,
+                    port,
+                    armed: false,
+                    closing: false,
+                });
+                w.arm_dedicated(idx)?;
+            }
+            Some(Inbound::Revoke(id)) => {
+                let hit: Vec<usize> = w
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| {
+                        !c.teardown
+                            && (c.s.admission_id() == Some(id) || c.s.bound_id() == Some(id))
+                    })
+                    .map(|(i, _)| i)
+                    .collect();
+                for slot in hit {
+                    if let Some(c) = w.conns.get_mut(slot) {
+                        c.s.on_revoke(ctx, now);
+                    }
+                    touched.push(slot);
+                }
+                w.close_dedicated(ctx, |d| d.a.id == id)?;
+            }
+        }
+    }
+    // More may be queued than one turn takes: come back at once.
+    if w.inbox.as_mut().is_some_and(|ib| ib.has_pending()) {
+        if let Some(ib) = w.inbox.as_ref() {
+            ib.wake().notify();
+        }
+    }
+    Ok(())
 }
 
 fn errno_err(res: i32) -> io::Error {
@@ -395,6 +596,44 @@ fn complete(
     let op = user_data & 0xff;
     let slot = user_data >> 8;
     let more = cqueue::more(flags);
+    if slot == WAKE_SLOT {
+        // Messages are taken after this batch of completions.
+        if op == OP_WAKE {
+            w.wake_armed = false;
+        }
+        return Ok(());
+    }
+    if slot >= DEDICATED_BASE && slot != LISTENER_SLOT {
+        let idx = (slot - DEDICATED_BASE) as usize;
+        if op == OP_ACCEPT {
+            let bound = w.dedicated.get_mut(idx).map(|d| {
+                if !more {
+                    d.armed = false;
+                }
+                d.a.clone()
+            });
+            if res >= 0 {
+                // SAFETY: a successful accept completion returns a new
+                // file descriptor that nothing else owns.
+                let stream = unsafe { TcpStream::from_raw_fd(res as RawFd) };
+                if bound.is_some() {
+                    accept(w, ctx, stream, bound, now, touched);
+                }
+            } else if res != -libc::ECANCELED {
+                ctx.metrics.error("accept_failed");
+            }
+            let (armed, closing) = w
+                .dedicated
+                .get(idx)
+                .map_or((false, false), |d| (d.armed, d.closing));
+            if closing && !armed {
+                w.drop_dedicated(ctx, idx);
+            } else if !armed && !closing {
+                w.arm_dedicated(idx)?;
+            }
+        }
+        return Ok(());
+    }
     if slot == LISTENER_SLOT {
         match op {
             OP_ACCEPT => {
@@ -405,7 +644,7 @@ fn complete(
                     // SAFETY: a successful accept completion returns a new
                     // file descriptor that nothing else owns.
                     let stream = unsafe { TcpStream::from_raw_fd(res as RawFd) };
-                    accept(w, ctx, stream, now, touched);
+                    accept(w, ctx, stream, None, now, touched);
                 } else if res != -libc::ECANCELED {
                     ctx.metrics.error("accept_failed");
                     tracing::warn!(worker = ctx.worker_id, error = %errno_err(res), "accept failed");
@@ -539,6 +778,7 @@ fn accept(
     w: &mut Worker,
     ctx: &mut WorkerCtx,
     stream: TcpStream,
+    bound: Option<Arc<Admission>>,
     now: Instant,
     touched: &mut Vec<usize>,
 ) {
@@ -555,7 +795,7 @@ fn accept(
     let _ = stream.set_nodelay(true);
     w.next_id += 1;
     let slot = w.conns.insert(Box::new(Conn {
-        s: Session::new(w.next_id, ctx, now),
+        s: Session::new(w.next_id, ctx, now, stream.peer_addr().ok(), bound),
         browser: stream,
         backend: None,
         addr: None,

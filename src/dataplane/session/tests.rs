@@ -76,7 +76,7 @@ fn frame(op: Opcode, payload: &[u8]) -> Vec<u8> {
 
 /// A session through the handshake and backend connect.
 fn relaying(ctx: &mut WorkerCtx, now: Instant) -> Session {
-    let mut s = Session::new(1, ctx, now);
+    let mut s = Session::new(1, ctx, now, None, None);
     s.on_browser_data(ctx, &upgrade_request(""), now);
     let resp = drain_browser(&mut s, ctx, now);
     assert!(
@@ -142,7 +142,7 @@ fn relays_both_ways_and_closes_on_browser_close() {
 fn request_split_byte_by_byte_with_frames_in_the_same_packet() {
     let now = Instant::now();
     let mut ctx = ctx_with(|_| {});
-    let mut s = Session::new(1, &ctx, now);
+    let mut s = Session::new(1, &ctx, now, None, None);
     let mut bytes = upgrade_request("");
     bytes.extend(frame(Opcode::Binary, b"early"));
     for b in &bytes {
@@ -209,7 +209,7 @@ fn backend_eof_sends_1000_after_pending_data() {
 fn connect_failure_and_timeout_close_with_1011() {
     let now = Instant::now();
     let mut ctx = ctx_with(|c| c.limits.connect_timeout_ms = 100);
-    let mut s = Session::new(1, &ctx, now);
+    let mut s = Session::new(1, &ctx, now, None, None);
     s.on_browser_data(&mut ctx, &upgrade_request(""), now);
     drain_browser(&mut s, &mut ctx, now);
     assert!(s.take_connect().is_some());
@@ -218,7 +218,7 @@ fn connect_failure_and_timeout_close_with_1011() {
     assert_eq!(u16::from_be_bytes([f[0].1[0], f[0].1[1]]), 1011);
     assert!(s.backend_should_close());
 
-    let mut s = Session::new(2, &ctx, now);
+    let mut s = Session::new(2, &ctx, now, None, None);
     s.on_browser_data(&mut ctx, &upgrade_request(""), now);
     drain_browser(&mut s, &mut ctx, now);
     s.take_connect();
@@ -254,7 +254,7 @@ fn backpressure_stops_reads_when_the_browser_is_slow() {
 fn base64_subprotocol_decodes_up_and_encodes_down() {
     let now = Instant::now();
     let mut ctx = ctx_with(|_| {});
-    let mut s = Session::new(1, &ctx, now);
+    let mut s = Session::new(1, &ctx, now, None, None);
     s.on_browser_data(
         &mut ctx,
         &upgrade_request("Sec-WebSocket-Protocol: base64\r\n"),
@@ -297,7 +297,7 @@ fn bad_requests_get_http_errors() {
         ),
     ];
     for (req, want) in cases {
-        let mut s = Session::new(1, &ctx, now);
+        let mut s = Session::new(1, &ctx, now, None, None);
         s.on_browser_data(&mut ctx, &req, now);
         let out = String::from_utf8(drain_browser(&mut s, &mut ctx, now)).unwrap();
         assert!(out.starts_with(want), "{want}: {out}");
@@ -311,13 +311,13 @@ fn bad_requests_get_http_errors() {
 fn handshake_timeout_and_oversized_request() {
     let now = Instant::now();
     let mut ctx = ctx_with(|c| c.limits.handshake_timeout_ms = 50);
-    let mut s = Session::new(1, &ctx, now);
+    let mut s = Session::new(1, &ctx, now, None, None);
     s.on_browser_data(&mut ctx, b"GET / HTTP/1.1\r\n", now);
     s.on_tick(&mut ctx, now + Duration::from_millis(60));
     let out = String::from_utf8(drain_browser(&mut s, &mut ctx, now)).unwrap();
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
 
-    let mut s = Session::new(2, &ctx, now);
+    let mut s = Session::new(2, &ctx, now, None, None);
     let big = vec![b'a'; ctx.cfg.limits.max_request_bytes + 10];
     s.on_browser_data(&mut ctx, &big, now);
     let out = String::from_utf8(drain_browser(&mut s, &mut ctx, now)).unwrap();

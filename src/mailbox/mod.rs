@@ -1,0 +1,315 @@
+//! Bounded mailboxes between the control plane and the data-plane workers.
+//!
+//! One queue per worker carries [`ToWorker`] messages; one shared queue
+//! carries [`FromWorker`] reports back. Both are `std::sync::mpsc` bounded
+//! channels used only with `try_send`, so neither side ever blocks on the
+//! other: a full queue is an error the sender handles (the control plane
+//! answers 503, a worker counts a dropped report). Each queue has an eventfd
+//! wake-up: a worker polls its eventfd in its own loop (epoll or io_uring),
+//! and the control plane awaits the reverse one through its async runtime.
+//!
+//! This module depends on neither plane: the messages are plain data.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use crate::io::sys::EventFd;
+
+/// Lifecycle of an admitted session's ticket, shared by every worker that
+/// holds the admission: exactly one connect can move it out of `PENDING`.
+pub mod ticket_state {
+    pub const PENDING: u8 = 0;
+    pub const CLAIMED: u8 = 1;
+    pub const REVOKED: u8 = 2;
+}
+
+/// Where an admitted session goes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// VNC password the data plane uses to authenticate to the backend;
+    /// never sent to the browser.
+    pub password: Option<String>,
+}
+
+/// A session the control plane created, waiting for its browser.
+#[derive(Debug)]
+pub struct Admission {
+    pub id: u64,
+    /// The single-use ticket (random bytes, compared in constant time).
+    pub ticket: Vec<u8>,
+    pub target: Target,
+    pub user: String,
+    /// The ticket is valid until then (first connect only).
+    pub expires_at: Instant,
+    /// When set, the browser's Origin must equal it.
+    pub origin: Option<String>,
+    /// When set, the browser's address must equal it.
+    pub client_ip: Option<IpAddr>,
+    /// Dedicated port, when the session has its own listener.
+    pub port: Option<u16>,
+    state: AtomicU8,
+}
+
+impl Admission {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        ticket: Vec<u8>,
+        target: Target,
+        user: String,
+        expires_at: Instant,
+        origin: Option<String>,
+        client_ip: Option<IpAddr>,
+        port: Option<u16>,
+    ) -> Self {
+        Self {
+            id,
+            ticket,
+            target,
+            user,
+            expires_at,
+            origin,
+            client_ip,
+            port,
+            state: AtomicU8::new(ticket_state::PENDING),
+        }
+    }
+
+    /// Move PENDING → CLAIMED; false when already claimed or revoked.
+    pub fn claim(&self) -> bool {
+        self.state
+            .compare_exchange(
+                ticket_state::PENDING,
+                ticket_state::CLAIMED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// Mark revoked (DELETE or expiry); false if it was already revoked.
+    pub fn revoke(&self) -> bool {
+        self.state.swap(ticket_state::REVOKED, Ordering::AcqRel) != ticket_state::REVOKED
+    }
+
+    pub fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+}
+
+/// Control plane → one worker.
+#[derive(Debug)]
+pub enum ToWorker {
+    /// A shared-port session: every worker gets the same admission, since
+    /// the kernel picks which worker accepts the browser.
+    Admit(Arc<Admission>),
+    /// A dedicated-port session: this worker owns the listener, which the
+    /// control plane bound (the bind is the OS check).
+    AdmitDedicated(Arc<Admission>, TcpListener),
+    /// Close the session now (its relay, or its pending admission).
+    Revoke { id: u64 },
+}
+
+/// A worker's counters, published periodically.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerStats {
+    pub worker: usize,
+    pub live_sessions: usize,
+    pub accepted: u64,
+    pub handshakes_ok: u64,
+    pub sessions_closed: u64,
+    pub bytes_browser_to_backend: u64,
+    pub bytes_backend_to_browser: u64,
+    pub errors: Vec<(&'static str, u64)>,
+    /// Buffer chunks in use / kept free by the worker's pool.
+    pub pool_outstanding: usize,
+    pub pool_free: usize,
+}
+
+/// One worker → control plane.
+#[derive(Debug)]
+pub enum FromWorker {
+    Opened {
+        id: u64,
+        worker: usize,
+        peer: Option<SocketAddr>,
+    },
+    Closed {
+        id: u64,
+        worker: usize,
+        code: Option<u16>,
+        reason: String,
+        bytes_up: u64,
+        bytes_down: u64,
+    },
+    /// A dedicated listener was dropped: the port may be released.
+    ListenerClosed {
+        id: u64,
+        port: u16,
+    },
+    /// A connect was refused for a reason the registry cares about.
+    Refused {
+        id: u64,
+        kind: &'static str,
+    },
+    Stats(WorkerStats),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MailboxError {
+    #[error("mailbox full")]
+    Full,
+    #[error("mailbox closed")]
+    Closed,
+}
+
+/// Sending side of a bounded queue with its wake-up.
+#[derive(Debug)]
+pub struct Sender<T> {
+    tx: SyncSender<T>,
+    wake: Arc<EventFd>,
+}
+
+impl<T> Clone for Sender<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            wake: self.wake.clone(),
+        }
+    }
+}
+
+impl<T> Sender<T> {
+    /// Queue a message without blocking and wake the receiver.
+    pub fn send(&self, msg: T) -> Result<(), MailboxError> {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                self.wake.notify();
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(MailboxError::Full),
+            Err(TrySendError::Disconnected(_)) => Err(MailboxError::Closed),
+        }
+    }
+}
+
+/// Receiving side: drain with [`Receiver::try_recv`] after the eventfd fires.
+#[derive(Debug)]
+pub struct Inbox<T> {
+    rx: Receiver<T>,
+    wake: Arc<EventFd>,
+    peeked: Option<T>,
+}
+
+impl<T> Inbox<T> {
+    /// Next message, if any (never blocks).
+    pub fn try_recv(&mut self) -> Option<T> {
+        if let Some(m) = self.peeked.take() {
+            return Some(m);
+        }
+        match self.rx.try_recv() {
+            Ok(m) => Some(m),
+            Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => None,
+        }
+    }
+
+    /// Whether a message is waiting, without losing it (it is kept for the
+    /// next `try_recv`): used to re-wake the owner when it stopped draining
+    /// at its per-turn bound.
+    pub fn has_pending(&mut self) -> bool {
+        if self.peeked.is_none() {
+            self.peeked = self.rx.try_recv().ok();
+        }
+        self.peeked.is_some()
+    }
+
+    /// The wake-up fd to poll; call [`Inbox::reset`] before draining.
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.raw_fd()
+    }
+
+    pub fn wake(&self) -> &Arc<EventFd> {
+        &self.wake
+    }
+
+    pub fn reset(&self) {
+        self.wake.reset();
+    }
+}
+
+/// A bounded queue of `capacity` messages with an eventfd wake-up.
+pub fn channel<T>(capacity: usize) -> io::Result<(Sender<T>, Inbox<T>)> {
+    let wake = Arc::new(EventFd::new()?);
+    let (tx, rx) = mpsc::sync_channel(capacity);
+    Ok((
+        Sender {
+            tx,
+            wake: wake.clone(),
+        },
+        Inbox {
+            rx,
+            wake,
+            peeked: None,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission() -> Admission {
+        Admission::new(
+            7,
+            vec![1; 32],
+            Target {
+                addr: "127.0.0.1:5900".parse().unwrap(),
+                password: None,
+            },
+            "alice".into(),
+            Instant::now(),
+            None,
+            None,
+            None,
+        )
+    }
+
+    #[test]
+    fn bounded_and_never_blocks() {
+        let (tx, mut rx) = channel::<u32>(2).unwrap();
+        tx.send(1).unwrap();
+        tx.send(2).unwrap();
+        assert_eq!(tx.send(3), Err(MailboxError::Full));
+        rx.reset();
+        assert!(rx.has_pending());
+        assert_eq!(rx.try_recv(), Some(1));
+        assert_eq!(rx.try_recv(), Some(2));
+        assert_eq!(rx.try_recv(), None);
+        drop(rx);
+        assert_eq!(tx.send(4), Err(MailboxError::Closed));
+    }
+
+    #[test]
+    fn a_ticket_is_claimed_once_across_threads() {
+        let a = Arc::new(admission());
+        let wins: usize = (0..8)
+            .map(|_| {
+                let a = a.clone();
+                std::thread::spawn(move || a.claim())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| usize::from(h.join().unwrap()))
+            .sum();
+        assert_eq!(wins, 1);
+        assert!(a.revoke());
+        assert!(!a.revoke());
+        assert!(!a.claim());
+    }
+}
