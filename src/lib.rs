@@ -3,8 +3,11 @@
 //! `docs/ARCHITECTURE.md` for the map.
 
 pub mod config;
+pub mod control;
 pub mod dataplane;
+pub mod hypervisor;
 pub mod io;
 pub mod mailbox;
 pub mod metrics;
+pub mod ports;
 pub mod protocol;

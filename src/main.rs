@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use consolegate::config::{IoChoice, Limits, ProxyConfig, TargetConfig, TlsFiles};
 use consolegate::dataplane::worker::DataPlane;
 
+mod appliance;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "consolegate",
@@ -27,9 +29,43 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The appliance: data-plane workers plus the control plane (REST,
+    /// sessions, tickets, ports, metrics) and the built-in demo console.
+    Run {
+        /// Config file (default /etc/consolegate/consolegate.toml, else built-in defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Load, apply CONSOLEGATE_* overrides, validate and summarise a config.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Dedicated-port pool: status or cleanup of persisted allocations.
+    Ports {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: PortsCmd,
+    },
     /// websockify-compatible WebSocket → TCP proxy:
     /// `consolegate proxy [options] [source_addr:]source_port [target_addr:target_port]`.
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
+}
+
+#[derive(Subcommand, Debug)]
+enum PortsCmd {
+    /// Show the pool: total, allocated, free, utilization, health.
+    Status,
+    /// Reclaim persisted allocations whose port nothing listens on.
+    Cleanup {
+        /// One pass, then exit (the default).
+        #[arg(long)]
+        once: bool,
+        /// Repeat every SECS seconds until interrupted.
+        #[arg(long)]
+        interval: Option<u64>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -280,7 +316,11 @@ fn proxy_config(a: ProxyArgs) -> anyhow::Result<ProxyConfig> {
 }
 
 fn init_logging(json: bool, verbose: bool) {
-    let default = if verbose { "debug" } else { "info" };
+    init_logging_filter(json, if verbose { "debug" } else { "info" });
+}
+
+/// Logging to stderr with RUST_LOG taking precedence over `default`.
+pub(crate) fn init_logging_filter(json: bool, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let b = tracing_subscriber::fmt()
@@ -356,9 +396,20 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.cmd {
+        Command::Run { config } => appliance::run(config.as_deref(), cli.log_format == "json"),
+        Command::CheckConfig { config } => appliance::check_config(config.as_deref()),
+        Command::Ports { config, cmd } => {
+            init_logging(cli.log_format == "json", false);
+            match cmd {
+                PortsCmd::Status => appliance::ports_status(config.as_deref()),
+                PortsCmd::Cleanup { once, interval } => {
+                    appliance::ports_cleanup(config.as_deref(), if once { None } else { interval })
+                }
+            }
+        }
         Command::Proxy(a) => {
             init_logging(cli.log_format == "json", a.verbose);
-            proxy_config(a).and_then(run_proxy)
+            proxy_config(*a).and_then(run_proxy)
         }
     };
     match result {

@@ -6,11 +6,14 @@
 //! a [`ProxyConfig`] from websockify-compatible flags; the appliance mode will
 //! fill the same struct from TOML.
 
+pub mod appliance;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Which IO backend drives the workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum IoChoice {
     /// Probe io_uring at start-up and fall back to epoll when it is blocked.
     Auto,
@@ -56,7 +59,8 @@ pub struct TlsFiles {
 
 /// Limits of one relay session and of each worker. Every field carries its
 /// unit; the defaults are what a console needs, with the cost written beside.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Bytes buffered per direction per session before the reading side is
     /// paused (backpressure). Cost: at most 2× this per busy session; idle

@@ -105,12 +105,13 @@ impl AdmissionTable {
         self.map.is_empty()
     }
 
-    /// Drop admissions whose ticket expired unused, or that were claimed
-    /// (on this or another worker) or revoked: only pending ones are needed.
+    /// Drop admissions past their ticket's lifetime, or revoked. A claimed
+    /// one is kept until then, so a replayed ticket gets a clear 403
+    /// ("already used") and is counted, rather than a 404.
     pub fn purge(&mut self, now: Instant) -> Vec<Arc<Admission>> {
         let mut gone = Vec::new();
         self.map.retain(|_, a| {
-            let keep = a.state() == ticket_state::PENDING && now < a.expires_at;
+            let keep = a.state() != ticket_state::REVOKED && now < a.expires_at;
             if !keep {
                 gone.push(a.clone());
             }

@@ -33,6 +33,7 @@ use crate::dataplane::web::WebRoot;
 use crate::mailbox::{self, Admission, FromWorker};
 use crate::metrics::WorkerMetrics;
 use crate::protocol::http_upgrade::{self, Request, RequestLimits};
+use crate::protocol::rfb::{self, RfbError, RfbLimits};
 use crate::protocol::websocket::{
     self, close_code, Decoder, DecoderLimits, Event, Opcode, PayloadMode,
 };
@@ -145,6 +146,9 @@ pub struct Session {
     bound: Option<Arc<Admission>>,
     /// The appliance session this connection is (after routing).
     admission: Option<Arc<Admission>>,
+    /// The RFB security handshake the appliance performs itself when the
+    /// target has a VNC password (the browser is offered security None).
+    rfb: Option<Box<rfb::Handshake>>,
     /// Bytes at the front of each queue that an io_uring send holds; they
     /// must stay put until it completes (always 0 on epoll).
     browser_inflight: usize,
@@ -210,6 +214,7 @@ impl Session {
             peer,
             bound,
             admission: None,
+            rfb: None,
         }
     }
 
@@ -412,7 +417,11 @@ impl Session {
         self.backend = Backend::Open;
         if self.phase == Phase::Connecting {
             self.phase = Phase::Relay;
-            self.deadline = None;
+            // The VNC security handshake must finish in time too.
+            self.deadline = self
+                .rfb
+                .as_ref()
+                .map(|_| now + ms(ctx.cfg.limits.handshake_timeout_ms));
             self.last_activity = now;
             let hb = ctx.cfg.limits.heartbeat_ms;
             if hb > 0 {
@@ -446,6 +455,25 @@ impl Session {
             return;
         }
         self.last_activity = now;
+        let data = match self.rfb.as_mut() {
+            None => data,
+            Some(h) => {
+                let r = h.on_backend(data);
+                let n = self.rfb_flush(ctx, r, now);
+                match n {
+                    Some(n) if n < data.len() && self.phase == Phase::Relay => &data[n..],
+                    _ => return,
+                }
+            }
+        };
+        self.relay_down(ctx, data);
+    }
+
+    /// Frame backend bytes for the browser (binary, or base64 text).
+    fn relay_down(&mut self, ctx: &mut WorkerCtx, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
         self.bytes_down += data.len() as u64;
         ctx.metrics.bytes_backend_to_browser += data.len() as u64;
         match self.mode {
@@ -521,6 +549,19 @@ impl Session {
                     ctx,
                     close_code::INTERNAL_ERROR,
                     "backend connect timed out",
+                    now,
+                );
+            }
+            Phase::Relay if expired && self.rfb.is_some() => {
+                ctx.metrics.error("rfb_handshake_timeout");
+                tracing::warn!(
+                    session = self.id,
+                    "VNC handshake with the backend timed out"
+                );
+                self.start_close(
+                    ctx,
+                    close_code::INTERNAL_ERROR,
+                    "VNC handshake timed out",
                     now,
                 );
             }
@@ -769,9 +810,15 @@ impl Session {
             Err(e) => {
                 ctx.metrics.error(e.kind());
                 tracing::info!(session = self.id, error = %e, "route refused");
-                if let Some(a) = self.bound.as_ref() {
-                    let id = a.id;
-                    ctx.report(FromWorker::Refused { id, kind: e.kind() });
+                let id = self
+                    .bound
+                    .as_ref()
+                    .map(|a| a.id)
+                    .or_else(|| crate::dataplane::router::session_id_from_path(&up.path));
+                if let Some(id) = id {
+                    if self.bound.is_some() || matches!(ctx.router, Router::Appliance(_)) {
+                        ctx.report(FromWorker::Refused { id, kind: e.kind() });
+                    }
                 }
                 self.respond_error(ctx, e.status(), e.kind(), &e.to_string(), now);
                 return;
@@ -784,6 +831,12 @@ impl Session {
                 worker: ctx.worker_id,
                 peer: self.peer,
             });
+            if let Some(pw) = a.target.password.as_deref() {
+                self.rfb = Some(Box::new(rfb::Handshake::new(
+                    Some(pw.as_bytes()),
+                    RfbLimits::default(),
+                )));
+            }
             self.admission = Some(a);
         }
         self.mode = if protocol == Some("base64") {
@@ -800,6 +853,12 @@ impl Session {
         let mut resp = Vec::with_capacity(256);
         http_upgrade::write_upgrade_response(&mut resp, &up.key, protocol);
         self.push_browser(ctx, &[&resp]);
+        // The appliance's own RFB greeting to the browser, if it speaks RFB
+        // for the backend's security phase.
+        if let Some(h) = self.rfb.as_mut() {
+            let hello = h.take_to_browser();
+            self.relay_down(ctx, &hello);
+        }
         ctx.metrics.handshakes_ok += 1;
         tracing::info!(
             session = self.id,
@@ -830,7 +889,8 @@ impl Session {
                 return;
             }
             let discard = self.phase == Phase::Closing;
-            let result = if discard {
+            let via_rfb = !discard && self.rfb.is_some();
+            let result = if discard || via_rfb {
                 // After our close frame, data is read and dropped while we
                 // wait for the browser's close.
                 let mut scratch = std::mem::take(&mut ctx.scratch);
@@ -851,7 +911,11 @@ impl Session {
             match result {
                 Ok(p) => {
                     data = &data[p.consumed..];
-                    if !discard {
+                    if via_rfb && p.written > 0 {
+                        let scratch = std::mem::take(&mut ctx.scratch);
+                        self.rfb_browser_input(ctx, &scratch[..p.written], now);
+                        ctx.scratch = scratch;
+                    } else if !discard {
                         self.bytes_up += p.written as u64;
                         ctx.metrics.bytes_browser_to_backend += p.written as u64;
                     }
@@ -904,6 +968,67 @@ impl Session {
                         reason: format!("browser closed: {why}"),
                     });
                 }
+            }
+        }
+    }
+
+    /// Browser payload during the RFB security phase.
+    fn rfb_browser_input(&mut self, ctx: &mut WorkerCtx, data: &[u8], now: Instant) {
+        let Some(h) = self.rfb.as_mut() else {
+            self.to_backend.push(&mut ctx.pool, data);
+            return;
+        };
+        let r = h.on_browser(data);
+        if let Some(n) = self.rfb_flush(ctx, r, now) {
+            if n < data.len() && self.phase == Phase::Relay {
+                // Handshake done: the rest is relay data.
+                self.bytes_up += (data.len() - n) as u64;
+                ctx.metrics.bytes_browser_to_backend += (data.len() - n) as u64;
+                self.to_backend.push(&mut ctx.pool, &data[n..]);
+            }
+        }
+    }
+
+    /// Send what the RFB handshake produced both ways, end it when done,
+    /// and turn its errors into a close. Returns the bytes it consumed.
+    fn rfb_flush(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        r: Result<usize, RfbError>,
+        now: Instant,
+    ) -> Option<usize> {
+        let (to_backend, to_browser, done) = match self.rfb.as_mut() {
+            Some(h) => (h.take_to_backend(), h.take_to_browser(), h.is_done()),
+            None => return None,
+        };
+        if !to_backend.is_empty() {
+            self.to_backend.push(&mut ctx.pool, &to_backend);
+        }
+        // RFB messages of our own are not relayed payload: frame them
+        // without counting them as backend bytes.
+        let (down_before, metric_before) = (self.bytes_down, ctx.metrics.bytes_backend_to_browser);
+        self.relay_down(ctx, &to_browser);
+        self.bytes_down = down_before;
+        ctx.metrics.bytes_backend_to_browser = metric_before;
+        match r {
+            Ok(n) => {
+                if done {
+                    self.rfb = None;
+                    self.deadline = None;
+                    tracing::debug!(session = self.id, "VNC security handshake done");
+                }
+                Some(n)
+            }
+            Err(e) => {
+                ctx.metrics.error(e.kind());
+                let (code, who) = match e.side() {
+                    rfb::Side::Backend => (close_code::INTERNAL_ERROR, "backend"),
+                    rfb::Side::Browser => (close_code::PROTOCOL_ERROR, "browser"),
+                };
+                tracing::warn!(session = self.id, side = who, error = %e, "VNC handshake failed");
+                self.rfb = None;
+                self.start_close(ctx, code, &e.to_string(), now);
+                None
             }
         }
     }

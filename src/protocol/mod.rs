@@ -2,4 +2,5 @@
 //! clocks, no runtime, no panics on input. Shared by both IO backends.
 
 pub mod http_upgrade;
+pub mod rfb;
 pub mod websocket;

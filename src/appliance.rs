@@ -1,0 +1,243 @@
+//! `consolegate run`, `check-config` and `ports`: the appliance wiring at
+//! the binary's edge (config → demo server → data plane → control thread →
+//! signals). `anyhow` is allowed here.
+
+use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use consolegate::config::appliance::{ApplianceConfig, LogFormat, Source};
+use consolegate::config::{ProxyConfig, TargetConfig, TlsFiles};
+use consolegate::control::{self, registry::Registry, ControlCounters, ControlState};
+use consolegate::dataplane::worker::{ApplianceLink, DataPlane};
+use consolegate::hypervisor::demo::{DemoConfig as DemoServerConfig, DemoServer};
+use consolegate::mailbox;
+use consolegate::ports::{self, PortPool, PortPoolConfig, PortRange, PortStore};
+
+fn load(path: Option<&Path>) -> anyhow::Result<(ApplianceConfig, Source)> {
+    let (mut cfg, source) = ApplianceConfig::load(path)?;
+    cfg.apply_env(std::env::vars())?;
+    cfg.validate()?;
+    Ok((cfg, source))
+}
+
+pub fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
+    let (cfg, source) = load(path)?;
+    println!("config OK ({source:?})");
+    println!("{}", cfg.summary());
+    Ok(())
+}
+
+fn pool_for(cfg: &ApplianceConfig) -> anyhow::Result<PortPool> {
+    let (first, last) = cfg.port_range();
+    let pc = PortPoolConfig {
+        range: PortRange::new(first, last)?,
+        bind_ip: cfg.dedicated_listen_ip(),
+        max_bind_attempts: cfg.ports.max_bind_attempts as usize,
+        external_retry_ms: cfg.ports.external_retry_ms,
+        ..PortPoolConfig::default()
+    };
+    Ok(PortPool::new(pc)?)
+}
+
+pub fn ports_status(path: Option<&Path>) -> anyhow::Result<()> {
+    let (mut cfg, _) = load(path)?;
+    let dir = cfg.resolve_state_dir()?;
+    let pool = pool_for(&cfg)?;
+    let store = PortStore::new(&dir.path);
+    let allocs = store.load()?;
+    for a in &allocs {
+        pool.restore_claim(a.port, a.owner, a.allocated_at_unix_ms);
+    }
+    let stats = pool.stats();
+    println!("{}", serde_json::to_string_pretty(&stats)?);
+    println!("state file: {}", store.path().display());
+    Ok(())
+}
+
+pub fn ports_cleanup(path: Option<&Path>, interval_s: Option<u64>) -> anyhow::Result<()> {
+    let (mut cfg, _) = load(path)?;
+    let dir = cfg.resolve_state_dir()?;
+    let store = PortStore::new(&dir.path);
+    loop {
+        // A fresh pool from the file: a persisted port nothing listens on
+        // is stale (no process can own a session on it any more).
+        let pool = pool_for(&cfg)?;
+        let report = ports::restore_and_reclaim(&pool, &store, |_| false)?;
+        println!("{}", serde_json::to_string(&report)?);
+        match interval_s {
+            None => return Ok(()),
+            Some(s) => std::thread::sleep(Duration::from_secs(s.max(1))),
+        }
+    }
+}
+
+pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
+    let (mut cfg, source) = load(path)?;
+    let json = json_logs || cfg.log.format == LogFormat::Json;
+    crate::init_logging_filter(json, &cfg.log.level);
+    tracing::info!(source = ?source, "configuration loaded");
+    if let Some(token) = cfg.ensure_admin_token() {
+        // The built-in default has no token: make one and say it once.
+        println!("admin token: {token}");
+    }
+    let state_dir = cfg.resolve_state_dir()?;
+    tracing::info!(dir = %state_dir.path.display(), origin = ?state_dir.origin, "state directory");
+
+    // The built-in demo console, so the appliance works with no hypervisor.
+    let demo = if cfg.demo.enabled {
+        let d = DemoServer::start(
+            "127.0.0.1:0".parse().expect("literal address"),
+            DemoServerConfig {
+                width: cfg.demo.width,
+                height: cfg.demo.height,
+                max_clients: cfg.demo.max_clients,
+                frame_interval_ms: cfg.demo.frame_interval_ms,
+                password: cfg.demo.password.clone(),
+                name: "consolegate demo".into(),
+            },
+        )
+        .context("demo server")?;
+        tracing::info!(addr = %d.addr(), "demo console started");
+        Some(d)
+    } else {
+        None
+    };
+
+    // Ports: restore persisted allocations, reclaim the stale ones.
+    let pool = pool_for(&cfg)?;
+    let store = PortStore::new(&state_dir.path);
+    match ports::restore_and_reclaim(&pool, &store, |_| false) {
+        Ok(r) => tracing::info!(report = ?r, "port allocations restored"),
+        Err(e) => tracing::warn!(error = %e, "port state not restored; starting empty"),
+    }
+
+    // Mailboxes between the planes.
+    let n = cfg.worker_count();
+    let mut senders = Vec::with_capacity(n);
+    let mut inboxes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, rx) = mailbox::channel(cfg.control.mailbox_capacity)?;
+        senders.push(tx);
+        inboxes.push(rx);
+    }
+    let (events_tx, events_rx) = mailbox::channel(cfg.control.events_capacity)?;
+
+    let proxy = ProxyConfig {
+        listen: cfg.console.listen,
+        target: TargetConfig::Appliance,
+        tls: cfg.tls.as_ref().map(|t| TlsFiles {
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+            ssl_only: false,
+        }),
+        web_dir: cfg.console.web_dir.clone(),
+        origins: Vec::new(),
+        workers: n,
+        io: cfg.dataplane.io,
+        pin_workers: cfg.dataplane.pin_workers,
+        limits: cfg.dataplane.limits.clone(),
+    };
+    let dp = DataPlane::start_with(
+        proxy,
+        Some(ApplianceLink {
+            inboxes,
+            events: events_tx,
+        }),
+    )?;
+    let public_url = cfg.public_url_with(dp.addr);
+    let control_addr = cfg.control.listen;
+    let state = Arc::new(ControlState {
+        registry: Mutex::new(Registry::new(
+            cfg.sessions.max_sessions,
+            cfg.sessions.max_sessions_per_user,
+        )),
+        cfg,
+        workers: senders,
+        ports: Some(pool),
+        port_store: Some(store),
+        worker_stats: Mutex::new(Vec::new()),
+        counters: Mutex::new(ControlCounters::default()),
+        demo_addr: demo.as_ref().map(|d| d.addr()),
+        public_url: public_url.clone(),
+        started: Instant::now(),
+        next_worker: AtomicUsize::new(0),
+        data_plane: dp.control(),
+        io_backend: dp.backend.name(),
+    });
+    control::persist_ports(&state);
+
+    let (sd_tx, sd_rx) = tokio::sync::watch::channel(false);
+    let control_thread = {
+        let state = state.clone();
+        std::thread::Builder::new()
+            .name("cg-control".into())
+            .spawn(move || {
+                let r = control::serve(state.clone(), events_rx, sd_rx);
+                if let Err(e) = &r {
+                    // Without its control plane the appliance is useless:
+                    // stop the data plane too, so the process exits non-zero.
+                    tracing::error!(error = %e, "control plane failed; stopping");
+                    state.data_plane.start_drain();
+                }
+                r
+            })?
+    };
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "control listening on {control_addr}")?;
+        writeln!(
+            out,
+            "listening on {} (io={}, workers={})",
+            dp.addr,
+            dp.backend.name(),
+            dp.workers
+        )?;
+        writeln!(out, "console public url {public_url}")?;
+        out.flush()?;
+    }
+
+    let dp_control = dp.control();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    std::thread::Builder::new()
+        .name("cg-signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for sig in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!(signal = sig, "draining");
+                    dp_control.start_drain();
+                } else {
+                    tracing::warn!(signal = sig, "second signal: exiting now");
+                    std::process::exit(1);
+                }
+            }
+        })?;
+
+    let metrics = dp.join();
+    let _ = sd_tx.send(true);
+    let control_result = control_thread.join();
+    control::persist_ports(&state);
+    if let Some(d) = demo {
+        d.stop();
+    }
+    let m = metrics?;
+    tracing::info!(
+        accepted = m.accepted,
+        handshakes = m.handshakes_ok,
+        closed = m.sessions_closed,
+        "stopped"
+    );
+    match control_result {
+        Ok(r) => r.map_err(Into::into),
+        Err(_) => anyhow::bail!("control plane panicked"),
+    }
+}

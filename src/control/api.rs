@@ -1,0 +1,704 @@
+//! The REST API on the control port (axum): sessions, ports, stats,
+//! health, metrics, OpenAPI. Every error is JSON `{"error":{"code","message"}}`
+//! with a status that says who is at fault, counted and logged.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::{rejection::JsonRejection, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::registry::{self, id_hex, PortMode, Record, State as SessionState, TargetView};
+use super::ControlState;
+use crate::config::appliance::Role;
+use crate::dataplane::router::base64_url;
+use crate::mailbox::{Admission, Target, ToWorker};
+
+/// The OpenAPI document, kept in docs/ and served as is.
+pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
+
+/// An API error: status, stable code, message, optional Retry-After.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after_s: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after_s: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let mut resp = (self.status, body).into_response();
+        if let Some(s) = self.retry_after_s {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(state: Arc<ControlState>) -> Router {
+    let max_body = state.cfg.control.max_request_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/sessions", get(list_sessions).post(create_session))
+        .route(
+            "/api/v1/sessions/{id}",
+            get(get_session).delete(delete_session),
+        )
+        .route("/api/v1/ports", get(ports))
+        .route("/api/v1/stats", get(stats))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// Bearer-token check; `admin` for changes, any role for reads.
+fn authorize(state: &ControlState, headers: &HeaderMap, need_admin: bool) -> ApiResult<Role> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = token else {
+        state.count_error("auth_missing");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing bearer token (Authorization: Bearer <token>)",
+        ));
+    };
+    let Some(role) = state.role_of(token) else {
+        state.count_error("auth_bad_token");
+        tracing::warn!("API request with an unknown token");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown token",
+        ));
+    };
+    if need_admin && role != Role::Admin {
+        state.count_error("auth_forbidden");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token is read-only",
+        ));
+    }
+    Ok(role)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<Arc<ControlState>>) -> Response {
+    if state.data_plane.is_draining() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "shutting down")
+            .into_response();
+    }
+    Json(json!({"status": "ready", "workers": state.workers.len()})).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+}
+
+async fn metrics(State(state): State<Arc<ControlState>>) -> Response {
+    let body = super::metrics_text::render(&state);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetReq {
+    /// "vnc" (a VNC server) or "demo" (the built-in demo server).
+    pub kind: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateReq {
+    pub target: TargetReq,
+    pub user: String,
+    #[serde(default)]
+    pub vm_id: Option<String>,
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+    #[serde(default)]
+    pub port_mode: Option<String>,
+    /// Bind the ticket to this browser Origin (when sessions.bind_origin).
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// Bind the ticket to this client address (when sessions.bind_client_ip).
+    #[serde(default)]
+    pub client_ip: Option<IpAddr>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CreateResp {
+    pub session_id: String,
+    pub ws_url: String,
+    pub token: String,
+    pub expires_at_ms: u64,
+    pub port: Option<u16>,
+    /// A noVNC page that opens this session, when the console serves noVNC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub viewer_url: Option<String>,
+}
+
+/// Largest user / vm_id / host strings accepted.
+const MAX_FIELD_BYTES: usize = 256;
+/// Largest ticket lifetime a request may ask for.
+const MAX_TTL_S: u64 = 3600;
+
+fn bad(code: &'static str, msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, code, msg)
+}
+
+async fn create_session(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    body: Result<Json<CreateReq>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<CreateResp>)> {
+    authorize(&state, &headers, true)?;
+    if state.data_plane.is_draining() {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the appliance is shutting down",
+        );
+        e.retry_after_s = Some(5);
+        return Err(e);
+    }
+    let Json(req) = body.map_err(|e| {
+        state.count_error("bad_json");
+        bad("bad_request", e.body_text())
+    })?;
+    if req.user.is_empty() || req.user.len() > MAX_FIELD_BYTES {
+        return Err(bad("bad_user", "user must be 1..256 bytes"));
+    }
+    if req
+        .vm_id
+        .as_ref()
+        .is_some_and(|v| v.len() > MAX_FIELD_BYTES)
+    {
+        return Err(bad("bad_vm_id", "vm_id must be at most 256 bytes"));
+    }
+    let mode = match req.port_mode.as_deref() {
+        None | Some("shared") => PortMode::Shared,
+        Some("dedicated") => PortMode::Dedicated,
+        Some(other) => {
+            return Err(bad(
+                "bad_port_mode",
+                format!("port_mode {other:?}: expected shared or dedicated"),
+            ))
+        }
+    };
+    let ttl = match req.ttl_s {
+        None => Duration::from_millis(state.cfg.sessions.ticket_ttl_ms),
+        Some(0) => return Err(bad("bad_ttl", "ttl_s must be positive")),
+        Some(s) if s > MAX_TTL_S => {
+            return Err(bad("bad_ttl", format!("ttl_s must be at most {MAX_TTL_S}")))
+        }
+        Some(s) => Duration::from_secs(s),
+    };
+    let (addr, view, password) = resolve_target(&state, &req.target).await?;
+    if req.origin.is_some() && !state.cfg.sessions.bind_origin {
+        return Err(bad(
+            "origin_binding_disabled",
+            "sessions.bind_origin is off",
+        ));
+    }
+    if req.client_ip.is_some() && !state.cfg.sessions.bind_client_ip {
+        return Err(bad(
+            "client_ip_binding_disabled",
+            "sessions.bind_client_ip is off",
+        ));
+    }
+
+    let id = random_u64();
+    let mut ticket = vec![0u8; state.cfg.sessions.ticket_bytes];
+    getrandom::fill(&mut ticket).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("random: {e}"),
+        )
+    })?;
+    let now = Instant::now();
+    let expires = now + ttl;
+    let expires_at_ms = registry::unix_ms(SystemTime::now() + ttl);
+
+    {
+        let reg = state.registry.lock().map_err(|_| internal())?;
+        if let Err(e) = reg.check_capacity(&req.user) {
+            state.count_error(e.code());
+            let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.code(), e.to_string());
+            err.retry_after_s = Some(5);
+            return Err(err);
+        }
+    }
+
+    // Dedicated port: claim + bind now (the bind is the OS check).
+    let dedicated = match mode {
+        PortMode::Shared => None,
+        PortMode::Dedicated => {
+            let Some(pool) = &state.ports else {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ports_unavailable",
+                    "dedicated ports are not configured",
+                ));
+            };
+            match pool.allocate(id) {
+                Ok(pl) => Some(pl),
+                Err(e) => {
+                    state.count_error(e.code());
+                    tracing::warn!(error = %e, "port allocation failed");
+                    let status = if e.code() == "port_pool_exhausted" {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    };
+                    let mut err = ApiError::new(status, e.code(), e.to_string());
+                    err.retry_after_s = e.retry_after_secs().or(Some(10));
+                    return Err(err);
+                }
+            }
+        }
+    };
+    let port = dedicated.as_ref().map(|(p, _)| *p);
+    let admission = Arc::new(Admission::new(
+        id,
+        ticket.clone(),
+        Target { addr, password },
+        req.user.clone(),
+        expires,
+        req.origin.clone(),
+        req.client_ip,
+        port,
+    ));
+
+    let record = Record {
+        session_id: id_hex(id),
+        id,
+        user: req.user.clone(),
+        vm_id: req.vm_id.clone(),
+        target: view,
+        state: SessionState::Pending,
+        port_mode: mode,
+        port,
+        created_at_ms: registry::unix_ms(SystemTime::now()),
+        expires_at_ms,
+        worker: None,
+        peer: None,
+        bytes_browser_to_backend: 0,
+        bytes_backend_to_browser: 0,
+        age_ms: 0,
+        close_code: None,
+        close_reason: None,
+        refused_connects: 0,
+        created: now,
+        expires,
+        admission: Some(admission.clone()),
+        listener_open: port.is_some(),
+    };
+    state
+        .registry
+        .lock()
+        .map_err(|_| internal())?
+        .insert(record);
+
+    // Hand the admission to the data plane; any failure rolls everything back.
+    let sent = match dedicated {
+        Some((p, listener)) => {
+            let w = state.pick_worker();
+            match state.workers[w].send(ToWorker::AdmitDedicated(admission.clone(), listener)) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    if let Some(pool) = &state.ports {
+                        pool.release(p, id);
+                    }
+                    Err(e)
+                }
+            }
+        }
+        None => {
+            let mut r = Ok(());
+            for w in &state.workers {
+                if let Err(e) = w.send(ToWorker::Admit(admission.clone())) {
+                    r = Err(e);
+                    break;
+                }
+            }
+            r
+        }
+    };
+    if let Err(e) = sent {
+        admission.revoke();
+        for w in &state.workers {
+            let _ = w.send(ToWorker::Revoke { id });
+        }
+        state.registry.lock().map_err(|_| internal())?.rollback(id);
+        state.count_error("mailbox_full");
+        tracing::warn!(error = %e, "a worker mailbox refused the session");
+        let mut err = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "dataplane_busy",
+            format!("the data plane cannot take the session now: {e}"),
+        );
+        err.retry_after_s = Some(1);
+        return Err(err);
+    }
+    if port.is_some() {
+        super::persist_ports(&state);
+    }
+    if let Ok(mut c) = state.counters.lock() {
+        c.sessions_created += 1;
+    }
+
+    let token = base64_url(&ticket);
+    let ws_url = ws_url(&state.public_url, port, id, &token);
+    let viewer_url = state.cfg.console.web_dir.as_ref().map(|_| {
+        let base = state.public_url.replacen("ws", "http", 1);
+        let path = format!("proxy/{}?token={}", id_hex(id), token);
+        format!(
+            "{base}/vnc.html?autoconnect=true&resize=scale&path={}",
+            urlencode(&path)
+        )
+    });
+    tracing::info!(
+        session = %id_hex(id),
+        user = %req.user,
+        backend = %addr,
+        port = ?port,
+        "session created"
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateResp {
+            session_id: id_hex(id),
+            ws_url,
+            token,
+            expires_at_ms,
+            port,
+            viewer_url: if port.is_none() { viewer_url } else { None },
+        }),
+    ))
+}
+
+fn internal() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal state unavailable",
+    )
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // A failing system RNG is not recoverable for tickets either; ids only
+    // need uniqueness, so fall back to the clock rather than fail.
+    if getrandom::fill(&mut b).is_err() {
+        return registry::unix_ms(SystemTime::now()).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    u64::from_le_bytes(b) | 1
+}
+
+fn urlencode(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            o.push(b as char);
+        } else {
+            o.push_str(&format!("%{b:02X}"));
+        }
+    }
+    o
+}
+
+/// `ws_url` for a session: the console port's public URL, or the same host
+/// with the dedicated port.
+pub fn ws_url(public_url: &str, port: Option<u16>, id: u64, token: &str) -> String {
+    let base = match port {
+        None => public_url.trim_end_matches('/').to_string(),
+        Some(p) => {
+            let (scheme, rest) = public_url.split_once("://").unwrap_or(("ws", public_url));
+            let hostport = rest.split('/').next().unwrap_or(rest);
+            let host = match hostport.rsplit_once(':') {
+                Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+                _ => hostport,
+            };
+            format!("{scheme}://{host}:{p}")
+        }
+    };
+    format!("{base}/proxy/{}?token={token}", id_hex(id))
+}
+
+async fn resolve_target(
+    state: &ControlState,
+    t: &TargetReq,
+) -> ApiResult<(SocketAddr, TargetView, Option<String>)> {
+    match t.kind.as_str() {
+        "demo" => {
+            let addr = state.demo_addr.ok_or_else(|| {
+                bad(
+                    "demo_disabled",
+                    "the built-in demo server is disabled (demo.enabled)",
+                )
+            })?;
+            let password = state.cfg.demo.password.clone();
+            Ok((
+                addr,
+                TargetView {
+                    kind: "demo".into(),
+                    host: addr.ip().to_string(),
+                    port: addr.port(),
+                    has_password: password.is_some(),
+                },
+                password,
+            ))
+        }
+        "vnc" => {
+            let host = t
+                .host
+                .as_deref()
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| bad("bad_target", "target.host is required for kind vnc"))?;
+            if host.len() > MAX_FIELD_BYTES {
+                return Err(bad("bad_target", "target.host is too long"));
+            }
+            let port = t
+                .port
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("bad_target", "target.port is required (1-65535)"))?;
+            if t.password
+                .as_ref()
+                .is_some_and(|p| p.len() > MAX_FIELD_BYTES)
+            {
+                return Err(bad("bad_target", "target.password is too long"));
+            }
+            // Resolved here, on the control plane, so workers never block on DNS.
+            let addr = tokio::net::lookup_host((host, port))
+                .await
+                .ok()
+                .and_then(|mut it| it.next())
+                .ok_or_else(|| {
+                    state.count_error("target_unresolvable");
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "target_unresolvable",
+                        format!("{host}:{port} does not resolve"),
+                    )
+                })?;
+            Ok((
+                addr,
+                TargetView {
+                    kind: "vnc".into(),
+                    host: host.to_string(),
+                    port,
+                    has_password: t.password.is_some(),
+                },
+                t.password.clone(),
+            ))
+        }
+        other => Err(bad(
+            "unsupported_target",
+            format!("target.kind {other:?} is not supported (vnc, demo)"),
+        )),
+    }
+}
+
+fn parse_id(s: &str) -> ApiResult<u64> {
+    if s.is_empty() || s.len() > 16 {
+        return Err(bad("bad_session_id", "session ids are 16 hex digits"));
+    }
+    u64::from_str_radix(s, 16).map_err(|_| bad("bad_session_id", "session ids are 16 hex digits"))
+}
+
+async fn list_sessions(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
+    authorize(&state, &headers, false)?;
+    let list = state
+        .registry
+        .lock()
+        .map_err(|_| internal())?
+        .list(Instant::now());
+    Ok(Json(json!({"sessions": list})))
+}
+
+async fn get_session(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Record>> {
+    authorize(&state, &headers, false)?;
+    let id = parse_id(&id)?;
+    state
+        .registry
+        .lock()
+        .map_err(|_| internal())?
+        .get(id, Instant::now())
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "session_not_found",
+                "no such session",
+            )
+        })
+}
+
+async fn delete_session(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Record>> {
+    authorize(&state, &headers, true)?;
+    let id = parse_id(&id)?;
+    let rec = state
+        .registry
+        .lock()
+        .map_err(|_| internal())?
+        .revoke(id)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "session_not_found",
+                "no such live session",
+            )
+        })?;
+    // Every worker may hold the admission; the one with the relay closes it.
+    let mut undelivered = 0;
+    for w in &state.workers {
+        if w.send(ToWorker::Revoke { id }).is_err() {
+            undelivered += 1;
+        }
+    }
+    if undelivered > 0 {
+        // The admission is marked revoked already, so no new connect can
+        // use it; a live relay on a worker with a full mailbox closes when
+        // the worker next purges.
+        state.count_error("revoke_undelivered");
+    }
+    if let Ok(mut c) = state.counters.lock() {
+        c.sessions_revoked += 1;
+    }
+    tracing::info!(session = %id_hex(id), "session revoked");
+    Ok(Json(rec))
+}
+
+async fn ports(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
+    authorize(&state, &headers, false)?;
+    let Some(pool) = &state.ports else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "ports_unavailable",
+            "dedicated ports are not configured",
+        ));
+    };
+    Ok(Json(
+        serde_json::to_value(pool.stats()).map_err(|_| internal())?,
+    ))
+}
+
+async fn stats(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
+    authorize(&state, &headers, false)?;
+    Ok(Json(super::metrics_text::stats_json(&state)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ws_urls() {
+        assert_eq!(
+            ws_url("ws://127.0.0.1:6080", None, 0xab, "T"),
+            "ws://127.0.0.1:6080/proxy/00000000000000ab?token=T"
+        );
+        assert_eq!(
+            ws_url("wss://console.example:443/", Some(6100), 1, "T"),
+            "wss://console.example:6100/proxy/0000000000000001?token=T"
+        );
+        assert_eq!(
+            ws_url("ws://host", Some(6101), 1, "T"),
+            "ws://host:6101/proxy/0000000000000001?token=T"
+        );
+    }
+
+    #[test]
+    fn ids_parse_and_urlencode() {
+        assert_eq!(parse_id("00000000000000ab").unwrap(), 0xab);
+        assert!(parse_id("xyz").is_err());
+        assert!(parse_id("").is_err());
+        assert_eq!(urlencode("proxy/ab?token=x"), "proxy/ab%3Ftoken%3Dx");
+    }
+
+    #[test]
+    fn openapi_document_is_json_and_lists_the_paths() {
+        let v: serde_json::Value = serde_json::from_str(OPENAPI_JSON).unwrap();
+        let paths = v["paths"].as_object().unwrap();
+        for p in [
+            "/api/v1/sessions",
+            "/api/v1/sessions/{id}",
+            "/api/v1/ports",
+            "/api/v1/stats",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+        ] {
+            assert!(paths.contains_key(p), "{p}");
+        }
+    }
+}

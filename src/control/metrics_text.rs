@@ -1,0 +1,286 @@
+//! `/metrics` (Prometheus text exposition 0.0.4) and `/api/v1/stats` (JSON).
+//!
+//! Why by hand rather than a metrics crate: every figure here is a snapshot
+//! the workers already own (plain counters sent once a second through the
+//! mailbox), so there is nothing to register or increment on this side; the
+//! text format for a few dozen gauges and counters is a handful of lines.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::registry::State;
+use super::ControlState;
+
+struct Out(String);
+
+impl Out {
+    fn help(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn line(&mut self, name: &str, labels: &[(&str, &str)], v: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let esc = val
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(self.0, "{k}=\"{esc}\"");
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {v}");
+    }
+}
+
+pub fn render(state: &ControlState) -> String {
+    let mut o = Out(String::with_capacity(4096));
+    let now = Instant::now();
+    let stats = state
+        .worker_stats
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+
+    o.help(
+        "consolegate_sessions",
+        "gauge",
+        "Sessions by state (live and recently ended).",
+    );
+    if let Ok(r) = state.registry.lock() {
+        for (name, st) in [
+            ("pending", State::Pending),
+            ("open", State::Open),
+            ("closed", State::Closed),
+            ("expired", State::Expired),
+            ("revoked", State::Revoked),
+        ] {
+            o.line("consolegate_sessions", &[("state", name)], r.count_in(st));
+        }
+    }
+
+    o.help(
+        "consolegate_worker_live_sessions",
+        "gauge",
+        "Connections a worker holds.",
+    );
+    for s in &stats {
+        o.line(
+            "consolegate_worker_live_sessions",
+            &[("worker", &s.worker.to_string())],
+            s.live_sessions,
+        );
+    }
+    o.help(
+        "consolegate_accepted_total",
+        "counter",
+        "Browser connections accepted.",
+    );
+    for s in &stats {
+        o.line(
+            "consolegate_accepted_total",
+            &[("worker", &s.worker.to_string())],
+            s.accepted,
+        );
+    }
+    o.help(
+        "consolegate_handshakes_total",
+        "counter",
+        "WebSocket upgrades accepted.",
+    );
+    for s in &stats {
+        o.line(
+            "consolegate_handshakes_total",
+            &[("worker", &s.worker.to_string())],
+            s.handshakes_ok,
+        );
+    }
+    o.help(
+        "consolegate_relay_bytes_total",
+        "counter",
+        "Payload bytes relayed, by direction.",
+    );
+    for s in &stats {
+        let w = s.worker.to_string();
+        o.line(
+            "consolegate_relay_bytes_total",
+            &[("worker", &w), ("direction", "browser_to_backend")],
+            s.bytes_browser_to_backend,
+        );
+        o.line(
+            "consolegate_relay_bytes_total",
+            &[("worker", &w), ("direction", "backend_to_browser")],
+            s.bytes_backend_to_browser,
+        );
+    }
+    o.help(
+        "consolegate_errors_total",
+        "counter",
+        "Errors by cause (data plane and control plane).",
+    );
+    for s in &stats {
+        let w = s.worker.to_string();
+        for (k, v) in &s.errors {
+            o.line(
+                "consolegate_errors_total",
+                &[("worker", &w), ("cause", k)],
+                v,
+            );
+        }
+    }
+    if let Ok(c) = state.counters.lock() {
+        for (k, v) in &c.errors {
+            o.line(
+                "consolegate_errors_total",
+                &[("worker", "control"), ("cause", k)],
+                v,
+            );
+        }
+        o.help(
+            "consolegate_sessions_created_total",
+            "counter",
+            "Sessions created through the API.",
+        );
+        o.line(
+            "consolegate_sessions_created_total",
+            &[],
+            c.sessions_created,
+        );
+        o.help(
+            "consolegate_sessions_expired_total",
+            "counter",
+            "Tickets not used within their TTL.",
+        );
+        o.line(
+            "consolegate_sessions_expired_total",
+            &[],
+            c.sessions_expired,
+        );
+        o.help(
+            "consolegate_sessions_revoked_total",
+            "counter",
+            "Sessions deleted through the API.",
+        );
+        o.line(
+            "consolegate_sessions_revoked_total",
+            &[],
+            c.sessions_revoked,
+        );
+    }
+    o.help(
+        "consolegate_buffer_chunks",
+        "gauge",
+        "Worker buffer-pool chunks in use and kept free.",
+    );
+    for s in &stats {
+        let w = s.worker.to_string();
+        o.line(
+            "consolegate_buffer_chunks",
+            &[("worker", &w), ("state", "in_use")],
+            s.pool_outstanding,
+        );
+        o.line(
+            "consolegate_buffer_chunks",
+            &[("worker", &w), ("state", "free")],
+            s.pool_free,
+        );
+    }
+    if let Some(p) = &state.ports {
+        let ps = p.stats();
+        o.help("consolegate_ports", "gauge", "Dedicated-port pool.");
+        o.line("consolegate_ports", &[("state", "total")], ps.total_ports);
+        o.line(
+            "consolegate_ports",
+            &[("state", "allocated")],
+            ps.allocated_ports,
+        );
+        o.line("consolegate_ports", &[("state", "free")], ps.free_ports);
+        o.help(
+            "consolegate_port_utilization_percent",
+            "gauge",
+            "Dedicated-port pool utilization.",
+        );
+        o.line(
+            "consolegate_port_utilization_percent",
+            &[],
+            format!("{:.2}", ps.utilization_percent),
+        );
+    }
+    o.help(
+        "consolegate_uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+    );
+    o.line(
+        "consolegate_uptime_seconds",
+        &[],
+        now.duration_since(state.started).as_secs(),
+    );
+    o.0
+}
+
+pub fn stats_json(state: &ControlState) -> serde_json::Value {
+    let stats = state
+        .worker_stats
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    let workers: Vec<serde_json::Value> = stats
+        .iter()
+        .map(|s| {
+            json!({
+                "worker": s.worker,
+                "live_sessions": s.live_sessions,
+                "accepted": s.accepted,
+                "handshakes": s.handshakes_ok,
+                "sessions_closed": s.sessions_closed,
+                "bytes_browser_to_backend": s.bytes_browser_to_backend,
+                "bytes_backend_to_browser": s.bytes_backend_to_browser,
+                "errors": s.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+                "buffer_chunks_in_use": s.pool_outstanding,
+                "buffer_chunks_free": s.pool_free,
+            })
+        })
+        .collect();
+    let (sessions, by_state) = match state.registry.lock() {
+        Ok(r) => (
+            r.live_count(),
+            json!({
+                "pending": r.count_in(State::Pending),
+                "open": r.count_in(State::Open),
+                "closed": r.count_in(State::Closed),
+                "expired": r.count_in(State::Expired),
+                "revoked": r.count_in(State::Revoked),
+            }),
+        ),
+        Err(_) => (0, json!({})),
+    };
+    let control = state
+        .counters
+        .lock()
+        .map(|c| {
+            json!({
+                "sessions_created": c.sessions_created,
+                "sessions_expired": c.sessions_expired,
+                "sessions_revoked": c.sessions_revoked,
+                "reports_received": c.reports_received,
+                "errors": c.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+            })
+        })
+        .unwrap_or_default();
+    json!({
+        "uptime_s": state.started.elapsed().as_secs(),
+        "io": state.io_backend,
+        "workers": workers,
+        "live_sessions": sessions,
+        "sessions_by_state": by_state,
+        "ports": state.ports.as_ref().map(|p| serde_json::to_value(p.stats()).unwrap_or_default()),
+        "control": control,
+    })
+}

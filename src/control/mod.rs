@@ -1,0 +1,244 @@
+//! The control plane: one thread running a current-thread tokio runtime
+//! with the axum REST API, the session registry, the port pool, the TTL
+//! sweeper and the reader of the workers' reports.
+//!
+//! It reaches the workers only through their bounded mailboxes
+//! ([`crate::mailbox`]), never blocks on them (a full mailbox is a 503), and
+//! nothing here runs on a worker thread: the data plane never touches tokio.
+
+pub mod api;
+pub mod metrics_text;
+pub mod registry;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::appliance::{ApplianceConfig, Role};
+use crate::dataplane::worker::WorkerControl;
+use crate::mailbox::{self, FromWorker, Inbox, ToWorker, WorkerStats};
+use crate::ports::PortPool;
+
+use registry::Registry;
+
+/// Errors of the control plane itself (start-up, binding).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("control runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Control-plane counters (errors by kind), next to the workers' snapshots.
+#[derive(Debug, Default)]
+pub struct ControlCounters {
+    pub errors: Vec<(&'static str, u64)>,
+    pub sessions_created: u64,
+    pub sessions_expired: u64,
+    pub sessions_revoked: u64,
+    pub reports_received: u64,
+}
+
+impl ControlCounters {
+    pub fn error(&mut self, kind: &'static str) {
+        if let Some(e) = self.errors.iter_mut().find(|(k, _)| *k == kind) {
+            e.1 += 1;
+        } else {
+            self.errors.push((kind, 1));
+        }
+    }
+}
+
+/// Everything the handlers share. The mutexes are only ever taken on the
+/// control thread (axum needs `Send + Sync` state even on a current-thread
+/// runtime), so they are uncontended.
+pub struct ControlState {
+    pub cfg: ApplianceConfig,
+    pub workers: Vec<mailbox::Sender<ToWorker>>,
+    pub registry: Mutex<Registry>,
+    pub ports: Option<PortPool>,
+    pub port_store: Option<crate::ports::PortStore>,
+    pub worker_stats: Mutex<Vec<WorkerStats>>,
+    pub counters: Mutex<ControlCounters>,
+    pub demo_addr: Option<SocketAddr>,
+    pub public_url: String,
+    pub started: Instant,
+    pub next_worker: AtomicUsize,
+    pub data_plane: Arc<WorkerControl>,
+    pub io_backend: &'static str,
+}
+
+impl ControlState {
+    /// The role a bearer token grants, if any (constant-time comparison).
+    pub fn role_of(&self, token: &str) -> Option<Role> {
+        use subtle::ConstantTimeEq;
+        let mut found = None;
+        for t in &self.cfg.auth.tokens {
+            // Compare every configured token so the time does not say which
+            // one (or whether any) matched early.
+            let eq = t.token.len() == token.len()
+                && bool::from(t.token.as_bytes().ct_eq(token.as_bytes()));
+            if eq && found.is_none() {
+                found = Some(t.role);
+            }
+        }
+        found
+    }
+
+    pub fn count_error(&self, kind: &'static str) {
+        if let Ok(mut c) = self.counters.lock() {
+            c.error(kind);
+        }
+    }
+
+    /// Round-robin choice of the worker that owns a dedicated listener.
+    pub fn pick_worker(&self) -> usize {
+        self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len().max(1)
+    }
+}
+
+/// Serve the control plane until `shutdown` fires. Runs on the calling
+/// thread (the control thread).
+pub fn serve(
+    state: Arc<ControlState>,
+    events: Inbox<FromWorker>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ControlError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ControlError::Runtime)?;
+    rt.block_on(async move {
+        let addr = state.cfg.control.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ControlError::Bind { addr, source })?;
+        tracing::info!(%addr, "control plane listening");
+        let app = api::router(state.clone());
+        tokio::spawn(pump_reports(state.clone(), events));
+        tokio::spawn(sweeper(state.clone()));
+        let mut sd = shutdown.clone();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = sd.wait_for(|v| *v).await;
+            })
+            .await
+            .map_err(ControlError::Runtime)
+    })
+}
+
+/// How often the control plane drains the workers' report queue.
+///
+/// Why a poll and not the queue's eventfd: awaiting a raw fd in tokio needs
+/// `unsafe` registration, which the house rules keep inside `io/`, and the
+/// data plane must not touch tokio. 10 ms bounds the delay of a report
+/// (session opened/closed, port freed) at ~100 cheap wake-ups a second.
+const REPORT_POLL: Duration = Duration::from_millis(10);
+
+/// Read worker reports and apply them.
+async fn pump_reports(state: Arc<ControlState>, mut events: Inbox<FromWorker>) {
+    let mut tick = tokio::time::interval(REPORT_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        events.reset();
+        while let Some(msg) = events.try_recv() {
+            apply_report(&state, msg);
+        }
+    }
+}
+
+fn apply_report(state: &ControlState, msg: FromWorker) {
+    if let Ok(mut c) = state.counters.lock() {
+        c.reports_received += 1;
+    }
+    match msg {
+        FromWorker::Stats(s) => {
+            if let Ok(mut all) = state.worker_stats.lock() {
+                let w = s.worker;
+                if all.len() <= w {
+                    all.resize_with(w + 1, WorkerStats::default);
+                }
+                all[w] = s;
+            }
+        }
+        FromWorker::ListenerClosed { id, port } => {
+            if let Some(p) = &state.ports {
+                p.release(port, id);
+            }
+            persist_ports(state);
+            if let Ok(mut r) = state.registry.lock() {
+                r.listener_closed(id);
+            }
+        }
+        other => {
+            if let Ok(mut r) = state.registry.lock() {
+                r.apply(other, Instant::now());
+            }
+        }
+    }
+}
+
+/// Write the port allocations (atomic temp + rename inside the store).
+pub fn persist_ports(state: &ControlState) {
+    if let (Some(pool), Some(store)) = (&state.ports, &state.port_store) {
+        if let Err(e) = store.save(&pool.allocations()) {
+            state.count_error("ports_persist_failed");
+            tracing::warn!(error = %e, "could not persist port allocations");
+        }
+    }
+}
+
+/// Expire tickets not used within their TTL, prune old records, and run
+/// the port cleanup pass.
+async fn sweeper(state: Arc<ControlState>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let cleanup_every = Duration::from_millis(state.cfg.ports.cleanup_interval_ms.max(1000));
+    let mut last_cleanup = Instant::now();
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let expired = match state.registry.lock() {
+            Ok(mut r) => r.expire(now),
+            Err(_) => Vec::new(),
+        };
+        if !expired.is_empty() {
+            if let Ok(mut c) = state.counters.lock() {
+                c.sessions_expired += expired.len() as u64;
+            }
+            for id in expired {
+                tracing::info!(session = %registry::id_hex(id), "ticket expired unused");
+                // Workers drop expired admissions (and dedicated listeners)
+                // on their own tick; the revoke makes it immediate.
+                for w in &state.workers {
+                    let _ = w.send(ToWorker::Revoke { id });
+                }
+            }
+        }
+        if now.duration_since(last_cleanup) >= cleanup_every {
+            last_cleanup = now;
+            if let Some(pool) = &state.ports {
+                let live = |owner: u64| {
+                    state
+                        .registry
+                        .lock()
+                        .map(|r| r.holds_port(owner))
+                        .unwrap_or(true)
+                };
+                let report = crate::ports::cleanup(pool, live);
+                if report.reclaimed > 0 {
+                    tracing::info!(
+                        reclaimed = report.reclaimed,
+                        "stale port allocations reclaimed"
+                    );
+                    persist_ports(&state);
+                }
+            }
+        }
+    }
+}

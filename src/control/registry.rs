@@ -1,0 +1,421 @@
+//! The session registry: every session the control plane created, its state
+//! as reported by the workers, and the bounds (total, per user).
+//!
+//! Plain data owned by the control thread; no IO.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::mailbox::{Admission, FromWorker};
+
+/// Closed sessions kept for `GET` after they end (oldest dropped first).
+pub const CLOSED_RECORDS_KEPT: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Created; waiting for the browser to connect with the ticket.
+    Pending,
+    /// A browser connected; the relay is live.
+    Open,
+    Closed,
+    /// The ticket was not used within its TTL.
+    Expired,
+    /// Deleted through the API.
+    Revoked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortMode {
+    Shared,
+    Dedicated,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetView {
+    pub kind: String,
+    pub host: String,
+    pub port: u16,
+    pub has_password: bool,
+}
+
+/// One session as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub session_id: String,
+    #[serde(skip)]
+    pub id: u64,
+    pub user: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+    pub target: TargetView,
+    pub state: State,
+    pub port_mode: PortMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    pub bytes_browser_to_backend: u64,
+    pub bytes_backend_to_browser: u64,
+    pub age_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_reason: Option<String>,
+    /// Connects refused for this session (e.g. ticket replays).
+    pub refused_connects: u64,
+    #[serde(skip)]
+    pub created: Instant,
+    #[serde(skip)]
+    pub expires: Instant,
+    #[serde(skip)]
+    pub admission: Option<Arc<Admission>>,
+    /// A dedicated listener is still open (its port is held).
+    #[serde(skip)]
+    pub listener_open: bool,
+}
+
+pub fn id_hex(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("too many sessions ({max})")]
+    TooMany { max: usize },
+    #[error("user {user:?} has too many sessions ({max})")]
+    TooManyForUser { user: String, max: usize },
+}
+
+impl RegistryError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooMany { .. } => "too_many_sessions",
+            Self::TooManyForUser { .. } => "too_many_sessions_for_user",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    live: HashMap<u64, Record>,
+    closed: VecDeque<Record>,
+    max_sessions: usize,
+    max_per_user: usize,
+    per_user: HashMap<String, usize>,
+}
+
+impl Registry {
+    pub fn new(max_sessions: usize, max_per_user: usize) -> Self {
+        Self {
+            live: HashMap::new(),
+            closed: VecDeque::new(),
+            max_sessions,
+            max_per_user,
+            per_user: HashMap::new(),
+        }
+    }
+
+    /// Room for one more session of `user`?
+    pub fn check_capacity(&self, user: &str) -> Result<(), RegistryError> {
+        if self.live.len() >= self.max_sessions {
+            return Err(RegistryError::TooMany {
+                max: self.max_sessions,
+            });
+        }
+        if self.per_user.get(user).copied().unwrap_or(0) >= self.max_per_user {
+            return Err(RegistryError::TooManyForUser {
+                user: user.to_string(),
+                max: self.max_per_user,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn insert(&mut self, r: Record) {
+        *self.per_user.entry(r.user.clone()).or_insert(0) += 1;
+        self.live.insert(r.id, r);
+    }
+
+    /// Remove a record that was never handed out (rollback).
+    pub fn rollback(&mut self, id: u64) {
+        if let Some(r) = self.live.remove(&id) {
+            self.dec_user(&r.user);
+        }
+    }
+
+    fn dec_user(&mut self, user: &str) {
+        if let Some(n) = self.per_user.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_user.remove(user);
+            }
+        }
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn count_in(&self, state: State) -> usize {
+        self.live.values().filter(|r| r.state == state).count()
+            + self.closed.iter().filter(|r| r.state == state).count()
+    }
+
+    pub fn get(&self, id: u64, now: Instant) -> Option<Record> {
+        self.live
+            .get(&id)
+            .or_else(|| self.closed.iter().find(|r| r.id == id))
+            .map(|r| with_age(r, now))
+    }
+
+    pub fn list(&self, now: Instant) -> Vec<Record> {
+        let mut v: Vec<Record> = self
+            .live
+            .values()
+            .chain(self.closed.iter())
+            .map(|r| with_age(r, now))
+            .collect();
+        v.sort_by_key(|r| r.created_at_ms);
+        v
+    }
+
+    /// Whether the session owning a port still needs it.
+    pub fn holds_port(&self, id: u64) -> bool {
+        self.live.get(&id).is_some_and(|r| r.listener_open)
+            || self.closed.iter().any(|r| r.id == id && r.listener_open)
+    }
+
+    pub fn listener_closed(&mut self, id: u64) {
+        if let Some(r) = self.live.get_mut(&id) {
+            r.listener_open = false;
+        }
+        if let Some(r) = self.closed.iter_mut().find(|r| r.id == id) {
+            r.listener_open = false;
+        }
+    }
+
+    /// End a session through the API; returns the record as it was.
+    pub fn revoke(&mut self, id: u64) -> Option<Record> {
+        let mut r = self.live.remove(&id)?;
+        self.dec_user(&r.user);
+        if let Some(a) = &r.admission {
+            a.revoke();
+        }
+        r.state = State::Revoked;
+        if r.close_reason.is_none() {
+            r.close_reason = Some("revoked through the API".into());
+        }
+        let out = r.clone();
+        self.push_closed(r);
+        Some(out)
+    }
+
+    /// Pending sessions whose ticket expired: marked expired; their ids.
+    pub fn expire(&mut self, now: Instant) -> Vec<u64> {
+        let ids: Vec<u64> = self
+            .live
+            .values()
+            .filter(|r| r.state == State::Pending && now >= r.expires)
+            .map(|r| r.id)
+            .collect();
+        for id in &ids {
+            if let Some(mut r) = self.live.remove(id) {
+                self.dec_user(&r.user);
+                if let Some(a) = &r.admission {
+                    a.revoke();
+                }
+                r.state = State::Expired;
+                r.close_reason = Some("ticket not used within its TTL".into());
+                self.push_closed(r);
+            }
+        }
+        ids
+    }
+
+    fn push_closed(&mut self, mut r: Record) {
+        r.admission = None;
+        self.closed.push_back(r);
+        while self.closed.len() > CLOSED_RECORDS_KEPT {
+            self.closed.pop_front();
+        }
+    }
+
+    /// A worker's report about a session.
+    pub fn apply(&mut self, msg: FromWorker, _now: Instant) {
+        match msg {
+            FromWorker::Opened { id, worker, peer } => {
+                if let Some(r) = self.live.get_mut(&id) {
+                    r.state = State::Open;
+                    r.worker = Some(worker);
+                    r.peer = peer.map(|p: SocketAddr| p.to_string());
+                }
+            }
+            FromWorker::Closed {
+                id,
+                worker,
+                code,
+                reason,
+                bytes_up,
+                bytes_down,
+            } => {
+                let rec = match self.live.remove(&id) {
+                    Some(r) => {
+                        self.dec_user(&r.user);
+                        Some(r)
+                    }
+                    None => None,
+                };
+                if let Some(mut r) = rec {
+                    r.state = State::Closed;
+                    r.worker = Some(worker);
+                    r.close_code = code;
+                    r.close_reason = Some(reason);
+                    r.bytes_browser_to_backend = bytes_up;
+                    r.bytes_backend_to_browser = bytes_down;
+                    self.push_closed(r);
+                } else if let Some(r) = self.closed.iter_mut().find(|r| r.id == id) {
+                    // Revoked while live: keep the revoke state, add figures.
+                    r.close_code = code;
+                    r.bytes_browser_to_backend = bytes_up;
+                    r.bytes_backend_to_browser = bytes_down;
+                }
+            }
+            FromWorker::Refused { id, .. } => {
+                if let Some(r) = self.live.get_mut(&id) {
+                    r.refused_connects += 1;
+                } else if let Some(r) = self.closed.iter_mut().find(|r| r.id == id) {
+                    r.refused_connects += 1;
+                }
+            }
+            FromWorker::ListenerClosed { id, .. } => self.listener_closed(id),
+            FromWorker::Stats(_) => {}
+        }
+    }
+}
+
+fn with_age(r: &Record, now: Instant) -> Record {
+    let mut c = r.clone();
+    c.age_ms = now.saturating_duration_since(r.created).as_millis() as u64;
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn rec(id: u64, user: &str, now: Instant) -> Record {
+        Record {
+            session_id: id_hex(id),
+            id,
+            user: user.into(),
+            vm_id: None,
+            target: TargetView {
+                kind: "vnc".into(),
+                host: "127.0.0.1".into(),
+                port: 5900,
+                has_password: false,
+            },
+            state: State::Pending,
+            port_mode: PortMode::Shared,
+            port: None,
+            created_at_ms: id,
+            expires_at_ms: 0,
+            worker: None,
+            peer: None,
+            bytes_browser_to_backend: 0,
+            bytes_backend_to_browser: 0,
+            age_ms: 0,
+            close_code: None,
+            close_reason: None,
+            refused_connects: 0,
+            created: now,
+            expires: now + Duration::from_secs(60),
+            admission: None,
+            listener_open: false,
+        }
+    }
+
+    #[test]
+    fn limits_per_user_and_total() {
+        let now = Instant::now();
+        let mut r = Registry::new(3, 2);
+        r.insert(rec(1, "a", now));
+        r.insert(rec(2, "a", now));
+        assert_eq!(
+            r.check_capacity("a").unwrap_err().code(),
+            "too_many_sessions_for_user"
+        );
+        r.check_capacity("b").unwrap();
+        r.insert(rec(3, "b", now));
+        assert_eq!(
+            r.check_capacity("c").unwrap_err().code(),
+            "too_many_sessions"
+        );
+        r.rollback(3);
+        r.check_capacity("c").unwrap();
+    }
+
+    #[test]
+    fn lifecycle_from_reports() {
+        let now = Instant::now();
+        let mut r = Registry::new(10, 10);
+        r.insert(rec(1, "a", now));
+        r.apply(
+            FromWorker::Opened {
+                id: 1,
+                worker: 1,
+                peer: None,
+            },
+            now,
+        );
+        assert_eq!(r.get(1, now).unwrap().state, State::Open);
+        r.apply(
+            FromWorker::Closed {
+                id: 1,
+                worker: 1,
+                code: Some(1000),
+                reason: "backend closed".into(),
+                bytes_up: 5,
+                bytes_down: 7,
+            },
+            now,
+        );
+        let g = r.get(1, now).unwrap();
+        assert_eq!(g.state, State::Closed);
+        assert_eq!(g.bytes_backend_to_browser, 7);
+        assert_eq!(r.live_count(), 0);
+        r.check_capacity("a").unwrap();
+    }
+
+    #[test]
+    fn expiry_and_revoke() {
+        let now = Instant::now();
+        let mut r = Registry::new(10, 10);
+        r.insert(rec(1, "a", now));
+        r.insert(rec(2, "a", now));
+        assert!(r.expire(now).is_empty());
+        let revoked = r.revoke(2).unwrap();
+        assert_eq!(revoked.state, State::Revoked);
+        assert_eq!(r.expire(now + Duration::from_secs(61)), vec![1]);
+        assert_eq!(r.get(1, now).unwrap().state, State::Expired);
+        assert_eq!(r.get(2, now).unwrap().state, State::Revoked);
+        assert_eq!(r.live_count(), 0);
+        assert!(r.revoke(2).is_none());
+    }
+}
