@@ -23,7 +23,7 @@ test-deps: deps
 # The appliance on its built-in default: until appliance mode exists this is
 # `consolegate proxy` in front of a local Xvnc that the script starts itself.
 run: deps release
-	@bash scripts/run-demo.sh
+	@bash scripts/run.sh
 
 test: test-deps
 	$(CARGO) fmt --all -- --check

@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# `make bench`: the latency benchmark — consolegate (epoll and io_uring) against
-# direct TCP, a plain TCP relay and websockify, all on 127.0.0.1.
+# `make bench`: every benchmark in one run — latency, throughput, idle-session
+# memory and handshakes — for consolegate (io_uring and epoll) against direct
+# TCP, a plain TCP relay and websockify, all on 127.0.0.1; one combined report.
 #
-#   bash scripts/bench.sh                 # defaults: concurrency 1,4; 3 runs
-#   bash scripts/bench.sh --runs 1 --concurrency 1,4,64   # extra args go to the bench
+#   bash scripts/bench.sh                          # `consolegate-bench all` with its defaults
+#   bash scripts/bench.sh --runs 1 --skip memory   # extra args go to the bench
+#   bash scripts/bench.sh --consolegate-arg=--workers=1   # a consolegate variant
+#   bash scripts/bench.sh latency --runs 5         # one benchmark alone
+#                                                  # (latency|throughput|memory|handshakes)
 #
 # Steps: release build; a Python virtualenv at bench/.venv with websockify and
-# numpy pinned (websockify unmasks with numpy when it is importable); then
-# `consolegate-bench latency`, which writes bench/results/<UTC time>/
-# (latency.txt, latency.json, hgrm/, logs/) and points bench/results/latest
-# at it. Every server it starts listens on 127.0.0.1 and is stopped at the end.
+# numpy pinned (websockify unmasks with numpy when it is importable); then the
+# bench, which writes bench/results/<UTC time>/ (report.md, report.json,
+# latency.svg, per-benchmark .txt/.json, hgrm/, logs/) and points
+# bench/results/latest at it. After an `all` run, the summary and the plot are
+# copied to docs/bench/ (small, meant to be committed with docs/BENCHMARKS.md).
+# Every server it starts listens on 127.0.0.1 and is stopped at the end.
+#
+# The bench raises its soft open-file limit to the hard limit; kernel settings
+# from tuning/99-consolegate.conf are only reported, unless --apply-sysctl is
+# passed (it runs `sysctl -w`, which changes the machine until reboot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -88,8 +98,14 @@ mkdir -p "$OUT"
 GIT_REV="$(git rev-parse --short HEAD 2>/dev/null || echo none)"
 if [[ -n "$(git status --porcelain 2>/dev/null | head -1)" ]]; then GIT_REV="$GIT_REV+dirty"; fi
 
+SUBCOMMAND=all
+case "${1:-}" in
+    all|latency|throughput|memory|handshakes) SUBCOMMAND=$1; shift ;;
+esac
+
 STATUS=0
-target/release/consolegate-bench latency \
+START_S=$SECONDS
+target/release/consolegate-bench "$SUBCOMMAND" \
     --out-dir "$OUT" \
     --websockify "$VENV/bin/websockify" \
     --consolegate target/release/consolegate \
@@ -102,5 +118,13 @@ target/release/consolegate-bench latency \
     "${EXTRA_ARGS[@]}" "$@" || STATUS=$?
 
 ln -sfn "$STAMP_UTC" bench/results/latest
-log "results: $OUT (also bench/results/latest)"
+log "results: $OUT (also bench/results/latest); bench wall time $((SECONDS - START_S)) s"
+
+# --- 4. publish the summary next to the docs ----------------------------------
+if [[ "$SUBCOMMAND" == all && -f "$OUT/report.md" ]]; then
+    mkdir -p docs/bench
+    cp "$OUT/report.md" docs/bench/summary.md
+    [[ -f "$OUT/latency.svg" ]] && cp "$OUT/latency.svg" docs/bench/latency.svg
+    log "copied report.md and latency.svg to docs/bench/"
+fi
 exit "$STATUS"

@@ -84,6 +84,15 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         // The built-in default has no token: make one and say it once.
         println!("admin token: {token}");
     }
+    if cfg.console.web_dir.is_none() && !matches!(source, Source::File(_)) {
+        // Out of the box: serve Debian's noVNC on the console port when it
+        // is installed, so the demo console opens in a browser.
+        let novnc = std::path::PathBuf::from("/usr/share/novnc");
+        if novnc.join("vnc.html").is_file() {
+            tracing::info!(dir = %novnc.display(), "serving noVNC on the console port");
+            cfg.console.web_dir = Some(novnc);
+        }
+    }
     let state_dir = cfg.resolve_state_dir()?;
     tracing::info!(dir = %state_dir.path.display(), origin = ?state_dir.origin, "state directory");
 
@@ -149,7 +158,10 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         }),
     )?;
     let public_url = cfg.public_url_with(dp.addr);
-    let control_addr = cfg.control.listen;
+    // Bound here so the real address (port 0 in tests) can be printed.
+    let control_listener = std::net::TcpListener::bind(cfg.control.listen)
+        .with_context(|| format!("control listen {}", cfg.control.listen))?;
+    let control_addr = control_listener.local_addr()?;
     let state = Arc::new(ControlState {
         registry: Mutex::new(Registry::new(
             cfg.sessions.max_sessions,
@@ -176,7 +188,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("cg-control".into())
             .spawn(move || {
-                let r = control::serve(state.clone(), events_rx, sd_rx);
+                let r = control::serve(state.clone(), control_listener, events_rx, sd_rx);
                 if let Err(e) = &r {
                     // Without its control plane the appliance is useless:
                     // stop the data plane too, so the process exits non-zero.

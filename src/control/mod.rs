@@ -106,6 +106,7 @@ impl ControlState {
 /// thread (the control thread).
 pub fn serve(
     state: Arc<ControlState>,
+    listener: std::net::TcpListener,
     events: Inbox<FromWorker>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ControlError> {
@@ -114,9 +115,11 @@ pub fn serve(
         .build()
         .map_err(ControlError::Runtime)?;
     rt.block_on(async move {
-        let addr = state.cfg.control.listen;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let addr = listener.local_addr().map_err(ControlError::Runtime)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(ControlError::Runtime)?;
+        let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|source| ControlError::Bind { addr, source })?;
         tracing::info!(%addr, "control plane listening");
         let app = api::router(state.clone());

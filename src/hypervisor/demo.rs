@@ -600,6 +600,11 @@ struct Converter {
     blue: [u32; 256],
     bytes: usize,
     big_endian: bool,
+    /// Bits of a 32-bit pixel no channel uses, sent as ones. RFB leaves
+    /// them unspecified; noVNC 1.3 (Debian 12) treats the padding byte of
+    /// Raw pixels as alpha past its first chunk, so zeros would render as
+    /// transparent (invisible) rows.
+    pad: u32,
 }
 
 impl Converter {
@@ -614,12 +619,18 @@ impl Converter {
             }
             t
         }
+        let bytes = usize::from(pf.bits_per_pixel / 8).max(1);
+        let mask = |max: u16, shift: u8| u32::from(max).checked_shl(u32::from(shift)).unwrap_or(0);
+        let used = mask(pf.red_max, pf.red_shift)
+            | mask(pf.green_max, pf.green_shift)
+            | mask(pf.blue_max, pf.blue_shift);
         Converter {
             red: table(pf.red_max, pf.red_shift),
             green: table(pf.green_max, pf.green_shift),
             blue: table(pf.blue_max, pf.blue_shift),
-            bytes: usize::from(pf.bits_per_pixel / 8).max(1),
+            bytes,
             big_endian: pf.big_endian,
+            pad: if bytes == 4 { !used } else { 0 },
         }
     }
 
@@ -627,6 +638,7 @@ impl Converter {
         self.red[((rgb >> 16) & 0xFF) as usize]
             | self.green[((rgb >> 8) & 0xFF) as usize]
             | self.blue[(rgb & 0xFF) as usize]
+            | self.pad
     }
 
     fn put_row(&self, row: &[u32], out: &mut Vec<u8>) {
@@ -1402,8 +1414,9 @@ mod tests {
         let first = c.fb.clone();
         let px: Vec<&[u8]> = first.chunks(4).collect();
         assert!(px.iter().any(|p| *p != px[0]), "pattern is not flat");
-        // Colour bars: top-left is white, in 32bpp little-endian 0x00RRGGBB.
-        assert_eq!(px[0], &[0xFF, 0xFF, 0xFF, 0]);
+        // Colour bars: top-left is white, in 32bpp little-endian 0xFFRRGGBB
+        // (unused bits are sent as ones, see `Converter::pad`).
+        assert_eq!(px[0], &[0xFF, 0xFF, 0xFF, 0xFF]);
 
         c.request(true, 0, 0, 64, 48);
         let rects = c.read_update();
@@ -1495,7 +1508,7 @@ mod tests {
         };
         out.clear();
         Converter::new(&bgr_be32).put_row(&[0x12_34_56], &mut out);
-        assert_eq!(out, [0x00, 0x56, 0x34, 0x12]);
+        assert_eq!(out, [0xFF, 0x56, 0x34, 0x12]);
         // Silly shifts lose the channel instead of panicking.
         let odd = PixelFormat {
             red_shift: 200,
@@ -1505,7 +1518,8 @@ mod tests {
         };
         out.clear();
         Converter::new(&odd).put_row(&[white], &mut out);
-        assert_eq!(out, (0x8000_0000u32 | 0xFF).to_le_bytes());
+        // Green's one surviving bit and blue, plus the unused bits as ones.
+        assert_eq!(out, (0x8000_0000u32 | 0xFF | 0x7FFF_FF00).to_le_bytes());
     }
 
     #[test]
@@ -1561,7 +1575,7 @@ mod tests {
         c.read_update();
         let at =
             |fb: &[u8], x: usize, y: usize| fb[(y * 64 + x) * 4..(y * 64 + x) * 4 + 4].to_vec();
-        assert_eq!(at(&c.fb, 10, 20), [0, 0, 0xFF, 0]);
+        assert_eq!(at(&c.fb, 10, 20), [0, 0, 0xFF, 0xFF]);
         assert_ne!(before, c.fb);
         c.s.write_all(&[4, 1, 0, 0, 0, 0, 0, 0x61]).unwrap();
         // ClientCutText is skipped whatever its content.
