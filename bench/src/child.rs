@@ -6,7 +6,6 @@
 //! Every wait here is bounded by a deadline; a child that never gets ready is
 //! an error, never a hang.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -84,6 +83,20 @@ impl ChildProc {
 
     pub fn command_line(&self) -> &str {
         &self.command_line
+    }
+
+    /// The child's PID while it has not been stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether the child has exited (without reaping anything else).
+    pub fn has_exited(&mut self) -> bool {
+        self.exited().is_some()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
     }
 
     fn exited(&mut self) -> Option<String> {
@@ -208,49 +221,12 @@ impl Drop for ChildProc {
     }
 }
 
-/// All live descendants of `pid`, from /proc (parent links in `/proc/N/stat`).
+/// All live descendants of `pid` (not `pid` itself).
 fn descendants_of(pid: u32) -> Vec<u32> {
-    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let Some(p) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            if let Some(ppid) = parse_ppid(&stat) {
-                children.entry(ppid).or_default().push(p);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    let mut todo = vec![pid];
-    // Bounded by the number of processes read above.
-    while let Some(p) = todo.pop() {
-        if let Some(kids) = children.get(&p) {
-            for &k in kids {
-                if !out.contains(&k) && k != pid {
-                    out.push(k);
-                    todo.push(k);
-                }
-            }
-        }
-    }
-    out
-}
-
-/// The ppid field of a `/proc/N/stat` line. The command name (field 2) may
-/// contain spaces and parentheses, so parse from the last `)`.
-fn parse_ppid(stat: &str) -> Option<u32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let _state = fields.next()?;
-    fields.next()?.parse().ok()
+    crate::procfs::process_tree(pid)
+        .into_iter()
+        .filter(|&p| p != pid)
+        .collect()
 }
 
 /// The last `max` bytes of a log, on one line, for error messages.
@@ -289,13 +265,6 @@ pub fn require_file(path: &Path, hint: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_ppid_even_with_odd_command_names() {
-        assert_eq!(parse_ppid("1234 (python3) S 77 1234 1234 0 -1"), Some(77));
-        assert_eq!(parse_ppid("1234 (a) b) (c) R 5 1 1"), Some(5));
-        assert_eq!(parse_ppid("garbage"), None);
-    }
 
     #[test]
     fn stops_a_child_and_its_forked_grandchild() {

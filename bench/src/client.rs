@@ -140,10 +140,12 @@ impl Session {
                 "message size {message_bytes} outside 1..={MAX_MESSAGE_BYTES}"
             )));
         }
-        let stream = TcpStream::connect_timeout(&addr, io_timeout).map_err(ClientError::Connect)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(io_timeout))?;
-        stream.set_write_timeout(Some(io_timeout))?;
+        let (stream, leftover) = open_stream(addr, transport, io_timeout, u64::from(id))?;
+        if leftover.len() > RX_BUF_BYTES {
+            return Err(ClientError::Protocol(
+                "too many bytes after the upgrade".into(),
+            ));
+        }
         let mut s = Session {
             stream,
             websocket: false,
@@ -157,48 +159,10 @@ impl Session {
             rx_start: 0,
             rx_end: 0,
         };
-        if let Transport::WebSocket { path, subprotocol } = transport {
-            s.websocket = true;
-            s.handshake(&addr.to_string(), path, subprotocol.as_deref())?;
-        }
+        s.websocket = matches!(transport, Transport::WebSocket { .. });
+        s.rx[..leftover.len()].copy_from_slice(&leftover);
+        s.rx_end = leftover.len();
         Ok(s)
-    }
-
-    fn handshake(
-        &mut self,
-        host: &str,
-        path: &str,
-        subprotocol: Option<&str>,
-    ) -> Result<(), ClientError> {
-        let mut raw = [0u8; 16];
-        raw[..8].copy_from_slice(&self.rng.next_u64().to_le_bytes());
-        raw[8..].copy_from_slice(&self.rng.next_u64().to_le_bytes());
-        let key = wsproto::encode_key(raw);
-        let req = wsproto::upgrade_request(host, path, &key, subprotocol);
-        self.stream.write_all(req.as_bytes())?;
-        let mut len = 0;
-        loop {
-            if len == MAX_UPGRADE_RESPONSE_BYTES {
-                return Err(ClientError::Handshake("response headers too long".into()));
-            }
-            let n = self
-                .stream
-                .read(&mut self.rx[len..MAX_UPGRADE_RESPONSE_BYTES])?;
-            if n == 0 {
-                return Err(ClientError::Closed("during the upgrade".into()));
-            }
-            len += n;
-            match wsproto::check_upgrade_response(&self.rx[..len], &key) {
-                Ok(UpgradeResponse::Partial) => continue,
-                Ok(UpgradeResponse::Accepted { body_offset }) => {
-                    // Bytes after the headers are already frames.
-                    self.rx_start = body_offset;
-                    self.rx_end = len;
-                    return Ok(());
-                }
-                Err(e) => return Err(ClientError::Handshake(e)),
-            }
-        }
     }
 
     /// Sends one message and waits for its complete echo; returns the time
@@ -315,6 +279,56 @@ impl Session {
             self.rx_end += n;
         }
     }
+}
+
+/// Connects (TCP_NODELAY, read/write timeouts of `io_timeout`) and, for
+/// WebSocket, completes the upgrade. Returns the stream and any bytes that
+/// came after the response headers (already frames).
+pub fn open_stream(
+    addr: SocketAddr,
+    transport: &Transport,
+    io_timeout: Duration,
+    salt: u64,
+) -> Result<(TcpStream, Vec<u8>), ClientError> {
+    let mut stream = TcpStream::connect_timeout(&addr, io_timeout).map_err(ClientError::Connect)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(io_timeout))?;
+    stream.set_write_timeout(Some(io_timeout))?;
+    let Transport::WebSocket { path, subprotocol } = transport else {
+        return Ok((stream, Vec::new()));
+    };
+    let mut rng = Rng::seeded(salt);
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+    raw[8..].copy_from_slice(&rng.next_u64().to_le_bytes());
+    let key = wsproto::encode_key(raw);
+    let req = wsproto::upgrade_request(&addr.to_string(), path, &key, subprotocol.as_deref());
+    stream.write_all(req.as_bytes())?;
+    let mut buf = vec![0u8; MAX_UPGRADE_RESPONSE_BYTES];
+    let mut len = 0;
+    loop {
+        if len == MAX_UPGRADE_RESPONSE_BYTES {
+            return Err(ClientError::Handshake("response headers too long".into()));
+        }
+        let n = stream.read(&mut buf[len..])?;
+        if n == 0 {
+            return Err(ClientError::Closed("during the upgrade".into()));
+        }
+        len += n;
+        match wsproto::check_upgrade_response(&buf[..len], &key) {
+            Ok(UpgradeResponse::Partial) => continue,
+            Ok(UpgradeResponse::Accepted { body_offset }) => {
+                return Ok((stream, buf[body_offset..len].to_vec()));
+            }
+            Err(e) => return Err(ClientError::Handshake(e)),
+        }
+    }
+}
+
+/// Random-enough mask keys for a sender of many frames.
+pub fn mask_source(salt: u64) -> impl FnMut() -> [u8; 4] {
+    let mut rng = Rng::seeded(salt);
+    move || rng.next_mask()
 }
 
 fn read_exact_or_closed(stream: &mut TcpStream, buf: &mut [u8]) -> Result<(), ClientError> {

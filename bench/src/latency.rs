@@ -7,19 +7,21 @@
 //! measuring or formatting of its own.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::common::{unix_now, Common};
 use crate::echo;
-use crate::proxy::{self, ProxyEnv, ProxyKind};
+use crate::proxy::{self, ProxyKind};
 use crate::report::{self, Machine, Row};
 use crate::stats::{self, Percentiles};
+use crate::svg;
 use crate::workload::{self, PingPongConfig};
 
 /// Most concurrent sessions one measurement may open (threads and sockets on
@@ -37,14 +39,7 @@ pub struct LatencyConfig {
     pub warmup_round_trips: u64,
     pub round_trips: u64,
     pub time_limit_ms: u64,
-    pub io_timeout_ms: u64,
-    pub startup_timeout_ms: u64,
-    pub websockify: PathBuf,
-    pub consolegate: PathBuf,
-    pub ws_path: String,
-    pub ws_subprotocol: Option<String>,
-    pub out_dir: PathBuf,
-    pub meta: BTreeMap<String, String>,
+    pub common: Common,
 }
 
 /// One proxy × concurrency measurement in one run.
@@ -136,12 +131,8 @@ pub struct Report {
     /// Median of each figure across runs (figures of failed runs left out).
     pub median: Vec<Summary>,
     pub runs: Vec<Run>,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    /// The percentile plot, relative to the output directory.
+    pub plot: Option<String>,
 }
 
 /// Fills `added` and the ratios of every cell of one run from the direct-TCP,
@@ -265,8 +256,8 @@ pub fn run(cfg: LatencyConfig, stop: Arc<AtomicBool>) -> Result<Report> {
     let started = unix_now();
     // Before anything of ours runs: load here is other work on the machine.
     let machine = Machine::describe();
-    std::fs::create_dir_all(&cfg.out_dir)
-        .with_context(|| format!("creating {}", cfg.out_dir.display()))?;
+    let out_dir = cfg.common.out_dir.clone();
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
 
     // The baseline always runs first; then each proxy once, in the given order.
     let mut proxies = vec![ProxyKind::Direct];
@@ -276,23 +267,14 @@ pub fn run(cfg: LatencyConfig, stop: Arc<AtomicBool>) -> Result<Report> {
         }
     }
     let mut echo = echo::start().context("starting the echo backend")?;
-    let env = ProxyEnv {
-        backend: echo.addr(),
-        websockify: cfg.websockify.clone(),
-        consolegate: cfg.consolegate.clone(),
-        log_dir: cfg.out_dir.join("logs"),
-        startup_timeout: Duration::from_millis(cfg.startup_timeout_ms),
-        io_timeout: Duration::from_millis(cfg.io_timeout_ms),
-        ws_path: cfg.ws_path.clone(),
-        ws_subprotocol: cfg.ws_subprotocol.clone(),
-    };
+    let env = cfg.common.env(echo.addr());
     let workload_cfg = |sessions| PingPongConfig {
         sessions,
         message_bytes: cfg.message_bytes,
         warmup_round_trips: cfg.warmup_round_trips,
         round_trips: cfg.round_trips,
         time_limit: Duration::from_millis(cfg.time_limit_ms),
-        io_timeout: Duration::from_millis(cfg.io_timeout_ms),
+        io_timeout: Duration::from_millis(cfg.common.io_timeout_ms),
     };
     eprintln!("echo backend on {}", echo.addr());
 
@@ -305,7 +287,7 @@ pub fn run(cfg: LatencyConfig, stop: Arc<AtomicBool>) -> Result<Report> {
             if stop.load(Ordering::SeqCst) {
                 break;
             }
-            let mut running = match proxy::start(kind, &env, run) {
+            let mut running = match proxy::start(kind, &env, &format!("latency-run{run}")) {
                 Ok(p) => p,
                 Err(e) => {
                     let msg = format!("{e:#}");
@@ -343,7 +325,7 @@ pub fn run(cfg: LatencyConfig, stop: Arc<AtomicBool>) -> Result<Report> {
                 let cell = match result {
                     Ok(out) => {
                         let rel = format!("hgrm/run-{run}/{}", hgrm_name(kind, conc));
-                        write_hgrm(&cfg.out_dir, &rel, &out.hist)?;
+                        write_hgrm(&out_dir, &rel, &out.hist)?;
                         all_runs
                             .entry((kind, conc))
                             .or_insert_with(workload::new_histogram)
@@ -396,13 +378,20 @@ pub fn run(cfg: LatencyConfig, stop: Arc<AtomicBool>) -> Result<Report> {
     for s in &mut median {
         if let Some(h) = all_runs.get(&(s.proxy, s.concurrency)) {
             let rel = format!("hgrm/all-runs/{}", hgrm_name(s.proxy, s.concurrency));
-            write_hgrm(&cfg.out_dir, &rel, h)?;
+            write_hgrm(&out_dir, &rel, h)?;
             s.hgrm_all_runs = Some(rel);
         }
     }
+    let plot = if all_runs.is_empty() {
+        None
+    } else {
+        let text = plot_svg(&all_runs, &proxies, &cfg.concurrency, cfg.message_bytes);
+        std::fs::write(out_dir.join("latency.svg"), text)?;
+        Some("latency.svg".to_string())
+    };
     let report = Report {
         benchmark: "latency",
-        schema_version: 1,
+        schema_version: 2,
         started_at_unix_s: started,
         finished_at_unix_s: unix_now(),
         interrupted: stop.load(Ordering::SeqCst),
@@ -411,15 +400,51 @@ pub fn run(cfg: LatencyConfig, stop: Arc<AtomicBool>) -> Result<Report> {
         histogram_unit: "microseconds",
         median,
         runs,
+        plot,
     };
     let text = render_text(&report);
     print!("{text}");
-    let out_dir = &report.config.out_dir;
     std::fs::write(out_dir.join("latency.txt"), &text)?;
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(out_dir.join("latency.json"), json + "\n")?;
     eprintln!("results in {}", out_dir.display());
     Ok(report)
+}
+
+/// The percentile distributions of all runs merged: one panel per
+/// concurrency, one line per proxy (a proxy keeps its color across panels).
+pub fn plot_svg(
+    hists: &BTreeMap<(ProxyKind, usize), Histogram<u64>>,
+    proxies: &[ProxyKind],
+    concurrency: &[usize],
+    message_bytes: usize,
+) -> String {
+    let panels: Vec<svg::Panel> = concurrency
+        .iter()
+        .map(|&conc| svg::Panel {
+            title: format!(
+                "{conc} concurrent session{}",
+                if conc == 1 { "" } else { "s" }
+            ),
+            series: proxies
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &p)| {
+                    let h = hists.get(&(p, conc))?;
+                    Some(svg::Series {
+                        name: p.name().to_string(),
+                        color: svg::color_for(i),
+                        points: svg::points_from_histogram(h, 1.0),
+                    })
+                })
+                .collect(),
+        })
+        .collect();
+    svg::latency_plot(
+        &format!("Round-trip latency of {message_bytes}-byte messages (all runs merged)"),
+        "round trip",
+        &panels,
+    )
 }
 
 /// The table with its context: what ran, where, and which proxies failed why.
@@ -478,9 +503,9 @@ pub fn render_text(r: &Report) -> String {
     if r.interrupted {
         out.push_str("\nInterrupted: the figures above are partial.\n");
     }
-    if !c.meta.is_empty() {
+    if !c.common.meta.is_empty() {
         out.push('\n');
-        for (k, v) in &c.meta {
+        for (k, v) in &c.common.meta {
             out.push_str(&format!("{k}: {v}\n"));
         }
     }

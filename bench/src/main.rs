@@ -1,34 +1,53 @@
 //! consolegate-bench: measures consolegate against direct TCP, a plain TCP
 //! relay and websockify on this machine, all on 127.0.0.1.
 //!
-//! Layout, so the harness can grow: `proxy` (proxies under test), `workload`
-//! (what clients do), `client`/`wsproto` (the hand-written clients),
-//! `echo`/`relay`/`server` (in-process servers), `child` (child processes),
-//! `stats` and `report` (figures and reporters), and one module per benchmark
-//! wiring them together (`latency`).
+//! Layout: `proxy` (proxies under test), `common` (what every benchmark
+//! shares), `workload`/`client`/`wsproto` (the blocking clients),
+//! `evclient` (the event-driven client for many connections),
+//! `echo`/`relay`/`server` (in-process servers), `childserver` (the bench's
+//! own servers run as child processes), `child` (child processes), `procfs`
+//! (CPU and memory of process trees), `tuning` (host limits), `stats`,
+//! `report` and `svg` (figures and reporters), and one module per benchmark
+//! (`latency`, `throughput`, `memory`, `handshakes`) plus `all`.
 
+mod all;
 mod child;
+mod childserver;
 mod client;
+mod common;
 mod echo;
+mod evclient;
+mod handshakes;
 mod latency;
+mod memory;
+mod procfs;
 mod proxy;
 mod relay;
 mod report;
 mod server;
 mod stats;
+mod svg;
+mod throughput;
+mod tuning;
 mod workload;
 mod wsproto;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::all::Bench;
+use crate::common::Common;
+use crate::memory::SessionCount;
 use crate::proxy::ProxyKind;
+use crate::throughput::Direction;
 
 #[derive(Parser)]
 #[command(
@@ -40,16 +59,87 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Closed-loop round-trip latency of small messages through each proxy,
     /// and the latency each adds over direct TCP.
-    Latency(LatencyArgs),
+    Latency {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        opts: LatencyOpts,
+    },
+    /// Bulk throughput down (backend → browser) and up (browser → backend),
+    /// and the proxy's CPU seconds per GB.
+    Throughput {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        opts: ThroughputOpts,
+    },
+    /// Memory per idle session (PSS) and how many idle sessions stay live.
+    Memory {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        opts: MemoryOpts,
+    },
+    /// WebSocket handshakes per second (connect, upgrade, 101, close).
+    Handshakes {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        opts: HandshakeOpts,
+    },
+    /// Every benchmark in one run, one combined report (what `make bench` runs).
+    All {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        latency: LatencyOpts,
+        #[command(flatten)]
+        throughput: ThroughputOpts,
+        #[command(flatten)]
+        memory: MemoryOpts,
+        #[command(flatten)]
+        handshakes: HandshakeOpts,
+        /// Benchmarks to leave out.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        skip: Vec<Bench>,
+    },
+    /// (internal) The plain TCP relay as a child process of the bench.
+    #[command(hide = true)]
+    RelayServer {
+        #[arg(long)]
+        backend: SocketAddr,
+        #[arg(long, default_value_t = 3600)]
+        max_lifetime_s: u64,
+    },
+    /// (internal) The silent (echo-on-demand) backend as a child process.
+    #[command(hide = true)]
+    SinkServer {
+        #[arg(long, default_value_t = 3600)]
+        max_lifetime_s: u64,
+    },
 }
 
 #[derive(Args)]
-struct LatencyArgs {
-    /// Proxies under test, in order (direct TCP always runs first as the baseline).
+struct CommonArgs {
+    /// Proxies under test, in order (latency always runs direct TCP first as
+    /// the baseline). Memory and handshakes leave plain-relay out unless
+    /// --memory-proxies / --handshake-proxies name it.
     #[arg(
         long,
         value_enum,
@@ -57,13 +147,60 @@ struct LatencyArgs {
         default_value = "plain-relay,websockify,consolegate-epoll,consolegate-uring"
     )]
     proxies: Vec<ProxyKind>,
-    /// Concurrent client sessions, one measurement per value.
-    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    /// websockify executable.
+    #[arg(long, default_value = "bench/.venv/bin/websockify")]
+    websockify: PathBuf,
+    /// consolegate executable.
+    #[arg(long, default_value = "target/release/consolegate")]
+    consolegate: PathBuf,
+    /// Extra argument for every consolegate instance (repeatable), e.g.
+    /// `--consolegate-arg=--workers=1`.
+    #[arg(
+        long = "consolegate-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true
+    )]
+    consolegate_args: Vec<String>,
+    /// Request path of the WebSocket upgrade.
+    #[arg(long, default_value = "/")]
+    ws_path: String,
+    /// Sec-WebSocket-Protocol to offer (none by default).
+    #[arg(long)]
+    ws_subprotocol: Option<String>,
+    /// Connect/read/write timeout of blocking client sockets.
+    #[arg(long, default_value_t = 5_000)]
+    io_timeout_ms: u64,
+    /// How long a proxy may take to start listening.
+    #[arg(long, default_value_t = 15_000)]
+    startup_timeout_ms: u64,
+    /// Where the reports, hgrm/, latency.svg and logs/ go.
+    #[arg(long, default_value = "bench/results/manual")]
+    out_dir: PathBuf,
+    /// Free-form KEY=VALUE recorded in the report (e.g. tool versions).
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    meta: Vec<String>,
+}
+
+#[derive(Args)]
+struct HostArgs {
+    /// sysctl file whose settings are checked (and applied with --apply-sysctl).
+    #[arg(long, default_value = "tuning/99-consolegate.conf")]
+    tuning_file: PathBuf,
+    /// Apply the tuning file's settings that the host does not meet
+    /// (`sysctl -w`; changes the machine until reboot).
+    #[arg(long)]
+    apply_sysctl: bool,
+}
+
+#[derive(Args)]
+struct LatencyOpts {
+    /// Concurrent client sessions, one measurement per value (latency).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,64,1000")]
     concurrency: Vec<usize>,
-    /// Repetitions of the whole comparison; the report gives the median.
+    /// Repetitions of the latency comparison; the report gives the median.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Payload bytes per message.
+    /// Payload bytes per latency message.
     #[arg(long, default_value_t = 10)]
     message_bytes: usize,
     /// Round trips per session before measuring (discarded).
@@ -72,33 +209,109 @@ struct LatencyArgs {
     /// Measured round trips per session, at most.
     #[arg(long, default_value_t = 5000)]
     round_trips: u64,
-    /// Measured phase per session, at most (warm-up has the same bound).
-    #[arg(long, default_value_t = 10_000)]
+    /// Measured latency phase per session, at most (warm-up has the same bound).
+    #[arg(long, default_value_t = 3_000)]
     time_limit_ms: u64,
-    /// Connect/read/write timeout of client sockets.
+}
+
+#[derive(Args)]
+struct ThroughputOpts {
+    /// Directions to measure.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "down,up")]
+    directions: Vec<Direction>,
+    /// Repetitions of the throughput comparison.
+    #[arg(long, default_value_t = 3)]
+    throughput_runs: usize,
+    /// Measured payload per proxy × direction × run (e.g. 1GiB, 256MiB, 1000000).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    throughput_bytes: u64,
+    /// Concurrent sessions sharing that budget.
+    #[arg(long, default_value_t = 1)]
+    throughput_sessions: usize,
+    /// Backend write size (down) and client frame payload (up).
+    #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
+    chunk_bytes: u64,
+    /// Unmeasured payload per session first.
+    #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
+    throughput_warmup_bytes: u64,
+    /// Measured phase per proxy × direction, at most.
+    #[arg(long, default_value_t = 10_000)]
+    throughput_time_limit_ms: u64,
+}
+
+#[derive(Args)]
+struct MemoryOpts {
+    /// Idle session counts (numbers or `max`: the most the host's limits allow).
+    #[arg(long, value_delimiter = ',', default_value = "1000,8000,max")]
+    memory_sessions: Vec<SessionCount>,
+    /// Proxies for the memory benchmark (default: --proxies without plain-relay).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    memory_proxies: Option<Vec<ProxyKind>>,
+    /// websockify forks per session: its runs are capped at this count.
+    #[arg(long, default_value_t = 1000)]
+    websockify_max_sessions: usize,
+    /// Handshakes in flight while opening idle sessions.
+    #[arg(long, default_value_t = 128)]
+    memory_connect_concurrency: usize,
+    /// Opening N sessions, at most.
+    #[arg(long, default_value_t = 120_000)]
+    memory_open_timeout_ms: u64,
+    /// Opening stops when no handshake completes for this long.
     #[arg(long, default_value_t = 5_000)]
-    io_timeout_ms: u64,
-    /// How long a proxy may take to start listening.
+    memory_stall_ms: u64,
+    /// Hold before reading memory.
+    #[arg(long, default_value_t = 1_000)]
+    memory_hold_ms: u64,
+    /// Waiting for PSS to stop moving, at most.
     #[arg(long, default_value_t = 15_000)]
-    startup_timeout_ms: u64,
-    /// websockify executable.
-    #[arg(long, default_value = "bench/.venv/bin/websockify")]
-    websockify: PathBuf,
-    /// consolegate executable.
-    #[arg(long, default_value = "target/release/consolegate")]
-    consolegate: PathBuf,
-    /// Request path of the WebSocket upgrade.
-    #[arg(long, default_value = "/")]
-    ws_path: String,
-    /// Sec-WebSocket-Protocol to offer (none by default).
-    #[arg(long)]
-    ws_subprotocol: Option<String>,
-    /// Where latency.json, latency.txt, hgrm/ and logs/ go.
-    #[arg(long, default_value = "bench/results/manual")]
-    out_dir: PathBuf,
-    /// Free-form KEY=VALUE recorded in the report (e.g. tool versions).
-    #[arg(long = "meta", value_name = "KEY=VALUE")]
-    meta: Vec<String>,
+    memory_settle_timeout_ms: u64,
+    /// The liveness probe of all sessions, at most.
+    #[arg(long, default_value_t = 30_000)]
+    memory_probe_timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct HandshakeOpts {
+    /// Proxies for the handshake benchmark (default: --proxies without plain-relay).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    handshake_proxies: Option<Vec<ProxyKind>>,
+    /// Repetitions of the handshake comparison.
+    #[arg(long, default_value_t = 3)]
+    handshake_runs: usize,
+    /// Measured handshakes per proxy and run, at most.
+    #[arg(long, default_value_t = 20_000)]
+    handshakes: u64,
+    /// Handshakes in flight.
+    #[arg(long, default_value_t = 16)]
+    handshake_concurrency: usize,
+    /// Measured phase per proxy and run, at most.
+    #[arg(long, default_value_t = 5_000)]
+    handshake_time_limit_ms: u64,
+    /// Unmeasured handshakes first.
+    #[arg(long, default_value_t = 500)]
+    handshake_warmup: u64,
+}
+
+/// `123`, `64KiB`, `256MiB`, `1GiB`, `10MB`, `1GB` (KB/MB/GB decimal).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 256MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => return Err(format!("{s:?}: unknown unit {other:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?}: too large"))
 }
 
 fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>> {
@@ -110,6 +323,97 @@ fn parse_meta(items: &[String]) -> Result<BTreeMap<String, String>> {
                 .ok_or_else(|| anyhow!("--meta {kv:?}: expected KEY=VALUE"))
         })
         .collect()
+}
+
+impl CommonArgs {
+    fn common(&self) -> Result<Common> {
+        Ok(Common {
+            websockify: self.websockify.clone(),
+            consolegate: self.consolegate.clone(),
+            consolegate_args: self.consolegate_args.clone(),
+            bench_exe: std::env::current_exe().context("locating this executable")?,
+            ws_path: self.ws_path.clone(),
+            ws_subprotocol: self.ws_subprotocol.clone(),
+            startup_timeout_ms: self.startup_timeout_ms,
+            io_timeout_ms: self.io_timeout_ms,
+            out_dir: self.out_dir.clone(),
+            meta: parse_meta(&self.meta)?,
+        })
+    }
+}
+
+/// The proxies of a benchmark that leaves plain-relay out by default.
+fn without_relay(explicit: &Option<Vec<ProxyKind>>, all: &[ProxyKind]) -> Vec<ProxyKind> {
+    match explicit {
+        Some(v) => v.clone(),
+        None => all
+            .iter()
+            .copied()
+            .filter(|p| !matches!(p, ProxyKind::PlainRelay | ProxyKind::Direct))
+            .collect(),
+    }
+}
+
+impl LatencyOpts {
+    fn config(&self, proxies: &[ProxyKind], common: &Common) -> latency::LatencyConfig {
+        latency::LatencyConfig {
+            proxies: proxies.to_vec(),
+            concurrency: self.concurrency.clone(),
+            runs: self.runs,
+            message_bytes: self.message_bytes,
+            warmup_round_trips: self.warmup,
+            round_trips: self.round_trips,
+            time_limit_ms: self.time_limit_ms,
+            common: common.clone(),
+        }
+    }
+}
+
+impl ThroughputOpts {
+    fn config(&self, proxies: &[ProxyKind], common: &Common) -> throughput::ThroughputConfig {
+        throughput::ThroughputConfig {
+            proxies: proxies.to_vec(),
+            directions: self.directions.clone(),
+            runs: self.throughput_runs,
+            sessions: self.throughput_sessions,
+            bytes: self.throughput_bytes,
+            chunk_bytes: usize::try_from(self.chunk_bytes).unwrap_or(usize::MAX),
+            warmup_bytes: self.throughput_warmup_bytes,
+            time_limit_ms: self.throughput_time_limit_ms,
+            common: common.clone(),
+        }
+    }
+}
+
+impl MemoryOpts {
+    fn config(&self, proxies: &[ProxyKind], common: &Common) -> memory::MemoryConfig {
+        memory::MemoryConfig {
+            proxies: without_relay(&self.memory_proxies, proxies),
+            sessions: self.memory_sessions.clone(),
+            websockify_max_sessions: self.websockify_max_sessions,
+            connect_concurrency: self.memory_connect_concurrency,
+            open_timeout_ms: self.memory_open_timeout_ms,
+            stall_ms: self.memory_stall_ms,
+            hold_ms: self.memory_hold_ms,
+            settle_timeout_ms: self.memory_settle_timeout_ms,
+            probe_timeout_ms: self.memory_probe_timeout_ms,
+            common: common.clone(),
+        }
+    }
+}
+
+impl HandshakeOpts {
+    fn config(&self, proxies: &[ProxyKind], common: &Common) -> handshakes::HandshakeConfig {
+        handshakes::HandshakeConfig {
+            proxies: without_relay(&self.handshake_proxies, proxies),
+            runs: self.handshake_runs,
+            count: self.handshakes,
+            concurrency: self.handshake_concurrency,
+            time_limit_ms: self.handshake_time_limit_ms,
+            warmup: self.handshake_warmup,
+            common: common.clone(),
+        }
+    }
 }
 
 /// SIGINT/SIGTERM end the run early but cleanly (children killed, partial
@@ -134,31 +438,50 @@ fn main() -> ExitCode {
     }
 }
 
+/// Raises the open-file limit, reads the host's limits, and writes
+/// `tuning.txt`.
+fn prepare_host(host: &HostArgs, common: &Common) -> Result<tuning::Tuning> {
+    let t = tuning::prepare(&host.tuning_file, host.apply_sysctl);
+    eprint!("{}", t.render());
+    std::fs::create_dir_all(&common.out_dir)?;
+    std::fs::write(common.out_dir.join("tuning.txt"), t.render())?;
+    Ok(t)
+}
+
+fn exit_code(interrupted: bool) -> ExitCode {
+    if interrupted {
+        eprintln!("consolegate-bench: interrupted; partial results written");
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::RelayServer {
+            backend,
+            max_lifetime_s,
+        } => {
+            tuning::raise_nofile();
+            childserver::relay_server(backend, Duration::from_secs(max_lifetime_s))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::SinkServer { max_lifetime_s } => {
+            tuning::raise_nofile();
+            childserver::sink_server(Duration::from_secs(max_lifetime_s))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     let stop = install_signal_handlers().context("installing signal handlers")?;
     match cli.command {
-        Command::Latency(a) => {
-            let cfg = latency::LatencyConfig {
-                proxies: a.proxies,
-                concurrency: a.concurrency,
-                runs: a.runs,
-                message_bytes: a.message_bytes,
-                warmup_round_trips: a.warmup,
-                round_trips: a.round_trips,
-                time_limit_ms: a.time_limit_ms,
-                io_timeout_ms: a.io_timeout_ms,
-                startup_timeout_ms: a.startup_timeout_ms,
-                websockify: a.websockify,
-                consolegate: a.consolegate,
-                ws_path: a.ws_path,
-                ws_subprotocol: a.ws_subprotocol,
-                out_dir: a.out_dir,
-                meta: parse_meta(&a.meta)?,
-            };
-            let report = latency::run(cfg, stop)?;
+        Command::Latency { common, host, opts } => {
+            let c = common.common()?;
+            prepare_host(&host, &c)?;
+            let report = latency::run(opts.config(&common.proxies, &c), stop)?;
             if report.interrupted {
-                eprintln!("consolegate-bench: interrupted; partial results written");
-                return Ok(ExitCode::from(130));
+                return Ok(exit_code(true));
             }
             // Without the baseline no added latency exists: that is a failed run.
             if report
@@ -171,6 +494,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Throughput { common, host, opts } => {
+            let c = common.common()?;
+            prepare_host(&host, &c)?;
+            let r = throughput::run(opts.config(&common.proxies, &c), stop)?;
+            Ok(exit_code(r.interrupted))
+        }
+        Command::Memory { common, host, opts } => {
+            let c = common.common()?;
+            let t = prepare_host(&host, &c)?;
+            let r = memory::run(opts.config(&common.proxies, &c), t.capacity, stop)?;
+            Ok(exit_code(r.interrupted))
+        }
+        Command::Handshakes { common, host, opts } => {
+            let c = common.common()?;
+            prepare_host(&host, &c)?;
+            let r = handshakes::run(opts.config(&common.proxies, &c), stop)?;
+            Ok(exit_code(r.interrupted))
+        }
+        Command::All {
+            common,
+            host,
+            latency,
+            throughput,
+            memory,
+            handshakes,
+            skip,
+        } => {
+            let c = common.common()?;
+            let t = prepare_host(&host, &c)?;
+            let p = &common.proxies;
+            let cfg = all::AllConfig {
+                skip,
+                latency: latency.config(p, &c),
+                throughput: throughput.config(p, &c),
+                memory: memory.config(p, &c),
+                handshakes: handshakes.config(p, &c),
+                common: c,
+            };
+            let r = all::run(cfg, t, stop)?;
+            Ok(exit_code(r.interrupted))
+        }
+        Command::RelayServer { .. } | Command::SinkServer { .. } => unreachable!("handled above"),
     }
 }
 
@@ -191,15 +556,77 @@ mod tests {
             "plain-relay,consolegate-uring",
             "--meta",
             "websockify=0.13.0",
+            "--consolegate-arg",
+            "--workers=1",
+            "--consolegate-arg=--busy-poll-us=50",
         ])
         .unwrap();
-        let Command::Latency(a) = cli.command;
-        assert_eq!(a.concurrency, vec![1, 4, 64]);
+        let Command::Latency { common, opts, .. } = cli.command else {
+            panic!("not latency");
+        };
+        assert_eq!(opts.concurrency, vec![1, 4, 64]);
         assert_eq!(
-            a.proxies,
+            common.proxies,
             vec![ProxyKind::PlainRelay, ProxyKind::ConsolegateUring]
         );
-        assert_eq!(parse_meta(&a.meta).unwrap()["websockify"], "0.13.0");
+        assert_eq!(
+            common.consolegate_args,
+            vec!["--workers=1".to_string(), "--busy-poll-us=50".to_string()]
+        );
+        assert_eq!(parse_meta(&common.meta).unwrap()["websockify"], "0.13.0");
         assert!(parse_meta(&["nope".into()]).is_err());
+    }
+
+    #[test]
+    fn all_takes_every_benchmarks_options() {
+        let cli = Cli::try_parse_from([
+            "b",
+            "all",
+            "--runs",
+            "1",
+            "--throughput-bytes",
+            "256MiB",
+            "--memory-sessions",
+            "500,max",
+            "--handshakes",
+            "1000",
+            "--skip",
+            "latency",
+            "--proxies",
+            "websockify,consolegate-uring,plain-relay",
+        ])
+        .unwrap();
+        let Command::All {
+            common,
+            throughput,
+            memory,
+            skip,
+            ..
+        } = cli.command
+        else {
+            panic!("not all");
+        };
+        assert_eq!(throughput.throughput_bytes, 256 << 20);
+        assert_eq!(
+            memory.memory_sessions,
+            vec![SessionCount::N(500), SessionCount::Max]
+        );
+        assert_eq!(skip, vec![Bench::Latency]);
+        assert_eq!(
+            without_relay(&memory.memory_proxies, &common.proxies),
+            vec![ProxyKind::Websockify, ProxyKind::ConsolegateUring]
+        );
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("123"), Ok(123));
+        assert_eq!(parse_bytes("64KiB"), Ok(65536));
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("1GB"), Ok(1_000_000_000));
+        assert!(parse_bytes("1XB").is_err());
+        assert!(parse_bytes("GiB").is_err());
+        assert!(parse_bytes("99999999999999GiB").is_err());
     }
 }

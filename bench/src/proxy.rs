@@ -1,7 +1,9 @@
 //! The proxies under test. Each is started on 127.0.0.1 in front of the same
 //! echo backend and handed back as a [`RunningProxy`]: where clients connect,
-//! what they speak there, and a handle that stops it (in-process threads, or a
-//! child process killed by PID with everything it forked).
+//! what they speak there, and a handle that stops it: a child process killed
+//! by PID with everything it forked. The plain relay runs as a child too
+//! (`consolegate-bench relay-server`), so its CPU time and memory are read
+//! from /proc exactly like the real proxies'.
 //!
 //! `direct-tcp` is not a proxy: it is the baseline every added latency is
 //! measured from (clients talk raw TCP to the echo backend itself).
@@ -15,8 +17,6 @@ use serde::Serialize;
 
 use crate::child::{self, ChildProc};
 use crate::client::Transport;
-use crate::relay;
-use crate::server::ThreadServer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -25,7 +25,8 @@ pub enum ProxyKind {
     #[value(name = "direct-tcp")]
     #[serde(rename = "direct-tcp")]
     Direct,
-    /// In-process blocking TCP relay, no WebSocket: the floor.
+    /// Blocking TCP relay, no WebSocket (`consolegate-bench relay-server`,
+    /// a child process): the floor.
     PlainRelay,
     /// websockify (Python) from the bench virtualenv.
     Websockify,
@@ -54,38 +55,54 @@ impl std::fmt::Display for ProxyKind {
 }
 
 /// What every proxy needs to know to start.
+#[derive(Clone)]
 pub struct ProxyEnv {
     pub backend: SocketAddr,
     pub websockify: PathBuf,
     pub consolegate: PathBuf,
+    /// Extra arguments for every consolegate instance (`--consolegate-arg`).
+    pub consolegate_args: Vec<String>,
+    /// This executable, for `relay-server`.
+    pub bench_exe: PathBuf,
     pub log_dir: PathBuf,
     pub startup_timeout: Duration,
-    pub io_timeout: Duration,
     pub ws_path: String,
     pub ws_subprotocol: Option<String>,
 }
 
-enum Holder {
-    Nothing,
-    InProcess(ThreadServer),
-    Child(ChildProc),
-}
-
 pub struct RunningProxy {
+    pub kind: ProxyKind,
     pub addr: SocketAddr,
     pub transport: Transport,
     /// Command line, for child processes.
     pub command: Option<String>,
-    holder: Holder,
+    /// Data-plane threads, when the proxy says (consolegate's ready line).
+    pub workers: Option<usize>,
+    child: Option<ChildProc>,
 }
 
 impl RunningProxy {
+    /// The proxy's process (the root of the tree measured), if it has one.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.pid())
+    }
+
+    /// Whether the proxy process is gone (crashed or exited).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.has_exited())
+    }
+
+    /// The end of the proxy's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        self.child
+            .as_ref()
+            .map_or_else(String::new, |c| child::log_tail(c.log_path(), 400))
+    }
+
     /// Stops the proxy and waits until it and everything it started are gone.
     pub fn stop(&mut self) {
-        match std::mem::replace(&mut self.holder, Holder::Nothing) {
-            Holder::Nothing => {}
-            Holder::InProcess(mut s) => s.stop(),
-            Holder::Child(mut c) => c.stop(),
+        if let Some(mut c) = self.child.take() {
+            c.stop();
         }
     }
 }
@@ -100,26 +117,42 @@ impl Drop for RunningProxy {
 /// so another process can take it in between.
 const WEBSOCKIFY_ATTEMPTS: usize = 3;
 
-pub fn start(kind: ProxyKind, env: &ProxyEnv, run: usize) -> Result<RunningProxy> {
+/// Starts `kind` in front of `env.backend`; `tag` names its log file
+/// (`<proxy>-<tag>.log`).
+pub fn start(kind: ProxyKind, env: &ProxyEnv, tag: &str) -> Result<RunningProxy> {
     let ws = Transport::WebSocket {
         path: env.ws_path.clone(),
         subprotocol: env.ws_subprotocol.clone(),
     };
-    let log = env.log_dir.join(format!("{}-run{run}.log", kind.name()));
+    let log = env.log_dir.join(format!("{}-{tag}.log", kind.name()));
     match kind {
         ProxyKind::Direct => Ok(RunningProxy {
+            kind,
             addr: env.backend,
             transport: Transport::Raw,
             command: None,
-            holder: Holder::Nothing,
+            workers: None,
+            child: None,
         }),
         ProxyKind::PlainRelay => {
-            let server = relay::start(env.backend, env.io_timeout)?;
+            let args = vec![
+                "relay-server".to_string(),
+                "--backend".to_string(),
+                env.backend.to_string(),
+            ];
+            let mut c = ChildProc::spawn(kind.name(), &env.bench_exe, &args, &log)?;
+            let addr = c
+                .wait_for_line(env.startup_timeout, |l| {
+                    parse_listening_line(l).map(|(a, _)| a)
+                })
+                .context("waiting for `listening on <addr>`")?;
             Ok(RunningProxy {
-                addr: server.addr(),
+                kind,
+                addr,
                 transport: Transport::Raw,
-                command: None,
-                holder: Holder::InProcess(server),
+                command: Some(c.command_line().to_string()),
+                workers: None,
+                child: Some(c),
             })
         }
         ProxyKind::Websockify => {
@@ -133,10 +166,12 @@ pub fn start(kind: ProxyKind, env: &ProxyEnv, run: usize) -> Result<RunningProxy
                 match c.wait_until_accepts(addr, env.startup_timeout) {
                     Ok(()) => {
                         return Ok(RunningProxy {
+                            kind,
                             addr,
                             transport: ws,
                             command: Some(c.command_line().to_string()),
-                            holder: Holder::Child(c),
+                            workers: None,
+                            child: Some(c),
                         })
                     }
                     Err(e) => {
@@ -154,33 +189,56 @@ pub fn start(kind: ProxyKind, env: &ProxyEnv, run: usize) -> Result<RunningProxy
                 "uring"
             };
             child::require_file(&env.consolegate, "build it: cargo build --release")?;
-            let args = vec![
-                "proxy".to_string(),
-                "--io".to_string(),
-                io.to_string(),
-                "127.0.0.1:0".to_string(),
-                env.backend.to_string(),
-            ];
+            let mut args = vec!["proxy".to_string(), "--io".to_string(), io.to_string()];
+            args.extend(env.consolegate_args.iter().cloned());
+            args.push("127.0.0.1:0".to_string());
+            args.push(env.backend.to_string());
             let mut c = ChildProc::spawn(kind.name(), &env.consolegate, &args, &log)?;
-            let addr = c
+            let (addr, workers) = c
                 .wait_for_line(env.startup_timeout, parse_listening_line)
                 .context("waiting for `listening on <addr>`")?;
             Ok(RunningProxy {
+                kind,
                 addr,
                 transport: ws,
                 command: Some(c.command_line().to_string()),
-                holder: Holder::Child(c),
+                workers,
+                child: Some(c),
             })
         }
     }
 }
 
 /// Parses `listening on 127.0.0.1:43567 (io=uring, workers=2)`, also when a
-/// log prefix comes first.
-pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
+/// log prefix comes first: the address, and the worker count when given.
+pub fn parse_listening_line(line: &str) -> Option<(SocketAddr, Option<usize>)> {
     let at = line.find("listening on ")?;
     let rest = &line[at + "listening on ".len()..];
-    rest.split_whitespace().next()?.parse().ok()
+    let addr = rest.split_whitespace().next()?.parse().ok()?;
+    let workers = rest.find("workers=").and_then(|w| {
+        let digits: String = rest[w + "workers=".len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    });
+    Some((addr, workers))
+}
+
+/// Starts one of the bench's own servers (`relay-server`, `sink-server`) as
+/// a child process and returns it with the address it announced.
+pub fn spawn_bench_server(
+    bench_exe: &std::path::Path,
+    name: &str,
+    args: &[String],
+    log: &std::path::Path,
+    timeout: Duration,
+) -> Result<(ChildProc, SocketAddr)> {
+    let mut c = ChildProc::spawn(name, bench_exe, args, log)?;
+    let addr = c
+        .wait_for_line(timeout, |l| parse_listening_line(l).map(|(a, _)| a))
+        .with_context(|| format!("waiting for {name} to listen"))?;
+    Ok((c, addr))
 }
 
 #[cfg(test)]
@@ -191,11 +249,11 @@ mod tests {
     fn parses_the_listening_line() {
         assert_eq!(
             parse_listening_line("listening on 127.0.0.1:43567 (io=uring, workers=2)"),
-            Some("127.0.0.1:43567".parse().unwrap())
+            Some(("127.0.0.1:43567".parse().unwrap(), Some(2)))
         );
         assert_eq!(
             parse_listening_line("2026-01-01T00:00:00Z INFO listening on 127.0.0.1:1"),
-            Some("127.0.0.1:1".parse().unwrap())
+            Some(("127.0.0.1:1".parse().unwrap(), None))
         );
         assert_eq!(parse_listening_line("listening on nowhere"), None);
         assert_eq!(parse_listening_line("starting"), None);

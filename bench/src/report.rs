@@ -97,6 +97,15 @@ pub fn fmt_us(v: f64) -> String {
     }
 }
 
+/// Two decimals, or four below 0.01 (memory ratios are that small).
+pub fn fmt_ratio_fine(v: f64) -> String {
+    if v != 0.0 && v.abs() < 0.01 {
+        format!("{v:.4}")
+    } else {
+        fmt_ratio(v)
+    }
+}
+
 /// Two decimals, without a "-0.00".
 pub fn fmt_ratio(v: f64) -> String {
     if v.abs() < 0.005 {
@@ -147,21 +156,34 @@ pub fn table(rows: &[Row]) -> String {
         c.push(format!("{}/{}", r.runs_ok, r.runs));
         cells.push(c);
     }
+    markdown_table(&header, &cells)
+}
+
+/// A Markdown table with aligned columns: the first column left-aligned
+/// (names), the others right-aligned (numbers).
+pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    markdown_table_with(header, rows, &[0])
+}
+
+/// A Markdown table; the columns in `left` are left-aligned (text), the
+/// others right-aligned (numbers).
+pub fn markdown_table_with(header: &[&str], rows: &[Vec<String>], left: &[usize]) -> String {
     let width = |i: usize| {
-        cells
-            .iter()
-            .map(|c| c[i].chars().count())
+        rows.iter()
+            .filter_map(|c| c.get(i))
+            .map(|c| c.chars().count())
             .chain(std::iter::once(header[i].chars().count()))
             .max()
             .unwrap_or(0)
+            .max(3)
     };
     let widths: Vec<usize> = (0..header.len()).map(width).collect();
     let line = |vals: &[String]| {
         let mut s = String::from("|");
-        for (i, v) in vals.iter().enumerate() {
-            let pad = widths[i] - v.chars().count();
-            // Text left, numbers right.
-            if i == 0 {
+        for (i, w) in widths.iter().enumerate() {
+            let v = vals.get(i).map_or("", String::as_str);
+            let pad = w - v.chars().count().min(*w);
+            if left.contains(&i) {
                 let _ = write!(s, " {v}{} |", " ".repeat(pad));
             } else {
                 let _ = write!(s, " {}{v} |", " ".repeat(pad));
@@ -170,17 +192,17 @@ pub fn table(rows: &[Row]) -> String {
         s.push('\n');
         s
     };
-    let mut out = line(&header.map(String::from));
+    let mut out = line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
     out.push('|');
     for (i, w) in widths.iter().enumerate() {
-        if i == 0 {
+        if left.contains(&i) {
             let _ = write!(out, " {} |", "-".repeat(*w));
         } else {
             let _ = write!(out, " {}: |", "-".repeat(w - 1));
         }
     }
     out.push('\n');
-    for c in &cells {
+    for c in rows {
         out.push_str(&line(c));
     }
     out

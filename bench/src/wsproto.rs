@@ -246,6 +246,72 @@ pub fn check_upgrade_response(buf: &[u8], key: &str) -> Result<UpgradeResponse, 
     }
 }
 
+/// Counts the data payload in a stream of server frames without copying it:
+/// feed it whatever a read returned, in any split. Ping/pong payloads are
+/// skipped, not counted; a close frame or a malformed header is an error.
+/// (The throughput client's receive path.)
+#[derive(Debug, Default)]
+pub struct PayloadCounter {
+    hdr: [u8; MAX_CLIENT_HEADER],
+    hdr_len: usize,
+    /// Payload bytes of the current frame still to come.
+    remaining: u64,
+    /// Whether the current frame's payload is data (counted).
+    counting: bool,
+    pub frames: u64,
+}
+
+impl PayloadCounter {
+    /// Header length implied by its first two bytes.
+    fn header_len(b1: u8) -> usize {
+        let ext = match b1 & 0x7F {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 }
+    }
+
+    /// Data payload bytes contained in `buf`.
+    pub fn feed(&mut self, mut buf: &[u8]) -> Result<u64, FrameError> {
+        let mut counted = 0u64;
+        // Bounded: every turn consumes at least one byte of `buf`.
+        while !buf.is_empty() {
+            if self.remaining > 0 {
+                let take = self.remaining.min(buf.len() as u64);
+                if self.counting {
+                    counted += take;
+                }
+                self.remaining -= take;
+                buf = &buf[take as usize..];
+                continue;
+            }
+            let need = if self.hdr_len < 2 {
+                2
+            } else {
+                Self::header_len(self.hdr[1])
+            };
+            let take = (need - self.hdr_len).min(buf.len());
+            self.hdr[self.hdr_len..self.hdr_len + take].copy_from_slice(&buf[..take]);
+            self.hdr_len += take;
+            buf = &buf[take..];
+            if self.hdr_len < need || need == 2 && Self::header_len(self.hdr[1]) > 2 {
+                continue;
+            }
+            let h = parse_header(&self.hdr[..self.hdr_len])?.ok_or(FrameError::BufferTooSmall)?;
+            self.hdr_len = 0;
+            self.frames += 1;
+            self.counting = match h.opcode {
+                OP_BINARY | OP_TEXT | OP_CONTINUATION => true,
+                OP_PING | OP_PONG => false,
+                _ => return Err(FrameError::UnknownOpcode(h.opcode)),
+            };
+            self.remaining = h.payload_len;
+        }
+        Ok(counted)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,5 +468,28 @@ mod tests {
         assert!(req.contains("\r\nSec-WebSocket-Protocol: binary\r\n"));
         assert!(req.ends_with("\r\n\r\n"));
         assert_eq!(encode_key([0u8; 16]), "AAAAAAAAAAAAAAAAAAAAAA==");
+    }
+
+    #[test]
+    fn payload_counter_counts_data_in_any_split() {
+        let mut stream = Vec::new();
+        // 3-byte binary, a ping, a 300-byte (16-bit length) binary, a
+        // 70 000-byte (64-bit length) continuation.
+        stream.extend_from_slice(&[0x02, 3, 1, 2, 3]);
+        stream.extend_from_slice(&[0x89, 2, b'h', b'i']);
+        stream.extend_from_slice(&[0x02, 126, 0x01, 0x2C]);
+        stream.extend(std::iter::repeat_n(7u8, 300));
+        stream.extend_from_slice(&[0x80, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        stream.extend(std::iter::repeat_n(9u8, 70_000));
+        for split in [1usize, 2, 3, 7, 64, 1000, stream.len()] {
+            let mut c = PayloadCounter::default();
+            let total: u64 = stream.chunks(split).map(|ch| c.feed(ch).unwrap()).sum();
+            assert_eq!(total, 3 + 300 + 70_000, "split {split}");
+            assert_eq!(c.frames, 4);
+        }
+        let mut c = PayloadCounter::default();
+        assert_eq!(c.feed(&[0x88, 0]), Err(FrameError::UnknownOpcode(OP_CLOSE)));
+        let mut c = PayloadCounter::default();
+        assert_eq!(c.feed(&[0x03, 0]), Err(FrameError::UnknownOpcode(3)));
     }
 }

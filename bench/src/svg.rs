@@ -1,0 +1,325 @@
+//! A hand-written SVG of latency percentile distributions, in the style of
+//! HdrHistogram's plotter: x is the percentile on a `1/(1 − p)` log axis
+//! (0 %, 90 %, 99 %, 99.9 %, 99.99 %), y the latency (log axis, µs), one
+//! panel per concurrency and one line per proxy.
+//!
+//! Pure: data in, a string out. No dependency beyond `std` and
+//! `hdrhistogram` (to turn a histogram into points).
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+
+/// Highest `log10(1/(1-p))` shown: 99.99 %.
+pub const X_DECADES: f64 = 4.0;
+
+const PANEL_W: f64 = 560.0;
+const PANEL_H: f64 = 330.0;
+const MARGIN_L: f64 = 64.0;
+const MARGIN_R: f64 = 30.0;
+const MARGIN_T: f64 = 30.0;
+const MARGIN_B: f64 = 44.0;
+const COLUMNS: usize = 2;
+const LEGEND_H: f64 = 28.0;
+const TITLE_H: f64 = 34.0;
+
+pub struct Series {
+    pub name: String,
+    pub color: &'static str,
+    /// (quantile in 0..1, value), ascending quantile.
+    pub points: Vec<(f64, f64)>,
+}
+
+pub struct Panel {
+    pub title: String,
+    pub series: Vec<Series>,
+}
+
+/// A fixed color per line name, so a proxy has the same color in every panel.
+pub fn color_for(index: usize) -> &'static str {
+    const PALETTE: [&str; 8] = [
+        "#444444", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf",
+    ];
+    PALETTE[index % PALETTE.len()]
+}
+
+/// Points of a histogram's percentile distribution (values divided by
+/// `scale`), the same points the `.hgrm` files list, quantile 1.0 excluded.
+pub fn points_from_histogram(h: &Histogram<u64>, scale: f64) -> Vec<(f64, f64)> {
+    let mut out = Vec::new();
+    if h.is_empty() {
+        return out;
+    }
+    for v in h.iter_quantiles(5) {
+        let q = v.quantile_iterated_to();
+        if q >= 1.0 {
+            break;
+        }
+        out.push((q, v.value_iterated_to() as f64 / scale));
+        if x_of(q) > X_DECADES {
+            break;
+        }
+    }
+    out
+}
+
+/// `log10(1/(1-q))`: 0 at the median's far left (p0), 1 at p90, 2 at p99…
+pub fn x_of(q: f64) -> f64 {
+    if q >= 1.0 {
+        return f64::INFINITY;
+    }
+    (1.0 / (1.0 - q.max(0.0))).log10()
+}
+
+/// Decade bounds `[10^a, 10^b]` covering `lo..=hi` (values below 1 are
+/// clamped to 1).
+pub fn decade_bounds(lo: f64, hi: f64) -> (i32, i32) {
+    let lo = lo.max(1.0);
+    let hi = hi.max(lo);
+    let a = lo.log10().floor() as i32;
+    let mut b = hi.log10().ceil() as i32;
+    if b <= a {
+        b = a + 1;
+    }
+    (a, b)
+}
+
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn fmt_value(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.0} s", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.0} ms", v / 1e3)
+    } else {
+        format!("{v:.0} µs")
+    }
+}
+
+/// The whole figure: a title, a legend of every line name, and the panels
+/// in a grid.
+pub fn latency_plot(title: &str, y_label: &str, panels: &[Panel]) -> String {
+    // Legend: every distinct series name, in first-seen order.
+    let mut names: Vec<(&str, &str)> = Vec::new();
+    for p in panels {
+        for s in &p.series {
+            if !names.iter().any(|(n, _)| *n == s.name) {
+                names.push((&s.name, s.color));
+            }
+        }
+    }
+    let rows = panels.len().div_ceil(COLUMNS).max(1);
+    let cols = panels.len().clamp(1, COLUMNS);
+    let width = PANEL_W * cols as f64;
+    let height = TITLE_H + LEGEND_H + PANEL_H * rows as f64;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        out,
+        r#"<rect x="0" y="0" width="{width:.0}" height="{height:.0}" fill="white"/>"#
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
+        width / 2.0,
+        escape(title)
+    );
+    let mut lx = MARGIN_L;
+    let ly = TITLE_H + 14.0;
+    for (name, color) in &names {
+        let _ = writeln!(
+            out,
+            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{color}" stroke-width="2.5"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            lx + 22.0,
+            lx + 27.0,
+            ly + 4.0,
+            escape(name)
+        );
+        lx += 40.0 + 7.0 * name.chars().count() as f64;
+    }
+    for (i, p) in panels.iter().enumerate() {
+        let ox = PANEL_W * (i % COLUMNS) as f64;
+        let oy = TITLE_H + LEGEND_H + PANEL_H * (i / COLUMNS) as f64;
+        panel(&mut out, p, ox, oy, y_label);
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn panel(out: &mut String, p: &Panel, ox: f64, oy: f64, y_label: &str) {
+    let x0 = ox + MARGIN_L;
+    let x1 = ox + PANEL_W - MARGIN_R;
+    let y0 = oy + PANEL_H - MARGIN_B; // bottom
+    let y1 = oy + MARGIN_T; // top
+    let values = p
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().filter(|(q, _)| x_of(*q) <= X_DECADES))
+        .map(|(_, v)| *v);
+    let (lo, hi) = values.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    let (a, b) = if lo.is_finite() {
+        decade_bounds(lo, hi)
+    } else {
+        (0, 3)
+    };
+    let sx = |q: f64| x0 + (x1 - x0) * (x_of(q).min(X_DECADES) / X_DECADES);
+    let sy = |v: f64| {
+        let t = (v.max(1.0).log10() - f64::from(a)) / f64::from(b - a);
+        y0 - (y0 - y1) * t.clamp(0.0, 1.0)
+    };
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">{}</text>"#,
+        (x0 + x1) / 2.0,
+        oy + 18.0,
+        escape(&p.title)
+    );
+    let _ = writeln!(
+        out,
+        r##"<rect x="{x0:.1}" y="{y1:.1}" width="{:.1}" height="{:.1}" fill="none" stroke="#888"/>"##,
+        x1 - x0,
+        y0 - y1
+    );
+    // x grid: 0, 90, 99, 99.9, 99.99 %.
+    for (d, label) in ["0%", "90%", "99%", "99.9%", "99.99%"].iter().enumerate() {
+        let x = x0 + (x1 - x0) * d as f64 / X_DECADES;
+        let _ = writeln!(
+            out,
+            r##"<line x1="{x:.1}" y1="{y1:.1}" x2="{x:.1}" y2="{y0:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{label}</text>"##,
+            y0 + 16.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">percentile</text>"#,
+        (x0 + x1) / 2.0,
+        y0 + 34.0
+    );
+    // y grid: decades.
+    for e in a..=b {
+        let v = 10f64.powi(e);
+        let y = sy(v);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{x0:.1}" y1="{y:.1}" x2="{x1:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            x0 - 4.0,
+            y + 4.0,
+            fmt_value(v)
+        );
+    }
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" transform="rotate(-90 {:.1} {:.1})">{}</text>"#,
+        ox + 14.0,
+        (y0 + y1) / 2.0,
+        ox + 14.0,
+        (y0 + y1) / 2.0,
+        escape(y_label)
+    );
+    for s in &p.series {
+        let pts: Vec<String> = s
+            .points
+            .iter()
+            .filter(|(q, _)| x_of(*q) <= X_DECADES + 1e-9)
+            .map(|(q, v)| format!("{:.1},{:.1}", sx(*q), sy(*v)))
+            .collect();
+        if pts.len() < 2 {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            r#"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"><title>{}</title></polyline>"#,
+            s.color,
+            pts.join(" "),
+            escape(&s.name)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axes_map_percentiles_and_decades() {
+        assert_eq!(x_of(0.0), 0.0);
+        assert!((x_of(0.9) - 1.0).abs() < 1e-12);
+        assert!((x_of(0.999) - 3.0).abs() < 1e-9);
+        assert!(x_of(1.0).is_infinite());
+        assert_eq!(decade_bounds(15.0, 950.0), (1, 3));
+        assert_eq!(decade_bounds(0.2, 0.5), (0, 1));
+        assert_eq!(decade_bounds(100.0, 100.0), (2, 3));
+        assert_eq!(escape("a<b & \"c\""), "a&lt;b &amp; &quot;c&quot;");
+        assert_eq!(fmt_value(1000.0), "1 ms");
+        assert_eq!(fmt_value(10.0), "10 µs");
+    }
+
+    #[test]
+    fn points_follow_the_histogram() {
+        let mut h = crate::workload::new_histogram();
+        for v in 1..=10_000u64 {
+            h.record(v).unwrap();
+        }
+        let pts = points_from_histogram(&h, 1.0);
+        assert!(pts.len() > 20);
+        assert!(pts.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+        assert!(pts.iter().all(|(q, _)| *q < 1.0));
+        // The median point is near 5000.
+        let med = pts.iter().find(|(q, _)| *q >= 0.5).unwrap();
+        assert!((med.1 - 5000.0).abs() < 50.0, "{med:?}");
+        assert!(points_from_histogram(&crate::workload::new_histogram(), 1.0).is_empty());
+    }
+
+    #[test]
+    fn plot_is_one_svg_with_a_line_per_series() {
+        let s = |name: &str, i: usize, k: f64| Series {
+            name: name.into(),
+            color: color_for(i),
+            points: vec![
+                (0.0, 10.0 * k),
+                (0.5, 20.0 * k),
+                (0.99, 80.0 * k),
+                (0.9999, 400.0 * k),
+            ],
+        };
+        let panels = vec![
+            Panel {
+                title: "1 session".into(),
+                series: vec![s("direct-tcp", 0, 1.0), s("a<b", 1, 3.0)],
+            },
+            Panel {
+                title: "4 sessions".into(),
+                series: vec![s("direct-tcp", 0, 2.0), s("single", 2, 1.0)],
+            },
+            Panel {
+                title: "empty".into(),
+                series: vec![],
+            },
+        ];
+        let svg = latency_plot("Latency", "round trip", &panels);
+        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 4);
+        assert_eq!(svg.matches("</polyline>").count(), 4);
+        // Legend lists each name once; names are escaped.
+        assert_eq!(svg.matches(">direct-tcp</text>").count(), 1);
+        assert!(svg.contains("a&lt;b") && !svg.contains("a<b"));
+        // Two columns, two rows.
+        assert!(
+            svg.contains("width=\"1120\" height=\"722\""),
+            "{}",
+            &svg[..200]
+        );
+        assert!(svg.contains(">99.99%</text>"));
+    }
+}

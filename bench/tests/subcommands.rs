@@ -1,0 +1,185 @@
+//! End-to-end: each subcommand of the bench binary, small and fast, against
+//! the plain relay only (no consolegate or websockify needed), checking the
+//! reports it writes. Everything listens on 127.0.0.1 and every run is
+//! bounded by the subcommand's own limits plus a timeout here.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn out_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cg-bench-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Runs the bench with `args`, killing it after `limit`; returns its stderr.
+fn bench(args: &[&str], out: &Path, limit: Duration) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_consolegate-bench"))
+        .args(args)
+        .arg("--out-dir")
+        .arg(out)
+        .arg("--proxies")
+        .arg("plain-relay")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bench");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            assert!(status.success(), "{args:?} failed ({status}):\n{err}");
+            return err;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn json(path: PathBuf) -> serde_json::Value {
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn throughput_measures_the_relay_child_both_ways() {
+    let out = out_dir("tp");
+    bench(
+        &[
+            "throughput",
+            "--throughput-bytes",
+            "32MiB",
+            "--throughput-warmup-bytes",
+            "1MiB",
+            "--throughput-runs",
+            "1",
+            "--throughput-sessions",
+            "2",
+        ],
+        &out,
+        Duration::from_secs(60),
+    );
+    let r = json(out.join("throughput.json"));
+    let ms = r["measurements"].as_array().unwrap();
+    assert_eq!(ms.len(), 2);
+    for m in ms {
+        assert_eq!(m["ok"], true, "{m}");
+        assert!(m["bytes"].as_u64().unwrap() >= 32 << 20, "{m}");
+        assert!(m["proxy_cpu_s"].as_f64().is_some(), "{m}");
+    }
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn memory_holds_and_probes_sessions_through_the_relay() {
+    let out = out_dir("mem");
+    bench(
+        &[
+            "memory",
+            "--memory-proxies",
+            "plain-relay",
+            "--memory-sessions",
+            "40",
+            "--memory-hold-ms",
+            "100",
+        ],
+        &out,
+        Duration::from_secs(60),
+    );
+    let r = json(out.join("memory.json"));
+    let c = &r["cells"][0];
+    assert_eq!(c["ok"], true, "{c}");
+    assert_eq!(c["held"], 40, "{c}");
+    assert_eq!(c["live"], 40, "{c}");
+    // Two relay threads per session: the relay's memory grows.
+    assert!(c["pss_per_session_kib"].as_f64().unwrap() > 0.0, "{c}");
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn handshakes_and_all_write_their_reports() {
+    let out = out_dir("hs");
+    bench(
+        &[
+            "handshakes",
+            "--handshake-proxies",
+            "plain-relay",
+            "--handshakes",
+            "300",
+            "--handshake-warmup",
+            "20",
+            "--handshake-runs",
+            "1",
+        ],
+        &out,
+        Duration::from_secs(60),
+    );
+    let r = json(out.join("handshakes.json"));
+    let m = &r["measurements"][0];
+    assert_eq!(m["ok"], true, "{m}");
+    assert_eq!(m["completed"], 300, "{m}");
+
+    let out2 = out_dir("all");
+    bench(
+        &[
+            "all",
+            "--runs",
+            "1",
+            "--concurrency",
+            "1,4",
+            "--round-trips",
+            "100",
+            "--warmup",
+            "10",
+            "--throughput-bytes",
+            "16MiB",
+            "--throughput-warmup-bytes",
+            "1MiB",
+            "--throughput-runs",
+            "1",
+            "--memory-proxies",
+            "plain-relay",
+            "--memory-sessions",
+            "20",
+            "--memory-hold-ms",
+            "100",
+            "--handshake-proxies",
+            "plain-relay",
+            "--handshakes",
+            "100",
+            "--handshake-warmup",
+            "10",
+            "--handshake-runs",
+            "1",
+        ],
+        &out2,
+        Duration::from_secs(120),
+    );
+    let r = json(out2.join("report.json"));
+    assert!(r["latency"]["median"].as_array().unwrap().len() >= 2);
+    assert!(r["throughput"]["median"].is_array());
+    assert_eq!(r["memory"]["cells"][0]["live"], 20);
+    assert_eq!(r["handshakes"]["measurements"][0]["completed"], 100);
+    assert!(r["tuning"]["nofile_hard"].is_u64() || r["tuning"]["nofile_hard"].is_null());
+    let md = std::fs::read_to_string(out2.join("report.md")).unwrap();
+    assert!(
+        md.contains("## Summary") && md.contains("## Host limits"),
+        "{md}"
+    );
+    let svg = std::fs::read_to_string(out2.join("latency.svg")).unwrap();
+    assert!(svg.contains("<polyline"));
+    let _ = std::fs::remove_dir_all(out);
+    let _ = std::fs::remove_dir_all(out2);
+}
