@@ -43,7 +43,8 @@ enum Command {
     },
     /// Dedicated-port pool: status or cleanup of persisted allocations.
     Ports {
-        #[arg(long)]
+        /// Accepted before or after the subcommand.
+        #[arg(long, global = true)]
         config: Option<PathBuf>,
         #[command(subcommand)]
         cmd: PortsCmd,
@@ -141,6 +142,9 @@ struct ProxyArgs {
     /// Spin this many microseconds after traffic before sleeping (0 = off).
     #[arg(long)]
     busy_poll_us: Option<u64>,
+    /// io_uring provided receive buffers per worker (power of two).
+    #[arg(long)]
+    uring_buffers: Option<u16>,
 }
 
 /// websockify options we do not implement, with why. Refused with a clear
@@ -301,6 +305,9 @@ fn proxy_config(a: ProxyArgs) -> anyhow::Result<ProxyConfig> {
     if let Some(v) = a.busy_poll_us {
         limits.busy_poll_us = v;
     }
+    if let Some(v) = a.uring_buffers {
+        limits.uring_provided_buffers = v;
+    }
     let origins: Vec<String> = a.origin.into_iter().filter(|o| !o.is_empty()).collect();
     Ok(ProxyConfig {
         listen,
@@ -323,8 +330,11 @@ fn init_logging(json: bool, verbose: bool) {
 pub(crate) fn init_logging_filter(json: bool, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal as _;
+    // Colour codes only for a person at a terminal, not for journald/files.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         b.json().init();

@@ -73,6 +73,11 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/api/v1/ports", get(ports))
         .route("/api/v1/stats", get(stats))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_head,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
@@ -114,6 +119,42 @@ fn authorize(state: &ControlState, headers: &HeaderMap, need_admin: bool) -> Api
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+/// Refuse request heads larger than `control.max_request_bytes` (hyper's
+/// own limit is far larger) with 431 and the JSON error shape.
+async fn limit_head(
+    State(state): State<Arc<ControlState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let head: usize = req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head > state.cfg.control.max_request_bytes {
+        state.count_error("request_head_too_large");
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request_head_too_large",
+            format!(
+                "request head over {} bytes",
+                state.cfg.control.max_request_bytes
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -213,8 +254,20 @@ async fn create_session(
         return Err(e);
     }
     let Json(req) = body.map_err(|e| {
-        state.count_error("bad_json");
-        bad("bad_request", e.body_text())
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            state.count_error("body_too_large");
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "request body over {} bytes",
+                    state.cfg.control.max_request_bytes
+                ),
+            )
+        } else {
+            state.count_error("bad_json");
+            bad("bad_request", e.body_text())
+        }
     })?;
     if req.user.is_empty() || req.user.len() > MAX_FIELD_BYTES {
         return Err(bad("bad_user", "user must be 1..256 bytes"));

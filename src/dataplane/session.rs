@@ -860,7 +860,7 @@ impl Session {
             self.relay_down(ctx, &hello);
         }
         ctx.metrics.handshakes_ok += 1;
-        tracing::info!(
+        tracing::debug!(
             session = self.id,
             worker = ctx.worker_id,
             backend = %addr,

@@ -5,7 +5,7 @@
 //
 //   node tests/browser/novnc.mjs --base http://127.0.0.1:PORT --out-dir DIR
 //        [--runs app,none,binary] [--chromium /usr/lib/chromium/chromium]
-//        [--timeout-ms 30000]
+//        [--timeout-ms 30000] [--ws-path RUN=PATH ...]
 //
 // Runs (each in a fresh page of one browser; the default is all three):
 //   app     noVNC's own app, vnc.html?autoconnect=true (no Sec-WebSocket-Protocol)
@@ -15,6 +15,11 @@
 // that is no file), so the page has the proxy's origin and every module it
 // imports (core/rfb.js and what that imports) comes from the proxy's --web
 // directory.
+//
+// --ws-path RUN=PATH (repeatable) makes run RUN open its WebSocket at
+// ws://HOST:PORT/PATH instead of /websockify; PATH may carry a query, e.g.
+// `proxy/<session_id>?token=<ticket>` for a consolegate appliance session
+// (each appliance ticket opens one connection, hence one path per run).
 //
 // For each run: wait (bounded) for the RFB connection, check the negotiated
 // subprotocol, wait until the noVNC canvas shows more than one colour (Xvnc
@@ -31,11 +36,11 @@ const here = dirname(fileURLToPath(import.meta.url));
 
 function usage(msg) {
   console.error(`novnc.mjs: ${msg}`);
-  console.error('usage: node novnc.mjs --base http://127.0.0.1:PORT --out-dir DIR [--runs app,none,binary] [--chromium PATH] [--timeout-ms N]');
+  console.error('usage: node novnc.mjs --base http://127.0.0.1:PORT --out-dir DIR [--runs app,none,binary] [--chromium PATH] [--timeout-ms N] [--ws-path RUN=PATH ...]');
   process.exit(2);
 }
 
-const opts = { runs: 'app,none,binary', chromium: '/usr/lib/chromium/chromium', timeoutMs: 30000 };
+const opts = { runs: 'app,none,binary', chromium: '/usr/lib/chromium/chromium', timeoutMs: 30000, wsPaths: {} };
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i++) {
   const a = argv[i];
@@ -45,6 +50,12 @@ for (let i = 0; i < argv.length; i++) {
   else if (a === '--runs') opts.runs = val();
   else if (a === '--chromium') opts.chromium = val();
   else if (a === '--timeout-ms') opts.timeoutMs = Number(val());
+  else if (a === '--ws-path') {
+    const v = val();
+    const eq = v.indexOf('=');
+    if (eq <= 0) usage(`--ws-path wants RUN=PATH, got ${v}`);
+    opts.wsPaths[v.slice(0, eq)] = v.slice(eq + 1).replace(/^\/+/, '');
+  }
   else usage(`unknown argument ${a}`);
 }
 if (!opts.base) usage('--base is required');
@@ -55,6 +66,7 @@ if (!existsSync(opts.chromium)) {
 const base = new URL(opts.base);
 const runs = opts.runs.split(',').filter(Boolean);
 for (const r of runs) if (!['app', 'none', 'binary'].includes(r)) usage(`unknown run ${r}`);
+for (const r of Object.keys(opts.wsPaths)) if (!runs.includes(r)) usage(`--ws-path for run ${r}, which is not in --runs`);
 mkdirSync(opts.outDir, { recursive: true });
 const testPage = readFileSync(join(here, 'rfb-test.html'), 'utf8');
 const testPagePath = '/__consolegate_rfb_test.html';
@@ -128,19 +140,20 @@ async function runOne(browser, run) {
     page.on('requestfailed', (r) => logs.push(`requestfailed: ${r.url()} ${r.failure()?.errorText}`));
     page.on('response', (r) => { if (r.status() >= 400) logs.push(`http ${r.status()}: ${r.url()}`); });
 
+    const wsPath = opts.wsPaths[run] ?? 'websockify';
     let url;
     let canvasSelector;
     let wantProtocol;
     if (run === 'app') {
       const q = new URLSearchParams({
-        autoconnect: 'true', host: base.hostname, port: base.port, path: 'websockify',
+        autoconnect: 'true', host: base.hostname, port: base.port, path: wsPath,
         resize: 'off', reconnect: 'false', encrypt: base.protocol === 'https:' ? 'true' : 'false',
       });
       url = new URL(`/vnc.html?${q}`, base).href;
       canvasSelector = '#noVNC_container canvas';
       wantProtocol = '';
     } else {
-      const q = new URLSearchParams({ path: 'websockify' });
+      const q = new URLSearchParams({ path: wsPath });
       if (run === 'binary') q.set('protocols', 'binary');
       url = new URL(`${testPagePath}?${q}`, base).href;
       canvasSelector = '#screen canvas';

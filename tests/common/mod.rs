@@ -1575,3 +1575,721 @@ impl Drop for EchoServer {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Small HTTP/1.1 client (the control API)
+// ---------------------------------------------------------------------------
+
+/// Bound on one control-API request (connect, write, each read).
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One HTTP/1.1 request on a new connection (`Connection: close`), with a
+/// bearer token and a JSON body when given; the response with a chunked body
+/// decoded. `Err` only when no HTTP response came back.
+pub fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<HttpResponse, String> {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: application/json\r\n"
+    );
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    http_raw(addr, req.as_bytes())
+}
+
+/// Sends `request` as is on a new connection and reads one response (a
+/// chunked body is decoded). `Err` only when no HTTP response came back.
+pub fn http_raw(addr: SocketAddr, request: &[u8]) -> Result<HttpResponse, String> {
+    let mut s = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(HTTP_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(HTTP_TIMEOUT)).unwrap();
+    s.write_all(request)
+        .map_err(|e| format!("write request to {addr}: {e}"))?;
+    let mut resp = read_http_response(&mut s)?;
+    let chunked = resp
+        .header("Transfer-Encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        resp.body = dechunk(&resp.body)
+            .ok_or_else(|| format!("bad chunked body from {addr}: {:?}", resp.body))?;
+    }
+    Ok(resp)
+}
+
+/// Decodes a complete chunked body (extensions and trailers ignored).
+fn dechunk(raw: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = raw;
+    loop {
+        let (line, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(line.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+impl HttpResponse {
+    /// The body as JSON; panics with the response when it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{}response body is not JSON ({e}): {:?} (head {:?})",
+                ctx(),
+                self.body,
+                self.head
+            )
+        })
+    }
+
+    /// Asserts `status` and the control API's error body
+    /// `{"error":{"code":CODE,"message":"..."}}` with a JSON Content-Type.
+    pub fn assert_api_error(&self, status: u16, code: &str, context: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "{}{context}: expected HTTP {status} {code}, got {} {:?}",
+            ctx(),
+            self.status,
+            self.body
+        );
+        self.assert_error_shape(context);
+        let v = self.json();
+        assert_eq!(
+            v["error"]["code"].as_str(),
+            Some(code),
+            "{}{context}: error code in {:?}",
+            ctx(),
+            self.body
+        );
+    }
+
+    /// Asserts the JSON error shape: exactly `{"error":{"code":string,
+    /// "message":string}}` (both non-empty) with a JSON Content-Type.
+    pub fn assert_error_shape(&self, context: &str) {
+        let v: serde_json::Value = serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{}{context}: error body is not JSON ({e}): {:?} (HTTP {}, head {:?})",
+                ctx(),
+                self.body,
+                self.status,
+                self.head
+            )
+        });
+        let ok = v.as_object().is_some_and(|o| o.len() == 1)
+            && v["error"].as_object().is_some_and(|e| {
+                e.get("code")
+                    .and_then(|c| c.as_str())
+                    .is_some_and(|c| !c.is_empty())
+                    && e.get("message")
+                        .and_then(|m| m.as_str())
+                        .is_some_and(|m| !m.is_empty())
+            });
+        assert!(
+            ok,
+            "{}{context}: expected {{\"error\":{{\"code\",\"message\"}}}}, got HTTP {} {:?}",
+            ctx(),
+            self.status,
+            self.body
+        );
+        let ct = self.header("Content-Type").unwrap_or_default();
+        assert!(
+            ct.contains("json"),
+            "{}{context}: error Content-Type {ct:?} is not JSON (HTTP {} {:?})",
+            ctx(),
+            self.status,
+            self.body
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The appliance under test (`consolegate run --config FILE`)
+// ---------------------------------------------------------------------------
+
+/// Admin bearer token written into every test appliance config.
+pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789abcdef";
+/// Read-only bearer token written into every test appliance config.
+pub const READ_TOKEN: &str = "e2e-read-token-0123456789abcdef";
+
+/// Ports handed out as dedicated-port ranges are taken from here: below the
+/// kernel's ephemeral range (32768-60999 on Linux), so no outgoing
+/// connection (ours or another test's) sits on one of them by chance.
+const PORT_RANGES_FIRST: u16 = 20_000;
+const PORT_RANGES_END: u16 = 32_700;
+/// Next candidate start; seeded from the pid on first use so two test
+/// processes running at once tend to start apart.
+static NEXT_RANGE_START: AtomicUsize = AtomicUsize::new(0);
+
+/// `len` consecutive ports on 127.0.0.1 that could all be bound a moment
+/// ago, distinct from every range this process handed out before. Racy by
+/// nature (another process may bind one later); the appliance skips such a
+/// port, and tests leave slack where that matters.
+pub fn reserve_port_range(len: u16) -> (u16, u16) {
+    assert!(len > 0 && len < 2000, "port range length {len}");
+    let span = (PORT_RANGES_END - PORT_RANGES_FIRST) as usize;
+    let _ = NEXT_RANGE_START.compare_exchange(
+        0,
+        1 + (std::process::id() as usize * 7919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..200 {
+        let off = NEXT_RANGE_START.fetch_add(len as usize + 1, Ordering::SeqCst) % span;
+        let first = PORT_RANGES_FIRST as usize + off;
+        if first + len as usize > PORT_RANGES_END as usize {
+            continue;
+        }
+        let first = first as u16;
+        let last = first + len - 1;
+        let all_free = (first..=last).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if all_free {
+            return (first, last);
+        }
+    }
+    panic!(
+        "{}no range of {len} bindable ports found in {PORT_RANGES_FIRST}-{PORT_RANGES_END}",
+        ctx()
+    );
+}
+
+/// How to configure a test appliance. Each `*_toml` string is a list of
+/// `key = value` lines added to that section.
+#[derive(Debug, Clone, Default)]
+pub struct ApplianceOptions {
+    /// Dedicated-port range; `None`: a fresh 16-port range.
+    pub port_range: Option<(u16, u16)>,
+    /// State directory; `None`: `<appliance temp dir>/state`. Set it to
+    /// share the state between a stopped appliance and its successor.
+    pub state_dir: Option<PathBuf>,
+    /// `console.web_dir` (e.g. /usr/share/novnc).
+    pub web_dir: Option<PathBuf>,
+    /// `demo.password`.
+    pub demo_password: Option<String>,
+    pub ports_toml: String,
+    pub sessions_toml: String,
+    pub demo_toml: String,
+    pub limits_toml: String,
+}
+
+/// The TOML of a test appliance: loopback listeners on port 0, one admin and
+/// one read token, the IO backend forced, a short drain grace, a small
+/// demo screen, and `opts`.
+pub fn appliance_config_text(
+    io: &str,
+    range: (u16, u16),
+    state_dir: &Path,
+    opts: &ApplianceOptions,
+) -> String {
+    let mut t = String::new();
+    t.push_str("[control]\nlisten = \"127.0.0.1:0\"\n\n");
+    t.push_str("[console]\nlisten = \"127.0.0.1:0\"\n");
+    if let Some(w) = &opts.web_dir {
+        t.push_str(&format!("web_dir = {:?}\n", w.display().to_string()));
+    }
+    t.push_str(&format!(
+        "\n[ports]\nrange = \"{}-{}\"\nstate_dir = {:?}\n{}\n",
+        range.0,
+        range.1,
+        state_dir.display().to_string(),
+        opts.ports_toml
+    ));
+    t.push_str(&format!(
+        "[[auth.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\nrole = \"admin\"\n\n\
+         [[auth.tokens]]\ntoken = \"{READ_TOKEN}\"\nrole = \"read\"\n\n"
+    ));
+    t.push_str(&format!(
+        "[dataplane]\nio = \"{io}\"\n\n[dataplane.limits]\ndrain_grace_ms = 200\n{}\n",
+        opts.limits_toml
+    ));
+    t.push_str(&format!("[sessions]\n{}\n", opts.sessions_toml));
+    t.push_str("[demo]\nenabled = true\n");
+    // A small default screen keeps demo traffic low; tests may override.
+    if !opts.demo_toml.contains("width") {
+        t.push_str("width = 320\nheight = 200\n");
+    }
+    if let Some(pw) = &opts.demo_password {
+        t.push_str(&format!("password = {pw:?}\n"));
+    }
+    t.push_str(&opts.demo_toml);
+    t.push_str("\n\n[log]\nlevel = \"info\"\n");
+    t
+}
+
+/// A session as `POST /api/v1/sessions` returned it.
+#[derive(Debug, Clone)]
+pub struct CreatedSession {
+    pub id: String,
+    pub ws_url: String,
+    pub token: String,
+    pub port: Option<u16>,
+    /// `host:port` of `ws_url`.
+    pub addr: SocketAddr,
+    /// Path and query of `ws_url` (`/proxy/{id}?token=...`).
+    pub path: String,
+    pub json: serde_json::Value,
+}
+
+impl CreatedSession {
+    pub fn from_json(v: &serde_json::Value) -> CreatedSession {
+        let s = |k: &str| {
+            v[k].as_str()
+                .unwrap_or_else(|| panic!("{}create response without string {k:?}: {v}", ctx()))
+                .to_string()
+        };
+        let ws_url = s("ws_url");
+        let rest = ws_url
+            .strip_prefix("ws://")
+            .unwrap_or_else(|| panic!("{}ws_url {ws_url:?} is not ws://", ctx()));
+        let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let addr: SocketAddr = hostport
+            .parse()
+            .unwrap_or_else(|e| panic!("{}ws_url {ws_url:?}: host:port {hostport:?}: {e}", ctx()));
+        CreatedSession {
+            id: s("session_id"),
+            token: s("token"),
+            port: v["port"].as_u64().map(|p| p as u16),
+            addr,
+            path: path.to_string(),
+            ws_url,
+            json: v.clone(),
+        }
+    }
+
+    /// The path with another token (to try a wrong ticket).
+    pub fn path_with_token(&self, token: &str) -> String {
+        format!("/proxy/{}?token={token}", self.id)
+    }
+}
+
+/// A running `consolegate run --config FILE`. Killed (SIGKILL) on drop
+/// unless it has exited; its output is printed when the test is failing.
+pub struct Appliance {
+    child: Child,
+    pub io: String,
+    /// The control API (`control listening on ...`).
+    pub control: SocketAddr,
+    /// The console port (`listening on ... (io=...)`).
+    pub console: SocketAddr,
+    /// `console public url ...`.
+    pub public_url: String,
+    pub port_range: (u16, u16),
+    pub state_dir: PathBuf,
+    pub config_path: PathBuf,
+    stdout: Arc<Mutex<String>>,
+    stderr_path: PathBuf,
+    exit: Option<ExitStatus>,
+    dir: tempfile::TempDir,
+}
+
+/// The child's environment without `CONSOLEGATE_*` variables: the appliance
+/// refuses unknown ones, and the test harness's own (`CONSOLEGATE_TEST_BIN`)
+/// must not leak into it.
+pub fn scrub_consolegate_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CONSOLEGATE_") {
+            cmd.env_remove(&k);
+        }
+    }
+}
+
+impl Appliance {
+    pub fn start(io: &str, opts: ApplianceOptions) -> Appliance {
+        Self::try_start(io, opts).unwrap_or_else(|e| panic!("io={io}: {e}"))
+    }
+
+    pub fn try_start(io: &str, opts: ApplianceOptions) -> Result<Appliance, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("consolegate-appliance-")
+            .tempdir()
+            .expect("tempdir");
+        let range = opts.port_range.unwrap_or_else(|| reserve_port_range(16));
+        let state_dir = opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
+        let config_path = dir.path().join("consolegate.toml");
+        fs::write(
+            &config_path,
+            appliance_config_text(io, range, &state_dir, &opts),
+        )
+        .expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = File::create(&stderr_path).expect("create stderr log");
+        let bin = consolegate_bin();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr));
+        scrub_consolegate_env(&mut cmd);
+        cmd.env("NO_COLOR", "1");
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+
+        let stdout_buf = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel::<String>();
+        {
+            let out = child.stdout.take().unwrap();
+            let buf = stdout_buf.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    {
+                        let mut b = buf.lock().unwrap();
+                        b.push_str(&line);
+                        b.push('\n');
+                    }
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let (mut control, mut console, mut public_url) = (None, None, None);
+        let mut reported_io = None;
+        let found = loop {
+            if control.is_some() && console.is_some() && public_url.is_some() {
+                break Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("control listening on ") {
+                        control = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+                    } else if let Some(rest) = line.strip_prefix("console public url ") {
+                        public_url = Some(rest.trim().to_string());
+                    } else if let Some(addr) = parse_listening_line(&line) {
+                        console = Some(addr);
+                        reported_io = line.split("io=").nth(1).map(|r| {
+                            r.chars()
+                                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                                .collect::<String>()
+                        });
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    break Err(format!(
+                        "the three start-up lines not all printed within {STARTUP_TIMEOUT:?}"
+                    ))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = wait_child(&mut child, Duration::from_secs(5));
+                    break Err(format!(
+                        "appliance closed stdout (exit status {status:?}) before its start-up lines"
+                    ));
+                }
+            }
+        };
+        let fail = |child: &mut Child, e: String| {
+            stop_child(child, Duration::from_secs(2));
+            Err(format!(
+                "{e}\ncommand: {} run --config {}\nconfig:\n{}\nstdout:\n{}\nstderr:\n{}",
+                bin.display(),
+                config_path.display(),
+                fs::read_to_string(&config_path).unwrap_or_default(),
+                stdout_buf.lock().unwrap(),
+                tail_of_file(&stderr_path, 8000)
+            ))
+        };
+        if let Err(e) = found {
+            return fail(&mut child, e);
+        }
+        if let Some(r) = &reported_io {
+            if r != io && !(io == "uring" && r == "io_uring") {
+                return fail(
+                    &mut child,
+                    format!("asked for io={io} but the appliance runs io={r}"),
+                );
+            }
+        }
+        Ok(Appliance {
+            child,
+            io: io.to_string(),
+            control: control.unwrap(),
+            console: console.unwrap(),
+            public_url: public_url.unwrap(),
+            port_range: range,
+            state_dir,
+            config_path,
+            stdout: stdout_buf,
+            stderr_path,
+            exit: None,
+            dir,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The appliance's temp directory (config, logs, default state dir).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn sigterm(&self) {
+        assert!(
+            send_signal(self.pid(), "TERM"),
+            "io={}: kill -TERM failed",
+            self.io
+        );
+    }
+
+    /// SIGKILL (a crash) and reap.
+    pub fn kill9(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            self.exit = self.child.wait().ok();
+        }
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = wait_child(&mut self.child, timeout);
+        }
+        self.exit
+    }
+
+    /// `None` while running.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        tail_of_file(&self.stderr_path, 64 * 1024)
+    }
+
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "---- consolegate run (io={}, control {}, console {}, ports {}-{}) ----\nconfig:\n{}\nstdout:\n{}\nstderr (tail):\n{}",
+            self.io,
+            self.control,
+            self.console,
+            self.port_range.0,
+            self.port_range.1,
+            fs::read_to_string(&self.config_path).unwrap_or_default(),
+            self.stdout(),
+            tail_of_file(&self.stderr_path, 16 * 1024)
+        )
+    }
+
+    /// One control-API request; panics when no HTTP response comes back.
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> HttpResponse {
+        http_call(self.control, method, path, token, body)
+            .unwrap_or_else(|e| panic!("io={}: {method} {path}: {e}", self.io))
+    }
+
+    /// `GET path` with the read token.
+    pub fn get(&self, path: &str) -> HttpResponse {
+        self.api("GET", path, Some(READ_TOKEN), None)
+    }
+
+    /// `GET path` with the read token, asserting 200 and a JSON body.
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let r = self.get(path);
+        assert_eq!(r.status, 200, "io={}: GET {path}: {r:?}", self.io);
+        r.json()
+    }
+
+    /// `POST /api/v1/sessions` with the admin token.
+    pub fn try_create(&self, body: &serde_json::Value) -> HttpResponse {
+        self.api(
+            "POST",
+            "/api/v1/sessions",
+            Some(ADMIN_TOKEN),
+            Some(&body.to_string()),
+        )
+    }
+
+    /// `POST /api/v1/sessions`, asserting 201.
+    pub fn create(&self, body: &serde_json::Value) -> CreatedSession {
+        let r = self.try_create(body);
+        assert_eq!(
+            r.status, 201,
+            "io={}: POST /api/v1/sessions {body}: {r:?}",
+            self.io
+        );
+        CreatedSession::from_json(&r.json())
+    }
+
+    /// A shared-port session on the demo console for `user`.
+    pub fn create_demo(&self, user: &str) -> CreatedSession {
+        self.create(&serde_json::json!({"target": {"kind": "demo"}, "user": user}))
+    }
+
+    /// `GET /api/v1/sessions/{id}`, asserting 200.
+    pub fn session(&self, id: &str) -> serde_json::Value {
+        self.get_json(&format!("/api/v1/sessions/{id}"))
+    }
+
+    /// Polls `GET /api/v1/sessions/{id}` until `pred` holds; panics with the
+    /// last record after `timeout`.
+    pub fn wait_session(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.session(id);
+            if pred(&v) {
+                return v;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "io={}: session {id}: timed out after {timeout:?} waiting for {what}; last: {v}",
+                    self.io
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until the session's `state` is `state`.
+    pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> serde_json::Value {
+        self.wait_session(id, &format!("state {state:?}"), timeout, |v| {
+            v["state"] == state
+        })
+    }
+
+    /// `DELETE /api/v1/sessions/{id}` with the admin token.
+    pub fn delete(&self, id: &str) -> HttpResponse {
+        self.api(
+            "DELETE",
+            &format!("/api/v1/sessions/{id}"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+    }
+
+    /// `GET /api/v1/ports`.
+    pub fn ports(&self) -> serde_json::Value {
+        self.get_json("/api/v1/ports")
+    }
+
+    /// Polls `GET /api/v1/ports` until `allocated_ports == n`.
+    pub fn wait_allocated(&self, n: u64, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.ports();
+            if v["allocated_ports"].as_u64() == Some(n) {
+                return v;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "io={}: allocated_ports never reached {n} within {timeout:?}; last: {v}",
+                    self.io
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Runs `consolegate ARGS... --config <this config>`-style CLI commands
+    /// (`args` must place `{config}` where the path goes) with the scrubbed
+    /// environment.
+    pub fn cli(&self, args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
+        let cfg = self.config_path.display().to_string();
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if *a == "{config}" {
+                    cfg.clone()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_cli_env(&args, &[], timeout)
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            eprintln!("{}", self.diagnostics());
+        }
+    }
+}
+
+/// Like [`run_cli`], with a scrubbed environment (no `CONSOLEGATE_*` of
+/// ours) plus `env`.
+pub fn run_cli_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (ExitStatus, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let mut cmd = Command::new(consolegate_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).unwrap())
+        .stderr(File::create(&err_path).unwrap());
+    scrub_consolegate_env(&mut cmd);
+    cmd.env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn consolegate");
+    let status = match wait_child(&mut child, timeout) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{}consolegate {} did not exit within {timeout:?}; stderr:\n{}",
+                ctx(),
+                args.join(" "),
+                tail_of_file(&err_path, 8000)
+            );
+        }
+    };
+    (
+        status,
+        fs::read_to_string(&out_path).unwrap_or_default(),
+        fs::read_to_string(&err_path).unwrap_or_default(),
+    )
+}
