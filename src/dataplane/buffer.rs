@@ -125,6 +125,47 @@ impl ByteQueue {
         &mut c.data[c.tail..]
     }
 
+    /// On an empty queue: a fresh chunk whose first `headroom` bytes are
+    /// kept free, returning the room after them. Read payload into it, then
+    /// [`ByteQueue::commit_with_header`] puts a header in front of it without
+    /// moving the payload (zero-copy framing).
+    pub fn fresh_with_headroom(
+        &mut self,
+        pool: &mut BufPool,
+        headroom: usize,
+    ) -> Option<&mut [u8]> {
+        if !self.chunks.is_empty() || headroom >= pool.chunk_bytes() {
+            return None;
+        }
+        let data = pool.take();
+        self.chunks.push_back(Chunk {
+            data,
+            head: headroom,
+            tail: headroom,
+        });
+        let c = self.chunks.back_mut().expect("just pushed");
+        Some(&mut c.data[headroom..])
+    }
+
+    /// Queue `n` payload bytes written after the headroom of
+    /// [`ByteQueue::fresh_with_headroom`], preceded by `header` (which must
+    /// fit in the headroom). `n == 0` releases the chunk.
+    pub fn commit_with_header(&mut self, pool: &mut BufPool, header: &[u8], n: usize) {
+        let Some(c) = self.chunks.back_mut() else {
+            return;
+        };
+        let n = n.min(c.data.len() - c.tail);
+        if n == 0 || header.len() > c.head {
+            self.clear(pool);
+            return;
+        }
+        let start = c.head - header.len();
+        c.data[start..c.head].copy_from_slice(header);
+        c.head = start;
+        c.tail += n;
+        self.len += header.len() + n;
+    }
+
     /// Mark `n` bytes at the start of the last [`ByteQueue::spare`] as queued.
     pub fn commit(&mut self, n: usize) {
         if let Some(c) = self.chunks.back_mut() {
@@ -258,6 +299,32 @@ mod tests {
         let p = q.front().as_ptr();
         q.push(&mut pool, &[7u8; 40]);
         assert_eq!(q.front().as_ptr(), p);
+    }
+
+    #[test]
+    fn header_goes_in_front_without_moving_the_payload() {
+        let mut pool = BufPool::new(64, 4);
+        let mut q = ByteQueue::new();
+        let room = q.fresh_with_headroom(&mut pool, 10).unwrap();
+        room[..5].copy_from_slice(b"hello");
+        let p = room.as_ptr();
+        q.commit_with_header(&mut pool, &[0x82, 5], 5);
+        assert_eq!(q.front(), b"\x82\x05hello");
+        assert_eq!(unsafe_free_ptr_eq(q.front(), p), true);
+        assert!(
+            q.fresh_with_headroom(&mut pool, 10).is_none(),
+            "only on an empty queue"
+        );
+        q.consume(&mut pool, 7);
+        let _ = q.fresh_with_headroom(&mut pool, 10).unwrap();
+        q.commit_with_header(&mut pool, &[0x82, 0], 0);
+        assert!(q.is_empty());
+        assert_eq!(pool.outstanding, 0);
+    }
+
+    /// Whether the payload (after the 2-byte header) still starts at `p`.
+    fn unsafe_free_ptr_eq(front: &[u8], p: *const u8) -> bool {
+        front[2..].as_ptr() == p
     }
 
     #[test]

@@ -469,6 +469,40 @@ impl Session {
         self.relay_down(ctx, data);
     }
 
+    /// Zero-copy downstream: when nothing is queued for the browser and the
+    /// payload goes out as is (plain ws, binary, relaying), the IO layer may
+    /// read backend bytes straight into a frame chunk, behind room for the
+    /// header. Follow with [`Session::backend_frame_done`].
+    pub fn backend_frame_buf(&mut self, ctx: &mut WorkerCtx) -> Option<&mut [u8]> {
+        if self.tls.is_some()
+            || self.rfb.is_some()
+            || self.mode != PayloadMode::Raw
+            || !self.want_backend_read(ctx)
+        {
+            return None;
+        }
+        let limit = self.backend_read_limit(ctx);
+        self.to_browser
+            .fresh_with_headroom(&mut ctx.pool, websocket::MAX_SERVER_HEADER_LEN)
+            .map(move |b| {
+                let n = b.len().min(limit);
+                &mut b[..n]
+            })
+    }
+
+    /// `n` backend bytes were read into [`Session::backend_frame_buf`].
+    pub fn backend_frame_done(&mut self, ctx: &mut WorkerCtx, n: usize, now: Instant) {
+        let mut hdr = [0u8; websocket::MAX_SERVER_HEADER_LEN];
+        let hl = websocket::write_server_header(&mut hdr, true, Opcode::Binary, n as u64);
+        self.to_browser
+            .commit_with_header(&mut ctx.pool, &hdr[..hl], n);
+        if n > 0 {
+            self.last_activity = now;
+            self.bytes_down += n as u64;
+            ctx.metrics.bytes_backend_to_browser += n as u64;
+        }
+    }
+
     /// Frame backend bytes for the browser (binary, or base64 text).
     fn relay_down(&mut self, ctx: &mut WorkerCtx, data: &[u8]) {
         if data.is_empty() {

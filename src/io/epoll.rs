@@ -513,7 +513,39 @@ fn pump(
             }
         }
 
-        // Backend read.
+        // Backend read, straight into a frame chunk when the session allows.
+        if c.k_readable && !c.k_connecting && c.backend.is_some() {
+            if let Some(buf) = c.s.backend_frame_buf(ctx) {
+                let lim = buf.len();
+                let st = c.backend.as_mut().expect("checked above");
+                match st.read(buf) {
+                    Ok(0) => {
+                        c.s.backend_frame_done(ctx, 0, now);
+                        c.k_readable = false;
+                        c.s.on_backend_gone(ctx, None, now);
+                        progress = true;
+                    }
+                    Ok(n) => {
+                        if n < lim && !c.k_hup {
+                            c.k_readable = false;
+                        }
+                        c.s.backend_frame_done(ctx, n, now);
+                        progress = true;
+                    }
+                    Err(e) => {
+                        c.s.backend_frame_done(ctx, 0, now);
+                        match e.kind() {
+                            io::ErrorKind::WouldBlock => c.k_readable = false,
+                            io::ErrorKind::Interrupted => {}
+                            _ => {
+                                c.s.on_backend_gone(ctx, Some(&e), now);
+                                progress = true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
         if c.k_readable && !c.k_connecting && c.s.want_backend_read(ctx) {
             if let Some(st) = c.backend.as_mut() {
                 let lim = c.s.backend_read_limit(ctx).min(rbuf.len());

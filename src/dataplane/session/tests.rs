@@ -377,3 +377,24 @@ fn an_idle_session_is_small() {
     let size = std::mem::size_of::<Session>();
     assert!(size <= 1024, "Session is {size} bytes");
 }
+
+#[test]
+fn zero_copy_downstream_frames_in_place() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|_| {});
+    let mut s = relaying(&mut ctx, now);
+    let buf = s.backend_frame_buf(&mut ctx).expect("fresh chunk");
+    assert!(buf.len() <= ctx.cfg.limits.recv_buffer_bytes);
+    buf[..3].copy_from_slice(b"abc");
+    s.backend_frame_done(&mut ctx, 3, now);
+    assert!(s.backend_frame_buf(&mut ctx).is_none(), "queue not empty");
+    let f = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(f, vec![(2, b"abc".to_vec())]);
+    assert_eq!(s.bytes_down, 3);
+    // A read of nothing releases the chunk.
+    let _ = s.backend_frame_buf(&mut ctx).unwrap();
+    s.backend_frame_done(&mut ctx, 0, now);
+    assert_eq!(s.browser_pending_len(), 0);
+    s.release(&mut ctx);
+    assert_eq!(ctx.pool.outstanding, 0);
+}
