@@ -39,6 +39,11 @@ impl Out {
     }
 }
 
+/// Histogram bucket bounds for `/metrics`, in microseconds.
+const RELAY_BUCKETS_US: &[u64] = &[
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000,
+];
+
 pub fn render(state: &ControlState) -> String {
     let mut o = Out(String::with_capacity(4096));
     let now = Instant::now();
@@ -212,6 +217,48 @@ pub fn render(state: &ControlState) -> String {
             format!("{:.2}", ps.utilization_percent),
         );
     }
+    // Relay latency, merged from the workers' HdrHistograms.
+    let mut down = crate::metrics::LatencyUs::default();
+    let mut up = crate::metrics::LatencyUs::default();
+    for s in &stats {
+        down.merge(&s.relay_down_us);
+        up.merge(&s.relay_up_us);
+    }
+    o.help(
+        "consolegate_relay_latency_seconds",
+        "histogram",
+        "Time relayed bytes spend in the proxy until the other socket took them, by direction.",
+    );
+    for (dir, h) in [
+        ("backend_to_browser", &down.0),
+        ("browser_to_backend", &up.0),
+    ] {
+        for le_us in RELAY_BUCKETS_US {
+            let n = h.count_between(0, *le_us);
+            let le = format!("{}", *le_us as f64 / 1e6);
+            o.line(
+                "consolegate_relay_latency_seconds_bucket",
+                &[("direction", dir), ("le", &le)],
+                n,
+            );
+        }
+        o.line(
+            "consolegate_relay_latency_seconds_bucket",
+            &[("direction", dir), ("le", "+Inf")],
+            h.len(),
+        );
+        let sum = h.mean() * h.len() as f64 / 1e6;
+        o.line(
+            "consolegate_relay_latency_seconds_sum",
+            &[("direction", dir)],
+            format!("{sum:.6}"),
+        );
+        o.line(
+            "consolegate_relay_latency_seconds_count",
+            &[("direction", dir)],
+            h.len(),
+        );
+    }
     o.help(
         "consolegate_uptime_seconds",
         "gauge",
@@ -223,6 +270,17 @@ pub fn render(state: &ControlState) -> String {
         now.duration_since(state.started).as_secs(),
     );
     o.0
+}
+
+fn quantiles(h: &crate::metrics::LatencyUs) -> serde_json::Value {
+    let h = &h.0;
+    json!({
+        "count": h.len(),
+        "p50": h.value_at_quantile(0.5),
+        "p90": h.value_at_quantile(0.9),
+        "p99": h.value_at_quantile(0.99),
+        "max": h.max(),
+    })
 }
 
 pub fn stats_json(state: &ControlState) -> serde_json::Value {
@@ -245,6 +303,10 @@ pub fn stats_json(state: &ControlState) -> serde_json::Value {
                 "errors": s.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
                 "buffer_chunks_in_use": s.pool_outstanding,
                 "buffer_chunks_free": s.pool_free,
+                "relay_latency_us": {
+                    "backend_to_browser": quantiles(&s.relay_down_us),
+                    "browser_to_backend": quantiles(&s.relay_up_us),
+                },
             })
         })
         .collect();

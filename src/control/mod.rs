@@ -167,7 +167,7 @@ fn apply_report(state: &ControlState, msg: FromWorker) {
                 if all.len() <= w {
                     all.resize_with(w + 1, WorkerStats::default);
                 }
-                all[w] = s;
+                all[w] = *s;
             }
         }
         FromWorker::ListenerClosed { id, port } => {

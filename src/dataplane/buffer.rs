@@ -310,7 +310,7 @@ mod tests {
         let p = room.as_ptr();
         q.commit_with_header(&mut pool, &[0x82, 5], 5);
         assert_eq!(q.front(), b"\x82\x05hello");
-        assert_eq!(unsafe_free_ptr_eq(q.front(), p), true);
+        assert!(payload_starts_at(q.front(), p));
         assert!(
             q.fresh_with_headroom(&mut pool, 10).is_none(),
             "only on an empty queue"
@@ -323,7 +323,7 @@ mod tests {
     }
 
     /// Whether the payload (after the 2-byte header) still starts at `p`.
-    fn unsafe_free_ptr_eq(front: &[u8], p: *const u8) -> bool {
+    fn payload_starts_at(front: &[u8], p: *const u8) -> bool {
         front[2..].as_ptr() == p
     }
 

@@ -153,6 +153,10 @@ pub struct Session {
     /// must stay put until it completes (always 0 on epoll).
     browser_inflight: usize,
     backend_inflight: usize,
+    /// Since when relayed bytes wait for the browser / the backend socket
+    /// (for the relay latency histograms).
+    down_since: Option<Instant>,
+    up_since: Option<Instant>,
 }
 
 fn ms(v: u64) -> Duration {
@@ -211,6 +215,8 @@ impl Session {
             bytes_down: 0,
             browser_inflight: 0,
             backend_inflight: 0,
+            down_since: None,
+            up_since: None,
             peer,
             bound,
             admission: None,
@@ -327,13 +333,27 @@ impl Session {
     pub fn browser_sent(&mut self, ctx: &mut WorkerCtx, n: usize, now: Instant) {
         self.browser_inflight = 0;
         self.to_browser.consume(&mut ctx.pool, n);
+        if self.to_browser.is_empty() {
+            if let Some(t) = self.down_since.take() {
+                ctx.metrics
+                    .relay_down_us
+                    .record(now.saturating_duration_since(t).as_micros() as u64);
+            }
+        }
         self.advance(ctx, now);
     }
 
     /// `n` bytes of [`Session::backend_pending`] were written.
-    pub fn backend_sent(&mut self, ctx: &mut WorkerCtx, n: usize) {
+    pub fn backend_sent(&mut self, ctx: &mut WorkerCtx, n: usize, now: Instant) {
         self.backend_inflight = 0;
         self.to_backend.consume(&mut ctx.pool, n);
+        if self.to_backend.is_empty() {
+            if let Some(t) = self.up_since.take() {
+                ctx.metrics
+                    .relay_up_us
+                    .record(now.saturating_duration_since(t).as_micros() as u64);
+            }
+        }
     }
 
     /// Return every buffer to the pool; call before dropping a done session,
@@ -466,6 +486,7 @@ impl Session {
                 }
             }
         };
+        self.down_since.get_or_insert(now);
         self.relay_down(ctx, data);
     }
 
@@ -498,6 +519,7 @@ impl Session {
             .commit_with_header(&mut ctx.pool, &hdr[..hl], n);
         if n > 0 {
             self.last_activity = now;
+            self.down_since.get_or_insert(now);
             self.bytes_down += n as u64;
             ctx.metrics.bytes_backend_to_browser += n as u64;
         }
@@ -950,6 +972,9 @@ impl Session {
                         self.rfb_browser_input(ctx, &scratch[..p.written], now);
                         ctx.scratch = scratch;
                     } else if !discard {
+                        if p.written > 0 {
+                            self.up_since.get_or_insert(now);
+                        }
                         self.bytes_up += p.written as u64;
                         ctx.metrics.bytes_browser_to_backend += p.written as u64;
                     }

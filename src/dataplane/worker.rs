@@ -257,7 +257,7 @@ pub fn dedicated_listener_done(a: &Admission, session_live: bool, now: Instant) 
 /// Periodic worker report (appliance mode).
 pub fn stats_report(ctx: &WorkerCtx, live_sessions: usize) -> FromWorker {
     let m = &ctx.metrics;
-    FromWorker::Stats(WorkerStats {
+    FromWorker::Stats(Box::new(WorkerStats {
         worker: ctx.worker_id,
         live_sessions,
         accepted: m.accepted,
@@ -268,5 +268,7 @@ pub fn stats_report(ctx: &WorkerCtx, live_sessions: usize) -> FromWorker {
         errors: m.errors().to_vec(),
         pool_outstanding: ctx.pool.outstanding,
         pool_free: ctx.pool.free_len(),
-    })
+        relay_down_us: m.relay_down_us.clone(),
+        relay_up_us: m.relay_up_us.clone(),
+    }))
 }

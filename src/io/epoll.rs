@@ -476,7 +476,7 @@ fn pump(
                             c.k_writable = false;
                         }
                         Ok(n) => {
-                            c.s.backend_sent(ctx, n);
+                            c.s.backend_sent(ctx, n, now);
                             progress = true;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.k_writable = false,
@@ -514,10 +514,9 @@ fn pump(
         }
 
         // Backend read, straight into a frame chunk when the session allows.
-        if c.k_readable && !c.k_connecting && c.backend.is_some() {
-            if let Some(buf) = c.s.backend_frame_buf(ctx) {
+        if c.k_readable && !c.k_connecting {
+            if let (Some(st), Some(buf)) = (c.backend.as_mut(), c.s.backend_frame_buf(ctx)) {
                 let lim = buf.len();
-                let st = c.backend.as_mut().expect("checked above");
                 match st.read(buf) {
                     Ok(0) => {
                         c.s.backend_frame_done(ctx, 0, now);

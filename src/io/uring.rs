@@ -793,7 +793,7 @@ fn complete(
                 if browser {
                     c.s.browser_sent(ctx, res as usize, now);
                 } else {
-                    c.s.backend_sent(ctx, res as usize);
+                    c.s.backend_sent(ctx, res as usize, now);
                 }
             } else {
                 // Nothing was sent; the bytes are no longer held.

@@ -130,6 +130,9 @@ pub struct WorkerStats {
     /// Buffer chunks in use / kept free by the worker's pool.
     pub pool_outstanding: usize,
     pub pool_free: usize,
+    /// Relay latency histograms (µs) since the worker started.
+    pub relay_down_us: crate::metrics::LatencyUs,
+    pub relay_up_us: crate::metrics::LatencyUs,
 }
 
 /// One worker → control plane.
@@ -158,7 +161,7 @@ pub enum FromWorker {
         id: u64,
         kind: &'static str,
     },
-    Stats(WorkerStats),
+    Stats(Box<WorkerStats>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -4,6 +4,30 @@
 //!
 //! Must not depend on the IO backends or the control plane.
 
+use hdrhistogram::Histogram;
+
+/// A latency histogram in microseconds, 1 µs to 60 s, 2 significant
+/// digits (a few KiB per histogram).
+#[derive(Debug, Clone)]
+pub struct LatencyUs(pub Histogram<u64>);
+
+impl Default for LatencyUs {
+    fn default() -> Self {
+        Self(Histogram::new_with_bounds(1, 60_000_000, 2).expect("static bounds are valid"))
+    }
+}
+
+impl LatencyUs {
+    pub fn record(&mut self, us: u64) {
+        self.0.saturating_record(us.clamp(1, 60_000_000));
+    }
+
+    pub fn merge(&mut self, other: &LatencyUs) {
+        // Same bounds on both sides: add cannot fail.
+        let _ = self.0.add(&other.0);
+    }
+}
+
 /// Counters of one worker. Error counts are keyed by the stable `kind()`
 /// name of the error, so the set is bounded by the error enums.
 #[derive(Debug, Default, Clone)]
@@ -16,6 +40,11 @@ pub struct WorkerMetrics {
     pub bytes_browser_to_backend: u64,
     pub bytes_backend_to_browser: u64,
     pub static_responses: u64,
+    /// Relay latency: from bytes arriving from the backend until the
+    /// browser socket took them all (queueing + send), per burst.
+    pub relay_down_us: LatencyUs,
+    /// The same from the browser to the backend.
+    pub relay_up_us: LatencyUs,
     errors: Vec<(&'static str, u64)>,
 }
 
@@ -50,6 +79,8 @@ impl WorkerMetrics {
         self.bytes_browser_to_backend += other.bytes_browser_to_backend;
         self.bytes_backend_to_browser += other.bytes_backend_to_browser;
         self.static_responses += other.static_responses;
+        self.relay_down_us.merge(&other.relay_down_us);
+        self.relay_up_us.merge(&other.relay_up_us);
         for (k, v) in &other.errors {
             if let Some(e) = self.errors.iter_mut().find(|(kk, _)| kk == k) {
                 e.1 += v;
@@ -79,5 +110,17 @@ mod tests {
         assert_eq!(a.error_count("unknown_token"), 1);
         assert_eq!(a.error_count("other"), 0);
         assert_eq!(a.accepted, 3);
+    }
+
+    #[test]
+    fn latency_histograms_record_and_merge() {
+        let mut a = WorkerMetrics::default();
+        let mut b = WorkerMetrics::default();
+        a.relay_down_us.record(100);
+        b.relay_down_us.record(300);
+        b.relay_down_us.record(0);
+        a.merge(&b);
+        assert_eq!(a.relay_down_us.0.len(), 3);
+        assert!(a.relay_down_us.0.value_at_quantile(1.0) >= 299);
     }
 }

@@ -63,7 +63,7 @@ fn drain_backend(s: &mut Session, ctx: &mut WorkerCtx) -> Vec<u8> {
             break;
         }
         out.extend_from_slice(&p);
-        s.backend_sent(ctx, p.len());
+        s.backend_sent(ctx, p.len(), Instant::now());
     }
     out
 }
@@ -365,7 +365,7 @@ fn in_flight_bytes_survive_a_close() {
     // The browser vanishes while the backend send is in flight.
     s.on_browser_gone(&mut ctx, None, now);
     assert_eq!(s.backend_pending().as_ptr(), p);
-    s.backend_sent(&mut ctx, 6);
+    s.backend_sent(&mut ctx, 6, now);
     s.release(&mut ctx);
     assert_eq!(ctx.pool.outstanding, 0);
 }
