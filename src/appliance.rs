@@ -213,26 +213,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         out.flush()?;
     }
 
-    let dp_control = dp.control();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])?;
-    std::thread::Builder::new()
-        .name("cg-signals".into())
-        .spawn(move || {
-            let mut seen = 0;
-            for sig in signals.forever() {
-                seen += 1;
-                if seen == 1 {
-                    tracing::info!(signal = sig, "draining");
-                    dp_control.start_drain();
-                } else {
-                    tracing::warn!(signal = sig, "second signal: exiting now");
-                    std::process::exit(1);
-                }
-            }
-        })?;
+    crate::drain_on_signals(dp.control())?;
 
     let metrics = dp.join();
     let _ = sd_tx.send(true);

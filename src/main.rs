@@ -362,6 +362,26 @@ fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
         out.flush()?;
     }
     tracing::info!(addr = %dp.addr, io = dp.backend.name(), workers = dp.workers, "proxy started");
+    drain_on_signals(control)?;
+    let m = dp.join()?;
+    let errors: Vec<String> = m.errors().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    tracing::info!(
+        accepted = m.accepted,
+        handshakes = m.handshakes_ok,
+        closed = m.sessions_closed,
+        bytes_up = m.bytes_browser_to_backend,
+        bytes_down = m.bytes_backend_to_browser,
+        errors = %errors.join(","),
+        "stopped"
+    );
+    Ok(())
+}
+
+/// SIGTERM/SIGINT: first one drains the data plane (no new connections,
+/// live sessions get their grace period), a second one exits at once.
+pub(crate) fn drain_on_signals(
+    control: std::sync::Arc<consolegate::dataplane::worker::WorkerControl>,
+) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -384,17 +404,6 @@ fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
                 }
             }
         })?;
-    let m = dp.join()?;
-    let errors: Vec<String> = m.errors().iter().map(|(k, v)| format!("{k}={v}")).collect();
-    tracing::info!(
-        accepted = m.accepted,
-        handshakes = m.handshakes_ok,
-        closed = m.sessions_closed,
-        bytes_up = m.bytes_browser_to_backend,
-        bytes_down = m.bytes_backend_to_browser,
-        errors = %errors.join(","),
-        "stopped"
-    );
     Ok(())
 }
 
