@@ -179,6 +179,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         next_worker: AtomicUsize::new(0),
         data_plane: dp.control(),
         io_backend: dp.backend.name(),
+        ports_dirty: std::sync::atomic::AtomicBool::new(false),
     });
     control::persist_ports(&state);
 

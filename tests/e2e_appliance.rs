@@ -202,6 +202,19 @@ fn metric_sum(text: &str, name: &str, label: Option<&str>) -> Option<f64> {
 }
 
 /// `(port, owner)` pairs of `<state_dir>/ports.json`.
+/// Allocations are written coalesced (within ~200 ms of a change): poll
+/// until `ports.json` lists exactly `expected`, then return it.
+fn wait_persisted(state_dir: &Path, expected: &BTreeSet<(u16, u64)>) -> BTreeSet<(u16, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = persisted_allocations(state_dir);
+        if &got == expected || Instant::now() >= deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn persisted_allocations(state_dir: &Path) -> BTreeSet<(u16, u64)> {
     let path = state_dir.join("ports.json");
     let text = fs::read_to_string(&path)
@@ -639,11 +652,11 @@ fn dedicated_ports_200_sessions(io: &str) {
         Some(250 - N as u64),
         "io={io}: /ports: {stats}"
     );
-    let persisted = persisted_allocations(&app.state_dir);
     let expected: BTreeSet<(u16, u64)> = sessions
         .iter()
         .map(|s| (s.port.unwrap(), owner_of(s)))
         .collect();
+    let persisted = wait_persisted(&app.state_dir, &expected);
     assert_eq!(
         persisted, expected,
         "io={io}: ports.json lists every allocation"
@@ -867,7 +880,7 @@ fn restart_restores_and_reclaims_ports(io: &str) {
     rfb_handshake_none(&mut live);
     let before: BTreeSet<(u16, u64)> = sa.iter().map(|s| (s.port.unwrap(), owner_of(s))).collect();
     assert_eq!(
-        persisted_allocations(&state_dir),
+        wait_persisted(&state_dir, &before),
         before,
         "io={io}: ports.json before the crash"
     );
@@ -937,7 +950,15 @@ fn restart_restores_and_reclaims_ports(io: &str) {
     let mut reused_client = connect(io, reused);
     let init = rfb_handshake_none(&mut reused_client);
     rfb_full_update(&mut reused_client, &init, "reclaimed port");
-    let online = ports_status(&b.config_path);
+    // The file is written within ~200 ms of a change (coalesced).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let online = loop {
+        let s = ports_status(&b.config_path);
+        if s["allocated_ports"].as_u64() == Some(5) || Instant::now() >= deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(
         online["allocated_ports"].as_u64(),
         Some(5),
@@ -993,9 +1014,17 @@ fn ports_cli_status_and_cleanup(io: &str) {
             ..ApplianceOptions::default()
         },
     );
-    for _ in 0..2 {
-        app.create(&dedicated_demo("alice"));
-    }
+    let created: BTreeSet<(u16, u64)> = (0..2)
+        .map(|_| {
+            let s = app.create(&dedicated_demo("alice"));
+            (s.port.unwrap(), owner_of(&s))
+        })
+        .collect();
+    assert_eq!(
+        wait_persisted(&app.state_dir, &created),
+        created,
+        "io={io}: ports.json lists both allocations before the crash"
+    );
     app.kill9();
     let cfg = app.config_path.display().to_string();
     let mut problems = Vec::new();

@@ -446,7 +446,7 @@ async fn create_session(
         return Err(err);
     }
     if port.is_some() {
-        super::persist_ports(&state);
+        super::mark_ports_dirty(&state);
     }
     if let Ok(mut c) = state.counters.lock() {
         c.sessions_created += 1;

@@ -71,6 +71,8 @@ pub struct ControlState {
     pub next_worker: AtomicUsize,
     pub data_plane: Arc<WorkerControl>,
     pub io_backend: &'static str,
+    /// Port allocations changed since the last save.
+    pub ports_dirty: std::sync::atomic::AtomicBool,
 }
 
 impl ControlState {
@@ -125,6 +127,7 @@ pub fn serve(
         let app = api::router(state.clone());
         tokio::spawn(pump_reports(state.clone(), events));
         tokio::spawn(sweeper(state.clone()));
+        tokio::spawn(port_saver(state.clone()));
         let mut sd = shutdown.clone();
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -174,7 +177,7 @@ fn apply_report(state: &ControlState, msg: FromWorker) {
             if let Some(p) = &state.ports {
                 p.release(port, id);
             }
-            persist_ports(state);
+            mark_ports_dirty(state);
             if let Ok(mut r) = state.registry.lock() {
                 r.listener_closed(id);
             }
@@ -187,7 +190,36 @@ fn apply_report(state: &ControlState, msg: FromWorker) {
     }
 }
 
-/// Write the port allocations (atomic temp + rename inside the store).
+/// Note that the port allocations changed; [`port_saver`] writes them.
+pub fn mark_ports_dirty(state: &ControlState) {
+    state.ports_dirty.store(true, Ordering::Release);
+}
+
+/// How often changed port allocations are written. Why coalesced and off
+/// the control thread: each save is write + fsync + rename + fsync of the
+/// directory; done per allocation and release on this thread it cost the
+/// API ~1 ms at p50 and ~33 ms at p99 (bench session-start, dedicated).
+/// A crash loses at most this much of the record, which is harmless: the
+/// crashed process's listeners are gone with it, so restore reclaims them.
+const PORT_SAVE_INTERVAL: Duration = Duration::from_millis(200);
+
+async fn port_saver(state: Arc<ControlState>) {
+    let mut tick = tokio::time::interval(PORT_SAVE_INTERVAL);
+    loop {
+        tick.tick().await;
+        if state.ports_dirty.swap(false, Ordering::AcqRel) {
+            let s = state.clone();
+            if tokio::task::spawn_blocking(move || persist_ports(&s))
+                .await
+                .is_err()
+            {
+                state.count_error("ports_persist_failed");
+            }
+        }
+    }
+}
+
+/// Write the port allocations now (atomic temp + rename inside the store).
 pub fn persist_ports(state: &ControlState) {
     if let (Some(pool), Some(store)) = (&state.ports, &state.port_store) {
         if let Err(e) = store.save(&pool.allocations()) {
@@ -239,7 +271,7 @@ async fn sweeper(state: Arc<ControlState>) {
                         reclaimed = report.reclaimed,
                         "stale port allocations reclaimed"
                     );
-                    persist_ports(&state);
+                    mark_ports_dirty(&state);
                 }
             }
         }

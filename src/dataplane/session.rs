@@ -49,6 +49,9 @@ pub struct WorkerCtx {
     pub metrics: WorkerMetrics,
     /// Reports to the control plane (appliance mode).
     pub events: Option<mailbox::Sender<FromWorker>>,
+    /// Ids of dedicated-port sessions that ended in this turn: the IO layer
+    /// closes their listeners at once (the port is free for the next one).
+    pub ended_bound: Vec<u64>,
     /// Plaintext out of rustls, and frame assembly for TLS and base64.
     scratch: Vec<u8>,
 }
@@ -76,6 +79,7 @@ impl WorkerCtx {
             tls,
             metrics: WorkerMetrics::default(),
             events: None,
+            ended_bound: Vec::new(),
             scratch,
         }
     }
@@ -1197,6 +1201,9 @@ impl Session {
         }
         let was_session = self.decoder.is_some();
         self.phase = Phase::Done;
+        if let Some(a) = &self.bound {
+            ctx.ended_bound.push(a.id);
+        }
         self.deadline = None;
         self.next_ping = None;
         if was_session {

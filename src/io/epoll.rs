@@ -176,9 +176,15 @@ pub fn run(
                 )?;
             }
         }
-        if woken {
-            if let Some(ib) = inbox.as_mut() {
+        // Messages are drained every turn, not only when the eventfd fired:
+        // a session is admitted (queued here) before its browser is told
+        // the URL, but the wake-up can land in a later epoll batch than the
+        // browser's connection, which must not find the session unknown.
+        if let Some(ib) = inbox.as_mut() {
+            if woken {
                 ib.reset();
+            }
+            {
                 for _ in 0..MESSAGES_PER_TURN {
                     let Some(msg) = ib.try_recv() else { break };
                     match worker::take_message(&mut ctx, msg) {
@@ -226,6 +232,12 @@ pub fn run(
             }
         }
 
+        if !ctx.ended_bound.is_empty() {
+            let ended = std::mem::take(&mut ctx.ended_bound);
+            close_dedicated(&mut dedicated, &mut poll, &mut ctx, |d| {
+                ended.contains(&d.a.id) && worker::dedicated_listener_done(&d.a, false, now)
+            });
+        }
         let now = Instant::now();
         let (close_listener, close_sessions) = drain.poll(&ctl, ctx.cfg.limits.drain_grace_ms, now);
         if close_listener {

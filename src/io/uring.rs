@@ -490,9 +490,12 @@ pub fn run(
             complete(&mut w, &mut ctx, user_data, res, flags, now, &mut touched)?;
         }
         w.bufs.publish();
-        if w.inbox.is_some() && !w.wake_armed {
+        // Drained every turn (a cheap empty check), not only after the
+        // eventfd read completed: the browser's connection may be in this
+        // batch while the wake-up completes in a later one.
+        if w.inbox.is_some() {
             take_messages(&mut w, &mut ctx, now, &mut touched)?;
-            if !drain.active() {
+            if !w.wake_armed && !drain.active() {
                 w.arm_wake()?;
             }
         }
@@ -502,6 +505,12 @@ pub fn run(
             sync(&mut w, &mut ctx, slot, now)?;
         }
 
+        if !ctx.ended_bound.is_empty() {
+            let ended = std::mem::take(&mut ctx.ended_bound);
+            w.close_dedicated(&mut ctx, |d| {
+                ended.contains(&d.a.id) && worker::dedicated_listener_done(&d.a, false, now)
+            })?;
+        }
         let now = Instant::now();
         let (close_listener, close_sessions) = drain.poll(&ctl, ctx.cfg.limits.drain_grace_ms, now);
         if close_listener {
