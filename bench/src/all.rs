@@ -4,7 +4,8 @@
 //! `report.md` (the tables, the limits, the targets met or missed).
 //!
 //! Each benchmark still writes its own files (`latency.*`, `throughput.*`,
-//! `memory.*`, `handshakes.*`, `hgrm/`, `latency.svg`, `logs/`) into the
+//! `memory.*`, `handshakes.*`, `session-start.*`, `hgrm/`, `latency.svg`,
+//! `logs/`) into the
 //! same directory. A benchmark that fails is recorded as such and the
 //! others still run.
 
@@ -21,6 +22,7 @@ use crate::latency::{self, LatencyConfig, Report as LatencyReport};
 use crate::memory::{self, MemoryConfig, MemoryReport};
 use crate::proxy::ProxyKind;
 use crate::report::{self, Machine};
+use crate::session_start::{self, SessionStartConfig, SessionStartReport};
 use crate::throughput::{self, Direction, ThroughputConfig, ThroughputReport};
 use crate::tuning::Tuning;
 
@@ -31,6 +33,7 @@ pub enum Bench {
     Throughput,
     Memory,
     Handshakes,
+    SessionStart,
 }
 
 pub struct AllConfig {
@@ -39,6 +42,7 @@ pub struct AllConfig {
     pub throughput: ThroughputConfig,
     pub memory: MemoryConfig,
     pub handshakes: HandshakeConfig,
+    pub session_start: SessionStartConfig,
     pub common: Common,
 }
 
@@ -72,6 +76,8 @@ pub struct AllReport {
     pub throughput: Option<ThroughputReport>,
     pub memory: Option<MemoryReport>,
     pub handshakes: Option<HandshakeReport>,
+    /// Appliance mode only (consolegate variants); no websockify equivalent.
+    pub session_start: Option<SessionStartReport>,
 }
 
 const CONSOLEGATES: [ProxyKind; 2] = [ProxyKind::ConsolegateEpoll, ProxyKind::ConsolegateUring];
@@ -413,6 +419,11 @@ pub fn render_markdown(r: &AllReport) -> String {
         out.push_str(&handshakes::render_text(h));
         out.push('\n');
     }
+    if let Some(s) = &r.session_start {
+        let _ = writeln!(out, "## Session start (appliance)\n");
+        out.push_str(&session_start::render_text(s));
+        out.push('\n');
+    }
     if !r.errors.is_empty() {
         let _ = writeln!(out, "## Errors\n");
         for e in &r.errors {
@@ -465,6 +476,18 @@ pub fn run(cfg: AllConfig, tuning: Tuning, stop: Arc<AtomicBool>) -> Result<AllR
     } else {
         None
     };
+    // Only the appliance has sessions to create: without a consolegate
+    // variant there is nothing to measure (not an error).
+    let session_start = if on(Bench::SessionStart)
+        && !session_start::consolegate_variants(&cfg.session_start.proxies).is_empty()
+    {
+        eprintln!("== session-start");
+        session_start::run(cfg.session_start, stop.clone())
+            .map_err(|e| note("session-start", e))
+            .ok()
+    } else {
+        None
+    };
     let targets = targets(
         latency.as_ref(),
         throughput.as_ref(),
@@ -488,6 +511,7 @@ pub fn run(cfg: AllConfig, tuning: Tuning, stop: Arc<AtomicBool>) -> Result<AllR
         throughput,
         memory,
         handshakes,
+        session_start,
     };
     let md = render_markdown(&report);
     let dir = &report.common.out_dir;

@@ -8,9 +8,12 @@
 //! own servers run as child processes), `child` (child processes), `procfs`
 //! (CPU and memory of process trees), `tuning` (host limits), `stats`,
 //! `report` and `svg` (figures and reporters), and one module per benchmark
-//! (`latency`, `throughput`, `memory`, `handshakes`) plus `all`.
+//! (`latency`, `throughput`, `memory`, `handshakes`, `session_start`) plus
+//! `all`. `session_start` drives consolegate in appliance mode: `appliance`
+//! starts it, `rest` is the client of its control API.
 
 mod all;
+mod appliance;
 mod child;
 mod childserver;
 mod client;
@@ -24,7 +27,9 @@ mod procfs;
 mod proxy;
 mod relay;
 mod report;
+mod rest;
 mod server;
+mod session_start;
 mod stats;
 mod svg;
 mod throughput;
@@ -47,6 +52,8 @@ use crate::all::Bench;
 use crate::common::Common;
 use crate::memory::SessionCount;
 use crate::proxy::ProxyKind;
+use crate::rest::HttpMode;
+use crate::session_start::PortMode;
 use crate::throughput::Direction;
 
 #[derive(Parser)]
@@ -101,6 +108,16 @@ enum Command {
         #[command(flatten)]
         opts: HandshakeOpts,
     },
+    /// Appliance mode: session creation (REST) → WebSocket upgrade → first
+    /// relayed byte of the demo console, p50/p99, shared and dedicated ports.
+    SessionStart {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        opts: SessionStartOpts,
+    },
     /// Every benchmark in one run, one combined report (what `make bench` runs).
     All {
         #[command(flatten)]
@@ -115,6 +132,8 @@ enum Command {
         memory: MemoryOpts,
         #[command(flatten)]
         handshakes: HandshakeOpts,
+        #[command(flatten)]
+        session_start: SessionStartOpts,
         /// Benchmarks to leave out.
         #[arg(long, value_enum, value_delimiter = ',')]
         skip: Vec<Bench>,
@@ -290,6 +309,64 @@ struct HandshakeOpts {
     /// Unmeasured handshakes first.
     #[arg(long, default_value_t = 500)]
     handshake_warmup: u64,
+}
+
+#[derive(Args)]
+struct SessionStartOpts {
+    /// consolegate variants for session-start (default: the consolegate
+    /// ones in --proxies).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    session_start_proxies: Option<Vec<ProxyKind>>,
+    /// Port modes: the shared console port and/or a dedicated port per session.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "shared,dedicated"
+    )]
+    session_start_modes: Vec<PortMode>,
+    /// Client threads, each creating and opening sessions back to back; one
+    /// cell per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    session_start_concurrency: Vec<usize>,
+    /// Measured samples per cell, at most.
+    #[arg(long, default_value_t = 2000)]
+    session_start_samples: u64,
+    /// Unmeasured samples per cell first.
+    #[arg(long, default_value_t = 50)]
+    session_start_warmup: u64,
+    /// Measured phase per cell, at most (the warm-up has the same bound).
+    #[arg(long, default_value_t = 20_000)]
+    session_start_time_limit_ms: u64,
+    /// REST connections: one kept alive per client thread, or a new one per
+    /// request.
+    #[arg(long, value_enum, default_value = "keep-alive")]
+    session_start_http: HttpMode,
+    /// Where the appliances keep their state (dedicated-port allocations,
+    /// fsynced on every change), one subdirectory per cell; default: inside
+    /// --out-dir. E.g. a tmpfs to take the disk out of the figure.
+    #[arg(long, value_name = "DIR")]
+    session_start_state_dir: Option<PathBuf>,
+}
+
+impl SessionStartOpts {
+    fn config(&self, proxies: &[ProxyKind], common: &Common) -> session_start::SessionStartConfig {
+        let proxies = match &self.session_start_proxies {
+            Some(p) => p.clone(),
+            None => session_start::consolegate_variants(proxies),
+        };
+        session_start::SessionStartConfig {
+            proxies,
+            modes: self.session_start_modes.clone(),
+            concurrency: self.session_start_concurrency.clone(),
+            samples: self.session_start_samples,
+            warmup: self.session_start_warmup,
+            time_limit_ms: self.session_start_time_limit_ms,
+            http: self.session_start_http,
+            state_root: self.session_start_state_dir.clone(),
+            common: common.clone(),
+        }
+    }
 }
 
 /// `123`, `64KiB`, `256MiB`, `1GiB`, `10MB`, `1GB` (KB/MB/GB decimal).
@@ -512,6 +589,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let r = handshakes::run(opts.config(&common.proxies, &c), stop)?;
             Ok(exit_code(r.interrupted))
         }
+        Command::SessionStart { common, host, opts } => {
+            let c = common.common()?;
+            prepare_host(&host, &c)?;
+            let r = session_start::run(opts.config(&common.proxies, &c), stop)?;
+            if r.interrupted {
+                return Ok(exit_code(true));
+            }
+            if r.cells.iter().all(|c| !c.ok) {
+                eprintln!("consolegate-bench: no session-start cell succeeded");
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::All {
             common,
             host,
@@ -519,6 +609,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             throughput,
             memory,
             handshakes,
+            session_start,
             skip,
         } => {
             let c = common.common()?;
@@ -530,6 +621,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 throughput: throughput.config(p, &c),
                 memory: memory.config(p, &c),
                 handshakes: handshakes.config(p, &c),
+                session_start: session_start.config(p, &c),
                 common: c,
             };
             let r = all::run(cfg, t, stop)?;
@@ -616,6 +708,51 @@ mod tests {
             without_relay(&memory.memory_proxies, &common.proxies),
             vec![ProxyKind::Websockify, ProxyKind::ConsolegateUring]
         );
+    }
+
+    #[test]
+    fn session_start_options() {
+        let cli = Cli::try_parse_from([
+            "b",
+            "all",
+            "--skip",
+            "latency,session-start",
+            "--proxies",
+            "websockify,consolegate-uring",
+            "--session-start-modes",
+            "dedicated",
+            "--session-start-concurrency",
+            "1,4",
+            "--session-start-http",
+            "new-connection",
+        ])
+        .unwrap();
+        let Command::All {
+            common,
+            session_start,
+            skip,
+            ..
+        } = cli.command
+        else {
+            panic!("not all");
+        };
+        assert_eq!(skip, vec![Bench::Latency, Bench::SessionStart]);
+        let c = session_start.config(&common.proxies, &common.common().unwrap());
+        assert_eq!(c.proxies, vec![ProxyKind::ConsolegateUring]);
+        assert_eq!(c.modes, vec![PortMode::Dedicated]);
+        assert_eq!(c.concurrency, vec![1, 4]);
+        assert_eq!(c.http, HttpMode::NewConnection);
+        assert_eq!((c.samples, c.warmup), (2000, 50));
+        let cli = Cli::try_parse_from(["b", "session-start"]).unwrap();
+        let Command::SessionStart { common, opts, .. } = cli.command else {
+            panic!("not session-start");
+        };
+        let c = opts.config(&common.proxies, &common.common().unwrap());
+        assert_eq!(
+            c.proxies,
+            vec![ProxyKind::ConsolegateEpoll, ProxyKind::ConsolegateUring]
+        );
+        assert_eq!(c.modes, vec![PortMode::Shared, PortMode::Dedicated]);
     }
 
     #[test]

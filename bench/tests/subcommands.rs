@@ -183,3 +183,50 @@ fn handshakes_and_all_write_their_reports() {
     let _ = std::fs::remove_dir_all(out);
     let _ = std::fs::remove_dir_all(out2);
 }
+
+/// session-start against the real appliance, when `target/release/consolegate`
+/// has been built (skipped otherwise: this crate's tests do not build it).
+#[test]
+fn session_start_measures_the_appliance_when_built() {
+    let exe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/consolegate");
+    if !exe.is_file() {
+        eprintln!("skipped: {} not built", exe.display());
+        return;
+    }
+    let out = out_dir("ss");
+    bench(
+        &[
+            "session-start",
+            "--consolegate",
+            exe.to_str().unwrap(),
+            "--session-start-proxies",
+            "consolegate-epoll",
+            "--session-start-concurrency",
+            "1,2",
+            "--session-start-samples",
+            "30",
+            "--session-start-warmup",
+            "5",
+        ],
+        &out,
+        Duration::from_secs(120),
+    );
+    let r = json(out.join("session-start.json"));
+    let cells = r["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 4, "shared and dedicated × c=1,2");
+    for c in cells {
+        assert_eq!(c["ok"], true, "{c}");
+        assert_eq!(c["completed"], 30, "{c}");
+        assert_eq!(c["greeting"], "RFB 003.008\n", "{c}");
+        let p = &c["percentiles"];
+        let total = p["total"]["p50_us"].as_f64().unwrap();
+        let parts: f64 = ["api", "upgrade", "first_byte"]
+            .iter()
+            .map(|k| p[k]["p50_us"].as_f64().unwrap())
+            .sum();
+        assert!(total > 0.0 && parts > 0.0, "{c}");
+        assert!(c["hgrm"]["total"].is_string(), "{c}");
+        assert!(out.join(c["hgrm"]["api"].as_str().unwrap()).is_file());
+    }
+    let _ = std::fs::remove_dir_all(out);
+}
