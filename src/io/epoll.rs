@@ -47,12 +47,17 @@ struct Conn {
     browser: TcpStream,
     b_readable: bool,
     b_writable: bool,
+    /// WRITABLE interest is registered (only while output is blocked: an
+    /// always-on EPOLLOUT wakes the worker for every ACK that frees send
+    /// space, a wasted context switch per message).
+    b_wint: bool,
     /// The peer's FIN (or an error) was reported: keep reading to EOF even
     /// after a short read.
     b_hup: bool,
     backend: Option<TcpStream>,
     k_readable: bool,
     k_writable: bool,
+    k_wint: bool,
     k_hup: bool,
     k_connecting: bool,
 }
@@ -357,21 +362,20 @@ fn accept_batch(
         *next_id += 1;
         let entry = conns.vacant_entry();
         let idx = entry.key();
-        poll.registry().register(
-            &mut stream,
-            token(idx, false),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+        poll.registry()
+            .register(&mut stream, token(idx, false), Interest::READABLE)?;
         tracing::debug!(worker = ctx.worker_id, session = *next_id, %peer, "accepted");
         entry.insert(Conn {
             s: Session::new(*next_id, ctx, now, Some(peer), bound.clone()),
             browser: stream,
             b_readable: true,
             b_writable: true,
+            b_wint: false,
             b_hup: false,
             backend: None,
             k_readable: false,
             k_writable: false,
+            k_wint: false,
             k_hup: false,
             k_connecting: false,
         });
@@ -414,6 +418,8 @@ fn pump(
                         Ok(()) => {
                             c.backend = Some(st);
                             c.k_connecting = true;
+                            // Writability reports the connect's completion.
+                            c.k_wint = true;
                         }
                         Err(e) => c.s.on_backend_connect_failed(ctx, &e, now),
                     }
@@ -479,6 +485,25 @@ fn pump(
             }
         }
 
+        let want_w = !c.b_writable && c.s.browser_pending_len() > 0;
+        if want_w != c.b_wint {
+            let interest = if want_w {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if poll
+                .registry()
+                .reregister(&mut c.browser, token(idx, false), interest)
+                .is_ok()
+            {
+                c.b_wint = want_w;
+            }
+            if !want_w {
+                c.b_writable = true;
+            }
+        }
+
         // Backend writes.
         if !c.k_connecting {
             if let Some(st) = c.backend.as_mut() {
@@ -497,6 +522,29 @@ fn pump(
                             c.s.on_backend_gone(ctx, Some(&e), now);
                             break;
                         }
+                    }
+                }
+            }
+        }
+
+        if !c.k_connecting {
+            if let Some(st) = c.backend.as_mut() {
+                let want_w = !c.k_writable && !c.s.backend_pending().is_empty();
+                if want_w != c.k_wint {
+                    let interest = if want_w {
+                        Interest::READABLE | Interest::WRITABLE
+                    } else {
+                        Interest::READABLE
+                    };
+                    if poll
+                        .registry()
+                        .reregister(st, token(idx, true), interest)
+                        .is_ok()
+                    {
+                        c.k_wint = want_w;
+                    }
+                    if !want_w {
+                        c.k_writable = true;
                     }
                 }
             }
