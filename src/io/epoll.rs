@@ -296,6 +296,60 @@ pub fn run(
     }
 }
 
+/// One read's outcome, with the edge-triggered readiness flag updated.
+enum ReadOutcome {
+    Data(usize),
+    Eof,
+    /// Nothing to read now (EAGAIN or EINTR).
+    Nothing,
+    Failed(io::Error),
+}
+
+/// Classify a read. A short read drained the socket, so the flag drops
+/// without the extra read that would only return EAGAIN (a new edge wakes
+/// us), unless the peer's FIN was reported: then read on to the EOF.
+fn classify(r: io::Result<usize>, lim: usize, hup: bool, readable: &mut bool) -> ReadOutcome {
+    match r {
+        Ok(0) => {
+            *readable = false;
+            ReadOutcome::Eof
+        }
+        Ok(n) => {
+            if n < lim && !hup {
+                *readable = false;
+            }
+            ReadOutcome::Data(n)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            *readable = false;
+            ReadOutcome::Nothing
+        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => ReadOutcome::Nothing,
+        Err(e) => ReadOutcome::Failed(e),
+    }
+}
+
+/// The non-data outcomes of a backend read; true when something happened.
+fn backend_read_outcome(
+    s: &mut Session,
+    ctx: &mut WorkerCtx,
+    o: ReadOutcome,
+    now: Instant,
+) -> bool {
+    match o {
+        ReadOutcome::Data(_) => true,
+        ReadOutcome::Eof => {
+            s.on_backend_gone(ctx, None, now);
+            true
+        }
+        ReadOutcome::Nothing => false,
+        ReadOutcome::Failed(e) => {
+            s.on_backend_gone(ctx, Some(&e), now);
+            true
+        }
+    }
+}
+
 /// Close the dedicated listeners `pred` selects and tell the control plane
 /// their ports are free.
 fn close_dedicated(
@@ -553,80 +607,43 @@ fn pump(
         // Browser read.
         if c.b_readable && c.s.want_browser_read(ctx) {
             let lim = c.s.browser_read_limit(ctx).min(rbuf.len());
-            match c.browser.read(&mut rbuf[..lim]) {
-                Ok(0) => {
-                    c.b_readable = false;
-                    c.s.on_browser_gone(ctx, None, now);
-                }
-                Ok(n) => {
-                    // A short read drained the socket: skip the read that
-                    // would only return EAGAIN (a new edge wakes us later).
-                    if n < lim && !c.b_hup {
-                        c.b_readable = false;
-                    }
+            let r = c.browser.read(&mut rbuf[..lim]);
+            match classify(r, lim, c.b_hup, &mut c.b_readable) {
+                ReadOutcome::Data(n) => {
                     c.s.on_browser_data(ctx, &rbuf[..n], now);
                     progress = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.b_readable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => c.s.on_browser_gone(ctx, Some(&e), now),
+                ReadOutcome::Eof => c.s.on_browser_gone(ctx, None, now),
+                ReadOutcome::Nothing => {}
+                ReadOutcome::Failed(e) => c.s.on_browser_gone(ctx, Some(&e), now),
             }
         }
 
-        // Backend read, straight into a frame chunk when the session allows.
+        // Backend read: straight into a frame chunk when the session allows
+        // (zero-copy framing), else through the worker's receive buffer.
         if c.k_readable && !c.k_connecting {
             if let (Some(st), Some(buf)) = (c.backend.as_mut(), c.s.backend_frame_buf(ctx)) {
                 let lim = buf.len();
-                match st.read(buf) {
-                    Ok(0) => {
-                        c.s.backend_frame_done(ctx, 0, now);
-                        c.k_readable = false;
-                        c.s.on_backend_gone(ctx, None, now);
-                        progress = true;
-                    }
-                    Ok(n) => {
-                        if n < lim && !c.k_hup {
-                            c.k_readable = false;
-                        }
-                        c.s.backend_frame_done(ctx, n, now);
-                        progress = true;
-                    }
-                    Err(e) => {
-                        c.s.backend_frame_done(ctx, 0, now);
-                        match e.kind() {
-                            io::ErrorKind::WouldBlock => c.k_readable = false,
-                            io::ErrorKind::Interrupted => {}
-                            _ => {
-                                c.s.on_backend_gone(ctx, Some(&e), now);
-                                progress = true;
-                            }
-                        }
-                    }
-                }
+                let r = st.read(buf);
+                let outcome = classify(r, lim, c.k_hup, &mut c.k_readable);
+                let n = match &outcome {
+                    ReadOutcome::Data(n) => *n,
+                    _ => 0,
+                };
+                c.s.backend_frame_done(ctx, n, now);
+                progress |= backend_read_outcome(&mut c.s, ctx, outcome, now);
             }
         }
         if c.k_readable && !c.k_connecting && c.s.want_backend_read(ctx) {
             if let Some(st) = c.backend.as_mut() {
                 let lim = c.s.backend_read_limit(ctx).min(rbuf.len());
-                match st.read(&mut rbuf[..lim]) {
-                    Ok(0) => {
-                        c.k_readable = false;
-                        c.s.on_backend_gone(ctx, None, now);
-                        progress = true;
-                    }
-                    Ok(n) => {
-                        if n < lim && !c.k_hup {
-                            c.k_readable = false;
-                        }
-                        c.s.on_backend_data(ctx, &rbuf[..n], now);
-                        progress = true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.k_readable = false,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        c.s.on_backend_gone(ctx, Some(&e), now);
-                        progress = true;
-                    }
+                let r = st.read(&mut rbuf[..lim]);
+                let outcome = classify(r, lim, c.k_hup, &mut c.k_readable);
+                if let ReadOutcome::Data(n) = outcome {
+                    c.s.on_backend_data(ctx, &rbuf[..n], now);
+                    progress = true;
+                } else {
+                    progress |= backend_read_outcome(&mut c.s, ctx, outcome, now);
                 }
             }
         }
