@@ -427,10 +427,18 @@ pub fn run(
     ctl: Arc<WorkerControl>,
 ) -> io::Result<WorkerMetrics> {
     let l = &ctx.cfg.limits;
+    // DEFER_TASKRUN (6.1+): completion work runs when this thread waits,
+    // instead of interrupting it; fallbacks for older kernels.
     let ring = IoUring::builder()
         .setup_single_issuer()
-        .setup_coop_taskrun()
+        .setup_defer_taskrun()
         .build(l.uring_entries)
+        .or_else(|_| {
+            IoUring::builder()
+                .setup_single_issuer()
+                .setup_coop_taskrun()
+                .build(l.uring_entries)
+        })
         .or_else(|_| IoUring::new(l.uring_entries))?;
     let bufs = ProvidedBufs::new(&ring, l.uring_provided_buffers, l.recv_buffer_bytes)?;
     let mut w = Worker {
