@@ -108,6 +108,9 @@ deps_test() {
     # makes password files for the VncAuth tests.
     need_pkg tigervnc-standalone-server cmd Xvnc
     need_pkg tigervnc-tools cmd vncpasswd
+    # Xvnc needs the "fixed" font to start; Debian only recommends the package,
+    # and this script installs without recommends.
+    need_pkg xfonts-base file /usr/share/fonts/X11/misc/6x13.pcf.gz
     # noVNC's client (core/rfb.js) and app (vnc.html), served by the proxy's --web.
     need_pkg novnc file /usr/share/novnc/core/rfb.js
     # Debian's Chromium: /usr/lib/chromium/chromium is the real binary.

@@ -34,9 +34,17 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 if [ -n "$control" ] && [ -n "$token" ]; then
-    resp=$(curl -s -X POST "http://$control/api/v1/sessions" \
-        -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
-        -d '{"target":{"kind":"demo"},"user":"demo","ttl_s":3600}')
+    # python3 rather than curl: a fresh Debian may not have curl.
+    resp=$(CONTROL="$control" TOKEN="$token" python3 - <<'PY' 2>/dev/null || true
+import json, os, urllib.request
+req = urllib.request.Request(
+    "http://%s/api/v1/sessions" % os.environ["CONTROL"],
+    data=json.dumps({"target": {"kind": "demo"}, "user": "demo", "ttl_s": 3600}).encode(),
+    headers={"Authorization": "Bearer " + os.environ["TOKEN"], "Content-Type": "application/json"},
+)
+print(urllib.request.urlopen(req, timeout=10).read().decode())
+PY
+)
     viewer=$(printf '%s' "$resp" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("viewer_url",""))' 2>/dev/null || true)
     echo
     echo "  Demo console (single use, valid for an hour): ${viewer:-$resp}"
