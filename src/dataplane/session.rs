@@ -1201,7 +1201,9 @@ impl Session {
         }
         let was_session = self.decoder.is_some();
         self.phase = Phase::Done;
-        if let Some(a) = &self.bound {
+        // Only the connection that claimed the ticket frees the dedicated
+        // port; a refused second connection ending must not.
+        if let (Some(a), Some(_)) = (&self.bound, &self.admission) {
             ctx.ended_bound.push(a.id);
         }
         self.deadline = None;
