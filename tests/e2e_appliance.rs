@@ -1026,6 +1026,13 @@ fn ports_cli_status_and_cleanup(io: &str) {
         "io={io}: ports.json lists both allocations before the crash"
     );
     app.kill9();
+    // An io_uring process's sockets can outlive its reaping by a few ms
+    // (the ring's teardown runs asynchronously): wait until the crashed
+    // appliance's listeners are really gone before asking for a cleanup.
+    wait_ports_bindable(
+        &created.iter().map(|(p, _)| *p).collect(),
+        "the crashed appliance's listeners to be gone",
+    );
     let cfg = app.config_path.display().to_string();
     let mut problems = Vec::new();
     // The spelling of the brief first (`--config` after the subcommand),
