@@ -199,20 +199,11 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
                 r
             })?
     };
-    {
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "control listening on {control_addr}")?;
-        writeln!(
-            out,
-            "listening on {} (io={}, workers={})",
-            dp.addr,
-            dp.backend.name(),
-            dp.workers
-        )?;
-        writeln!(out, "console public url {public_url}")?;
-        out.flush()?;
-    }
+    crate::announce(&[
+        format!("control listening on {control_addr}"),
+        crate::listening_line(&dp),
+        format!("console public url {public_url}"),
+    ])?;
 
     crate::drain_on_signals(dp.control())?;
 

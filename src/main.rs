@@ -349,18 +349,7 @@ fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
     }
     let dp = DataPlane::start(cfg)?;
     let control = dp.control();
-    {
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        writeln!(
-            out,
-            "listening on {} (io={}, workers={})",
-            dp.addr,
-            dp.backend.name(),
-            dp.workers
-        )?;
-        out.flush()?;
-    }
+    announce(&[listening_line(&dp)])?;
     tracing::info!(addr = %dp.addr, io = dp.backend.name(), workers = dp.workers, "proxy started");
     drain_on_signals(control)?;
     let m = dp.join()?;
@@ -375,6 +364,26 @@ fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
         "stopped"
     );
     Ok(())
+}
+
+/// The start-up line tests and scripts wait for.
+pub(crate) fn listening_line(dp: &DataPlane) -> String {
+    format!(
+        "listening on {} (io={}, workers={})",
+        dp.addr,
+        dp.backend.name(),
+        dp.workers
+    )
+}
+
+/// Print start-up lines on stdout and flush them at once.
+pub(crate) fn announce(lines: &[String]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    for l in lines {
+        writeln!(out, "{l}")?;
+    }
+    out.flush()
 }
 
 /// SIGTERM/SIGINT: first one drains the data plane (no new connections,

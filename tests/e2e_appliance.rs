@@ -22,7 +22,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -1612,64 +1612,6 @@ fn bad_input_does_not_disturb_live_session(io: &str) {
 // ---------------------------------------------------------------------------
 // 12. noVNC in headless Chromium through an appliance session
 // ---------------------------------------------------------------------------
-
-const CHROMIUM: &str = "/usr/lib/chromium/chromium";
-const NOVNC: &str = "/usr/share/novnc";
-/// Bound on one page step (load, connect, first picture) inside the script.
-const STEP_TIMEOUT_MS: u64 = 20_000;
-/// Bound on the whole script, past which it is killed with its browser.
-const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
-/// Fails (never skips) naming what is missing and how to get it.
-fn browser_prerequisites() -> PathBuf {
-    let node = find_program("node").unwrap_or_else(|| {
-        panic!("node not found: install Node.js >= 20 (scripts/install-deps.sh test checks it)")
-    });
-    assert!(
-        Path::new(CHROMIUM).is_file(),
-        "{CHROMIUM} not found: install Debian package chromium (make test does)"
-    );
-    assert!(
-        Path::new(NOVNC).join("core/rfb.js").is_file()
-            && Path::new(NOVNC).join("vnc.html").is_file(),
-        "noVNC not found in {NOVNC}: install Debian package novnc (make test does)"
-    );
-    assert!(
-        browser_dir().join("node_modules/playwright-core/package.json").is_file(),
-        "tests/browser/node_modules/playwright-core is missing: run `bash scripts/install-deps.sh test`"
-    );
-    node
-}
-
-/// The script's process group (node and its Chromium), killed on drop.
-struct ScriptGuard(Child);
-
-impl Drop for ScriptGuard {
-    fn drop(&mut self) {
-        let pgid = self.0.id();
-        if let Ok(None) = self.0.try_wait() {
-            signal_group(pgid, "TERM");
-            if wait_child(&mut self.0, Duration::from_secs(5)).is_none() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-        signal_group(pgid, "KILL");
-    }
-}
-
-fn png_size(data: &[u8]) -> Option<(u32, u32)> {
-    if data.len() < 24 || &data[..8] != b"\x89PNG\r\n\x1a\n" || &data[12..16] != b"IHDR" {
-        return None;
-    }
-    let w = u32::from_be_bytes(data[16..20].try_into().ok()?);
-    let h = u32::from_be_bytes(data[20..24].try_into().ok()?);
-    Some((w, h))
-}
 
 /// One Chromium, three runs: noVNC's app on a demo session, core/rfb.js on
 /// an Xvnc session (no subprotocol), core/rfb.js with `binary` on another

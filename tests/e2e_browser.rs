@@ -17,83 +17,17 @@ mod common;
 
 use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use common::*;
 
 backend_tests!(novnc_in_chromium);
 
-const CHROMIUM: &str = "/usr/lib/chromium/chromium";
-const NOVNC: &str = "/usr/share/novnc";
 const RUNS: [&str; 3] = ["app", "none", "binary"];
-/// Bound on one page step (load, connect, first picture) inside the script.
-const STEP_TIMEOUT_MS: u64 = 20_000;
-/// Bound on the whole script, past which it is killed with its browser.
-const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
-/// Fails (never skips) naming what is missing and how to get it.
-fn check_prerequisites() -> PathBuf {
-    let node = find_program("node").unwrap_or_else(|| {
-        panic!(
-            "node not found: install Node.js >= 20 with npm (NodeSource's nodejs package; \
-             scripts/install-deps.sh test checks it)"
-        )
-    });
-    assert!(
-        Path::new(CHROMIUM).is_file(),
-        "{CHROMIUM} not found: install Debian package chromium (make test does)"
-    );
-    assert!(
-        Path::new(NOVNC).join("core/rfb.js").is_file()
-            && Path::new(NOVNC).join("vnc.html").is_file(),
-        "noVNC not found in {NOVNC}: install Debian package novnc (make test does)"
-    );
-    assert!(
-        browser_dir().join("node_modules/playwright-core/package.json").is_file(),
-        "tests/browser/node_modules/playwright-core is missing: run `bash scripts/install-deps.sh test` \
-         (npm ci in tests/browser; make test does)"
-    );
-    node
-}
-
-/// The script's process group (node and the Chromium it starts): killed on
-/// drop so that no browser outlives the test.
-struct ScriptGuard(Child);
-
-impl Drop for ScriptGuard {
-    fn drop(&mut self) {
-        let pgid = self.0.id();
-        if let Ok(None) = self.0.try_wait() {
-            // playwright closes its browser on SIGTERM.
-            signal_group(pgid, "TERM");
-            if wait_child(&mut self.0, Duration::from_secs(5)).is_none() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-        // Whatever is left of the group (a browser process, say).
-        signal_group(pgid, "KILL");
-    }
-}
-
-/// Width and height from a PNG's IHDR chunk.
-fn png_size(data: &[u8]) -> Option<(u32, u32)> {
-    if data.len() < 24 || &data[..8] != b"\x89PNG\r\n\x1a\n" || &data[12..16] != b"IHDR" {
-        return None;
-    }
-    let w = u32::from_be_bytes(data[16..20].try_into().ok()?);
-    let h = u32::from_be_bytes(data[20..24].try_into().ok()?);
-    Some((w, h))
-}
 
 fn novnc_in_chromium(io: &str) {
-    let node = check_prerequisites();
+    let node = browser_prerequisites();
     let xvnc = Xvnc::start_with(XvncOptions {
         width: 640,
         height: 480,

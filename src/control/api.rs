@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::registry::{self, id_hex, PortMode, Record, State as SessionState, TargetView};
+use super::registry::{self, id_hex, PortMode, Record, TargetView};
 use super::ControlState;
 use crate::config::appliance::Role;
 use crate::dataplane::router::base64_url;
@@ -374,30 +374,19 @@ async fn create_session(
         port,
     ));
 
-    let record = Record {
-        session_id: id_hex(id),
+    let record = Record::pending(
         id,
-        user: req.user.clone(),
-        vm_id: req.vm_id.clone(),
-        target: view,
-        state: SessionState::Pending,
-        port_mode: mode,
+        req.user.clone(),
+        req.vm_id.clone(),
+        view,
+        mode,
         port,
-        created_at_ms: registry::unix_ms(SystemTime::now()),
+        registry::unix_ms(SystemTime::now()),
         expires_at_ms,
-        worker: None,
-        peer: None,
-        bytes_browser_to_backend: 0,
-        bytes_backend_to_browser: 0,
-        age_ms: 0,
-        close_code: None,
-        close_reason: None,
-        refused_connects: 0,
-        created: now,
+        now,
         expires,
-        admission: Some(admission.clone()),
-        listener_open: port.is_some(),
-    };
+        Some(admission.clone()),
+    );
     state
         .registry
         .lock()

@@ -140,7 +140,7 @@ pub fn render(state: &ControlState) -> String {
         }
     }
     if let Ok(c) = state.counters.lock() {
-        for (k, v) in &c.errors {
+        for (k, v) in c.errors.as_slice() {
             o.line(
                 "consolegate_errors_total",
                 &[("worker", "control"), ("cause", k)],
@@ -332,7 +332,7 @@ pub fn stats_json(state: &ControlState) -> serde_json::Value {
                 "sessions_expired": c.sessions_expired,
                 "sessions_revoked": c.sessions_revoked,
                 "reports_received": c.reports_received,
-                "errors": c.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+                "errors": c.errors.as_slice().iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
             })
         })
         .unwrap_or_default();

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crate::config::appliance::{ApplianceConfig, Role};
 use crate::dataplane::worker::WorkerControl;
 use crate::mailbox::{self, FromWorker, Inbox, ToWorker, WorkerStats};
+use crate::metrics::ErrorCounts;
 use crate::ports::PortPool;
 
 use registry::Registry;
@@ -37,7 +38,7 @@ pub enum ControlError {
 /// Control-plane counters (errors by kind), next to the workers' snapshots.
 #[derive(Debug, Default)]
 pub struct ControlCounters {
-    pub errors: Vec<(&'static str, u64)>,
+    pub errors: ErrorCounts,
     pub sessions_created: u64,
     pub sessions_expired: u64,
     pub sessions_revoked: u64,
@@ -46,11 +47,7 @@ pub struct ControlCounters {
 
 impl ControlCounters {
     pub fn error(&mut self, kind: &'static str) {
-        if let Some(e) = self.errors.iter_mut().find(|(k, _)| *k == kind) {
-            e.1 += 1;
-        } else {
-            self.errors.push((kind, 1));
-        }
+        self.errors.add(kind, 1);
     }
 }
 

@@ -84,6 +84,49 @@ pub struct Record {
     pub listener_open: bool,
 }
 
+impl Record {
+    /// A freshly created session, waiting for its browser.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pending(
+        id: u64,
+        user: String,
+        vm_id: Option<String>,
+        target: TargetView,
+        port_mode: PortMode,
+        port: Option<u16>,
+        created_at_ms: u64,
+        expires_at_ms: u64,
+        created: Instant,
+        expires: Instant,
+        admission: Option<Arc<Admission>>,
+    ) -> Self {
+        Record {
+            session_id: id_hex(id),
+            id,
+            user,
+            vm_id,
+            target,
+            state: State::Pending,
+            port_mode,
+            port,
+            created_at_ms,
+            expires_at_ms,
+            worker: None,
+            peer: None,
+            bytes_browser_to_backend: 0,
+            bytes_backend_to_browser: 0,
+            age_ms: 0,
+            close_code: None,
+            close_reason: None,
+            refused_connects: 0,
+            created,
+            expires,
+            admission,
+            listener_open: port.is_some(),
+        }
+    }
+}
+
 pub fn id_hex(id: u64) -> String {
     format!("{id:016x}")
 }
@@ -320,35 +363,24 @@ mod tests {
     use std::time::Duration;
 
     fn rec(id: u64, user: &str, now: Instant) -> Record {
-        Record {
-            session_id: id_hex(id),
+        Record::pending(
             id,
-            user: user.into(),
-            vm_id: None,
-            target: TargetView {
+            user.into(),
+            None,
+            TargetView {
                 kind: "vnc".into(),
                 host: "127.0.0.1".into(),
                 port: 5900,
                 has_password: false,
             },
-            state: State::Pending,
-            port_mode: PortMode::Shared,
-            port: None,
-            created_at_ms: id,
-            expires_at_ms: 0,
-            worker: None,
-            peer: None,
-            bytes_browser_to_backend: 0,
-            bytes_backend_to_browser: 0,
-            age_ms: 0,
-            close_code: None,
-            close_reason: None,
-            refused_connects: 0,
-            created: now,
-            expires: now + Duration::from_secs(60),
-            admission: None,
-            listener_open: false,
-        }
+            PortMode::Shared,
+            None,
+            id,
+            0,
+            now,
+            now + Duration::from_secs(60),
+            None,
+        )
     }
 
     #[test]

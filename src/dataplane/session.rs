@@ -54,6 +54,8 @@ pub struct WorkerCtx {
     pub ended_bound: Vec<u64>,
     /// Plaintext out of rustls, and frame assembly for TLS and base64.
     scratch: Vec<u8>,
+    /// One outgoing frame assembled for rustls (wss only).
+    tls_frame: Vec<u8>,
 }
 
 impl WorkerCtx {
@@ -81,6 +83,7 @@ impl WorkerCtx {
             events: None,
             ended_bound: Vec::new(),
             scratch,
+            tls_frame: Vec::new(),
         }
     }
 
@@ -529,13 +532,18 @@ impl Session {
         }
     }
 
-    /// Frame backend bytes for the browser (binary, or base64 text).
+    /// Relayed backend bytes: counted, then framed for the browser.
     fn relay_down(&mut self, ctx: &mut WorkerCtx, data: &[u8]) {
+        self.bytes_down += data.len() as u64;
+        ctx.metrics.bytes_backend_to_browser += data.len() as u64;
+        self.frame_down(ctx, data);
+    }
+
+    /// Frame bytes for the browser (binary, or base64 text), uncounted.
+    fn frame_down(&mut self, ctx: &mut WorkerCtx, data: &[u8]) {
         if data.is_empty() {
             return;
         }
-        self.bytes_down += data.len() as u64;
-        ctx.metrics.bytes_backend_to_browser += data.len() as u64;
         match self.mode {
             PayloadMode::Raw => self.send_data_frame(ctx, Opcode::Binary, data),
             PayloadMode::Base64 => {
@@ -644,9 +652,10 @@ impl Session {
         self.advance(ctx, now);
     }
 
-    /// The appliance session this connection carries, if any.
-    pub fn admission_id(&self) -> Option<u64> {
-        self.admission.as_ref().map(|a| a.id)
+    /// Whether this connection belongs to appliance session `id` (it
+    /// carries it, or came in on its dedicated listener).
+    pub fn serves(&self, id: u64) -> bool {
+        self.admission.as_ref().is_some_and(|a| a.id == id) || self.bound_id() == Some(id)
     }
 
     /// The admission of the dedicated listener this connection came from.
@@ -1067,12 +1076,8 @@ impl Session {
         if !to_backend.is_empty() {
             self.to_backend.push(&mut ctx.pool, &to_backend);
         }
-        // RFB messages of our own are not relayed payload: frame them
-        // without counting them as backend bytes.
-        let (down_before, metric_before) = (self.bytes_down, ctx.metrics.bytes_backend_to_browser);
-        self.relay_down(ctx, &to_browser);
-        self.bytes_down = down_before;
-        ctx.metrics.bytes_backend_to_browser = metric_before;
+        // RFB messages of our own are not relayed payload: not counted.
+        self.frame_down(ctx, &to_browser);
         match r {
             Ok(n) => {
                 if done {
@@ -1155,13 +1160,15 @@ impl Session {
     fn push_browser(&mut self, ctx: &mut WorkerCtx, parts: &[&[u8]]) {
         match self.tls.as_mut() {
             Some(tls) => {
-                // One write per frame so rustls makes one record, not two.
-                let total: usize = parts.iter().map(|p| p.len()).sum();
-                let mut buf = Vec::with_capacity(total);
+                // One write per frame so rustls makes one record, not two;
+                // the assembly buffer is the worker's, reused.
+                let mut buf = std::mem::take(&mut ctx.tls_frame);
+                buf.clear();
                 for p in parts {
                     buf.extend_from_slice(p);
                 }
                 let _ = tls.writer().write_all(&buf);
+                ctx.tls_frame = buf;
                 self.flush_tls(ctx);
             }
             None => {

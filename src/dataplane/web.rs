@@ -15,9 +15,8 @@
 //! stall a single request can cause. A file changed between its `stat` and
 //! its read is still bounded by that limit.
 //!
-//! Must not depend on any other consolegate module (not even
-//! `protocol::http_upgrade`: it carries its own small error-response writer),
-//! so it can be tested and reused alone.
+//! Depends only on `protocol::http_upgrade` (for the project's JSON error
+//! body); no IO backend, no session.
 
 use std::fs;
 use std::io::{self, Read};
@@ -335,34 +334,14 @@ fn response_head(status: u16, content_type: &str, content_length: u64) -> Vec<u8
     .into_bytes()
 }
 
-/// `{"error":{"code":..,"message":..}}`. HEAD gets the same headers and
-/// no body.
+/// The project's JSON error body. HEAD gets the same headers and no body.
 fn error_response(e: &WebError, head: bool) -> Vec<u8> {
-    let mut body = String::from("{\"error\":{\"code\":\"");
-    json_escape_into(&mut body, e.kind());
-    body.push_str("\",\"message\":\"");
-    json_escape_into(&mut body, e.public_message());
-    body.push_str("\"}}");
+    let body = crate::protocol::http_upgrade::error_body(e.kind(), e.public_message());
     let mut out = response_head(e.status(), "application/json", body.len() as u64);
     if !head {
         out.extend_from_slice(body.as_bytes());
     }
     out
-}
-
-/// JSON string escaping (RFC 8259 §7). Today's messages are fixed ASCII, but
-/// escaping keeps a future message from producing invalid JSON.
-fn json_escape_into(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\u{:04x}", c as u32));
-            }
-            c => out.push(c),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -597,9 +576,10 @@ mod tests {
 
     #[test]
     fn json_escaping() {
-        let mut s = String::new();
-        json_escape_into(&mut s, "a\"b\\c\nd\u{1}é");
-        assert_eq!(s, r#"a\"b\\c\u000ad\u0001é"#);
+        let raw = "a\"b\\c\nd\u{1}é";
+        let body = crate::protocol::http_upgrade::error_body("code", raw);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["message"], raw);
     }
 
     #[test]

@@ -254,6 +254,18 @@ pub fn dedicated_listener_done(a: &Admission, session_live: bool, now: Instant) 
     }
 }
 
+/// A dedicated listener was dropped: log it and tell the control plane
+/// the port may be released.
+pub fn report_listener_closed(ctx: &mut WorkerCtx, a: &Admission, port: u16) {
+    tracing::debug!(
+        worker = ctx.worker_id,
+        port,
+        session = a.id,
+        "dedicated listener closed"
+    );
+    ctx.report(FromWorker::ListenerClosed { id: a.id, port });
+}
+
 /// Periodic worker report (appliance mode).
 pub fn stats_report(ctx: &WorkerCtx, live_sessions: usize) -> FromWorker {
     let m = &ctx.metrics;

@@ -19,7 +19,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::dataplane::router::Router;
 use crate::dataplane::session::{Session, WorkerCtx};
 use crate::dataplane::worker::{self, DrainState, Inbound, WorkerControl};
-use crate::mailbox::{Admission, FromWorker, Inbox, ToWorker};
+use crate::mailbox::{Admission, Inbox, ToWorker};
 use crate::metrics::WorkerMetrics;
 
 const LISTENER: Token = Token(usize::MAX);
@@ -208,9 +208,7 @@ pub fn run(
                         Some(Inbound::Revoke(id)) => {
                             let hit: Vec<usize> = conns
                                 .iter()
-                                .filter(|(_, c)| {
-                                    c.s.admission_id() == Some(id) || c.s.bound_id() == Some(id)
-                                })
+                                .filter(|(_, c)| c.s.serves(id))
                                 .map(|(i, _)| i)
                                 .collect();
                             for idx in hit {
@@ -296,6 +294,33 @@ pub fn run(
     }
 }
 
+/// WRITABLE interest only while output is blocked: an always-on EPOLLOUT
+/// wakes the worker for every ACK that frees send space. Dropping it marks
+/// the socket writable again (nothing is pending).
+fn sync_write_interest(
+    poll: &Poll,
+    s: &mut TcpStream,
+    tok: Token,
+    blocked: bool,
+    wint: &mut bool,
+    writable: &mut bool,
+) {
+    if blocked == *wint {
+        return;
+    }
+    let interest = if blocked {
+        Interest::READABLE | Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    };
+    if poll.registry().reregister(s, tok, interest).is_ok() {
+        *wint = blocked;
+    }
+    if !blocked {
+        *writable = true;
+    }
+}
+
 /// One read's outcome, with the edge-triggered readiness flag updated.
 enum ReadOutcome {
     Data(usize),
@@ -366,16 +391,7 @@ fn close_dedicated(
     for i in gone {
         let mut d = dedicated.remove(i);
         let _ = poll.registry().deregister(&mut d.l);
-        tracing::debug!(
-            worker = ctx.worker_id,
-            port = d.port,
-            session = d.a.id,
-            "dedicated listener closed"
-        );
-        ctx.report(FromWorker::ListenerClosed {
-            id: d.a.id,
-            port: d.port,
-        });
+        worker::report_listener_closed(ctx, &d.a, d.port);
     }
 }
 
@@ -539,24 +555,16 @@ fn pump(
             }
         }
 
-        let want_w = !c.b_writable && c.s.browser_pending_len() > 0;
-        if want_w != c.b_wint {
-            let interest = if want_w {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            if poll
-                .registry()
-                .reregister(&mut c.browser, token(idx, false), interest)
-                .is_ok()
-            {
-                c.b_wint = want_w;
-            }
-            if !want_w {
-                c.b_writable = true;
-            }
-        }
+        let blocked = !c.b_writable && c.s.browser_pending_len() > 0;
+        let tok = token(idx, false);
+        sync_write_interest(
+            poll,
+            &mut c.browser,
+            tok,
+            blocked,
+            &mut c.b_wint,
+            &mut c.b_writable,
+        );
 
         // Backend writes.
         if !c.k_connecting {
@@ -583,24 +591,9 @@ fn pump(
 
         if !c.k_connecting {
             if let Some(st) = c.backend.as_mut() {
-                let want_w = !c.k_writable && !c.s.backend_pending().is_empty();
-                if want_w != c.k_wint {
-                    let interest = if want_w {
-                        Interest::READABLE | Interest::WRITABLE
-                    } else {
-                        Interest::READABLE
-                    };
-                    if poll
-                        .registry()
-                        .reregister(st, token(idx, true), interest)
-                        .is_ok()
-                    {
-                        c.k_wint = want_w;
-                    }
-                    if !want_w {
-                        c.k_writable = true;
-                    }
-                }
+                let blocked = !c.k_writable && !c.s.backend_pending().is_empty();
+                let tok = token(idx, true);
+                sync_write_interest(poll, st, tok, blocked, &mut c.k_wint, &mut c.k_writable);
             }
         }
 

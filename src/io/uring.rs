@@ -31,7 +31,7 @@ use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 use crate::dataplane::router::Router;
 use crate::dataplane::session::{Session, WorkerCtx};
 use crate::dataplane::worker::{self, DrainState, Inbound, WorkerControl};
-use crate::mailbox::{Admission, FromWorker, Inbox, ToWorker};
+use crate::mailbox::{Admission, Inbox, ToWorker};
 use crate::metrics::WorkerMetrics;
 
 /// `IOU_PBUF_RING_INC` from the kernel's io_uring.h (the crate does not
@@ -312,6 +312,8 @@ struct Worker {
     wake_buf: Box<u64>,
     wake_armed: bool,
     dedicated: slab::Slab<Dedicated>,
+    /// Reused storage of [`Batch`].
+    batch: Vec<squeue::Entry>,
 }
 
 impl Worker {
@@ -394,16 +396,7 @@ impl Worker {
             return;
         }
         let d = self.dedicated.remove(idx);
-        tracing::debug!(
-            worker = ctx.worker_id,
-            port = d.port,
-            session = d.a.id,
-            "dedicated listener closed"
-        );
-        ctx.report(FromWorker::ListenerClosed {
-            id: d.a.id,
-            port: d.port,
-        });
+        worker::report_listener_closed(ctx, &d.a, d.port);
     }
 
     fn arm_accept(&mut self) -> io::Result<()> {
@@ -453,6 +446,7 @@ pub fn run(
         wake_buf: Box::new(0),
         wake_armed: false,
         dedicated: slab::Slab::new(),
+        batch: Vec::with_capacity(8),
     };
     w.arm_accept()?;
     w.arm_wake()?;
@@ -624,10 +618,7 @@ fn take_messages(
                 let hit: Vec<usize> = w
                     .conns
                     .iter()
-                    .filter(|(_, c)| {
-                        !c.teardown
-                            && (c.s.admission_id() == Some(id) || c.s.bound_id() == Some(id))
-                    })
+                    .filter(|(_, c)| !c.teardown && c.s.serves(id))
                     .map(|(i, _)| i)
                     .collect();
                 for slot in hit {
@@ -892,19 +883,14 @@ fn accept(
     touched.push(slot);
 }
 
-/// The SQEs one `sync` produces (at most one per kind of operation).
-#[derive(Default)]
-struct Batch {
-    e: [Option<squeue::Entry>; 8],
-    n: usize,
-}
+/// The SQEs one `sync` produces (at most one per kind of operation). Its
+/// storage is the worker's, reused: `sync` runs per completion, and a
+/// fresh array of entries would be zeroed every time.
+struct Batch(Vec<squeue::Entry>);
 
 impl Batch {
     fn add(&mut self, e: squeue::Entry) {
-        if let Some(slot) = self.e.get_mut(self.n) {
-            *slot = Some(e);
-            self.n += 1;
-        }
+        self.0.push(e);
     }
 }
 
@@ -926,9 +912,10 @@ fn new_backend_socket(addr: std::net::SocketAddr) -> io::Result<TcpStream> {
 /// Bring one session's operations in line with what it wants: connect,
 /// sends, recvs (armed or cancelled), teardown. Frees the slot when done.
 fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::Result<()> {
-    let mut batch = Batch::default();
+    let mut batch = Batch(std::mem::take(&mut w.batch));
     {
         let Some(c) = w.conns.get_mut(slot) else {
+            w.batch = batch.0;
             return Ok(());
         };
         let s64 = slot as u64;
@@ -1027,9 +1014,10 @@ fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::R
             }
         }
     }
-    for e in batch.e.into_iter().take(batch.n).flatten() {
+    for e in batch.0.drain(..) {
         w.push(e)?;
     }
+    w.batch = batch.0;
     let done = w
         .conns
         .get(slot)

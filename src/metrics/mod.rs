@@ -45,29 +45,45 @@ pub struct WorkerMetrics {
     pub relay_down_us: LatencyUs,
     /// The same from the browser to the backend.
     pub relay_up_us: LatencyUs,
-    errors: Vec<(&'static str, u64)>,
+    errors: ErrorCounts,
+}
+
+/// Counts by error kind (stable snake_case names, so the set is bounded by
+/// the error enums). Shared by the workers and the control plane.
+#[derive(Debug, Default, Clone)]
+pub struct ErrorCounts(Vec<(&'static str, u64)>);
+
+impl ErrorCounts {
+    pub fn add(&mut self, kind: &'static str, n: u64) {
+        if let Some(e) = self.0.iter_mut().find(|(k, _)| *k == kind) {
+            e.1 += n;
+        } else {
+            self.0.push((kind, n));
+        }
+    }
+
+    pub fn as_slice(&self) -> &[(&'static str, u64)] {
+        &self.0
+    }
+
+    pub fn get(&self, kind: &str) -> u64 {
+        self.0.iter().find(|(k, _)| *k == kind).map_or(0, |e| e.1)
+    }
 }
 
 impl WorkerMetrics {
     /// Count one error of `kind` (a stable snake_case name).
     pub fn error(&mut self, kind: &'static str) {
-        if let Some(e) = self.errors.iter_mut().find(|(k, _)| *k == kind) {
-            e.1 += 1;
-        } else {
-            self.errors.push((kind, 1));
-        }
+        self.errors.add(kind, 1);
     }
 
     /// Errors counted so far, by kind.
     pub fn errors(&self) -> &[(&'static str, u64)] {
-        &self.errors
+        self.errors.as_slice()
     }
 
     pub fn error_count(&self, kind: &str) -> u64 {
-        self.errors
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map_or(0, |e| e.1)
+        self.errors.get(kind)
     }
 
     /// Add another worker's counters into this one.
@@ -81,12 +97,8 @@ impl WorkerMetrics {
         self.static_responses += other.static_responses;
         self.relay_down_us.merge(&other.relay_down_us);
         self.relay_up_us.merge(&other.relay_up_us);
-        for (k, v) in &other.errors {
-            if let Some(e) = self.errors.iter_mut().find(|(kk, _)| kk == k) {
-                e.1 += v;
-            } else {
-                self.errors.push((k, *v));
-            }
+        for &(k, v) in other.errors.as_slice() {
+            self.errors.add(k, v);
         }
     }
 }

@@ -417,12 +417,7 @@ pub fn write_error_response(
     message: &str,
     extra_headers: &[(&str, &str)],
 ) {
-    let mut body = String::with_capacity(32 + code.len() + message.len());
-    body.push_str("{\"error\":{\"code\":\"");
-    json_escape_into(&mut body, code);
-    body.push_str("\",\"message\":\"");
-    json_escape_into(&mut body, message);
-    body.push_str("\"}}");
+    let body = error_body(code, message);
 
     // A status outside 100..=999 cannot be written as three digits; it is a
     // caller bug, answered as a generic server error rather than a panic.
@@ -446,6 +441,18 @@ pub fn write_error_response(
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
+}
+
+/// The project's error body, `{"error":{"code":"<code>","message":"<message>"}}`,
+/// with both strings JSON-escaped.
+pub fn error_body(code: &str, message: &str) -> String {
+    let mut body = String::with_capacity(32 + code.len() + message.len());
+    body.push_str("{\"error\":{\"code\":\"");
+    json_escape_into(&mut body, code);
+    body.push_str("\",\"message\":\"");
+    json_escape_into(&mut body, message);
+    body.push_str("\"}}");
+    body
 }
 
 /// Append `name: value\r\n`, dropping control characters so a value that
