@@ -54,6 +54,33 @@ pub fn rotated(proxies: &[ProxyKind], run: usize) -> Vec<ProxyKind> {
     v
 }
 
+/// Print a subcommand's text report and write `<name>.txt` and
+/// `<name>.json` into `dir`.
+pub fn write_report<T: Serialize>(
+    dir: &std::path::Path,
+    name: &str,
+    text: &str,
+    report: &T,
+) -> anyhow::Result<()> {
+    print!("{text}");
+    std::fs::write(dir.join(format!("{name}.txt")), text)?;
+    std::fs::write(
+        dir.join(format!("{name}.json")),
+        serde_json::to_string_pretty(report)? + "\n",
+    )?;
+    Ok(())
+}
+
+/// The proxies a subcommand measures: all asked for but direct TCP (which
+/// is a latency baseline only).
+pub fn proxies_under_test(kinds: &[ProxyKind]) -> Vec<ProxyKind> {
+    kinds
+        .iter()
+        .copied()
+        .filter(|p| *p != ProxyKind::Direct)
+        .collect()
+}
+
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

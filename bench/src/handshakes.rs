@@ -248,12 +248,7 @@ pub fn run(cfg: HandshakeConfig, stop: Arc<AtomicBool>) -> Result<HandshakeRepor
     let started = unix_now();
     let machine = Machine::describe();
     std::fs::create_dir_all(&cfg.common.out_dir)?;
-    let proxies: Vec<ProxyKind> = cfg
-        .proxies
-        .iter()
-        .copied()
-        .filter(|p| *p != ProxyKind::Direct)
-        .collect();
+    let proxies = crate::common::proxies_under_test(&cfg.proxies);
     let mut measurements = Vec::new();
     'runs: for run in 1..=cfg.runs {
         for kind in rotated(&proxies, run) {
@@ -334,13 +329,7 @@ pub fn run(cfg: HandshakeConfig, stop: Arc<AtomicBool>) -> Result<HandshakeRepor
         measurements,
     };
     let text = render_text(&report);
-    print!("{text}");
-    let dir = &report.config.common.out_dir;
-    std::fs::write(dir.join("handshakes.txt"), &text)?;
-    std::fs::write(
-        dir.join("handshakes.json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
+    crate::common::write_report(&report.config.common.out_dir, "handshakes", &text, &report)?;
     Ok(report)
 }
 

@@ -347,12 +347,7 @@ pub fn run(cfg: MemoryConfig, capacity: Capacity, stop: Arc<AtomicBool>) -> Resu
     let started = unix_now();
     let machine = Machine::describe();
     std::fs::create_dir_all(&cfg.common.out_dir)?;
-    let proxies: Vec<ProxyKind> = cfg
-        .proxies
-        .iter()
-        .copied()
-        .filter(|p| *p != ProxyKind::Direct)
-        .collect();
+    let proxies = crate::common::proxies_under_test(&cfg.proxies);
     let mut cells = Vec::new();
     'outer: for &kind in &proxies {
         let mut done_for_kind: Vec<usize> = Vec::new();
@@ -440,13 +435,7 @@ pub fn run(cfg: MemoryConfig, capacity: Capacity, stop: Arc<AtomicBool>) -> Resu
         cells,
     };
     let text = render_text(&report);
-    print!("{text}");
-    let dir = &report.config.common.out_dir;
-    std::fs::write(dir.join("memory.txt"), &text)?;
-    std::fs::write(
-        dir.join("memory.json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
+    crate::common::write_report(&report.config.common.out_dir, "memory", &text, &report)?;
     Ok(report)
 }
 

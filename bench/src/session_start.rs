@@ -948,12 +948,7 @@ pub fn run(cfg: SessionStartConfig, stop: Arc<AtomicBool>) -> Result<SessionStar
         cells,
     };
     let text = render_text(&report);
-    print!("{text}");
-    std::fs::write(out_dir.join("session-start.txt"), &text)?;
-    std::fs::write(
-        out_dir.join("session-start.json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
+    crate::common::write_report(&out_dir, "session-start", &text, &report)?;
     Ok(report)
 }
 

@@ -641,12 +641,7 @@ pub fn run(cfg: ThroughputConfig, stop: Arc<AtomicBool>) -> Result<ThroughputRep
     let started = unix_now();
     let machine = Machine::describe();
     std::fs::create_dir_all(&cfg.common.out_dir)?;
-    let proxies: Vec<ProxyKind> = cfg
-        .proxies
-        .iter()
-        .copied()
-        .filter(|p| *p != ProxyKind::Direct)
-        .collect();
+    let proxies = crate::common::proxies_under_test(&cfg.proxies);
     // Per connection the stream backend writes warm-up + budget + what the
     // proxy may still buffer; then it stops on its own.
     let per_conn = cfg.warmup_bytes + cfg.bytes.div_ceil(cfg.sessions as u64) + (64 << 20);
@@ -720,13 +715,7 @@ pub fn run(cfg: ThroughputConfig, stop: Arc<AtomicBool>) -> Result<ThroughputRep
         measurements,
     };
     let text = render_text(&report);
-    print!("{text}");
-    let dir = &report.config.common.out_dir;
-    std::fs::write(dir.join("throughput.txt"), &text)?;
-    std::fs::write(
-        dir.join("throughput.json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
+    crate::common::write_report(&report.config.common.out_dir, "throughput", &text, &report)?;
     Ok(report)
 }
 
