@@ -154,6 +154,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         proxy,
         Some(ApplianceLink {
             inboxes,
+            senders: senders.clone(),
             events: events_tx,
         }),
     )?;
@@ -177,6 +178,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         public_url: public_url.clone(),
         started: Instant::now(),
         next_worker: AtomicUsize::new(0),
+        loads: dp.loads(),
         data_plane: dp.control(),
         io_backend: dp.backend.name(),
         ports_dirty: std::sync::atomic::AtomicBool::new(false),

@@ -145,6 +145,10 @@ struct ProxyArgs {
     /// io_uring provided receive buffers per worker (power of two).
     #[arg(long)]
     uring_buffers: Option<u16>,
+    /// Sessions a worker may hold above the least-loaded one before it hands
+    /// new connections over (0 = exact balance).
+    #[arg(long)]
+    balance_slack_sessions: Option<usize>,
 }
 
 /// websockify options we do not implement, with why. Refused with a clear
@@ -307,6 +311,9 @@ fn proxy_config(a: ProxyArgs) -> anyhow::Result<ProxyConfig> {
     }
     if let Some(v) = a.uring_buffers {
         limits.uring_provided_buffers = v;
+    }
+    if let Some(v) = a.balance_slack_sessions {
+        limits.balance_slack_sessions = v;
     }
     let origins: Vec<String> = a.origin.into_iter().filter(|o| !o.is_empty()).collect();
     Ok(ProxyConfig {

@@ -120,6 +120,17 @@ pub struct Limits {
     /// traffic avoids it. Cost: up to this much CPU per burst of traffic,
     /// none while idle.
     pub busy_poll_us: u64,
+    /// A worker that accepts a connection while holding more than this many
+    /// sessions above the least-loaded worker hands it to that worker before
+    /// reading from it (the kernel's SO_REUSEPORT hash is lumpy for a few
+    /// sessions). 0 = exact balance; `max_sessions_per_worker` or more =
+    /// leave placement to the hash. Cost: a mailbox message and a wake-up of
+    /// the other worker per connection handed over.
+    pub balance_slack_sessions: usize,
+    /// Proxy mode: hand-overs queued per worker at most (beyond, the
+    /// accepting worker keeps the connection). Appliance mode uses the
+    /// control plane's `mailbox_capacity` for the same queue.
+    pub handoff_queue_connections: usize,
 }
 
 impl Default for Limits {
@@ -147,6 +158,8 @@ impl Default for Limits {
             uring_provided_buffers: 128,
             recv_buffer_bytes: 64 * 1024,
             busy_poll_us: 0,
+            balance_slack_sessions: 0,
+            handoff_queue_connections: 1024,
         }
     }
 }
@@ -214,6 +227,9 @@ impl ProxyConfig {
         }
         if l.accept_batch_max == 0 {
             return bad("accept_batch_max", "must be positive");
+        }
+        if l.handoff_queue_connections == 0 || l.handoff_queue_connections > 1_000_000 {
+            return bad("handoff_queue_connections", "must be between 1 and 1000000");
         }
         if !l.uring_entries.is_power_of_two() || l.uring_entries < 64 {
             return bad("uring_entries", "must be a power of two ≥ 64");

@@ -95,6 +95,30 @@ pub fn render(state: &ControlState) -> String {
         );
     }
     o.help(
+        "consolegate_handed_over_total",
+        "counter",
+        "Connections a worker accepted and handed to a less-loaded worker.",
+    );
+    for s in &stats {
+        o.line(
+            "consolegate_handed_over_total",
+            &[("worker", &s.worker.to_string())],
+            s.handed_over,
+        );
+    }
+    o.help(
+        "consolegate_adopted_total",
+        "counter",
+        "Connections a worker took over from another (session balancing).",
+    );
+    for s in &stats {
+        o.line(
+            "consolegate_adopted_total",
+            &[("worker", &s.worker.to_string())],
+            s.adopted,
+        );
+    }
+    o.help(
         "consolegate_handshakes_total",
         "counter",
         "WebSocket upgrades accepted.",
@@ -296,6 +320,8 @@ pub fn stats_json(state: &ControlState) -> serde_json::Value {
                 "worker": s.worker,
                 "live_sessions": s.live_sessions,
                 "accepted": s.accepted,
+                "handed_over": s.handed_over,
+                "adopted": s.adopted,
                 "handshakes": s.handshakes_ok,
                 "sessions_closed": s.sessions_closed,
                 "bytes_browser_to_backend": s.bytes_browser_to_backend,

@@ -66,6 +66,8 @@ pub struct ControlState {
     pub public_url: String,
     pub started: Instant,
     pub next_worker: AtomicUsize,
+    /// Sessions per worker, published by the workers.
+    pub loads: Arc<crate::dataplane::balance::WorkerLoads>,
     pub data_plane: Arc<WorkerControl>,
     pub io_backend: &'static str,
     /// Port allocations changed since the last save.
@@ -95,9 +97,17 @@ impl ControlState {
         }
     }
 
-    /// Round-robin choice of the worker that owns a dedicated listener.
+    /// The worker that owns a dedicated listener: the least-loaded one,
+    /// round-robin among equals.
     pub fn pick_worker(&self) -> usize {
-        self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len().max(1)
+        let n = self.workers.len().max(1);
+        let start = self.next_worker.fetch_add(1, Ordering::Relaxed) % n;
+        let w = self.loads.least_loaded(start);
+        if w < n {
+            w
+        } else {
+            start
+        }
     }
 }
 

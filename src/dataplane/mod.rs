@@ -4,8 +4,10 @@
 //!
 //! Nothing here blocks on another thread, takes a lock on the relay path or
 //! runs an async runtime. It must not depend on a control plane: the only
-//! thing shared between workers is [`worker::WorkerControl`] (atomics).
+//! things shared between workers are [`worker::WorkerControl`] and
+//! [`balance::WorkerLoads`] (atomics), and their mailboxes for hand-overs.
 
+pub mod balance;
 pub mod buffer;
 pub mod router;
 pub mod session;

@@ -49,6 +49,8 @@ pub struct WorkerCtx {
     pub metrics: WorkerMetrics,
     /// Reports to the control plane (appliance mode).
     pub events: Option<mailbox::Sender<FromWorker>>,
+    /// Hands new connections to less-loaded workers (more than one worker).
+    pub balance: Option<crate::dataplane::balance::Balancer>,
     /// Ids of dedicated-port sessions that ended in this turn: the IO layer
     /// closes their listeners at once (the port is free for the next one).
     pub ended_bound: Vec<u64>,
@@ -81,6 +83,7 @@ impl WorkerCtx {
             tls,
             metrics: WorkerMetrics::default(),
             events: None,
+            balance: None,
             ended_bound: Vec::new(),
             scratch,
             tls_frame: Vec::new(),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::config::{ProxyConfig, TargetConfig};
+use crate::dataplane::balance::{Balancer, WorkerLoads};
 use crate::dataplane::router::{AdmissionTable, Router};
 use crate::dataplane::session::WorkerCtx;
 use crate::dataplane::tokens::TokenFile;
@@ -67,6 +68,9 @@ impl DrainState {
 pub struct ApplianceLink {
     /// One per worker, in worker order.
     pub inboxes: Vec<Inbox<ToWorker>>,
+    /// The sending side of each inbox, in worker order (workers hand
+    /// connections to each other through them).
+    pub senders: Vec<mailbox::Sender<ToWorker>>,
     pub events: mailbox::Sender<FromWorker>,
 }
 
@@ -76,6 +80,7 @@ pub struct DataPlane {
     pub backend: IoBackend,
     pub workers: usize,
     control: Arc<WorkerControl>,
+    loads: Arc<WorkerLoads>,
     handles: Vec<std::thread::JoinHandle<anyhow::Result<WorkerMetrics>>>,
 }
 
@@ -115,19 +120,42 @@ impl DataPlane {
         let cfg = Arc::new(cfg);
         let control = Arc::new(WorkerControl::default());
         let mut handles = Vec::new();
-        let (mut inboxes, events) = match link {
+        // Every worker has a mailbox: the control plane's (appliance mode)
+        // or one for hand-overs alone (proxy mode, more than one worker).
+        let (mut inboxes, senders, events) = match link {
             Some(l) => {
-                if l.inboxes.len() != n {
+                if l.inboxes.len() != n || l.senders.len() != n {
                     anyhow::bail!("{} mailboxes for {n} workers", l.inboxes.len());
                 }
-                (l.inboxes.into_iter().map(Some).collect(), Some(l.events))
+                let inboxes = l.inboxes.into_iter().map(Some).collect();
+                (inboxes, l.senders, Some(l.events))
             }
-            None => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
+            None if n > 1 => {
+                let mut inboxes = Vec::with_capacity(n);
+                let mut senders = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let (tx, rx) = mailbox::channel(cfg.limits.handoff_queue_connections)
+                        .context("worker mailbox")?;
+                    senders.push(tx);
+                    inboxes.push(Some(rx));
+                }
+                (inboxes, senders, None)
+            }
+            None => ((0..n).map(|_| None).collect::<Vec<_>>(), Vec::new(), None),
         };
+        let loads = Arc::new(WorkerLoads::new(n));
         for (i, listener) in listeners.into_iter().enumerate() {
             let router = make_router(&cfg)?;
             let mut ctx = WorkerCtx::new(cfg.clone(), i, router, web.clone(), tls.clone());
             ctx.events = events.clone();
+            if n > 1 {
+                ctx.balance = Some(Balancer::new(
+                    i,
+                    loads.clone(),
+                    senders.clone(),
+                    cfg.limits.balance_slack_sessions,
+                ));
+            }
             let inbox = inboxes[i].take();
             let control = control.clone();
             let pin = cfg.pin_workers && n <= cores;
@@ -142,12 +170,18 @@ impl DataPlane {
             backend,
             workers: n,
             control,
+            loads,
             handles,
         })
     }
 
     pub fn control(&self) -> Arc<WorkerControl> {
         self.control.clone()
+    }
+
+    /// Sessions per worker, for placing dedicated-port sessions.
+    pub fn loads(&self) -> Arc<WorkerLoads> {
+        self.loads.clone()
     }
 
     /// Wait for every worker to exit; merged counters.
@@ -220,6 +254,8 @@ pub enum Inbound {
     Listener(Arc<Admission>, TcpListener),
     /// Close live sessions and listeners of this session id.
     Revoke(u64),
+    /// Serve a connection another worker accepted.
+    Adopt(std::net::TcpStream, SocketAddr),
 }
 
 /// Apply a control-plane message to the worker's state; returns what the
@@ -241,6 +277,35 @@ pub fn take_message(ctx: &mut WorkerCtx, msg: ToWorker) -> Option<Inbound> {
             }
             Some(Inbound::Revoke(id))
         }
+        ToWorker::Adopt { stream, peer } => {
+            if let Some(b) = &ctx.balance {
+                b.adopted();
+            }
+            ctx.metrics.adopted += 1;
+            Some(Inbound::Adopt(stream, peer))
+        }
+    }
+}
+
+/// A connection this worker's listener just accepted: hand it to a
+/// less-loaded worker, or give it back to be served here. `live` is the
+/// number of sessions this worker holds.
+pub fn place_accepted(
+    ctx: &mut WorkerCtx,
+    live: usize,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+) -> Option<std::net::TcpStream> {
+    let Some(b) = &ctx.balance else {
+        return Some(stream);
+    };
+    match b.offload(live, stream, peer) {
+        Ok(to) => {
+            ctx.metrics.handed_over += 1;
+            tracing::debug!(worker = ctx.worker_id, to, %peer, "connection handed over");
+            None
+        }
+        Err(stream) => Some(stream),
     }
 }
 
@@ -273,6 +338,8 @@ pub fn stats_report(ctx: &WorkerCtx, live_sessions: usize) -> FromWorker {
         worker: ctx.worker_id,
         live_sessions,
         accepted: m.accepted,
+        handed_over: m.handed_over,
+        adopted: m.adopted,
         handshakes_ok: m.handshakes_ok,
         sessions_closed: m.sessions_closed,
         bytes_browser_to_backend: m.bytes_browser_to_backend,

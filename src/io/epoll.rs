@@ -205,6 +205,24 @@ pub fn run(
                             )?;
                             entry.insert(Dedicated { l: ml, a, port });
                         }
+                        Some(Inbound::Adopt(stream, peer)) => {
+                            // A draining worker takes no new sessions.
+                            if drain.active() || stream.set_nonblocking(true).is_err() {
+                                continue;
+                            }
+                            next_id += 1;
+                            add_conn(
+                                &mut conns,
+                                &mut poll,
+                                &mut ctx,
+                                TcpStream::from_std(stream),
+                                peer,
+                                None,
+                                next_id,
+                                now,
+                                &mut revisit,
+                            )?;
+                        }
                         Some(Inbound::Revoke(id)) => {
                             let hit: Vec<usize> = conns
                                 .iter()
@@ -286,6 +304,9 @@ pub fn run(
                     again.push(idx);
                 }
             }
+        }
+        if let Some(b) = &ctx.balance {
+            b.publish(conns.len());
         }
         if drain.active() && conns.is_empty() {
             tracing::info!(worker = ctx.worker_id, "drained");
@@ -408,7 +429,7 @@ fn accept_batch(
     revisit: &mut Vec<usize>,
 ) -> io::Result<bool> {
     for _ in 0..ctx.cfg.limits.accept_batch_max {
-        let (mut stream, peer) = match l.accept() {
+        let (stream, peer) = match l.accept() {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -421,37 +442,79 @@ fn accept_batch(
             }
         };
         ctx.metrics.accepted += 1;
-        if conns.len() >= ctx.cfg.limits.max_sessions_per_worker {
-            ctx.metrics.refused_over_limit += 1;
-            ctx.metrics.error("over_session_limit");
-            tracing::warn!(worker = ctx.worker_id, %peer, "session limit reached, connection refused");
-            drop(stream);
-            continue;
-        }
-        let _ = stream.set_nodelay(true);
+        // Shared-port connections may go to a less-loaded worker; a
+        // dedicated port's session stays with its listener's worker.
+        let stream = if bound.is_none() {
+            match worker::place_accepted(
+                ctx,
+                conns.len(),
+                std::net::TcpStream::from(std::os::fd::OwnedFd::from(stream)),
+                peer,
+            ) {
+                Some(s) => TcpStream::from_std(s),
+                None => continue,
+            }
+        } else {
+            stream
+        };
+        add_conn(
+            conns,
+            poll,
+            ctx,
+            stream,
+            peer,
+            bound.clone(),
+            *next_id + 1,
+            now,
+            revisit,
+        )?;
         *next_id += 1;
-        let entry = conns.vacant_entry();
-        let idx = entry.key();
-        poll.registry()
-            .register(&mut stream, token(idx, false), Interest::READABLE)?;
-        tracing::debug!(worker = ctx.worker_id, session = *next_id, %peer, "accepted");
-        entry.insert(Conn {
-            s: Session::new(*next_id, ctx, now, Some(peer), bound.clone()),
-            browser: stream,
-            b_readable: true,
-            b_writable: true,
-            b_wint: false,
-            b_hup: false,
-            backend: None,
-            k_readable: false,
-            k_writable: false,
-            k_wint: false,
-            k_hup: false,
-            k_connecting: false,
-        });
-        revisit.push(idx);
     }
     Ok(true)
+}
+
+/// Serve one browser connection on this worker (accepted here or handed
+/// over): register it and start its session, unless the worker is full.
+#[allow(clippy::too_many_arguments)]
+fn add_conn(
+    conns: &mut slab::Slab<Conn>,
+    poll: &mut Poll,
+    ctx: &mut WorkerCtx,
+    mut stream: TcpStream,
+    peer: std::net::SocketAddr,
+    bound: Option<Arc<Admission>>,
+    id: u64,
+    now: Instant,
+    revisit: &mut Vec<usize>,
+) -> io::Result<()> {
+    if conns.len() >= ctx.cfg.limits.max_sessions_per_worker {
+        ctx.metrics.refused_over_limit += 1;
+        ctx.metrics.error("over_session_limit");
+        tracing::warn!(worker = ctx.worker_id, %peer, "session limit reached, connection refused");
+        return Ok(());
+    }
+    let _ = stream.set_nodelay(true);
+    let entry = conns.vacant_entry();
+    let idx = entry.key();
+    poll.registry()
+        .register(&mut stream, token(idx, false), Interest::READABLE)?;
+    tracing::debug!(worker = ctx.worker_id, session = id, %peer, "accepted");
+    entry.insert(Conn {
+        s: Session::new(id, ctx, now, Some(peer), bound),
+        browser: stream,
+        b_readable: true,
+        b_writable: true,
+        b_wint: false,
+        b_hup: false,
+        backend: None,
+        k_readable: false,
+        k_writable: false,
+        k_wint: false,
+        k_hup: false,
+        k_connecting: false,
+    });
+    revisit.push(idx);
+    Ok(())
 }
 
 /// Move bytes for one session until nothing moves or the turn's budget is

@@ -496,7 +496,7 @@ pub fn run(
         // eventfd read completed: the browser's connection may be in this
         // batch while the wake-up completes in a later one.
         if w.inbox.is_some() {
-            take_messages(&mut w, &mut ctx, now, &mut touched)?;
+            take_messages(&mut w, &mut ctx, now, drain.active(), &mut touched)?;
             if !w.wake_armed && !drain.active() {
                 w.arm_wake()?;
             }
@@ -576,6 +576,9 @@ pub fn run(
         if drain.active() && !w.accept_armed && w.listener.is_some() {
             w.listener = None;
         }
+        if let Some(b) = &ctx.balance {
+            b.publish(w.conns.len());
+        }
         if drain.active()
             && w.conns.is_empty()
             && !w.accept_armed
@@ -595,6 +598,7 @@ fn take_messages(
     w: &mut Worker,
     ctx: &mut WorkerCtx,
     now: Instant,
+    draining: bool,
     touched: &mut Vec<usize>,
 ) -> io::Result<()> {
     for _ in 0..MESSAGES_PER_TURN {
@@ -614,6 +618,11 @@ fn take_messages(
                 });
                 w.arm_dedicated(idx)?;
             }
+            // A draining worker takes no new sessions.
+            Some(Inbound::Adopt(stream, peer)) if !draining => {
+                add_conn(w, ctx, stream, Some(peer), None, now, touched);
+            }
+            Some(Inbound::Adopt(..)) => {}
             Some(Inbound::Revoke(id)) => {
                 let hit: Vec<usize> = w
                     .conns
@@ -850,6 +859,30 @@ fn accept(
     touched: &mut Vec<usize>,
 ) {
     ctx.metrics.accepted += 1;
+    let peer = stream.peer_addr().ok();
+    // Shared-port connections may go to a less-loaded worker; a dedicated
+    // port's session stays with its listener's worker.
+    let stream = match (&bound, peer) {
+        (None, Some(p)) => match worker::place_accepted(ctx, w.conns.len(), stream, p) {
+            Some(s) => s,
+            None => return,
+        },
+        _ => stream,
+    };
+    add_conn(w, ctx, stream, peer, bound, now, touched);
+}
+
+/// Serve one browser connection on this worker (accepted here or handed
+/// over): start its session, unless the worker is full.
+fn add_conn(
+    w: &mut Worker,
+    ctx: &mut WorkerCtx,
+    stream: TcpStream,
+    peer: Option<std::net::SocketAddr>,
+    bound: Option<Arc<Admission>>,
+    now: Instant,
+    touched: &mut Vec<usize>,
+) {
     if w.conns.len() >= ctx.cfg.limits.max_sessions_per_worker {
         ctx.metrics.refused_over_limit += 1;
         ctx.metrics.error("over_session_limit");
@@ -862,7 +895,7 @@ fn accept(
     let _ = stream.set_nodelay(true);
     w.next_id += 1;
     let slot = w.conns.insert(Box::new(Conn {
-        s: Session::new(w.next_id, ctx, now, stream.peer_addr().ok(), bound),
+        s: Session::new(w.next_id, ctx, now, peer, bound),
         browser: stream,
         backend: None,
         addr: None,

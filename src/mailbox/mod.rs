@@ -114,6 +114,12 @@ pub enum ToWorker {
     AdmitDedicated(Arc<Admission>, TcpListener),
     /// Close the session now (its relay, or its pending admission).
     Revoke { id: u64 },
+    /// A browser connection another worker accepted and handed over, before
+    /// reading from it, because this worker holds fewer sessions.
+    Adopt {
+        stream: std::net::TcpStream,
+        peer: std::net::SocketAddr,
+    },
 }
 
 /// A worker's counters, published periodically.
@@ -122,6 +128,10 @@ pub struct WorkerStats {
     pub worker: usize,
     pub live_sessions: usize,
     pub accepted: u64,
+    /// Accepted here and handed to a less-loaded worker.
+    pub handed_over: u64,
+    /// Handed over by another worker and served here.
+    pub adopted: u64,
     pub handshakes_ok: u64,
     pub sessions_closed: u64,
     pub bytes_browser_to_backend: u64,
@@ -198,6 +208,18 @@ impl<T> Sender<T> {
             }
             Err(TrySendError::Full(_)) => Err(MailboxError::Full),
             Err(TrySendError::Disconnected(_)) => Err(MailboxError::Closed),
+        }
+    }
+
+    /// Same, but a message that could not be queued (full or closed) comes
+    /// back to the caller instead of being dropped.
+    pub fn send_or_return(&self, msg: T) -> Result<(), T> {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                self.wake.notify();
+                Ok(())
+            }
+            Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
         }
     }
 }

@@ -35,6 +35,10 @@ pub struct WorkerMetrics {
     pub accepted: u64,
     /// Accepts closed at once because the worker was at `max_sessions_per_worker`.
     pub refused_over_limit: u64,
+    /// Accepted here, handed to a less-loaded worker before any byte was read.
+    pub handed_over: u64,
+    /// Handed over by another worker and served here.
+    pub adopted: u64,
     pub handshakes_ok: u64,
     pub sessions_closed: u64,
     pub bytes_browser_to_backend: u64,
@@ -90,6 +94,8 @@ impl WorkerMetrics {
     pub fn merge(&mut self, other: &WorkerMetrics) {
         self.accepted += other.accepted;
         self.refused_over_limit += other.refused_over_limit;
+        self.handed_over += other.handed_over;
+        self.adopted += other.adopted;
         self.handshakes_ok += other.handshakes_ok;
         self.sessions_closed += other.sessions_closed;
         self.bytes_browser_to_backend += other.bytes_browser_to_backend;

@@ -1788,6 +1788,8 @@ pub struct ApplianceOptions {
     pub sessions_toml: String,
     pub demo_toml: String,
     pub limits_toml: String,
+    /// Extra `[dataplane]` keys (e.g. `workers = 2`).
+    pub dataplane_toml: String,
 }
 
 /// The TOML of a test appliance: loopback listeners on port 0, one admin and
@@ -1817,8 +1819,8 @@ pub fn appliance_config_text(
          [[auth.tokens]]\ntoken = \"{READ_TOKEN}\"\nrole = \"read\"\n\n"
     ));
     t.push_str(&format!(
-        "[dataplane]\nio = \"{io}\"\n\n[dataplane.limits]\ndrain_grace_ms = 200\n{}\n",
-        opts.limits_toml
+        "[dataplane]\nio = \"{io}\"\n{}\n[dataplane.limits]\ndrain_grace_ms = 200\n{}\n",
+        opts.dataplane_toml, opts.limits_toml
     ));
     t.push_str(&format!("[sessions]\n{}\n", opts.sessions_toml));
     t.push_str("[demo]\nenabled = true\n");
