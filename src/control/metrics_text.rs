@@ -37,6 +37,20 @@ impl Out {
         }
         let _ = writeln!(self.0, " {v}");
     }
+    /// One series per worker, labelled `worker`.
+    fn per_worker(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        stats: &[crate::mailbox::WorkerStats],
+        value: impl Fn(&crate::mailbox::WorkerStats) -> u64,
+    ) {
+        self.help(name, kind, help);
+        for s in stats {
+            self.line(name, &[("worker", &s.worker.to_string())], value(s));
+        }
+    }
 }
 
 /// Histogram bucket bounds for `/metrics`, in microseconds.
@@ -70,66 +84,41 @@ pub fn render(state: &ControlState) -> String {
         }
     }
 
-    o.help(
+    o.per_worker(
         "consolegate_worker_live_sessions",
         "gauge",
         "Connections a worker holds.",
+        &stats,
+        |s| s.live_sessions as u64,
     );
-    for s in &stats {
-        o.line(
-            "consolegate_worker_live_sessions",
-            &[("worker", &s.worker.to_string())],
-            s.live_sessions,
-        );
-    }
-    o.help(
+    o.per_worker(
         "consolegate_accepted_total",
         "counter",
         "Browser connections accepted.",
+        &stats,
+        |s| s.accepted,
     );
-    for s in &stats {
-        o.line(
-            "consolegate_accepted_total",
-            &[("worker", &s.worker.to_string())],
-            s.accepted,
-        );
-    }
-    o.help(
+    o.per_worker(
         "consolegate_handed_over_total",
         "counter",
         "Connections a worker accepted and handed to a less-loaded worker.",
+        &stats,
+        |s| s.handed_over,
     );
-    for s in &stats {
-        o.line(
-            "consolegate_handed_over_total",
-            &[("worker", &s.worker.to_string())],
-            s.handed_over,
-        );
-    }
-    o.help(
+    o.per_worker(
         "consolegate_adopted_total",
         "counter",
         "Connections a worker took over from another (session balancing).",
+        &stats,
+        |s| s.adopted,
     );
-    for s in &stats {
-        o.line(
-            "consolegate_adopted_total",
-            &[("worker", &s.worker.to_string())],
-            s.adopted,
-        );
-    }
-    o.help(
+    o.per_worker(
         "consolegate_handshakes_total",
         "counter",
         "WebSocket upgrades accepted.",
+        &stats,
+        |s| s.handshakes_ok,
     );
-    for s in &stats {
-        o.line(
-            "consolegate_handshakes_total",
-            &[("worker", &s.worker.to_string())],
-            s.handshakes_ok,
-        );
-    }
     o.help(
         "consolegate_relay_bytes_total",
         "counter",
