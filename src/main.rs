@@ -149,6 +149,16 @@ struct ProxyArgs {
     /// new connections over (0 = exact balance).
     #[arg(long)]
     balance_slack_sessions: Option<usize>,
+    /// epoll: splice backend bytes to plain-ws browsers once a read brings
+    /// at least this many bytes (0 = never splice).
+    #[arg(long)]
+    splice_min_bytes: Option<usize>,
+    /// Capacity asked of each splice pipe, bytes.
+    #[arg(long)]
+    splice_pipe_bytes: Option<usize>,
+    /// Splice pipes per worker (in use plus kept for reuse).
+    #[arg(long)]
+    splice_pipes: Option<usize>,
 }
 
 /// websockify options we do not implement, with why. Refused with a clear
@@ -314,6 +324,15 @@ fn proxy_config(a: ProxyArgs) -> anyhow::Result<ProxyConfig> {
     }
     if let Some(v) = a.balance_slack_sessions {
         limits.balance_slack_sessions = v;
+    }
+    if let Some(v) = a.splice_min_bytes {
+        limits.splice_min_bytes = v;
+    }
+    if let Some(v) = a.splice_pipe_bytes {
+        limits.splice_pipe_bytes = v;
+    }
+    if let Some(v) = a.splice_pipes {
+        limits.splice_pipes_per_worker = v;
     }
     let origins: Vec<String> = a.origin.into_iter().filter(|o| !o.is_empty()).collect();
     Ok(ProxyConfig {

@@ -9,6 +9,7 @@
 mod common;
 
 use std::fs;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,9 @@ backend_tests!(
     wss_and_plain_on_one_port,
     ssl_only_refuses_plain,
     backpressure_bounds_memory_and_stalls_backend,
+    downstream_bulk_delivers_every_byte_in_whole_frames,
+    downstream_bulk_base64_takes_the_copying_path,
+    splice_pipes_exhausted_falls_back_to_copying,
     backend_killed_closes_session,
     backend_end_of_stream_delivers_all_then_closes,
     backend_closed_mid_stream_closes_session,
@@ -421,6 +425,292 @@ fn backpressure_bounds_memory_and_stalls_backend(io: &str) {
         "io={io}: proxy RSS after relaying {TOTAL} bytes: {} (idle {idle_rss})",
         proxy.rss_bytes()
     );
+    // On epoll this stream went through a splice pipe, which was then the
+    // session's downstream buffer while the client was not reading.
+    let spliced = spliced_bytes(&proxy, 1);
+    assert_splice_use(io, spliced, true, &proxy);
+}
+
+/// `bytes_spliced` of each "session closed" line in the proxy's log, once
+/// `sessions` such lines are there.
+fn spliced_bytes(proxy: &Proxy, sessions: usize) -> Vec<u64> {
+    wait_until(
+        Duration::from_secs(5),
+        "the sessions' close log lines",
+        || {
+            let log = proxy.stderr();
+            let v: Vec<u64> = log
+                .lines()
+                .filter(|l| l.contains("session closed"))
+                .filter_map(|l| {
+                    l.split("bytes_spliced=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+            (v.len() >= sessions).then_some(v)
+        },
+    )
+}
+
+/// Splicing is an epoll feature for plain binary sessions: on epoll the
+/// bulk stream must have used it (when `expected`), on io_uring never.
+fn assert_splice_use(io: &str, spliced: Vec<u64>, expected: bool, proxy: &Proxy) {
+    let total: u64 = spliced.iter().sum();
+    if io == "epoll" && expected {
+        assert!(
+            total > 0,
+            "io={io}: no byte went through a splice pipe ({spliced:?})\n{}",
+            proxy.diagnostics()
+        );
+    } else {
+        assert_eq!(total, 0, "io={io}: bytes were spliced: {spliced:?}");
+    }
+}
+
+/// A backend that writes the test pattern in the given steps (bulk writes
+/// of several MiB, small writes with pauses between them), then waits for
+/// one byte from the client before closing, so the session is still
+/// relaying while the client checks its data.
+fn scripted_backend(steps: &'static [(usize, u64)]) -> (SocketAddr, std::thread::JoinHandle<u64>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut offset = 0u64;
+        for &(len, pause_ms) in steps {
+            let mut buf = vec![0u8; len];
+            fill_pattern(offset, &mut buf);
+            if s.write_all(&buf).is_err() {
+                return offset;
+            }
+            offset += len as u64;
+            if pause_ms > 0 {
+                std::thread::sleep(Duration::from_millis(pause_ms));
+            }
+        }
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b);
+        offset
+    });
+    (addr, h)
+}
+
+/// Several MiB downstream in large writes, with small writes in between:
+/// every byte arrives in order, in well-formed binary frames no larger than
+/// `buffer_bytes`, and the pongs to the client's pings (sent while bulk
+/// frames are in flight) arrive as frames of their own, never inside one.
+fn downstream_bulk_delivers_every_byte_in_whole_frames(io: &str) {
+    const STEPS: &[(usize, u64)] = &[
+        (1 << 20, 0),
+        (3 << 20, 0),
+        (10, 2),
+        (10, 2),
+        (700, 2),
+        (2 << 20, 0),
+        (5, 2),
+        ((2 << 20) + 3, 0),
+    ];
+    let total: u64 = STEPS.iter().map(|s| s.0 as u64).sum();
+    let (addr, backend) = scripted_backend(STEPS);
+    // Pipes well under buffer_bytes: the browser is still read (pings)
+    // while a spliced frame waits in the pipe.
+    let proxy = Proxy::start(
+        io,
+        &["--splice-min-bytes", "4096", "--splice-pipe-bytes", "65536"],
+        Some(&addr.to_string()),
+    );
+    // A small receive buffer keeps the proxy's browser socket full, so the
+    // pings arrive while spliced payload still waits in the pipe.
+    let mut c = ws_connect_small_rcvbuf(io, proxy.addr, "/", 64 * 1024);
+    // Pings from another thread (raw masked frames on a clone of the
+    // socket), so they reach the proxy at any point of a spliced frame.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = {
+        let mut sock = c.ws.get_ref().try_clone().unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0u16;
+            while sent < 5000 && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let f = raw_frame(0x9, &sent.to_be_bytes(), Some([7, 1, 9, 3]));
+                if sock.write_all(&f).is_err() {
+                    break;
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            sent
+        })
+    };
+    let (mut offset, mut frames, mut pongs, mut largest) = (0u64, 0u64, 0u16, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while offset < total {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.next_message(left) {
+            Ok(Message::Binary(b)) => {
+                assert!(!b.is_empty(), "io={io}: empty data frame at {offset}");
+                assert!(
+                    b.len() <= 256 * 1024,
+                    "io={io}: a {} byte frame, over buffer_bytes",
+                    b.len()
+                );
+                if let Some(i) = check_pattern(offset, &b) {
+                    panic!(
+                        "io={io}: stream corrupt at byte {} of frame {frames}",
+                        offset + i as u64
+                    );
+                }
+                offset += b.len() as u64;
+                frames += 1;
+                largest = largest.max(b.len());
+                if frames % 8 == 0 {
+                    // A slow reader: the proxy's browser socket stays full.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            Ok(Message::Pong(p)) => {
+                assert_eq!(p.as_ref(), &pongs.to_be_bytes(), "io={io}: pong payload");
+                pongs += 1;
+            }
+            Ok(other) => panic!("io={io}: unexpected message {other:?} at {offset}"),
+            Err(e) => panic!("io={io}: stream ended at {offset} of {total}: {e:?}"),
+        }
+    }
+    assert_eq!(offset, total, "io={io}: more bytes than were sent");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let pings = pinger.join().unwrap();
+    // Tell the backend we are done; it closes; the pongs and then the close
+    // frame follow the last data frame.
+    c.send(b"x");
+    loop {
+        match c.next_message(Duration::from_secs(5)) {
+            Ok(Message::Pong(p)) => {
+                assert_eq!(p.as_ref(), &pongs.to_be_bytes(), "io={io}: pong payload");
+                pongs += 1;
+            }
+            Ok(other) => panic!("io={io}: unexpected message {other:?} after the stream"),
+            Err(WsEnd::Close(Some((code, _)))) => {
+                assert_eq!(code, 1000, "io={io}: close code");
+                break;
+            }
+            Err(e) => panic!("io={io}: no close after the stream: {e:?}"),
+        }
+    }
+    assert_eq!(pongs, pings, "io={io}: pongs for {pings} pings");
+    assert_eq!(backend.join().unwrap(), total);
+    eprintln!("io={io}: {total} bytes in {frames} frames, largest {largest}, {pings} pings");
+    assert_splice_use(io, spliced_bytes(&proxy, 1), true, &proxy);
+}
+
+/// base64 must be encoded in user space: a bulk stream under the base64
+/// subprotocol arrives intact, as text frames, without splicing.
+fn downstream_bulk_base64_takes_the_copying_path(io: &str) {
+    const TOTAL: u64 = 4 << 20;
+    let server = StreamServer::start(TOTAL, Duration::from_secs(30), None);
+    let proxy = Proxy::start(io, &[], Some(&server.target()));
+    let mut c = ws_connect(io, proxy.addr, "/", &["base64"]);
+    assert_eq!(c.protocol.as_deref(), Some("base64"), "io={io}");
+    let mut offset = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while offset < TOTAL {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match c.next_message(left) {
+            Ok(Message::Text(t)) => {
+                let b = base64::engine::general_purpose::STANDARD
+                    .decode(t.as_bytes())
+                    .unwrap_or_else(|e| panic!("io={io}: frame at {offset} is not base64: {e}"));
+                assert_eq!(
+                    check_pattern(offset, &b),
+                    None,
+                    "io={io}: corrupt at {offset}"
+                );
+                offset += b.len() as u64;
+            }
+            Ok(other) => panic!("io={io}: expected text frames, got {other:?}"),
+            Err(e) => panic!("io={io}: stream ended at {offset} of {TOTAL}: {e:?}"),
+        }
+    }
+    let (code, _) = c.expect_close(Duration::from_secs(5));
+    assert_eq!(code, Some(1000), "io={io}");
+    assert_splice_use(io, spliced_bytes(&proxy, 1), false, &proxy);
+}
+
+/// One worker, one splice pipe, and a client that stops reading while its
+/// session holds the pipe: other sessions keep streaming through the
+/// copying path, and every stream arrives intact.
+fn splice_pipes_exhausted_falls_back_to_copying(io: &str) {
+    const TOTAL: u64 = 8 << 20;
+    let servers: Vec<StreamServer> = (0..3)
+        .map(|_| StreamServer::start(TOTAL, Duration::from_secs(60), None))
+        .collect();
+    let token_dir = tempfile::tempdir().unwrap();
+    let tokens = token_dir.path().join("tokens");
+    let entries: Vec<(&str, String)> = ["s0", "s1", "s2"]
+        .iter()
+        .zip(&servers)
+        .map(|(t, s)| (*t, s.target()))
+        .collect();
+    write_token_file(&tokens, &entries);
+    let proxy = Proxy::start(
+        io,
+        &[
+            "--workers",
+            "1",
+            "--splice-pipes",
+            "1",
+            "--token-plugin",
+            "TokenFile",
+            "--token-source",
+            tokens.to_str().unwrap(),
+        ],
+        None,
+    );
+    // The staller: reads one frame, then nothing until the others are done.
+    let mut stalled = ws_connect_small_rcvbuf(io, proxy.addr, "/?token=s0", 64 * 1024);
+    let first = stalled
+        .read_exact(1, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("io={io}: stalled stream did not start: {e:?}"));
+    assert_eq!(check_pattern(0, &first), None);
+    wait_until(
+        Duration::from_secs(10),
+        "the first backend to stall",
+        || {
+            let w = servers[0].written();
+            std::thread::sleep(Duration::from_millis(300));
+            (servers[0].written() == w).then_some(())
+        },
+    );
+    for (i, tok) in ["s1", "s2"].iter().enumerate() {
+        let mut c = ws_connect(io, proxy.addr, &format!("/?token={tok}"), &[]);
+        let data = c
+            .read_exact(TOTAL as usize, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("io={io}: stream {} cut short: {e:?}", i + 1));
+        assert_eq!(
+            check_pattern(0, &data),
+            None,
+            "io={io}: stream {} corrupt",
+            i + 1
+        );
+        let (code, _) = c.expect_close(Duration::from_secs(5));
+        assert_eq!(code, Some(1000), "io={io}");
+    }
+    // The staller resumes and gets its whole stream.
+    let rest = stalled
+        .read_exact(TOTAL as usize - 1, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("io={io}: stalled stream cut short: {e:?}"));
+    assert_eq!(
+        check_pattern(1, &rest),
+        None,
+        "io={io}: stalled stream corrupt"
+    );
+    let (code, _) = stalled.expect_close(Duration::from_secs(5));
+    assert_eq!(code, Some(1000), "io={io}");
+    assert_splice_use(io, spliced_bytes(&proxy, 3), true, &proxy);
 }
 
 /// Xvnc dies mid-session: the browser gets a close frame within 1 s.

@@ -131,6 +131,24 @@ pub struct Limits {
     /// accepting worker keeps the connection). Appliance mode uses the
     /// control plane's `mailbox_capacity` for the same queue.
     pub handoff_queue_connections: usize,
+    /// epoll, plain-ws binary sessions: once a backend read brings at least
+    /// this many bytes, move the following backend bytes to the browser
+    /// through a pipe with splice(2) instead of copying them through user
+    /// space; a splice that brings fewer goes back to plain reads. 0 = never
+    /// splice. At most `recv_buffer_bytes` (a plain read never brings more).
+    /// Cost: three syscalls per frame instead of two, so small messages
+    /// (input events, cursor updates) stay on plain reads.
+    pub splice_min_bytes: usize,
+    /// Capacity asked of each splice pipe (F_SETPIPE_SZ; clamped to
+    /// /proc/sys/fs/pipe-max-size, the kernel's default when refused). One
+    /// spliced frame carries at most this much (and at most `buffer_bytes`).
+    /// Cost: up to this much kernel memory per pipe while it holds data.
+    pub splice_pipe_bytes: usize,
+    /// Pipes a worker holds for splicing (in use plus kept for reuse). A
+    /// session takes one only while spliced bytes wait in it; when all are
+    /// taken, sessions use the copying path. Cost: two file descriptors per
+    /// pipe, and up to `splice_pipe_bytes` of kernel memory per pipe in use.
+    pub splice_pipes_per_worker: usize,
 }
 
 impl Default for Limits {
@@ -160,6 +178,9 @@ impl Default for Limits {
             busy_poll_us: 0,
             balance_slack_sessions: 0,
             handoff_queue_connections: 1024,
+            splice_min_bytes: 16 * 1024,
+            splice_pipe_bytes: 256 * 1024,
+            splice_pipes_per_worker: 64,
         }
     }
 }
@@ -240,6 +261,23 @@ impl ProxyConfig {
                 "must be a power of two between 16 and 32768",
             );
         }
+        if l.splice_min_bytes > l.recv_buffer_bytes {
+            return bad(
+                "splice_min_bytes",
+                "must be at most recv_buffer_bytes (0 turns splicing off)",
+            );
+        }
+        if l.splice_min_bytes > 0 {
+            if l.splice_pipe_bytes < 4096 || l.splice_pipe_bytes > 64 * 1024 * 1024 {
+                return bad("splice_pipe_bytes", "must be between 4 KiB and 64 MiB");
+            }
+            if l.splice_pipes_per_worker == 0 {
+                return bad(
+                    "splice_pipes_per_worker",
+                    "must be positive (set splice_min_bytes = 0 to turn splicing off)",
+                );
+            }
+        }
         Ok(())
     }
 
@@ -292,6 +330,26 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("handshake_timeout_ms"));
+    }
+
+    #[test]
+    fn splice_limits_validate() {
+        let mut c = cfg();
+        c.limits.splice_min_bytes = c.limits.recv_buffer_bytes + 1;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("splice_min_bytes"), "{e}");
+        let mut c = cfg();
+        c.limits.splice_pipe_bytes = 100;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("splice_pipe_bytes"), "{e}");
+        let mut c = cfg();
+        c.limits.splice_pipes_per_worker = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("splice_pipes_per_worker"), "{e}");
+        // Splicing off: the pipe limits are not looked at.
+        c.limits.splice_min_bytes = 0;
+        c.limits.splice_pipe_bytes = 0;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -167,6 +167,25 @@ pub struct Session {
     /// (for the relay latency histograms).
     down_since: Option<Instant>,
     up_since: Option<Instant>,
+    /// A spliced frame under way (epoll): its payload waits in the IO
+    /// layer's pipe, not in `to_browser`.
+    splice: Option<SpliceOut>,
+    /// The last backend read brought at least `splice_min_bytes`: bulk
+    /// transfer, so the IO layer may try a splice next.
+    splice_hint: bool,
+    /// Payload bytes that went through a pipe (for the close log line).
+    pub bytes_spliced: u64,
+}
+
+/// One downstream frame whose payload the IO layer spliced into a pipe:
+/// the first `before` bytes of `to_browser` (the rest of its header) go to
+/// the browser first, then the `in_pipe` bytes from the pipe, then whatever
+/// was queued after the header (pings, pongs, the close frame): nothing can
+/// land inside the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SpliceOut {
+    before: usize,
+    in_pipe: usize,
 }
 
 fn ms(v: u64) -> Duration {
@@ -227,6 +246,9 @@ impl Session {
             backend_inflight: 0,
             down_since: None,
             up_since: None,
+            splice: None,
+            splice_hint: false,
+            bytes_spliced: 0,
             peer,
             bound,
             admission: None,
@@ -258,7 +280,7 @@ impl Session {
             Phase::Sniff | Phase::Handshake | Phase::Closing => true,
             Phase::Connecting | Phase::Relay => {
                 self.to_backend.len() < ctx.cfg.limits.buffer_bytes
-                    && self.to_browser.len() < ctx.cfg.limits.buffer_bytes
+                    && self.down_queued() < ctx.cfg.limits.buffer_bytes
             }
             Phase::Responding | Phase::Done => false,
         }
@@ -276,11 +298,20 @@ impl Session {
         }
     }
 
-    /// Read from the backend now?
+    /// Read from the backend now? Never while a spliced frame's payload
+    /// waits in the pipe: the pipe is the downstream buffer then, and a full
+    /// browser socket must stop the backend (backpressure).
     pub fn want_backend_read(&self, ctx: &WorkerCtx) -> bool {
         self.phase == Phase::Relay
             && self.backend == Backend::Open
+            && self.splice.is_none()
             && self.to_browser.len() < ctx.cfg.limits.buffer_bytes
+    }
+
+    /// Bytes waiting for the browser: queued, plus a spliced frame's
+    /// payload still in the pipe.
+    fn down_queued(&self) -> usize {
+        self.to_browser.len() + self.splice.map_or(0, |s| s.in_pipe)
     }
 
     /// Most bytes to read from the backend in one go (one frame's payload).
@@ -310,13 +341,20 @@ impl Session {
         self.backend = Backend::Closed;
     }
 
-    /// Bytes to write to the browser (the first contiguous run).
+    /// Bytes to write to the browser (the first contiguous run). While a
+    /// spliced frame is under way, only its header's bytes (then nothing
+    /// until [`Session::splice_out_ready`] is 0).
     pub fn browser_pending(&self) -> &[u8] {
-        self.to_browser.front()
+        let f = self.to_browser.front();
+        match self.splice {
+            Some(sp) => &f[..sp.before.min(f.len())],
+            None => f,
+        }
     }
 
+    /// Bytes waiting for the browser, in the queue and in a splice pipe.
     pub fn browser_pending_len(&self) -> usize {
-        self.to_browser.len()
+        self.down_queued()
     }
 
     /// Bytes to write to the backend (the first contiguous run).
@@ -343,7 +381,10 @@ impl Session {
     pub fn browser_sent(&mut self, ctx: &mut WorkerCtx, n: usize, now: Instant) {
         self.browser_inflight = 0;
         self.to_browser.consume(&mut ctx.pool, n);
-        if self.to_browser.is_empty() {
+        if let Some(sp) = self.splice.as_mut() {
+            sp.before = sp.before.saturating_sub(n);
+        }
+        if self.down_queued() == 0 {
             if let Some(t) = self.down_since.take() {
                 ctx.metrics
                     .relay_down_us
@@ -374,6 +415,7 @@ impl Session {
         self.to_browser.clear(&mut ctx.pool);
         self.to_backend.clear(&mut ctx.pool);
         self.req = Vec::new();
+        self.splice = None;
     }
 
     /// The earliest instant at which [`Session::on_tick`] has work.
@@ -436,6 +478,8 @@ impl Session {
         }
         self.to_browser
             .truncate_to(&mut ctx.pool, self.browser_inflight);
+        // The IO layer drops a pipe that still holds bytes with the session.
+        self.splice = None;
         self.finish(ctx, now);
     }
 
@@ -485,6 +529,7 @@ impl Session {
             return;
         }
         self.last_activity = now;
+        self.note_backend_read(ctx, data.len());
         let data = match self.rfb.as_mut() {
             None => data,
             Some(h) => {
@@ -498,6 +543,96 @@ impl Session {
         };
         self.down_since.get_or_insert(now);
         self.relay_down(ctx, data);
+    }
+
+    /// Remember whether a plain backend read of `n` bytes was bulk.
+    fn note_backend_read(&mut self, ctx: &WorkerCtx, n: usize) {
+        let min = ctx.cfg.limits.splice_min_bytes;
+        self.splice_hint = min > 0 && n >= min;
+    }
+
+    /// Splicing (epoll): how many backend bytes may be moved into a pipe
+    /// now, or None when this session must take the copying path. Only a
+    /// plain-ws binary session in its relay phase (no TLS, no base64, no
+    /// RFB handshake of our own), with nothing queued for the browser (the
+    /// frame header goes first, then the pipe), wanting backend bytes, whose
+    /// last backend read was bulk. Follow with [`Session::splice_in_done`].
+    pub fn splice_in_limit(&self, ctx: &WorkerCtx) -> Option<usize> {
+        let l = &ctx.cfg.limits;
+        if !self.splice_hint
+            || l.splice_min_bytes == 0
+            || self.tls.is_some()
+            || self.rfb.is_some()
+            || self.mode != PayloadMode::Raw
+            || !self.to_browser.is_empty()
+            || !self.want_backend_read(ctx)
+        {
+            return None;
+        }
+        Some(l.buffer_bytes.min(l.splice_pipe_bytes).max(1))
+    }
+
+    /// `n` backend bytes now wait in the pipe: queue the header of a binary
+    /// frame of exactly `n` bytes (server frames are unmasked); the pipe's
+    /// bytes follow it. A splice that brought less than `splice_min_bytes`
+    /// sends the session back to plain reads.
+    pub fn splice_in_done(&mut self, ctx: &mut WorkerCtx, n: usize, now: Instant) {
+        let min = ctx.cfg.limits.splice_min_bytes;
+        self.splice_hint = min > 0 && n >= min;
+        // One spliced frame at a time: `splice_in_limit` says None while one
+        // is under way, so the IO layer never splices a second one in.
+        debug_assert!(self.splice.is_none(), "a second spliced frame");
+        if n == 0 || self.splice.is_some() {
+            return;
+        }
+        let mut hdr = [0u8; websocket::MAX_SERVER_HEADER_LEN];
+        let hl = websocket::write_server_header(&mut hdr, true, Opcode::Binary, n as u64);
+        self.to_browser.push(&mut ctx.pool, &hdr[..hl]);
+        // Whatever was queued before goes first too (nothing, when the IO
+        // layer asked `splice_in_limit`).
+        self.splice = Some(SpliceOut {
+            before: self.to_browser.len(),
+            in_pipe: n,
+        });
+        self.last_activity = now;
+        self.down_since.get_or_insert(now);
+        self.bytes_down += n as u64;
+        self.bytes_spliced += n as u64;
+        ctx.metrics.bytes_backend_to_browser += n as u64;
+    }
+
+    /// Pipe bytes that may be spliced to the browser now: the spliced
+    /// frame's payload once its header is out, else 0.
+    pub fn splice_out_ready(&self) -> usize {
+        match self.splice {
+            Some(sp) if sp.before == 0 => sp.in_pipe,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of a spliced frame still in the pipe (0: the pipe is empty and
+    /// may go back to the worker's pool).
+    pub fn pipe_bytes(&self) -> usize {
+        self.splice.map_or(0, |s| s.in_pipe)
+    }
+
+    /// `n` pipe bytes went to the browser.
+    pub fn splice_out_done(&mut self, ctx: &mut WorkerCtx, n: usize, now: Instant) {
+        let Some(sp) = self.splice.as_mut() else {
+            return;
+        };
+        sp.in_pipe = sp.in_pipe.saturating_sub(n);
+        if sp.in_pipe == 0 {
+            self.splice = None;
+        }
+        if self.down_queued() == 0 {
+            if let Some(t) = self.down_since.take() {
+                ctx.metrics
+                    .relay_down_us
+                    .record(now.saturating_duration_since(t).as_micros() as u64);
+            }
+        }
+        self.advance(ctx, now);
     }
 
     /// Zero-copy downstream: when nothing is queued for the browser and the
@@ -528,6 +663,7 @@ impl Session {
         self.to_browser
             .commit_with_header(&mut ctx.pool, &hdr[..hl], n);
         if n > 0 {
+            self.note_backend_read(ctx, n);
             self.last_activity = now;
             self.down_since.get_or_insert(now);
             self.bytes_down += n as u64;
@@ -1197,7 +1333,7 @@ impl Session {
 
     /// Move to Done once nothing is left to do.
     fn advance(&mut self, ctx: &mut WorkerCtx, now: Instant) {
-        let flushed = self.to_browser.is_empty();
+        let flushed = self.down_queued() == 0;
         match self.phase {
             Phase::Closing if flushed && self.close_received => self.finish(ctx, now),
             Phase::Responding if flushed => self.finish(ctx, now),
@@ -1231,6 +1367,7 @@ impl Session {
                 reason = %info.reason,
                 bytes_up = self.bytes_up,
                 bytes_down = self.bytes_down,
+                bytes_spliced = self.bytes_spliced,
                 duration_ms = now.duration_since(self.started).as_millis() as u64,
                 "session closed"
             );

@@ -7,9 +7,16 @@
 //! the others. Reads go into one worker-wide receive buffer and are handed to
 //! the session at once; the session's queues are the only per-session
 //! buffers, taken from the pool only while bytes are pending.
+//!
+//! Bulk downstream on plain-ws binary sessions goes through a pipe instead
+//! (`Session::splice_in_limit`): splice backend → pipe, the frame header
+//! (MSG_MORE), splice pipe → browser. The pipe comes from the worker's
+//! [`PipePool`] and goes back as soon as it is empty; while it holds bytes
+//! it is the session's downstream buffer and the backend is not read.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener as StdListener};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +26,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::dataplane::router::Router;
 use crate::dataplane::session::{Session, WorkerCtx};
 use crate::dataplane::worker::{self, DrainState, Inbound, WorkerControl};
+use crate::io::splice::{self, Pipe, PipePool};
 use crate::mailbox::{Admission, Inbox, ToWorker};
 use crate::metrics::WorkerMetrics;
 
@@ -60,6 +68,9 @@ struct Conn {
     k_wint: bool,
     k_hup: bool,
     k_connecting: bool,
+    /// The splice pipe lent to this session while a spliced frame's payload
+    /// waits in it.
+    pipe: Option<Pipe>,
 }
 
 fn token(idx: usize, backend: bool) -> Token {
@@ -88,6 +99,15 @@ pub fn run(
     let mut next_stats = Instant::now() + STATS_INTERVAL;
     let mut conns: slab::Slab<Conn> = slab::Slab::new();
     let mut rbuf = vec![0u8; ctx.cfg.limits.recv_buffer_bytes];
+    let l = &ctx.cfg.limits;
+    let mut pipes = PipePool::new(
+        if l.splice_min_bytes > 0 {
+            l.splice_pipes_per_worker
+        } else {
+            0
+        },
+        l.splice_pipe_bytes,
+    );
     let tick = Duration::from_millis(ctx.cfg.limits.timer_tick_ms);
     let mut next_tick = Instant::now() + tick;
     let mut drain = DrainState::default();
@@ -248,7 +268,11 @@ pub fn run(
         revisit.sort_unstable();
         revisit.dedup();
         for idx in revisit {
-            if conns.contains(idx) && pump(&mut conns, idx, &mut ctx, &mut poll, &mut rbuf, now) {
+            if conns.contains(idx)
+                && pump(
+                    &mut conns, idx, &mut ctx, &mut poll, &mut rbuf, &mut pipes, now,
+                )
+            {
                 again.push(idx);
             }
         }
@@ -275,7 +299,9 @@ pub fn run(
                 if let Some(c) = conns.get_mut(idx) {
                     c.s.on_drain(&mut ctx, now);
                 }
-                pump(&mut conns, idx, &mut ctx, &mut poll, &mut rbuf, now);
+                pump(
+                    &mut conns, idx, &mut ctx, &mut poll, &mut rbuf, &mut pipes, now,
+                );
             }
         }
         if now >= next_tick {
@@ -300,7 +326,9 @@ pub fn run(
                 if let Some(c) = conns.get_mut(idx) {
                     c.s.on_tick(&mut ctx, now);
                 }
-                if pump(&mut conns, idx, &mut ctx, &mut poll, &mut rbuf, now) {
+                if pump(
+                    &mut conns, idx, &mut ctx, &mut poll, &mut rbuf, &mut pipes, now,
+                ) {
                     again.push(idx);
                 }
             }
@@ -512,6 +540,7 @@ fn add_conn(
         k_wint: false,
         k_hup: false,
         k_connecting: false,
+        pipe: None,
     });
     revisit.push(idx);
     Ok(())
@@ -526,6 +555,7 @@ fn pump(
     ctx: &mut WorkerCtx,
     poll: &mut Poll,
     rbuf: &mut [u8],
+    pipes: &mut PipePool,
     now: Instant,
 ) -> bool {
     let Some(c) = conns.get_mut(idx) else {
@@ -598,15 +628,40 @@ fn pump(
             c.k_connecting = false;
         }
 
-        // Browser writes.
+        // Browser writes: queued bytes, and a spliced frame's payload from
+        // its pipe once the frame's header is out.
         while c.b_writable && c.s.browser_pending_len() > 0 {
-            match c.browser.write(c.s.browser_pending()) {
-                Ok(0) => {
+            let pending = c.s.browser_pending();
+            let r = if !pending.is_empty() {
+                let r = if c.s.pipe_bytes() > 0 {
+                    // The pipe's bytes follow at once: header and payload
+                    // leave in one segment, not a tiny one first.
+                    splice::send(c.browser.as_raw_fd(), pending, true)
+                } else {
+                    c.browser.write(pending)
+                };
+                r.map(|n| (n, false))
+            } else {
+                let ready = c.s.splice_out_ready();
+                match c.pipe.as_mut() {
+                    Some(p) if ready > 0 => p.drain_to(c.browser.as_raw_fd(), ready),
+                    // Cannot happen: spliced bytes are always in this
+                    // session's pipe. End the session rather than spin.
+                    _ => Err(io::Error::other("spliced bytes without a pipe")),
+                }
+                .map(|n| (n, true))
+            };
+            match r {
+                Ok((0, _)) => {
                     c.b_writable = false;
                     break;
                 }
-                Ok(n) => {
+                Ok((n, false)) => {
                     c.s.browser_sent(ctx, n, now);
+                    progress = true;
+                }
+                Ok((n, true)) => {
+                    c.s.splice_out_done(ctx, n, now);
                     progress = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.b_writable = false,
@@ -615,6 +670,12 @@ fn pump(
                     c.s.on_browser_gone(ctx, Some(&e), now);
                     break;
                 }
+            }
+        }
+        // An emptied pipe goes back to the pool: idle sessions hold none.
+        if c.s.pipe_bytes() == 0 {
+            if let Some(p) = c.pipe.take() {
+                pipes.give(p);
             }
         }
 
@@ -675,8 +736,56 @@ fn pump(
             }
         }
 
-        // Backend read: straight into a frame chunk when the session allows
-        // (zero-copy framing), else through the worker's receive buffer.
+        // Backend read: bulk into a pipe when the session allows (splice),
+        // else straight into a frame chunk (zero-copy framing), else through
+        // the worker's receive buffer.
+        if c.k_readable && !c.k_connecting {
+            if let (Some(st), Some(lim)) = (c.backend.as_ref(), c.s.splice_in_limit(ctx)) {
+                if c.pipe.is_none() {
+                    c.pipe = pipes.take();
+                }
+                if let Some(p) = c.pipe.as_mut() {
+                    let lim = lim.min(p.capacity());
+                    // A short splice does not mean the socket is drained
+                    // (the pipe may have run out of slots), so readiness
+                    // drops only on EAGAIN: a stale flag costs one call, a
+                    // wrongly dropped one would stall (edge-triggered).
+                    match p.fill_from(st.as_raw_fd(), lim) {
+                        Ok(0) => {
+                            c.k_readable = false;
+                            c.s.on_backend_gone(ctx, None, now);
+                            progress = true;
+                        }
+                        Ok(n) => {
+                            c.s.splice_in_done(ctx, n, now);
+                            progress = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.k_readable = false,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e)
+                            if matches!(
+                                e.raw_os_error(),
+                                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                            ) =>
+                        {
+                            // Nothing moved; copy from now on.
+                            ctx.metrics.error("splice_unsupported");
+                            tracing::warn!(worker = ctx.worker_id, error = %e, "splice refused, copying instead");
+                            pipes.disable();
+                        }
+                        Err(e) => {
+                            c.s.on_backend_gone(ctx, Some(&e), now);
+                            progress = true;
+                        }
+                    }
+                    if c.s.pipe_bytes() == 0 {
+                        if let Some(p) = c.pipe.take() {
+                            pipes.give(p);
+                        }
+                    }
+                }
+            }
+        }
         if c.k_readable && !c.k_connecting {
             if let (Some(st), Some(buf)) = (c.backend.as_mut(), c.s.backend_frame_buf(ctx)) {
                 let lim = buf.len();
@@ -711,6 +820,10 @@ fn pump(
 
     if c.s.is_done() {
         let mut c = conns.remove(idx);
+        if let Some(p) = c.pipe.take() {
+            // Closed, not reused, if bytes of this session are still in it.
+            pipes.give(p);
+        }
         if let Some(mut st) = c.backend.take() {
             let _ = poll.registry().deregister(&mut st);
         }

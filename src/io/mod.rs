@@ -7,6 +7,7 @@
 //! session module) and pass the same end-to-end tests.
 
 pub mod epoll;
+pub mod splice;
 pub mod sys;
 pub mod uring;
 

@@ -398,3 +398,199 @@ fn zero_copy_downstream_frames_in_place() {
     s.release(&mut ctx);
     assert_eq!(ctx.pool.outstanding, 0);
 }
+
+fn splice_ctx() -> WorkerCtx {
+    ctx_with(|c| {
+        c.limits.splice_min_bytes = 1024;
+        c.limits.splice_pipe_bytes = 64 * 1024;
+    })
+}
+
+/// A relaying session whose last backend read was bulk (splicing allowed).
+fn bulk_relaying(ctx: &mut WorkerCtx, now: Instant) -> Session {
+    let mut s = relaying(ctx, now);
+    assert_eq!(s.splice_in_limit(ctx), None, "no bulk read yet");
+    s.on_backend_data(ctx, &[1u8; 2048], now);
+    assert_eq!(s.splice_in_limit(ctx), None, "bytes queued for the browser");
+    drain_browser(&mut s, ctx, now);
+    s
+}
+
+/// What the epoll layer does with a session's browser output: queued bytes
+/// up to the spliced frame's payload, then the pipe (simulated: `pipe`
+/// holds the bytes spliced in), then the rest. `step` bounds each write.
+fn drain_with_pipe(
+    s: &mut Session,
+    ctx: &mut WorkerCtx,
+    pipe: &mut Vec<u8>,
+    step: usize,
+    now: Instant,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..10_000 {
+        let p = s.browser_pending();
+        if !p.is_empty() {
+            let n = p.len().min(step);
+            out.extend_from_slice(&p[..n]);
+            s.browser_sent(ctx, n, now);
+            continue;
+        }
+        let r = s.splice_out_ready();
+        if r > 0 {
+            let n = r.min(step).min(pipe.len());
+            out.extend(pipe.drain(..n));
+            s.splice_out_done(ctx, n, now);
+            continue;
+        }
+        assert_eq!(s.browser_pending_len(), 0, "stuck with bytes pending");
+        return out;
+    }
+    panic!("no progress");
+}
+
+#[test]
+fn spliced_frame_header_then_pipe_then_later_frames() {
+    let now = Instant::now();
+    let mut ctx = splice_ctx();
+    let mut s = bulk_relaying(&mut ctx, now);
+    let lim = s.splice_in_limit(&ctx).expect("bulk read: splice allowed");
+    assert_eq!(lim, ctx.cfg.limits.buffer_bytes, "bounded by buffer_bytes");
+    let payload: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    let mut pipe = payload.clone();
+    let later = now + Duration::from_millis(5);
+    s.splice_in_done(&mut ctx, pipe.len(), later);
+    assert_eq!(s.pipe_bytes(), 5000);
+    assert_eq!(s.browser_pending_len(), 4 + 5000, "header + pipe");
+    assert_eq!(s.browser_pending().len(), 4, "only the header goes first");
+    assert_eq!(s.splice_out_ready(), 0, "header not sent yet");
+    // Backpressure: no backend read, no second splice while the pipe holds bytes.
+    assert!(!s.want_backend_read(&ctx));
+    assert!(s.backend_frame_buf(&mut ctx).is_none());
+    assert_eq!(s.splice_in_limit(&ctx), None);
+    // A ping from the browser and the server's drain land after the frame.
+    s.on_browser_data(&mut ctx, &frame(Opcode::Ping, b"p"), later);
+    s.on_drain(&mut ctx, later);
+    assert_eq!(s.phase(), Phase::Closing);
+    assert_eq!(s.browser_pending().len(), 4, "still only the header first");
+    let out = drain_with_pipe(&mut s, &mut ctx, &mut pipe, 3, later);
+    let f = server_frames(&out);
+    assert_eq!(f.len(), 3, "{f:?}");
+    assert_eq!(f[0], (2, payload));
+    assert_eq!(f[1], (0xA, b"p".to_vec()), "pong after the spliced frame");
+    assert_eq!(f[2].0, 8, "close after the spliced frame");
+    assert_eq!(u16::from_be_bytes([f[2].1[0], f[2].1[1]]), 1001);
+    assert_eq!(s.pipe_bytes(), 0);
+    assert_eq!((s.bytes_down, s.bytes_spliced), (2048 + 5000, 5000));
+    assert_eq!(ctx.metrics.bytes_backend_to_browser, 2048 + 5000);
+    assert!(ctx.metrics.relay_down_us.0.len() >= 2, "latency recorded");
+    // The browser's close ends the session (everything was flushed).
+    s.on_browser_data(
+        &mut ctx,
+        &frame(Opcode::Close, &1000u16.to_be_bytes()),
+        later,
+    );
+    assert!(s.is_done());
+    s.release(&mut ctx);
+    assert_eq!(ctx.pool.outstanding, 0);
+}
+
+#[test]
+fn closing_waits_for_the_pipe_to_drain() {
+    let now = Instant::now();
+    let mut ctx = splice_ctx();
+    let mut s = bulk_relaying(&mut ctx, now);
+    let mut pipe = vec![9u8; 3000];
+    s.splice_in_done(&mut ctx, 3000, now);
+    // Backend EOF and the browser's close while the pipe still holds bytes.
+    s.on_backend_gone(&mut ctx, None, now);
+    s.on_browser_data(&mut ctx, &frame(Opcode::Close, &1000u16.to_be_bytes()), now);
+    assert!(!s.is_done(), "done before the spliced frame went out");
+    let out = drain_with_pipe(&mut s, &mut ctx, &mut pipe, 1000, now);
+    assert!(s.is_done());
+    let f = server_frames(&out);
+    assert_eq!(f[0], (2, vec![9u8; 3000]));
+    assert_eq!(f[1].0, 8);
+}
+
+#[test]
+fn browser_gone_mid_splice_drops_the_pipe_bytes() {
+    let now = Instant::now();
+    let mut ctx = splice_ctx();
+    let mut s = bulk_relaying(&mut ctx, now);
+    s.splice_in_done(&mut ctx, 4000, now);
+    s.browser_sent(&mut ctx, 4, now);
+    s.splice_out_done(&mut ctx, 1000, now);
+    assert_eq!(s.pipe_bytes(), 3000);
+    s.on_browser_gone(&mut ctx, None, now);
+    assert!(s.is_done());
+    assert_eq!(s.pipe_bytes(), 0);
+    assert_eq!(s.browser_pending_len(), 0);
+    s.release(&mut ctx);
+    assert_eq!(ctx.pool.outstanding, 0);
+}
+
+#[test]
+fn splicing_only_for_bulk_plain_binary_relay() {
+    let now = Instant::now();
+    // Small reads: no splice; a short splice goes back to plain reads.
+    let mut ctx = splice_ctx();
+    let mut s = relaying(&mut ctx, now);
+    s.on_backend_data(&mut ctx, &[1u8; 10], now);
+    drain_browser(&mut s, &mut ctx, now);
+    assert_eq!(s.splice_in_limit(&ctx), None, "small read");
+    let buf = s.backend_frame_buf(&mut ctx).unwrap();
+    let n = 1500.min(buf.len());
+    s.backend_frame_done(&mut ctx, n, now);
+    drain_browser(&mut s, &mut ctx, now);
+    assert!(s.splice_in_limit(&ctx).is_some(), "zero-copy bulk read");
+    let mut pipe = vec![3u8; 100];
+    s.splice_in_done(&mut ctx, 100, now);
+    drain_with_pipe(&mut s, &mut ctx, &mut pipe, 4096, now);
+    assert_eq!(
+        s.splice_in_limit(&ctx),
+        None,
+        "a short splice ends bulk mode"
+    );
+    // Not in the relay phase yet.
+    let mut s = Session::new(2, &ctx, now, None, None);
+    assert_eq!(s.splice_in_limit(&ctx), None);
+    s.on_browser_data(&mut ctx, &upgrade_request(""), now);
+    drain_browser(&mut s, &mut ctx, now);
+    assert_eq!(s.splice_in_limit(&ctx), None, "connecting");
+
+    // Turned off.
+    let mut ctx = ctx_with(|c| c.limits.splice_min_bytes = 0);
+    let mut s = relaying(&mut ctx, now);
+    s.on_backend_data(&mut ctx, &[1u8; 4096], now);
+    drain_browser(&mut s, &mut ctx, now);
+    assert_eq!(s.splice_in_limit(&ctx), None, "splice_min_bytes = 0");
+
+    // base64 must be encoded in user space.
+    let mut ctx = splice_ctx();
+    let mut s = Session::new(3, &ctx, now, None, None);
+    s.on_browser_data(
+        &mut ctx,
+        &upgrade_request("Sec-WebSocket-Protocol: base64\r\n"),
+        now,
+    );
+    drain_browser(&mut s, &mut ctx, now);
+    s.take_connect();
+    s.on_backend_connected(&mut ctx, now);
+    s.on_backend_data(&mut ctx, &[1u8; 3000], now);
+    drain_browser(&mut s, &mut ctx, now);
+    assert_eq!(s.splice_in_limit(&ctx), None, "base64");
+
+    // Binary explicitly chosen: allowed.
+    let mut s = Session::new(4, &ctx, now, None, None);
+    s.on_browser_data(
+        &mut ctx,
+        &upgrade_request("Sec-WebSocket-Protocol: binary\r\n"),
+        now,
+    );
+    drain_browser(&mut s, &mut ctx, now);
+    s.take_connect();
+    s.on_backend_connected(&mut ctx, now);
+    s.on_backend_data(&mut ctx, &[1u8; 3000], now);
+    drain_browser(&mut s, &mut ctx, now);
+    assert!(s.splice_in_limit(&ctx).is_some(), "binary");
+}
