@@ -150,7 +150,8 @@ struct ProxyArgs {
     #[arg(long)]
     balance_slack_sessions: Option<usize>,
     /// epoll: splice backend bytes to plain-ws browsers once a read brings
-    /// at least this many bytes (0 = never splice).
+    /// at least this many bytes; io_uring: receive them straight into frame
+    /// chunks (0 = neither).
     #[arg(long)]
     splice_min_bytes: Option<usize>,
     /// Capacity asked of each splice pipe, bytes.

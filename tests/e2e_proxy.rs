@@ -32,6 +32,7 @@ backend_tests!(
     downstream_bulk_delivers_every_byte_in_whole_frames,
     downstream_bulk_base64_takes_the_copying_path,
     splice_pipes_exhausted_falls_back_to_copying,
+    sessions_ended_mid_bulk_leak_nothing,
     backend_killed_closes_session,
     backend_end_of_stream_delivers_all_then_closes,
     backend_closed_mid_stream_closes_session,
@@ -434,6 +435,13 @@ fn backpressure_bounds_memory_and_stalls_backend(io: &str) {
 /// `bytes_spliced` of each "session closed" line in the proxy's log, once
 /// `sessions` such lines are there.
 fn spliced_bytes(proxy: &Proxy, sessions: usize) -> Vec<u64> {
+    close_line_field(proxy, sessions, "bytes_spliced")
+}
+
+/// `field` of each "session closed" line in the proxy's log, once
+/// `sessions` such lines are there.
+fn close_line_field(proxy: &Proxy, sessions: usize, field: &str) -> Vec<u64> {
+    let key = format!("{field}=");
     wait_until(
         Duration::from_secs(5),
         "the sessions' close log lines",
@@ -443,7 +451,7 @@ fn spliced_bytes(proxy: &Proxy, sessions: usize) -> Vec<u64> {
                 .lines()
                 .filter(|l| l.contains("session closed"))
                 .filter_map(|l| {
-                    l.split("bytes_spliced=")
+                    l.split(key.as_str())
                         .nth(1)?
                         .split_whitespace()
                         .next()?
@@ -456,9 +464,22 @@ fn spliced_bytes(proxy: &Proxy, sessions: usize) -> Vec<u64> {
     )
 }
 
-/// Splicing is an epoll feature for plain binary sessions: on epoll the
-/// bulk stream must have used it (when `expected`), on io_uring never.
+/// Bulk downstream on plain binary sessions: on epoll the bulk stream must
+/// have gone through a splice pipe (when `expected`), on io_uring through
+/// bulk receives straight into frame chunks (`bytes_bulk_recv`); each
+/// backend uses only its own path, and base64 neither.
 fn assert_splice_use(io: &str, spliced: Vec<u64>, expected: bool, proxy: &Proxy) {
+    let bulk = close_line_field(proxy, spliced.len().max(1), "bytes_bulk_recv");
+    let bulk_total: u64 = bulk.iter().sum();
+    if io == "uring" && expected {
+        assert!(
+            bulk_total > 0,
+            "io={io}: no byte came through a bulk receive ({bulk:?})\n{}",
+            proxy.diagnostics()
+        );
+    } else {
+        assert_eq!(bulk_total, 0, "io={io}: bulk receives used: {bulk:?}");
+    }
     let total: u64 = spliced.iter().sum();
     if io == "epoll" && expected {
         assert!(
@@ -711,6 +732,101 @@ fn splice_pipes_exhausted_falls_back_to_copying(io: &str) {
     let (code, _) = stalled.expect_close(Duration::from_secs(5));
     assert_eq!(code, Some(1000), "io={io}");
     assert_splice_use(io, spliced_bytes(&proxy, 3), true, &proxy);
+}
+
+/// A backend that serves up to `connections` connections, each with the
+/// test pattern in 64 KiB writes until the peer goes away (or 60 s pass).
+fn endless_backend(connections: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..connections {
+            let Ok((mut s, _)) = l.accept() else { return };
+            std::thread::spawn(move || {
+                let _ = s.set_write_timeout(Some(Duration::from_secs(60)));
+                let end = Instant::now() + Duration::from_secs(60);
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut offset = 0u64;
+                while Instant::now() < end {
+                    fill_pattern(offset, &mut buf);
+                    if s.write_all(&buf).is_err() {
+                        return;
+                    }
+                    offset += buf.len() as u64;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Browsers that vanish, close, or break the protocol while bulk bytes
+/// flow (on io_uring: while bulk receives are in flight): every session
+/// ends and logs its close, the proxy keeps serving, and on SIGTERM it
+/// drains at once and exits 0 — an io_uring worker only exits once every
+/// session's slot is freed, which needs all its operations completed.
+fn sessions_ended_mid_bulk_leak_nothing(io: &str) {
+    const SESSIONS: usize = 9;
+    let addr = endless_backend(SESSIONS + 1);
+    // A low bulk threshold: every stream is in bulk mode within its first
+    // MiB (reads on a busy loopback are often a few KiB).
+    let mut proxy = Proxy::start(
+        io,
+        &[
+            "--workers",
+            "1",
+            "--drain-grace-ms",
+            "100",
+            "--splice-min-bytes",
+            "1024",
+        ],
+        Some(&addr.to_string()),
+    );
+    for i in 0..SESSIONS {
+        let mut c = ws_connect(io, proxy.addr, "/", &[]);
+        let data = c
+            .read_exact(1 << 20, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("io={io}: stream {i} did not start: {e:?}"));
+        assert_eq!(check_pattern(0, &data), None, "io={io}: stream {i} corrupt");
+        match i % 3 {
+            // Gone with unread bytes: a reset.
+            0 => drop(c),
+            1 => c.close(),
+            // An unmasked frame: 1002, then gone.
+            _ => {
+                c.send_raw(&raw_frame(0x2, b"x", None));
+                drop(c);
+            }
+        }
+    }
+    let bulk = close_line_field(&proxy, SESSIONS, "bytes_bulk_recv");
+    if io == "uring" {
+        assert!(
+            bulk.iter().all(|&b| b > 0),
+            "io={io}: a session without bulk receives: {bulk:?}"
+        );
+    }
+    // Still serving.
+    let mut c = ws_connect(io, proxy.addr, "/", &[]);
+    let data = c
+        .read_exact(1 << 20, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("io={io}: last stream did not start: {e:?}"));
+    assert_eq!(
+        check_pattern(0, &data),
+        None,
+        "io={io}: last stream corrupt"
+    );
+    proxy.sigterm();
+    let (code, _) = c.expect_close(Duration::from_secs(5));
+    assert_eq!(code, Some(1001), "io={io}: drain close code");
+    drop(c);
+    let status = proxy.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| {
+        panic!(
+            "io={io}: proxy still running 5 s after SIGTERM (a session never freed?)\n{}",
+            proxy.diagnostics()
+        )
+    });
+    assert!(status.success(), "io={io}: exit status {status}");
 }
 
 /// Xvnc dies mid-session: the browser gets a close frame within 1 s.

@@ -138,6 +138,11 @@ pub struct Limits {
     /// splice. At most `recv_buffer_bytes` (a plain read never brings more).
     /// Cost: three syscalls per frame instead of two, so small messages
     /// (input events, cursor updates) stay on plain reads.
+    /// io_uring uses the same threshold for its bulk receive (single-shot
+    /// recvs straight into frame chunks instead of multishot recvs into the
+    /// provided-buffer ring and a copy); 0 turns that off too. Cost there:
+    /// a pool chunk per read in flight, and a poll round trip when the
+    /// backend pauses.
     pub splice_min_bytes: usize,
     /// Capacity asked of each splice pipe (F_SETPIPE_SZ; clamped to
     /// /proc/sys/fs/pipe-max-size, the kernel's default when refused). One

@@ -55,6 +55,43 @@ impl BufPool {
     pub fn free_len(&self) -> usize {
         self.free.len()
     }
+
+    /// Lend a chunk whose first `headroom` bytes are kept free, outside any
+    /// queue: the IO layer receives payload into [`Lent::room`] (on io_uring
+    /// while other frames are queued and sent), then
+    /// [`ByteQueue::append_with_header`] queues it, or [`BufPool::give_back`]
+    /// returns it. None when the headroom leaves no room.
+    pub fn lend(&mut self, headroom: usize) -> Option<Lent> {
+        if headroom >= self.chunk_bytes {
+            return None;
+        }
+        Some(Lent {
+            data: self.take(),
+            headroom,
+        })
+    }
+
+    /// Return a lent chunk unused.
+    pub fn give_back(&mut self, lent: Lent) {
+        self.give(lent.data);
+    }
+}
+
+/// A pool chunk lent out with room for a frame header at its front (see
+/// [`BufPool::lend`]). Its bytes live on the heap: moving a `Lent` does not
+/// move them, so a kernel operation may write into [`Lent::room`] while the
+/// `Lent` is held (and not dropped) elsewhere.
+#[derive(Debug)]
+pub struct Lent {
+    data: Box<[u8]>,
+    headroom: usize,
+}
+
+impl Lent {
+    /// The bytes after the headroom.
+    pub fn room(&mut self) -> &mut [u8] {
+        &mut self.data[self.headroom..]
+    }
 }
 
 #[derive(Debug)]
@@ -163,6 +200,27 @@ impl ByteQueue {
         c.data[start..c.head].copy_from_slice(header);
         c.head = start;
         c.tail += n;
+        self.len += header.len() + n;
+    }
+
+    /// Queue `n` payload bytes written into a [`Lent`] chunk's room, preceded
+    /// by `header` (which must fit in its headroom), after everything already
+    /// queued: neither the payload nor queued bytes move. `n == 0` returns
+    /// the chunk to the pool.
+    pub fn append_with_header(&mut self, pool: &mut BufPool, lent: Lent, header: &[u8], n: usize) {
+        let Lent { mut data, headroom } = lent;
+        let n = n.min(data.len() - headroom);
+        if n == 0 || header.len() > headroom {
+            pool.give(data);
+            return;
+        }
+        let start = headroom - header.len();
+        data[start..headroom].copy_from_slice(header);
+        self.chunks.push_back(Chunk {
+            data,
+            head: start,
+            tail: headroom + n,
+        });
         self.len += header.len() + n;
     }
 
@@ -320,6 +378,44 @@ mod tests {
         q.commit_with_header(&mut pool, &[0x82, 0], 0);
         assert!(q.is_empty());
         assert_eq!(pool.outstanding, 0);
+    }
+
+    #[test]
+    fn lent_chunk_is_appended_after_queued_bytes_without_moving() {
+        let mut pool = BufPool::new(64, 4);
+        let mut q = ByteQueue::new();
+        q.push(&mut pool, b"pong");
+        let queued = q.front().as_ptr();
+        let mut lent = pool.lend(10).unwrap();
+        assert_eq!(lent.room().len(), 54);
+        lent.room()[..5].copy_from_slice(b"hello");
+        let p = lent.room().as_ptr();
+        // Queued while the chunk is lent (a pong during a receive).
+        q.push(&mut pool, b"!");
+        assert_eq!(pool.outstanding, 2);
+        q.append_with_header(&mut pool, lent, &[0x82, 5], 5);
+        assert_eq!(q.len(), 4 + 1 + 7);
+        assert_eq!(q.front().as_ptr(), queued, "queued bytes moved");
+        assert_eq!(q.front(), b"pong!");
+        q.consume(&mut pool, 5);
+        assert_eq!(q.front(), b"\x82\x05hello");
+        assert!(payload_starts_at(q.front(), p));
+        // Later pushes go after the frame, in its chunk's spare room.
+        q.push(&mut pool, b"x");
+        assert_eq!(q.front(), b"\x82\x05hellox");
+        q.consume(&mut pool, 8);
+        assert_eq!(pool.outstanding, 0);
+        // Nothing received, or no headroom for the header: the chunk goes back.
+        let lent = pool.lend(10).unwrap();
+        q.append_with_header(&mut pool, lent, &[0x82, 0], 0);
+        let lent = pool.lend(1).unwrap();
+        q.append_with_header(&mut pool, lent, &[0x82, 5], 5);
+        assert!(q.is_empty());
+        assert_eq!(pool.outstanding, 0);
+        let lent = pool.lend(3).unwrap();
+        pool.give_back(lent);
+        assert_eq!(pool.outstanding, 0);
+        assert!(pool.lend(64).is_none(), "no room after the headroom");
     }
 
     /// Whether the payload (after the 2-byte header) still starts at `p`.

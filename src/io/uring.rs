@@ -6,6 +6,16 @@
 //!   the kernel from a provided buffer ring: an idle session holds no receive
 //!   buffer at all. A buffer is handed back to the ring as soon as its bytes
 //!   were given to the session.
+//! - Bulk downstream (`Session::bulk_recv_wanted`: a plain binary session
+//!   whose last backend read brought at least `splice_min_bytes`): the
+//!   multishot recv is cancelled and the backend is read by single-shot
+//!   recvs straight into a frame chunk the session lends
+//!   (`Session::backend_bulk_buf`), behind room for the frame header, so
+//!   the browser send goes from the received bytes without a copy. These
+//!   recvs carry MSG_DONTWAIT: they complete at once, with bytes or
+//!   EAGAIN, and never wait in the kernel holding the chunk; on EAGAIN a
+//!   one-shot poll (which holds nothing) waits for the next bytes. So an
+//!   idle session holds no chunk. A short read goes back to multishot.
 //! - One send in flight per leg, straight from the session's queue (whose
 //!   bytes never move while queued, see `dataplane::buffer`).
 //! - Backpressure: when the session stops wanting a leg's bytes, the
@@ -50,6 +60,10 @@ const OP_BACKEND_RECV: u64 = 5;
 const OP_BACKEND_SEND: u64 = 6;
 const OP_CANCEL: u64 = 7;
 const OP_WAKE: u64 = 8;
+/// Single-shot MSG_DONTWAIT recv into the session's lent frame chunk.
+const OP_BACKEND_BULK: u64 = 9;
+/// One-shot POLLIN on the backend while in bulk mode with nothing to read.
+const OP_BACKEND_POLL: u64 = 10;
 const LISTENER_SLOT: u64 = 0xffff_ffff;
 const WAKE_SLOT: u64 = 0xffff_fffe;
 /// Dedicated listeners' slots start here (session slots are far below).
@@ -74,6 +88,8 @@ pub fn probe() -> io::Result<()> {
         (opcode::AcceptMulti::CODE, "accept"),
         (opcode::RecvMulti::CODE, "recv"),
         (opcode::Send::CODE, "send"),
+        (opcode::Recv::CODE, "recv (single-shot)"),
+        (opcode::PollAdd::CODE, "poll_add"),
         (opcode::Connect::CODE, "connect"),
         (opcode::AsyncCancel::CODE, "async_cancel"),
     ] {
@@ -276,8 +292,16 @@ struct Conn {
     b_recv: bool,
     b_recv_cancel: bool,
     b_send: bool,
+    /// A backend recv is in flight: the multishot one, or (with `k_bulk`)
+    /// a single-shot bulk recv into the session's lent chunk.
     k_recv: bool,
     k_recv_cancel: bool,
+    k_bulk: bool,
+    /// Bulk mode: a POLLIN poll on the backend is in flight.
+    k_poll: bool,
+    /// Bulk mode: the last bulk recv found nothing (EAGAIN); poll before
+    /// the next one.
+    k_drained: bool,
     k_send: bool,
     k_connecting: bool,
     k_connect_cancel: bool,
@@ -322,7 +346,10 @@ impl Worker {
         loop {
             // SAFETY: every entry built in this module points only at memory
             // that outlives the operation: session queue bytes that stay put
-            // until the send completes, the boxed Conn's sockaddr, or nothing.
+            // until the send completes, the chunk a session lends a bulk recv
+            // (heap bytes that do not move, returned to the pool only on that
+            // recv's completion; the slot, and so the session, is freed only
+            // with nothing in flight), the boxed Conn's sockaddr, or nothing.
             let pushed = unsafe { self.ring.submission().push(&e) };
             if pushed.is_ok() {
                 return Ok(());
@@ -763,7 +790,7 @@ fn complete(
                     if browser {
                         c.s.on_browser_data(ctx, data, now);
                     } else {
-                        c.s.on_backend_data(ctx, data, now);
+                        c.s.on_backend_data_fragment(ctx, data, now);
                     }
                 }
                 if done {
@@ -797,6 +824,36 @@ fn complete(
                     c.s.on_backend_gone(ctx, Some(&e), now);
                 }
             }
+        }
+        OP_BACKEND_BULK => {
+            c.inflight -= 1;
+            c.k_recv = false;
+            c.k_bulk = false;
+            if res > 0 && !c.teardown {
+                c.s.backend_bulk_done(ctx, res as usize, now);
+            } else {
+                // Nothing to queue: the chunk goes back to the pool (the
+                // kernel is done with it: this was its completion).
+                c.s.backend_bulk_done(ctx, 0, now);
+                if res == -libc::EAGAIN {
+                    c.k_drained = true;
+                } else if res == 0 {
+                    c.k_eof = true;
+                    if !c.teardown {
+                        c.s.on_backend_gone(ctx, None, now);
+                    }
+                } else if res < 0 && !c.teardown {
+                    let e = errno_err(res);
+                    c.k_eof = true;
+                    c.s.on_backend_gone(ctx, Some(&e), now);
+                }
+            }
+        }
+        OP_BACKEND_POLL => {
+            // Readable, hung up, failed or cancelled: the next recv tells.
+            c.inflight -= 1;
+            c.k_poll = false;
+            c.k_drained = false;
         }
         OP_BROWSER_SEND | OP_BACKEND_SEND => {
             c.inflight -= 1;
@@ -905,6 +962,9 @@ fn add_conn(
         b_send: false,
         k_recv: false,
         k_recv_cancel: false,
+        k_bulk: false,
+        k_poll: false,
+        k_drained: false,
         k_send: false,
         k_connecting: false,
         k_connect_cancel: false,
@@ -1021,16 +1081,51 @@ fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::R
             }
             let want_k =
                 c.s.want_backend_read(ctx) && !c.k_eof && !c.k_connecting && c.backend.is_some();
-            if want_k && !c.k_recv {
+            let bulk = want_k && c.s.bulk_recv_wanted(ctx);
+            if want_k && !c.k_recv && !c.k_poll {
                 if let Some(k) = c.backend.as_ref() {
-                    let e = opcode::RecvMulti::new(Fd(k.as_raw_fd()), BGID)
-                        .build()
-                        .user_data(ud(s64, OP_BACKEND_RECV));
-                    c.k_recv = true;
-                    c.inflight += 1;
-                    batch.add(e);
+                    let fd = Fd(k.as_raw_fd());
+                    if bulk && c.k_drained {
+                        // Nothing to read: wait for bytes holding no buffer.
+                        let e = opcode::PollAdd::new(fd, libc::POLLIN as u32)
+                            .build()
+                            .user_data(ud(s64, OP_BACKEND_POLL));
+                        c.k_poll = true;
+                        c.inflight += 1;
+                        batch.add(e);
+                    } else if let Some(buf) = bulk.then(|| c.s.backend_bulk_buf(ctx)).flatten() {
+                        // MSG_DONTWAIT: completes at once (bytes or EAGAIN),
+                        // so the lent chunk is never parked in the kernel.
+                        let e = opcode::Recv::new(fd, buf.as_mut_ptr(), buf.len() as u32)
+                            .flags(libc::MSG_DONTWAIT)
+                            .build()
+                            .user_data(ud(s64, OP_BACKEND_BULK));
+                        c.k_recv = true;
+                        c.k_bulk = true;
+                        c.inflight += 1;
+                        batch.add(e);
+                    } else {
+                        let e = opcode::RecvMulti::new(fd, BGID)
+                            .build()
+                            .user_data(ud(s64, OP_BACKEND_RECV));
+                        c.k_recv = true;
+                        c.inflight += 1;
+                        batch.add(e);
+                    }
                 }
-            } else if !want_k && c.k_recv && !c.k_recv_cancel {
+            } else if bulk && c.k_recv && !c.k_bulk && !c.k_recv_cancel {
+                // Bulk bytes are flowing: end the multishot recv; the bulk
+                // recvs start once its last completion arrived (bytes that
+                // complete on it meanwhile take the copying path).
+                let e = opcode::AsyncCancel::new(ud(s64, OP_BACKEND_RECV))
+                    .build()
+                    .user_data(ud(s64, OP_CANCEL));
+                c.k_recv_cancel = true;
+                c.inflight += 1;
+                batch.add(e);
+            } else if !want_k && c.k_recv && !c.k_bulk && !c.k_recv_cancel {
+                // (A bulk recv completes at once; a poll consumes nothing
+                // and is left to fire: neither needs cancelling here.)
                 let e = opcode::AsyncCancel::new(ud(s64, OP_BACKEND_RECV))
                     .build()
                     .user_data(ud(s64, OP_CANCEL));
@@ -1084,6 +1179,56 @@ fn end_backend(c: &mut Conn, slot: u64, batch: &mut Batch) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bulk recv relies on io_uring honouring MSG_DONTWAIT: with nothing
+    /// to read it must complete with EAGAIN at once, never wait in the
+    /// kernel holding the buffer (an idle session holds no chunk).
+    #[test]
+    fn dontwait_recv_completes_at_once() {
+        use std::io::Write;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let mut ring = IoUring::new(8).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let recv = |ring: &mut IoUring, buf: &mut [u8]| -> i32 {
+            let e = opcode::Recv::new(Fd(b.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32)
+                .flags(libc::MSG_DONTWAIT)
+                .build()
+                .user_data(42);
+            // SAFETY: `buf` outlives the operation: we wait for its
+            // completion before returning.
+            unsafe { ring.submission().push(&e).unwrap() };
+            ring.submit_and_wait(1).unwrap();
+            let cqe = ring.completion().next().expect("a completion");
+            assert_eq!(cqe.user_data(), 42);
+            cqe.result()
+        };
+        assert_eq!(recv(&mut ring, &mut buf), -libc::EAGAIN, "nothing to read");
+        a.write_all(b"hello").unwrap();
+        // The bytes may take a moment to reach the receive queue.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let n = loop {
+            let r = recv(&mut ring, &mut buf);
+            if r != -libc::EAGAIN || Instant::now() > deadline {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(n, 5);
+        assert_eq!(&buf[..5], b"hello");
+        // A POLLIN poll completes once bytes are there.
+        a.write_all(b"!").unwrap();
+        let e = opcode::PollAdd::new(Fd(b.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(7);
+        // SAFETY: a poll points at no memory.
+        unsafe { ring.submission().push(&e).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        let cqe = ring.completion().next().expect("a completion");
+        assert_eq!(cqe.user_data(), 7);
+        assert!(cqe.result() & libc::POLLIN as i32 != 0);
+    }
 
     #[test]
     fn provided_buffers_register_and_account_incremental_use() {

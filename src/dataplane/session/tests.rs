@@ -594,3 +594,180 @@ fn splicing_only_for_bulk_plain_binary_relay() {
     drain_browser(&mut s, &mut ctx, now);
     assert!(s.splice_in_limit(&ctx).is_some(), "binary");
 }
+
+/// io_uring bulk receive: a pool chunk lent outside the queue, filled while
+/// earlier frames are still queued and while pongs/pings are queued, then
+/// appended as one frame behind them; nothing lands inside it.
+#[test]
+fn bulk_receive_frames_in_place_behind_queued_frames() {
+    let now = Instant::now();
+    let mut ctx = splice_ctx();
+    let mut s = relaying(&mut ctx, now);
+    assert!(!s.bulk_recv_wanted(&ctx), "no bulk read yet");
+    assert!(s.backend_bulk_buf(&mut ctx).is_none());
+    s.on_backend_data(&mut ctx, &[1u8; 2048], now);
+    // Unlike splicing, a queued frame does not stop a bulk receive.
+    assert!(s.browser_pending_len() > 0);
+    assert!(s.bulk_recv_wanted(&ctx), "bulk read: bulk receive allowed");
+    let room = s.backend_bulk_buf(&mut ctx).expect("a lent chunk");
+    assert_eq!(
+        room.len(),
+        ctx.cfg.limits.recv_buffer_bytes,
+        "one read's worth"
+    );
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    room[..3000].copy_from_slice(&payload);
+    let at = room.as_ptr();
+    assert!(!s.bulk_recv_wanted(&ctx), "one bulk receive at a time");
+    assert!(s.backend_bulk_buf(&mut ctx).is_none());
+    // While the receive is under way: a ping from the browser (its pong is
+    // queued now), part of the first frame goes out.
+    let later = now + Duration::from_millis(5);
+    s.on_browser_data(&mut ctx, &frame(Opcode::Ping, b"p"), later);
+    s.browser_sent(&mut ctx, 3, later);
+    s.backend_bulk_done(&mut ctx, 3000, later);
+    assert_eq!((s.bytes_down, s.bytes_bulk_recv), (2048 + 3000, 3000));
+    assert_eq!(ctx.metrics.bytes_backend_to_browser, 2048 + 3000);
+    assert!(s.bulk_recv_wanted(&ctx), "still bulk (3000 >= 1024)");
+    // The payload was not copied: the frame's bytes are the lent chunk's.
+    let mut sent = 3;
+    let mut out = Vec::new();
+    let mut in_place = false;
+    while s.browser_pending_len() > 0 {
+        let p = s.browser_pending();
+        if p.len() > 4 && p[4..].as_ptr() == at {
+            in_place = true;
+        }
+        out.extend_from_slice(p);
+        let n = p.len();
+        s.browser_sent(&mut ctx, n, later);
+        sent += n;
+    }
+    assert!(in_place, "the frame was copied");
+    // The first 3 bytes (of the first frame's header) went out earlier.
+    let mut all = frame_header_of(2048)[..3].to_vec();
+    all.extend_from_slice(&out);
+    let f = server_frames(&all);
+    assert_eq!(f.len(), 3, "{sent} bytes sent");
+    assert_eq!(f[0], (2, vec![1u8; 2048]));
+    assert_eq!(f[1], (0xA, b"p".to_vec()), "pong before the bulk frame");
+    assert_eq!(f[2], (2, payload));
+    assert!(!ctx.metrics.relay_down_us.0.is_empty(), "latency recorded");
+    // A short bulk read ends bulk mode; nothing received (no data yet,
+    // EOF, error) returns the chunk and keeps it.
+    let _ = s.backend_bulk_buf(&mut ctx).unwrap();
+    s.backend_bulk_done(&mut ctx, 0, later);
+    assert!(s.bulk_recv_wanted(&ctx), "nothing came: still bulk");
+    let _ = s.backend_bulk_buf(&mut ctx).unwrap();
+    s.backend_bulk_done(&mut ctx, 10, later);
+    assert!(s.bulk_recv_wanted(&ctx), "one short read is forgiven");
+    let _ = s.backend_bulk_buf(&mut ctx).unwrap();
+    s.backend_bulk_done(&mut ctx, 2000, later);
+    let _ = s.backend_bulk_buf(&mut ctx).unwrap();
+    s.backend_bulk_done(&mut ctx, 10, later);
+    assert!(s.bulk_recv_wanted(&ctx), "a bulk read in between resets it");
+    let _ = s.backend_bulk_buf(&mut ctx).unwrap();
+    s.backend_bulk_done(&mut ctx, 10, later);
+    assert!(!s.bulk_recv_wanted(&ctx), "two short reads end bulk mode");
+    // Back in bulk mode (a bulk read on the copying path), one short
+    // bulk read is forgiven again.
+    s.on_backend_data(&mut ctx, &[5u8; 1500], later);
+    let _ = s.backend_bulk_buf(&mut ctx).unwrap();
+    s.backend_bulk_done(&mut ctx, 10, later);
+    assert!(s.bulk_recv_wanted(&ctx));
+    drain_browser(&mut s, &mut ctx, later);
+    assert_eq!(ctx.pool.outstanding, 0, "an idle session holds no chunk");
+}
+
+fn frame_header_of(len: usize) -> Vec<u8> {
+    let mut hdr = [0u8; websocket::MAX_SERVER_HEADER_LEN];
+    let n = websocket::write_server_header(&mut hdr, true, Opcode::Binary, len as u64);
+    hdr[..n].to_vec()
+}
+
+/// Backpressure, the session ending mid-receive, and the cases that must
+/// take the copying path.
+#[test]
+fn bulk_receive_bounds_and_ends_cleanly() {
+    let now = Instant::now();
+    let mut ctx = splice_ctx();
+    let mut s = relaying(&mut ctx, now);
+    s.on_backend_data(&mut ctx, &[1u8; 4096], now);
+    // Fill to_browser to its bound with bulk frames nobody sends.
+    let mut guard = 0;
+    while s.bulk_recv_wanted(&ctx) {
+        let room = s.backend_bulk_buf(&mut ctx).unwrap();
+        let n = room.len();
+        assert!(
+            s.browser_pending_len() + n <= ctx.cfg.limits.buffer_bytes + 4096,
+            "a receive may bring more than the bound allows"
+        );
+        s.backend_bulk_done(&mut ctx, n, now);
+        guard += 1;
+        assert!(guard < 100);
+    }
+    assert!(!s.want_backend_read(&ctx), "backpressure");
+    assert!(s.browser_pending_len() >= ctx.cfg.limits.buffer_bytes);
+    drain_browser(&mut s, &mut ctx, now);
+    // The session ends (browser gone) while a receive is in flight: the
+    // chunk stays lent (the kernel may still write it) until the receive
+    // completes; its bytes are then dropped, not queued.
+    let _ = s.backend_bulk_buf(&mut ctx).unwrap();
+    s.on_browser_gone(&mut ctx, None, now);
+    assert!(s.is_done());
+    assert_eq!(ctx.pool.outstanding, 1, "the lent chunk is still out");
+    let down = s.bytes_down;
+    s.backend_bulk_done(&mut ctx, 4096, now);
+    assert_eq!(s.bytes_down, down, "bytes after the end are dropped");
+    assert_eq!(s.browser_pending_len(), 0);
+    s.release(&mut ctx);
+    assert_eq!(ctx.pool.outstanding, 0);
+    // release() returns a chunk still lent (the IO layer calls it only
+    // once nothing is in flight).
+    let mut s = relaying(&mut ctx, now);
+    s.on_backend_data(&mut ctx, &[1u8; 4096], now);
+    drain_browser(&mut s, &mut ctx, now);
+    let _ = s.backend_bulk_buf(&mut ctx).unwrap();
+    s.on_drain(&mut ctx, now);
+    s.release(&mut ctx);
+    assert_eq!(ctx.pool.outstanding, 0);
+
+    // Multishot fragments: one short read alone keeps bulk mode, two in
+    // a row end it; plain reads (epoll) end it at once.
+    let mut s = relaying(&mut ctx, now);
+    s.on_backend_data_fragment(&mut ctx, &[1u8; 1500], now);
+    s.on_backend_data_fragment(&mut ctx, &[1u8; 100], now);
+    assert!(s.bulk_recv_wanted(&ctx), "one fragment ended bulk mode");
+    s.on_backend_data_fragment(&mut ctx, &[1u8; 1500], now);
+    s.on_backend_data_fragment(&mut ctx, &[1u8; 100], now);
+    assert!(s.bulk_recv_wanted(&ctx), "a bulk read in between resets it");
+    s.on_backend_data_fragment(&mut ctx, &[1u8; 100], now);
+    assert!(!s.bulk_recv_wanted(&ctx), "two short reads end bulk mode");
+    s.on_backend_data_fragment(&mut ctx, &[1u8; 100], now);
+    assert!(!s.bulk_recv_wanted(&ctx), "short reads do not start it");
+    s.on_backend_data(&mut ctx, &[1u8; 1500], now);
+    s.on_backend_data(&mut ctx, &[1u8; 100], now);
+    assert!(!s.bulk_recv_wanted(&ctx), "a plain short read ends it");
+    assert_eq!(s.bytes_down, 3 * 1500 + 5 * 100);
+    drain_browser(&mut s, &mut ctx, now);
+    s.release(&mut ctx);
+
+    // Off, base64: copying path.
+    let mut ctx = ctx_with(|c| c.limits.splice_min_bytes = 0);
+    let mut s = relaying(&mut ctx, now);
+    s.on_backend_data(&mut ctx, &[1u8; 4096], now);
+    assert!(!s.bulk_recv_wanted(&ctx), "splice_min_bytes = 0");
+    let mut ctx = splice_ctx();
+    let mut s = Session::new(3, &ctx, now, None, None);
+    s.on_browser_data(
+        &mut ctx,
+        &upgrade_request("Sec-WebSocket-Protocol: base64\r\n"),
+        now,
+    );
+    drain_browser(&mut s, &mut ctx, now);
+    s.take_connect();
+    s.on_backend_connected(&mut ctx, now);
+    s.on_backend_data(&mut ctx, &[1u8; 3000], now);
+    assert!(!s.bulk_recv_wanted(&ctx), "base64");
+    assert!(s.backend_bulk_buf(&mut ctx).is_none());
+}
