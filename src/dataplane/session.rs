@@ -397,6 +397,12 @@ impl Session {
         if let Some(sp) = self.splice.as_mut() {
             sp.before = sp.before.saturating_sub(n);
         }
+        self.note_down_drained(ctx, now);
+        self.advance(ctx, now);
+    }
+
+    /// Downstream fully written: record how long its bytes waited.
+    fn note_down_drained(&mut self, ctx: &mut WorkerCtx, now: Instant) {
         if self.down_queued() == 0 {
             if let Some(t) = self.down_since.take() {
                 ctx.metrics
@@ -404,7 +410,6 @@ impl Session {
                     .record(now.saturating_duration_since(t).as_micros() as u64);
             }
         }
-        self.advance(ctx, now);
     }
 
     /// `n` bytes of [`Session::backend_pending`] were written.
@@ -729,13 +734,7 @@ impl Session {
         if sp.in_pipe == 0 {
             self.splice = None;
         }
-        if self.down_queued() == 0 {
-            if let Some(t) = self.down_since.take() {
-                ctx.metrics
-                    .relay_down_us
-                    .record(now.saturating_duration_since(t).as_micros() as u64);
-            }
-        }
+        self.note_down_drained(ctx, now);
         self.advance(ctx, now);
     }
 

@@ -322,6 +322,30 @@ struct Dedicated {
     closing: bool,
 }
 
+impl Conn {
+    /// A leg reached EOF (`error` None) or failed: mark it and, unless the
+    /// session is already being torn down, tell the session.
+    fn leg_ended(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        browser: bool,
+        error: Option<&io::Error>,
+        now: Instant,
+    ) {
+        if browser {
+            self.b_eof = true;
+            if !self.teardown {
+                self.s.on_browser_gone(ctx, error, now);
+            }
+        } else {
+            self.k_eof = true;
+            if !self.teardown {
+                self.s.on_backend_gone(ctx, error, now);
+            }
+        }
+    }
+}
+
 struct Worker {
     ring: IoUring,
     bufs: ProvidedBufs,
@@ -796,33 +820,16 @@ fn complete(
                 if done {
                     w.bufs.push(bid);
                 }
-            } else if res == 0 {
-                if browser {
-                    c.b_eof = true;
-                    if !c.teardown {
-                        c.s.on_browser_gone(ctx, None, now);
-                    }
-                } else {
-                    c.k_eof = true;
-                    if !c.teardown {
-                        c.s.on_backend_gone(ctx, None, now);
-                    }
-                }
             } else if res == -libc::ENOBUFS || res == -libc::ECANCELED {
                 // Out of provided buffers for a moment, or cancelled for
                 // backpressure: re-armed by `sync` when wanted.
                 if res == -libc::ENOBUFS {
                     ctx.metrics.error("uring_no_buffers");
                 }
-            } else if !c.teardown {
-                let e = errno_err(res);
-                if browser {
-                    c.b_eof = true;
-                    c.s.on_browser_gone(ctx, Some(&e), now);
-                } else {
-                    c.k_eof = true;
-                    c.s.on_backend_gone(ctx, Some(&e), now);
-                }
+            } else {
+                // EOF (0) or an error.
+                let e = (res < 0).then(|| errno_err(res));
+                c.leg_ended(ctx, browser, e.as_ref(), now);
             }
         }
         OP_BACKEND_BULK => {
@@ -837,15 +844,13 @@ fn complete(
                 c.s.backend_bulk_done(ctx, 0, now);
                 if res == -libc::EAGAIN {
                     c.k_drained = true;
-                } else if res == 0 {
-                    c.k_eof = true;
-                    if !c.teardown {
-                        c.s.on_backend_gone(ctx, None, now);
+                } else {
+                    // EOF (0) or an error (a positive count lands here
+                    // only during teardown, and then ends nothing).
+                    let e = (res < 0).then(|| errno_err(res));
+                    if res <= 0 {
+                        c.leg_ended(ctx, false, e.as_ref(), now);
                     }
-                } else if res < 0 && !c.teardown {
-                    let e = errno_err(res);
-                    c.k_eof = true;
-                    c.s.on_backend_gone(ctx, Some(&e), now);
                 }
             }
         }

@@ -567,16 +567,7 @@ fn splicing_only_for_bulk_plain_binary_relay() {
 
     // base64 must be encoded in user space.
     let mut ctx = splice_ctx();
-    let mut s = Session::new(3, &ctx, now, None, None);
-    s.on_browser_data(
-        &mut ctx,
-        &upgrade_request("Sec-WebSocket-Protocol: base64\r\n"),
-        now,
-    );
-    drain_browser(&mut s, &mut ctx, now);
-    s.take_connect();
-    s.on_backend_connected(&mut ctx, now);
-    s.on_backend_data(&mut ctx, &[1u8; 3000], now);
+    let mut s = relaying_base64_after_3000_bytes(&mut ctx, now);
     drain_browser(&mut s, &mut ctx, now);
     assert_eq!(s.splice_in_limit(&ctx), None, "base64");
 
@@ -758,16 +749,22 @@ fn bulk_receive_bounds_and_ends_cleanly() {
     s.on_backend_data(&mut ctx, &[1u8; 4096], now);
     assert!(!s.bulk_recv_wanted(&ctx), "splice_min_bytes = 0");
     let mut ctx = splice_ctx();
-    let mut s = Session::new(3, &ctx, now, None, None);
+    let mut s = relaying_base64_after_3000_bytes(&mut ctx, now);
+    assert!(!s.bulk_recv_wanted(&ctx), "base64");
+    assert!(s.backend_bulk_buf(&mut ctx).is_none());
+}
+
+/// A base64 session in its relay phase that has had 3000 backend bytes.
+fn relaying_base64_after_3000_bytes(ctx: &mut WorkerCtx, now: Instant) -> Session {
+    let mut s = Session::new(3, ctx, now, None, None);
     s.on_browser_data(
-        &mut ctx,
+        ctx,
         &upgrade_request("Sec-WebSocket-Protocol: base64\r\n"),
         now,
     );
-    drain_browser(&mut s, &mut ctx, now);
+    drain_browser(&mut s, ctx, now);
     s.take_connect();
-    s.on_backend_connected(&mut ctx, now);
-    s.on_backend_data(&mut ctx, &[1u8; 3000], now);
-    assert!(!s.bulk_recv_wanted(&ctx), "base64");
-    assert!(s.backend_bulk_buf(&mut ctx).is_none());
+    s.on_backend_connected(ctx, now);
+    s.on_backend_data(ctx, &[1u8; 3000], now);
+    s
 }
