@@ -17,12 +17,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::fs::{self, File};
+use std::fs;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -1713,44 +1711,23 @@ fn novnc_in_chromium_appliance(io: &str) {
     );
     let runs = [("app", &demo), ("none", &v1), ("binary", &v2)];
 
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("novnc-appliance-{io}"));
-    let _ = fs::remove_dir_all(&out_dir);
-    fs::create_dir_all(&out_dir).unwrap();
-    let log_path = out_dir.join("novnc.log");
-    let log = File::create(&log_path).unwrap();
-    let mut cmd = Command::new(&node);
-    cmd.arg(browser_dir().join("novnc.mjs"))
-        .arg("--base")
-        .arg(format!("http://{}", app.console))
-        .arg("--out-dir")
-        .arg(&out_dir)
-        .arg("--runs")
-        .arg(runs.iter().map(|(r, _)| *r).collect::<Vec<_>>().join(","))
-        .arg("--chromium")
-        .arg(CHROMIUM)
-        .arg("--timeout-ms")
-        .arg(STEP_TIMEOUT_MS.to_string());
+    let names: Vec<&str> = runs.iter().map(|(r, _)| *r).collect();
+    let mut extra = Vec::new();
     for (run, s) in &runs {
-        cmd.arg("--ws-path")
-            .arg(format!("{run}={}", s.path.trim_start_matches('/')));
+        extra.push("--ws-path".to_string());
+        extra.push(format!("{run}={}", s.path.trim_start_matches('/')));
     }
-    let child = cmd
-        .current_dir(browser_dir())
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("io={io}: spawn node: {e}"));
-    let mut guard = ScriptGuard(child);
-    let status = wait_child(&mut guard.0, SCRIPT_TIMEOUT);
-    let output = fs::read_to_string(&log_path).unwrap_or_default();
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "io={io}: novnc.mjs still running after {SCRIPT_TIMEOUT:?}; output so far:\n{output}"
-        )
-    });
-    drop(guard);
+    let NovncRun {
+        out_dir,
+        status,
+        output,
+    } = run_novnc(
+        &node,
+        &format!("http://{}", app.console),
+        &format!("novnc-appliance-{io}"),
+        &names,
+        &extra,
+    );
     assert!(
         status.success(),
         "io={io}: novnc.mjs failed ({status}):\n{output}"
@@ -1761,21 +1738,7 @@ fn novnc_in_chromium_appliance(io: &str) {
             output.contains(&format!("ok run={run} ")),
             "io={io}: run {run} not reported ok:\n{output}"
         );
-        let png = out_dir.join(format!("novnc-{run}.png"));
-        let data = fs::read(&png).unwrap_or_else(|e| {
-            panic!(
-                "io={io}: screenshot {} missing ({e}):\n{output}",
-                png.display()
-            )
-        });
-        let (w, h) =
-            png_size(&data).unwrap_or_else(|| panic!("io={io}: {} is not a PNG", png.display()));
-        assert!(
-            w >= 640 && h >= 480 && data.len() > 2_000,
-            "io={io}: screenshot {} looks empty: {w}x{h}, {} bytes",
-            png.display(),
-            data.len()
-        );
+        check_screenshot(&out_dir, run, &output);
         // The appliance saw the browser: the script disconnected after its
         // checks, so the session is closed, having carried the desktop down.
         let rec = app.wait_state(&s.id, "closed", REPORT_TIMEOUT);

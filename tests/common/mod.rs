@@ -15,6 +15,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -75,6 +76,27 @@ pub fn ctx() -> String {
             format!("io={c}: ")
         }
     })
+}
+
+/// Drains a child's piped stdout for its whole life (so it never blocks on
+/// a full pipe) into a shared buffer, and sends each line to the receiver.
+pub fn drain_stdout_lines(child: &mut Child) -> (Arc<Mutex<String>>, mpsc::Receiver<String>) {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel::<String>();
+    let out = child.stdout.take().expect("stdout is piped");
+    let b = buf.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            {
+                let mut b = b.lock().unwrap();
+                b.push_str(&line);
+                b.push('\n');
+            }
+            let _ = tx.send(line);
+        }
+    });
+    (buf, rx)
 }
 
 /// How long a helper waits for a peer to come up before failing.
@@ -504,23 +526,7 @@ impl Proxy {
         // stdout is drained for the whole life of the process (so it never
         // blocks on a full pipe) into a buffer, and each line goes to `rx`
         // until the `listening on` line has been seen.
-        let stdout_buf = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel::<String>();
-        {
-            let out = child.stdout.take().unwrap();
-            let buf = stdout_buf.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    let Ok(line) = line else { break };
-                    {
-                        let mut b = buf.lock().unwrap();
-                        b.push_str(&line);
-                        b.push('\n');
-                    }
-                    let _ = tx.send(line);
-                }
-            });
-        }
+        let (stdout_buf, rx) = drain_stdout_lines(&mut child);
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let found = loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1950,23 +1956,7 @@ impl Appliance {
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
 
-        let stdout_buf = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel::<String>();
-        {
-            let out = child.stdout.take().unwrap();
-            let buf = stdout_buf.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    let Ok(line) = line else { break };
-                    {
-                        let mut b = buf.lock().unwrap();
-                        b.push_str(&line);
-                        b.push('\n');
-                    }
-                    let _ = tx.send(line);
-                }
-            });
-        }
+        let (stdout_buf, rx) = drain_stdout_lines(&mut child);
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let (mut control, mut console, mut public_url) = (None, None, None);
         let mut reported_io = None;
@@ -2354,6 +2344,89 @@ impl Drop for ScriptGuard {
         // Whatever is left of the group (a browser process, say).
         signal_group(pgid, "KILL");
     }
+}
+
+/// What one run of tests/browser/novnc.mjs left: its output directory (a
+/// `novnc-<run>.png` per run), its exit status and its output.
+pub struct NovncRun {
+    pub out_dir: PathBuf,
+    pub status: ExitStatus,
+    pub output: String,
+}
+
+/// Runs novnc.mjs with `node`: noVNC from `base` in headless Chromium, once
+/// per name in `runs` (plus `extra` arguments), screenshots into a fresh
+/// `CARGO_TARGET_TMPDIR/<out_name>`. Panics when the script is still running
+/// after [`SCRIPT_TIMEOUT`]; the script's process group is killed either way.
+pub fn run_novnc(
+    node: &Path,
+    base: &str,
+    out_name: &str,
+    runs: &[&str],
+    extra: &[String],
+) -> NovncRun {
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(out_name);
+    let _ = fs::remove_dir_all(&out_dir);
+    fs::create_dir_all(&out_dir).unwrap();
+    let log_path = out_dir.join("novnc.log");
+    let log = File::create(&log_path).unwrap();
+    let child = Command::new(node)
+        .arg(browser_dir().join("novnc.mjs"))
+        .arg("--base")
+        .arg(base)
+        .arg("--out-dir")
+        .arg(&out_dir)
+        .arg("--runs")
+        .arg(runs.join(","))
+        .arg("--chromium")
+        .arg(CHROMIUM)
+        .arg("--timeout-ms")
+        .arg(STEP_TIMEOUT_MS.to_string())
+        .args(extra)
+        .current_dir(browser_dir())
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}spawn node: {e}", ctx()));
+    let mut guard = ScriptGuard(child);
+    let status = wait_child(&mut guard.0, SCRIPT_TIMEOUT);
+    let output = fs::read_to_string(&log_path).unwrap_or_default();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "{}novnc.mjs still running after {SCRIPT_TIMEOUT:?}; output so far:\n{output}",
+            ctx()
+        )
+    });
+    drop(guard);
+    NovncRun {
+        out_dir,
+        status,
+        output,
+    }
+}
+
+/// The screenshot of run `run` exists and is a real 640×480-or-larger
+/// picture (not a blank page: > 2 000 bytes of PNG).
+pub fn check_screenshot(out_dir: &Path, run: &str, output: &str) {
+    let png = out_dir.join(format!("novnc-{run}.png"));
+    let data = fs::read(&png).unwrap_or_else(|e| {
+        panic!(
+            "{}screenshot {} missing ({e}); output:\n{output}",
+            ctx(),
+            png.display()
+        )
+    });
+    let (w, h) =
+        png_size(&data).unwrap_or_else(|| panic!("{}{} is not a PNG", ctx(), png.display()));
+    assert!(
+        w >= 640 && h >= 480 && data.len() > 2_000,
+        "{}screenshot {} looks empty: {w}x{h}, {} bytes",
+        ctx(),
+        png.display(),
+        data.len()
+    );
 }
 
 /// Width and height from a PNG's IHDR chunk.
