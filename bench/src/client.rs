@@ -351,23 +351,7 @@ mod tests {
     fn awkward_ws_echo(listener: TcpListener, messages: usize) -> std::thread::JoinHandle<usize> {
         std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut req = Vec::new();
-            let mut b = [0u8; 1];
-            while !req.ends_with(b"\r\n\r\n") {
-                s.read_exact(&mut b).unwrap();
-                req.push(b[0]);
-            }
-            let req = String::from_utf8(req).unwrap();
-            let key = req
-                .lines()
-                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-                .unwrap();
-            let resp = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                 Sec-WebSocket-Accept: {}\r\n\r\n",
-                wsproto::accept_for_key(key)
-            );
-            s.write_all(resp.as_bytes()).unwrap();
+            wsproto::answer_upgrade(&mut s);
             let mut pongs = 0;
             for _ in 0..messages {
                 let mut hdr = [0u8; 6];

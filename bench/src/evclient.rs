@@ -787,24 +787,7 @@ mod tests {
             let mut held = Vec::new();
             for i in 0..conns {
                 let (mut s, _) = l.accept().unwrap();
-                let mut req = Vec::new();
-                let mut b = [0u8; 1];
-                while !req.ends_with(b"\r\n\r\n") {
-                    s.read_exact(&mut b).unwrap();
-                    req.push(b[0]);
-                }
-                let req = String::from_utf8(req).unwrap();
-                let key = req
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-                    .unwrap();
-                write!(
-                    s,
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-                     Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                    wsproto::accept_for_key(key)
-                )
-                .unwrap();
+                wsproto::answer_upgrade(&mut s);
                 if close.contains(&i) {
                     drop(s);
                 } else {

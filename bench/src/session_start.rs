@@ -705,21 +705,23 @@ fn measure(
     cell.port_range = Some(format!("{}-{}", app.port_range.0, app.port_range.1));
     cell.appliance_config = Some(app.config_path.display().to_string());
 
+    let warmup_budget = AtomicU64::new(cfg.warmup);
+    let budget = AtomicU64::new(cfg.samples);
+    // One phase's plan: its own sample budget and deadline.
+    let plan = |budget| ClientPlan {
+        control: app.control,
+        console: app.console,
+        token: &app.token,
+        mode,
+        http: cfg.http,
+        io_timeout,
+        deadline: Instant::now() + limit,
+        budget,
+        stop,
+        abort: &abort,
+    };
     if cfg.warmup > 0 {
-        let budget = AtomicU64::new(cfg.warmup);
-        let plan = ClientPlan {
-            control: app.control,
-            console: app.console,
-            token: &app.token,
-            mode,
-            http: cfg.http,
-            io_timeout,
-            deadline: Instant::now() + limit,
-            budget: &budget,
-            stop,
-            abort: &abort,
-        };
-        let w = run_clients(1, &plan)?;
+        let w = run_clients(1, &plan(&warmup_budget))?;
         cell.warmup_completed = w.completed;
         cell.warmup_failed = w.failed;
         if w.completed == 0 {
@@ -731,21 +733,9 @@ fn measure(
         }
     }
 
-    let budget = AtomicU64::new(cfg.samples);
     // A warm-up client that gave up must not stop the measured phase.
     abort.store(false, Ordering::SeqCst);
-    let plan = ClientPlan {
-        control: app.control,
-        console: app.console,
-        token: &app.token,
-        mode,
-        http: cfg.http,
-        io_timeout,
-        deadline: Instant::now() + limit,
-        budget: &budget,
-        stop,
-        abort: &abort,
-    };
+    let plan = plan(&budget);
     let cpu0 = procfs::tree_cpu(pid);
     let t0 = Instant::now();
     let m = run_clients(conc, &plan)?;

@@ -305,17 +305,39 @@ fn down(
             Ok(b.len() as u64)
         }
     };
-    let mut got = count(&mut counter, &leftover)?;
+    let leftover = count(&mut counter, &leftover)?;
+    warm_then_measure(p, start, tx, stop, leftover, |warm| {
+        let n = stream.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err(if warm {
+                "closed during warm-up".into()
+            } else {
+                "closed by the proxy".into()
+            });
+        }
+        count(&mut counter, &buf[..n])
+    })
+}
+
+/// The two phases of a session: `step` (which moves some bytes and says
+/// how many; `true` while warming up) until `p.warmup` bytes, counting
+/// `first` already moved, then report ready, wait for the start, and
+/// `step` until `p.quota` bytes, the time limit or a stop.
+fn warm_then_measure(
+    p: &SessionPlan,
+    start: &Gate,
+    tx: &mpsc::Sender<Msg>,
+    stop: &AtomicBool,
+    first: u64,
+    mut step: impl FnMut(bool) -> Result<u64, String>,
+) -> Result<Option<Msg>, String> {
+    let mut got = first;
     let warm_deadline = Instant::now() + p.time_limit;
     while got < p.warmup {
         if Instant::now() >= warm_deadline || stop.load(Ordering::Relaxed) {
             return Err("warm-up did not finish in time".into());
         }
-        let n = stream.read(&mut buf).map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("closed during warm-up".into());
-        }
-        got += count(&mut counter, &buf[..n])?;
+        got += step(true)?;
     }
     let _ = tx.send(Msg::Ready(got));
     if !start.wait(p.wait_limit) {
@@ -330,11 +352,7 @@ fn down(
             time_limited = true;
             break;
         }
-        let n = stream.read(&mut buf).map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("closed by the proxy".into());
-        }
-        bytes += count(&mut counter, &buf[..n])?;
+        bytes += step(false)?;
     }
     Ok(Some(Msg::Done {
         bytes,
@@ -368,37 +386,12 @@ fn up(
         }
     }
     let per_write = (UP_FRAMES * p.chunk) as u64;
-    let write = |s: &mut TcpStream| s.write_all(&out).map_err(|e| format!("write: {e}"));
-    let mut sent = 0u64;
-    let warm_deadline = Instant::now() + p.time_limit;
-    while sent < p.warmup {
-        if Instant::now() >= warm_deadline || stop.load(Ordering::Relaxed) {
-            return Err("warm-up did not finish in time".into());
-        }
-        write(stream)?;
-        sent += per_write;
-    }
-    let _ = tx.send(Msg::Ready(sent));
-    if !start.wait(p.wait_limit) {
-        return Ok(None);
-    }
-    let t0 = Instant::now();
-    let deadline = t0 + p.time_limit;
-    let mut bytes = 0u64;
-    let mut time_limited = false;
-    while bytes < p.quota {
-        if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
-            time_limited = true;
-            break;
-        }
-        write(stream)?;
-        bytes += per_write;
-    }
-    Ok(Some(Msg::Done {
-        bytes,
-        end: Instant::now(),
-        time_limited,
-    }))
+    warm_then_measure(p, start, tx, stop, 0, |_| {
+        stream
+            .write_all(&out)
+            .map_err(|e| format!("write: {e}"))
+            .map(|()| per_write)
+    })
 }
 
 /// One proxy × direction measurement against a running proxy.

@@ -186,6 +186,31 @@ pub fn accept_for_key(key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(h.finalize())
 }
 
+/// Tests' server side of the upgrade: reads the request head from `s` and
+/// answers `101` with the right accept key.
+#[cfg(test)]
+pub fn answer_upgrade(s: &mut std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut req = Vec::new();
+    let mut b = [0u8; 1];
+    while !req.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        req.push(b[0]);
+    }
+    let req = String::from_utf8(req).unwrap();
+    let key = req
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .unwrap();
+    write!(
+        s,
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        accept_for_key(key)
+    )
+    .unwrap();
+}
+
 /// The HTTP/1.1 upgrade request.
 pub fn upgrade_request(host: &str, path: &str, key: &str, subprotocol: Option<&str>) -> String {
     let mut req = format!(
