@@ -119,9 +119,9 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
     // Ports: restore persisted allocations, reclaim the stale ones.
     let pool = pool_for(&cfg)?;
     let store = PortStore::new(&state_dir.path);
-    match ports::restore_and_reclaim(&pool, &store, |_| false) {
-        Ok(r) => tracing::info!(report = ?r, "port allocations restored"),
-        Err(e) => tracing::warn!(error = %e, "port state not restored; starting empty"),
+    // restore_and_reclaim logs its own report.
+    if let Err(e) = ports::restore_and_reclaim(&pool, &store, |_| false) {
+        tracing::warn!(error = %e, "port state not restored; starting empty");
     }
 
     // Mailboxes between the planes.

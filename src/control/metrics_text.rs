@@ -13,6 +13,9 @@ use serde_json::json;
 use super::registry::State;
 use super::ControlState;
 
+/// Reads one figure of a worker's report.
+type StatFn = fn(&crate::mailbox::WorkerStats) -> u64;
+
 struct Out(String);
 
 impl Out {
@@ -36,6 +39,29 @@ impl Out {
             self.0.push('}');
         }
         let _ = writeln!(self.0, " {v}");
+    }
+    /// One series without labels.
+    fn single(&mut self, name: &str, kind: &str, help: &str, v: impl std::fmt::Display) {
+        self.help(name, kind, help);
+        self.line(name, &[], v);
+    }
+    /// Two series per worker, labelled `worker` and `key` = each part's name.
+    fn per_worker_split(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        stats: &[crate::mailbox::WorkerStats],
+        key: &str,
+        parts: [(&str, StatFn); 2],
+    ) {
+        self.help(name, kind, help);
+        for s in stats {
+            let w = s.worker.to_string();
+            for (label, value) in parts {
+                self.line(name, &[("worker", &w), (key, label)], value(s));
+            }
+        }
     }
     /// One series per worker, labelled `worker`.
     fn per_worker(
@@ -119,24 +145,17 @@ pub fn render(state: &ControlState) -> String {
         &stats,
         |s| s.handshakes_ok,
     );
-    o.help(
+    o.per_worker_split(
         "consolegate_relay_bytes_total",
         "counter",
         "Payload bytes relayed, by direction.",
+        &stats,
+        "direction",
+        [
+            ("browser_to_backend", |s| s.bytes_browser_to_backend),
+            ("backend_to_browser", |s| s.bytes_backend_to_browser),
+        ],
     );
-    for s in &stats {
-        let w = s.worker.to_string();
-        o.line(
-            "consolegate_relay_bytes_total",
-            &[("worker", &w), ("direction", "browser_to_backend")],
-            s.bytes_browser_to_backend,
-        );
-        o.line(
-            "consolegate_relay_bytes_total",
-            &[("worker", &w), ("direction", "backend_to_browser")],
-            s.bytes_backend_to_browser,
-        );
-    }
     o.help(
         "consolegate_errors_total",
         "counter",
@@ -160,55 +179,36 @@ pub fn render(state: &ControlState) -> String {
                 v,
             );
         }
-        o.help(
+        o.single(
             "consolegate_sessions_created_total",
             "counter",
             "Sessions created through the API.",
-        );
-        o.line(
-            "consolegate_sessions_created_total",
-            &[],
             c.sessions_created,
         );
-        o.help(
+        o.single(
             "consolegate_sessions_expired_total",
             "counter",
             "Tickets not used within their TTL.",
-        );
-        o.line(
-            "consolegate_sessions_expired_total",
-            &[],
             c.sessions_expired,
         );
-        o.help(
+        o.single(
             "consolegate_sessions_revoked_total",
             "counter",
             "Sessions deleted through the API.",
-        );
-        o.line(
-            "consolegate_sessions_revoked_total",
-            &[],
             c.sessions_revoked,
         );
     }
-    o.help(
+    o.per_worker_split(
         "consolegate_buffer_chunks",
         "gauge",
         "Worker buffer-pool chunks in use and kept free.",
+        &stats,
+        "state",
+        [
+            ("in_use", |s| s.pool_outstanding as u64),
+            ("free", |s| s.pool_free as u64),
+        ],
     );
-    for s in &stats {
-        let w = s.worker.to_string();
-        o.line(
-            "consolegate_buffer_chunks",
-            &[("worker", &w), ("state", "in_use")],
-            s.pool_outstanding,
-        );
-        o.line(
-            "consolegate_buffer_chunks",
-            &[("worker", &w), ("state", "free")],
-            s.pool_free,
-        );
-    }
     if let Some(p) = &state.ports {
         let ps = p.stats();
         o.help("consolegate_ports", "gauge", "Dedicated-port pool.");
@@ -219,14 +219,10 @@ pub fn render(state: &ControlState) -> String {
             ps.allocated_ports,
         );
         o.line("consolegate_ports", &[("state", "free")], ps.free_ports);
-        o.help(
+        o.single(
             "consolegate_port_utilization_percent",
             "gauge",
             "Dedicated-port pool utilization.",
-        );
-        o.line(
-            "consolegate_port_utilization_percent",
-            &[],
             format!("{:.2}", ps.utilization_percent),
         );
     }
@@ -272,14 +268,10 @@ pub fn render(state: &ControlState) -> String {
             h.len(),
         );
     }
-    o.help(
+    o.single(
         "consolegate_uptime_seconds",
         "gauge",
         "Seconds since start.",
-    );
-    o.line(
-        "consolegate_uptime_seconds",
-        &[],
         now.duration_since(state.started).as_secs(),
     );
     o.0

@@ -1459,14 +1459,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn pixel_formats_convert() {
-        let white = 0xFF_FF_FF;
-        let red = 0xFF_00_00;
-        let rgb565 = PixelFormat {
+    /// 16-bit 5-6-5 true colour, little- or big-endian.
+    fn rgb565_format(big_endian: bool) -> PixelFormat {
+        PixelFormat {
             bits_per_pixel: 16,
             depth: 16,
-            big_endian: false,
+            big_endian,
             true_colour: true,
             red_max: 31,
             green_max: 63,
@@ -1474,7 +1472,14 @@ mod tests {
             red_shift: 11,
             green_shift: 5,
             blue_shift: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn pixel_formats_convert() {
+        let white = 0xFF_FF_FF;
+        let red = 0xFF_00_00;
+        let rgb565 = rgb565_format(false);
         let mut out = Vec::new();
         Converter::new(&rgb565).put_row(&[white, red], &mut out);
         assert_eq!(out, [0xFF, 0xFF, 0x00, 0xF8]);
@@ -1526,18 +1531,7 @@ mod tests {
     fn client_pixel_format_over_the_wire() {
         let server = DemoServer::start(loopback(), cfg(None)).unwrap();
         let (mut c, _) = Client::connect(server.addr(), b"RFB 003.008\n", None);
-        let rgb565be = PixelFormat {
-            bits_per_pixel: 16,
-            depth: 16,
-            big_endian: true,
-            true_colour: true,
-            red_max: 31,
-            green_max: 63,
-            blue_max: 31,
-            red_shift: 11,
-            green_shift: 5,
-            blue_shift: 0,
-        };
+        let rgb565be = rgb565_format(true);
         c.set_pixel_format(&rgb565be);
         c.request(false, 0, 0, 64, 48);
         assert_eq!(c.read_update().len(), 1);
