@@ -1357,6 +1357,42 @@ mod tests {
         client_got: Vec<u8>,
     }
 
+    /// Passes `data` from one side (the backend when `from_backend`)
+    /// through `hs`, or straight across once the handshake is done; what
+    /// reaches the other side is recorded in `got` and given to `deliver`.
+    fn pass(
+        hs: &mut Handshake,
+        from_backend: bool,
+        data: &[u8],
+        got: &mut Vec<u8>,
+        deliver: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), RfbError> {
+        let mut forward = |b: &[u8]| {
+            got.extend_from_slice(b);
+            deliver(b);
+        };
+        if hs.is_done() {
+            forward(data);
+            return Ok(());
+        }
+        let used = if from_backend {
+            hs.on_backend(data)?
+        } else {
+            hs.on_browser(data)?
+        };
+        let out = if from_backend {
+            hs.take_to_browser()
+        } else {
+            hs.take_to_backend()
+        };
+        forward(&out);
+        if used < data.len() {
+            assert!(hs.is_done());
+            forward(&data[used..]);
+        }
+        Ok(())
+    }
+
     /// Moves bytes between the mocks through `hs` (and, once done, directly:
     /// the relay) until nothing moves.
     fn drive(
@@ -1376,64 +1412,25 @@ mod tests {
             let backend_first = s.backend_first[step % s.backend_first.len()];
             for phase in 0..2 {
                 let backend_turn = (phase == 0) == backend_first;
-                if backend_turn {
-                    let avail = server.out.len() - sent_s;
-                    if avail > 0 {
-                        let n = avail.min(chunk);
-                        let data = server.out[sent_s..sent_s + n].to_vec();
-                        sent_s += n;
-                        progress = true;
-                        if hs.is_done() {
-                            client_got.extend_from_slice(&data);
-                            client.recv(&data);
-                        } else {
-                            match hs.on_backend(&data) {
-                                Ok(used) => {
-                                    let out = hs.take_to_browser();
-                                    client_got.extend_from_slice(&out);
-                                    client.recv(&out);
-                                    if used < data.len() {
-                                        assert!(hs.is_done());
-                                        client_got.extend_from_slice(&data[used..]);
-                                        client.recv(&data[used..]);
-                                    }
-                                }
-                                Err(e) => {
-                                    result = Err(e);
-                                    break 'outer;
-                                }
-                            }
-                        }
-                    }
+                let step = if backend_turn {
+                    let n = (server.out.len() - sent_s).min(chunk);
+                    let data = server.out[sent_s..sent_s + n].to_vec();
+                    sent_s += n;
+                    (n > 0).then(|| pass(hs, true, &data, &mut client_got, &mut |b| client.recv(b)))
                 } else {
-                    let avail = client.out.len() - sent_c;
-                    if avail > 0 {
-                        let n = avail.min(chunk);
-                        let data = client.out[sent_c..sent_c + n].to_vec();
-                        sent_c += n;
-                        progress = true;
-                        if hs.is_done() {
-                            server_got.extend_from_slice(&data);
-                            server.recv(&data);
-                        } else {
-                            match hs.on_browser(&data) {
-                                Ok(used) => {
-                                    let out = hs.take_to_backend();
-                                    server_got.extend_from_slice(&out);
-                                    server.recv(&out);
-                                    if used < data.len() {
-                                        assert!(hs.is_done());
-                                        server_got.extend_from_slice(&data[used..]);
-                                        server.recv(&data[used..]);
-                                    }
-                                }
-                                Err(e) => {
-                                    result = Err(e);
-                                    break 'outer;
-                                }
-                            }
-                        }
+                    let n = (client.out.len() - sent_c).min(chunk);
+                    let data = client.out[sent_c..sent_c + n].to_vec();
+                    sent_c += n;
+                    (n > 0)
+                        .then(|| pass(hs, false, &data, &mut server_got, &mut |b| server.recv(b)))
+                };
+                match step {
+                    Some(Err(e)) => {
+                        result = Err(e);
+                        break 'outer;
                     }
+                    Some(Ok(())) => progress = true,
+                    None => {}
                 }
                 // Outputs produced by the other side's input.
                 let out = hs.take_to_backend();
