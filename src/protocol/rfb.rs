@@ -466,17 +466,7 @@ impl Handshake {
     /// failure to the browser in RFB terms), then close both sides; further
     /// calls return the same error.
     pub fn on_backend(&mut self, data: &[u8]) -> Result<usize, RfbError> {
-        if let Some(e) = &self.failed {
-            return Err(e.clone());
-        }
-        if self.done {
-            return Ok(0);
-        }
-        let result = self.backend_input(data);
-        if let Err(e) = &result {
-            self.fail(e);
-        }
-        result
+        self.guarded(|h| h.backend_input(data))
     }
 
     /// Bytes received from the browser. Returns how many were consumed, with
@@ -484,13 +474,22 @@ impl Handshake {
     /// in the call that completes the handshake are relay bytes for the
     /// backend (send them after [`take_to_backend`](Self::take_to_backend)).
     pub fn on_browser(&mut self, data: &[u8]) -> Result<usize, RfbError> {
+        self.guarded(|h| h.browser_input(data))
+    }
+
+    /// One input step: the stored error after a failure, nothing once
+    /// done, else `step`, whose error is stored (and the browser told).
+    fn guarded(
+        &mut self,
+        step: impl FnOnce(&mut Self) -> Result<usize, RfbError>,
+    ) -> Result<usize, RfbError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
         if self.done {
             return Ok(0);
         }
-        let result = self.browser_input(data);
+        let result = step(self);
         if let Err(e) = &result {
             self.fail(e);
         }
