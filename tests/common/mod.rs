@@ -475,15 +475,90 @@ pub fn consolegate_bin() -> PathBuf {
 
 /// A running `consolegate proxy`. Killed on drop; its stderr and stdout are
 /// printed when the test is failing.
-pub struct Proxy {
+/// A consolegate process a test started (`Proxy`, `Appliance`): its exit
+/// status once seen, its stdout (drained for its whole life), its stderr
+/// log. Killed and reaped on drop if still running.
+pub struct Spawned {
     child: Child,
+    exit: Option<ExitStatus>,
+    stdout: Arc<Mutex<String>>,
+    stderr_path: PathBuf,
+}
+
+impl Spawned {
+    fn new(child: Child, stdout: Arc<Mutex<String>>, stderr_path: PathBuf) -> Spawned {
+        Spawned {
+            child,
+            exit: None,
+            stdout,
+            stderr_path,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn sigterm(&self) {
+        assert!(
+            send_signal(self.pid(), "TERM"),
+            "{}kill -TERM failed",
+            ctx()
+        );
+    }
+
+    /// SIGKILL (a crash) and reap.
+    pub fn kill9(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            self.exit = self.child.wait().ok();
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = wait_child(&mut self.child, timeout);
+        }
+        self.exit
+    }
+
+    /// `None` while running.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr_tail(64 * 1024)
+    }
+
+    fn stderr_tail(&self, max: usize) -> String {
+        tail_of_file(&self.stderr_path, max)
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub struct Proxy {
+    process: Spawned,
     pub addr: SocketAddr,
     pub io: String,
     /// The `listening on ...` line, as printed.
     pub listening_line: String,
-    stdout: Arc<Mutex<String>>,
-    stderr_path: PathBuf,
-    exit: Option<ExitStatus>,
     args: Vec<String>,
     _dir: tempfile::TempDir,
 }
@@ -563,13 +638,10 @@ impl Proxy {
                     }
                 }
                 Ok(Proxy {
-                    child,
+                    process: Spawned::new(child, stdout_buf, stderr_path),
                     addr,
                     io: io.to_string(),
                     listening_line: line,
-                    stdout: stdout_buf,
-                    stderr_path,
-                    exit: None,
                     args,
                     _dir: dir,
                 })
@@ -587,10 +659,6 @@ impl Proxy {
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
@@ -598,30 +666,6 @@ impl Proxy {
     /// `ws://127.0.0.1:PORT` + `path`.
     pub fn ws_url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
-    }
-
-    pub fn sigterm(&self) {
-        assert!(
-            send_signal(self.pid(), "TERM"),
-            "io={}: kill -TERM failed",
-            self.io
-        );
-    }
-
-    /// Waits up to `timeout` for the process to exit.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            self.exit = wait_child(&mut self.child, timeout);
-        }
-        self.exit
-    }
-
-    /// `None` while running.
-    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            self.exit = self.child.try_wait().ok().flatten();
-        }
-        self.exit
     }
 
     pub fn rss_bytes(&self) -> u64 {
@@ -632,14 +676,6 @@ impl Proxy {
         pss_bytes(self.pid()).expect("read Pss of the proxy")
     }
 
-    pub fn stderr(&self) -> String {
-        tail_of_file(&self.stderr_path, 64 * 1024)
-    }
-
-    pub fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-
     /// Everything useful for a failure message.
     pub fn diagnostics(&self) -> String {
         format!(
@@ -648,17 +684,26 @@ impl Proxy {
             self.io,
             self.addr,
             self.stdout(),
-            tail_of_file(&self.stderr_path, 16 * 1024)
+            self.stderr_tail(16 * 1024)
         )
+    }
+}
+
+impl std::ops::Deref for Proxy {
+    type Target = Spawned;
+    fn deref(&self) -> &Spawned {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Proxy {
+    fn deref_mut(&mut self) -> &mut Spawned {
+        &mut self.process
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        if self.exit.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
         if thread::panicking() {
             eprintln!("{}", self.diagnostics());
         }
@@ -1891,7 +1936,7 @@ impl CreatedSession {
 /// A running `consolegate run --config FILE`. Killed (SIGKILL) on drop
 /// unless it has exited; its output is printed when the test is failing.
 pub struct Appliance {
-    child: Child,
+    process: Spawned,
     pub io: String,
     /// The control API (`control listening on ...`).
     pub control: SocketAddr,
@@ -1902,9 +1947,6 @@ pub struct Appliance {
     pub port_range: (u16, u16),
     pub state_dir: PathBuf,
     pub config_path: PathBuf,
-    stdout: Arc<Mutex<String>>,
-    stderr_path: PathBuf,
-    exit: Option<ExitStatus>,
     dir: tempfile::TempDir,
 }
 
@@ -2016,7 +2058,7 @@ impl Appliance {
             }
         }
         Ok(Appliance {
-            child,
+            process: Spawned::new(child, stdout_buf, stderr_path),
             io: io.to_string(),
             control: control.unwrap(),
             console: console.unwrap(),
@@ -2024,59 +2066,13 @@ impl Appliance {
             port_range: range,
             state_dir,
             config_path,
-            stdout: stdout_buf,
-            stderr_path,
-            exit: None,
             dir,
         })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// The appliance's temp directory (config, logs, default state dir).
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    pub fn sigterm(&self) {
-        assert!(
-            send_signal(self.pid(), "TERM"),
-            "io={}: kill -TERM failed",
-            self.io
-        );
-    }
-
-    /// SIGKILL (a crash) and reap.
-    pub fn kill9(&mut self) {
-        if self.exit.is_none() {
-            let _ = self.child.kill();
-            self.exit = self.child.wait().ok();
-        }
-    }
-
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            self.exit = wait_child(&mut self.child, timeout);
-        }
-        self.exit
-    }
-
-    /// `None` while running.
-    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            self.exit = self.child.try_wait().ok().flatten();
-        }
-        self.exit
-    }
-
-    pub fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    pub fn stderr(&self) -> String {
-        tail_of_file(&self.stderr_path, 64 * 1024)
     }
 
     pub fn diagnostics(&self) -> String {
@@ -2089,7 +2085,7 @@ impl Appliance {
             self.port_range.1,
             fs::read_to_string(&self.config_path).unwrap_or_default(),
             self.stdout(),
-            tail_of_file(&self.stderr_path, 16 * 1024)
+            self.stderr_tail(16 * 1024)
         )
     }
 
@@ -2233,12 +2229,21 @@ impl Appliance {
     }
 }
 
+impl std::ops::Deref for Appliance {
+    type Target = Spawned;
+    fn deref(&self) -> &Spawned {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Appliance {
+    fn deref_mut(&mut self) -> &mut Spawned {
+        &mut self.process
+    }
+}
+
 impl Drop for Appliance {
     fn drop(&mut self) {
-        if self.exit.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
         if thread::panicking() {
             eprintln!("{}", self.diagnostics());
         }
