@@ -475,6 +475,34 @@ pub fn consolegate_bin() -> PathBuf {
 
 /// A running `consolegate proxy`. Killed on drop; its stderr and stdout are
 /// printed when the test is failing.
+/// A peer type holding a `process: Spawned` reads as that process (pid,
+/// signals, exit, logs) and prints its `diagnostics()` when dropped during a
+/// failing test.
+macro_rules! spawned_peer {
+    ($t:ty) => {
+        impl std::ops::Deref for $t {
+            type Target = Spawned;
+            fn deref(&self) -> &Spawned {
+                &self.process
+            }
+        }
+
+        impl std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut Spawned {
+                &mut self.process
+            }
+        }
+
+        impl Drop for $t {
+            fn drop(&mut self) {
+                if thread::panicking() {
+                    eprintln!("{}", self.diagnostics());
+                }
+            }
+        }
+    };
+}
+
 /// A consolegate process a test started (`Proxy`, `Appliance`): its exit
 /// status once seen, its stdout (drained for its whole life), its stderr
 /// log. Killed and reaped on drop if still running.
@@ -689,26 +717,7 @@ impl Proxy {
     }
 }
 
-impl std::ops::Deref for Proxy {
-    type Target = Spawned;
-    fn deref(&self) -> &Spawned {
-        &self.process
-    }
-}
-
-impl std::ops::DerefMut for Proxy {
-    fn deref_mut(&mut self) -> &mut Spawned {
-        &mut self.process
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!("{}", self.diagnostics());
-        }
-    }
-}
+spawned_peer!(Proxy);
 
 /// `listening on 127.0.0.1:43567 (io=uring, workers=2)` → the address.
 pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
@@ -723,10 +732,20 @@ pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
 /// Runs the binary with `args` to completion (bounded by `timeout`, killed
 /// past it) and returns (status, stdout, stderr).
 pub fn run_cli(args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
+    run_cli_with(Command::new(consolegate_bin()), args, timeout)
+}
+
+/// Runs `cmd` with `args` to completion, stdout and stderr to files; killed
+/// (and the test failed) past `timeout`.
+fn run_cli_with(
+    mut cmd: Command,
+    args: &[&str],
+    timeout: Duration,
+) -> (ExitStatus, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("stdout");
     let err_path = dir.path().join("stderr");
-    let mut child = Command::new(consolegate_bin())
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(File::create(&out_path).unwrap())
@@ -739,7 +758,8 @@ pub fn run_cli(args: &[&str], timeout: Duration) -> (ExitStatus, String, String)
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "consolegate {} did not exit within {timeout:?}; stderr:\n{}",
+                "{}consolegate {} did not exit within {timeout:?}; stderr:\n{}",
+                ctx(),
                 args.join(" "),
                 tail_of_file(&err_path, 8000)
             );
@@ -2229,26 +2249,7 @@ impl Appliance {
     }
 }
 
-impl std::ops::Deref for Appliance {
-    type Target = Spawned;
-    fn deref(&self) -> &Spawned {
-        &self.process
-    }
-}
-
-impl std::ops::DerefMut for Appliance {
-    fn deref_mut(&mut self) -> &mut Spawned {
-        &mut self.process
-    }
-}
-
-impl Drop for Appliance {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!("{}", self.diagnostics());
-        }
-    }
-}
+spawned_peer!(Appliance);
 
 /// Like [`run_cli`], with a scrubbed environment (no `CONSOLEGATE_*` of
 /// ours) plus `env`.
@@ -2257,38 +2258,13 @@ pub fn run_cli_env(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> (ExitStatus, String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let out_path = dir.path().join("stdout");
-    let err_path = dir.path().join("stderr");
     let mut cmd = Command::new(consolegate_bin());
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path).unwrap())
-        .stderr(File::create(&err_path).unwrap());
     scrub_consolegate_env(&mut cmd);
     cmd.env("NO_COLOR", "1");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn consolegate");
-    let status = match wait_child(&mut child, timeout) {
-        Some(s) => s,
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{}consolegate {} did not exit within {timeout:?}; stderr:\n{}",
-                ctx(),
-                args.join(" "),
-                tail_of_file(&err_path, 8000)
-            );
-        }
-    };
-    (
-        status,
-        fs::read_to_string(&out_path).unwrap_or_default(),
-        fs::read_to_string(&err_path).unwrap_or_default(),
-    )
+    run_cli_with(cmd, args, timeout)
 }
 
 // ---------------------------------------------------------------------------
