@@ -21,6 +21,7 @@ use crate::handshakes::{self, HandshakeConfig, HandshakeReport};
 use crate::latency::{self, LatencyConfig, Report as LatencyReport};
 use crate::memory::{self, MemoryConfig, MemoryReport};
 use crate::proxy::ProxyKind;
+use crate::report::RunInfo;
 use crate::report::{self, Machine};
 use crate::session_start::{self, SessionStartConfig, SessionStartReport};
 use crate::throughput::{self, Direction, ThroughputConfig, ThroughputReport};
@@ -60,13 +61,10 @@ pub struct Target {
 
 #[derive(Debug, Serialize)]
 pub struct AllReport {
-    pub benchmark: &'static str,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub schema_version: u32,
-    pub started_at_unix_s: u64,
-    pub finished_at_unix_s: u64,
     pub wall_s: f64,
-    pub interrupted: bool,
-    pub machine: Machine,
     pub machine_at_end: Machine,
     pub tuning: Tuning,
     pub common: Common,
@@ -328,7 +326,7 @@ fn lat_for(r: &AllReport, p: ProxyKind, conc: usize) -> Option<crate::stats::Per
 
 pub fn render_markdown(r: &AllReport) -> String {
     let mut out = String::new();
-    let m = &r.machine;
+    let m = &r.run.machine;
     let _ = writeln!(out, "# consolegate benchmark report\n");
     let _ = writeln!(
         out,
@@ -340,7 +338,7 @@ pub fn render_markdown(r: &AllReport) -> String {
             .map_or("n/a".into(), |p| format!("{p:.1}%")),
         r.machine_at_end.loadavg_at_start,
         r.wall_s,
-        if r.interrupted { " (interrupted: partial)" } else { "" }
+        if r.run.interrupted { " (interrupted: partial)" } else { "" }
     );
     if !r.common.meta.is_empty() {
         let meta: Vec<String> = r
@@ -495,13 +493,9 @@ pub fn run(cfg: AllConfig, tuning: Tuning, stop: Arc<AtomicBool>) -> Result<AllR
         handshakes.as_ref(),
     );
     let report = AllReport {
-        benchmark: "all",
+        run: RunInfo::ended("all", started, &stop, machine),
         schema_version: 1,
-        started_at_unix_s: started,
-        finished_at_unix_s: unix_now(),
         wall_s: t0.elapsed().as_secs_f64(),
-        interrupted: stop.load(Ordering::SeqCst),
-        machine,
         machine_at_end: Machine::describe(),
         tuning,
         common: cfg.common,

@@ -24,6 +24,7 @@ use crate::common::{rotated, unix_now, Common};
 use crate::evclient::{self, Reasons};
 use crate::procfs::{self, SockStat};
 use crate::proxy::{self, ProxyKind, RunningProxy};
+use crate::report::RunInfo;
 use crate::report::{self, Machine};
 use crate::stats::{self, Percentiles};
 
@@ -109,11 +110,8 @@ pub struct Summary {
 
 #[derive(Debug, Serialize)]
 pub struct HandshakeReport {
-    pub benchmark: &'static str,
-    pub started_at_unix_s: u64,
-    pub finished_at_unix_s: u64,
-    pub interrupted: bool,
-    pub machine: Machine,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub config: HandshakeConfig,
     pub median: Vec<Summary>,
     pub measurements: Vec<Measurement>,
@@ -319,11 +317,7 @@ pub fn run(cfg: HandshakeConfig, stop: Arc<AtomicBool>) -> Result<HandshakeRepor
     }
     let median = summarize(&measurements, &proxies);
     let report = HandshakeReport {
-        benchmark: "handshakes",
-        started_at_unix_s: started,
-        finished_at_unix_s: unix_now(),
-        interrupted: stop.load(Ordering::SeqCst),
-        machine,
+        run: RunInfo::ended("handshakes", started, &stop, machine),
         config: cfg,
         median,
         measurements,

@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::common::{unix_now, Common};
 use crate::echo;
 use crate::proxy::{self, ProxyKind};
+use crate::report::RunInfo;
 use crate::report::{self, Machine, Row};
 use crate::stats::{self, Percentiles};
 use crate::svg;
@@ -120,12 +121,9 @@ pub struct Summary {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub benchmark: &'static str,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub schema_version: u32,
-    pub started_at_unix_s: u64,
-    pub finished_at_unix_s: u64,
-    pub interrupted: bool,
-    pub machine: Machine,
     pub config: LatencyConfig,
     pub histogram_unit: &'static str,
     /// Median of each figure across runs (figures of failed runs left out).
@@ -390,12 +388,8 @@ pub fn run(cfg: LatencyConfig, stop: Arc<AtomicBool>) -> Result<Report> {
         Some("latency.svg".to_string())
     };
     let report = Report {
-        benchmark: "latency",
+        run: RunInfo::ended("latency", started, &stop, machine),
         schema_version: 2,
-        started_at_unix_s: started,
-        finished_at_unix_s: unix_now(),
-        interrupted: stop.load(Ordering::SeqCst),
-        machine,
         config: cfg,
         histogram_unit: "microseconds",
         median,
@@ -476,9 +470,10 @@ pub fn render_text(r: &Report) -> String {
         c.warmup_round_trips,
         c.round_trips,
         c.time_limit_ms,
-        r.machine.one_line(),
-        r.machine.loadavg_at_start,
-        r.machine
+        r.run.machine.one_line(),
+        r.run.machine.loadavg_at_start,
+        r.run
+            .machine
             .cpu_pressure_some_avg60_at_start
             .map_or_else(|| "n/a".to_string(), |p| format!("{p:.1}%")),
     );
@@ -500,7 +495,7 @@ pub fn render_text(r: &Report) -> String {
             out.push('\n');
         }
     }
-    if r.interrupted {
+    if r.run.interrupted {
         out.push_str("\nInterrupted: the figures above are partial.\n");
     }
     if !c.common.meta.is_empty() {

@@ -557,7 +557,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let c = common.common()?;
             prepare_host(&host, &c)?;
             let report = latency::run(opts.config(&common.proxies, &c), stop)?;
-            if report.interrupted {
+            if report.run.interrupted {
                 return Ok(exit_code(true));
             }
             // Without the baseline no added latency exists: that is a failed run.
@@ -575,25 +575,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let c = common.common()?;
             prepare_host(&host, &c)?;
             let r = throughput::run(opts.config(&common.proxies, &c), stop)?;
-            Ok(exit_code(r.interrupted))
+            Ok(exit_code(r.run.interrupted))
         }
         Command::Memory { common, host, opts } => {
             let c = common.common()?;
             let t = prepare_host(&host, &c)?;
             let r = memory::run(opts.config(&common.proxies, &c), t.capacity, stop)?;
-            Ok(exit_code(r.interrupted))
+            Ok(exit_code(r.run.interrupted))
         }
         Command::Handshakes { common, host, opts } => {
             let c = common.common()?;
             prepare_host(&host, &c)?;
             let r = handshakes::run(opts.config(&common.proxies, &c), stop)?;
-            Ok(exit_code(r.interrupted))
+            Ok(exit_code(r.run.interrupted))
         }
         Command::SessionStart { common, host, opts } => {
             let c = common.common()?;
             prepare_host(&host, &c)?;
             let r = session_start::run(opts.config(&common.proxies, &c), stop)?;
-            if r.interrupted {
+            if r.run.interrupted {
                 return Ok(exit_code(true));
             }
             if r.cells.iter().all(|c| !c.ok) {
@@ -625,7 +625,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 common: c,
             };
             let r = all::run(cfg, t, stop)?;
-            Ok(exit_code(r.interrupted))
+            Ok(exit_code(r.run.interrupted))
         }
         Command::RelayServer { .. } | Command::SinkServer { .. } => unreachable!("handled above"),
     }

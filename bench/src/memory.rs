@@ -32,6 +32,7 @@ use crate::common::{unix_now, Common};
 use crate::evclient::{IdleClient, OpenStats, ProbeStats, Reasons};
 use crate::procfs::{self, SockStat, TreeMemory};
 use crate::proxy::{self, ProxyKind, RunningProxy};
+use crate::report::RunInfo;
 use crate::report::{self, Machine};
 use crate::tuning::Capacity;
 
@@ -117,11 +118,8 @@ pub struct Cell {
 
 #[derive(Debug, Serialize)]
 pub struct MemoryReport {
-    pub benchmark: &'static str,
-    pub started_at_unix_s: u64,
-    pub finished_at_unix_s: u64,
-    pub interrupted: bool,
-    pub machine: Machine,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub capacity: Capacity,
     pub config: MemoryConfig,
     pub cells: Vec<Cell>,
@@ -425,11 +423,7 @@ pub fn run(cfg: MemoryConfig, capacity: Capacity, stop: Arc<AtomicBool>) -> Resu
     }
     fill_ratios(&mut cells);
     let report = MemoryReport {
-        benchmark: "memory",
-        started_at_unix_s: started,
-        finished_at_unix_s: unix_now(),
-        interrupted: stop.load(Ordering::SeqCst),
-        machine,
+        run: RunInfo::ended("memory", started, &stop, machine),
         capacity,
         config: cfg,
         cells,

@@ -208,6 +208,35 @@ pub fn markdown_table_with(header: &[&str], rows: &[Vec<String>], left: &[usize]
     out
 }
 
+/// What every benchmark report starts with (flattened into its JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    pub benchmark: &'static str,
+    pub started_at_unix_s: u64,
+    pub finished_at_unix_s: u64,
+    pub interrupted: bool,
+    pub machine: Machine,
+}
+
+impl RunInfo {
+    /// A run of `benchmark` on `machine` that started at `started` (unix
+    /// seconds) and ends now, interrupted if `stop` is set.
+    pub fn ended(
+        benchmark: &'static str,
+        started: u64,
+        stop: &std::sync::atomic::AtomicBool,
+        machine: Machine,
+    ) -> RunInfo {
+        RunInfo {
+            benchmark,
+            started_at_unix_s: started,
+            finished_at_unix_s: crate::common::unix_now(),
+            interrupted: stop.load(std::sync::atomic::Ordering::SeqCst),
+            machine,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
     pub cpu_model: String,

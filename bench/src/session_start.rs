@@ -46,6 +46,7 @@ use crate::client::{self, Transport};
 use crate::common::{unix_now, Common};
 use crate::procfs;
 use crate::proxy::ProxyKind;
+use crate::report::RunInfo;
 use crate::report::{self, Machine};
 use crate::rest::{self, CreatedSession, HttpMode, RestClient};
 use crate::stats::Percentiles;
@@ -214,11 +215,8 @@ impl Cell {
 
 #[derive(Debug, Serialize)]
 pub struct SessionStartReport {
-    pub benchmark: &'static str,
-    pub started_at_unix_s: u64,
-    pub finished_at_unix_s: u64,
-    pub interrupted: bool,
-    pub machine: Machine,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub config: SessionStartConfig,
     pub cells: Vec<Cell>,
 }
@@ -929,11 +927,7 @@ pub fn run(cfg: SessionStartConfig, stop: Arc<AtomicBool>) -> Result<SessionStar
         }
     }
     let report = SessionStartReport {
-        benchmark: "session-start",
-        started_at_unix_s: started,
-        finished_at_unix_s: unix_now(),
-        interrupted: stop.load(Ordering::SeqCst),
-        machine,
+        run: RunInfo::ended("session-start", started, &stop, machine),
         config: cfg,
         cells,
     };
@@ -1201,11 +1195,13 @@ mod tests {
             meta: BTreeMap::new(),
         };
         let r = SessionStartReport {
-            benchmark: "session-start",
-            started_at_unix_s: 0,
-            finished_at_unix_s: 0,
-            interrupted: false,
-            machine: Machine::describe(),
+            run: RunInfo {
+                benchmark: "session-start",
+                started_at_unix_s: 0,
+                finished_at_unix_s: 0,
+                interrupted: false,
+                machine: Machine::describe(),
+            },
             config: SessionStartConfig {
                 proxies: vec![ProxyKind::ConsolegateEpoll],
                 modes: vec![PortMode::Shared],

@@ -32,6 +32,7 @@ use crate::client::{self, Transport};
 use crate::common::{rotated, unix_now, Common};
 use crate::procfs;
 use crate::proxy::{self, ProxyKind, RunningProxy};
+use crate::report::RunInfo;
 use crate::report::{self, Machine};
 use crate::server::{ThreadServer, Tracker};
 use crate::stats;
@@ -142,11 +143,8 @@ pub struct Summary {
 
 #[derive(Debug, Serialize)]
 pub struct ThroughputReport {
-    pub benchmark: &'static str,
-    pub started_at_unix_s: u64,
-    pub finished_at_unix_s: u64,
-    pub interrupted: bool,
-    pub machine: Machine,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub config: ThroughputConfig,
     pub median: Vec<Summary>,
     pub measurements: Vec<Measurement>,
@@ -698,11 +696,7 @@ pub fn run(cfg: ThroughputConfig, stop: Arc<AtomicBool>) -> Result<ThroughputRep
     backends.sink.stop();
     let median = summarize(&measurements, &proxies, &cfg.directions);
     let report = ThroughputReport {
-        benchmark: "throughput",
-        started_at_unix_s: started,
-        finished_at_unix_s: unix_now(),
-        interrupted: stop.load(Ordering::SeqCst),
-        machine,
+        run: RunInfo::ended("throughput", started, &stop, machine),
         config: cfg,
         median,
         measurements,
