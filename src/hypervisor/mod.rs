@@ -1,7 +1,9 @@
 //! Hypervisor backends: where console targets come from. Today the built-in
-//! demo VNC server (so the appliance works with no hypervisor); vSphere,
-//! QMP and static targets come with their issues.
+//! demo VNC server (so the appliance works with no hypervisor) and the
+//! shared vocabulary ([`model`]) that the vSphere, QEMU and static backends
+//! implement.
 //!
 //! Nothing here runs on a data-plane worker.
 
 pub mod demo;
+pub mod model;
