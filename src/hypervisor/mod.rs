@@ -7,3 +7,4 @@
 
 pub mod demo;
 pub mod model;
+pub mod thumbnail;
