@@ -1005,6 +1005,32 @@ impl Session {
         }
     }
 
+    /// Encrypt `data` for the browser, all of it. rustls takes plaintext
+    /// only while its unsent output is under its buffer limit (64 KiB by
+    /// default) and says so by taking less: a frame larger than that was
+    /// once cut short here (the rest silently dropped, the stream corrupt).
+    /// So: write what it takes, move its records into `to_browser` (whose
+    /// bound the read limits already keep), and go on until all is in.
+    fn write_tls_plaintext(&mut self, ctx: &mut WorkerCtx, mut data: &[u8]) {
+        while !data.is_empty() {
+            let Some(tls) = self.tls.as_mut() else { return };
+            let taken = tls.writer().write(data).unwrap_or(0);
+            data = &data[taken..];
+            self.flush_tls(ctx);
+            if taken == 0 {
+                // With its output just flushed rustls always takes bytes,
+                // unless the connection is closing: the rest cannot be sent.
+                ctx.metrics.error("tls_write");
+                tracing::debug!(
+                    session = self.id,
+                    unsent = data.len(),
+                    "TLS connection takes no more plaintext"
+                );
+                return;
+            }
+        }
+    }
+
     fn flush_tls(&mut self, ctx: &mut WorkerCtx) {
         if let Some(tls) = self.tls.as_mut() {
             let mut w = QueueWriter {
@@ -1396,8 +1422,8 @@ impl Session {
 
     /// Queue plaintext for the browser, through TLS when it is on.
     fn push_browser(&mut self, ctx: &mut WorkerCtx, parts: &[&[u8]]) {
-        match self.tls.as_mut() {
-            Some(tls) => {
+        match self.tls.as_ref() {
+            Some(_) => {
                 // One write per frame so rustls makes one record, not two;
                 // the assembly buffer is the worker's, reused.
                 let mut buf = std::mem::take(&mut ctx.tls_frame);
@@ -1405,9 +1431,8 @@ impl Session {
                 for p in parts {
                     buf.extend_from_slice(p);
                 }
-                let _ = tls.writer().write_all(&buf);
+                self.write_tls_plaintext(ctx, &buf);
                 ctx.tls_frame = buf;
-                self.flush_tls(ctx);
             }
             None => {
                 let total: usize = parts.iter().map(|p| p.len()).sum();

@@ -1861,6 +1861,10 @@ pub struct ApplianceOptions {
     pub limits_toml: String,
     /// Extra `[dataplane]` keys (e.g. `workers = 2`).
     pub dataplane_toml: String,
+    /// `[tls]` on the console port: certificate and key files, plus extra
+    /// `[tls]` keys.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub tls_toml: String,
 }
 
 /// The TOML of a test appliance: loopback listeners on port 0, one admin and
@@ -1903,6 +1907,14 @@ pub fn appliance_config_text(
         t.push_str(&format!("password = {pw:?}\n"));
     }
     t.push_str(&opts.demo_toml);
+    if let Some((cert, key)) = &opts.tls {
+        t.push_str(&format!(
+            "\n\n[tls]\ncert = {:?}\nkey = {:?}\n{}\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+            opts.tls_toml
+        ));
+    }
     t.push_str("\n\n[log]\nlevel = \"info\"\n");
     t
 }
@@ -1931,7 +1943,8 @@ impl CreatedSession {
         let ws_url = s("ws_url");
         let rest = ws_url
             .strip_prefix("ws://")
-            .unwrap_or_else(|| panic!("{}ws_url {ws_url:?} is not ws://", ctx()));
+            .or_else(|| ws_url.strip_prefix("wss://"))
+            .unwrap_or_else(|| panic!("{}ws_url {ws_url:?} is not ws:// or wss://", ctx()));
         let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let addr: SocketAddr = hostport
             .parse()
