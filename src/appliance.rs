@@ -154,7 +154,6 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         proxy,
         Some(ApplianceLink {
             inboxes,
-            senders: senders.clone(),
             events: events_tx,
         }),
     )?;
@@ -182,6 +181,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         data_plane: dp.control(),
         io_backend: dp.backend.name(),
         ports_dirty: std::sync::atomic::AtomicBool::new(false),
+        pending_revokes: Mutex::new(Vec::new()),
     });
     control::persist_ports(&state);
 

@@ -420,9 +420,7 @@ async fn create_session(
     };
     if let Err(e) = sent {
         admission.revoke();
-        for w in &state.workers {
-            let _ = w.send(ToWorker::Revoke { id });
-        }
+        state.send_revoke(id);
         state.registry.lock().map_err(|_| internal())?.rollback(id);
         state.count_error("mailbox_full");
         tracing::warn!(error = %e, "a worker mailbox refused the session");
@@ -654,19 +652,11 @@ async fn delete_session(
                 "no such live session",
             )
         })?;
-    // Every worker may hold the admission; the one with the relay closes it.
-    let mut undelivered = 0;
-    for w in &state.workers {
-        if w.send(ToWorker::Revoke { id }).is_err() {
-            undelivered += 1;
-        }
-    }
-    if undelivered > 0 {
-        // The admission is marked revoked already, so no new connect can
-        // use it; a live relay on a worker with a full mailbox closes when
-        // the worker next purges.
-        state.count_error("revoke_undelivered");
-    }
+    // Every worker may hold the admission; the one with the relay closes it
+    // at once. The admission is marked revoked already, so no new connect
+    // can use it and a live relay closes on its worker's next tick even if
+    // a full mailbox refuses the message (which is then retried).
+    state.send_revoke(id);
     if let Ok(mut c) = state.counters.lock() {
         c.sessions_revoked += 1;
     }

@@ -72,7 +72,16 @@ pub struct ControlState {
     pub io_backend: &'static str,
     /// Port allocations changed since the last save.
     pub ports_dirty: std::sync::atomic::AtomicBool,
+    /// Revoke messages a full mailbox refused, as (worker, session id),
+    /// retried by the sweeper. A revoked console closes on its worker's
+    /// next tick anyway (the admission's shared state); the message only
+    /// makes it immediate. At most [`MAX_PENDING_REVOKES`].
+    pub pending_revokes: Mutex<Vec<(usize, u64)>>,
 }
+
+/// Undelivered revoke messages kept for retry; beyond, the oldest are
+/// dropped (the tick still closes those consoles).
+pub const MAX_PENDING_REVOKES: usize = 65_536;
 
 impl ControlState {
     /// The role a bearer token grants, if any (constant-time comparison).
@@ -89,6 +98,44 @@ impl ControlState {
             }
         }
         found
+    }
+
+    /// Tell every worker to close session `id` now (its admission is
+    /// revoked already); a worker whose mailbox is full gets the message
+    /// again from the sweeper. Returns how many workers it did not reach.
+    pub fn send_revoke(&self, id: u64) -> usize {
+        let mut missed = 0;
+        for (w, tx) in self.workers.iter().enumerate() {
+            if tx.send(ToWorker::Revoke { id }).is_err() {
+                missed += 1;
+                self.count_error("revoke_undelivered");
+                if let Ok(mut p) = self.pending_revokes.lock() {
+                    if p.len() >= MAX_PENDING_REVOKES {
+                        p.remove(0);
+                    }
+                    p.push((w, id));
+                }
+            }
+        }
+        missed
+    }
+
+    /// Retry the revoke messages full mailboxes refused.
+    fn retry_revokes(&self) {
+        let pending = match self.pending_revokes.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return,
+        };
+        let mut still = Vec::new();
+        for (w, id) in pending {
+            if self.workers[w].send(ToWorker::Revoke { id }).is_err() {
+                still.push((w, id));
+            }
+        }
+        if let Ok(mut p) = self.pending_revokes.lock() {
+            still.append(&mut p);
+            *p = still;
+        }
     }
 
     pub fn count_error(&self, kind: &'static str) {
@@ -245,8 +292,14 @@ async fn sweeper(state: Arc<ControlState>) {
     loop {
         tick.tick().await;
         let now = Instant::now();
+        state.retry_revokes();
         let expired = match state.registry.lock() {
-            Ok(mut r) => r.expire(now),
+            Ok(mut r) => {
+                // Reconcile first: a claimed admission whose report is late
+                // is open, not expired.
+                r.reconcile();
+                r.expire(now)
+            }
             Err(_) => Vec::new(),
         };
         if !expired.is_empty() {
@@ -257,9 +310,7 @@ async fn sweeper(state: Arc<ControlState>) {
                 tracing::info!(session = %registry::id_hex(id), "ticket expired unused");
                 // Workers drop expired admissions (and dedicated listeners)
                 // on their own tick; the revoke makes it immediate.
-                for w in &state.workers {
-                    let _ = w.send(ToWorker::Revoke { id });
-                }
+                state.send_revoke(id);
             }
         }
         if now.duration_since(last_cleanup) >= cleanup_every {

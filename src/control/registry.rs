@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::mailbox::{Admission, FromWorker};
+use crate::mailbox::{ticket_state, Admission, FromWorker};
 
 /// Closed sessions kept for `GET` after they end (oldest dropped first).
 pub const CLOSED_RECORDS_KEPT: usize = 1024;
@@ -268,12 +268,49 @@ impl Registry {
         Some(out)
     }
 
-    /// Pending sessions whose ticket expired: marked expired; their ids.
+    /// Bring records in line with their admissions' shared state, whatever
+    /// reports were lost or are late: a claimed admission is an open
+    /// session (its Opened report may not have arrived), a closed one is a
+    /// closed session (its Closed report may never arrive). Returns how many
+    /// records changed.
+    pub fn reconcile(&mut self) -> usize {
+        let mut opened = 0;
+        let mut ended = Vec::new();
+        for r in self.live.values_mut() {
+            let Some(a) = &r.admission else { continue };
+            match a.state() {
+                ticket_state::CLAIMED if r.state == State::Pending => {
+                    r.state = State::Open;
+                    opened += 1;
+                }
+                ticket_state::CLOSED => ended.push(r.id),
+                _ => {}
+            }
+        }
+        for id in &ended {
+            if let Some(mut r) = self.live.remove(id) {
+                self.dec_user(&r.user);
+                r.state = State::Closed;
+                r.close_reason = Some("closed (the worker's report has not arrived)".into());
+                self.push_closed(r);
+            }
+        }
+        opened + ended.len()
+    }
+
+    /// Pending sessions whose ticket expired unused: marked expired; their
+    /// ids. One whose admission was claimed is open, not expired, even when
+    /// its Opened report has not arrived.
     pub fn expire(&mut self, now: Instant) -> Vec<u64> {
         let ids: Vec<u64> = self
             .live
             .values()
             .filter(|r| r.state == State::Pending && now >= r.expires)
+            .filter(|r| {
+                r.admission
+                    .as_ref()
+                    .is_none_or(|a| a.state() == ticket_state::PENDING)
+            })
             .map(|r| r.id)
             .collect();
         for id in &ids {
@@ -332,10 +369,15 @@ impl Registry {
                     r.bytes_backend_to_browser = bytes_down;
                     self.push_closed(r);
                 } else if let Some(r) = self.closed.iter_mut().find(|r| r.id == id) {
-                    // Revoked while live: keep the revoke state, add figures.
+                    // Revoked while live (keep the revoke state), or closed
+                    // by reconcile before this report came: add figures.
                     r.close_code = code;
+                    r.worker = Some(worker);
                     r.bytes_browser_to_backend = bytes_up;
                     r.bytes_backend_to_browser = bytes_down;
+                    if r.state == State::Closed {
+                        r.close_reason = Some(reason);
+                    }
                 }
             }
             FromWorker::Refused { id, .. } => {
@@ -449,5 +491,65 @@ mod tests {
         assert_eq!(r.get(2, now).unwrap().state, State::Revoked);
         assert_eq!(r.live_count(), 0);
         assert!(r.revoke(2).is_none());
+    }
+
+    fn admitted(id: u64, now: Instant) -> (Record, Arc<Admission>) {
+        let a = Arc::new(Admission::new(
+            id,
+            vec![1; 16],
+            crate::mailbox::Target {
+                addr: "127.0.0.1:5900".parse().unwrap(),
+                password: None,
+            },
+            "a".into(),
+            now + Duration::from_secs(60),
+            None,
+            None,
+            None,
+        ));
+        let mut r = rec(id, "a", now);
+        r.admission = Some(a.clone());
+        (r, a)
+    }
+
+    #[test]
+    fn lost_reports_are_reconciled_from_the_admission() {
+        let now = Instant::now();
+        let mut r = Registry::new(10, 1);
+        let (record, a) = admitted(1, now);
+        r.insert(record);
+        // The browser connected but the Opened report was lost: after the
+        // TTL the session must be open, not expired (nor revoked).
+        assert!(a.claim());
+        assert!(r.expire(now + Duration::from_secs(61)).is_empty());
+        assert_eq!(
+            a.state(),
+            ticket_state::CLAIMED,
+            "a live console was revoked"
+        );
+        assert_eq!(r.reconcile(), 1);
+        assert_eq!(r.get(1, now).unwrap().state, State::Open);
+        // The relay ended but the Closed report was lost: the user's slot
+        // must come back.
+        assert!(r.check_capacity("a").is_err());
+        a.close();
+        assert_eq!(r.reconcile(), 1);
+        assert_eq!(r.get(1, now).unwrap().state, State::Closed);
+        r.check_capacity("a").unwrap();
+        // The late report still adds its figures.
+        r.apply(
+            FromWorker::Closed {
+                id: 1,
+                worker: 0,
+                code: Some(1000),
+                reason: "backend closed".into(),
+                bytes_up: 3,
+                bytes_down: 4,
+            },
+            now,
+        );
+        let g = r.get(1, now).unwrap();
+        assert_eq!((g.close_code, g.bytes_backend_to_browser), (Some(1000), 4));
+        assert_eq!(g.close_reason.as_deref(), Some("backend closed"));
     }
 }

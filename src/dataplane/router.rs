@@ -82,19 +82,31 @@ pub struct Route {
     pub admission: Option<Arc<Admission>>,
 }
 
-/// Admitted appliance sessions known to this worker, by id.
+/// How long an admission is kept after it stopped being usable (expired,
+/// revoked, or claimed and past its TTL), so a late or replayed connect
+/// gets the documented answer (410 expired, 403 revoked or used) instead of
+/// 404. Cost: one small entry per session created in this window, bounded
+/// by [`MAX_TOMBSTONES`].
+pub const TOMBSTONE_MS: u64 = 120_000;
+/// Most finished admissions a worker keeps for those answers; beyond, the
+/// oldest are forgotten (and answer 404). About 200 bytes each.
+pub const MAX_TOMBSTONES: usize = 65_536;
+
+/// Admitted appliance sessions known to this worker, by id, and for a
+/// while those that can no longer be used.
 #[derive(Debug, Default)]
 pub struct AdmissionTable {
     map: HashMap<u64, Arc<Admission>>,
+    /// Finished admissions still in `map`, oldest first, with when each
+    /// goes.
+    tombstones: std::collections::VecDeque<(u64, Instant)>,
+    /// Ids already in `tombstones`.
+    buried: std::collections::HashSet<u64>,
 }
 
 impl AdmissionTable {
     pub fn insert(&mut self, a: Arc<Admission>) {
         self.map.insert(a.id, a);
-    }
-
-    pub fn remove(&mut self, id: u64) -> Option<Arc<Admission>> {
-        self.map.remove(&id)
     }
 
     pub fn len(&self) -> usize {
@@ -105,19 +117,37 @@ impl AdmissionTable {
         self.map.is_empty()
     }
 
-    /// Drop admissions past their ticket's lifetime, or revoked. A claimed
-    /// one is kept until then, so a replayed ticket gets a clear 403
-    /// ("already used") and is counted, rather than a 404.
-    pub fn purge(&mut self, now: Instant) -> Vec<Arc<Admission>> {
-        let mut gone = Vec::new();
-        self.map.retain(|_, a| {
-            let keep = a.state() != ticket_state::REVOKED && now < a.expires_at;
-            if !keep {
-                gone.push(a.clone());
+    pub fn contains(&self, id: u64) -> bool {
+        self.map.contains_key(&id)
+    }
+
+    /// Move admissions that can no longer be used (revoked, closed, or
+    /// past their ticket's lifetime) to the tombstones, and forget the
+    /// tombstones that are old enough, or the oldest beyond
+    /// [`MAX_TOMBSTONES`]. A claimed admission is kept until its TTL, so a
+    /// replayed ticket gets a clear 403 ("already used") and is counted.
+    /// Returns how many were forgotten.
+    pub fn purge(&mut self, now: Instant) -> usize {
+        let tomb = std::time::Duration::from_millis(TOMBSTONE_MS);
+        for (id, a) in &self.map {
+            let finished = matches!(a.state(), ticket_state::REVOKED | ticket_state::CLOSED)
+                || now >= a.expires_at;
+            if finished && self.buried.insert(*id) {
+                self.tombstones.push_back((*id, now + tomb));
             }
-            keep
-        });
-        gone
+        }
+        let mut forgotten = 0;
+        while let Some(&(id, at)) = self.tombstones.front() {
+            if at > now && self.tombstones.len() <= MAX_TOMBSTONES {
+                break;
+            }
+            self.tombstones.pop_front();
+            self.buried.remove(&id);
+            self.map.remove(&id);
+            forgotten += 1;
+        }
+        debug_assert_eq!(self.tombstones.len(), self.buried.len());
+        forgotten
     }
 }
 
@@ -176,6 +206,14 @@ impl Router {
     }
 }
 
+impl Router {
+    /// Whether `id` is a session the control plane admitted to this worker
+    /// (refusals are reported for those only).
+    pub fn knows(&self, id: u64) -> bool {
+        matches!(self, Self::Appliance(t) if t.contains(id))
+    }
+}
+
 /// `/proxy/{id}` (hex) → id.
 pub fn session_id_from_path(path: &str) -> Option<u64> {
     let rest = path.strip_prefix("/proxy/")?;
@@ -211,13 +249,14 @@ fn check_admission(
     if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
         return Err(RouteError::BadTicket);
     }
+    // Used first (a replay is a replay, whenever), then expired (the
+    // sweeper also revokes what expires: that is still an expiry), then
+    // revoked.
     match a.state() {
-        ticket_state::CLAIMED => return Err(RouteError::TicketUsed),
+        ticket_state::CLAIMED | ticket_state::CLOSED => return Err(RouteError::TicketUsed),
+        _ if now >= a.expires_at => return Err(RouteError::TicketExpired),
         ticket_state::REVOKED => return Err(RouteError::Revoked),
         _ => {}
-    }
-    if now >= a.expires_at {
-        return Err(RouteError::TicketExpired);
     }
     if let Some(o) = &a.origin {
         if up.origin.as_deref() != Some(o.as_str()) {
@@ -397,8 +436,13 @@ mod tests {
         let mut t = AdmissionTable::default();
         t.insert(a.clone());
         t.insert(admission(now, None, None));
-        assert_eq!(t.purge(now).len(), 0);
-        assert_eq!(t.purge(now + Duration::from_secs(61)).len(), 1);
+        assert_eq!(t.purge(now), 0);
+        // Expired: kept as tombstones for a while (the 410), then forgotten.
+        let later = now + Duration::from_secs(61);
+        assert_eq!(t.purge(later), 0);
+        assert_eq!(t.len(), 2);
+        let gone = later + Duration::from_millis(TOMBSTONE_MS);
+        assert_eq!(t.purge(gone), 2);
         assert!(t.is_empty());
     }
 }

@@ -871,6 +871,12 @@ impl Session {
                     now,
                 );
             }
+            Phase::Connecting | Phase::Relay if self.admission_revoked() => {
+                // The control plane revoked the session: its Revoke message
+                // may never have arrived (full mailbox), the shared state
+                // always does.
+                self.on_revoke(ctx, now);
+            }
             Phase::Relay => {
                 if idle > 0 && now.duration_since(self.last_activity) >= ms(idle) {
                     ctx.metrics.error("idle_timeout");
@@ -888,6 +894,12 @@ impl Session {
             _ => {}
         }
         self.advance(ctx, now);
+    }
+
+    fn admission_revoked(&self) -> bool {
+        self.admission
+            .as_ref()
+            .is_some_and(|a| a.state() == crate::mailbox::ticket_state::REVOKED)
     }
 
     /// Whether this connection belongs to appliance session `id` (it
@@ -1148,8 +1160,10 @@ impl Session {
                     .as_ref()
                     .map(|a| a.id)
                     .or_else(|| crate::dataplane::router::session_id_from_path(&up.path));
+                // Only for sessions the control plane made: anyone can send
+                // a made-up id, and must not fill the report queue with it.
                 if let Some(id) = id {
-                    if self.bound.is_some() || matches!(ctx.router, Router::Appliance(_)) {
+                    if self.bound.is_some() || ctx.router.knows(id) {
                         ctx.report(FromWorker::Refused { id, kind: e.kind() });
                     }
                 }
@@ -1497,6 +1511,9 @@ impl Session {
                 "session closed"
             );
             if let Some(a) = self.admission.as_ref() {
+                // The shared state first: the control plane reconciles from
+                // it even if the report below is lost.
+                a.close();
                 let id = a.id;
                 ctx.report(FromWorker::Closed {
                     id,

@@ -14,7 +14,9 @@ use crate::dataplane::session::WorkerCtx;
 use crate::dataplane::tokens::TokenFile;
 use crate::dataplane::web::WebRoot;
 use crate::io::{self, IoBackend};
-use crate::mailbox::{self, ticket_state, Admission, FromWorker, Inbox, ToWorker, WorkerStats};
+use crate::mailbox::{
+    self, ticket_state, Admission, FromWorker, Inbox, ToWorker, WorkerInbox, WorkerStats,
+};
 use crate::metrics::WorkerMetrics;
 
 /// The little state workers share: the drain flag. Read with a relaxed load
@@ -66,11 +68,8 @@ impl DrainState {
 
 /// The data plane's side of the control-plane wiring.
 pub struct ApplianceLink {
-    /// One per worker, in worker order.
+    /// The control plane's queue to each worker, in worker order.
     pub inboxes: Vec<Inbox<ToWorker>>,
-    /// The sending side of each inbox, in worker order (workers hand
-    /// connections to each other through them).
-    pub senders: Vec<mailbox::Sender<ToWorker>>,
     pub events: mailbox::Sender<FromWorker>,
 }
 
@@ -120,29 +119,30 @@ impl DataPlane {
         let cfg = Arc::new(cfg);
         let control = Arc::new(WorkerControl::default());
         let mut handles = Vec::new();
-        // Every worker has a mailbox: the control plane's (appliance mode)
-        // or one for hand-overs alone (proxy mode, more than one worker).
-        let (mut inboxes, senders, events) = match link {
+        // A worker's inbox: the control plane's queue (appliance mode) and,
+        // with more than one worker, a separate bounded queue for
+        // hand-overs, behind one wake-up.
+        let (control_inboxes, events) = match link {
             Some(l) => {
-                if l.inboxes.len() != n || l.senders.len() != n {
+                if l.inboxes.len() != n {
                     anyhow::bail!("{} mailboxes for {n} workers", l.inboxes.len());
                 }
-                let inboxes = l.inboxes.into_iter().map(Some).collect();
-                (inboxes, l.senders, Some(l.events))
+                (l.inboxes.into_iter().map(Some).collect(), Some(l.events))
             }
-            None if n > 1 => {
-                let mut inboxes = Vec::with_capacity(n);
-                let mut senders = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let (tx, rx) = mailbox::channel(cfg.limits.handoff_queue_connections)
-                        .context("worker mailbox")?;
-                    senders.push(tx);
-                    inboxes.push(Some(rx));
-                }
-                (inboxes, senders, None)
-            }
-            None => ((0..n).map(|_| None).collect::<Vec<_>>(), Vec::new(), None),
+            None => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
         };
+        let handoff_capacity = (n > 1).then_some(cfg.limits.handoff_queue_connections);
+        let mut inboxes = Vec::with_capacity(n);
+        let mut senders = Vec::with_capacity(n);
+        for control in control_inboxes {
+            match WorkerInbox::new(control, handoff_capacity).context("worker mailbox")? {
+                Some((inbox, handoff)) => {
+                    inboxes.push(Some(inbox));
+                    senders.extend(handoff);
+                }
+                None => inboxes.push(None),
+            }
+        }
         let loads = Arc::new(WorkerLoads::new(n));
         for (i, listener) in listeners.into_iter().enumerate() {
             let router = make_router(&cfg)?;
@@ -228,7 +228,7 @@ fn make_router(cfg: &ProxyConfig) -> anyhow::Result<Router> {
 fn run_worker(
     ctx: WorkerCtx,
     listener: TcpListener,
-    inbox: Option<Inbox<ToWorker>>,
+    inbox: Option<WorkerInbox>,
     control: Arc<WorkerControl>,
     backend: IoBackend,
     pin: bool,
@@ -269,14 +269,10 @@ pub fn take_message(ctx: &mut WorkerCtx, msg: ToWorker) -> Option<Inbound> {
             None
         }
         ToWorker::AdmitDedicated(a, l) => Some(Inbound::Listener(a, l)),
-        ToWorker::Revoke { id } => {
-            if let Router::Appliance(t) = &mut ctx.router {
-                if let Some(a) = t.remove(id) {
-                    a.revoke();
-                }
-            }
-            Some(Inbound::Revoke(id))
-        }
+        // The admission's shared state is revoked already (the control
+        // plane does that first); its entry stays as a tombstone so a late
+        // connect gets 403, and the live connection is closed now.
+        ToWorker::Revoke { id } => Some(Inbound::Revoke(id)),
         ToWorker::Adopt { stream, peer } => {
             if let Some(b) = &ctx.balance {
                 b.adopted();

@@ -27,7 +27,7 @@ use crate::dataplane::router::Router;
 use crate::dataplane::session::{Session, WorkerCtx};
 use crate::dataplane::worker::{self, DrainState, Inbound, WorkerControl};
 use crate::io::splice::{self, Pipe, PipePool};
-use crate::mailbox::{Admission, Inbox, ToWorker};
+use crate::mailbox::{Admission, WorkerInbox};
 use crate::metrics::WorkerMetrics;
 
 const LISTENER: Token = Token(usize::MAX);
@@ -81,7 +81,7 @@ fn token(idx: usize, backend: bool) -> Token {
 pub fn run(
     mut ctx: WorkerCtx,
     listener: StdListener,
-    mut inbox: Option<Inbox<ToWorker>>,
+    mut inbox: Option<WorkerInbox>,
     ctl: Arc<WorkerControl>,
 ) -> io::Result<WorkerMetrics> {
     let mut poll = Poll::new()?;

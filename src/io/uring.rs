@@ -41,7 +41,7 @@ use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 use crate::dataplane::router::Router;
 use crate::dataplane::session::{Session, WorkerCtx};
 use crate::dataplane::worker::{self, DrainState, Inbound, WorkerControl};
-use crate::mailbox::{Admission, Inbox, ToWorker};
+use crate::mailbox::{Admission, WorkerInbox};
 use crate::metrics::WorkerMetrics;
 
 /// `IOU_PBUF_RING_INC` from the kernel's io_uring.h (the crate does not
@@ -354,7 +354,7 @@ struct Worker {
     accept_armed: bool,
     accept_cancel: bool,
     next_id: u64,
-    inbox: Option<Inbox<ToWorker>>,
+    inbox: Option<WorkerInbox>,
     /// Target of the eventfd read; boxed so its address is stable while the
     /// read is in flight.
     wake_buf: Box<u64>,
@@ -467,7 +467,7 @@ impl Worker {
 pub fn run(
     mut ctx: WorkerCtx,
     listener: TcpListener,
-    inbox: Option<Inbox<ToWorker>>,
+    inbox: Option<WorkerInbox>,
     ctl: Arc<WorkerControl>,
 ) -> io::Result<WorkerMetrics> {
     let l = &ctx.cfg.limits;

@@ -22,10 +22,17 @@ pub use crate::io::sys::EventFd;
 
 /// Lifecycle of an admitted session's ticket, shared by every worker that
 /// holds the admission: exactly one connect can move it out of `PENDING`.
+///
+/// `PENDING` → `CLAIMED` (a browser connected) → `CLOSED` (its connection
+/// ended); `PENDING` or `CLAIMED` → `REVOKED` (DELETE, expiry) → `CLOSED`
+/// once a claimed connection has ended. The control plane reconciles its
+/// registry from this state, so a lost or late worker report can neither
+/// keep a record open forever nor let the sweeper expire a live console.
 pub mod ticket_state {
     pub const PENDING: u8 = 0;
     pub const CLAIMED: u8 = 1;
     pub const REVOKED: u8 = 2;
+    pub const CLOSED: u8 = 3;
 }
 
 /// Where an admitted session goes.
@@ -93,9 +100,31 @@ impl Admission {
             .is_ok()
     }
 
-    /// Mark revoked (DELETE or expiry); false if it was already revoked.
+    /// Mark revoked (DELETE or expiry): no connect may use it any more, and
+    /// a live connection that claimed it closes on its worker's next tick.
+    /// False when it was already revoked or closed.
     pub fn revoke(&self) -> bool {
-        self.state.swap(ticket_state::REVOKED, Ordering::AcqRel) != ticket_state::REVOKED
+        let mut cur = self.state.load(Ordering::Acquire);
+        loop {
+            if !matches!(cur, ticket_state::PENDING | ticket_state::CLAIMED) {
+                return false;
+            }
+            match self.state.compare_exchange_weak(
+                cur,
+                ticket_state::REVOKED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The connection that claimed this admission has ended (called by its
+    /// worker, once). Final.
+    pub fn close(&self) {
+        self.state.store(ticket_state::CLOSED, Ordering::Release);
     }
 
     pub fn state(&self) -> u8 {
@@ -270,9 +299,14 @@ impl<T> Inbox<T> {
 
 /// A bounded queue of `capacity` messages with an eventfd wake-up.
 pub fn channel<T>(capacity: usize) -> io::Result<(Sender<T>, Inbox<T>)> {
-    let wake = Arc::new(EventFd::new()?);
+    Ok(channel_with_wake(capacity, Arc::new(EventFd::new()?)))
+}
+
+/// A bounded queue of `capacity` messages that wakes its receiver through
+/// `wake`, which other queues to the same receiver may share.
+pub fn channel_with_wake<T>(capacity: usize, wake: Arc<EventFd>) -> (Sender<T>, Inbox<T>) {
     let (tx, rx) = mpsc::sync_channel(capacity);
-    Ok((
+    (
         Sender {
             tx,
             wake: wake.clone(),
@@ -282,7 +316,78 @@ pub fn channel<T>(capacity: usize) -> io::Result<(Sender<T>, Inbox<T>)> {
             wake,
             peeked: None,
         },
-    ))
+    )
+}
+
+/// A worker's inbox: the control plane's messages and the other workers'
+/// connection hand-overs, in two bounded queues behind one wake-up.
+///
+/// Why two: hand-overs carry connections nobody has authenticated yet, so a
+/// connection flood on the console port can fill their queue; it must never
+/// crowd out a revoke or an admission. The control queue is always read
+/// first.
+#[derive(Debug)]
+pub struct WorkerInbox {
+    control: Option<Inbox<ToWorker>>,
+    handoff: Option<Inbox<ToWorker>>,
+    wake: Arc<EventFd>,
+}
+
+impl WorkerInbox {
+    /// `control` (appliance mode) and/or a hand-over queue of
+    /// `handoff_capacity` (more than one worker) sharing `control`'s
+    /// wake-up; None when there is neither.
+    pub fn new(
+        control: Option<Inbox<ToWorker>>,
+        handoff_capacity: Option<usize>,
+    ) -> io::Result<Option<(Self, Option<Sender<ToWorker>>)>> {
+        let wake = match (&control, handoff_capacity) {
+            (Some(c), _) => c.wake().clone(),
+            (None, Some(_)) => Arc::new(EventFd::new()?),
+            (None, None) => return Ok(None),
+        };
+        let (tx, handoff) = match handoff_capacity {
+            Some(cap) => {
+                let (tx, rx) = channel_with_wake(cap, wake.clone());
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        Ok(Some((
+            Self {
+                control,
+                handoff,
+                wake,
+            },
+            tx,
+        )))
+    }
+
+    /// The next message: control first, then hand-overs (never blocks).
+    pub fn try_recv(&mut self) -> Option<ToWorker> {
+        if let Some(m) = self.control.as_mut().and_then(Inbox::try_recv) {
+            return Some(m);
+        }
+        self.handoff.as_mut().and_then(Inbox::try_recv)
+    }
+
+    /// Whether either queue holds a message (kept for the next `try_recv`).
+    pub fn has_pending(&mut self) -> bool {
+        self.control.as_mut().is_some_and(Inbox::has_pending)
+            || self.handoff.as_mut().is_some_and(Inbox::has_pending)
+    }
+
+    pub fn wake_fd(&self) -> RawFd {
+        self.wake.raw_fd()
+    }
+
+    pub fn wake(&self) -> &Arc<EventFd> {
+        &self.wake
+    }
+
+    pub fn reset(&self) {
+        self.wake.reset();
+    }
 }
 
 #[cfg(test)]
@@ -336,5 +441,31 @@ mod tests {
         assert!(a.revoke());
         assert!(!a.revoke());
         assert!(!a.claim());
+        a.close();
+        assert_eq!(a.state(), ticket_state::CLOSED);
+        assert!(!a.revoke(), "a closed admission stays closed");
+    }
+
+    #[test]
+    fn hand_overs_never_crowd_out_control_messages() {
+        let (ctl_tx, ctl_rx) = channel::<ToWorker>(2).unwrap();
+        let (mut inbox, handoff_tx) = WorkerInbox::new(Some(ctl_rx), Some(2)).unwrap().unwrap();
+        let handoff_tx = handoff_tx.unwrap();
+        let stream = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let peer = s.local_addr().unwrap();
+            ToWorker::Adopt { stream: s, peer }
+        };
+        handoff_tx.send(stream()).unwrap();
+        handoff_tx.send(stream()).unwrap();
+        // The hand-over queue is full; the control queue still takes a revoke.
+        assert_eq!(handoff_tx.send(stream()).unwrap_err(), MailboxError::Full);
+        ctl_tx.send(ToWorker::Revoke { id: 9 }).unwrap();
+        assert!(inbox.has_pending());
+        assert!(matches!(inbox.try_recv(), Some(ToWorker::Revoke { id: 9 })));
+        assert!(matches!(inbox.try_recv(), Some(ToWorker::Adopt { .. })));
+        assert!(matches!(inbox.try_recv(), Some(ToWorker::Adopt { .. })));
+        assert!(inbox.try_recv().is_none());
     }
 }

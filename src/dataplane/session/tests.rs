@@ -768,3 +768,136 @@ fn relaying_base64_after_3000_bytes(ctx: &mut WorkerCtx, now: Instant) -> Sessio
     s.on_backend_data(ctx, &[1u8; 3000], now);
     s
 }
+
+/// An appliance worker context with one admitted session (id 0xabc, ticket
+/// of 32 bytes of 7) and the receiving end of its report queue.
+fn appliance_ctx(now: Instant) -> (WorkerCtx, Arc<Admission>, crate::mailbox::Inbox<FromWorker>) {
+    use crate::dataplane::router::AdmissionTable;
+    let cfg = cfg_with(|c| c.target = TargetConfig::Appliance);
+    let a = Arc::new(Admission::new(
+        0xabc,
+        vec![7u8; 32],
+        crate::mailbox::Target {
+            addr: "127.0.0.1:5900".parse().unwrap(),
+            password: None,
+        },
+        "alice".into(),
+        now + Duration::from_secs(60),
+        None,
+        None,
+        None,
+    ));
+    let mut table = AdmissionTable::default();
+    table.insert(a.clone());
+    let mut ctx = WorkerCtx::new(cfg, 0, Router::Appliance(table), None, None);
+    let (tx, rx) = crate::mailbox::channel(16).unwrap();
+    ctx.events = Some(tx);
+    (ctx, a, rx)
+}
+
+fn appliance_request(id: &str, ticket: &[u8]) -> Vec<u8> {
+    let token = crate::dataplane::router::base64_url(ticket);
+    format!(
+        "GET /proxy/{id}?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn reports(rx: &mut crate::mailbox::Inbox<FromWorker>) -> Vec<FromWorker> {
+    std::iter::from_fn(|| rx.try_recv()).collect()
+}
+
+#[test]
+fn a_revoked_admission_closes_its_relay_on_the_next_tick_without_a_message() {
+    let now = Instant::now();
+    let (mut ctx, a, mut rx) = appliance_ctx(now);
+    let mut s = Session::new(1, &ctx, now, None, None);
+    s.on_browser_data(&mut ctx, &appliance_request("abc", &[7u8; 32]), now);
+    assert!(drain_browser(&mut s, &mut ctx, now).starts_with(b"HTTP/1.1 101"));
+    assert!(s.take_connect().is_some());
+    s.on_backend_connected(&mut ctx, now);
+    assert_eq!(s.phase(), Phase::Relay);
+    assert_eq!(a.state(), crate::mailbox::ticket_state::CLAIMED);
+    // DELETE: the control plane revokes the shared state; its Revoke
+    // message is lost (full mailbox). The tick alone must close it.
+    assert!(a.revoke());
+    s.on_tick(&mut ctx, now + Duration::from_millis(1));
+    assert_eq!(s.phase(), Phase::Closing);
+    let out = drain_browser(&mut s, &mut ctx, now);
+    let frames = server_frames(&out);
+    let (op, payload) = frames.last().unwrap();
+    assert_eq!(*op, 8, "a close frame");
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1008);
+    // The browser answers; the session ends and marks the admission closed,
+    // so the registry reconciles even without the Closed report.
+    let mut close = Vec::new();
+    encode_client_frame(
+        &mut close,
+        true,
+        Opcode::Close,
+        [1, 1, 1, 1],
+        &1008u16.to_be_bytes(),
+    );
+    s.on_browser_data(&mut ctx, &close, now);
+    assert!(s.is_done());
+    assert_eq!(a.state(), crate::mailbox::ticket_state::CLOSED);
+    let r = reports(&mut rx);
+    assert!(matches!(
+        r.first(),
+        Some(FromWorker::Opened { id: 0xabc, .. })
+    ));
+    assert!(matches!(
+        r.last(),
+        Some(FromWorker::Closed {
+            id: 0xabc,
+            code: Some(1008),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn refusals_are_reported_only_for_admitted_sessions() {
+    let now = Instant::now();
+    let (mut ctx, _a, mut rx) = appliance_ctx(now);
+    // A made-up id: refused (404), but nothing reaches the control plane.
+    let mut s = Session::new(1, &ctx, now, None, None);
+    s.on_browser_data(&mut ctx, &appliance_request("def0", &[7u8; 32]), now);
+    assert!(drain_browser(&mut s, &mut ctx, now).starts_with(b"HTTP/1.1 404"));
+    assert!(reports(&mut rx).is_empty(), "a stranger's id was reported");
+    // The real id with a wrong ticket: reported for the session's record.
+    let mut s = Session::new(2, &ctx, now, None, None);
+    s.on_browser_data(&mut ctx, &appliance_request("abc", &[8u8; 32]), now);
+    assert!(drain_browser(&mut s, &mut ctx, now).starts_with(b"HTTP/1.1 403"));
+    let r = reports(&mut rx);
+    assert!(
+        matches!(
+            r.as_slice(),
+            [FromWorker::Refused {
+                id: 0xabc,
+                kind: "bad_ticket"
+            }]
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn revoked_and_expired_tickets_answer_403_and_410_not_404() {
+    let now = Instant::now();
+    let (mut ctx, a, _rx) = appliance_ctx(now);
+    let try_connect = |ctx: &mut WorkerCtx, at: Instant| {
+        if let Router::Appliance(t) = &mut ctx.router {
+            t.purge(at);
+        }
+        let mut s = Session::new(3, ctx, at, None, None);
+        s.on_browser_data(ctx, &appliance_request("abc", &[7u8; 32]), at);
+        let out = drain_browser(&mut s, ctx, at);
+        String::from_utf8_lossy(&out[..12]).into_owned()
+    };
+    let expired = now + Duration::from_secs(61);
+    assert_eq!(try_connect(&mut ctx, expired), "HTTP/1.1 410");
+    a.revoke();
+    assert_eq!(try_connect(&mut ctx, now), "HTTP/1.1 403");
+}
