@@ -25,11 +25,16 @@ test-deps: deps
 run: deps release
 	@bash scripts/run.sh
 
+# The end-to-end tests run the debug binary built with fault injection
+# (failpoints); shipped builds (make release, packages) never have it.
+TEST_FEATURES := --features consolegate/failpoints
+
 test: test-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
-	$(CARGO) build --locked --bins
-	$(CARGO) test --locked --workspace -- --test-threads=2
+	$(CARGO) clippy --locked --workspace --all-targets $(TEST_FEATURES) -- -D warnings
+	$(CARGO) build --locked --bins $(TEST_FEATURES)
+	$(CARGO) test --locked --workspace $(TEST_FEATURES) -- --test-threads=2
 
 bench: deps
 	@bash scripts/bench.sh

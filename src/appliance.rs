@@ -27,6 +27,9 @@ fn load(path: Option<&Path>) -> anyhow::Result<(ApplianceConfig, Source)> {
 pub fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     let (cfg, source) = load(path)?;
     println!("config OK ({source:?})");
+    for w in cfg.warnings() {
+        println!("warning: {w}");
+    }
     println!("{}", cfg.summary());
     Ok(())
 }
@@ -80,6 +83,10 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
     let json = json_logs || cfg.log.format == LogFormat::Json;
     crate::init_logging_filter(json, &cfg.log.level);
     tracing::info!(source = ?source, "configuration loaded");
+    // Validation ran before logging existed; its doubts are logged now.
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
     if let Some(token) = cfg.ensure_admin_token() {
         // The built-in default has no token: make one and say it once.
         println!("admin token: {token}");
@@ -119,9 +126,24 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
     // Ports: restore persisted allocations, reclaim the stale ones.
     let pool = pool_for(&cfg)?;
     let store = PortStore::new(&state_dir.path);
+    let stale = store.remove_stale_temp_files();
+    if stale > 0 {
+        tracing::info!(
+            removed = stale,
+            "temp files of an interrupted port-state save removed"
+        );
+    }
     // restore_and_reclaim logs its own report.
-    if let Err(e) = ports::restore_and_reclaim(&pool, &store, |_| false) {
-        tracing::warn!(error = %e, "port state not restored; starting empty");
+    match ports::restore_and_reclaim(&pool, &store, |_| false) {
+        Ok(_) => {}
+        Err(e @ ports::PortError::Corrupt { .. }) => match store.quarantine() {
+            // Kept for the operator: the first save would overwrite it.
+            Ok(kept) => {
+                tracing::error!(error = %e, kept = %kept.display(), "port state file corrupt; kept aside, starting empty")
+            }
+            Err(q) => anyhow::bail!("{e}; and it cannot be moved aside ({q}): fix or remove it"),
+        },
+        Err(e) => tracing::warn!(error = %e, "port state not restored; starting empty"),
     }
 
     // Mailboxes between the planes.
@@ -141,7 +163,9 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         tls: cfg.tls.as_ref().map(|t| TlsFiles {
             cert: t.cert.clone(),
             key: t.key.clone(),
-            ssl_only: false,
+            // With TLS on, plain ws only when asked for: a ticket must
+            // not cross the network in clear by default.
+            ssl_only: !t.allow_plain,
         }),
         web_dir: cfg.console.web_dir.clone(),
         origins: Vec::new(),

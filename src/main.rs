@@ -450,6 +450,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let cli = Cli::parse();
+    // Fault injection (test builds only): FAILPOINTS=name=action;… at start.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let result = match cli.cmd {
         Command::Run { config } => appliance::run(config.as_deref(), cli.log_format == "json"),
         Command::CheckConfig { config } => appliance::check_config(config.as_deref()),

@@ -72,7 +72,7 @@ pub fn render_toml(s: &Settings) -> String {
          [dataplane.limits]\ndrain_grace_ms = {DRAIN_GRACE_MS}\n\n\
          [demo]\nenabled = true\nmax_clients = {}\n\n\
          [log]\nlevel = \"warn\"\n\n\
-         [sessions]\nmax_sessions_per_user = 100000\nmax_sessions = 100000\n",
+         [sessions]\nmax_sessions_per_user = 100000\nmax_sessions = 100000\nbind_origin = false\n",
         s.port_range.0,
         s.port_range.1,
         toml_string(&s.state_dir.display().to_string()),

@@ -52,6 +52,21 @@ pub const MIN_TOKEN_CHARS: usize = 16;
 /// Longest accepted API token: tokens travel in an HTTP header whose size is
 /// bounded by `control.max_request_bytes`.
 pub const MAX_TOKEN_CHARS: usize = 4096;
+/// `sessions.target_networks` by default: loopback, the IPv4 private
+/// ranges (RFC 1918), shared address space (RFC 6598) and IPv6 unique local
+/// addresses, where consoles live.
+pub const DEFAULT_TARGET_NETWORKS: &[&str] = &[
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "::1/128",
+    "fc00::/7",
+];
+/// Most entries in `sessions.target_networks` (each is checked per raw
+/// target, linearly).
+pub const MAX_TARGET_NETWORKS: usize = 256;
 /// Random bytes in a generated admin token (hex-encoded: 64 characters).
 const GENERATED_TOKEN_BYTES: usize = 32;
 
@@ -127,8 +142,18 @@ pub struct ControlConfig {
     pub mailbox_capacity: usize,
     /// Messages queued from all workers to the control plane (session
     /// events, stats). Cost: one slot each, allocated up front; when full,
-    /// workers drop events (counted in a metric) rather than stall a relay.
+    /// workers drop events (counted in a metric) rather than stall a relay;
+    /// session state is reconciled from the admissions regardless.
     pub events_capacity: usize,
+    /// A worker whose loop has not turned for this long counts as stuck:
+    /// `/readyz` answers 503 naming it. A turn happens at least every
+    /// `dataplane.limits.timer_tick_ms`. Cost: too short flags a worker on
+    /// an overloaded host; too long notices a stuck one late.
+    pub worker_stall_ms: u64,
+    /// Require a bearer token (any role) on `/metrics`. Off by default (the
+    /// control port listens on loopback); turn on when it is reachable by
+    /// others, since metrics name users' session counts and errors.
+    pub metrics_require_token: bool,
 }
 
 impl Default for ControlConfig {
@@ -139,6 +164,8 @@ impl Default for ControlConfig {
             request_timeout_ms: 30_000,
             mailbox_capacity: 1024,
             events_capacity: 4096,
+            worker_stall_ms: 10_000,
+            metrics_require_token: false,
         }
     }
 }
@@ -312,6 +339,21 @@ pub struct SessionsConfig {
     /// because NAT, proxies and mobile clients change the address between
     /// the portal request and the WebSocket.
     pub bind_client_ip: bool,
+    /// The origin of the portal that opens consoles (`https://portal.example`).
+    /// With `bind_origin`, a session created without an `origin` is bound
+    /// to it. Unset: the console's own web origin when it serves noVNC
+    /// (`console.web_dir`), else such a request is refused (400
+    /// `origin_required`) rather than bound to nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub portal_origin: Option<String>,
+    /// Networks that raw targets (`{"kind":"vnc","host":…}`) may be in, as
+    /// CIDRs; a target resolving elsewhere is refused (403
+    /// `target_not_allowed`), so a leaked admin token cannot turn the
+    /// appliance into a scanner of other networks. Default: loopback and
+    /// the private ranges. Link-local addresses (169.254.0.0/16, the cloud
+    /// metadata service; fe80::/10), multicast and unspecified addresses
+    /// are refused whatever this says. Targets from hypervisors are not raw.
+    pub target_networks: Vec<String>,
 }
 
 impl Default for SessionsConfig {
@@ -323,6 +365,11 @@ impl Default for SessionsConfig {
             ticket_bytes: 32,
             bind_origin: true,
             bind_client_ip: false,
+            portal_origin: None,
+            target_networks: DEFAULT_TARGET_NETWORKS
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
         }
     }
 }
@@ -414,6 +461,10 @@ pub enum LogFormat {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Also accept plain ws on the console port. Off: with TLS configured a
+    /// ticket must never cross in clear.
+    #[serde(default)]
+    pub allow_plain: bool,
 }
 
 /// Where a loaded config came from.
@@ -620,6 +671,14 @@ impl ApplianceConfig {
                     _ => Err(format!("{key}: expected true or false, got {value:?}")),
                 },
                 Kind::String => Ok(toml::Value::String(value.clone())),
+                Kind::StringList => Ok(toml::Value::Array(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|v| !v.is_empty())
+                        .map(|v| toml::Value::String(v.to_string()))
+                        .collect(),
+                )),
                 Kind::NotSettable => Err(format!(
                     "{key} cannot be set from the environment (use CONSOLEGATE_AUTH_TOKEN \
                      or CONSOLEGATE_AUTH_READ_TOKEN for tokens)"
@@ -696,6 +755,7 @@ impl ApplianceConfig {
             1,
             1 << 22,
         )?;
+        in_range("control.worker_stall_ms", c.worker_stall_ms, 100, 600_000)?;
 
         // [console]
         if sockets_collide(self.console.listen, self.control.listen) {
@@ -709,20 +769,6 @@ impl ApplianceConfig {
         }
         if let Some(url) = &self.console.public_url {
             check_public_url(url).map_err(|m| invalid("console.public_url", m))?;
-            if self.tls.is_some() && url.starts_with("ws://") {
-                tracing::warn!(
-                    "console.public_url is ws:// but [tls] is set: browsers will be told to \
-                     connect without TLS to a TLS port"
-                );
-            }
-        } else if self.console.listen.ip().is_unspecified() {
-            // Legal (public_url_with can use the bound address), but the URL
-            // is only right for browsers on this host.
-            tracing::warn!(
-                "console.listen is {} and console.public_url is unset: ws_url will name \
-                 localhost; set console.public_url to the name browsers use",
-                self.console.listen
-            );
         }
 
         if let Some(dir) = &self.console.web_dir {
@@ -840,6 +886,16 @@ impl ApplianceConfig {
             return Err(invalid("sessions.ticket_bytes", "must be ≥ 16 (128 bits)"));
         }
         in_range("sessions.ticket_bytes", s.ticket_bytes as u64, 16, 64)?;
+        if let Some(o) = &s.portal_origin {
+            check_origin(o).map_err(|m| invalid("sessions.portal_origin", m))?;
+        }
+        if s.target_networks.len() > MAX_TARGET_NETWORKS {
+            return Err(invalid(
+                "sessions.target_networks",
+                format!("at most {MAX_TARGET_NETWORKS} networks"),
+            ));
+        }
+        self.target_networks()?;
 
         // [demo]
         let m = &self.demo;
@@ -935,6 +991,67 @@ impl ApplianceConfig {
     /// listening on all interfaces).
     pub fn public_url(&self) -> String {
         self.public_url_with(self.console.listen)
+    }
+
+    /// Legal but doubtful combinations, for the caller to log once logging
+    /// is set up (printed by `check-config`). Validation itself logs
+    /// nothing: it runs before the log subscriber exists.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        match &self.console.public_url {
+            Some(url) if self.tls.is_some() && url.starts_with("ws://") => w.push(
+                "console.public_url is ws:// but [tls] is set: browsers will be told to \
+                 connect without TLS to a TLS port"
+                    .to_string(),
+            ),
+            // Legal (public_url_with can use the bound address), but the
+            // URL is only right for browsers on this host.
+            None if self.console.listen.ip().is_unspecified() => w.push(format!(
+                "console.listen is {} and console.public_url is unset: ws_url will name \
+                 localhost; set console.public_url to the name browsers use",
+                self.console.listen
+            )),
+            _ => {}
+        }
+        if self.tls.as_ref().is_some_and(|t| t.allow_plain) {
+            w.push(
+                "tls.allow_plain is on: tickets may cross the network in clear on the \
+                 console port"
+                    .to_string(),
+            );
+        }
+        w
+    }
+
+    /// The origin sessions are bound to when created without one (see
+    /// `sessions.portal_origin`): the configured one, else the console's
+    /// own web origin when it serves files (noVNC), else none.
+    pub fn default_origin(&self, public_url: &str) -> Option<String> {
+        if let Some(o) = &self.sessions.portal_origin {
+            return Some(o.trim_end_matches('/').to_string());
+        }
+        self.console.web_dir.as_ref()?;
+        let (scheme, rest) = public_url.split_once("://")?;
+        let scheme = if scheme == "wss" { "https" } else { "http" };
+        let host = rest.split('/').next().unwrap_or(rest);
+        Some(format!("{scheme}://{host}"))
+    }
+
+    /// `sessions.target_networks`, parsed.
+    pub fn target_networks(&self) -> Result<Vec<ipnet::IpNet>, ConfigFileError> {
+        self.sessions
+            .target_networks
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                n.trim().parse::<ipnet::IpNet>().map_err(|e| {
+                    invalid(
+                        format!("sessions.target_networks[{i}]"),
+                        format!("{n:?} is not a network in CIDR form (10.0.0.0/8): {e}"),
+                    )
+                })
+            })
+            .collect()
     }
 
     /// [`public_url`](Self::public_url) derived from the address the console
@@ -1104,6 +1221,24 @@ fn check_public_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An Origin as browsers send it: `scheme://host[:port]`, nothing after.
+pub fn check_origin(origin: &str) -> Result<(), String> {
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or_else(|| format!("must start with http:// or https:// (got {origin:?})"))?;
+    let host = rest.trim_end_matches('/');
+    if host.is_empty()
+        || host.contains(['/', '?', '#', '@'])
+        || origin.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{origin:?} is not an origin (scheme://host[:port], no path)"
+        ));
+    }
+    Ok(())
+}
+
 /// Token rules shared by the file and `CONSOLEGATE_AUTH_TOKEN`. Messages
 /// never contain the token.
 fn check_token(token: &str) -> Result<(), String> {
@@ -1159,7 +1294,13 @@ fn default_state_dirs(
 fn choose_state_dir(candidates: &[(PathBuf, StateDirOrigin)]) -> Result<StateDirChoice, String> {
     let mut tried = Vec::new();
     for (path, origin) in candidates {
-        match probe_writable(path) {
+        let probed = match origin {
+            // Under the shared temporary directory anyone may have made the
+            // name first (a symlink, or a directory of theirs).
+            StateDirOrigin::Temporary => probe_private_dir(path),
+            _ => probe_writable(path),
+        };
+        match probed {
             Ok(()) => {
                 return Ok(StateDirChoice {
                     path: path.clone(),
@@ -1173,6 +1314,41 @@ fn choose_state_dir(candidates: &[(PathBuf, StateDirOrigin)]) -> Result<StateDir
         "no writable state directory ({})",
         tried.join("; ")
     ))
+}
+
+/// A state directory in a place other users can write to (the temporary
+/// directory): it must be a real directory (not a symlink), owned by this
+/// user, writable by nobody else; created with mode 0700 when missing.
+fn probe_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.file_type().is_dir() {
+        return Err(std::io::Error::other(
+            "exists and is not a directory (a symlink?): refused",
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other("writable by other users: refused"));
+    }
+    // Our own uid, without unsafe: the owner of a file we just created.
+    let probe = dir.join(format!(".owner-probe-{}", std::process::id()));
+    let ours = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe)
+        .and_then(|f| f.metadata())
+        .map(|m| m.uid());
+    let _ = std::fs::remove_file(&probe);
+    if ours? != meta.uid() {
+        return Err(std::io::Error::other("owned by another user: refused"));
+    }
+    Ok(())
 }
 
 fn probe_writable(dir: &Path) -> std::io::Result<()> {
@@ -1196,6 +1372,8 @@ enum Kind {
     Integer,
     Bool,
     String,
+    /// A list of strings, given comma-separated.
+    StringList,
     NotSettable,
 }
 
@@ -1209,6 +1387,7 @@ const OPTIONAL_KEYS: &[&[&str]] = &[
     &["ports", "listen_ip"],
     &["tls", "cert"],
     &["tls", "key"],
+    &["sessions", "portal_origin"],
 ];
 
 /// The defaults as a TOML table, with the optional keys added as strings:
@@ -1219,6 +1398,7 @@ fn schema() -> toml::Table {
     for path in OPTIONAL_KEYS {
         set_path(&mut t, path, toml::Value::String(String::new()));
     }
+    set_path(&mut t, &["tls", "allow_plain"], toml::Value::Boolean(false));
     t
 }
 
@@ -1265,6 +1445,10 @@ fn resolve_env_key(t: &toml::Table, name: &str) -> Option<(Vec<String>, Kind)> {
                 toml::Value::Integer(_) => Kind::Integer,
                 toml::Value::Boolean(_) => Kind::Bool,
                 toml::Value::String(_) => Kind::String,
+                // Non-empty: `auth.tokens` (empty by default) is a list of tables.
+                toml::Value::Array(a) if !a.is_empty() && a.iter().all(toml::Value::is_str) => {
+                    Kind::StringList
+                }
                 _ => Kind::NotSettable,
             };
             return Some((vec![k.clone()], kind));
@@ -1698,7 +1882,7 @@ mod tests {
         // trips: the mapping is derived from the struct, not a hand list.
         let schema = schema();
         let limits = schema["dataplane"]["limits"].as_table().unwrap();
-        assert_eq!(limits.len(), 27);
+        assert_eq!(limits.len(), 28);
         let vars: Vec<(String, String)> = limits
             .iter()
             .map(|(k, v)| {
@@ -1873,12 +2057,14 @@ mod tests {
                 c.tls = Some(TlsConfig {
                     cert: "".into(),
                     key: "/k".into(),
+                    allow_plain: false,
                 })
             }),
             ("tls.key", |c| {
                 c.tls = Some(TlsConfig {
                     cert: "/c".into(),
                     key: "".into(),
+                    allow_plain: false,
                 })
             }),
         ];
@@ -1985,6 +2171,7 @@ mod tests {
         c.tls = Some(TlsConfig {
             cert: "/c".into(),
             key: "/k".into(),
+            allow_plain: false,
         });
         assert_eq!(c.public_url(), "wss://127.0.0.1:6080");
         c.console.listen = "0.0.0.0:6443".parse().unwrap();
@@ -2070,5 +2257,95 @@ mod tests {
         c.ports.state_dir = Some(blocked);
         let e = c.resolve_state_dir().unwrap_err().to_string();
         assert!(e.starts_with("ports.state_dir: "), "{e}");
+    }
+
+    #[test]
+    fn target_networks_portal_origin_and_warnings() {
+        let mut c = ApplianceConfig::default();
+        let nets = c.target_networks().unwrap();
+        assert!(nets
+            .iter()
+            .any(|n| n.contains(&"10.1.2.3".parse::<IpAddr>().unwrap())));
+        assert!(!nets
+            .iter()
+            .any(|n| n.contains(&"169.254.169.254".parse::<IpAddr>().unwrap())));
+        c.sessions.target_networks = vec!["10.0.0.0/8".into(), "nonsense".into()];
+        assert_eq!(invalid_key(&c), "sessions.target_networks[1]");
+        c.apply_env(env(&[(
+            "CONSOLEGATE_SESSIONS_TARGET_NETWORKS",
+            "192.168.7.0/24, 10.9.0.0/16",
+        )]))
+        .unwrap();
+        assert_eq!(
+            c.sessions.target_networks,
+            ["192.168.7.0/24", "10.9.0.0/16"]
+        );
+        c.validate().unwrap();
+
+        c.sessions.portal_origin = Some("https://portal.example/path".into());
+        assert_eq!(invalid_key(&c), "sessions.portal_origin");
+        c.sessions.portal_origin = Some("https://portal.example:8443".into());
+        c.validate().unwrap();
+        assert_eq!(
+            c.default_origin("ws://127.0.0.1:6080").as_deref(),
+            Some("https://portal.example:8443")
+        );
+        c.sessions.portal_origin = None;
+        assert_eq!(c.default_origin("ws://127.0.0.1:6080"), None);
+        c.console.web_dir = Some("/usr/share/novnc".into());
+        assert_eq!(
+            c.default_origin("wss://console.example:6443").as_deref(),
+            Some("https://console.example:6443")
+        );
+
+        // Doubtful combinations are returned for logging, not logged by
+        // validate (which runs before logging exists).
+        c.console.listen = "0.0.0.0:6080".parse().unwrap();
+        let w = c.warnings();
+        assert!(
+            w.iter().any(|m| m.contains("console.public_url is unset")),
+            "{w:?}"
+        );
+        c.apply_env(env(&[
+            ("CONSOLEGATE_TLS_CERT", "/c.pem"),
+            ("CONSOLEGATE_TLS_KEY", "/k.pem"),
+            ("CONSOLEGATE_TLS_ALLOW_PLAIN", "true"),
+        ]))
+        .unwrap();
+        assert!(c.tls.as_ref().unwrap().allow_plain);
+        assert!(c.warnings().iter().any(|m| m.contains("allow_plain")));
+    }
+
+    #[test]
+    fn a_temporary_state_dir_must_be_our_own_real_directory() {
+        let base = tempfile::tempdir().unwrap();
+        let fresh = base.path().join("fresh");
+        probe_private_dir(&fresh).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // A symlink planted where the directory would be is refused.
+        let target = base.path().join("elsewhere");
+        std::fs::create_dir(&target).unwrap();
+        let link = base.path().join("planted");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = probe_private_dir(&link).unwrap_err().to_string();
+        assert!(e.contains("symlink"), "{e}");
+        // So is a directory others may write to.
+        let open = base.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = probe_private_dir(&open).unwrap_err().to_string();
+        assert!(e.contains("other users"), "{e}");
+        // And choose_state_dir moves on to the next candidate.
+        let next = base.path().join("next");
+        let c = choose_state_dir(&[
+            (link, StateDirOrigin::Temporary),
+            (next.clone(), StateDirOrigin::Temporary),
+        ])
+        .unwrap();
+        assert_eq!(c.path, next);
     }
 }

@@ -127,10 +127,17 @@ pub struct Limits {
     /// leave placement to the hash. Cost: a mailbox message and a wake-up of
     /// the other worker per connection handed over.
     pub balance_slack_sessions: usize,
-    /// Proxy mode: hand-overs queued per worker at most (beyond, the
-    /// accepting worker keeps the connection). Appliance mode uses the
-    /// control plane's `mailbox_capacity` for the same queue.
+    /// Hand-overs queued per worker at most (beyond, the accepting worker
+    /// keeps the connection). Their queue is separate from the control
+    /// plane's mailbox, so a connection flood cannot crowd out a revoke.
     pub handoff_queue_connections: usize,
+    /// Connections still in their handshake (TLS, HTTP upgrade, ticket
+    /// check), across all workers; a connection accepted beyond is closed
+    /// at once (counted as `handshaking_over_limit`). Cost: what a flood of
+    /// idle or slow connections (slowloris) can hold before
+    /// `handshake_timeout_ms` ends them: a descriptor and up to
+    /// `max_request_bytes` each. Live relays do not count.
+    pub max_handshaking_connections: usize,
     /// epoll, plain-ws binary sessions: once a backend read brings at least
     /// this many bytes, move the following backend bytes to the browser
     /// through a pipe with splice(2) instead of copying them through user
@@ -183,6 +190,7 @@ impl Default for Limits {
             busy_poll_us: 0,
             balance_slack_sessions: 0,
             handoff_queue_connections: 1024,
+            max_handshaking_connections: 4096,
             splice_min_bytes: 16 * 1024,
             splice_pipe_bytes: 256 * 1024,
             splice_pipes_per_worker: 64,
@@ -253,6 +261,12 @@ impl ProxyConfig {
         }
         if l.accept_batch_max == 0 {
             return bad("accept_batch_max", "must be positive");
+        }
+        if l.max_handshaking_connections == 0 || l.max_handshaking_connections > 10_000_000 {
+            return bad(
+                "max_handshaking_connections",
+                "must be between 1 and 10000000",
+            );
         }
         if l.handoff_queue_connections == 0 || l.handoff_queue_connections > 1_000_000 {
             return bad("handoff_queue_connections", "must be between 1 and 1000000");

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::{rejection::JsonRejection, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -60,7 +60,7 @@ type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(state: Arc<ControlState>) -> Router {
     let max_body = state.cfg.control.max_request_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -73,7 +73,17 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/api/v1/ports", get(ports))
         .route("/api/v1/stats", get(stats))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(method_not_allowed);
+    #[cfg(feature = "failpoints")]
+    let router = router.route(
+        "/api/v1/debug/failpoints/{name}",
+        axum::routing::put(set_failpoint).delete(clear_failpoint),
+    );
+    router
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_time,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limit_head,
@@ -157,23 +167,89 @@ async fn limit_head(
     next.run(req).await
 }
 
+/// Bound every request by `control.request_timeout_ms` (504 with the JSON
+/// error shape beyond): a stuck hypervisor call must not hold a client, nor
+/// its connection, forever.
+async fn limit_time(
+    State(state): State<Arc<ControlState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = Duration::from_millis(state.cfg.control.request_timeout_ms);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            state.count_error("request_timeout");
+            tracing::warn!(
+                timeout_ms = limit.as_millis() as u64,
+                "API request timed out"
+            );
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "request_timeout",
+                format!("the request took longer than {} ms", limit.as_millis()),
+            )
+            .into_response()
+        }
+    }
+}
+
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready: not draining, and every worker alive and turning its loop (a
+/// dead or stuck worker means sessions on the shared port can fail).
 async fn readyz(State(state): State<Arc<ControlState>>) -> Response {
     if state.data_plane.is_draining() {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "shutting down")
             .into_response();
     }
-    Json(json!({"status": "ready", "workers": state.workers.len()})).into_response()
+    let stall_ms = state.cfg.control.worker_stall_ms;
+    let health = state.data_plane.health(Instant::now());
+    let workers: Vec<serde_json::Value> = health
+        .iter()
+        .map(|h| {
+            json!({
+                "worker": h.worker,
+                "alive": h.alive,
+                "last_turn_age_ms": h.last_turn_age_ms,
+            })
+        })
+        .collect();
+    let bad: Vec<String> = health
+        .iter()
+        .filter(|h| !h.alive || h.last_turn_age_ms > stall_ms)
+        .map(|h| {
+            if h.alive {
+                format!("worker {} stuck for {} ms", h.worker, h.last_turn_age_ms)
+            } else {
+                format!("worker {} is dead", h.worker)
+            }
+        })
+        .collect();
+    if !bad.is_empty() {
+        state.count_error("workers_unhealthy");
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "workers_unhealthy",
+            bad.join("; "),
+        )
+        .into_response();
+    }
+    Json(json!({"status": "ready", "workers": workers})).into_response()
 }
 
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
 }
 
-async fn metrics(State(state): State<Arc<ControlState>>) -> Response {
+async fn metrics(State(state): State<Arc<ControlState>>, headers: HeaderMap) -> Response {
+    if state.cfg.control.metrics_require_token {
+        if let Err(e) = authorize(&state, &headers, false) {
+            return e.into_response();
+        }
+    }
     let body = super::metrics_text::render(&state);
     (
         [(
@@ -238,22 +314,14 @@ fn bad(code: &'static str, msg: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, code, msg)
 }
 
-async fn create_session(
-    State(state): State<Arc<ControlState>>,
-    headers: HeaderMap,
-    body: Result<Json<CreateReq>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<CreateResp>)> {
-    authorize(&state, &headers, true)?;
-    if state.data_plane.is_draining() {
-        let mut e = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "the appliance is shutting down",
-        );
-        e.retry_after_s = Some(5);
-        return Err(e);
-    }
-    let Json(req) = body.map_err(|e| {
+/// A JSON body, parsed only after the caller was authorised (a stranger's
+/// body costs a bounded read, never a parse). Too large → 413, not JSON or
+/// not the schema → 400, both in the JSON error shape.
+fn parse_body<T: serde::de::DeserializeOwned>(
+    state: &ControlState,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<T> {
+    let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             state.count_error("body_too_large");
             ApiError::new(
@@ -265,10 +333,39 @@ async fn create_session(
                 ),
             )
         } else {
-            state.count_error("bad_json");
+            state.count_error("bad_body");
             bad("bad_request", e.body_text())
         }
     })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        state.count_error("bad_json");
+        bad("bad_request", format!("request body: {e}"))
+    })
+}
+
+async fn create_session(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<(StatusCode, Json<CreateResp>)> {
+    authorize(&state, &headers, true)?;
+    // Fault tests: a slow session creation (`api-delay` = return(ms)).
+    #[cfg(feature = "failpoints")]
+    if let Some(ms) =
+        fail::eval("api-delay", |arg| arg.and_then(|a| a.parse::<u64>().ok())).flatten()
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if state.data_plane.is_draining() {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the appliance is shutting down",
+        );
+        e.retry_after_s = Some(5);
+        return Err(e);
+    }
+    let req: CreateReq = parse_body(&state, body)?;
     if req.user.is_empty() || req.user.len() > MAX_FIELD_BYTES {
         return Err(bad("bad_user", "user must be 1..256 bytes"));
     }
@@ -298,12 +395,7 @@ async fn create_session(
         Some(s) => Duration::from_secs(s),
     };
     let (addr, view, password) = resolve_target(&state, &req.target).await?;
-    if req.origin.is_some() && !state.cfg.sessions.bind_origin {
-        return Err(bad(
-            "origin_binding_disabled",
-            "sessions.bind_origin is off",
-        ));
-    }
+    let origin = session_origin(&state, req.origin.as_deref())?;
     if req.client_ip.is_some() && !state.cfg.sessions.bind_client_ip {
         return Err(bad(
             "client_ip_binding_disabled",
@@ -369,8 +461,8 @@ async fn create_session(
         Target { addr, password },
         req.user.clone(),
         expires,
-        req.origin.clone(),
-        req.client_ip,
+        origin,
+        req.client_ip.map(|ip| ip.to_canonical()),
         port,
     ));
 
@@ -451,7 +543,7 @@ async fn create_session(
     });
     tracing::info!(
         session = %id_hex(id),
-        user = %req.user,
+        user = ?req.user,
         backend = %addr,
         port = ?port,
         "session created"
@@ -467,6 +559,36 @@ async fn create_session(
             viewer_url: if port.is_none() { viewer_url } else { None },
         }),
     ))
+}
+
+/// The origin a new session's ticket is bound to: the one asked for, or
+/// with `bind_origin` and none asked for, the portal's (configured, or the
+/// console's own web origin when it serves noVNC); with binding on and no
+/// origin to bind to, the request is refused rather than bound to nothing.
+fn session_origin(state: &ControlState, asked: Option<&str>) -> ApiResult<Option<String>> {
+    let bind = state.cfg.sessions.bind_origin;
+    match asked {
+        Some(_) if !bind => Err(bad(
+            "origin_binding_disabled",
+            "sessions.bind_origin is off",
+        )),
+        Some(o) => {
+            crate::config::appliance::check_origin(o).map_err(|m| bad("bad_origin", m))?;
+            Ok(Some(o.trim_end_matches('/').to_string()))
+        }
+        None if !bind => Ok(None),
+        None => match state.cfg.default_origin(&state.public_url) {
+            Some(o) => Ok(Some(o)),
+            None => {
+                state.count_error("origin_required");
+                Err(bad(
+                    "origin_required",
+                    "sessions.bind_origin is on: give the \"origin\" of the page that will \
+                     open the console, or configure sessions.portal_origin",
+                ))
+            }
+        },
+    }
 }
 
 fn internal() -> ApiError {
@@ -573,6 +695,7 @@ async fn resolve_target(
                         format!("{host}:{port} does not resolve"),
                     )
                 })?;
+            check_target_network(state, host, addr)?;
             Ok((
                 addr,
                 TargetView {
@@ -589,6 +712,34 @@ async fn resolve_target(
             format!("target.kind {other:?} is not supported (vnc, demo)"),
         )),
     }
+}
+
+/// A raw target must resolve into `sessions.target_networks`, and never to
+/// a link-local (cloud metadata), multicast or unspecified address.
+fn check_target_network(state: &ControlState, host: &str, addr: SocketAddr) -> ApiResult<()> {
+    let ip = addr.ip().to_canonical();
+    let never = match ip {
+        IpAddr::V4(v4) => {
+            v4.is_link_local() || v4.is_multicast() || v4.is_unspecified() || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => v6.is_unicast_link_local() || v6.is_multicast() || v6.is_unspecified(),
+    };
+    let allowed = !never
+        && state
+            .cfg
+            .target_networks()
+            .map(|nets| nets.iter().any(|n| n.contains(&ip)))
+            .unwrap_or(false);
+    if allowed {
+        return Ok(());
+    }
+    state.count_error("target_not_allowed");
+    tracing::warn!(target = %host, addr = %ip, "raw target outside sessions.target_networks refused");
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "target_not_allowed",
+        format!("{host} ({ip}) is not in a network raw targets may use (sessions.target_networks)"),
+    ))
 }
 
 fn parse_id(s: &str) -> ApiResult<u64> {
@@ -662,6 +813,30 @@ async fn delete_session(
     }
     tracing::info!(session = %id_hex(id), "session revoked");
     Ok(Json(rec))
+}
+
+#[cfg(feature = "failpoints")]
+async fn set_failpoint(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    actions: String,
+) -> ApiResult<StatusCode> {
+    authorize(&state, &headers, true)?;
+    fail::cfg(name.clone(), actions.trim()).map_err(|e| bad("bad_failpoint", e))?;
+    tracing::warn!(failpoint = %name, actions = %actions.trim(), "failpoint set");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(feature = "failpoints")]
+async fn clear_failpoint(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    authorize(&state, &headers, true)?;
+    fail::remove(&name);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn ports(

@@ -110,6 +110,33 @@ pub fn render(state: &ControlState) -> String {
         }
     }
 
+    // Supervision: read live from the workers' heartbeats, not from their
+    // (periodic) reports, so a dead or stuck worker shows at once.
+    let health = state.data_plane.health(now);
+    o.help(
+        "consolegate_worker_alive",
+        "gauge",
+        "1 while the worker thread runs.",
+    );
+    for h in &health {
+        o.line(
+            "consolegate_worker_alive",
+            &[("worker", &h.worker.to_string())],
+            u8::from(h.alive),
+        );
+    }
+    o.help(
+        "consolegate_worker_last_turn_age_seconds",
+        "gauge",
+        "Time since the worker's event loop last turned.",
+    );
+    for h in &health {
+        o.line(
+            "consolegate_worker_last_turn_age_seconds",
+            &[("worker", &h.worker.to_string())],
+            format!("{:.3}", h.last_turn_age_ms as f64 / 1000.0),
+        );
+    }
     o.per_worker(
         "consolegate_worker_live_sessions",
         "gauge",

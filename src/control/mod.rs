@@ -291,6 +291,10 @@ async fn sweeper(state: Arc<ControlState>) {
     let mut last_cleanup = Instant::now();
     loop {
         tick.tick().await;
+        // Fault tests block the control thread here (`control-stall` =
+        // sleep(ms)) to show the relays do not depend on it.
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("control-stall");
         let now = Instant::now();
         state.retry_revokes();
         let expired = match state.registry.lock() {

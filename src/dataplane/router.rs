@@ -6,13 +6,13 @@
 //! atomic ticket state). Must not depend on the IO backends.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use subtle::ConstantTimeEq;
 
-use crate::dataplane::tokens::TokenFile;
+use crate::dataplane::tokens::SharedTokens;
 use crate::mailbox::{ticket_state, Admission};
 use crate::protocol::http_upgrade::{query_param, Upgrade};
 
@@ -153,7 +153,7 @@ impl AdmissionTable {
 
 pub enum Router {
     Fixed(SocketAddr),
-    Tokens(Box<TokenFile>),
+    Tokens(SharedTokens),
     Appliance(AdmissionTable),
 }
 
@@ -181,17 +181,22 @@ impl Router {
                 addr: *addr,
                 admission: None,
             }),
-            Self::Tokens(file) => {
+            Self::Tokens(tokens) => {
                 let token = up
                     .query
                     .as_deref()
                     .and_then(|q| query_param(q, "token"))
                     .ok_or(RouteError::MissingToken)?;
-                let target = file.lookup(&token, now).ok_or(RouteError::UnknownToken)?;
-                Ok(Route {
-                    addr: resolve(&target.host, target.port)?,
-                    admission: None,
-                })
+                // Resolved by the loader thread: no DNS on the worker.
+                let table = tokens.load();
+                match table.get(&token) {
+                    None => Err(RouteError::UnknownToken),
+                    Some(Err(why)) => Err(RouteError::Unresolvable(why.clone())),
+                    Some(Ok(addr)) => Ok(Route {
+                        addr: *addr,
+                        admission: None,
+                    }),
+                }
             }
             Self::Appliance(table) => {
                 let id = session_id_from_path(&up.path).ok_or(RouteError::BadPath)?;
@@ -259,12 +264,13 @@ fn check_admission(
         _ => {}
     }
     if let Some(o) = &a.origin {
-        if up.origin.as_deref() != Some(o.as_str()) {
+        if !up.origin.as_deref().is_some_and(|u| same_origin(u, o)) {
             return Err(RouteError::OriginMismatch);
         }
     }
     if let Some(ip) = a.client_ip {
-        if peer != Some(ip) {
+        // An IPv4 client on a `[::]` listener shows as ::ffff:a.b.c.d.
+        if peer.map(|p| p.to_canonical()) != Some(ip.to_canonical()) {
             return Err(RouteError::ClientIpMismatch);
         }
     }
@@ -282,26 +288,17 @@ fn check_admission(
     })
 }
 
+/// Origins are `scheme://host[:port]`, all of it case-insensitive (RFC 6454
+/// serialises them lower-case, but a portal may record `https://Portal`).
+fn same_origin(sent: &str, bound: &str) -> bool {
+    sent.trim_end_matches('/')
+        .eq_ignore_ascii_case(bound.trim_end_matches('/'))
+}
+
 /// The ticket as it appears in URLs (base64url, no padding).
 pub fn base64_url(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// An IP literal is used as is. A host name is resolved with the system
-/// resolver, which blocks this worker for the lookup: acceptable for the
-/// websockify-compatible token file (operators write addresses there), and
-/// the reason the appliance mode resolves on the control plane instead.
-fn resolve(host: &str, port: u16) -> Result<SocketAddr, RouteError> {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    (host, port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut it| it.next())
-        .ok_or_else(|| RouteError::Unresolvable(format!("{host}:{port}")))
 }
 
 #[cfg(test)]
@@ -309,19 +306,6 @@ mod tests {
     use super::*;
     use crate::mailbox::Target;
     use std::time::Duration;
-
-    #[test]
-    fn ip_literals_resolve_without_lookup() {
-        assert_eq!(
-            resolve("127.0.0.1", 5900).unwrap(),
-            "127.0.0.1:5900".parse().unwrap()
-        );
-        assert_eq!(
-            resolve("[::1]", 5901).unwrap(),
-            "[::1]:5901".parse().unwrap()
-        );
-        assert_eq!(resolve("localhost", 1).unwrap().port(), 1);
-    }
 
     #[test]
     fn route_errors_map_to_statuses() {
@@ -401,9 +385,10 @@ mod tests {
             ),
             "ticket_expired"
         );
+        // Origins compare case-insensitively.
         let ok = r
             .route(
-                &upgrade("/proxy/abc", Some(&good), Some("https://portal")),
+                &upgrade("/proxy/abc", Some(&good), Some("HTTPS://Portal")),
                 info,
                 now,
             )
@@ -433,9 +418,18 @@ mod tests {
             .route(&upgrade("/proxy/abc", Some(&good), None), info, now)
             .unwrap_err();
         assert_eq!(e.kind(), "client_ip_mismatch");
+        // The right client, seen through a dual-stack listener.
+        let mapped = ConnInfo {
+            peer: Some("::ffff:10.0.0.1".parse().unwrap()),
+            bound: Some(&a),
+        };
+        r.route(&upgrade("/proxy/abc", Some(&good), None), mapped, now)
+            .unwrap();
         let mut t = AdmissionTable::default();
         t.insert(a.clone());
-        t.insert(admission(now, None, None));
+        let mut other = admission(now, None, None);
+        Arc::get_mut(&mut other).unwrap().id = 0xdef;
+        t.insert(other);
         assert_eq!(t.purge(now), 0);
         // Expired: kept as tombstones for a while (the 410), then forgotten.
         let later = now + Duration::from_secs(61);

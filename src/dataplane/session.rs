@@ -21,6 +21,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,48 @@ use crate::protocol::websocket::{
     self, close_code, Decoder, DecoderLimits, Event, Opcode, PayloadMode,
 };
 
+/// Connections still in their handshake across all workers, bounded by
+/// `max_handshaking_connections` (a slowloris guard that needs no lock: one
+/// atomic add per connection, one subtract when its handshake ends).
+#[derive(Debug)]
+pub struct HandshakeGauge {
+    count: AtomicUsize,
+    max: usize,
+}
+
+/// One connection's place in the [`HandshakeGauge`], given back on drop.
+#[derive(Debug)]
+pub struct HandshakeSlot(Arc<HandshakeGauge>);
+
+impl HandshakeGauge {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            count: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// A place for one more connection, or None when all are taken.
+    pub fn try_enter(self: &Arc<Self>) -> Option<HandshakeSlot> {
+        let before = self.count.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(HandshakeSlot(self.clone()))
+    }
+
+    pub fn current(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// What a worker lends its sessions: config, pool, router, metrics, scratch.
 pub struct WorkerCtx {
     pub cfg: Arc<ProxyConfig>,
@@ -54,6 +97,8 @@ pub struct WorkerCtx {
     /// Ids of dedicated-port sessions that ended in this turn: the IO layer
     /// closes their listeners at once (the port is free for the next one).
     pub ended_bound: Vec<u64>,
+    /// Connections in their handshake, shared by all workers.
+    pub handshakes: Arc<HandshakeGauge>,
     /// Plaintext out of rustls, and frame assembly for TLS and base64.
     scratch: Vec<u8>,
     /// One outgoing frame assembled for rustls (wss only).
@@ -74,6 +119,7 @@ impl WorkerCtx {
         let chunk = (l.recv_buffer_bytes / 3 + 1) * 4 + websocket::MAX_SERVER_HEADER_LEN;
         let pool = BufPool::new(chunk, l.pool_max_free_buffers);
         let scratch = vec![0u8; chunk];
+        let handshakes = HandshakeGauge::new(l.max_handshaking_connections);
         Self {
             cfg,
             worker_id,
@@ -85,9 +131,47 @@ impl WorkerCtx {
             events: None,
             balance: None,
             ended_bound: Vec::new(),
+            handshakes,
             scratch,
             tls_frame: Vec::new(),
         }
+    }
+
+    /// A session for a connection just accepted (or adopted), unless this
+    /// worker holds `max_sessions_per_worker` (`live`) or the workers hold
+    /// `max_handshaking_connections` connections in their handshake: then
+    /// None, counted and logged, and the caller closes the socket.
+    pub fn new_session(
+        &mut self,
+        live: usize,
+        id: u64,
+        now: Instant,
+        peer: Option<SocketAddr>,
+        bound: Option<Arc<Admission>>,
+    ) -> Option<Session> {
+        if live >= self.cfg.limits.max_sessions_per_worker {
+            self.metrics.refused_over_limit += 1;
+            self.metrics.error("over_session_limit");
+            tracing::warn!(
+                worker = self.worker_id,
+                ?peer,
+                "session limit reached, connection refused"
+            );
+            return None;
+        }
+        let Some(slot) = self.handshakes.try_enter() else {
+            self.metrics.refused_over_limit += 1;
+            self.metrics.error("handshaking_over_limit");
+            tracing::debug!(
+                worker = self.worker_id,
+                ?peer,
+                "too many connections in their handshake, refused"
+            );
+            return None;
+        };
+        let mut s = Session::new(id, self, now, peer, bound);
+        s.handshake_slot = Some(slot);
+        Some(s)
     }
 
     /// Report to the control plane without blocking; a full mailbox drops
@@ -185,6 +269,12 @@ pub struct Session {
     /// Payload bytes received straight into frame chunks by bulk receives
     /// (for the close log line).
     pub bytes_bulk_recv: u64,
+    /// This connection's place among those in their handshake; dropped as
+    /// soon as it leaves the handshake (see [`Session::set_phase`]).
+    handshake_slot: Option<HandshakeSlot>,
+    /// A static file being sent (`Responding`), streamed as the browser
+    /// takes it so at most `buffer_bytes` of it is ever queued.
+    web_body: Option<crate::dataplane::web::WebBody>,
 }
 
 /// One downstream frame whose payload the IO layer spliced into a pipe:
@@ -200,6 +290,12 @@ struct SpliceOut {
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
+}
+
+/// How long a static-file response may go without the browser taking a
+/// byte before the connection is dropped (renewed on every write).
+fn web_response_grace(ctx: &WorkerCtx) -> Duration {
+    ms(ctx.cfg.limits.close_timeout_ms.max(5_000))
 }
 
 /// `io::Write` into a ByteQueue (rustls writes its records through it).
@@ -262,6 +358,8 @@ impl Session {
             bulk_in: None,
             bulk_short: false,
             bytes_bulk_recv: 0,
+            handshake_slot: None,
+            web_body: None,
             peer,
             bound,
             admission: None,
@@ -271,6 +369,15 @@ impl Session {
 
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// Every phase change goes through here: leaving the handshake gives
+    /// the connection's handshake slot back.
+    fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+        if !matches!(phase, Phase::Sniff | Phase::Handshake) {
+            self.handshake_slot = None;
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -398,7 +505,44 @@ impl Session {
             sp.before = sp.before.saturating_sub(n);
         }
         self.note_down_drained(ctx, now);
+        if self.web_body.is_some() && n > 0 {
+            self.deadline = Some(now + web_response_grace(ctx));
+            self.stream_web_body(ctx, now);
+        }
         self.advance(ctx, now);
+    }
+
+    /// Queue more of a static file while less than `buffer_bytes` waits
+    /// for the browser; a read error ends the response (the connection
+    /// closes short of its Content-Length, which the browser notices).
+    fn stream_web_body(&mut self, ctx: &mut WorkerCtx, now: Instant) {
+        let limit = ctx.cfg.limits.buffer_bytes;
+        while self.to_browser.len() < limit {
+            let Some(body) = self.web_body.as_mut() else {
+                return;
+            };
+            let mut scratch = std::mem::take(&mut ctx.scratch);
+            let room = (limit - self.to_browser.len()).min(scratch.len());
+            let r = body.read_chunk(&mut scratch[..room]);
+            match r {
+                Ok(0) => {
+                    ctx.scratch = scratch;
+                    self.web_body = None;
+                }
+                Ok(n) => {
+                    self.push_browser(ctx, &[&scratch[..n]]);
+                    ctx.scratch = scratch;
+                }
+                Err(e) => {
+                    ctx.scratch = scratch;
+                    ctx.metrics.error("web_read");
+                    tracing::warn!(session = self.id, error = %e, "static file read failed");
+                    self.web_body = None;
+                    self.finish(ctx, now);
+                    return;
+                }
+            }
+        }
     }
 
     /// Downstream fully written: record how long its bytes waited.
@@ -512,7 +656,7 @@ impl Session {
         }
         self.backend = Backend::Open;
         if self.phase == Phase::Connecting {
-            self.phase = Phase::Relay;
+            self.set_phase(Phase::Relay);
             // The VNC security handshake must finish in time too.
             self.deadline = self
                 .rfb
@@ -945,7 +1089,7 @@ impl Session {
         // sniffs the same way to serve ws and wss on one port.
         let tls_cfg = ctx.tls.clone();
         let ssl_only = ctx.cfg.tls.as_ref().is_some_and(|t| t.ssl_only);
-        self.phase = Phase::Handshake;
+        self.set_phase(Phase::Handshake);
         if first == 0x16 {
             if let Some(cfg) = tls_cfg {
                 match rustls::ServerConnection::new(cfg) {
@@ -982,7 +1126,7 @@ impl Session {
                 tracing::info!(session = self.id, error = %e, "TLS error from browser");
                 // Send the alert rustls queued, then close.
                 self.flush_tls(ctx);
-                self.phase = Phase::Responding;
+                self.set_phase(Phase::Responding);
                 self.deadline = Some(now + ms(ctx.cfg.limits.close_timeout_ms));
                 return;
             }
@@ -1099,10 +1243,12 @@ impl Session {
                 match ctx.web.clone() {
                     Some(web) => {
                         ctx.metrics.static_responses += 1;
-                        let resp = web.respond(&path, head);
+                        let (resp, body) = web.open(&path, head);
                         self.push_browser(ctx, &[&resp]);
-                        self.phase = Phase::Responding;
-                        self.deadline = Some(now + ms(ctx.cfg.limits.close_timeout_ms.max(5_000)));
+                        self.set_phase(Phase::Responding);
+                        self.web_body = body;
+                        self.deadline = Some(now + web_response_grace(ctx));
+                        self.stream_web_body(ctx, now);
                     }
                     None => {
                         ctx.metrics.error("not_websocket");
@@ -1211,11 +1357,11 @@ impl Session {
             session = self.id,
             worker = ctx.worker_id,
             backend = %addr,
-            path = %up.path,
+            path = ?up.path,
             protocol = protocol.unwrap_or("-"),
             "session open"
         );
-        self.phase = Phase::Connecting;
+        self.set_phase(Phase::Connecting);
         self.backend = Backend::Connecting;
         self.target = Some(addr);
         self.connect_to = Some(addr);
@@ -1310,7 +1456,11 @@ impl Session {
                 if self.phase != Phase::Closing {
                     // Echo the browser's code, as RFC 6455 5.5.1 suggests.
                     let echo = code.unwrap_or(close_code::NORMAL);
-                    let why = String::from_utf8_lossy(reason.as_slice()).into_owned();
+                    // The browser's words: escaped before they reach a log
+                    // line or the API (a newline must not forge a line).
+                    let why = String::from_utf8_lossy(reason.as_slice())
+                        .escape_debug()
+                        .to_string();
                     tracing::debug!(session = self.id, code = echo, reason = %why, "browser closed");
                     self.start_close(ctx, echo, "", now);
                     self.close = Some(CloseInfo {
@@ -1390,7 +1540,7 @@ impl Session {
                     tls.send_close_notify();
                     self.flush_tls(ctx);
                 }
-                self.phase = Phase::Closing;
+                self.set_phase(Phase::Closing);
                 self.next_ping = None;
                 self.deadline = Some(now + ms(ctx.cfg.limits.close_timeout_ms));
                 // Bytes for a backend we are leaving are dropped.
@@ -1419,7 +1569,7 @@ impl Session {
         let mut resp = Vec::with_capacity(256);
         http_upgrade::write_error_response(&mut resp, status, code, message, &[]);
         self.push_browser(ctx, &[&resp]);
-        self.phase = Phase::Responding;
+        self.set_phase(Phase::Responding);
         self.deadline = Some(now + ms(ctx.cfg.limits.close_timeout_ms));
         self.close = Some(CloseInfo {
             code: None,
@@ -1474,7 +1624,7 @@ impl Session {
         let flushed = self.down_queued() == 0;
         match self.phase {
             Phase::Closing if flushed && self.close_received => self.finish(ctx, now),
-            Phase::Responding if flushed => self.finish(ctx, now),
+            Phase::Responding if flushed && self.web_body.is_none() => self.finish(ctx, now),
             _ => {}
         }
     }
@@ -1484,7 +1634,7 @@ impl Session {
             return;
         }
         let was_session = self.decoder.is_some();
-        self.phase = Phase::Done;
+        self.set_phase(Phase::Done);
         // Only the connection that claimed the ticket frees the dedicated
         // port; a refused second connection ending must not.
         if let (Some(a), Some(_)) = (&self.bound, &self.admission) {

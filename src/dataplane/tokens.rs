@@ -16,9 +16,13 @@
 //! the previous table: an operator's half-saved edit must never disconnect
 //! every console.
 //!
-//! This module does blocking file IO (a `stat` per file per interval, a read
-//! on change) on the caller's thread; the source is operator-controlled and
-//! small, and `max_file_bytes` / `max_tokens` bound the work. It must not
+//! The workers never touch the file system or the resolver for this: a
+//! loader thread ([`spawn_loader`]) owns the [`TokenFile`], checks its
+//! stamps once per reload interval, resolves every host name in it (and
+//! again every [`RERESOLVE_INTERVAL`]), and publishes the result as one
+//! immutable [`ResolvedTokens`] that workers read without a lock
+//! (`arc-swap`). A token holder cannot stall a worker with a slow DNS name.
+//! `max_file_bytes` / `max_tokens` bound the loader's work. It must not
 //! depend on any other consolegate module.
 
 use std::collections::HashMap;
@@ -29,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Where a token sends the browser: a VNC server address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TokenTarget {
     /// Host name or IP literal; IPv6 literals are stored without brackets.
     pub host: String,
@@ -166,6 +170,19 @@ impl TokenFile {
         self.map.get(token).cloned()
     }
 
+    /// Re-read the source if the reload interval has passed and its stamps
+    /// changed; true when the table changed.
+    pub fn poll(&mut self, now: Instant) -> bool {
+        let before = self.fingerprint.clone();
+        let _ = self.lookup("", now);
+        self.fingerprint != before
+    }
+
+    /// The current table.
+    pub fn targets(&self) -> &HashMap<String, TokenTarget> {
+        &self.map
+    }
+
     /// Number of tokens in the current table.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -235,6 +252,93 @@ impl TokenFile {
         }
         Ok(map)
     }
+}
+
+/// How often the loader resolves the host names again although the file did
+/// not change (DNS records change on their own).
+pub const RERESOLVE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The token table as workers read it: every target resolved, or the reason
+/// it does not resolve (answered 502 to the browser).
+#[derive(Debug, Default)]
+pub struct ResolvedTokens {
+    map: HashMap<String, Result<std::net::SocketAddr, String>>,
+}
+
+impl ResolvedTokens {
+    /// Resolve every target of `targets` (each distinct name once).
+    pub fn resolve(targets: &HashMap<String, TokenTarget>) -> Self {
+        let mut names: HashMap<&TokenTarget, Result<std::net::SocketAddr, String>> = HashMap::new();
+        let map = targets
+            .iter()
+            .map(|(token, t)| {
+                let addr = names.entry(t).or_insert_with(|| resolve_target(t)).clone();
+                (token.clone(), addr)
+            })
+            .collect();
+        Self { map }
+    }
+
+    /// The target of `token`: None for an unknown token, `Err` for one whose
+    /// host did not resolve.
+    pub fn get(&self, token: &str) -> Option<&Result<std::net::SocketAddr, String>> {
+        self.map.get(token)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// What the workers share: the latest resolved table.
+pub type SharedTokens = std::sync::Arc<arc_swap::ArcSwap<ResolvedTokens>>;
+
+/// An IP literal as is; a name through the system resolver (blocking: only
+/// ever called on the loader thread).
+fn resolve_target(t: &TokenTarget) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = t.host.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, t.port));
+    }
+    (t.host.as_str(), t.port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| format!("{t} does not resolve"))
+}
+
+/// Resolve `file`'s table now, then start the loader thread that keeps it
+/// current: it polls the source every `reload_interval` (at least 100 ms
+/// between polls), re-resolves names every [`RERESOLVE_INTERVAL`], and
+/// stops once `stop()` says so.
+pub fn spawn_loader(
+    mut file: TokenFile,
+    stop: impl Fn() -> bool + Send + 'static,
+) -> io::Result<SharedTokens> {
+    let shared: SharedTokens = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(
+        ResolvedTokens::resolve(file.targets()),
+    ));
+    let out = shared.clone();
+    let pause = file.reload_interval.max(Duration::from_millis(100));
+    std::thread::Builder::new()
+        .name("cg-tokens".into())
+        .spawn(move || {
+            let mut resolved_at = Instant::now();
+            while !stop() {
+                std::thread::sleep(pause);
+                let now = Instant::now();
+                let changed = file.poll(now);
+                if changed || now.duration_since(resolved_at) >= RERESOLVE_INTERVAL {
+                    shared.store(std::sync::Arc::new(ResolvedTokens::resolve(file.targets())));
+                    resolved_at = now;
+                }
+            }
+        })?;
+    Ok(out)
 }
 
 /// Stamps of the files making up `source`: the file itself, or every regular
@@ -682,6 +786,37 @@ mod tests {
             TokenFile::load(dir.path(), 0, 2, 1024),
             Err(TokenError::TooMany { max: 2 })
         ));
+    }
+
+    #[test]
+    fn the_loader_resolves_names_off_the_workers_and_follows_edits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        write(&path, "a: localhost:5901\nb: 10.0.0.7:5902\n");
+        let file = TokenFile::load(&path, 0, 100, 1 << 20).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let shared =
+            spawn_loader(file, move || s2.load(std::sync::atomic::Ordering::SeqCst)).unwrap();
+        let table = shared.load();
+        let a = table.get("a").unwrap().as_ref().unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 5901, "{a}");
+        assert_eq!(
+            table.get("b").unwrap().as_ref().unwrap(),
+            &"10.0.0.7:5902".parse().unwrap()
+        );
+        assert!(table.get("c").is_none());
+        rewrite(&path, "c: 127.0.0.1:5903\n", 5);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared.load().get("c").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the loader never published the edit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(shared.load().get("a").is_none());
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     proptest::proptest! {

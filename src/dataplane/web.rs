@@ -8,12 +8,17 @@
 //! lists directories and never serves dotfiles (a noVNC checkout carries
 //! `.git/`).
 //!
-//! The reads are blocking and happen on the calling worker thread. That is
-//! accepted because the files are few and small (noVNC's largest is a few
-//! hundred KiB), stay in the page cache, and are fetched once per viewer page
-//! load, never per frame; `max_file_bytes` bounds both the memory and the
-//! stall a single request can cause. A file changed between its `stat` and
-//! its read is still bounded by that limit.
+//! [`WebRoot::open`] answers with the response head and, for a file, a
+//! [`WebBody`] that the session streams chunk by chunk as the browser
+//! takes it: a response never holds more than the session's `buffer_bytes`
+//! of a file in memory, however large the file and however slow (or
+//! absent) its reader. The reads are blocking and happen on the calling
+//! worker thread. That is accepted because the files are few and small
+//! (noVNC's largest is a few hundred KiB), stay in the page cache, and are
+//! fetched once per viewer page load, never per frame; each read is at most
+//! one chunk. `max_file_bytes` bounds what one response may send; a file
+//! that grows or shrinks after its `stat` is cut at (or ends the connection
+//! short of) the length announced.
 //!
 //! Depends only on `protocol::http_upgrade` (for the project's JSON error
 //! body); no IO backend, no session.
@@ -128,33 +133,47 @@ impl WebRoot {
         })
     }
 
-    /// Build a complete HTTP/1.1 response for a GET (or, with `head`, HEAD)
-    /// of the raw request path (percent-encoded; a query or fragment is
-    /// ignored). Errors become a JSON error response; HEAD responses carry
+    /// The response to a GET (or, with `head`, HEAD) of the raw request
+    /// path (percent-encoded; a query or fragment is ignored): the status
+    /// line and headers, plus for a GET of a file the body to stream.
+    /// Errors become a complete JSON error response; HEAD responses carry
     /// headers only, with the Content-Length the GET would have.
-    pub fn respond(&self, path: &str, head: bool) -> Vec<u8> {
+    pub fn open(&self, path: &str, head: bool) -> (Vec<u8>, Option<WebBody>) {
         match self.serve(path, head) {
-            Ok((file, body_len, body)) => {
-                let mut out = response_head(200, content_type(&file), body_len);
-                out.extend_from_slice(&body);
-                out
-            }
+            Ok((file, len, body)) => (response_head(200, content_type(&file), len), body),
             Err(e) => {
                 match &e {
                     // The operator must act on these.
                     WebError::Io(_) | WebError::TooLarge { .. } | WebError::Root { .. } => {
-                        tracing::warn!(path, error = %e, "static file not served")
+                        tracing::warn!(path = ?path, error = %e, "static file not served")
                     }
-                    _ => tracing::debug!(path, error = %e, "static file not served"),
+                    _ => tracing::debug!(path = ?path, error = %e, "static file not served"),
                 }
-                error_response(&e, head)
+                (error_response(&e, head), None)
             }
         }
     }
 
-    /// Resolve and read; returns the served file, its length and its bytes
-    /// (empty for HEAD).
-    fn serve(&self, raw: &str, head: bool) -> Result<(PathBuf, u64, Vec<u8>), WebError> {
+    /// The whole response in one buffer (tests).
+    #[cfg(test)]
+    pub fn respond(&self, path: &str, head: bool) -> Vec<u8> {
+        let (mut out, body) = self.open(path, head);
+        if let Some(mut body) = body {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match body.read_chunk(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                    Err(e) => panic!("body read: {e}"),
+                }
+            }
+        }
+        out
+    }
+
+    /// Resolve and open; returns the served file, its length and, for a
+    /// GET, the body to stream.
+    fn serve(&self, raw: &str, head: bool) -> Result<(PathBuf, u64, Option<WebBody>), WebError> {
         let (file, meta) = self.resolve(raw)?;
         if meta.len() > self.max_file_bytes {
             return Err(WebError::TooLarge {
@@ -162,23 +181,14 @@ impl WebRoot {
             });
         }
         if head {
-            return Ok((file, meta.len(), Vec::new()));
+            return Ok((file, meta.len(), None));
         }
-        let mut body = Vec::new();
-        // The stat'ed size may be stale; the bound on the read is what
-        // holds.
-        fs::File::open(&file)
-            .map_err(map_io)?
-            .take(self.max_file_bytes.saturating_add(1))
-            .read_to_end(&mut body)
-            .map_err(map_io)?;
-        if body.len() as u64 > self.max_file_bytes {
-            return Err(WebError::TooLarge {
-                max_bytes: self.max_file_bytes,
-            });
-        }
-        let len = body.len() as u64;
-        Ok((file, len, body))
+        let f = fs::File::open(&file).map_err(map_io)?;
+        let body = WebBody {
+            file: f,
+            remaining: meta.len(),
+        };
+        Ok((file, meta.len(), Some(body)))
     }
 
     /// Map a raw request path to a regular file under the root.
@@ -231,7 +241,7 @@ impl WebRoot {
         let canonical = fs::canonicalize(candidate).map_err(map_io)?;
         let Ok(relative) = canonical.strip_prefix(&self.root) else {
             tracing::info!(
-                path = %candidate.display(),
+                path = ?candidate.display().to_string(),
                 "static file request resolves outside the web root"
             );
             return Err(WebError::Forbidden);
@@ -244,6 +254,44 @@ impl WebRoot {
             return Err(WebError::NotFound);
         }
         Ok(canonical)
+    }
+}
+
+/// A file's bytes still to send, read one chunk at a time as the browser
+/// takes them.
+#[derive(Debug)]
+pub struct WebBody {
+    file: fs::File,
+    /// Bytes of the announced Content-Length not yet read.
+    remaining: u64,
+}
+
+impl WebBody {
+    /// Bytes still to send.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// Read the next chunk into `buf`; `Ok(0)` once the announced length is
+    /// all read. A file that shrank since its `stat` is an error (the
+    /// response cannot be completed), one that grew is cut at the length
+    /// announced.
+    pub fn read_chunk(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while it was being served",
+            ));
+        }
+        self.remaining -= n as u64;
+        Ok(n)
     }
 }
 

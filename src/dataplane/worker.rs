@@ -1,7 +1,7 @@
 //! Starting, running and stopping the workers.
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,8 +10,8 @@ use anyhow::Context as _;
 use crate::config::{ProxyConfig, TargetConfig};
 use crate::dataplane::balance::{Balancer, WorkerLoads};
 use crate::dataplane::router::{AdmissionTable, Router};
-use crate::dataplane::session::WorkerCtx;
-use crate::dataplane::tokens::TokenFile;
+use crate::dataplane::session::{HandshakeGauge, WorkerCtx};
+use crate::dataplane::tokens::{self, SharedTokens, TokenFile};
 use crate::dataplane::web::WebRoot;
 use crate::io::{self, IoBackend};
 use crate::mailbox::{
@@ -19,20 +19,162 @@ use crate::mailbox::{
 };
 use crate::metrics::WorkerMetrics;
 
-/// The little state workers share: the drain flag. Read with a relaxed load
-/// once per loop turn.
-#[derive(Debug, Default)]
+/// The little state workers share: the drain flag, and each worker's
+/// heartbeat (its last loop turn, and whether it still runs), which the
+/// control plane reads for `/readyz`, `/metrics` and the watchdog.
+#[derive(Debug)]
 pub struct WorkerControl {
     draining: AtomicBool,
+    /// A worker ended on its own (error or panic): the process must stop
+    /// and exit non-zero.
+    failed: AtomicBool,
+    started: Instant,
+    beats: Box<[WorkerBeat]>,
+}
+
+#[derive(Debug)]
+struct WorkerBeat {
+    /// Milliseconds since `started` at the worker's last loop turn.
+    last_turn_ms: AtomicU64,
+    alive: AtomicBool,
+}
+
+/// One worker as the control plane sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerHealth {
+    pub worker: usize,
+    pub alive: bool,
+    /// Time since the worker's last loop turn.
+    pub last_turn_age_ms: u64,
 }
 
 impl WorkerControl {
+    pub fn new(workers: usize) -> Self {
+        Self {
+            draining: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            started: Instant::now(),
+            beats: (0..workers)
+                .map(|_| WorkerBeat {
+                    last_turn_ms: AtomicU64::new(0),
+                    alive: AtomicBool::new(true),
+                })
+                .collect(),
+        }
+    }
+
     pub fn start_drain(&self) {
         self.draining.store(true, Ordering::Release);
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// A worker's loop turned (once per turn: one relaxed store).
+    pub fn beat(&self, worker: usize, now: Instant) {
+        if let Some(b) = self.beats.get(worker) {
+            let ms = now.saturating_duration_since(self.started).as_millis() as u64;
+            b.last_turn_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Worker `worker` stopped running. Unless the data plane was draining
+    /// (a normal exit), that is a failure: every other worker drains and
+    /// the process exits non-zero.
+    fn worker_exited(&self, worker: usize, failed: bool) {
+        if let Some(b) = self.beats.get(worker) {
+            b.alive.store(false, Ordering::Release);
+        }
+        if failed {
+            self.failed.store(true, Ordering::Release);
+            self.start_drain();
+        }
+    }
+
+    /// A worker ended on its own.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub fn health(&self, now: Instant) -> Vec<WorkerHealth> {
+        let now_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        self.beats
+            .iter()
+            .enumerate()
+            .map(|(worker, b)| WorkerHealth {
+                worker,
+                alive: b.alive.load(Ordering::Acquire),
+                last_turn_age_ms: now_ms.saturating_sub(b.last_turn_ms.load(Ordering::Relaxed)),
+            })
+            .collect()
+    }
+
+    /// Every worker runs and turned its loop within `stall_ms`.
+    pub fn all_healthy(&self, stall_ms: u64, now: Instant) -> bool {
+        self.health(now)
+            .iter()
+            .all(|h| h.alive && h.last_turn_age_ms <= stall_ms)
+    }
+}
+
+/// What a worker does when `accept` fails (EMFILE, ENFILE, ENOBUFS…):
+/// stop accepting for a while, doubling the pause while it keeps failing,
+/// instead of retrying at once (a busy loop that burns a core and floods
+/// the log while the process is out of descriptors). Connections wait in
+/// the listen backlog meanwhile and are taken once accepting works again.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    until: Option<Instant>,
+    delay: Duration,
+}
+
+/// First pause after a failed accept.
+pub const ACCEPT_BACKOFF_MIN_MS: u64 = 20;
+/// Longest pause between accept attempts while they keep failing.
+pub const ACCEPT_BACKOFF_MAX_MS: u64 = 1_000;
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        Self {
+            until: None,
+            delay: Duration::from_millis(ACCEPT_BACKOFF_MIN_MS),
+        }
+    }
+}
+
+impl AcceptBackoff {
+    /// An accept failed: pause. Counted every time, logged when a pause
+    /// starts after success (not on every retry).
+    pub fn failed(&mut self, ctx: &mut WorkerCtx, error: &std::io::Error, now: Instant) {
+        ctx.metrics.error("accept_failed");
+        if self.delay == Duration::from_millis(ACCEPT_BACKOFF_MIN_MS) {
+            tracing::warn!(worker = ctx.worker_id, error = %error, "accept failed; pausing accepts");
+        }
+        self.until = Some(now + self.delay);
+        self.delay = (self.delay * 2).min(Duration::from_millis(ACCEPT_BACKOFF_MAX_MS));
+    }
+
+    /// An accept worked: back to normal.
+    pub fn succeeded(&mut self) {
+        self.until = None;
+        self.delay = Duration::from_millis(ACCEPT_BACKOFF_MIN_MS);
+    }
+
+    /// Accepting is paused.
+    pub fn paused(&self, now: Instant) -> bool {
+        self.until.is_some_and(|u| now < u)
+    }
+
+    /// A pause just ended: time to try again (once).
+    pub fn retry_due(&mut self, now: Instant) -> bool {
+        match self.until {
+            Some(u) if now >= u => {
+                self.until = None;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -117,7 +259,7 @@ impl DataPlane {
             None => None,
         };
         let cfg = Arc::new(cfg);
-        let control = Arc::new(WorkerControl::default());
+        let control = Arc::new(WorkerControl::new(n));
         let mut handles = Vec::new();
         // A worker's inbox: the control plane's queue (appliance mode) and,
         // with more than one worker, a separate bounded queue for
@@ -144,10 +286,13 @@ impl DataPlane {
             }
         }
         let loads = Arc::new(WorkerLoads::new(n));
+        let handshakes = HandshakeGauge::new(cfg.limits.max_handshaking_connections);
+        let tokens = token_table(&cfg, &control)?;
         for (i, listener) in listeners.into_iter().enumerate() {
-            let router = make_router(&cfg)?;
+            let router = make_router(&cfg, &tokens);
             let mut ctx = WorkerCtx::new(cfg.clone(), i, router, web.clone(), tls.clone());
             ctx.events = events.clone();
+            ctx.handshakes = handshakes.clone();
             if n > 1 {
                 ctx.balance = Some(Balancer::new(
                     i,
@@ -207,24 +352,44 @@ impl DataPlane {
     }
 }
 
-fn make_router(cfg: &ProxyConfig) -> anyhow::Result<Router> {
-    Ok(match &cfg.target {
-        TargetConfig::Fixed(a) => Router::Fixed(*a),
-        TargetConfig::Appliance => Router::Appliance(AdmissionTable::default()),
-        TargetConfig::TokenFile { source } => {
-            let l = &cfg.limits;
-            let f = TokenFile::load(
-                source,
-                l.token_reload_interval_ms,
-                l.max_tokens,
-                l.token_max_file_bytes,
-            )
-            .with_context(|| format!("token source {}", source.display()))?;
-            Router::Tokens(Box::new(f))
-        }
-    })
+/// The token table of proxy mode, loaded (and its names resolved) once for
+/// all workers by the loader thread; None for other targets.
+fn token_table(
+    cfg: &ProxyConfig,
+    control: &Arc<WorkerControl>,
+) -> anyhow::Result<Option<SharedTokens>> {
+    let TargetConfig::TokenFile { source } = &cfg.target else {
+        return Ok(None);
+    };
+    let l = &cfg.limits;
+    let f = TokenFile::load(
+        source,
+        l.token_reload_interval_ms,
+        l.max_tokens,
+        l.token_max_file_bytes,
+    )
+    .with_context(|| format!("token source {}", source.display()))?;
+    let control = control.clone();
+    let shared = tokens::spawn_loader(f, move || control.is_draining()).context("token loader")?;
+    Ok(Some(shared))
 }
 
+fn make_router(cfg: &ProxyConfig, tokens: &Option<SharedTokens>) -> Router {
+    match (&cfg.target, tokens) {
+        (TargetConfig::TokenFile { .. }, Some(t)) => Router::Tokens(t.clone()),
+        (TargetConfig::Appliance, _) => Router::Appliance(AdmissionTable::default()),
+        (TargetConfig::Fixed(a), _) => Router::Fixed(*a),
+        // A token source always comes with its table (token_table).
+        (TargetConfig::TokenFile { .. }, None) => Router::Appliance(AdmissionTable::default()),
+    }
+}
+
+/// One worker thread, supervised: whatever ends it (an error out of its
+/// loop, a panic) is logged, marks it dead, and — unless the data plane was
+/// draining — drains the other workers so the process exits non-zero
+/// rather than run on with a worker short (every shared-port session
+/// creation would then fail). Why not restart it: its sessions, buffers and
+/// listener die with it, and a restarted loop would inherit nothing sound.
 fn run_worker(
     ctx: WorkerCtx,
     listener: TcpListener,
@@ -234,18 +399,66 @@ fn run_worker(
     pin: bool,
     cpu: usize,
 ) -> anyhow::Result<WorkerMetrics> {
+    let id = ctx.worker_id;
     if pin {
         if let Err(e) = io::sys::pin_to_cpu(cpu) {
-            tracing::warn!(worker = ctx.worker_id, cpu, error = %e, "could not pin worker");
+            tracing::warn!(worker = id, cpu, error = %e, "could not pin worker");
         }
     }
-    let id = ctx.worker_id;
-    let m = match backend {
-        IoBackend::Epoll => io::epoll::run(ctx, listener, inbox, control),
-        IoBackend::Uring => io::uring::run(ctx, listener, inbox, control),
+    let ctl = control.clone();
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match backend {
+        IoBackend::Epoll => io::epoll::run(ctx, listener, inbox, ctl),
+        IoBackend::Uring => io::uring::run(ctx, listener, inbox, ctl),
+    }));
+    let result = match ran {
+        Ok(Ok(m)) if control.is_draining() => Ok(m),
+        Ok(Ok(_)) => Err(anyhow::anyhow!("worker {id} stopped unexpectedly")),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("worker {id}"))),
+        Err(panic) => Err(anyhow::anyhow!(
+            "worker {id} panicked: {}",
+            panic_message(panic.as_ref())
+        )),
+    };
+    if let Err(e) = &result {
+        tracing::error!(
+            worker = id,
+            error = format!("{e:#}"),
+            "worker died; stopping the data plane"
+        );
     }
-    .with_context(|| format!("worker {id}"))?;
-    Ok(m)
+    control.worker_exited(id, result.is_err());
+    result
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Fault injection for the fault tests: with the `failpoints` feature,
+/// `worker-panic` / `worker-error` configured as `return(N)` make worker N
+/// panic / fail, and `worker-stall` (`sleep(ms)`) stalls every worker's
+/// turn. Without the feature this is nothing at all.
+pub fn inject_faults(worker: usize) -> std::io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    {
+        let hit = |name: &str| {
+            fail::eval(name, |arg| arg)
+                .flatten()
+                .is_some_and(|w| w.trim() == worker.to_string())
+        };
+        if hit("worker-panic") {
+            panic!("failpoint worker-panic");
+        }
+        if hit("worker-error") {
+            return Err(std::io::Error::other("failpoint worker-error"));
+        }
+        fail::fail_point!("worker-stall");
+    }
+    let _ = worker;
+    Ok(())
 }
 
 /// What the IO layer must do after a control-plane message.

@@ -25,7 +25,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::dataplane::router::Router;
 use crate::dataplane::session::{Session, WorkerCtx};
-use crate::dataplane::worker::{self, DrainState, Inbound, WorkerControl};
+use crate::dataplane::worker::{self, AcceptBackoff, DrainState, Inbound, WorkerControl};
 use crate::io::splice::{self, Pipe, PipePool};
 use crate::mailbox::{Admission, WorkerInbox};
 use crate::metrics::WorkerMetrics;
@@ -113,6 +113,8 @@ pub fn run(
     let mut drain = DrainState::default();
     let mut again: Vec<usize> = Vec::new();
     let mut accept_again = false;
+    // Failed accepts (EMFILE…) pause accepting; see AcceptBackoff.
+    let mut backoff = AcceptBackoff::default();
     let mut next_id: u64 = (ctx.worker_id as u64) << 48;
     let busy_poll = Duration::from_micros(ctx.cfg.limits.busy_poll_us);
     let mut last_work = Instant::now();
@@ -136,6 +138,8 @@ pub fn run(
         if !events.is_empty() {
             last_work = now;
         }
+        ctl.beat(ctx.worker_id, now);
+        worker::inject_faults(ctx.worker_id)?;
         let mut revisit = std::mem::take(&mut again);
         let mut dedicated_ready: Vec<usize> = Vec::new();
         let mut woken = false;
@@ -169,9 +173,15 @@ pub fn run(
             }
             revisit.push(idx);
         }
+        // A pause that ends retries every listener: edge-triggered
+        // readiness does not fire again for connections already waiting.
+        if backoff.retry_due(now) && !drain.active() {
+            accept_again = true;
+            dedicated_ready.extend(dedicated.iter().map(|(i, _)| i));
+        }
         if accept_again {
             accept_again = false;
-            if let Some(l) = listener.as_ref() {
+            if let (Some(l), false) = (listener.as_ref(), backoff.paused(now)) {
                 accept_again = accept_batch(
                     l,
                     None,
@@ -181,10 +191,14 @@ pub fn run(
                     &mut next_id,
                     now,
                     &mut revisit,
+                    &mut backoff,
                 )?;
             }
         }
         for d in dedicated_ready {
+            if backoff.paused(now) {
+                break;
+            }
             if let Some(dl) = dedicated.get(d) {
                 let a = dl.a.clone();
                 // A dedicated listener serves one session; a backlog beyond
@@ -198,6 +212,7 @@ pub fn run(
                     &mut next_id,
                     now,
                     &mut revisit,
+                    &mut backoff,
                 )?;
             }
         }
@@ -455,6 +470,7 @@ fn accept_batch(
     next_id: &mut u64,
     now: Instant,
     revisit: &mut Vec<usize>,
+    backoff: &mut AcceptBackoff,
 ) -> io::Result<bool> {
     for _ in 0..ctx.cfg.limits.accept_batch_max {
         let (stream, peer) = match l.accept() {
@@ -462,13 +478,13 @@ fn accept_batch(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                // EMFILE and friends: count, log, and retry on the next turn
-                // rather than spinning on a listener we cannot serve.
-                ctx.metrics.error("accept_failed");
-                tracing::warn!(worker = ctx.worker_id, error = %e, "accept failed");
+                // EMFILE and friends: pause accepting rather than spin on a
+                // listener we cannot serve; the pause's end retries.
+                backoff.failed(ctx, &e, now);
                 return Ok(false);
             }
         };
+        backoff.succeeded();
         ctx.metrics.accepted += 1;
         // Shared-port connections may go to a less-loaded worker; a
         // dedicated port's session stays with its listener's worker.
@@ -515,12 +531,9 @@ fn add_conn(
     now: Instant,
     revisit: &mut Vec<usize>,
 ) -> io::Result<()> {
-    if conns.len() >= ctx.cfg.limits.max_sessions_per_worker {
-        ctx.metrics.refused_over_limit += 1;
-        ctx.metrics.error("over_session_limit");
-        tracing::warn!(worker = ctx.worker_id, %peer, "session limit reached, connection refused");
+    let Some(session) = ctx.new_session(conns.len(), id, now, Some(peer), bound) else {
         return Ok(());
-    }
+    };
     let _ = stream.set_nodelay(true);
     let entry = conns.vacant_entry();
     let idx = entry.key();
@@ -528,7 +541,7 @@ fn add_conn(
         .register(&mut stream, token(idx, false), Interest::READABLE)?;
     tracing::debug!(worker = ctx.worker_id, session = id, %peer, "accepted");
     entry.insert(Conn {
-        s: Session::new(id, ctx, now, Some(peer), bound),
+        s: session,
         browser: stream,
         b_readable: true,
         b_writable: true,

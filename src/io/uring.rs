@@ -40,7 +40,7 @@ use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 
 use crate::dataplane::router::Router;
 use crate::dataplane::session::{Session, WorkerCtx};
-use crate::dataplane::worker::{self, DrainState, Inbound, WorkerControl};
+use crate::dataplane::worker::{self, AcceptBackoff, DrainState, Inbound, WorkerControl};
 use crate::mailbox::{Admission, WorkerInbox};
 use crate::metrics::WorkerMetrics;
 
@@ -360,6 +360,8 @@ struct Worker {
     wake_buf: Box<u64>,
     wake_armed: bool,
     dedicated: slab::Slab<Dedicated>,
+    /// Failed accepts pause accepting (EMFILE must not busy-loop).
+    accept_backoff: AcceptBackoff,
     /// Reused storage of [`Batch`].
     batch: Vec<squeue::Entry>,
 }
@@ -450,6 +452,23 @@ impl Worker {
         worker::report_listener_closed(ctx, &d.a, d.port);
     }
 
+    /// After an accept pause: arm every listener whose accept is not armed.
+    fn rearm_accepts(&mut self) -> io::Result<()> {
+        if !self.accept_armed && !self.accept_cancel {
+            self.arm_accept()?;
+        }
+        let idle: Vec<usize> = self
+            .dedicated
+            .iter()
+            .filter(|(_, d)| !d.armed && !d.closing)
+            .map(|(i, _)| i)
+            .collect();
+        for idx in idle {
+            self.arm_dedicated(idx)?;
+        }
+        Ok(())
+    }
+
     fn arm_accept(&mut self) -> io::Result<()> {
         if let Some(l) = self.listener.as_ref() {
             let e = opcode::AcceptMulti::new(Fd(l.as_raw_fd()))
@@ -497,6 +516,7 @@ pub fn run(
         wake_buf: Box::new(0),
         wake_armed: false,
         dedicated: slab::Slab::new(),
+        accept_backoff: AcceptBackoff::default(),
         batch: Vec::with_capacity(8),
     };
     w.arm_accept()?;
@@ -537,6 +557,10 @@ pub fn run(
         let now = Instant::now();
         if !cqes.is_empty() {
             last_work = now;
+        }
+        ctl.beat(ctx.worker_id, now);
+        if let Err(e) = worker::inject_faults(ctx.worker_id) {
+            break Err(e);
         }
         touched.clear();
         for &(user_data, res, flags) in &cqes {
@@ -623,6 +647,9 @@ pub fn run(
                 }
                 sync(&mut w, &mut ctx, slot, now)?;
             }
+        }
+        if !drain.active() && w.accept_backoff.retry_due(now) {
+            w.rearm_accepts()?;
         }
         if drain.active() && !w.accept_armed && w.listener.is_some() {
             w.listener = None;
@@ -734,6 +761,7 @@ fn complete(
                 d.a.clone()
             });
             if res >= 0 {
+                w.accept_backoff.succeeded();
                 // SAFETY: a successful accept completion returns a new
                 // file descriptor that nothing else owns.
                 let stream = unsafe { TcpStream::from_raw_fd(res as RawFd) };
@@ -741,7 +769,7 @@ fn complete(
                     accept(w, ctx, stream, bound, now, touched);
                 }
             } else if res != -libc::ECANCELED {
-                ctx.metrics.error("accept_failed");
+                w.accept_backoff.failed(ctx, &errno_err(res), now);
             }
             let (armed, closing) = w
                 .dedicated
@@ -749,7 +777,8 @@ fn complete(
                 .map_or((false, false), |d| (d.armed, d.closing));
             if closing && !armed {
                 w.drop_dedicated(ctx, idx);
-            } else if !armed && !closing {
+            } else if !armed && !closing && !w.accept_backoff.paused(now) {
+                // While paused it is re-armed when the pause ends.
                 w.arm_dedicated(idx)?;
             }
         }
@@ -762,15 +791,17 @@ fn complete(
                     w.accept_armed = false;
                 }
                 if res >= 0 {
+                    w.accept_backoff.succeeded();
                     // SAFETY: a successful accept completion returns a new
                     // file descriptor that nothing else owns.
                     let stream = unsafe { TcpStream::from_raw_fd(res as RawFd) };
                     accept(w, ctx, stream, None, now, touched);
                 } else if res != -libc::ECANCELED {
-                    ctx.metrics.error("accept_failed");
-                    tracing::warn!(worker = ctx.worker_id, error = %errno_err(res), "accept failed");
+                    // The kernel ended the multishot accept; re-arming at
+                    // once would fail again at once (EMFILE): pause.
+                    w.accept_backoff.failed(ctx, &errno_err(res), now);
                 }
-                if !w.accept_armed && !w.accept_cancel {
+                if !w.accept_armed && !w.accept_cancel && !w.accept_backoff.paused(now) {
                     w.arm_accept()?;
                 }
             }
@@ -945,19 +976,13 @@ fn add_conn(
     now: Instant,
     touched: &mut Vec<usize>,
 ) {
-    if w.conns.len() >= ctx.cfg.limits.max_sessions_per_worker {
-        ctx.metrics.refused_over_limit += 1;
-        ctx.metrics.error("over_session_limit");
-        tracing::warn!(
-            worker = ctx.worker_id,
-            "session limit reached, connection refused"
-        );
+    let Some(session) = ctx.new_session(w.conns.len(), w.next_id + 1, now, peer, bound) else {
         return;
-    }
+    };
     let _ = stream.set_nodelay(true);
     w.next_id += 1;
     let slot = w.conns.insert(Box::new(Conn {
-        s: Session::new(w.next_id, ctx, now, peer, bound),
+        s: session,
         browser: stream,
         backend: None,
         addr: None,

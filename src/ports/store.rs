@@ -116,6 +116,47 @@ impl PortStore {
         Ok(state.allocations)
     }
 
+    /// Move a corrupt state file aside (`ports.json.corrupt-<unix ms>`) so
+    /// the operator keeps it while the appliance starts empty; the next save
+    /// would otherwise overwrite it. Returns the new name.
+    pub fn quarantine(&self) -> Result<PathBuf, PortError> {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let kept = self
+            .path
+            .with_file_name(format!("{STATE_FILE_NAME}.corrupt-{ms}"));
+        fs::rename(&self.path, &kept).map_err(|e| self.io("rename", &kept, e))?;
+        Ok(kept)
+    }
+
+    /// Remove temp files a killed process left behind mid-save (they were
+    /// never renamed into place, so they hold nothing the file lacks).
+    /// Only names of this store's own pattern are touched. Returns how many.
+    pub fn remove_stale_temp_files(&self) -> usize {
+        let Some(dir) = self.path.parent() else {
+            return 0;
+        };
+        let prefix = format!(".{STATE_FILE_NAME}.tmp.");
+        let own = format!("{prefix}{}.", std::process::id());
+        let Ok(entries) = fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            // Never a temp file of this process's own saves in flight.
+            if name.starts_with(&prefix)
+                && !name.starts_with(&own)
+                && fs::remove_file(e.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Replace the file with `allocs`, atomically: a reader (or a crash)
     /// sees either the old file or the new one, never a torn one. Temp file
     /// in the same directory (rename is atomic only within a file system),
@@ -153,6 +194,10 @@ impl PortStore {
                 .map_err(|e| self.io("create", &tmp, e))?;
             f.write_all(&bytes).map_err(|e| self.io("write", &tmp, e))?;
             f.sync_all().map_err(|e| self.io("fsync", &tmp, e))?;
+            // Fault tests kill the process here, between the temp file and
+            // the rename (the `failpoints` feature only).
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("ports-save-before-rename");
             fs::rename(&tmp, &self.path).map_err(|e| self.io("rename", &self.path, e))
         })();
         if let Err(e) = written {
@@ -317,5 +362,30 @@ mod tests {
         let big = vec![b' '; MAX_STATE_FILE_BYTES as usize + 1];
         fs::write(store.path(), big).unwrap();
         assert!(corrupt_reason(store.load()).contains("larger than"));
+    }
+
+    #[test]
+    fn a_corrupt_file_is_kept_aside_and_stale_temp_files_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PortStore::new(dir.path());
+        fs::write(dir.path().join(STATE_FILE_NAME), "{not json").unwrap();
+        assert!(matches!(store.load(), Err(PortError::Corrupt { .. })));
+        let kept = store.quarantine().unwrap();
+        assert_eq!(fs::read_to_string(&kept).unwrap(), "{not json");
+        assert!(kept
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("ports.json.corrupt-"));
+        assert_eq!(store.load().unwrap(), Vec::new());
+        // A dead process's temp file goes; other files stay.
+        let stale = dir
+            .path()
+            .join(format!(".{STATE_FILE_NAME}.tmp.999999999.3"));
+        fs::write(&stale, "x").unwrap();
+        fs::write(dir.path().join("other"), "y").unwrap();
+        assert_eq!(store.remove_stale_temp_files(), 1);
+        assert!(!stale.exists());
+        assert!(dir.path().join("other").exists() && kept.exists());
     }
 }

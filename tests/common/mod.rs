@@ -214,6 +214,46 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     proc_kib(pid, "status", "VmRSS").map(|k| k * 1024)
 }
 
+/// Peak resident set size of a process (VmHWM), in bytes.
+pub fn hwm_bytes(pid: u32) -> Option<u64> {
+    proc_kib(pid, "status", "VmHWM").map(|k| k * 1024)
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> Option<usize> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count())
+}
+
+/// CPU time (user + system) a process has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat: 11 and 12 here.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// Raises this test process's soft open-file limit to the hard one (tests
+/// that hold thousands of sockets); its children inherit it.
+pub fn raise_nofile() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    let target = l.maximum;
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: target,
+            maximum: l.maximum,
+        },
+    );
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 /// Proportional set size of a process, in bytes.
 pub fn pss_bytes(pid: u32) -> Option<u64> {
     proc_kib(pid, "smaps_rollup", "Pss").map(|k| k * 1024)
@@ -599,6 +639,21 @@ impl Proxy {
     }
 
     pub fn try_start(io: &str, extra: &[&str], target: Option<&str>) -> Result<Proxy, String> {
+        Self::try_start_launch(io, extra, target, &Launch::default())
+    }
+
+    /// [`Proxy::start`] with a launcher prefix (e.g. `prlimit --nofile=64`)
+    /// and extra environment (e.g. `FAILPOINTS`).
+    pub fn start_launch(io: &str, extra: &[&str], target: Option<&str>, launch: &Launch) -> Proxy {
+        Self::try_start_launch(io, extra, target, launch).unwrap_or_else(|e| panic!("io={io}: {e}"))
+    }
+
+    pub fn try_start_launch(
+        io: &str,
+        extra: &[&str],
+        target: Option<&str>,
+        launch: &Launch,
+    ) -> Result<Proxy, String> {
         let mut args: Vec<String> = vec!["proxy".into(), "--io".into(), io.into()];
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push("127.0.0.1:0".into());
@@ -612,13 +667,16 @@ impl Proxy {
         let stderr_path = dir.path().join("stderr.log");
         let stderr = File::create(&stderr_path).expect("create stderr log");
         let bin = consolegate_bin();
-        let mut cmd = Command::new(&bin);
+        let mut cmd = launch.command(&bin);
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
+        }
+        for (k, v) in &launch.env {
+            cmd.env(k, v);
         }
         // The log goes to a file that failure messages print: no ANSI colours.
         cmd.env("NO_COLOR", "1");
@@ -805,6 +863,15 @@ pub struct WsClient<S: TcpBacked> {
     pub protocol: Option<String>,
     pub response: Response,
     pending: Vec<u8>,
+}
+
+impl<S: TcpBacked> std::fmt::Debug for WsClient<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsClient")
+            .field("protocol", &self.protocol)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
 }
 
 /// What ended a read.
@@ -1865,6 +1932,10 @@ pub struct ApplianceOptions {
     /// `[tls]` keys.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub tls_toml: String,
+    /// Extra `[control]` keys.
+    pub control_toml: String,
+    /// How the process is launched (limits, FAILPOINTS).
+    pub launch: Launch,
 }
 
 /// The TOML of a test appliance: loopback listeners on port 0, one admin and
@@ -1877,7 +1948,10 @@ pub fn appliance_config_text(
     opts: &ApplianceOptions,
 ) -> String {
     let mut t = String::new();
-    t.push_str("[control]\nlisten = \"127.0.0.1:0\"\n\n");
+    t.push_str(&format!(
+        "[control]\nlisten = \"127.0.0.1:0\"\n{}\n\n",
+        opts.control_toml
+    ));
     t.push_str("[console]\nlisten = \"127.0.0.1:0\"\n");
     if let Some(w) = &opts.web_dir {
         t.push_str(&format!("web_dir = {:?}\n", w.display().to_string()));
@@ -1897,7 +1971,14 @@ pub fn appliance_config_text(
         "[dataplane]\nio = \"{io}\"\n{}\n[dataplane.limits]\ndrain_grace_ms = 200\n{}\n",
         opts.dataplane_toml, opts.limits_toml
     ));
-    t.push_str(&format!("[sessions]\n{}\n", opts.sessions_toml));
+    // The test clients send no Origin unless a test asks: sessions are not
+    // bound to one unless the test turns binding on itself.
+    let binding = if opts.sessions_toml.contains("bind_origin") {
+        ""
+    } else {
+        "bind_origin = false\n"
+    };
+    t.push_str(&format!("[sessions]\n{binding}{}\n", opts.sessions_toml));
     t.push_str("[demo]\nenabled = true\n");
     // A small default screen keeps demo traffic low; tests may override.
     if !opts.demo_toml.contains("width") {
@@ -1966,6 +2047,44 @@ impl CreatedSession {
     }
 }
 
+/// How to launch a consolegate process beyond its arguments: a prefix that
+/// execs it (so the PID stays the process's own, e.g. `prlimit
+/// --nofile=64:64`) and extra environment (e.g. `FAILPOINTS`).
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    pub prefix: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Launch {
+    /// With the open-files limit (soft and hard) at `n`.
+    pub fn nofile(n: u64) -> Launch {
+        Launch {
+            prefix: vec!["prlimit".into(), format!("--nofile={n}:{n}"), "--".into()],
+            env: Vec::new(),
+        }
+    }
+
+    /// With `FAILPOINTS` set (the `failpoints` test build).
+    pub fn failpoints(spec: &str) -> Launch {
+        Launch {
+            prefix: Vec::new(),
+            env: vec![("FAILPOINTS".into(), spec.into())],
+        }
+    }
+
+    fn command(&self, bin: &Path) -> Command {
+        match self.prefix.split_first() {
+            None => Command::new(bin),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+        }
+    }
+}
+
 /// A running `consolegate run --config FILE`. Killed (SIGKILL) on drop
 /// unless it has exited; its output is printed when the test is failing.
 pub struct Appliance {
@@ -2018,7 +2137,10 @@ impl Appliance {
         let stderr_path = dir.path().join("stderr.log");
         let stderr = File::create(&stderr_path).expect("create stderr log");
         let bin = consolegate_bin();
-        let mut cmd = Command::new(&bin);
+        let mut cmd = opts.launch.command(&bin);
+        for (k, v) in &opts.launch.env {
+            cmd.env(k, v);
+        }
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)

@@ -901,3 +901,27 @@ fn revoked_and_expired_tickets_answer_403_and_410_not_404() {
     a.revoke();
     assert_eq!(try_connect(&mut ctx, now), "HTTP/1.1 403");
 }
+
+#[test]
+fn handshaking_connections_are_capped_and_their_slots_come_back() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|c| c.limits.max_handshaking_connections = 2);
+    let mut a = ctx.new_session(0, 1, now, None, None).unwrap();
+    let b = ctx.new_session(1, 2, now, None, None).unwrap();
+    assert!(ctx.new_session(2, 3, now, None, None).is_none());
+    assert_eq!(ctx.handshakes.current(), 2);
+    assert!(ctx
+        .metrics
+        .errors()
+        .iter()
+        .any(|(k, n)| *k == "handshaking_over_limit" && *n == 1));
+    // `a` finishes its upgrade: it relays now and no longer counts.
+    a.on_browser_data(&mut ctx, &upgrade_request(""), now);
+    assert_eq!(a.phase(), Phase::Connecting);
+    assert_eq!(ctx.handshakes.current(), 1);
+    let c = ctx.new_session(2, 3, now, None, None).unwrap();
+    // A connection that goes away mid-handshake gives its slot back too.
+    drop(b);
+    drop(c);
+    assert_eq!(ctx.handshakes.current(), 0);
+}
