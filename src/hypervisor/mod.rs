@@ -7,5 +7,6 @@
 
 pub mod demo;
 pub mod model;
+pub mod qemu;
 pub mod snapshot;
 pub mod thumbnail;
