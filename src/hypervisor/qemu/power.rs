@@ -39,7 +39,7 @@ pub(super) enum Confirm {
     ResetsAbove(u64),
     /// More POWERDOWN events than this.
     PowerdownsAbove(u64),
-    /// QEMU has exited (SHUTDOWN seen, or QMP gone).
+    /// QEMU has exited: its QMP connection closed.
     Gone,
 }
 
@@ -49,7 +49,9 @@ impl Confirm {
             Confirm::Power(power) => state.power == power,
             Confirm::ResetsAbove(n) => state.resets > n,
             Confirm::PowerdownsAbove(n) => state.powerdowns > n,
-            Confirm::Gone => state.power == PowerState::Off || !state.connected,
+            // Not SHUTDOWN alone: QEMU is still exiting then, and a
+            // command sent meanwhile would meet a closing socket.
+            Confirm::Gone => !state.connected,
         }
     }
 
@@ -60,7 +62,8 @@ impl Confirm {
         match self {
             Confirm::Power(power) => power_from_status(status) == power,
             Confirm::ResetsAbove(_) | Confirm::PowerdownsAbove(_) => true,
-            Confirm::Gone => status == "shutdown",
+            // QEMU still answering is QEMU not gone.
+            Confirm::Gone => false,
         }
     }
 
@@ -188,6 +191,12 @@ async fn execute(
             Ok(_) => {}
             // QEMU may exit before its answer to `quit` is read.
             Err(QmpError::Unreachable { .. }) if confirm == Confirm::Gone => {}
+            // The connection was closing (QEMU exiting after a shutdown):
+            // the fresh state may explain better why this cannot be done.
+            Err(e @ QmpError::Unreachable { .. }) => {
+                plan(&vm.id, action, &vm.state())?;
+                return Err(e.into());
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -318,6 +327,8 @@ mod tests {
         s.resets = 4;
         assert!(Confirm::ResetsAbove(3).met(&s));
         assert!(!Confirm::Gone.met(&s));
+        s.power = PowerState::Off;
+        assert!(!Confirm::Gone.met(&s), "exiting is not exited");
         s.connected = false;
         assert!(Confirm::Gone.met(&s));
         assert!(Confirm::Power(PowerState::Suspended).met_by_status("paused"));
