@@ -164,18 +164,31 @@ async fn qemu_console_password_works_for_one_login_then_expires() {
 }
 
 #[tokio::test]
-async fn qemu_console_is_refused_when_the_display_has_no_password() {
-    let s = setup(QemuOptions {
+async fn qemu_console_is_refused_without_a_password_protected_display() {
+    let open = setup(QemuOptions {
         vnc: QemuVnc::NoPassword,
         prelaunch: false,
     });
-    wait_power(&s.backend, PowerState::On).await;
-    let e = s.backend.console(VM).await.unwrap_err();
+    let headless = setup(QemuOptions {
+        vnc: QemuVnc::Without,
+        prelaunch: false,
+    });
+    wait_power(&open.backend, PowerState::On).await;
+    let e = open.backend.console(VM).await.unwrap_err();
     assert!(
         matches!(&e, HypervisorError::Unsupported(m) if m.contains("not password-protected") && m.contains("password=on")),
         "{e}"
     );
-    assert_eq!(s.backend.commands_sent(VM, "set_password"), Some(0));
+    assert_eq!(open.backend.commands_sent(VM, "set_password"), Some(0));
+    wait_power(&headless.backend, PowerState::On).await;
+    let e = headless.backend.console(VM).await.unwrap_err();
+    assert!(
+        matches!(&e, HypervisorError::Unsupported(m) if m.contains("no VNC display") && m.contains("-vnc")),
+        "{e}"
+    );
+    // Thumbnails need no VNC display: screendump reads the graphics card.
+    let thumbnail = headless.backend.thumbnail(VM, BOX).await.unwrap();
+    assert_eq!((thumbnail.width, thumbnail.height), (320, 177));
 }
 
 #[tokio::test]

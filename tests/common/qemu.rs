@@ -32,6 +32,8 @@ pub enum QemuVnc {
     Password,
     /// `-vnc 127.0.0.1:N`: no authentication.
     NoPassword,
+    /// No `-vnc` at all.
+    Without,
 }
 
 /// How to start a [`Qemu`].
@@ -59,7 +61,8 @@ pub struct Qemu {
     pub backend_qmp: PathBuf,
     /// The test's own QMP socket (a QMP socket serves one client at a time).
     pub test_qmp: PathBuf,
-    /// The VNC display's TCP port on 127.0.0.1 (from `query-vnc`).
+    /// The VNC display's TCP port on 127.0.0.1 (from `query-vnc`; 0
+    /// without a display).
     pub vnc_port: u16,
     pub options: QemuOptions,
     dir: PathBuf,
@@ -106,13 +109,18 @@ impl Qemu {
         let display = u32::from(pick_free_port().max(5901)) - 5900;
         let last = (display + 50).min(65535 - 5900);
         let vnc = match self.options.vnc {
-            QemuVnc::Password => format!("127.0.0.1:{display},to={last},password=on"),
-            QemuVnc::NoPassword => format!("127.0.0.1:{display},to={last}"),
+            QemuVnc::Password => Some(format!("127.0.0.1:{display},to={last},password=on")),
+            QemuVnc::NoPassword => Some(format!("127.0.0.1:{display},to={last}")),
+            QemuVnc::Without => None,
         };
         let mut command = Command::new(&binary);
         command
             .args(["-machine", "pc,accel=tcg", "-nodefaults", "-vga", "std"])
-            .args(["-display", "none", "-vnc", &vnc])
+            .args(["-display", "none"]);
+        if let Some(vnc) = &vnc {
+            command.args(["-vnc", vnc]);
+        }
+        command
             .arg("-qmp")
             .arg(format!(
                 "unix:{},server=on,wait=off",
@@ -153,6 +161,9 @@ impl Qemu {
             .qmp()
             .execute("query-vnc", json!({}))
             .expect("query-vnc");
+        if self.options.vnc == QemuVnc::Without {
+            return;
+        }
         self.vnc_port = vnc["service"]
             .as_str()
             .and_then(|s| s.parse().ok())
