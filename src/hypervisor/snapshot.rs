@@ -1118,6 +1118,10 @@ mod tests {
             matches!(e, SnapshotError::Protocol(ref m) if m.contains("clipboard")),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn endless_oversized_or_truncated_streams_are_typed_errors() {
         // A cursor shape far larger than the budget fails before reading.
         let e = failure(
             2,

@@ -248,10 +248,16 @@ impl QmpClient {
             id,
         };
         let line = command_line(id, command, arguments);
-        if outgoing.try_send(line).is_err() {
-            // Full cannot happen (the queue is as long as the pending
-            // bound), so the connection task has gone.
-            return Err(self.shared.unreachable("connection closing"));
+        match outgoing.try_send(line) {
+            Ok(()) => {}
+            // Lines of commands that timed out may still wait for a write
+            // QEMU does not take.
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(QmpError::Busy(self.shared.limits.max_in_flight_commands))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(self.shared.unreachable("connection closing"))
+            }
         }
         self.shared.count(command);
         match timeout(self.shared.command_timeout(), receiver).await {
