@@ -4,7 +4,7 @@
 #
 #   bash scripts/install-deps.sh build   C toolchain for ring (gcc, pkg-config); checks cargo
 #   bash scripts/install-deps.sh test    peers of the end-to-end tests: TigerVNC Xvnc (and
-#                                        vncpasswd), noVNC, Chromium, and tests/browser's
+#                                        vncpasswd), QEMU, noVNC, Chromium, and tests/browser's
 #                                        node_modules (playwright-core, pinned by package-lock.json)
 #
 # As root, missing Debian packages are installed with apt-get (one `apt-get update`
@@ -115,6 +115,8 @@ deps_test() {
     need_pkg novnc file /usr/share/novnc/core/rfb.js
     # Debian's Chromium: /usr/lib/chromium/chromium is the real binary.
     need_pkg chromium file /usr/lib/chromium/chromium
+    # QEMU (TCG) behind the QEMU backend's end-to-end tests (tests/e2e_qemu.rs).
+    need_pkg qemu-system-x86 cmd qemu-system-x86_64
     install_missing
 
     # Node.js and npm come with the machine image (NodeSource). Debian's own npm

@@ -7,4 +7,7 @@
 
 pub mod demo;
 pub mod model;
+pub mod qemu;
+pub mod snapshot;
+pub mod static_targets;
 pub mod thumbnail;

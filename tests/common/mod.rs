@@ -11,6 +11,7 @@
 //! Each test file includes this module with `#[macro_use] mod common;`, and
 //! not every file uses every helper.
 #![allow(dead_code)]
+pub mod qemu;
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
