@@ -7,4 +7,5 @@
 
 pub mod demo;
 pub mod model;
+pub mod pool;
 pub mod thumbnail;
