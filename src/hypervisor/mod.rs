@@ -9,3 +9,4 @@ pub mod demo;
 pub mod model;
 pub mod pool;
 pub mod thumbnail;
+pub mod vsphere;
