@@ -402,15 +402,25 @@ pub fn find_tls_error<'a>(
     // A source chain is short; the bound keeps a cyclic one from looping.
     for _ in 0..16 {
         let e = current?;
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        if let Some(tls) = tls_at(e) {
             return Some(tls);
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return Some(tls);
-            }
-        }
         current = e.source();
+    }
+    None
+}
+
+/// The rustls error `error` is, or that the `io::Error`s it is wrap (an
+/// `io::Error`'s `source()` skips the error it wraps, and HTTP clients wrap
+/// tokio-rustls's `io::Error` in another).
+fn tls_at<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut current = error;
+    for _ in 0..4 {
+        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        let inner = current.downcast_ref::<std::io::Error>()?.get_ref()?;
+        current = inner;
     }
     None
 }

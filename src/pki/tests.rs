@@ -202,6 +202,15 @@ fn tls_errors_are_found_inside_io_errors() {
     let io = std::io::Error::other(inner);
     let found = find_tls_error(&io).unwrap();
     assert_eq!(classify(found), Some(CertProblem::Untrusted));
+    // As hyper-rustls reports it: tokio-rustls's io::Error in another.
+    let mismatch = rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+        Arc::new(ThumbprintMismatch {
+            algorithm: ThumbprintAlgorithm::Sha1,
+        }),
+    )));
+    let twice = std::io::Error::other(std::io::Error::other(mismatch));
+    let found = find_tls_error(&twice).expect("found inside both io::Errors");
+    assert_eq!(classify(found), Some(CertProblem::Mismatch));
     let plain = std::io::Error::other("connection refused");
     assert!(find_tls_error(&plain).is_none());
     assert_eq!(classify(&rustls::Error::DecryptError), None);

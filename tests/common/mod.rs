@@ -12,6 +12,8 @@
 //! not every file uses every helper.
 #![allow(dead_code)]
 
+pub mod vcsim;
+
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
