@@ -189,6 +189,67 @@ async fn a_session_the_simulator_expired_is_revalidated_and_replaced() {
 }
 
 #[tokio::test]
+async fn keepalive_keeps_an_idle_session_from_expiring() {
+    // The simulator forgets sessions idle for 1.2 s; keep-alive validates
+    // idle ones every 300 ms (passes every 150 ms).
+    let sim = Vcsim::start(VcsimOptions {
+        session_idle_ms: 1_200,
+        ..VcsimOptions::default()
+    });
+    let mut c = config(&sim);
+    c.keepalive_interval_ms = 300;
+    let backend = VsphereBackend::new(&c).unwrap();
+    backend.validate().await.expect("login");
+    let keepalive = backend.spawn_keepalive();
+    let base = sim.stats().sdk_requests;
+    // 8 keep-alive calls, each at least 300 ms after the previous use, span
+    // more than 2 s: the idle timeout would have passed without them. (An
+    // async poll: the keep-alive task runs on this thread.)
+    let deadline = Instant::now() + SIM_WAIT;
+    while sim.stats().sdk_requests < base + 8 {
+        assert!(
+            Instant::now() < deadline,
+            "keep-alive calls: {:?}",
+            sim.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.expired_sessions, stats.active_sessions),
+        (0, 1),
+        "{stats:?}"
+    );
+    assert_eq!(backend.stats().logins, 1);
+    backend.shutdown().await;
+    keepalive.await.unwrap();
+    assert_eq!(sim.stats().active_sessions, 0);
+}
+
+#[tokio::test]
+async fn a_call_that_meets_not_authenticated_is_retried_once_on_a_new_session() {
+    let sim = Vcsim::start(VcsimOptions::default());
+    let backend = backend(&sim);
+    let vm = vm_named(&backend, "DC0_H0_VM0").await;
+    // The checkout's CurrentTime passes; the session dies right after it.
+    assert_eq!(sim.expire_sessions_after(1), 1);
+    let again = backend
+        .vm(&vm.native_id)
+        .await
+        .expect("retried on a new session");
+    assert_eq!(again, vm);
+    let stats = sim.stats();
+    assert_eq!((stats.logins, stats.expired_sessions), (2, 1), "{stats:?}");
+    let pool = backend.stats();
+    // Not a stale checkout (validation passed): a discarded session.
+    assert_eq!(
+        (pool.reconnects, pool.logins, pool.total_connections),
+        (0, 2, 1),
+        "{pool:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_ticket_reaches_the_vnc_server_once_pinned_to_its_thumbprint() {
     let xvnc = Xvnc::start();
     let sim = Vcsim::start(with_vm1_off(Some(&xvnc)));

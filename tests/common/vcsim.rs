@@ -316,7 +316,14 @@ impl Vcsim {
 
     /// Expires every API session now; returns how many there were.
     pub fn expire_sessions(&self) -> u64 {
-        let response = http_call(self.debug, "POST", "/debug/expire-sessions", None, None)
+        self.expire_sessions_after(0)
+    }
+
+    /// Expires every API session once `requests` more SDK requests have
+    /// been answered (0: now); returns how many sessions there are now.
+    pub fn expire_sessions_after(&self, requests: u32) -> u64 {
+        let path = format!("/debug/expire-sessions?after_requests={requests}");
+        let response = http_call(self.debug, "POST", &path, None, None)
             .unwrap_or_else(|e| panic!("vcsim expire: {e}"));
         assert_eq!(response.status, 200, "{}", response.body);
         response.json()["expired"].as_u64().unwrap()

@@ -227,6 +227,12 @@ impl VsphereBackend {
         self.pool.stats()
     }
 
+    /// Starts the keep-alive of idle sessions (see
+    /// [`Pool::spawn_keepalive`]); it ends when the backend shuts down.
+    pub fn spawn_keepalive(&self) -> tokio::task::JoinHandle<()> {
+        self.pool.spawn_keepalive()
+    }
+
     /// Logs every session out (see [`Pool::shutdown`]).
     pub async fn shutdown(&self) {
         self.pool

@@ -473,6 +473,7 @@ pub fn retrieve_result(result: &Element) -> HvResult<(Vec<ObjectContent>, Option
             .child("obj")
             .ok_or_else(|| protocol("an ObjectContent has no obj".into()))
             .and_then(MoRef::from_element)?;
+        missing_properties(object)?;
         let mut props = Vec::new();
         for prop in object.children_named("propSet") {
             if let (Some(name), Some(val)) = (prop.child_text("name"), prop.child("val")) {
@@ -483,6 +484,29 @@ pub fn retrieve_result(result: &Element) -> HvResult<(Vec<ObjectContent>, Option
     }
     let token = returnval.child_text("token").map(str::to_string);
     Ok((objects, token))
+}
+
+/// A property the collector could not read: an expired session shows up
+/// here (a `NotAuthenticated` per property) rather than as a fault, so it
+/// is one; a refused read is `Auth`; other missing properties are absent.
+fn missing_properties(object: &Element) -> HvResult<()> {
+    for missing in object.children_named("missingSet") {
+        let kind = missing
+            .path(&["fault", "fault"])
+            .and_then(Element::xsi_type)
+            .unwrap_or("");
+        match kind {
+            "NotAuthenticated" => return Err(HypervisorError::SessionExpired),
+            "NoPermission" => {
+                let path = missing.child_text("path").unwrap_or("");
+                return Err(HypervisorError::Auth(format!(
+                    "NoPermission to read {path}"
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The moref a method returned (`<returnval type="Task">task-12</returnval>`).
@@ -684,6 +708,16 @@ mod tests {
             objects[0].prop("runtime.host").unwrap().attr("type"),
             Some("HostSystem")
         );
+
+        // An expired session: the object, each property missing.
+        let xml = envelope(
+            r#"<RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="VirtualMachine">vm-1</obj><missingSet><path>name</path><fault><fault xsi:type="NotAuthenticated"><object type="VirtualMachine">vm-1</object><privilegeId>System.Read</privilegeId></fault><localizedMessage></localizedMessage></fault></missingSet></objects></returnval></RetrievePropertiesExResponse>"#,
+        );
+        let root = parse(&xml).unwrap();
+        assert!(matches!(
+            retrieve_result(body_result(&root).unwrap()),
+            Err(HypervisorError::SessionExpired)
+        ));
 
         let xml = envelope(
             r#"<AcquireTicketResponse xmlns="urn:vim25"><returnval><ticket>abc123</ticket><cfgFile>[ds] a/a.vmx</cfgFile><port>0</port><sslThumbprint>AA:BB</sslThumbprint></returnval></AcquireTicketResponse>"#,

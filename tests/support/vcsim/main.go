@@ -114,9 +114,12 @@ type front struct {
 
 	mu       sync.Mutex
 	sessions map[string]time.Time // cookie value -> last active
-	tickets  map[string]ticket
-	screens  map[string][]byte
-	stats    stats
+	// expireAfter > 0: every session expires once that many more SDK
+	// requests have been answered (set by POST /debug/expire-sessions).
+	expireAfter int
+	tickets     map[string]ticket
+	screens     map[string][]byte
+	stats       stats
 }
 
 func main() {
@@ -456,6 +459,23 @@ func (f *front) serveSDK(w http.ResponseWriter, r *http.Request) {
 	}
 	w.WriteHeader(rec.Code)
 	_, _ = w.Write(rec.Body.Bytes())
+	f.countDownExpiry()
+}
+
+// countDownExpiry expires every session when the requests asked for by
+// /debug/expire-sessions?after_requests=N have been answered.
+func (f *front) countDownExpiry() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.expireAfter <= 0 {
+		return
+	}
+	f.expireAfter--
+	if f.expireAfter == 0 {
+		for key := range f.sessions {
+			f.forget(key, true)
+		}
+	}
 }
 
 // account counts a successful Login or Logout.
@@ -845,16 +865,29 @@ func (f *front) serveStats(w http.ResponseWriter, r *http.Request) {
 	_ = json.NewEncoder(w).Encode(s)
 }
 
-// serveExpireAll expires every API session now (POST).
+// serveExpireAll expires every API session now (POST), or, with
+// ?after_requests=N, once N more SDK requests have been answered (so a
+// session can pass its validation and expire before the next call).
 func (f *front) serveExpireAll(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodPost {
 		http.Error(w, "POST only", http.StatusMethodNotAllowed)
 		return
 	}
+	after := 0
+	if v := r.URL.Query().Get("after_requests"); v != "" {
+		if _, err := fmt.Sscanf(v, "%d", &after); err != nil || after < 0 {
+			http.Error(w, "after_requests must be a count", http.StatusBadRequest)
+			return
+		}
+	}
 	f.mu.Lock()
 	n := len(f.sessions)
-	for key := range f.sessions {
-		f.forget(key, true)
+	if after > 0 {
+		f.expireAfter = after
+	} else {
+		for key := range f.sessions {
+			f.forget(key, true)
+		}
 	}
 	f.mu.Unlock()
 	fmt.Fprintf(w, "{\"expired\":%d}\n", n)
