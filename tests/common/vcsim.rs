@@ -74,11 +74,11 @@ fn build() -> PathBuf {
         return binary;
     }
     fs::create_dir_all(&root).expect("create target/tmp/vcsim");
-    let unique = format!(
-        "vcsim-{hash}.{}.{}.tmp",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id())
-    );
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let unique = format!("vcsim-{hash}.{}.{nanos}.tmp", std::process::id());
     let temporary = root.join(unique);
     let log = root.join(format!("build-{}.log", std::process::id()));
     let started = Instant::now();
