@@ -4,7 +4,8 @@
 #
 #   bash scripts/install-deps.sh build   C toolchain for ring (gcc, pkg-config); checks cargo
 #   bash scripts/install-deps.sh test    peers of the end-to-end tests: TigerVNC Xvnc (and
-#                                        vncpasswd), QEMU, noVNC, Chromium, and tests/browser's
+#                                        vncpasswd), QEMU, noVNC, Chromium, Go and govmomi's
+#                                        simulator sources, and tests/browser's
 #                                        node_modules (playwright-core, pinned by package-lock.json)
 #
 # As root, missing Debian packages are installed with apt-get (one `apt-get update`
@@ -117,6 +118,10 @@ deps_test() {
     need_pkg chromium file /usr/lib/chromium/chromium
     # QEMU (TCG) behind the QEMU backend's end-to-end tests (tests/e2e_qemu.rs).
     need_pkg qemu-system-x86 cmd qemu-system-x86_64
+    # The vSphere tests build govmomi's simulator (tests/support/vcsim) offline
+    # with Debian's Go and its govmomi sources.
+    need_pkg golang-go cmd go
+    need_pkg golang-github-vmware-govmomi-dev file /usr/share/gocode/src/github.com/vmware/govmomi/simulator/simulator.go
     install_missing
 
     # Node.js and npm come with the machine image (NodeSource). Debian's own npm

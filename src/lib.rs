@@ -9,5 +9,6 @@ pub mod hypervisor;
 pub mod io;
 pub mod mailbox;
 pub mod metrics;
+pub mod pki;
 pub mod ports;
 pub mod protocol;

@@ -13,6 +13,8 @@
 #![allow(dead_code)]
 pub mod qemu;
 
+pub mod vcsim;
+
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
