@@ -146,6 +146,9 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "port state not restored; starting empty"),
     }
 
+    // Before the workers accept (see drain_signals).
+    let signals = crate::drain_signals()?;
+
     // Mailboxes between the planes.
     let n = cfg.worker_count();
     let mut senders = Vec::with_capacity(n);
@@ -231,7 +234,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         format!("console public url {public_url}"),
     ])?;
 
-    crate::drain_on_signals(dp.control())?;
+    crate::drain_on_signals(signals, dp.control())?;
 
     let metrics = dp.join();
     let _ = sd_tx.send(true);

@@ -374,11 +374,14 @@ fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
     if cfg.origins.is_empty() {
         tracing::warn!("no --origin allowlist: any Origin is accepted (as websockify does)");
     }
+    // Before the workers accept: once they do, a flood can take every
+    // descriptor, and the signal handler needs one.
+    let signals = drain_signals()?;
     let dp = DataPlane::start(cfg)?;
     let control = dp.control();
     announce(&[listening_line(&dp)])?;
     tracing::info!(addr = %dp.addr, io = dp.backend.name(), workers = dp.workers, "proxy started");
-    drain_on_signals(control)?;
+    drain_on_signals(signals, control)?;
     let m = dp.join()?;
     let errors: Vec<String> = m.errors().iter().map(|(k, v)| format!("{k}={v}")).collect();
     tracing::info!(
@@ -415,13 +418,20 @@ pub(crate) fn announce(lines: &[String]) -> std::io::Result<()> {
 
 /// SIGTERM/SIGINT: first one drains the data plane (no new connections,
 /// live sessions get their grace period), a second one exits at once.
-pub(crate) fn drain_on_signals(
-    control: std::sync::Arc<consolegate::dataplane::worker::WorkerControl>,
-) -> anyhow::Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([
+/// The SIGTERM/SIGINT handler, registered before anything accepts
+/// connections (it needs a descriptor, which a connection flood could
+/// otherwise take first).
+pub(crate) fn drain_signals() -> anyhow::Result<signal_hook::iterator::Signals> {
+    Ok(signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
-    ])?;
+    ])?)
+}
+
+pub(crate) fn drain_on_signals(
+    mut signals: signal_hook::iterator::Signals,
+    control: std::sync::Arc<consolegate::dataplane::worker::WorkerControl>,
+) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("cg-signals".into())
         .spawn(move || {

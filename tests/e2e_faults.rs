@@ -441,6 +441,23 @@ fn flooding_backend(n: usize, stop: Arc<AtomicBool>) -> (SocketAddr, Arc<AtomicU
     (addr, written)
 }
 
+/// A process's descriptor count once it stops changing (two readings
+/// 300 ms apart agree).
+fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid).expect("fd count");
+    wait_until(
+        Duration::from_secs(10),
+        "the descriptor count to settle",
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = fd_count(pid)?;
+            let settled = now == last;
+            last = now;
+            settled.then_some(now)
+        },
+    )
+}
+
 /// Waits until `counter` stops growing for `quiet`.
 fn wait_quiet(counter: &AtomicU64, quiet: Duration, limit: Duration, what: &str) {
     let start = Instant::now();
@@ -486,6 +503,8 @@ fn slow_readers_stay_inside_the_memory_budget(io: &str) {
     );
     let _ = RECV;
     let pid = proxy.pid();
+    // Workers allocate their rings and buffers after the listening line.
+    settled_fd_count(pid);
     let base = hwm_bytes(pid).expect("VmHWM");
     let mut clients = Vec::with_capacity(SESSIONS);
     for _ in 0..SESSIONS {
@@ -543,8 +562,9 @@ fn static_file_readers_that_read_nothing_hold_no_file(io: &str) {
         Some("127.0.0.1:9"),
     );
     let pid = proxy.pid();
+    // Workers open their rings after the listening line: measure once settled.
+    let fds_before = settled_fd_count(pid);
     let base = hwm_bytes(pid).expect("VmHWM");
-    let fds_before = fd_count(pid).expect("fd count");
     let mut clients = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
         let sock =
