@@ -36,7 +36,7 @@ pub mod ticket_state {
 }
 
 /// Where an admitted session goes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Target {
     pub addr: SocketAddr,
     /// VNC password the data plane uses to authenticate to the backend;
@@ -44,8 +44,32 @@ pub struct Target {
     pub password: Option<String>,
 }
 
+// By hand: `{:?}` (a log line, a panic) must never print a secret.
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("addr", &self.addr)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("id", &format_args!("{:016x}", self.id))
+            .field("ticket", &"<redacted>")
+            .field("target", &self.target)
+            .field("user", &self.user)
+            .field("origin", &self.origin)
+            .field("client_ip", &self.client_ip)
+            .field("port", &self.port)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
 /// A session the control plane created, waiting for its browser.
-#[derive(Debug)]
 pub struct Admission {
     pub id: u64,
     /// The single-use ticket (random bytes, compared in constant time).
@@ -408,6 +432,15 @@ mod tests {
             None,
             None,
         )
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_ticket_or_password() {
+        let mut a = admission();
+        a.target.password = Some("hunter22".into());
+        let d = format!("{a:?}");
+        assert!(!d.contains("hunter22") && !d.contains("[1, 1"), "{d}");
+        assert!(d.contains("redacted"), "{d}");
     }
 
     #[test]
