@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use subtle::ConstantTimeEq;
 
+use crate::cause::Cause;
 use crate::dataplane::tokens::SharedTokens;
 use crate::mailbox::{ticket_state, Admission};
 use crate::protocol::http_upgrade::{query_param, Upgrade};
@@ -70,6 +71,24 @@ impl RouteError {
             Self::Revoked => "session_revoked",
             Self::OriginMismatch => "origin_mismatch",
             Self::ClientIpMismatch => "client_ip_mismatch",
+        }
+    }
+}
+
+impl From<&RouteError> for Cause {
+    fn from(e: &RouteError) -> Self {
+        match e {
+            RouteError::MissingToken => Cause::MissingToken,
+            RouteError::UnknownToken => Cause::UnknownToken,
+            RouteError::Unresolvable(_) => Cause::TargetUnresolvable,
+            RouteError::BadPath => Cause::BadPath,
+            RouteError::UnknownSession => Cause::UnknownSession,
+            RouteError::BadTicket => Cause::BadTicket,
+            RouteError::TicketUsed => Cause::TicketReplay,
+            RouteError::TicketExpired => Cause::TicketExpired,
+            RouteError::Revoked => Cause::SessionRevokedBeforeConnect,
+            RouteError::OriginMismatch => Cause::OriginMismatch,
+            RouteError::ClientIpMismatch => Cause::ClientIpMismatch,
         }
     }
 }
@@ -306,6 +325,19 @@ mod tests {
     use super::*;
     use crate::mailbox::Target;
     use std::time::Duration;
+
+    #[test]
+    fn route_errors_agree_with_their_causes() {
+        for e in [
+            RouteError::TicketExpired,
+            RouteError::BadTicket,
+            RouteError::UnknownToken,
+            RouteError::Revoked,
+        ] {
+            assert_eq!(Cause::from(&e).status(), Some(e.status()), "{e}");
+            assert_eq!(Cause::from(&e).kind(), e.kind());
+        }
+    }
 
     #[test]
     fn route_errors_map_to_statuses() {

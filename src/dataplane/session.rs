@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
+use crate::cause::Cause;
 use crate::config::ProxyConfig;
 use crate::dataplane::buffer::{BufPool, ByteQueue, Lent};
 use crate::dataplane::router::{ConnInfo, Router};
@@ -151,7 +152,7 @@ impl WorkerCtx {
     ) -> Option<Session> {
         if live >= self.cfg.limits.max_sessions_per_worker {
             self.metrics.refused_over_limit += 1;
-            self.metrics.error("over_session_limit");
+            self.metrics.count(Cause::OverSessionLimit);
             tracing::warn!(
                 worker = self.worker_id,
                 ?peer,
@@ -161,7 +162,7 @@ impl WorkerCtx {
         }
         let Some(slot) = self.handshakes.try_enter() else {
             self.metrics.refused_over_limit += 1;
-            self.metrics.error("handshaking_over_limit");
+            self.metrics.count(Cause::HandshakingOverLimit);
             tracing::debug!(
                 worker = self.worker_id,
                 ?peer,
@@ -179,7 +180,7 @@ impl WorkerCtx {
     pub fn report(&mut self, msg: FromWorker) {
         if let Some(tx) = &self.events {
             if tx.send(msg).is_err() {
-                self.metrics.error("events_dropped");
+                self.metrics.count(Cause::EventsDropped);
             }
         }
     }
@@ -535,7 +536,7 @@ impl Session {
                 }
                 Err(e) => {
                     ctx.scratch = scratch;
-                    ctx.metrics.error("web_read");
+                    ctx.metrics.count(Cause::WebRead);
                     tracing::warn!(session = self.id, error = %e, "static file read failed");
                     self.web_body = None;
                     self.finish(ctx, now);
@@ -627,12 +628,12 @@ impl Session {
         }
         match error {
             Some(e) => {
-                ctx.metrics.error("browser_io");
+                ctx.metrics.count(Cause::BrowserIo);
                 tracing::debug!(session = self.id, error = %e, "browser connection failed");
             }
             None => {
                 if matches!(self.phase, Phase::Connecting | Phase::Relay) {
-                    ctx.metrics.error("browser_eof_without_close");
+                    ctx.metrics.count(Cause::BrowserEofWithoutClose);
                 }
             }
         }
@@ -679,7 +680,7 @@ impl Session {
         now: Instant,
     ) {
         self.backend = Backend::Closed;
-        ctx.metrics.error("backend_connect_failed");
+        ctx.metrics.count(Cause::BackendConnectFailed);
         tracing::warn!(session = self.id, backend = ?self.target, error = %err, "backend connect failed");
         self.start_close(
             ctx,
@@ -958,7 +959,7 @@ impl Session {
         match error {
             None => self.start_close(ctx, close_code::NORMAL, "backend closed", now),
             Some(e) => {
-                ctx.metrics.error("backend_io");
+                ctx.metrics.count(Cause::BackendIo);
                 tracing::warn!(session = self.id, error = %e, "backend connection failed");
                 self.start_close(
                     ctx,
@@ -976,7 +977,7 @@ impl Session {
         let expired = self.deadline.is_some_and(|d| now >= d);
         match self.phase {
             Phase::Sniff | Phase::Handshake if expired => {
-                ctx.metrics.error("handshake_timeout");
+                ctx.metrics.count(Cause::HandshakeTimeout);
                 tracing::info!(session = self.id, "handshake timed out");
                 self.respond_error(
                     ctx,
@@ -993,7 +994,7 @@ impl Session {
                 }
             }
             Phase::Connecting if expired => {
-                ctx.metrics.error("backend_connect_timeout");
+                ctx.metrics.count(Cause::BackendConnectTimeout);
                 tracing::warn!(session = self.id, backend = ?self.target, "backend connect timed out");
                 self.start_close(
                     ctx,
@@ -1003,7 +1004,7 @@ impl Session {
                 );
             }
             Phase::Relay if expired && self.rfb.is_some() => {
-                ctx.metrics.error("rfb_handshake_timeout");
+                ctx.metrics.count(Cause::RfbHandshakeTimeout);
                 tracing::warn!(
                     session = self.id,
                     "VNC handshake with the backend timed out"
@@ -1023,7 +1024,7 @@ impl Session {
             }
             Phase::Relay => {
                 if idle > 0 && now.duration_since(self.last_activity) >= ms(idle) {
-                    ctx.metrics.error("idle_timeout");
+                    ctx.metrics.count(Cause::IdleTimeout);
                     tracing::info!(session = self.id, "idle timeout");
                     self.start_close(ctx, close_code::GOING_AWAY, "idle timeout", now);
                 } else if let Some(p) = self.next_ping.filter(|p| now >= *p) {
@@ -1059,7 +1060,7 @@ impl Session {
 
     /// The control plane revoked the session (DELETE): close with 1008.
     pub fn on_revoke(&mut self, ctx: &mut WorkerCtx, now: Instant) {
-        ctx.metrics.error("revoked");
+        ctx.metrics.count(Cause::Revoked);
         match self.phase {
             Phase::Connecting | Phase::Relay => {
                 self.start_close(ctx, close_code::POLICY, "session revoked", now)
@@ -1095,14 +1096,14 @@ impl Session {
                 match rustls::ServerConnection::new(cfg) {
                     Ok(conn) => self.tls = Some(Box::new(conn)),
                     Err(e) => {
-                        ctx.metrics.error("tls_setup");
+                        ctx.metrics.count(Cause::TlsSetup);
                         tracing::error!(session = self.id, error = %e, "TLS session setup failed");
                         self.finish(ctx, now);
                     }
                 }
             }
         } else if ssl_only {
-            ctx.metrics.error("plain_on_ssl_only");
+            ctx.metrics.count(Cause::PlainOnTlsOnly);
             tracing::info!(session = self.id, "plain connection refused (--ssl-only)");
             self.finish(ctx, now);
         }
@@ -1115,14 +1116,14 @@ impl Session {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {
-                    ctx.metrics.error("tls_read");
+                    ctx.metrics.count(Cause::TlsRead);
                     tracing::info!(session = self.id, error = %e, "TLS input refused");
                     self.finish(ctx, now);
                     return;
                 }
             }
             if let Err(e) = tls.process_new_packets() {
-                ctx.metrics.error("tls_error");
+                ctx.metrics.count(Cause::TlsError);
                 tracing::info!(session = self.id, error = %e, "TLS error from browser");
                 // Send the alert rustls queued, then close.
                 self.flush_tls(ctx);
@@ -1176,7 +1177,7 @@ impl Session {
             if taken == 0 {
                 // With its output just flushed rustls always takes bytes,
                 // unless the connection is closing: the rest cannot be sent.
-                ctx.metrics.error("tls_write");
+                ctx.metrics.count(Cause::TlsWrite);
                 tracing::debug!(
                     session = self.id,
                     unsent = data.len(),
@@ -1230,7 +1231,7 @@ impl Session {
             Ok(None) => return,
             Ok(Some(r)) => r,
             Err(e) => {
-                ctx.metrics.error(e.kind());
+                ctx.metrics.count(Cause::from(&e));
                 tracing::info!(session = self.id, status = e.status(), error = %e, "bad handshake");
                 self.respond_error(ctx, e.status(), e.kind(), &e.to_string(), now);
                 return;
@@ -1251,7 +1252,7 @@ impl Session {
                         self.stream_web_body(ctx, now);
                     }
                     None => {
-                        ctx.metrics.error("not_websocket");
+                        ctx.metrics.count(Cause::NotWebsocket);
                         self.respond_error(
                             ctx,
                             400,
@@ -1271,7 +1272,7 @@ impl Session {
                 .as_deref()
                 .is_some_and(|o| ctx.cfg.origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
             if !ok {
-                ctx.metrics.error("origin_not_allowed");
+                ctx.metrics.count(Cause::OriginNotAllowed);
                 tracing::warn!(session = self.id, origin = ?up.origin, "origin not allowed");
                 self.respond_error(
                     ctx,
@@ -1286,7 +1287,7 @@ impl Session {
         let protocol = match http_upgrade::choose_subprotocol(&up.protocols) {
             Ok(p) => p,
             Err(e) => {
-                ctx.metrics.error(e.kind());
+                ctx.metrics.count(Cause::from(&e));
                 tracing::info!(session = self.id, offered = ?up.protocols, "no supported subprotocol");
                 self.respond_error(ctx, e.status(), e.kind(), &e.to_string(), now);
                 return;
@@ -1299,7 +1300,7 @@ impl Session {
         let route = match ctx.router.route(&up, info, now) {
             Ok(r) => r,
             Err(e) => {
-                ctx.metrics.error(e.kind());
+                ctx.metrics.count(Cause::from(&e));
                 tracing::info!(session = self.id, error = %e, "route refused");
                 let id = self
                     .bound
@@ -1428,7 +1429,7 @@ impl Session {
                     if discard {
                         self.close_received = true;
                     } else {
-                        ctx.metrics.error(e.kind());
+                        ctx.metrics.count(Cause::from(&e));
                         tracing::info!(session = self.id, error = %e, "protocol error from browser");
                         self.start_close(ctx, e.close_code(), &e.to_string(), now);
                         // The browser broke the protocol: do not wait for its close.
@@ -1516,7 +1517,7 @@ impl Session {
                 Some(n)
             }
             Err(e) => {
-                ctx.metrics.error(e.kind());
+                ctx.metrics.count(Cause::from(&e));
                 let (code, who) = match e.side() {
                     rfb::Side::Backend => (close_code::INTERNAL_ERROR, "backend"),
                     rfb::Side::Browser => (close_code::PROTOCOL_ERROR, "browser"),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
+use crate::cause::Cause;
 use crate::config::{ProxyConfig, TargetConfig};
 use crate::dataplane::balance::{Balancer, WorkerLoads};
 use crate::dataplane::router::{AdmissionTable, Router};
@@ -147,7 +148,7 @@ impl AcceptBackoff {
     /// An accept failed: pause. Counted every time, logged when a pause
     /// starts after success (not on every retry).
     pub fn failed(&mut self, ctx: &mut WorkerCtx, error: &std::io::Error, now: Instant) {
-        ctx.metrics.error("accept_failed");
+        ctx.metrics.count(Cause::AcceptFailed);
         if self.delay == Duration::from_millis(ACCEPT_BACKOFF_MIN_MS) {
             tracing::warn!(worker = ctx.worker_id, error = %error, "accept failed; pausing accepts");
         }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
+use crate::cause::Cause;
 use crate::dataplane::router::Router;
 use crate::dataplane::session::{Session, WorkerCtx};
 use crate::dataplane::worker::{self, AcceptBackoff, DrainState, Inbound, WorkerControl};
@@ -782,7 +783,7 @@ fn pump(
                             ) =>
                         {
                             // Nothing moved; copy from now on.
-                            ctx.metrics.error("splice_unsupported");
+                            ctx.metrics.count(Cause::SpliceUnsupported);
                             tracing::warn!(worker = ctx.worker_id, error = %e, "splice refused, copying instead");
                             pipes.disable();
                         }

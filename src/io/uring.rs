@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 
+use crate::cause::Cause;
 use crate::dataplane::router::Router;
 use crate::dataplane::session::{Session, WorkerCtx};
 use crate::dataplane::worker::{self, AcceptBackoff, DrainState, Inbound, WorkerControl};
@@ -855,7 +856,7 @@ fn complete(
                 // Out of provided buffers for a moment, or cancelled for
                 // backpressure: re-armed by `sync` when wanted.
                 if res == -libc::ENOBUFS {
-                    ctx.metrics.error("uring_no_buffers");
+                    ctx.metrics.count(Cause::UringNoBuffers);
                 }
             } else {
                 // EOF (0) or an error.
