@@ -2,7 +2,8 @@
 
 use super::*;
 use crate::config::{IoChoice, Limits, ProxyConfig, TargetConfig};
-use crate::protocol::websocket::{encode_client_frame, Opcode};
+use crate::dataplane::router::Router;
+use crate::protocol::websocket::{self, encode_client_frame, Opcode};
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
