@@ -4,7 +4,6 @@
 //! or an admitted session and its ticket), then hand over: to a relay (101
 //! sent) or to an HTTP answer (an error, or a static file).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ctx::{HandshakeSlot, WorkerCtx};
