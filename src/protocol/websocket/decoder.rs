@@ -27,6 +27,8 @@ enum MsgKind {
 struct Frame {
     opcode: Opcode,
     fin: bool,
+    /// Whether the payload is masked (client→server frames are).
+    masked: bool,
     mask: [u8; 4],
     /// Payload bytes not yet consumed.
     remaining: u64,
@@ -34,11 +36,15 @@ struct Frame {
     mask_off: u8,
 }
 
-/// Streaming decoder of client→server (masked) frames.
+/// Streaming decoder of the frames one peer sends: masked client→server
+/// frames from a browser ([`Role::Server`], [`Decoder::new`]), or unmasked
+/// server→client frames from a backend ([`Role::Client`],
+/// [`Decoder::with_role`]).
 ///
 /// Holds partial header bytes (≤14) and control payloads (≤125) internally so
 /// `decode` can always consume whatever it is given; never allocates.
 pub struct Decoder {
+    role: Role,
     pub(super) mode: PayloadMode,
     limits: DecoderLimits,
     hdr: [u8; MAX_CLIENT_HEADER_LEN],
@@ -60,6 +66,7 @@ pub struct Decoder {
 impl fmt::Debug for Decoder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Decoder")
+            .field("role", &self.role)
             .field("mode", &self.mode)
             .field("in_payload", &self.in_payload)
             .field("message", &self.message)
@@ -70,9 +77,19 @@ impl fmt::Debug for Decoder {
 }
 
 impl Decoder {
-    /// A decoder at the start of a stream.
+    /// A decoder at the start of a browser's stream (the server role:
+    /// frames must be masked; errors blame the browser).
     pub fn new(mode: PayloadMode, limits: DecoderLimits) -> Self {
+        Self::with_role(Role::Server, mode, limits)
+    }
+
+    /// A decoder at the start of a stream, playing `role`: [`Role::Client`]
+    /// decodes a server's (a backend's) unmasked frames, refuses masked ones
+    /// with [`Fault::MaskedFrame`], and blames the backend for every error
+    /// ([`Fault::Backend`]).
+    pub fn with_role(role: Role, mode: PayloadMode, limits: DecoderLimits) -> Self {
         Self {
+            role,
             mode,
             limits,
             hdr: [0; MAX_CLIENT_HEADER_LEN],
@@ -82,6 +99,7 @@ impl Decoder {
             frame: Frame {
                 opcode: Opcode::Continuation,
                 fin: false,
+                masked: false,
                 mask: [0; 4],
                 remaining: 0,
                 mask_off: 0,
@@ -130,11 +148,17 @@ impl Decoder {
         let mut p = Progress::default();
         match self.run(input, data_out, &mut p) {
             Ok(()) => Ok(p),
-            Err(e) => {
+            Err(fault) => {
+                let e = WsError::from_fault(self.role, fault);
                 self.poisoned = Some(e);
                 Err(e)
             }
         }
+    }
+
+    /// The role this decoder plays.
+    pub fn role(&self) -> Role {
+        self.role
     }
 
     /// True after a Close frame was decoded.
@@ -148,7 +172,7 @@ impl Decoder {
         self.poisoned.is_none() && !self.in_payload && self.hdr_len == 0 && self.message.is_none()
     }
 
-    fn run(&mut self, input: &[u8], out: &mut [u8], p: &mut Progress) -> Result<(), WsError> {
+    fn run(&mut self, input: &[u8], out: &mut [u8], p: &mut Progress) -> Result<(), Fault> {
         loop {
             if !self.in_payload && !self.read_header(input, &mut p.consumed)? {
                 return Ok(());
@@ -179,7 +203,7 @@ impl Decoder {
 
     /// Accumulate header bytes; Ok(true) once a whole header is validated
     /// and the frame set up, Ok(false) when input ran out first.
-    fn read_header(&mut self, input: &[u8], pos: &mut usize) -> Result<bool, WsError> {
+    fn read_header(&mut self, input: &[u8], pos: &mut usize) -> Result<bool, Fault> {
         if self.hdr_len == 0 && input.len() - *pos >= MAX_CLIENT_HEADER_LEN {
             // The longest possible header is at hand: one fixed-size copy
             // instead of two partial ones, because streams of small frames
@@ -218,95 +242,40 @@ impl Decoder {
         }
     }
 
-    /// Checks what the first two header bytes alone decide; returns the
-    /// full header length.
-    fn check_first_two(&self) -> Result<u8, WsError> {
-        let (b0, b1) = (self.hdr[0], self.hdr[1]);
-        if b0 & RSV_BITS != 0 {
-            return Err(WsError::ReservedBits((b0 & RSV_BITS) >> 4));
+    /// Checks what the first two header bytes alone decide (see
+    /// [`header::check_start`], plus the base64 subprotocol's text-only
+    /// rule); returns the full header length.
+    fn check_first_two(&self) -> Result<u8, Fault> {
+        let start =
+            header::check_start(self.hdr[0], self.hdr[1], self.role, self.message.is_some())?;
+        if start.opcode == Opcode::Binary && self.mode == PayloadMode::Base64 {
+            return Err(Fault::BinaryInBase64Mode);
         }
-        let opcode =
-            Opcode::from_u8(b0 & OPCODE_BITS).ok_or(WsError::ReservedOpcode(b0 & OPCODE_BITS))?;
-        if b1 & MASK_BIT == 0 {
-            return Err(WsError::UnmaskedFrame);
-        }
-        let fin = b0 & FIN_BIT != 0;
-        match opcode {
-            _ if opcode.is_control() => {
-                if !fin {
-                    return Err(WsError::FragmentedControl(opcode));
-                }
-            }
-            Opcode::Continuation => {
-                if self.message.is_none() {
-                    return Err(WsError::UnexpectedContinuation);
-                }
-            }
-            _ => {
-                if self.message.is_some() {
-                    return Err(WsError::ExpectedContinuation);
-                }
-                if opcode == Opcode::Binary && self.mode == PayloadMode::Base64 {
-                    return Err(WsError::BinaryInBase64Mode);
-                }
-            }
-        }
-        let ext = match b1 & LEN7_BITS {
-            LEN_16 => 2,
-            LEN_64 => 8,
-            _ => 0,
-        };
-        Ok(2 + ext + 4)
+        Ok(start.header_len)
     }
 
     /// The header is complete (and its first two bytes valid): check the
     /// length and set up the frame.
-    fn finish_header(&mut self) -> Result<(), WsError> {
-        let h = &self.hdr;
-        // Non-minimal length encodings are accepted: being liberal there
-        // costs nothing and some clients produce them.
-        let (len, key_at) = match h[1] & LEN7_BITS {
-            LEN_16 => (u64::from(u16::from_be_bytes([h[2], h[3]])), 4),
-            LEN_64 => (
-                u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
-                10,
-            ),
-            n => (u64::from(n), 2),
-        };
-        let mask = [h[key_at], h[key_at + 1], h[key_at + 2], h[key_at + 3]];
-        let b0 = h[0];
+    fn finish_header(&mut self) -> Result<(), Fault> {
+        let masked = self.hdr[1] & MASK_BIT != 0;
+        let (len, mask) = header::length_and_key(&self.hdr, masked);
+        let b0 = self.hdr[0];
         self.hdr_len = 0;
         self.hdr_need = 0;
-        if len >> 63 != 0 {
-            return Err(WsError::LengthMsbSet);
-        }
         // check_first_two already rejected reserved opcodes.
         let opcode =
-            Opcode::from_u8(b0 & OPCODE_BITS).ok_or(WsError::ReservedOpcode(b0 & OPCODE_BITS))?;
-        if opcode.is_control() {
-            if len > MAX_CONTROL_PAYLOAD as u64 {
-                return Err(WsError::ControlTooLong(len));
-            }
-            if opcode == Opcode::Close && len == 1 {
-                return Err(WsError::BadClosePayload);
-            }
-            self.ctrl_len = 0;
-        } else {
-            if len > self.limits.max_frame_bytes {
-                return Err(WsError::FrameTooBig {
-                    len,
-                    max: self.limits.max_frame_bytes,
-                });
-            }
-            match opcode {
-                Opcode::Text => self.start_message(MsgKind::Text),
-                Opcode::Binary => self.start_message(MsgKind::Binary),
-                _ => {}
-            }
+            Opcode::from_u8(b0 & OPCODE_BITS).ok_or(Fault::ReservedOpcode(b0 & OPCODE_BITS))?;
+        header::check_length(opcode, len, self.limits.max_frame_bytes)?;
+        match opcode {
+            _ if opcode.is_control() => self.ctrl_len = 0,
+            Opcode::Text => self.start_message(MsgKind::Text),
+            Opcode::Binary => self.start_message(MsgKind::Binary),
+            _ => {}
         }
         self.frame = Frame {
             opcode,
             fin: b0 & FIN_BIT != 0,
+            masked,
             mask,
             remaining: len,
             mask_off: 0,
@@ -321,6 +290,12 @@ impl Decoder {
         self.b64 = Base64Decoder::default();
     }
 
+    /// Copy payload bytes out of the input, unmasking them if masked.
+    #[inline]
+    fn unmask_copy(&self, src: &[u8], dst: &mut [u8]) {
+        unmask_copy(&self.frame, src, dst);
+    }
+
     fn advance(&mut self, n: usize) {
         self.frame.remaining -= n as u64;
         self.frame.mask_off = ((usize::from(self.frame.mask_off) + n) & 3) as u8;
@@ -330,78 +305,43 @@ impl Decoder {
         let n = ((input.len() - *pos) as u64).min(self.frame.remaining) as usize;
         let at = usize::from(self.ctrl_len);
         // at + remaining == frame length ≤ 125, checked in finish_header.
-        mask_copy(
-            &input[*pos..*pos + n],
-            &mut self.ctrl[at..at + n],
-            self.frame.mask,
-            usize::from(self.frame.mask_off),
-        );
+        let frame = self.frame;
+        unmask_copy(&frame, &input[*pos..*pos + n], &mut self.ctrl[at..at + n]);
         self.ctrl_len += n as u8;
         *pos += n;
         self.advance(n);
     }
 
-    fn finish_control(&mut self) -> Result<Event, WsError> {
+    fn finish_control(&mut self) -> Result<Event, Fault> {
         let payload = &self.ctrl[..usize::from(self.ctrl_len)];
-        Ok(match self.frame.opcode {
-            Opcode::Ping => Event::Ping(ControlPayload::truncated(payload)),
-            Opcode::Pong => Event::Pong(ControlPayload::truncated(payload)),
-            _ => {
-                let (code, reason) = match payload {
-                    [] => (None, &[][..]),
-                    [hi, lo, reason @ ..] => {
-                        let code = u16::from_be_bytes([*hi, *lo]);
-                        if !is_valid_close_code(code) {
-                            return Err(WsError::InvalidCloseCode(code));
-                        }
-                        (Some(code), reason)
-                    }
-                    // Length 1 was rejected in finish_header.
-                    [_] => return Err(WsError::BadClosePayload),
-                };
-                if std::str::from_utf8(reason).is_err() {
-                    return Err(WsError::InvalidCloseReason);
-                }
-                self.close_received = true;
-                Event::Close {
-                    code,
-                    reason: ControlPayload::truncated(reason),
-                }
-            }
-        })
+        let event = header::control_event(self.frame.opcode, payload)?;
+        if matches!(event, Event::Close { .. }) {
+            self.close_received = true;
+        }
+        Ok(event)
     }
 
-    fn finish_data_frame(&mut self) -> Result<(), WsError> {
+    fn finish_data_frame(&mut self) -> Result<(), Fault> {
         if !self.frame.fin {
             return Ok(());
         }
         let kind = self.message.take();
         match self.mode {
             PayloadMode::Raw if kind == Some(MsgKind::Text) && self.utf8.len != 0 => {
-                Err(WsError::InvalidUtf8)
+                Err(Fault::InvalidUtf8)
             }
-            PayloadMode::Base64 if self.b64.len != 0 => Err(WsError::Base64Truncated),
+            PayloadMode::Base64 if self.b64.len != 0 => Err(Fault::Base64Truncated),
             _ => Ok(()),
         }
     }
 
-    fn raw_payload(
-        &mut self,
-        input: &[u8],
-        out: &mut [u8],
-        p: &mut Progress,
-    ) -> Result<(), WsError> {
+    fn raw_payload(&mut self, input: &[u8], out: &mut [u8], p: &mut Progress) -> Result<(), Fault> {
         let room = (input.len() - p.consumed).min(out.len() - p.written);
         let n = (room as u64).min(self.frame.remaining) as usize;
         let dst = &mut out[p.written..p.written + n];
-        mask_copy(
-            &input[p.consumed..p.consumed + n],
-            dst,
-            self.frame.mask,
-            usize::from(self.frame.mask_off),
-        );
+        self.unmask_copy(&input[p.consumed..p.consumed + n], dst);
         if self.message == Some(MsgKind::Text) && self.utf8.feed(dst).is_err() {
-            return Err(WsError::InvalidUtf8);
+            return Err(Fault::InvalidUtf8);
         }
         p.consumed += n;
         p.written += n;
@@ -414,7 +354,7 @@ impl Decoder {
         input: &[u8],
         out: &mut [u8],
         p: &mut Progress,
-    ) -> Result<(), WsError> {
+    ) -> Result<(), Fault> {
         // The input is borrowed immutably, so unmask a block at a time into
         // the stack; re-unmasking the unused tail later is cheap.
         const BLOCK: usize = 512;
@@ -426,12 +366,7 @@ impl Decoder {
                 return Ok(());
             }
             let chunk = &mut scratch[..k];
-            mask_copy(
-                &input[p.consumed..p.consumed + k],
-                chunk,
-                self.frame.mask,
-                usize::from(self.frame.mask_off),
-            );
+            self.unmask_copy(&input[p.consumed..p.consumed + k], chunk);
             let used = self.b64.feed(chunk, out, &mut p.written)?;
             p.consumed += used;
             self.advance(used);
@@ -440,6 +375,18 @@ impl Decoder {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Copy `src` into `dst` (same length), unmasking at the frame's key
+/// offset when the frame is masked; a server's unmasked payload is a plain
+/// copy rather than an XOR with zeros.
+#[inline]
+fn unmask_copy(frame: &Frame, src: &[u8], dst: &mut [u8]) {
+    if frame.masked {
+        mask_copy(src, dst, frame.mask, usize::from(frame.mask_off));
+    } else {
+        dst.copy_from_slice(src);
     }
 }
 
@@ -509,7 +456,7 @@ const B64_TABLE: [u8; 256] = {
 /// '=' is allowed only as "xx==" or "xxx="; non-zero trailing bits are
 /// ignored (as Python's websockify does) rather than rejected.
 #[inline]
-fn decode_b64_group(g: [u8; 4]) -> Result<([u8; 3], usize), WsError> {
+fn decode_b64_group(g: [u8; 4]) -> Result<([u8; 3], usize), Fault> {
     let [a, b, c, d] = g.map(|ch| B64_TABLE[usize::from(ch)]);
     let bytes = [
         (a << 2) | ((b & 0x3F) >> 4),
@@ -520,12 +467,12 @@ fn decode_b64_group(g: [u8; 4]) -> Result<([u8; 3], usize), WsError> {
         return Ok((bytes, 3));
     }
     if (a | b | c | d) & B64_INVALID != 0 || a == B64_PAD || b == B64_PAD {
-        return Err(WsError::InvalidBase64);
+        return Err(Fault::InvalidBase64);
     }
     match (c == B64_PAD, d == B64_PAD) {
         (true, true) => Ok((bytes, 1)),
         (false, true) => Ok((bytes, 2)),
-        _ => Err(WsError::InvalidBase64),
+        _ => Err(Fault::InvalidBase64),
     }
 }
 
@@ -540,7 +487,7 @@ impl Base64Decoder {
     /// Decodes unmasked chars from `src` into `out[*written..]`; returns how
     /// many chars were used. Uses fewer than `src.len()` only when `out`
     /// lacks room for the next group's bytes (nothing is held back as output).
-    fn feed(&mut self, src: &[u8], out: &mut [u8], written: &mut usize) -> Result<usize, WsError> {
+    fn feed(&mut self, src: &[u8], out: &mut [u8], written: &mut usize) -> Result<usize, Fault> {
         let mut i = 0;
         // Complete a group carried over from the previous chunk.
         while self.len > 0 {
@@ -548,7 +495,7 @@ impl Base64Decoder {
                 return Ok(i);
             };
             if B64_TABLE[usize::from(ch)] == B64_INVALID {
-                return Err(WsError::InvalidBase64);
+                return Err(Fault::InvalidBase64);
             }
             if self.len == 3 {
                 let (bytes, n) = decode_b64_group([self.buf[0], self.buf[1], self.buf[2], ch])?;
@@ -613,7 +560,7 @@ impl Base64Decoder {
         // Carry the tail (< 4 chars), rejecting bad characters right away.
         for &ch in &src[i..] {
             if B64_TABLE[usize::from(ch)] == B64_INVALID {
-                return Err(WsError::InvalidBase64);
+                return Err(Fault::InvalidBase64);
             }
             self.buf[usize::from(self.len)] = ch;
             self.len += 1;

@@ -1,4 +1,5 @@
-//! Masking and frame encoders.
+//! Masking and frame encoders: unmasked frames for the server role (to a
+//! browser) and masked frames for the client role (to a backend).
 
 use super::*;
 
@@ -90,10 +91,43 @@ pub fn write_server_header(out: &mut [u8], fin: bool, opcode: Opcode, payload_le
     n
 }
 
-/// A complete server control frame (unmasked), stored inline.
+/// Header length `write_client_header` would produce for this payload
+/// length: the server form plus the 4-byte mask key.
+pub fn client_header_len(payload_len: u64) -> usize {
+    server_header_len(payload_len) + MASK_KEY_LEN
+}
+
+/// Write a client→server (masked) frame header with mask key `key` into
+/// `out`; returns the header length (6, 8 or 14), minimal length encoding.
+/// The payload that follows must be masked with the same key from offset 0:
+/// [`apply_mask`]`(payload, key, 0)` in place, so a payload already in the
+/// caller's buffer is never copied.
+///
+/// The key must be fresh and unpredictable for every frame (RFC 6455
+/// 5.3): take it from a [`MaskKeySource`].
+///
+/// # Panics
+/// If `out` is shorter than the header (a caller bug, not input: pass at
+/// least [`MAX_CLIENT_HEADER_LEN`] bytes). `payload_len` must be below 2^63.
+pub fn write_client_header(
+    out: &mut [u8],
+    fin: bool,
+    opcode: Opcode,
+    payload_len: u64,
+    key: [u8; 4],
+) -> usize {
+    let n = write_server_header(out, fin, opcode, payload_len);
+    out[1] |= MASK_BIT;
+    out[n..n + MASK_KEY_LEN].copy_from_slice(&key);
+    n + MASK_KEY_LEN
+}
+
+/// A complete control frame, stored inline: unmasked as a server sends it
+/// ([`ping_frame`], [`pong_frame`], [`close_frame`]), or masked as a client
+/// sends it ([`ControlFrame::masked`], [`client_ping_frame`], …).
 #[derive(Clone, Copy)]
 pub struct ControlFrame {
-    buf: [u8; 2 + MAX_CONTROL_PAYLOAD],
+    buf: [u8; 2 + MASK_KEY_LEN + MAX_CONTROL_PAYLOAD],
     len: u8,
 }
 
@@ -103,9 +137,31 @@ impl ControlFrame {
         &self.buf[..usize::from(self.len)]
     }
 
+    /// The same frame as a client sends it: mask bit set, `key` after the
+    /// length, payload masked with it. Masking a frame that already is
+    /// masked returns it unchanged (never masks twice).
+    pub fn masked(&self, key: [u8; 4]) -> ControlFrame {
+        if self.buf[1] & MASK_BIT != 0 {
+            return *self;
+        }
+        let payload_len = usize::from(self.buf[1]);
+        let mut buf = [0u8; 2 + MASK_KEY_LEN + MAX_CONTROL_PAYLOAD];
+        buf[0] = self.buf[0];
+        buf[1] = self.buf[1] | MASK_BIT;
+        buf[2..2 + MASK_KEY_LEN].copy_from_slice(&key);
+        let payload_at = 2 + MASK_KEY_LEN;
+        let payload = &mut buf[payload_at..payload_at + payload_len];
+        payload.copy_from_slice(&self.buf[2..2 + payload_len]);
+        apply_mask(payload, key, 0);
+        ControlFrame {
+            buf,
+            len: (payload_at + payload_len) as u8,
+        }
+    }
+
     /// `parts` are concatenated as the payload; their total must be ≤ 125.
     fn build(opcode: Opcode, parts: &[&[u8]]) -> Self {
-        let mut buf = [0u8; 2 + MAX_CONTROL_PAYLOAD];
+        let mut buf = [0u8; 2 + MASK_KEY_LEN + MAX_CONTROL_PAYLOAD];
         let mut at = 2;
         for part in parts {
             buf[at..at + part.len()].copy_from_slice(part);
@@ -153,6 +209,24 @@ pub fn close_frame(code: u16, reason: &str) -> ControlFrame {
     )
 }
 
+/// A ping frame as a client sends it (masked with `key`); the payload is
+/// truncated to 125 bytes.
+pub fn client_ping_frame(payload: &[u8], key: [u8; 4]) -> ControlFrame {
+    ping_frame(payload).masked(key)
+}
+
+/// A pong frame as a client sends it (masked with `key`): the answer to a
+/// backend's ping, with the ping's payload; truncated to 125 bytes.
+pub fn client_pong_frame(payload: &[u8], key: [u8; 4]) -> ControlFrame {
+    pong_frame(payload).masked(key)
+}
+
+/// A close frame as a client sends it (masked with `key`), the reason
+/// truncated as in [`close_frame`].
+pub fn client_close_frame(code: u16, reason: &str, key: [u8; 4]) -> ControlFrame {
+    close_frame(code, reason).masked(key)
+}
+
 /// Encode a whole client→server (masked) frame, minimal length encoding:
 /// for tests, fuzzing and the bench client.
 pub fn encode_client_frame(
@@ -162,12 +236,10 @@ pub fn encode_client_frame(
     mask: [u8; 4],
     payload: &[u8],
 ) {
-    let mut hdr = [0u8; MAX_SERVER_HEADER_LEN];
-    let n = write_server_header(&mut hdr, fin, opcode, payload.len() as u64);
-    hdr[1] |= MASK_BIT;
-    out.reserve(n + 4 + payload.len());
+    let mut hdr = [0u8; MAX_CLIENT_HEADER_LEN];
+    let n = write_client_header(&mut hdr, fin, opcode, payload.len() as u64, mask);
+    out.reserve(n + payload.len());
     out.extend_from_slice(&hdr[..n]);
-    out.extend_from_slice(&mask);
     let start = out.len();
     out.extend_from_slice(payload);
     apply_mask(&mut out[start..], mask, 0);

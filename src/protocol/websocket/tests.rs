@@ -1,14 +1,9 @@
 //! Unit and property tests of the frame codec (decoder and encoders).
 
+use super::test_support::*;
 use super::*;
-use base64::Engine as _;
 use proptest::prelude::*;
 use proptest::sample::Index;
-
-const LIMITS: DecoderLimits = DecoderLimits {
-    max_frame_bytes: 1 << 20,
-};
-const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
 fn raw() -> Decoder {
     Decoder::new(PayloadMode::Raw, LIMITS)
@@ -21,41 +16,6 @@ fn b64() -> Decoder {
 fn frame(fin: bool, op: Opcode, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
     encode_client_frame(&mut v, fin, op, MASK, payload);
-    v
-}
-
-/// Length field encodings, to build non-minimal and hostile headers.
-#[derive(Debug, Clone, Copy)]
-enum Form {
-    Min,
-    L16,
-    L64,
-}
-
-/// A frame with full control over the header: `b0` verbatim, `declared`
-/// length in the given form, optional mask, and `payload` appended.
-fn raw_frame(b0: u8, mask: Option<[u8; 4]>, form: Form, declared: u64, payload: &[u8]) -> Vec<u8> {
-    let m = if mask.is_some() { MASK_BIT } else { 0 };
-    let mut v = vec![b0];
-    match form {
-        Form::Min if declared < 126 => v.push(m | declared as u8),
-        Form::Min | Form::L16 if declared <= 0xFFFF => {
-            v.push(m | 126);
-            v.extend_from_slice(&(declared as u16).to_be_bytes());
-        }
-        _ => {
-            v.push(m | 127);
-            v.extend_from_slice(&declared.to_be_bytes());
-        }
-    }
-    if let Some(k) = mask {
-        v.extend_from_slice(&k);
-    }
-    let p0 = v.len();
-    v.extend_from_slice(payload);
-    if let Some(k) = mask {
-        apply_mask(&mut v[p0..], k, 0);
-    }
     v
 }
 
@@ -135,10 +95,6 @@ fn err_of(mode: PayloadMode, input: &[u8]) -> WsError {
     );
     assert!(!d.is_idle());
     e
-}
-
-fn cp(b: &[u8]) -> ControlPayload {
-    ControlPayload::new(b).unwrap()
 }
 
 // ---- RFC 6455 5.7 examples ----
@@ -720,12 +676,6 @@ fn binary_is_not_utf8_checked() {
 
 // ---- base64 ----
 
-fn b64enc(b: &[u8]) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .encode(b)
-        .into_bytes()
-}
-
 #[test]
 fn base64_basic_and_padding() {
     for data in [
@@ -959,152 +909,6 @@ fn control_payload_basics() {
 }
 
 // ---- property tests ----
-
-/// One data message (with control frames between its fragments).
-#[derive(Debug, Clone)]
-struct MsgSpec {
-    text: bool,
-    bytes: Vec<u8>,
-    cuts: Vec<Index>,
-    ctrls: Vec<Option<(bool, Vec<u8>)>>,
-}
-
-fn msg_spec() -> impl Strategy<Value = MsgSpec> {
-    (
-        any::<bool>(),
-        prop_oneof![
-            8 => prop::collection::vec(any::<u8>(), 0..300),
-            // Straddles the 16/64-bit length boundary (65535/65536).
-            // Filled from a seed: a value tree per byte would be slow.
-            1 => (65_530usize..65_540, any::<u64>()).prop_map(|(n, seed)| {
-                let mut rng = Rng(seed | 1);
-                (0..n).map(|_| rng.next() as u8).collect()
-            }),
-        ],
-        any::<String>(),
-        prop::collection::vec(any::<Index>(), 0..4),
-        prop::collection::vec(
-            prop::option::weighted(
-                0.3,
-                (any::<bool>(), prop::collection::vec(any::<u8>(), 0..=125)),
-            ),
-            0..5,
-        ),
-    )
-        .prop_map(|(text, bin, s, cuts, ctrls)| MsgSpec {
-            text,
-            bytes: if text { s.into_bytes() } else { bin },
-            cuts,
-            ctrls,
-        })
-}
-
-/// Tiny deterministic generator for masks and length forms.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn mask(&mut self) -> [u8; 4] {
-        (self.next() as u32).to_ne_bytes()
-    }
-    fn form(&mut self) -> Form {
-        match self.next() % 8 {
-            0 => Form::L16,
-            1 => Form::L64,
-            _ => Form::Min,
-        }
-    }
-}
-
-fn client_frame(rng: &mut Rng, fin: bool, op: Opcode, payload: &[u8]) -> Vec<u8> {
-    let b0 = if fin { 0x80 } else { 0 } | op.as_u8();
-    let form = rng.form();
-    raw_frame(b0, Some(rng.mask()), form, payload.len() as u64, payload)
-}
-
-/// Builds the wire stream and what decoding it must yield. `encode`
-/// turns a message's bytes into its payload (identity or base64).
-fn build_stream(
-    msgs: &[MsgSpec],
-    close: Option<(u16, String)>,
-    seed: u64,
-    base64_mode: bool,
-) -> (Vec<u8>, Vec<u8>, Vec<Event>) {
-    let mut rng = Rng(seed | 1);
-    let (mut wire, mut data, mut events) = (Vec::new(), Vec::new(), Vec::new());
-    for m in msgs {
-        let payload = if base64_mode {
-            b64enc(&m.bytes)
-        } else {
-            m.bytes.clone()
-        };
-        data.extend_from_slice(&m.bytes);
-        let mut cuts: Vec<usize> = m.cuts.iter().map(|i| i.index(payload.len() + 1)).collect();
-        cuts.sort_unstable();
-        cuts.push(payload.len());
-        let mut start = 0;
-        for (n, &end) in cuts.iter().enumerate() {
-            let op = match (n, m.text || base64_mode) {
-                (0, true) => Opcode::Text,
-                (0, false) => Opcode::Binary,
-                _ => Opcode::Continuation,
-            };
-            let fin = n + 1 == cuts.len();
-            wire.extend(client_frame(&mut rng, fin, op, &payload[start..end]));
-            start = end;
-            if let Some(Some((ping, p))) = m.ctrls.get(n) {
-                let op = if *ping { Opcode::Ping } else { Opcode::Pong };
-                wire.extend(client_frame(&mut rng, true, op, p));
-                events.push(if *ping {
-                    Event::Ping(cp(p))
-                } else {
-                    Event::Pong(cp(p))
-                });
-            }
-        }
-    }
-    if let Some((code, reason)) = close {
-        let f = close_frame(code, &reason);
-        wire.extend(client_frame(
-            &mut rng,
-            true,
-            Opcode::Close,
-            &f.as_bytes()[2..],
-        ));
-        let r = &f.as_bytes()[4..];
-        events.push(Event::Close {
-            code: Some(code),
-            reason: cp(r),
-        });
-        wire.extend_from_slice(b"\xff\xfftrailing garbage is ignored");
-    }
-    (wire, data, events)
-}
-
-fn close_spec() -> impl Strategy<Value = Option<(u16, String)>> {
-    prop::option::of((
-        prop_oneof![1000u16..=1003, 1007u16..=1014, 3000u16..=4999],
-        any::<String>(),
-    ))
-}
-
-fn split<'a>(wire: &'a [u8], points: &[Index]) -> Vec<&'a [u8]> {
-    let mut at: Vec<usize> = points.iter().map(|i| i.index(wire.len() + 1)).collect();
-    at.sort_unstable();
-    at.push(wire.len());
-    let mut start = 0;
-    at.into_iter()
-        .map(|end| {
-            let c = &wire[start..end];
-            start = end;
-            c
-        })
-        .collect()
-}
 
 fn arb_bytes() -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(any::<u8>(), 0..2000)
