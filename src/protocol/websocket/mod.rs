@@ -15,7 +15,7 @@
 //!   frame from the OS CSPRNG ([`MaskKeySource`], [`write_client_header`] +
 //!   [`apply_mask`] in place, [`client_ping_frame`], [`client_pong_frame`],
 //!   [`client_close_frame`]).
-//! * Pass-through relaying: `FrameTracker` follows frame boundaries in
+//! * Pass-through relaying: [`FrameTracker`] follows frame boundaries in
 //!   one direction without copying or unmasking data payloads, hands over
 //!   control frames, and says where the relay may insert its own.
 //!
@@ -518,6 +518,7 @@ mod keys;
 mod test_support;
 #[cfg(test)]
 mod tests;
+mod tracker;
 
 pub use decoder::{Decoder, Progress};
 use frame::mask_copy;
@@ -527,3 +528,4 @@ pub use frame::{
     write_client_header, write_server_header, ControlFrame,
 };
 pub use keys::{MaskKeySource, MASK_KEY_BATCH_BYTES};
+pub use tracker::{FrameHeader, FrameTracker, RawHeader, Scan, Step};
