@@ -407,3 +407,141 @@ proptest! {
         }
     }
 }
+
+// ---- interoperability with an independent implementation (tungstenite) ----
+
+/// An in-memory stream: reads `input`, collects writes.
+struct Duplex {
+    input: std::io::Cursor<Vec<u8>>,
+    output: Vec<u8>,
+}
+
+impl std::io::Read for Duplex {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl std::io::Write for Duplex {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn tungstenite_socket(
+    role: tungstenite::protocol::Role,
+    input: Vec<u8>,
+) -> tungstenite::WebSocket<Duplex> {
+    let stream = Duplex {
+        input: std::io::Cursor::new(input),
+        output: Vec::new(),
+    };
+    tungstenite::WebSocket::from_raw_socket(stream, role, None)
+}
+
+#[test]
+fn tungstenite_server_reads_our_client_frames() {
+    use tungstenite::Message;
+    let mut keys = MaskKeySource::new();
+    let mut wire = Vec::new();
+    let payload: Vec<u8> = (0..70_000u32).map(|i| (i * 7) as u8).collect();
+    for (op, body) in [
+        (Opcode::Binary, &payload[..]),
+        (Opcode::Text, "héllo".as_bytes()),
+    ] {
+        let key = keys.next_key().unwrap();
+        let mut h = [0u8; MAX_CLIENT_HEADER_LEN];
+        let n = write_client_header(&mut h, true, op, body.len() as u64, key);
+        let mut masked = body.to_vec();
+        apply_mask(&mut masked, key, 0);
+        wire.extend_from_slice(&h[..n]);
+        wire.extend_from_slice(&masked);
+    }
+    wire.extend(client_ping_frame(b"hb", keys.next_key().unwrap()).as_bytes());
+    wire.extend(client_close_frame(4001, "done", keys.next_key().unwrap()).as_bytes());
+    let mut server = tungstenite_socket(tungstenite::protocol::Role::Server, wire);
+    assert_eq!(server.read().unwrap(), Message::binary(payload));
+    assert_eq!(server.read().unwrap(), Message::text("héllo"));
+    assert_eq!(server.read().unwrap(), Message::Ping(b"hb".to_vec().into()));
+    let Message::Close(Some(close)) = server.read().unwrap() else {
+        panic!("expected a close");
+    };
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (4001, "done")
+    );
+}
+
+#[test]
+fn our_client_decoder_and_tracker_read_tungstenite_server_frames() {
+    use tungstenite::Message;
+    let mut server = tungstenite_socket(tungstenite::protocol::Role::Server, Vec::new());
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    for message in [
+        Message::binary(big.clone()),
+        Message::Ping(b"p".to_vec().into()),
+        Message::text("wmks"),
+        Message::Close(None),
+    ] {
+        server.send(message).unwrap();
+    }
+    let wire = server.get_ref().output.clone();
+    let o = decode_chunks(&mut client_decoder(), &[&wire]);
+    assert_eq!(o.error, None);
+    assert_eq!(o.data, [&big[..], b"wmks"].concat());
+    assert_eq!(
+        o.events,
+        [
+            Event::Ping(cp(b"p")),
+            Event::Close {
+                code: None,
+                reason: cp(b"")
+            }
+        ]
+    );
+    // The tracker passes the same frames through unchanged.
+    let mut tracker = FrameTracker::new(Role::Client, LIMITS);
+    let mut forwarded = Vec::new();
+    let mut at = 0;
+    while at < wire.len() {
+        let scan = tracker.scan(&wire[at..]).unwrap();
+        if let Scan::Forward(n) = scan {
+            forwarded.extend_from_slice(&wire[at..at + n]);
+        }
+        at += scan.consumed();
+    }
+    assert!(tracker.close_received());
+    // Forwarded = the wire without the ping (2 + 1 bytes) and close (2).
+    let ping_at = wire.len() - 2 - 6 - 3;
+    let expected = [&wire[..ping_at], &wire[ping_at + 3..wire.len() - 2]].concat();
+    assert_eq!(forwarded, expected);
+}
+
+#[test]
+fn our_tracker_passes_tungstenite_client_frames_through_masked() {
+    use tungstenite::Message;
+    let mut client = tungstenite_socket(tungstenite::protocol::Role::Client, Vec::new());
+    client.send(Message::binary(vec![1u8; 300])).unwrap();
+    client.send(Message::Pong(b"q".to_vec().into())).unwrap();
+    let wire = client.get_ref().output.clone();
+    let mut tracker = FrameTracker::new(Role::Server, LIMITS);
+    let data_len = 2 + 2 + 4 + 300;
+    assert_eq!(tracker.scan(&wire), Ok(Scan::Forward(data_len)));
+    assert_eq!(
+        tracker.scan(&wire[data_len..]),
+        Ok(Scan::Control {
+            consumed: wire.len() - data_len,
+            event: Event::Pong(cp(b"q"))
+        })
+    );
+    // What was forwarded still decodes on a server: the mask was kept.
+    let o = decode_chunks(
+        &mut Decoder::new(PayloadMode::Raw, LIMITS),
+        &[&wire[..data_len]],
+    );
+    assert_eq!((o.error, o.data), (None, vec![1u8; 300]));
+}
