@@ -148,12 +148,19 @@ impl Decoder {
         let mut p = Progress::default();
         match self.run(input, data_out, &mut p) {
             Ok(()) => Ok(p),
-            Err(fault) => {
-                let e = WsError::from_fault(self.role, fault);
-                self.poisoned = Some(e);
-                Err(e)
-            }
+            Err(fault) => Err(self.poison(fault)),
         }
+    }
+
+    /// Records the error (every later call returns it). Out of line: errors
+    /// end a stream, and keeping their mapping off the hot path keeps the
+    /// per-frame code small.
+    #[cold]
+    #[inline(never)]
+    fn poison(&mut self, fault: Fault) -> WsError {
+        let e = WsError::from_fault(self.role, fault);
+        self.poisoned = Some(e);
+        e
     }
 
     /// The role this decoder plays.

@@ -31,10 +31,12 @@ pub(super) fn check_start(b0: u8, b1: u8, role: Role, message_open: bool) -> Res
     let opcode =
         Opcode::from_u8(b0 & OPCODE_BITS).ok_or(Fault::ReservedOpcode(b0 & OPCODE_BITS))?;
     let masked = b1 & MASK_BIT != 0;
-    match (role, masked) {
-        (Role::Server, false) => return Err(Fault::UnmaskedFrame),
-        (Role::Client, true) => return Err(Fault::MaskedFrame),
-        _ => {}
+    if masked != role.peer_masks() {
+        return Err(if masked {
+            Fault::MaskedFrame
+        } else {
+            Fault::UnmaskedFrame
+        });
     }
     let fin = b0 & FIN_BIT != 0;
     match opcode {

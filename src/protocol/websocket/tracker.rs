@@ -179,6 +179,9 @@ impl Scan {
     }
 }
 
+/// The opcode bit of control frames (and of the reserved 0xB-0xF).
+const CONTROL_OPCODE_BIT: u8 = 0x08;
+
 /// Where the tracker is in the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -288,35 +291,31 @@ impl FrameTracker {
     /// returns the error.
     pub fn scan(&mut self, input: &[u8]) -> Result<Scan, WsError> {
         let mut at = 0;
-        while at < input.len() {
-            if at > 0 && !self.passes_through(&input[at..]) {
-                break;
-            }
-            let step = match self.step(&input[at..]) {
-                Ok(step) => step,
-                // Poisoned: the next call reports it.
-                Err(_) if at > 0 => break,
-                Err(e) => return Err(e),
-            };
-            match step {
-                Step::DataStart {
-                    consumed,
-                    split: false,
-                    ..
-                } => at += consumed,
-                Step::Payload { len, .. } => at += len,
-                // The rest are only met at the start (passes_through stops
-                // before them otherwise).
-                Step::DataStart { consumed, raw, .. } => return Ok(Scan::Header { consumed, raw }),
-                Step::Control { consumed, event } => return Ok(Scan::Control { consumed, event }),
-                Step::NeedMore { consumed } => return Ok(Scan::NeedMore { consumed }),
-                Step::AfterClose { consumed } => return Ok(Scan::AfterClose { consumed }),
+        loop {
+            match self.pass_through(&input[at..]) {
+                Ok(0) => break,
+                Ok(n) => at += n,
+                Err(fault) => {
+                    let e = WsError::from_fault(self.role, fault);
+                    self.poisoned = Some(e);
+                    if at == 0 {
+                        return Err(e);
+                    }
+                    // Reported by the next call.
+                    break;
+                }
             }
         }
-        Ok(if at > 0 {
-            Scan::Forward(at)
-        } else {
-            Scan::NeedMore { consumed: 0 }
+        if at > 0 {
+            return Ok(Scan::Forward(at));
+        }
+        // Nothing passes through at the start: take one step.
+        Ok(match self.step(input)? {
+            Step::DataStart { consumed, raw, .. } => Scan::Header { consumed, raw },
+            Step::Payload { len, .. } => Scan::Forward(len),
+            Step::Control { consumed, event } => Scan::Control { consumed, event },
+            Step::NeedMore { consumed } => Scan::NeedMore { consumed },
+            Step::AfterClose { consumed } => Scan::AfterClose { consumed },
         })
     }
 
@@ -358,27 +357,48 @@ impl FrameTracker {
             && !self.message_open
     }
 
-    /// Whether `input` (non-empty, after some pass-through bytes) continues
-    /// the pass-through run: inside a data payload, or a whole data-frame
-    /// header at hand (an invalid one too: `step` then reports it).
-    fn passes_through(&self, input: &[u8]) -> bool {
+    /// How many bytes at the start of `input` pass through in one go: the
+    /// rest of the current payload that is there, or a whole data-frame
+    /// header (validated, the frame started). 0 when neither: a control
+    /// frame, a header not all there or partly held, after a close or an
+    /// error — [`FrameTracker::step`] deals with those. This is `scan`'s
+    /// fast path: no event is built and nothing is copied.
+    #[inline]
+    fn pass_through(&mut self, input: &[u8]) -> Result<usize, Fault> {
+        if self.poisoned.is_some() || self.close_received {
+            return Ok(0);
+        }
         match self.state {
-            State::Data { .. } => true,
-            State::Control { .. } => false,
+            State::Data { remaining } => {
+                let len = (input.len() as u64).min(remaining);
+                let left = remaining - len;
+                self.state = if left == 0 {
+                    State::Header
+                } else {
+                    State::Data { remaining: left }
+                };
+                Ok(len as usize)
+            }
+            State::Control { .. } => Ok(0),
             State::Header => {
                 let [b0, b1, ..] = *input else {
-                    return false;
+                    return Ok(0);
                 };
-                if self.hdr_len != 0 || b0 & 0x08 != 0 || self.close_received {
-                    return false;
+                if self.hdr_len != 0 || b0 & CONTROL_OPCODE_BIT != 0 {
+                    return Ok(0);
                 }
-                let extended = match b1 & LEN7_BITS {
-                    LEN_16 => 2,
-                    LEN_64 => 8,
-                    _ => 0,
-                };
-                let key = if b1 & MASK_BIT != 0 { MASK_KEY_LEN } else { 0 };
-                input.len() >= 2 + extended + key
+                let start = header::check_start(b0, b1, self.role, self.message_open)?;
+                let need = usize::from(start.header_len);
+                if input.len() < need {
+                    return Ok(0);
+                }
+                let (len, _) = header::length_and_key(input, start.masked);
+                header::check_length(start.opcode, len, self.limits.max_frame_bytes)?;
+                self.message_open = !start.fin;
+                if len > 0 {
+                    self.state = State::Data { remaining: len };
+                }
+                Ok(need)
             }
         }
     }
