@@ -86,7 +86,7 @@ impl Decoder {
     /// A decoder at the start of a stream, playing `role`: [`Role::Client`]
     /// decodes a server's (a backend's) unmasked frames, refuses masked ones
     /// with [`Fault::MaskedFrame`], and blames the backend for every error
-    /// ([`Fault::Backend`]).
+    /// ([`WsError::Backend`]).
     pub fn with_role(role: Role, mode: PayloadMode, limits: DecoderLimits) -> Self {
         Self {
             role,
