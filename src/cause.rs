@@ -131,6 +131,31 @@ causes! {
     BadClosePayload => ("bad_close_payload", Browser, true, None, CLOSE_PROTOCOL),
     InvalidCloseCode => ("invalid_close_code", Browser, true, None, CLOSE_PROTOCOL),
     InvalidCloseReason => ("invalid_close_reason", Browser, true, None, Some(close_code::INVALID_PAYLOAD)),
+    /// A masked frame where unmasked ones are required.
+    MaskedFrame => ("masked_frame", Browser, true, None, CLOSE_PROTOCOL),
+
+    // ---- the WebMKS backend leg (TLS + WebSocket client) ----------------------
+    /// The backend's certificate does not match the ticket's thumbprint.
+    BackendCertMismatch => ("backend_cert_mismatch", Backend, true, None, Some(close_code::INTERNAL_ERROR)),
+    /// The backend's certificate is not trusted (no pin: roots or CA file).
+    BackendCertUntrusted => ("backend_cert_untrusted", Backend, true, None, Some(close_code::INTERNAL_ERROR)),
+    /// Any other TLS failure with the backend.
+    BackendTls => ("backend_tls", Backend, true, None, Some(close_code::INTERNAL_ERROR)),
+    /// The backend answered the upgrade with another status.
+    BackendUpgradeRefused => ("backend_upgrade_refused", Backend, true, None, Some(close_code::INTERNAL_ERROR)),
+    /// The backend's upgrade answer broke the rules (accept key,
+    /// subprotocol, extensions, malformed, too large).
+    BackendUpgradeInvalid => ("backend_upgrade_invalid", Backend, true, None, Some(close_code::INTERNAL_ERROR)),
+    /// The backend's upgrade answer did not come in time.
+    BackendUpgradeTimeout => ("backend_upgrade_timeout", Backend, true, None, Some(close_code::INTERNAL_ERROR)),
+    /// The backend broke a WebSocket framing rule.
+    BackendWsProtocol => ("backend_ws_protocol", Backend, true, None, Some(close_code::INTERNAL_ERROR)),
+    /// The backend sent a close frame (its code is relayed in the reason).
+    BackendClosedWs => ("backend_closed_ws", Nobody, false, None, Some(close_code::NORMAL)),
+    /// A target URL the appliance cannot use (configuration or hypervisor).
+    BadTargetUrl => ("bad_target_url", Appliance, true, None, Some(close_code::INTERNAL_ERROR)),
+    /// The appliance's own failure (no randomness, a bad option).
+    Internal => ("internal", Appliance, true, Some(500), Some(close_code::INTERNAL_ERROR)),
 
     // ---- the appliance's own RFB security handshake --------------------------
     BackendNotRfb => ("backend_not_rfb", Backend, true, None, Some(close_code::INTERNAL_ERROR)),
@@ -228,6 +253,23 @@ impl From<&HttpError> for Cause {
             HttpError::MissingHost => Cause::MissingHost,
             HttpError::BodyNotAllowed => Cause::BodyNotAllowed,
             HttpError::NoSupportedSubprotocol => Cause::NoSupportedSubprotocol,
+            HttpError::UpgradeRefused { .. } => Cause::BackendUpgradeRefused,
+            HttpError::ResponseMalformed(_)
+            | HttpError::ResponseTooLarge
+            | HttpError::ResponseNotHttp11
+            | HttpError::BadUpgradeResponse(_)
+            | HttpError::AcceptMismatch
+            | HttpError::UnexpectedSubprotocol(_)
+            | HttpError::MissingSubprotocol
+            | HttpError::UnexpectedExtensions(_) => Cause::BackendUpgradeInvalid,
+            HttpError::UrlScheme
+            | HttpError::UrlUserinfo
+            | HttpError::UrlFragment
+            | HttpError::UrlPort
+            | HttpError::UrlHost(_)
+            | HttpError::UrlPath
+            | HttpError::UrlTooLong => Cause::BadTargetUrl,
+            HttpError::BadClientOption(_) | HttpError::RandomUnavailable(_) => Cause::Internal,
         }
     }
 }
@@ -251,6 +293,9 @@ impl From<&WsError> for Cause {
             WsError::BadClosePayload => Cause::BadClosePayload,
             WsError::InvalidCloseCode(_) => Cause::InvalidCloseCode,
             WsError::InvalidCloseReason => Cause::InvalidCloseReason,
+            WsError::MaskedFrame => Cause::MaskedFrame,
+            WsError::Backend(_) => Cause::BackendWsProtocol,
+            WsError::RandomUnavailable(_) => Cause::Internal,
         }
     }
 }

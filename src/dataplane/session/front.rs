@@ -334,4 +334,3 @@ fn check_origin_and_protocol(ctx: &WorkerCtx, up: &Upgrade) -> Result<(), (Cause
         .map(|_| ())
         .map_err(|e| (Cause::from(&e), e.to_string()))
 }
-
