@@ -756,14 +756,30 @@ fn endless_backend(connections: usize) -> SocketAddr {
     addr
 }
 
+/// Rounds of [`sessions_ended_mid_bulk_leak_nothing`] (the first warms the
+/// pools up and sets the baseline).
+const LEAK_ROUNDS: usize = 5;
+/// Sessions per round, each ended one of three ways.
+const LEAK_SESSIONS_PER_ROUND: usize = 9;
+/// How much the proxy's peak RSS (VmHWM) may grow from the end of the
+/// warm-up round to the end of the last: a little for the allocator's
+/// bookkeeping and lazily touched pages. One session's buffers are far more
+/// (a 1 MiB stream is in flight in each, in chunks of up to 64 KiB, and
+/// `buffer_bytes` is 256 KiB per direction), so a per-session leak of its
+/// buffers or of its splice pipe's pages (3 × 9 sessions after the
+/// baseline) goes well over it.
+const LEAK_HWM_ALLOWANCE_BYTES: u64 = 1536 * 1024;
+
 /// Browsers that vanish, close, or break the protocol while bulk bytes
-/// flow (on io_uring: while bulk receives are in flight): every session
-/// ends and logs its close, the proxy keeps serving, and on SIGTERM it
-/// drains at once and exits 0 — an io_uring worker only exits once every
-/// session's slot is freed, which needs all its operations completed.
+/// flow (on io_uring: while bulk receives are in flight), round after
+/// round: every session ends and logs its close; once they are gone the
+/// proxy holds no more descriptors than after the first (warm-up) round
+/// and its peak memory has not grown past [`LEAK_HWM_ALLOWANCE_BYTES`]; it
+/// keeps serving, and on SIGTERM it drains at once and exits 0 — an
+/// io_uring worker only exits once every session's slot is freed, which
+/// needs all its operations completed.
 fn sessions_ended_mid_bulk_leak_nothing(io: &str) {
-    const SESSIONS: usize = 9;
-    let addr = endless_backend(SESSIONS + 1);
+    let addr = endless_backend(LEAK_ROUNDS * LEAK_SESSIONS_PER_ROUND + 1);
     // A low bulk threshold: every stream is in bulk mode within its first
     // MiB (reads on a busy loopback are often a few KiB).
     let mut proxy = Proxy::start(
@@ -775,31 +791,61 @@ fn sessions_ended_mid_bulk_leak_nothing(io: &str) {
             "100",
             "--splice-min-bytes",
             "1024",
+            // The smallest provided-buffer ring (16 × 64 KiB): the kernel
+            // cycles through all of it, touching every page, within the
+            // warm-up round (the default 8 MiB ring takes ~6 rounds).
+            "--uring-buffers",
+            "16",
         ],
         Some(&addr.to_string()),
     );
-    for i in 0..SESSIONS {
-        let mut c = ws_connect(io, proxy.addr, "/", &[]);
-        let data = c
-            .read_exact(1 << 20, IO_TIMEOUT)
-            .unwrap_or_else(|e| panic!("io={io}: stream {i} did not start: {e:?}"));
-        assert_eq!(check_pattern(0, &data), None, "io={io}: stream {i} corrupt");
-        match i % 3 {
-            // Gone with unread bytes: a reset.
-            0 => drop(c),
-            1 => c.close(),
-            // An unmasked frame: 1002, then gone.
-            _ => {
-                c.send_raw(&raw_frame(0x2, b"x", None));
-                drop(c);
-            }
+    let pid = proxy.pid();
+    // The worker's ring, eventfds and pipe pool come after `listening on`.
+    let fds_at_start = settled_fd_count(pid);
+    let mut baseline = None;
+    for round in 0..LEAK_ROUNDS {
+        end_sessions_mid_bulk(io, &proxy, round);
+        let ended = (round + 1) * LEAK_SESSIONS_PER_ROUND;
+        let bulk = close_line_field(&proxy, ended, "bytes_bulk_recv");
+        assert_eq!(bulk.len(), ended, "io={io}: close lines after round {round}");
+        if io == "uring" {
+            assert!(
+                bulk.iter().all(|&b| b > 0),
+                "io={io}: a session without bulk receives: {bulk:?}"
+            );
         }
-    }
-    let bulk = close_line_field(&proxy, SESSIONS, "bytes_bulk_recv");
-    if io == "uring" {
+        let (fds, hwm) = match baseline {
+            None => {
+                // Pooled splice pipes stay open between sessions: the
+                // warm-up round sets the descriptor baseline.
+                let fds = settled_fd_count(pid);
+                let hwm = hwm_bytes(pid).expect("VmHWM");
+                eprintln!(
+                    "io={io}: after the warm-up round: {fds} descriptors ({fds_at_start} at start), VmHWM {} KiB",
+                    hwm >> 10
+                );
+                baseline = Some((fds, hwm));
+                continue;
+            }
+            Some(b) => b,
+        };
+        let now = wait_fd_count_at_most(
+            pid,
+            fds,
+            Duration::from_secs(5),
+            &format!("after round {round} (warm-up: {fds})"),
+        );
+        let peak = hwm_bytes(pid).expect("VmHWM");
+        eprintln!(
+            "io={io}: after round {round}: {now} descriptors (warm-up {fds}), VmHWM {} KiB (+{} KiB)",
+            peak >> 10,
+            peak.saturating_sub(hwm) >> 10
+        );
         assert!(
-            bulk.iter().all(|&b| b > 0),
-            "io={io}: a session without bulk receives: {bulk:?}"
+            peak.saturating_sub(hwm) <= LEAK_HWM_ALLOWANCE_BYTES,
+            "io={io}: peak RSS grew from {hwm} to {peak} bytes over {round} rounds of {} sessions \
+             (allowance {LEAK_HWM_ALLOWANCE_BYTES}): something is kept per session",
+            LEAK_SESSIONS_PER_ROUND
         );
     }
     // Still serving.
@@ -823,6 +869,33 @@ fn sessions_ended_mid_bulk_leak_nothing(io: &str) {
         )
     });
     assert!(status.success(), "io={io}: exit status {status}");
+}
+
+/// One round of [`sessions_ended_mid_bulk_leak_nothing`]: each session
+/// reads 1 MiB of its endless stream, then its browser resets, closes, or
+/// sends an unmasked frame (1002) and goes.
+fn end_sessions_mid_bulk(io: &str, proxy: &Proxy, round: usize) {
+    for i in 0..LEAK_SESSIONS_PER_ROUND {
+        let mut c = ws_connect(io, proxy.addr, "/", &[]);
+        let data = c
+            .read_exact(1 << 20, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("io={io}: round {round} stream {i} did not start: {e:?}"));
+        assert_eq!(
+            check_pattern(0, &data),
+            None,
+            "io={io}: round {round} stream {i} corrupt"
+        );
+        match i % 3 {
+            // Gone with unread bytes: a reset.
+            0 => drop(c),
+            1 => c.close(),
+            // An unmasked frame: 1002, then gone.
+            _ => {
+                c.send_raw(&raw_frame(0x2, b"x", None));
+                drop(c);
+            }
+        }
+    }
 }
 
 /// Xvnc dies mid-session: the browser gets a close frame within 1 s.

@@ -229,6 +229,62 @@ pub fn fd_count(pid: u32) -> Option<usize> {
         .map(|d| d.count())
 }
 
+/// A process's descriptor count once it stops changing (two readings
+/// 300 ms apart agree). A proxy's workers create their rings, eventfds and
+/// pipes after its `listening on` line, so a baseline is taken with this,
+/// never right after start.
+pub fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid).expect("fd count");
+    wait_until(
+        Duration::from_secs(10),
+        "the descriptor count to settle",
+        || {
+            thread::sleep(Duration::from_millis(300));
+            let now = fd_count(pid)?;
+            let settled = now == last;
+            last = now;
+            settled.then_some(now)
+        },
+    )
+}
+
+/// Waits (bounded) until `pid` holds at most `most` descriptors and returns
+/// the count; panics with the last count, the descriptors' targets and
+/// `what` after `timeout`. Descriptors of ended sessions are closed a
+/// moment after the client sees the close, hence the wait.
+pub fn wait_fd_count_at_most(pid: u32, most: usize, timeout: Duration, what: &str) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = fd_count(pid).expect("fd count");
+        if now <= most {
+            return now;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{}{what}: {now} open descriptors, more than {most} after {timeout:?}: {}",
+                ctx(),
+                fd_targets(pid).join(", ")
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What each open descriptor of `pid` points to (`socket:[…]`,
+/// `pipe:[…]`, `anon_inode:[io_uring]`, a path), for failure messages.
+pub fn fd_targets(pid: u32) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| fs::read_link(e.path()).ok())
+                .map(|t| t.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 /// CPU time (user + system) a process has used, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
