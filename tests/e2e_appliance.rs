@@ -1489,19 +1489,44 @@ fn bad_input_does_not_disturb_live_session(io: &str) {
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     let console_cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
-        ("not HTTP", b"this is not http\r\n\r\n".to_vec(), 400, "malformed"),
+        (
+            "not HTTP",
+            b"this is not http\r\n\r\n".to_vec(),
+            400,
+            "malformed",
+        ),
         ("4 KiB of noise", noise.clone(), 400, "malformed"),
         ("20 KB header", big.into_bytes(), 431, "too_large"),
-        ("Sec-WebSocket-Version 8", bad_version.into_bytes(), 426, "unsupported_version"),
-        ("non-hex session id", upgrade_request("/proxy/zzzz?token=x", &[]), 400, "bad_path"),
+        (
+            "Sec-WebSocket-Version 8",
+            bad_version.into_bytes(),
+            426,
+            "unsupported_version",
+        ),
+        (
+            "non-hex session id",
+            upgrade_request("/proxy/zzzz?token=x", &[]),
+            400,
+            "bad_path",
+        ),
         (
             "session id too long",
             upgrade_request("/proxy/0123456789abcdef0123?token=x", &[]),
             400,
             "bad_path",
         ),
-        ("no token", upgrade_request(&format!("/proxy/{}", s.id), &[]), 400, "missing_token"),
-        ("the live session's ticket replayed", upgrade_request(&s.path, &[]), 403, "ticket_replay"),
+        (
+            "no token",
+            upgrade_request(&format!("/proxy/{}", s.id), &[]),
+            400,
+            "missing_token",
+        ),
+        (
+            "the live session's ticket replayed",
+            upgrade_request(&s.path, &[]),
+            403,
+            "ticket_replay",
+        ),
     ];
     for (what, bytes, status, code) in &console_cases {
         expect_answer(
@@ -1555,20 +1580,80 @@ fn bad_input_does_not_disturb_live_session(io: &str) {
     // an unknown field, a number out of range) are 400 `bad_request`; the
     // handler's own checks name the field.
     let json_bodies: Vec<(&str, String, u16, &str)> = vec![
-        ("malformed JSON", "{\"target\": {".into(), 400, "bad_request"),
+        (
+            "malformed JSON",
+            "{\"target\": {".into(),
+            400,
+            "bad_request",
+        ),
         ("JSON array", "[1,2,3]".into(), 400, "bad_request"),
-        ("unknown field", demo(json!({"evil": 1})), 400, "bad_request"),
-        ("unknown target kind", json!({"target": {"kind": "vmware"}, "user": "a"}).to_string(), 400, "unsupported_target"),
-        ("vnc without host", vnc(json!({"kind": "vnc", "port": 5900})), 400, "bad_target"),
-        ("vnc port 0", vnc(json!({"kind": "vnc", "host": "127.0.0.1", "port": 0})), 400, "bad_target"),
-        ("vnc port 70000", vnc(json!({"kind": "vnc", "host": "127.0.0.1", "port": 70000})), 400, "bad_request"),
-        ("empty user", json!({"target": {"kind": "demo"}, "user": ""}).to_string(), 400, "bad_user"),
+        (
+            "unknown field",
+            demo(json!({"evil": 1})),
+            400,
+            "bad_request",
+        ),
+        (
+            "unknown target kind",
+            json!({"target": {"kind": "vmware"}, "user": "a"}).to_string(),
+            400,
+            "unsupported_target",
+        ),
+        (
+            "vnc without host",
+            vnc(json!({"kind": "vnc", "port": 5900})),
+            400,
+            "bad_target",
+        ),
+        (
+            "vnc port 0",
+            vnc(json!({"kind": "vnc", "host": "127.0.0.1", "port": 0})),
+            400,
+            "bad_target",
+        ),
+        (
+            "vnc port 70000",
+            vnc(json!({"kind": "vnc", "host": "127.0.0.1", "port": 70000})),
+            400,
+            "bad_request",
+        ),
+        (
+            "empty user",
+            json!({"target": {"kind": "demo"}, "user": ""}).to_string(),
+            400,
+            "bad_user",
+        ),
         ("ttl_s 0", demo(json!({"ttl_s": 0})), 400, "bad_ttl"),
-        ("ttl_s huge", demo(json!({"ttl_s": 10_000_000u64})), 400, "bad_ttl"),
-        ("bad port_mode", demo(json!({"port_mode": "weird"})), 400, "bad_port_mode"),
-        ("user of 10 KB", json!({"target": {"kind": "demo"}, "user": "u".repeat(10_000)}).to_string(), 400, "bad_user"),
-        ("unresolvable host", vnc(json!({"kind": "vnc", "host": "no-such-host.invalid", "port": 5900})), 422, "target_unresolvable"),
-        ("body over max_request_bytes", demo(json!({"vm_id": "v".repeat(100_000)})), 413, "body_too_large"),
+        (
+            "ttl_s huge",
+            demo(json!({"ttl_s": 10_000_000u64})),
+            400,
+            "bad_ttl",
+        ),
+        (
+            "bad port_mode",
+            demo(json!({"port_mode": "weird"})),
+            400,
+            "bad_port_mode",
+        ),
+        (
+            "user of 10 KB",
+            json!({"target": {"kind": "demo"}, "user": "u".repeat(10_000)}).to_string(),
+            400,
+            "bad_user",
+        ),
+        (
+            "unresolvable host",
+            vnc(json!({"kind": "vnc", "host": "no-such-host.invalid", "port": 5900})),
+            422,
+            "target_unresolvable",
+        ),
+        (
+            "body over max_request_bytes",
+            demo(json!({"vm_id": "v".repeat(100_000)})),
+            413,
+            "body_too_large",
+        ),
     ];
     for (what, body, status, code) in &json_bodies {
         expect_answer(
