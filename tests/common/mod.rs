@@ -2026,8 +2026,14 @@ pub fn appliance_config_text(
         "[[auth.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\nrole = \"admin\"\n\n\
          [[auth.tokens]]\ntoken = \"{READ_TOKEN}\"\nrole = \"read\"\n\n"
     ));
+    // A short drain grace unless the test sets its own.
+    let grace = if opts.limits_toml.contains("drain_grace_ms") {
+        ""
+    } else {
+        "drain_grace_ms = 200\n"
+    };
     t.push_str(&format!(
-        "[dataplane]\nio = \"{io}\"\n{}\n[dataplane.limits]\ndrain_grace_ms = 200\n{}\n",
+        "[dataplane]\nio = \"{io}\"\n{}\n[dataplane.limits]\n{grace}{}\n",
         opts.dataplane_toml, opts.limits_toml
     ));
     // The test clients send no Origin unless a test asks: sessions are not
