@@ -1,16 +1,16 @@
 //! End-to-end tests of the appliance (`consolegate run --config FILE`), each
 //! run once per IO backend (`name::epoll`, `name::uring`): the REST control
-//! API creates sessions, and WebSocket clients (tungstenite, or noVNC in
-//! headless Chromium) open them on the console port or on dedicated ports,
-//! relayed to TigerVNC's Xvnc or to the built-in demo console.
+//! API creates sessions, and WebSocket clients (tungstenite) open them on the
+//! console port or on dedicated ports, relayed to TigerVNC's Xvnc or to the
+//! built-in demo console. (noVNC in Chromium through the appliance:
+//! tests/e2e_browser.rs.)
 //!
 //! Every appliance gets its own temp dir (config, logs, state dir), loopback
 //! listeners on port 0 and, for dedicated ports, a range of ports below the
 //! kernel's ephemeral range that was free when the test started
 //! ([`common::reserve_port_range`]). Every wait is a bounded poll.
 //!
-//! Needs Debian's tigervnc-standalone-server and tigervnc-tools; the browser
-//! test also chromium, novnc, Node.js and tests/browser/node_modules
+//! Needs Debian's tigervnc-standalone-server and tigervnc-tools
 //! (`bash scripts/install-deps.sh test`).
 
 #[macro_use]
@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,7 +41,6 @@ backend_tests!(
     config_errors,
     metrics_and_health,
     bad_input_does_not_disturb_live_session,
-    novnc_in_chromium_appliance,
 );
 
 /// How long a worker report may take to show in the API (they arrive within
@@ -1766,87 +1765,5 @@ fn bad_input_does_not_disturb_live_session(io: &str) {
         problems.is_empty(),
         "io={io}: the live session survived, but some answers differ from the documented ones:\n  {}",
         problems.join("\n  ")
-    );
-}
-
-// ---------------------------------------------------------------------------
-// 12. noVNC in headless Chromium through an appliance session
-// ---------------------------------------------------------------------------
-
-/// One Chromium, three runs: noVNC's app on a demo session, core/rfb.js on
-/// an Xvnc session (no subprotocol), core/rfb.js with `binary` on another
-/// Xvnc session; each run has its own single-use ticket.
-fn novnc_in_chromium_appliance(io: &str) {
-    let node = browser_prerequisites();
-    let xvnc = Xvnc::start_with(XvncOptions {
-        width: 640,
-        height: 480,
-        password: None,
-    });
-    let app = Appliance::start(
-        io,
-        ApplianceOptions {
-            web_dir: Some(PathBuf::from(NOVNC)),
-            demo_toml: "width = 640\nheight = 480\n".into(),
-            ..ApplianceOptions::default()
-        },
-    );
-    let demo = app.create_demo("alice");
-    let v1 = app.create(&json!({"target": vnc_target(&xvnc, None), "user": "alice"}));
-    let v2 = app.create(&json!({"target": vnc_target(&xvnc, None), "user": "alice"}));
-    let viewer = demo.json["viewer_url"].as_str().unwrap_or_else(|| {
-        panic!(
-            "io={io}: with console.web_dir a shared session has a viewer_url: {}",
-            demo.json
-        )
-    });
-    assert!(
-        viewer.contains("vnc.html") && viewer.contains(&demo.id),
-        "io={io}: viewer_url {viewer:?}"
-    );
-    let runs = [("app", &demo), ("none", &v1), ("binary", &v2)];
-
-    let names: Vec<&str> = runs.iter().map(|(r, _)| *r).collect();
-    let mut extra = Vec::new();
-    for (run, s) in &runs {
-        extra.push("--ws-path".to_string());
-        extra.push(format!("{run}={}", s.path.trim_start_matches('/')));
-    }
-    let NovncRun {
-        out_dir,
-        status,
-        output,
-    } = run_novnc(
-        &node,
-        &format!("http://{}", app.console),
-        &format!("novnc-appliance-{io}"),
-        &names,
-        &extra,
-    );
-    assert!(
-        status.success(),
-        "io={io}: novnc.mjs failed ({status}):\n{output}"
-    );
-
-    for (run, s) in &runs {
-        assert!(
-            output.contains(&format!("ok run={run} ")),
-            "io={io}: run {run} not reported ok:\n{output}"
-        );
-        check_screenshot(&out_dir, run, &output);
-        // The appliance saw the browser: the script disconnected after its
-        // checks, so the session is closed, having carried the desktop down.
-        let rec = app.wait_state(&s.id, "closed", REPORT_TIMEOUT);
-        // (noVNC negotiates compressed encodings: a few KB can be a screen.)
-        assert!(
-            u64_of(&rec, "bytes_backend_to_browser") > 100
-                && u64_of(&rec, "bytes_browser_to_backend") > 0,
-            "io={io}: run {run}: session {} carried (almost) nothing: {rec}",
-            s.id
-        );
-    }
-    assert!(
-        output.contains("protocol=\"binary\""),
-        "io={io}: the binary run did not negotiate `binary`:\n{output}"
     );
 }

@@ -11,14 +11,17 @@
 //! Each test file includes this module with `#[macro_use] mod common;`, and
 //! not every file uses every helper.
 #![allow(dead_code)]
+pub mod browser;
 pub mod qemu;
-
 pub mod vcsim;
+pub mod x11;
+
+#[allow(unused_imports)]
+pub use browser::*;
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -2465,149 +2468,6 @@ pub fn run_cli_env(
         cmd.env(k, v);
     }
     run_cli_with(cmd, args, timeout)
-}
-
-// ---------------------------------------------------------------------------
-// Browser tests: noVNC in headless Chromium driven by tests/browser/novnc.mjs
-// ---------------------------------------------------------------------------
-
-pub const CHROMIUM: &str = "/usr/lib/chromium/chromium";
-pub const NOVNC: &str = "/usr/share/novnc";
-/// Bound on one page step (load, connect, first picture) inside the script.
-pub const STEP_TIMEOUT_MS: u64 = 20_000;
-/// Bound on the whole script, past which it is killed with its browser.
-pub const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
-
-pub fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
-/// Fails (never skips) naming what is missing and how to get it.
-pub fn browser_prerequisites() -> PathBuf {
-    let node = find_program("node").unwrap_or_else(|| {
-        panic!(
-            "node not found: install Node.js >= 20 with npm (NodeSource's nodejs package; \
-             scripts/install-deps.sh test checks it)"
-        )
-    });
-    assert!(
-        Path::new(CHROMIUM).is_file(),
-        "{CHROMIUM} not found: install Debian package chromium (make test does)"
-    );
-    assert!(
-        Path::new(NOVNC).join("core/rfb.js").is_file()
-            && Path::new(NOVNC).join("vnc.html").is_file(),
-        "noVNC not found in {NOVNC}: install Debian package novnc (make test does)"
-    );
-    assert!(
-        browser_dir().join("node_modules/playwright-core/package.json").is_file(),
-        "tests/browser/node_modules/playwright-core is missing: run `bash scripts/install-deps.sh test` \
-         (npm ci in tests/browser; make test does)"
-    );
-    node
-}
-
-/// The script's process group (node and the Chromium it starts): killed on
-/// drop so that no browser outlives the test.
-pub struct ScriptGuard(pub Child);
-
-impl Drop for ScriptGuard {
-    fn drop(&mut self) {
-        let pgid = self.0.id();
-        if let Ok(None) = self.0.try_wait() {
-            // playwright closes its browser on SIGTERM.
-            signal_group(pgid, "TERM");
-            if wait_child(&mut self.0, Duration::from_secs(5)).is_none() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-        // Whatever is left of the group (a browser process, say).
-        signal_group(pgid, "KILL");
-    }
-}
-
-/// What one run of tests/browser/novnc.mjs left: its output directory (a
-/// `novnc-<run>.png` per run), its exit status and its output.
-pub struct NovncRun {
-    pub out_dir: PathBuf,
-    pub status: ExitStatus,
-    pub output: String,
-}
-
-/// Runs novnc.mjs with `node`: noVNC from `base` in headless Chromium, once
-/// per name in `runs` (plus `extra` arguments), screenshots into a fresh
-/// `CARGO_TARGET_TMPDIR/<out_name>`. Panics when the script is still running
-/// after [`SCRIPT_TIMEOUT`]; the script's process group is killed either way.
-pub fn run_novnc(
-    node: &Path,
-    base: &str,
-    out_name: &str,
-    runs: &[&str],
-    extra: &[String],
-) -> NovncRun {
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(out_name);
-    let _ = fs::remove_dir_all(&out_dir);
-    fs::create_dir_all(&out_dir).unwrap();
-    let log_path = out_dir.join("novnc.log");
-    let log = File::create(&log_path).unwrap();
-    let child = Command::new(node)
-        .arg(browser_dir().join("novnc.mjs"))
-        .arg("--base")
-        .arg(base)
-        .arg("--out-dir")
-        .arg(&out_dir)
-        .arg("--runs")
-        .arg(runs.join(","))
-        .arg("--chromium")
-        .arg(CHROMIUM)
-        .arg("--timeout-ms")
-        .arg(STEP_TIMEOUT_MS.to_string())
-        .args(extra)
-        .current_dir(browser_dir())
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}spawn node: {e}", ctx()));
-    let mut guard = ScriptGuard(child);
-    let status = wait_child(&mut guard.0, SCRIPT_TIMEOUT);
-    let output = fs::read_to_string(&log_path).unwrap_or_default();
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "{}novnc.mjs still running after {SCRIPT_TIMEOUT:?}; output so far:\n{output}",
-            ctx()
-        )
-    });
-    drop(guard);
-    NovncRun {
-        out_dir,
-        status,
-        output,
-    }
-}
-
-/// The screenshot of run `run` exists and is a real 640×480-or-larger
-/// picture (not a blank page: > 2 000 bytes of PNG).
-pub fn check_screenshot(out_dir: &Path, run: &str, output: &str) {
-    let png = out_dir.join(format!("novnc-{run}.png"));
-    let data = fs::read(&png).unwrap_or_else(|e| {
-        panic!(
-            "{}screenshot {} missing ({e}); output:\n{output}",
-            ctx(),
-            png.display()
-        )
-    });
-    let (w, h) =
-        png_size(&data).unwrap_or_else(|| panic!("{}{} is not a PNG", ctx(), png.display()));
-    assert!(
-        w >= 640 && h >= 480 && data.len() > 2_000,
-        "{}screenshot {} looks empty: {w}x{h}, {} bytes",
-        ctx(),
-        png.display(),
-        data.len()
-    );
 }
 
 /// Width and height from a PNG's IHDR chunk.
