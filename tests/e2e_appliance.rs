@@ -268,6 +268,7 @@ fn range_ports(r: (u16, u16)) -> BTreeSet<u16> {
 /// → closed with byte counts.
 fn shared_session_relays_rfb(io: &str) {
     let xvnc = Xvnc::start();
+    let card = xvnc.draw_test_card();
     let app = Appliance::start(io, ApplianceOptions::default());
     let before = now_unix_ms();
     let s = app.create(&json!({
@@ -311,11 +312,11 @@ fn shared_session_relays_rfb(io: &str) {
         (xvnc.options.width, xvnc.options.height),
         "io={io}: ServerInit size is Xvnc's"
     );
-    let pixels = rfb_full_update(&mut c, &init, "first update");
-    assert!(
-        distinct_colours(&pixels) > 1,
-        "io={io}: the Xvnc -retro weave has more than one colour"
-    );
+    // The framebuffer is exactly the test card drawn into Xvnc.
+    let fb = rfb_framebuffer(&mut c, init.width, init.height);
+    let cmp = card.compare(&fb, 0);
+    assert_eq!(cmp.differ, 0, "io={io}: the relayed framebuffer: {cmp}");
+    let pixel_bytes = fb.len() as u64;
     let open = app.wait_state(&s.id, "open", REPORT_TIMEOUT);
     assert!(
         open["worker"].is_u64(),
@@ -331,9 +332,8 @@ fn shared_session_relays_rfb(io: &str) {
         "io={io}: bytes_browser_to_backend {up}: at least the version, security type and ClientInit went up: {closed}"
     );
     assert!(
-        down >= pixels.len() as u64,
-        "io={io}: bytes_backend_to_browser {down} < the {} pixel bytes received: {closed}",
-        pixels.len()
+        down >= pixel_bytes,
+        "io={io}: bytes_backend_to_browser {down} < the {pixel_bytes} pixel bytes received: {closed}"
     );
     let list = app.get_json("/api/v1/sessions");
     let found = list["sessions"]

@@ -177,6 +177,43 @@ impl ExpectedImage {
         (self.pixel)(x, y)
     }
 
+    /// Compares `img` (which must have the expected size) with the
+    /// picture: how many pixels were checked, how many differ by more than
+    /// `tolerance` in a channel, the first few, and their bounding box.
+    pub fn compare(&self, img: &image::RgbaImage, tolerance: u8) -> Comparison {
+        assert_eq!(
+            img.dimensions(),
+            (self.width, self.height),
+            "{}a {}x{} picture compared with {}",
+            ctx(),
+            img.width(),
+            img.height(),
+            self.what
+        );
+        let mut c = Comparison {
+            bbox: (u32::MAX, u32::MAX, 0, 0),
+            ..Comparison::default()
+        };
+        for (x, y, p) in img.enumerate_pixels() {
+            let Some(want) = self.at(x, y) else { continue };
+            c.checked += 1;
+            let got = [p[0], p[1], p[2]];
+            if !close(got, want, tolerance) {
+                c.differ += 1;
+                c.bbox = (
+                    c.bbox.0.min(x),
+                    c.bbox.1.min(y),
+                    c.bbox.2.max(x),
+                    c.bbox.3.max(y),
+                );
+                if c.first.len() < 10 {
+                    c.first.push(format!("({x},{y}) {got:?} want {want:?}"));
+                }
+            }
+        }
+        c
+    }
+
     /// Points on a [`SAMPLE_STEP`] grid whose colour is known and the same
     /// [`FLAT_RADIUS`] around them.
     pub fn sample_points(&self) -> Vec<(u32, u32, [u8; 3])> {
@@ -219,6 +256,39 @@ impl ExpectedImage {
             "points": points,
         });
         fs::write(path, v.to_string()).expect("write the expect file");
+    }
+}
+
+/// The outcome of [`ExpectedImage::compare`].
+#[derive(Debug, Default)]
+pub struct Comparison {
+    pub checked: usize,
+    pub differ: usize,
+    pub first: Vec<String>,
+    /// (min x, min y, max x, max y) of the differing pixels.
+    pub bbox: (u32, u32, u32, u32),
+}
+
+impl std::fmt::Display for Comparison {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} checked pixels differ",
+            self.differ, self.checked
+        )?;
+        if self.differ > 0 {
+            let b = self.bbox;
+            write!(
+                f,
+                " (within ({},{})-({},{}); first: {})",
+                b.0,
+                b.1,
+                b.2,
+                b.3,
+                self.first.join(", ")
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -457,28 +527,9 @@ pub fn check_canvas(out_dir: &Path, run: &BrowserRun) {
         want.width,
         want.height
     );
-    let (mut checked, mut differ, mut first) = (0usize, 0usize, Vec::new());
-    // Bounding box of the differing pixels (a cursor is one small box).
-    let mut bbox = (u32::MAX, u32::MAX, 0, 0);
-    for (x, y, p) in img.enumerate_pixels() {
-        let Some(c) = want.at(x, y) else { continue };
-        checked += 1;
-        let got = [p[0], p[1], p[2]];
-        if !close(got, c, CANVAS_TOLERANCE) {
-            differ += 1;
-            bbox = (bbox.0.min(x), bbox.1.min(y), bbox.2.max(x), bbox.3.max(y));
-            if first.len() < 10 {
-                first.push(format!("({x},{y}) {got:?} want {c:?}"));
-            }
-        }
-    }
-    let within = if differ > 0 {
-        format!(" (within ({},{})-({},{}))", bbox.0, bbox.1, bbox.2, bbox.3)
-    } else {
-        String::new()
-    };
+    let c = want.compare(&img, CANVAS_TOLERANCE);
     eprintln!(
-        "{}run {}: canvas {}x{}: {differ} of {checked} checked pixels differ from {}{within}",
+        "{}run {}: canvas {}x{}: {c}, compared with {}",
         ctx(),
         run.kind,
         want.width,
@@ -486,13 +537,12 @@ pub fn check_canvas(out_dir: &Path, run: &BrowserRun) {
         want.what
     );
     assert!(
-        differ <= want.mismatch_budget,
-        "{}run {}: {differ} of {checked} canvas pixels differ from {} (at most {} may); first: {}",
+        c.differ <= want.mismatch_budget,
+        "{}run {}: canvas: {c}, compared with {} (at most {} may differ)",
         ctx(),
         run.kind,
         want.what,
         want.mismatch_budget,
-        first.join(", ")
     );
 }
 

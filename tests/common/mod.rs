@@ -1497,6 +1497,58 @@ pub fn rfb_request_update<S: TcpBacked>(
     (head[0], rects, rect, encoding)
 }
 
+/// The whole framebuffer as one full (non-incremental) update, in a pixel
+/// format set here (32 bits, little-endian, RGB in bits 16/8/0) with Raw
+/// encoding only, every rectangle painted in place: what the server sent,
+/// to compare pixel by pixel with what it should show.
+pub fn rfb_framebuffer<S: TcpBacked>(
+    c: &mut WsClient<S>,
+    width: u16,
+    height: u16,
+) -> image::RgbaImage {
+    let mut set_format = vec![0u8, 0, 0, 0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0];
+    set_format.extend_from_slice(&[0, 0, 0]);
+    c.send(&set_format);
+    c.send(&[2, 0, 0, 1, 0, 0, 0, 0]); // SetEncodings: Raw
+    let mut req = vec![3, 0, 0, 0, 0, 0];
+    req.extend_from_slice(&width.to_be_bytes());
+    req.extend_from_slice(&height.to_be_bytes());
+    c.send(&req);
+    let head = c.expect_bytes(4, "the FramebufferUpdate header");
+    assert_eq!(
+        head[0],
+        0,
+        "{}expected a FramebufferUpdate, got message {}",
+        ctx(),
+        head[0]
+    );
+    let mut img = image::RgbaImage::new(width.into(), height.into());
+    for i in 0..u16::from_be_bytes([head[2], head[3]]) {
+        let r = c.expect_bytes(12, "a rectangle header");
+        let n = |at: usize| u16::from_be_bytes([r[at], r[at + 1]]) as u32;
+        let (x, y, w, h) = (n(0), n(2), n(4), n(6));
+        let encoding = i32::from_be_bytes(r[8..12].try_into().unwrap());
+        assert_eq!(
+            encoding,
+            0,
+            "{}rectangle {i} not Raw (asked for Raw only)",
+            ctx()
+        );
+        assert!(
+            x + w <= width.into() && y + h <= height.into(),
+            "{}rectangle {i} ({x},{y} {w}x{h}) outside the {width}x{height} screen",
+            ctx()
+        );
+        let px = c.expect_bytes((w * h * 4) as usize, "a rectangle's pixels");
+        for (k, p) in px.chunks_exact(4).enumerate() {
+            let (dx, dy) = (k as u32 % w, k as u32 / w);
+            // Little-endian 0x00RRGGBB: B, G, R, padding.
+            img.put_pixel(x + dx, y + dy, image::Rgba([p[2], p[1], p[0], 255]));
+        }
+    }
+    img
+}
+
 // ---------------------------------------------------------------------------
 // TLS material
 // ---------------------------------------------------------------------------
