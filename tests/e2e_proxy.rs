@@ -157,7 +157,7 @@ fn subprotocol_unsupported_is_400(io: &str) {
         r.status, 400,
         "io={io}: only unsupported subprotocols offered: {r:?}"
     );
-    r.assert_json_error(&format!("io={io}"));
+    r.assert_api_error(400, "no_supported_subprotocol", &format!("io={io}"));
     assert_eq!(
         backend.accepted(),
         0,
@@ -1097,19 +1097,19 @@ fn bad_input_is_contained(io: &str) {
         r.status, 400,
         "io={io}: upgrade without Sec-WebSocket-Key: {r:?}"
     );
-    r.assert_json_error(&format!("io={io} missing key"));
+    r.assert_api_error(400, "bad_key", &format!("io={io} missing key"));
 
     // Not HTTP at all: a malformed request, 400.
     let r = raw_http(proxy.addr, b"this is not http\r\n\r\n");
     assert_eq!(r.status, 400, "io={io}: garbage request: {r:?}");
-    r.assert_json_error(&format!("io={io} garbage"));
+    r.assert_api_error(400, "malformed", &format!("io={io} garbage"));
 
     // Unsupported WebSocket version.
     let mut req = String::from_utf8(upgrade_request("/websockify", &[])).unwrap();
     req = req.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8");
     let r = raw_http(proxy.addr, req.as_bytes());
     assert_eq!(r.status, 426, "io={io}: Sec-WebSocket-Version 8: {r:?}");
-    r.assert_json_error(&format!("io={io} version"));
+    r.assert_api_error(426, "unsupported_version", &format!("io={io} version"));
     assert_eq!(
         r.header("Sec-WebSocket-Version").as_deref(),
         Some("13"),
@@ -1188,7 +1188,7 @@ fn origin_allowlist(io: &str) {
         &upgrade_request("/websockify", &["Origin: http://evil.example"]),
     );
     assert_eq!(r.status, 403, "io={io}: Origin not in the allowlist: {r:?}");
-    r.assert_json_error(&format!("io={io} origin"));
+    r.assert_api_error(403, "origin_not_allowed", &format!("io={io} origin"));
     assert_eq!(
         backend.accepted(),
         0,
