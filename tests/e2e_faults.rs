@@ -441,23 +441,6 @@ fn flooding_backend(n: usize, stop: Arc<AtomicBool>) -> (SocketAddr, Arc<AtomicU
     (addr, written)
 }
 
-/// A process's descriptor count once it stops changing (two readings
-/// 300 ms apart agree).
-fn settled_fd_count(pid: u32) -> usize {
-    let mut last = fd_count(pid).expect("fd count");
-    wait_until(
-        Duration::from_secs(10),
-        "the descriptor count to settle",
-        || {
-            std::thread::sleep(Duration::from_millis(300));
-            let now = fd_count(pid)?;
-            let settled = now == last;
-            last = now;
-            settled.then_some(now)
-        },
-    )
-}
-
 /// Waits until `counter` stops growing for `quiet`.
 fn wait_quiet(counter: &AtomicU64, quiet: Duration, limit: Duration, what: &str) {
     let start = Instant::now();
