@@ -10,8 +10,9 @@
 # Settings (environment):
 #   FUZZ_RUNS            executions per target in the long run (default 10000000)
 #   FUZZ_JOBS            targets fuzzed at the same time (default 1)
+#   FUZZ_MAX_SECONDS     long run: also stop a target after this many seconds (default 0: no limit)
 #   FUZZ_SMOKE_RUNS      executions per target in the smoke run (default 200000)
-#   FUZZ_SMOKE_SECONDS   seconds per target in the smoke run (default 20)
+#   FUZZ_SMOKE_SECONDS   seconds per target in the smoke run (default 10)
 #   FUZZ_RSS_LIMIT_MB    memory limit of one fuzzing process: more is a failure (default 2048)
 #   FUZZ_TIMEOUT_S       time limit of one input: more is a failure (a hang) (default 10)
 #   FUZZ_NICE            niceness of the fuzzing processes (default 10: the machine is shared)
@@ -25,9 +26,12 @@
 # fuzz/work/summary-<mode>.tsv.
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
+# The repository root, also when a copy of this script runs from elsewhere in
+# it (a long run should run from a copy: bash reads a script as it goes).
+cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 
-ALL_TARGETS=(http_upgrade websocket_decoder websocket_roundtrip rfb_handshake control_json config token_file)
+# Fastest first, so a long run that is cut short has done the most targets.
+ALL_TARGETS=(token_file control_json rfb_handshake websocket_decoder http_upgrade websocket_roundtrip config)
 
 mode="${1:-}"
 case "$mode" in
@@ -42,8 +46,9 @@ targets=("$@")
 
 runs_long="${FUZZ_RUNS:-10000000}"
 jobs="${FUZZ_JOBS:-1}"
+max_seconds="${FUZZ_MAX_SECONDS:-0}"
 smoke_runs="${FUZZ_SMOKE_RUNS:-200000}"
-smoke_seconds="${FUZZ_SMOKE_SECONDS:-20}"
+smoke_seconds="${FUZZ_SMOKE_SECONDS:-10}"
 rss_limit_mb="${FUZZ_RSS_LIMIT_MB:-2048}"
 timeout_s="${FUZZ_TIMEOUT_S:-10}"
 niceness="${FUZZ_NICE:-10}"
@@ -51,9 +56,11 @@ niceness="${FUZZ_NICE:-10}"
 # cargo-fuzz needs nightly-only rustc flags (-Zsanitizer=address); the stable
 # toolchain accepts them with RUSTC_BOOTSTRAP=1.
 export RUSTC_BOOTSTRAP=1
-# Release code with debug assertions and overflow checks on: the product's
-# debug_assert! invariants are checked too.
+# Release code with debug assertions and overflow checks on, so the
+# product's debug_assert! invariants are checked too, and the address
+# sanitizer (with its leak checker).
 BUILD_FLAGS=(--release --debug-assertions --sanitizer=address)
+BIN_DIR=fuzz/target/x86_64-unknown-linux-gnu/release
 
 log() { echo "fuzz($mode): $*" >&2; }
 
@@ -63,6 +70,8 @@ command -v cargo-fuzz >/dev/null 2>&1 || {
 }
 
 # One cargo invocation builds every target, sharing the instrumented library.
+# The runs below start the binaries directly, so nothing is rebuilt while a
+# long run goes on.
 log "building ${#ALL_TARGETS[@]} targets"
 nice -n "$niceness" cargo fuzz build "${BUILD_FLAGS[@]}"
 
@@ -85,15 +94,18 @@ run_target() {
     else
         work="fuzz/work/$target"
         runs="$runs_long"
+        limits=(-max_total_time="$max_seconds")
     fi
     mkdir -p "$work" "fuzz/artifacts/$target"
     logfile="fuzz/work/$target-$mode.log"
     start=$(date +%s)
     result=ok
-    nice -n "$niceness" cargo fuzz run "${BUILD_FLAGS[@]}" "$target" "$work" "fuzz/corpus/$target" -- \
+    # What `cargo fuzz run` would start, plus our limits.
+    ASAN_OPTIONS="${ASAN_OPTIONS:-detect_odr_violation=0}" nice -n "$niceness" \
+        "$BIN_DIR/$target" -artifact_prefix="fuzz/artifacts/$target/" \
         -dict="fuzz/dict/$target.dict" -runs="$runs" "${limits[@]}" \
         -rss_limit_mb="$rss_limit_mb" -malloc_limit_mb="$rss_limit_mb" -timeout="$timeout_s" \
-        -print_final_stats=1 -print_pcs=0 >"$logfile" 2>&1 || result=FAILED
+        -print_final_stats=1 "$work" "fuzz/corpus/$target" >"$logfile" 2>&1 || result=FAILED
     end=$(date +%s)
     local executions seconds rate rss_early rss_peak cov ft corpus
     executions=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$logfile" | grep -oE '[0-9]+$' || echo "?")
