@@ -9,12 +9,13 @@ target's input layout:
     python3 fuzz/make_seeds.py
 
 The files are committed; the corpora a fuzzing run grows go elsewhere
-(fuzz/work/, gitignored). Standard library only.
+(fuzz/work/, gitignored), except a minimised selection of what a long run
+found, committed in fuzz/corpus/<target>/grown/, which this script keeps.
+Standard library only.
 """
 
 import base64
 import os
-import shutil
 import struct
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +35,14 @@ def write(target, name, data):
 
 
 def fresh(target):
-    shutil.rmtree(os.path.join(CORPUS, target), ignore_errors=True)
+    """Remove the target's seed files, keeping its grown/ folder."""
+    folder = os.path.join(CORPUS, target)
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 # ---- http_upgrade: max_request_bytes (u16 LE), max_headers, prefix_cut, request
