@@ -6,6 +6,9 @@
 #   bash fuzz/run.sh smoke [TARGET...]   each target for FUZZ_SMOKE_RUNS executions or
 #                                        FUZZ_SMOKE_SECONDS seconds, whichever comes first
 #   bash fuzz/run.sh long [TARGET...]    each target for FUZZ_RUNS executions
+#   bash fuzz/run.sh cmin [TARGET...]    minimise what long runs found (fuzz/work/<target>/)
+#                                        plus fuzz/corpus/<target>/grown/ into a new grown/:
+#                                        the inputs that add coverage beyond the seeds
 #
 # Settings (environment):
 #   FUZZ_RUNS            executions per target in the long run (default 10000000)
@@ -35,9 +38,9 @@ ALL_TARGETS=(token_file control_json rfb_handshake websocket_decoder http_upgrad
 
 mode="${1:-}"
 case "$mode" in
-smoke | long) shift ;;
+smoke | long | cmin) shift ;;
 *)
-    echo "usage: $0 smoke|long [TARGET...]" >&2
+    echo "usage: $0 smoke|long|cmin [TARGET...]" >&2
     exit 2
     ;;
 esac
@@ -77,7 +80,7 @@ nice -n "$niceness" cargo fuzz build "${BUILD_FLAGS[@]}"
 
 mkdir -p fuzz/work
 summary="fuzz/work/summary-$mode.tsv"
-[ -f "$summary" ] || printf 'target\texecutions\tseconds\texec_per_s\trss_mb_at_10pct\tpeak_rss_mb\tcov\tft\tcorpus\tresult\tdate\n' >"$summary"
+[ "$mode" = cmin ] || [ -f "$summary" ] || printf 'target\texecutions\tseconds\texec_per_s\trss_mb_at_10pct\tpeak_rss_mb\tcov\tft\tcorpus\tresult\tdate\n' >"$summary"
 
 # The libFuzzer status line field after `name:`, from the last line holding it.
 status_field() {
@@ -126,6 +129,38 @@ run_target() {
         return 1
     fi
 }
+
+# libFuzzer's set-cover merge (what `cargo fuzz cmin` does, with a smaller
+# result): the first folder starts with the seeds, so what it adds is the
+# growth beyond them.
+cmin_target() {
+    local target="$1" merged before
+    merged=$(mktemp -d)
+    find "fuzz/corpus/$target" -maxdepth 1 -type f -exec cp {} "$merged/" \;
+    before=$(ls "$merged")
+    mkdir -p "fuzz/corpus/$target/grown" "fuzz/work/$target"
+    ASAN_OPTIONS="${ASAN_OPTIONS:-detect_odr_violation=0}" nice -n "$niceness" \
+        "$BIN_DIR/$target" -set_cover_merge=1 -rss_limit_mb="$rss_limit_mb" -timeout="$timeout_s" \
+        "$merged" "fuzz/corpus/$target/grown" "fuzz/work/$target" >"fuzz/work/$target-cmin.log" 2>&1 || {
+        log "$target: merge failed, see fuzz/work/$target-cmin.log"
+        rm -rf "$merged"
+        return 1
+    }
+    rm -rf "fuzz/corpus/$target/grown"
+    mkdir -p "fuzz/corpus/$target/grown"
+    for file in $(ls "$merged"); do
+        grep -qxF "$file" <<<"$before" || mv "$merged/$file" "fuzz/corpus/$target/grown/"
+    done
+    rm -rf "$merged"
+    log "$target: $(ls "fuzz/corpus/$target/grown" | wc -l) inputs, $(du -sb "fuzz/corpus/$target/grown" | cut -f1) bytes in fuzz/corpus/$target/grown/"
+}
+
+if [ "$mode" = cmin ]; then
+    for target in "${targets[@]}"; do
+        cmin_target "$target"
+    done
+    exit 0
+fi
 
 failed=0
 running=0
