@@ -7,6 +7,9 @@
 #                                        vncpasswd), QEMU, noVNC, Chromium, Go and govmomi's
 #                                        simulator sources, and tests/browser's
 #                                        node_modules (playwright-core, pinned by package-lock.json)
+#   bash scripts/install-deps.sh fuzz    cargo-fuzz at the pinned version (installed with cargo
+#                                        when missing or at another version) and g++ (libfuzzer-sys
+#                                        compiles libFuzzer's C++)
 #
 # As root, missing Debian packages are installed with apt-get (one `apt-get update`
 # at most). As another user, the script names what is missing and how to install
@@ -17,9 +20,9 @@ cd "$(dirname "$0")/.."
 
 mode="${1:-}"
 case "$mode" in
-build | test) ;;
+build | test | fuzz) ;;
 *)
-    echo "usage: $0 build|test" >&2
+    echo "usage: $0 build|test|fuzz" >&2
     exit 2
     ;;
 esac
@@ -139,7 +142,24 @@ deps_test() {
     fi
 }
 
+# The cargo-fuzz that fuzz/run.sh drives; bump it here and nowhere else.
+CARGO_FUZZ_VERSION=0.13.2
+
+deps_fuzz() {
+    check_cargo
+    need_pkg gcc cmd gcc
+    need_pkg g++ cmd g++
+    install_missing
+    local have
+    have=$(cargo fuzz --version 2>/dev/null | awk '{print $2}') || have=""
+    [ "$have" = "$CARGO_FUZZ_VERSION" ] && return 0
+    log "installing cargo-fuzz $CARGO_FUZZ_VERSION (found: ${have:-none}); about a minute"
+    cargo install cargo-fuzz --locked --version "=$CARGO_FUZZ_VERSION" ||
+        die "cargo install cargo-fuzz --locked --version =$CARGO_FUZZ_VERSION failed"
+}
+
 case "$mode" in
 build) deps_build ;;
 test) deps_test ;;
+fuzz) deps_fuzz ;;
 esac
