@@ -839,7 +839,7 @@ impl ApplianceConfig {
         // the two modes can never disagree on what a valid limit is.
         let probe = ProxyConfig {
             listen: self.console.listen,
-            target: TargetConfig::Fixed(self.console.listen),
+            target: TargetConfig::Fixed(crate::mailbox::Target::vnc(self.console.listen, None)),
             tls: None,
             web_dir: None,
             origins: Vec::new(),

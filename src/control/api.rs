@@ -261,10 +261,13 @@ async fn metrics(State(state): State<Arc<ControlState>>, headers: HeaderMap) -> 
         .into_response()
 }
 
-#[derive(Debug, Deserialize)]
+/// `target` as the API takes it; [`TargetReq::spec`] checks it into a
+/// [`TargetSpec`] (one variant per kind), naming the field that is wrong.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetReq {
-    /// "vnc" (a VNC server) or "demo" (the built-in demo server).
+    /// "vnc" (a VNC server), "webmks" (a VMware WebMKS endpoint) or "demo"
+    /// (the built-in demo server).
     pub kind: String,
     #[serde(default)]
     pub host: Option<String>,
@@ -272,6 +275,118 @@ pub struct TargetReq {
     pub port: Option<u16>,
     #[serde(default)]
     pub password: Option<String>,
+    /// webmks: `wss://host:port/ticket/T`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// webmks: the ticket's `sslThumbprint` (SHA-1 `AA:BB:…`, or SHA-256).
+    #[serde(default)]
+    pub thumbprint: Option<String>,
+}
+
+// By hand: passwords, ticket URLs and thumbprints never reach a log line.
+impl std::fmt::Debug for TargetReq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetReq")
+            .field("kind", &self.kind)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field(
+                "thumbprint",
+                &self.thumbprint.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// A checked target, one variant per kind.
+pub enum TargetSpec {
+    Demo,
+    Vnc {
+        host: String,
+        port: u16,
+        password: Option<String>,
+    },
+    WebMks {
+        url: crate::protocol::http_upgrade::WsUrl,
+        trust: crate::pki::Trust,
+    },
+}
+
+impl TargetReq {
+    /// The fields this kind needs, checked; the others must be absent.
+    pub fn spec(&self) -> Result<TargetSpec, ApiError> {
+        let only = |allowed: &[&str]| -> Result<(), ApiError> {
+            let given = [
+                ("host", self.host.is_some()),
+                ("port", self.port.is_some()),
+                ("password", self.password.is_some()),
+                ("url", self.url.is_some()),
+                ("thumbprint", self.thumbprint.is_some()),
+            ];
+            match given.iter().find(|(k, set)| *set && !allowed.contains(k)) {
+                Some((k, _)) => Err(bad(
+                    "bad_target",
+                    format!("target.{k} does not apply to kind {}", self.kind),
+                )),
+                None => Ok(()),
+            }
+        };
+        match self.kind.as_str() {
+            "demo" => {
+                only(&[])?;
+                Ok(TargetSpec::Demo)
+            }
+            "vnc" => {
+                only(&["host", "port", "password"])?;
+                let host = self
+                    .host
+                    .clone()
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| bad("bad_target", "target.host is required for kind vnc"))?;
+                if host.len() > MAX_FIELD_BYTES {
+                    return Err(bad("bad_target", "target.host is too long"));
+                }
+                let port = self
+                    .port
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| bad("bad_target", "target.port is required (1-65535)"))?;
+                if self
+                    .password
+                    .as_ref()
+                    .is_some_and(|p| p.len() > MAX_FIELD_BYTES)
+                {
+                    return Err(bad("bad_target", "target.password is too long"));
+                }
+                Ok(TargetSpec::Vnc {
+                    host,
+                    port,
+                    password: self.password.clone(),
+                })
+            }
+            "webmks" => {
+                only(&["url", "thumbprint"])?;
+                let url = self
+                    .url
+                    .as_deref()
+                    .ok_or_else(|| bad("bad_target", "target.url is required for kind webmks"))?;
+                // The error says what is wrong, never the URL (the ticket).
+                let url = crate::protocol::http_upgrade::WsUrl::parse(url)
+                    .map_err(|e| bad("bad_target", format!("target.url: {e}")))?;
+                if !url.tls {
+                    return Err(bad("bad_target", "target.url must be wss://"));
+                }
+                let trust = crate::pki::Trust::from_config(self.thumbprint.as_deref(), None)
+                    .map_err(|e| bad("bad_target", format!("target.thumbprint: {e}")))?;
+                Ok(TargetSpec::WebMks { url, trust })
+            }
+            other => Err(bad(
+                "unsupported_target",
+                format!("target.kind {other:?} is not supported (vnc, webmks, demo)"),
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -394,7 +509,8 @@ async fn create_session(
         }
         Some(s) => Duration::from_secs(s),
     };
-    let (addr, view, password) = resolve_target(&state, &req.target).await?;
+    let (target, view) = resolve_target(&state, &req.target).await?;
+    let addr = target.addr;
     let origin = session_origin(&state, req.origin.as_deref())?;
     if req.client_ip.is_some() && !state.cfg.sessions.bind_client_ip {
         return Err(bad(
@@ -458,7 +574,7 @@ async fn create_session(
     let admission = Arc::new(Admission::new(
         id,
         ticket.clone(),
-        Target { addr, password },
+        target,
         req.user.clone(),
         expires,
         origin,
@@ -639,12 +755,12 @@ pub fn ws_url(public_url: &str, port: Option<u16>, id: u64, token: &str) -> Stri
     format!("{base}/proxy/{}?token={token}", id_hex(id))
 }
 
-async fn resolve_target(
-    state: &ControlState,
-    t: &TargetReq,
-) -> ApiResult<(SocketAddr, TargetView, Option<String>)> {
-    match t.kind.as_str() {
-        "demo" => {
+/// The data-plane target for a request's `target`: names resolved here,
+/// on the control plane (workers never block on DNS), raw targets kept
+/// inside `sessions.target_networks`.
+async fn resolve_target(state: &ControlState, t: &TargetReq) -> ApiResult<(Target, TargetView)> {
+    match t.spec()? {
+        TargetSpec::Demo => {
             let addr = state.demo_addr.ok_or_else(|| {
                 bad(
                     "demo_disabled",
@@ -652,66 +768,69 @@ async fn resolve_target(
                 )
             })?;
             let password = state.cfg.demo.password.clone();
+            let view = TargetView {
+                kind: "demo".into(),
+                host: addr.ip().to_string(),
+                port: addr.port(),
+                has_password: password.is_some(),
+            };
+            Ok((Target::vnc(addr, password), view))
+        }
+        TargetSpec::Vnc {
+            host,
+            port,
+            password,
+        } => {
+            let addr = resolve_host(state, &host, port).await?;
+            check_target_network(state, &host, addr)?;
+            let view = TargetView {
+                kind: "vnc".into(),
+                host,
+                port,
+                has_password: password.is_some(),
+            };
+            Ok((Target::vnc(addr, password), view))
+        }
+        TargetSpec::WebMks { url, trust } => {
+            let host = url.host.to_string();
+            let addr = resolve_host(state, &host, url.port).await?;
+            check_target_network(state, &host, addr)?;
+            let tls = crate::pki::client_config(&trust).map_err(|e| {
+                state.count_error("target_tls_config");
+                bad("bad_target", format!("target TLS: {e}"))
+            })?;
+            let view = TargetView {
+                kind: "webmks".into(),
+                host,
+                port: url.port,
+                has_password: false,
+            };
+            let target = crate::mailbox::WebMksTarget::new(url, tls)
+                .map_err(|e| bad("bad_target", format!("target.url: {e}")))?;
             Ok((
-                addr,
-                TargetView {
-                    kind: "demo".into(),
-                    host: addr.ip().to_string(),
-                    port: addr.port(),
-                    has_password: password.is_some(),
+                Target {
+                    addr,
+                    kind: crate::mailbox::TargetKind::WebMks(Arc::new(target)),
                 },
-                password,
+                view,
             ))
         }
-        "vnc" => {
-            let host = t
-                .host
-                .as_deref()
-                .filter(|h| !h.is_empty())
-                .ok_or_else(|| bad("bad_target", "target.host is required for kind vnc"))?;
-            if host.len() > MAX_FIELD_BYTES {
-                return Err(bad("bad_target", "target.host is too long"));
-            }
-            let port = t
-                .port
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad("bad_target", "target.port is required (1-65535)"))?;
-            if t.password
-                .as_ref()
-                .is_some_and(|p| p.len() > MAX_FIELD_BYTES)
-            {
-                return Err(bad("bad_target", "target.password is too long"));
-            }
-            // Resolved here, on the control plane, so workers never block on DNS.
-            let addr = tokio::net::lookup_host((host, port))
-                .await
-                .ok()
-                .and_then(|mut it| it.next())
-                .ok_or_else(|| {
-                    state.count_error("target_unresolvable");
-                    ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "target_unresolvable",
-                        format!("{host}:{port} does not resolve"),
-                    )
-                })?;
-            check_target_network(state, host, addr)?;
-            Ok((
-                addr,
-                TargetView {
-                    kind: "vnc".into(),
-                    host: host.to_string(),
-                    port,
-                    has_password: t.password.is_some(),
-                },
-                t.password.clone(),
-            ))
-        }
-        other => Err(bad(
-            "unsupported_target",
-            format!("target.kind {other:?} is not supported (vnc, demo)"),
-        )),
     }
+}
+
+async fn resolve_host(state: &ControlState, host: &str, port: u16) -> ApiResult<SocketAddr> {
+    tokio::net::lookup_host((host, port))
+        .await
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| {
+            state.count_error("target_unresolvable");
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "target_unresolvable",
+                format!("{host}:{port} does not resolve"),
+            )
+        })
 }
 
 /// A raw target must resolve into `sessions.target_networks`, and never to

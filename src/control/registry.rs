@@ -497,10 +497,7 @@ mod tests {
         let a = Arc::new(Admission::new(
             id,
             vec![1; 16],
-            crate::mailbox::Target {
-                addr: "127.0.0.1:5900".parse().unwrap(),
-                password: None,
-            },
+            crate::mailbox::Target::vnc("127.0.0.1:5900".parse().unwrap(), None),
             "a".into(),
             now + Duration::from_secs(60),
             None,

@@ -6,7 +6,7 @@
 //! atomic ticket state). Must not depend on the IO backends.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq;
 
 use crate::cause::Cause;
 use crate::dataplane::tokens::SharedTokens;
-use crate::mailbox::{ticket_state, Admission};
+use crate::mailbox::{ticket_state, Admission, Target};
 use crate::protocol::http_upgrade::{query_param, Upgrade};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +97,7 @@ impl From<&RouteError> for Cause {
 /// admitted session (password for the RFB handshake, id for reports).
 #[derive(Debug, Clone)]
 pub struct Route {
-    pub addr: SocketAddr,
+    pub target: Target,
     pub admission: Option<Arc<Admission>>,
 }
 
@@ -171,7 +171,8 @@ impl AdmissionTable {
 }
 
 pub enum Router {
-    Fixed(SocketAddr),
+    /// One backend for every connection (proxy mode's target argument).
+    Fixed(Target),
     Tokens(SharedTokens),
     Appliance(AdmissionTable),
 }
@@ -196,8 +197,8 @@ impl Router {
             return check_admission(bound, up, conn.peer, now);
         }
         match self {
-            Self::Fixed(addr) => Ok(Route {
-                addr: *addr,
+            Self::Fixed(target) => Ok(Route {
+                target: target.clone(),
                 admission: None,
             }),
             Self::Tokens(tokens) => {
@@ -212,7 +213,7 @@ impl Router {
                     None => Err(RouteError::UnknownToken),
                     Some(Err(why)) => Err(RouteError::Unresolvable(why.clone())),
                     Some(Ok(addr)) => Ok(Route {
-                        addr: *addr,
+                        target: Target::vnc(*addr, None),
                         admission: None,
                     }),
                 }
@@ -302,7 +303,7 @@ fn check_admission(
         });
     }
     Ok(Route {
-        addr: a.target.addr,
+        target: a.target.clone(),
         admission: Some(a.clone()),
     })
 }
@@ -323,7 +324,6 @@ pub fn base64_url(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mailbox::Target;
     use std::time::Duration;
 
     #[test]
@@ -364,10 +364,7 @@ mod tests {
         Arc::new(Admission::new(
             0xabc,
             vec![7u8; 32],
-            Target {
-                addr: "127.0.0.1:5900".parse().unwrap(),
-                password: None,
-            },
+            Target::vnc("127.0.0.1:5900".parse().unwrap(), None),
             "alice".into(),
             now + Duration::from_secs(60),
             origin.map(Into::into),
@@ -425,7 +422,7 @@ mod tests {
                 now,
             )
             .unwrap();
-        assert_eq!(ok.addr.port(), 5900);
+        assert_eq!(ok.target.addr.port(), 5900);
         assert_eq!(
             err(
                 &mut r,
@@ -441,7 +438,7 @@ mod tests {
         let now = Instant::now();
         let a = admission(now, None, Some("10.0.0.1".parse().unwrap()));
         let good = format!("token={}", base64_url(&[7u8; 32]));
-        let mut r = Router::Fixed("127.0.0.1:1".parse().unwrap());
+        let mut r = Router::Fixed(Target::vnc("127.0.0.1:1".parse().unwrap(), None));
         let info = ConnInfo {
             peer: Some("10.0.0.2".parse().unwrap()),
             bound: Some(&a),

@@ -379,7 +379,7 @@ fn make_router(cfg: &ProxyConfig, tokens: &Option<SharedTokens>) -> Router {
     match (&cfg.target, tokens) {
         (TargetConfig::TokenFile { .. }, Some(t)) => Router::Tokens(t.clone()),
         (TargetConfig::Appliance, _) => Router::Appliance(AdmissionTable::default()),
-        (TargetConfig::Fixed(a), _) => Router::Fixed(*a),
+        (TargetConfig::Fixed(t), _) => Router::Fixed(t.clone()),
         // A token source always comes with its table (token_table).
         (TargetConfig::TokenFile { .. }, None) => Router::Appliance(AdmissionTable::default()),
     }

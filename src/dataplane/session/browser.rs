@@ -32,6 +32,45 @@ impl Write for QueueWriter<'_> {
     }
 }
 
+/// Encrypt all of `data` on `conn` into `q`; returns how many bytes could
+/// not be sent (0 unless the connection is closing). rustls takes
+/// plaintext only while its unsent output is under its buffer limit (64
+/// KiB by default) and says so by taking less — a frame larger than that
+/// was once cut short here, corrupting the stream — so: write what it
+/// takes, move its records into `q`, go on until all is in.
+pub(super) fn seal_all<D>(
+    conn: &mut rustls::ConnectionCommon<D>,
+    mut data: &[u8],
+    q: &mut ByteQueue,
+    pool: &mut BufPool,
+) -> usize {
+    while !data.is_empty() {
+        let taken = conn.writer().write(data).unwrap_or(0);
+        data = &data[taken..];
+        flush_sealed(conn, q, pool);
+        if taken == 0 {
+            // With its output just flushed rustls always takes bytes,
+            // unless the connection is closing: the rest cannot be sent.
+            return data.len();
+        }
+    }
+    0
+}
+
+/// Move the TLS records `conn` has ready into `q`.
+pub(super) fn flush_sealed<D>(
+    conn: &mut rustls::ConnectionCommon<D>,
+    q: &mut ByteQueue,
+    pool: &mut BufPool,
+) {
+    let mut w = QueueWriter { q, pool };
+    while conn.wants_write() {
+        if conn.write_tls(&mut w).is_err() {
+            break;
+        }
+    }
+}
+
 /// What came out of the browser's TLS records.
 pub(super) enum TlsInput {
     /// Plaintext handed to the callback; more may follow later.
@@ -106,37 +145,19 @@ impl BrowserLeg {
     /// once cut short here (the rest silently dropped, the stream corrupt).
     /// So: write what it takes, move its records into `to_browser` (whose
     /// bound the read limits already keep), and go on until all is in.
-    fn write_tls_plaintext(&mut self, ctx: &mut WorkerCtx, mut data: &[u8]) {
-        while !data.is_empty() {
-            let Some(tls) = self.tls.as_mut() else { return };
-            let taken = tls.writer().write(data).unwrap_or(0);
-            data = &data[taken..];
-            self.flush_tls(ctx);
-            if taken == 0 {
-                // With its output just flushed rustls always takes bytes,
-                // unless the connection is closing: the rest cannot be sent.
-                ctx.metrics.count(Cause::TlsWrite);
-                tracing::debug!(
-                    unsent = data.len(),
-                    "TLS connection takes no more plaintext"
-                );
-                return;
-            }
+    fn write_tls_plaintext(&mut self, ctx: &mut WorkerCtx, data: &[u8]) {
+        let Some(tls) = self.tls.as_mut() else { return };
+        let unsent = seal_all(tls, data, &mut self.to_browser, &mut ctx.pool);
+        if unsent > 0 {
+            ctx.metrics.count(Cause::TlsWrite);
+            tracing::debug!(unsent, "TLS connection takes no more plaintext");
         }
     }
 
     /// Move the TLS records rustls has ready into `to_browser`.
     pub(super) fn flush_tls(&mut self, ctx: &mut WorkerCtx) {
         if let Some(tls) = self.tls.as_mut() {
-            let mut w = QueueWriter {
-                q: &mut self.to_browser,
-                pool: &mut ctx.pool,
-            };
-            while tls.wants_write() {
-                if tls.write_tls(&mut w).is_err() {
-                    break;
-                }
-            }
+            flush_sealed(tls, &mut self.to_browser, &mut ctx.pool);
         }
     }
 

@@ -80,8 +80,8 @@ pub struct WorkerCtx {
     /// Frame assembly for base64 and payload decoded for our own use (the
     /// RFB handshake, discarded bytes while closing).
     pub(super) scratch: Vec<u8>,
-    /// Plaintext out of the browser's TLS records (apart from `scratch`,
-    /// which decoding that plaintext may need at the same time).
+    /// Plaintext out of TLS records, the browser's or a WebMKS backend's
+    /// (apart from `scratch`, which handling that plaintext may need).
     pub(super) tls_plain: Vec<u8>,
     /// Browser payload decoded for the appliance's own use (its RFB
     /// handshake, bytes dropped while closing): apart from `scratch`, which
@@ -103,7 +103,6 @@ impl WorkerCtx {
         let chunk = Self::chunk_bytes_for(l.recv_buffer_bytes);
         let pool = BufPool::new(chunk, l.pool_max_free_buffers);
         let handshakes = HandshakeGauge::new(l.max_handshaking_connections);
-        let plain = if tls.is_some() { chunk } else { 0 };
         Self {
             cfg,
             worker_id,
@@ -117,7 +116,7 @@ impl WorkerCtx {
             ended_bound: Vec::new(),
             handshakes,
             scratch: vec![0u8; chunk],
-            tls_plain: vec![0u8; plain],
+            tls_plain: vec![0u8; chunk],
             decoded: vec![0u8; chunk],
             tls_frame: Vec::new(),
         }

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use super::ctx::{HandshakeSlot, WorkerCtx};
 use super::relay::{BackendState, Relay, RelayKind, RelayPhase};
 use super::vnc::VncRelay;
+use super::webmks::WebMksRelay;
 use super::{ms, Responding, Session, Stage};
 use crate::cause::Cause;
 use crate::dataplane::router::{ConnInfo, Route};
-use crate::mailbox::FromWorker;
+use crate::mailbox::{FromWorker, TargetKind};
 use crate::protocol::http_upgrade::{self, Request, RequestLimits, Upgrade};
 use crate::protocol::rfb::{self, RfbLimits};
 use crate::protocol::websocket::{Decoder, DecoderLimits, PayloadMode};
@@ -264,6 +265,15 @@ impl Session {
         } else {
             PayloadMode::Raw
         };
+        let kind = match self.relay_kind(ctx, &route, mode) {
+            Ok(k) => k,
+            Err((cause, message)) => {
+                ctx.metrics.count(cause);
+                tracing::warn!(session = self.id, cause = cause.kind(), error = %message, "upgrade refused");
+                self.respond_error(ctx, cause, &message, now);
+                return;
+            }
+        };
         let admission = route.admission;
         if let Some(a) = &admission {
             ctx.report(FromWorker::Opened {
@@ -272,31 +282,15 @@ impl Session {
                 peer: self.peer,
             });
         }
-        let rfb = admission
-            .as_ref()
-            .and_then(|a| a.target.password.as_deref())
-            .map(|pw| {
-                Box::new(rfb::Handshake::new(
-                    Some(pw.as_bytes()),
-                    RfbLimits::default(),
-                ))
-            });
-        let decoder = Decoder::new(
-            mode,
-            DecoderLimits {
-                max_frame_bytes: ctx.cfg.limits.max_frame_bytes,
-            },
-        );
-        let addr = route.addr;
+        let addr = route.target.addr;
         let relay = Relay::new(
             RelayPhase::Connecting,
             admission,
             addr,
             BackendState::Connecting,
-            decoder,
             mode,
             now,
-            RelayKind::Vnc(VncRelay::new(rfb)),
+            kind,
         );
         let mut resp = Vec::with_capacity(256);
         http_upgrade::write_upgrade_response(&mut resp, &up.key, protocol);
@@ -315,6 +309,38 @@ impl Session {
             protocol = protocol.unwrap_or("-"),
             "session open"
         );
+    }
+
+    /// What the backend kind needs for this session: the VNC relay (with
+    /// the appliance's own RFB handshake when the target has a password),
+    /// or the WebMKS relay (binary frames only: base64 cannot pass through).
+    fn relay_kind(
+        &self,
+        ctx: &WorkerCtx,
+        route: &Route,
+        mode: PayloadMode,
+    ) -> Result<RelayKind, (Cause, String)> {
+        let max_frame_bytes = ctx.cfg.limits.max_frame_bytes;
+        match &route.target.kind {
+            TargetKind::Vnc { password } => {
+                let rfb = password.as_deref().map(|pw| {
+                    Box::new(rfb::Handshake::new(
+                        Some(pw.as_bytes()),
+                        RfbLimits::default(),
+                    ))
+                });
+                let decoder = Decoder::new(mode, DecoderLimits { max_frame_bytes });
+                Ok(RelayKind::Vnc(VncRelay::new(decoder, rfb)))
+            }
+            TargetKind::WebMks(_) if mode == PayloadMode::Base64 => Err((
+                Cause::NoSupportedSubprotocol,
+                "a VMware console passes binary frames through: offer `binary` or no subprotocol"
+                    .into(),
+            )),
+            TargetKind::WebMks(t) => WebMksRelay::new(t.clone(), max_frame_bytes)
+                .map(|w| RelayKind::WebMks(Box::new(w)))
+                .map_err(|e| (Cause::BackendTls, format!("backend TLS setup: {e}"))),
+        }
     }
 }
 

@@ -44,6 +44,7 @@ mod ctx;
 mod front;
 mod relay;
 mod vnc;
+mod webmks;
 
 use std::io;
 use std::net::SocketAddr;
@@ -215,6 +216,8 @@ impl Session {
     pub fn want_browser_read(&self, ctx: &WorkerCtx) -> bool {
         match &self.stage {
             Stage::Front(_) => true,
+            // WebMKS: the browser waits until the backend's upgrade is done.
+            Stage::Relay(r) if !r.is_closing() && r.handshaking() && r.vnc().is_none() => false,
             Stage::Relay(r) => match r.phase {
                 RelayPhase::Closing { .. } => true,
                 _ => {
@@ -252,7 +255,12 @@ impl Session {
     /// The backend socket should be closed now (the session is ending).
     pub fn backend_should_close(&self) -> bool {
         match &self.stage {
-            Stage::Relay(r) => r.backend.is_up() && r.is_closing(),
+            // WebMKS: once our close frame and close_notify are sent.
+            Stage::Relay(r) => {
+                r.backend.is_up()
+                    && r.is_closing()
+                    && (r.vnc().is_some() || r.to_backend.is_empty())
+            }
             Stage::Done(Some(r)) => r.backend.is_up(),
             // A session that never relayed has no backend.
             _ => false,
@@ -620,8 +628,8 @@ impl Session {
                     "{} bytes queued for the backend, over {down_bound}",
                     r.to_backend.len(),
                 );
-                let v = r.vnc();
-                if let Some(sp) = v.splice() {
+                if let Some(sp) = r.vnc().and_then(|v| v.splice()) {
+                    let v = r.vnc().expect("a splice is a VNC relay's");
                     debug_assert!(
                         sp.before <= self.browser.queued(),
                         "splice header beyond the queue"
@@ -634,6 +642,12 @@ impl Session {
                 }
                 if r.is_closing() {
                     debug_assert!(r.next_ping.is_none(), "pings while closing");
+                }
+                if let relay::RelayKind::WebMks(w) = &r.kind {
+                    debug_assert!(
+                        w.deferred() <= 2 * webmks::MAX_DEFERRED_CONTROL_FRAMES,
+                        "deferred control frames over their bound"
+                    );
                 }
                 if matches!(self.stage, Stage::Done(_)) {
                     debug_assert!(self.deadline.is_none(), "a timer on a finished session");

@@ -10,11 +10,12 @@ use std::time::Instant;
 
 use super::ctx::WorkerCtx;
 use super::vnc::VncRelay;
+use super::webmks::WebMksRelay;
 use super::{ms, CloseInfo, Session, Stage};
 use crate::cause::Cause;
 use crate::dataplane::buffer::ByteQueue;
 use crate::mailbox::{ticket_state, Admission};
-use crate::protocol::websocket::{self, close_code, Decoder, Event, PayloadMode};
+use crate::protocol::websocket::{self, close_code, ControlFrame, Event, PayloadMode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum RelayPhase {
@@ -47,9 +48,15 @@ impl BackendState {
 }
 
 /// What one kind of backend needs beyond the common relay.
+// The whole Relay is boxed per session already; the VNC variant, the hot
+// path, stays inline (one indirection less per event).
+#[allow(clippy::large_enum_variant)]
 pub(super) enum RelayKind {
     /// Raw RFB over TCP (a VNC server, QEMU, the demo).
     Vnc(VncRelay),
+    /// A VMware WebMKS endpoint: TLS, then a WebSocket whose frames pass
+    /// through unchanged both ways.
+    WebMks(Box<WebMksRelay>),
 }
 
 pub(super) struct Relay {
@@ -60,8 +67,8 @@ pub(super) struct Relay {
     /// The backend connection to open, taken once by the IO layer.
     pub(super) connect_to: Option<SocketAddr>,
     pub(super) backend: BackendState,
-    /// The browser's frames.
-    pub(super) decoder: Decoder,
+    /// How relayed payload is framed for the browser (binary, or base64
+    /// text; always binary pass-through for WebMKS).
     pub(super) mode: PayloadMode,
     pub(super) to_backend: ByteQueue,
     /// Bytes at the front of `to_backend` an io_uring send holds.
@@ -80,7 +87,6 @@ impl Relay {
         admission: Option<Arc<Admission>>,
         target: SocketAddr,
         backend: BackendState,
-        decoder: Decoder,
         mode: PayloadMode,
         now: Instant,
         kind: RelayKind,
@@ -91,7 +97,6 @@ impl Relay {
             target,
             connect_to: Some(target),
             backend,
-            decoder,
             mode,
             to_backend: ByteQueue::new(),
             backend_inflight: 0,
@@ -106,15 +111,34 @@ impl Relay {
         matches!(self.phase, RelayPhase::Closing { .. })
     }
 
-    pub(super) fn vnc(&self) -> &VncRelay {
+    pub(super) fn vnc(&self) -> Option<&VncRelay> {
         match &self.kind {
-            RelayKind::Vnc(v) => v,
+            RelayKind::Vnc(v) => Some(v),
+            RelayKind::WebMks(_) => None,
         }
     }
 
-    pub(super) fn vnc_mut(&mut self) -> &mut VncRelay {
+    pub(super) fn vnc_mut(&mut self) -> Option<&mut VncRelay> {
         match &mut self.kind {
-            RelayKind::Vnc(v) => v,
+            RelayKind::Vnc(v) => Some(v),
+            RelayKind::WebMks(_) => None,
+        }
+    }
+
+    pub(super) fn webmks_mut(&mut self) -> Option<&mut WebMksRelay> {
+        match &mut self.kind {
+            RelayKind::WebMks(w) => Some(w),
+            RelayKind::Vnc(_) => None,
+        }
+    }
+
+    /// The backend-side handshake the appliance runs itself is still under
+    /// way (the VNC security handshake; the WebMKS TLS + upgrade): its
+    /// timer runs, and for WebMKS the browser is not read yet.
+    pub(super) fn handshaking(&self) -> bool {
+        match &self.kind {
+            RelayKind::Vnc(v) => v.in_rfb_handshake(),
+            RelayKind::WebMks(w) => !w.upgraded(),
         }
     }
 
@@ -137,80 +161,22 @@ impl Relay {
         self.to_backend.clear(&mut ctx.pool);
         match &mut self.kind {
             RelayKind::Vnc(v) => v.release(ctx),
+            RelayKind::WebMks(_) => {}
         }
     }
 }
 
 impl Session {
-    /// WebSocket frames from the browser: payload to the backend queue (or
-    /// to the appliance's own RFB handshake), control frames answered here.
-    pub(super) fn decode_input(&mut self, ctx: &mut WorkerCtx, mut data: &[u8], now: Instant) {
-        while !data.is_empty() {
-            let Some(r) = self.relay_mut() else { return };
-            if r.decoder.close_received() {
-                return;
-            }
-            let discard = r.is_closing();
-            let via_rfb = !discard && r.vnc().in_rfb_handshake();
-            let result = if discard || via_rfb {
-                // After our close frame, data is read and dropped while we
-                // wait for the browser's close; during the RFB handshake the
-                // appliance reads the browser's answers itself.
-                let mut out = std::mem::take(&mut ctx.decoded);
-                let res = r.decoder.decode(data, &mut out);
-                ctx.decoded = out;
-                res
-            } else {
-                // Base64 decoding needs room for a whole group (3 bytes) to progress.
-                let spare = r.to_backend.spare(&mut ctx.pool, 64);
-                let res = r.decoder.decode(data, spare);
-                r.to_backend.commit(res.as_ref().map_or(0, |p| p.written));
-                res
-            };
-            match result {
-                Ok(p) => {
-                    data = &data[p.consumed..];
-                    if via_rfb && p.written > 0 {
-                        let out = std::mem::take(&mut ctx.decoded);
-                        self.rfb_browser_input(ctx, &out[..p.written], now);
-                        ctx.decoded = out;
-                    } else if !discard && p.written > 0 {
-                        if let Some(r) = self.relay_mut() {
-                            r.up_since.get_or_insert(now);
-                        }
-                        self.bytes_up += p.written as u64;
-                        ctx.metrics.bytes_browser_to_backend += p.written as u64;
-                    }
-                    if let Some(ev) = p.event {
-                        self.on_ws_event(ctx, ev, now);
-                    }
-                    if p.consumed == 0 && p.written == 0 && p.event.is_none() {
-                        // No progress possible (cannot happen with a non-empty
-                        // output buffer, but never spin).
-                        break;
-                    }
-                }
-                Err(e) => {
-                    if discard {
-                        self.set_close_received();
-                    } else {
-                        ctx.metrics.count(Cause::from(&e));
-                        tracing::info!(session = self.id, error = %e, "protocol error from browser");
-                        self.start_close(ctx, e.close_code(), &e.to_string(), now);
-                        // The browser broke the protocol: do not wait for its close.
-                        self.set_close_received();
-                    }
-                    break;
-                }
-            }
-        }
-        // Release an uncommitted spare chunk.
-        if let Some(r) = self.relay_mut() {
-            r.to_backend.consume(&mut ctx.pool, 0);
+    /// The browser's WebSocket bytes, by relay kind.
+    pub(super) fn decode_input(&mut self, ctx: &mut WorkerCtx, data: &[u8], now: Instant) {
+        match self.relay().map(|r| &r.kind) {
+            Some(RelayKind::Vnc(_)) => self.vnc_browser_frames(ctx, data, now),
+            Some(RelayKind::WebMks(_)) => self.webmks_browser_frames(ctx, data, now),
+            None => {}
         }
     }
 
-    fn set_close_received(&mut self) {
+    pub(super) fn set_close_received(&mut self) {
         if let Some(r) = self.relay_mut() {
             if let RelayPhase::Closing { close_received } = &mut r.phase {
                 *close_received = true;
@@ -218,13 +184,14 @@ impl Session {
         }
     }
 
-    fn on_ws_event(&mut self, ctx: &mut WorkerCtx, ev: Event, now: Instant) {
+    /// A control frame from the browser: pings answered, a close echoed.
+    pub(super) fn on_ws_event(&mut self, ctx: &mut WorkerCtx, ev: Event, now: Instant) {
         let closing = self.relay().is_some_and(Relay::is_closing);
         match ev {
             Event::Ping(p) => {
                 if !closing {
                     let f = websocket::pong_frame(p.as_slice());
-                    self.browser.push(ctx, &[f.as_bytes()]);
+                    self.send_browser_control(ctx, f);
                 }
             }
             Event::Pong(_) => {}
@@ -266,8 +233,11 @@ impl Session {
             }
             _ => return,
         }
+        // The backend leg's own closing first (WebMKS: the close frame to
+        // the backend, the end of a half-sent frame toward the browser).
+        self.webmks_closing(ctx, code);
         let f = websocket::close_frame(code, reason);
-        self.browser.push(ctx, &[f.as_bytes()]);
+        self.send_browser_control(ctx, f);
         self.browser.close_notify(ctx);
         self.deadline = Some(now + ms(ctx.cfg.limits.close_timeout_ms));
         if let Some(r) = self.relay_mut() {
@@ -275,8 +245,11 @@ impl Session {
                 close_received: false,
             };
             r.next_ping = None;
-            // Bytes for a backend we are leaving are dropped.
-            r.to_backend.truncate_to(&mut ctx.pool, r.backend_inflight);
+            // Bytes for a backend we are leaving are dropped (WebMKS keeps
+            // its queue: it is TLS records, and ends with our close frame).
+            if r.vnc().is_some() {
+                r.to_backend.truncate_to(&mut ctx.pool, r.backend_inflight);
+            }
         }
         if self.close.is_none() {
             self.close = Some(CloseInfo {
@@ -284,6 +257,19 @@ impl Session {
                 reason: reason.to_string(),
             });
         }
+    }
+
+    /// One of our own control frames (pong, ping, close) for the browser:
+    /// at once, or — WebMKS, whose frames pass through — at the next frame
+    /// boundary of the downstream.
+    pub(super) fn send_browser_control(&mut self, ctx: &mut WorkerCtx, frame: ControlFrame) {
+        if let Some(w) = self.relay_mut().and_then(Relay::webmks_mut) {
+            if !w.downstream_at_boundary() {
+                w.defer_to_browser(frame);
+                return;
+            }
+        }
+        self.browser.push(ctx, &[frame.as_bytes()]);
     }
 
     /// Close for `cause`, with its close code, counted and logged.
@@ -327,17 +313,17 @@ impl Session {
                     now,
                 );
             }
-            RelayPhase::Open if expired && r.vnc().in_rfb_handshake() => {
+            RelayPhase::Open if expired && r.handshaking() => {
+                let cause = match r.kind {
+                    RelayKind::Vnc(_) => Cause::RfbHandshakeTimeout,
+                    RelayKind::WebMks(_) => Cause::BackendUpgradeTimeout,
+                };
                 tracing::warn!(
                     session = self.id,
-                    "VNC handshake with the backend timed out"
+                    cause = cause.kind(),
+                    "backend handshake timed out"
                 );
-                self.close_for(
-                    ctx,
-                    Cause::RfbHandshakeTimeout,
-                    "VNC handshake timed out",
-                    now,
-                );
+                self.close_for(ctx, cause, "backend handshake timed out", now);
             }
             RelayPhase::Open if idle > 0 && now.duration_since(r.last_activity) >= ms(idle) => {
                 tracing::info!(session = self.id, "idle timeout");
@@ -346,7 +332,7 @@ impl Session {
             RelayPhase::Open => {
                 if let Some(p) = r.next_ping.filter(|p| now >= *p) {
                     let frame = websocket::ping_frame(b"consolegate");
-                    self.browser.push(ctx, &[frame.as_bytes()]);
+                    self.send_browser_control(ctx, frame);
                     let hb = ms(heartbeat);
                     // Skip missed beats rather than bursting pings.
                     let next = if p + hb > now { p + hb } else { now + hb };
@@ -377,10 +363,13 @@ impl Session {
         if hb > 0 {
             r.next_ping = Some(now + ms(hb));
         }
-        // The VNC security handshake must finish in time too.
-        let rfb = r.vnc().in_rfb_handshake();
         tracing::debug!(session = id, backend = ?r.target, "backend connected");
-        self.deadline = rfb.then(|| now + handshake);
+        // WebMKS: TLS and the upgrade request start now.
+        self.webmks_connected(ctx, now);
+        // The backend handshake (VNC security, WebMKS upgrade) must finish
+        // in time too.
+        let handshaking = self.relay().is_some_and(Relay::handshaking);
+        self.deadline = handshaking.then(|| now + handshake);
         self.check_invariants(ctx);
     }
 

@@ -13,11 +13,12 @@ use std::time::Instant;
 
 use super::ctx::WorkerCtx;
 use super::relay::RelayPhase;
+use super::relay::{Relay, RelayKind};
 use super::Session;
 use crate::cause::Cause;
 use crate::dataplane::buffer::Lent;
 use crate::protocol::rfb::{self, RfbError};
-use crate::protocol::websocket::{self, close_code, Opcode, PayloadMode};
+use crate::protocol::websocket::{self, close_code, Decoder, Opcode, PayloadMode};
 
 /// One downstream frame whose payload the IO layer spliced into a pipe:
 /// the first `before` bytes of `to_browser` (the rest of its header) go to
@@ -31,6 +32,8 @@ pub(super) struct SpliceOut {
 }
 
 pub(super) struct VncRelay {
+    /// The browser's frames, decoded: their payload is the RFB stream.
+    pub(super) decoder: Decoder,
     /// The RFB security handshake the appliance performs itself when the
     /// target has a VNC password (the browser is offered security None).
     rfb: Option<Box<rfb::Handshake>>,
@@ -50,8 +53,9 @@ pub(super) struct VncRelay {
 }
 
 impl VncRelay {
-    pub(super) fn new(rfb: Option<Box<rfb::Handshake>>) -> Self {
+    pub(super) fn new(decoder: Decoder, rfb: Option<Box<rfb::Handshake>>) -> Self {
         Self {
+            decoder,
             rfb,
             splice: None,
             bulk_hint: false,
@@ -89,11 +93,92 @@ impl VncRelay {
 
 impl Session {
     fn vnc(&self) -> Option<&VncRelay> {
-        self.relay().map(|r| r.vnc())
+        self.relay().and_then(Relay::vnc)
     }
 
     fn vnc_mut(&mut self) -> Option<&mut VncRelay> {
-        self.relay_mut().map(|r| r.vnc_mut())
+        self.relay_mut().and_then(Relay::vnc_mut)
+    }
+
+    /// WebSocket frames from the browser: payload to the backend queue (or
+    /// to the appliance's own RFB handshake), control frames answered here.
+    pub(super) fn vnc_browser_frames(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        mut data: &[u8],
+        now: Instant,
+    ) {
+        while !data.is_empty() {
+            let Some(Relay {
+                kind: RelayKind::Vnc(v),
+                to_backend,
+                phase,
+                ..
+            }) = self.relay_mut()
+            else {
+                return;
+            };
+            if v.decoder.close_received() {
+                return;
+            }
+            let discard = matches!(phase, RelayPhase::Closing { .. });
+            let via_rfb = !discard && v.in_rfb_handshake();
+            let result = if discard || via_rfb {
+                // After our close frame, data is read and dropped while we
+                // wait for the browser's close; during the RFB handshake the
+                // appliance reads the browser's answers itself.
+                let mut out = std::mem::take(&mut ctx.decoded);
+                let res = v.decoder.decode(data, &mut out);
+                ctx.decoded = out;
+                res
+            } else {
+                // Base64 decoding needs room for a whole group (3 bytes) to progress.
+                let spare = to_backend.spare(&mut ctx.pool, 64);
+                let res = v.decoder.decode(data, spare);
+                to_backend.commit(res.as_ref().map_or(0, |p| p.written));
+                res
+            };
+            match result {
+                Ok(p) => {
+                    data = &data[p.consumed..];
+                    if via_rfb && p.written > 0 {
+                        let out = std::mem::take(&mut ctx.decoded);
+                        self.rfb_browser_input(ctx, &out[..p.written], now);
+                        ctx.decoded = out;
+                    } else if !discard && p.written > 0 {
+                        if let Some(r) = self.relay_mut() {
+                            r.up_since.get_or_insert(now);
+                        }
+                        self.bytes_up += p.written as u64;
+                        ctx.metrics.bytes_browser_to_backend += p.written as u64;
+                    }
+                    if let Some(ev) = p.event {
+                        self.on_ws_event(ctx, ev, now);
+                    }
+                    if p.consumed == 0 && p.written == 0 && p.event.is_none() {
+                        // No progress possible (cannot happen with a non-empty
+                        // output buffer, but never spin).
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if discard {
+                        self.set_close_received();
+                    } else {
+                        ctx.metrics.count(Cause::from(&e));
+                        tracing::info!(session = self.id, error = %e, "protocol error from browser");
+                        self.start_close(ctx, e.close_code(), &e.to_string(), now);
+                        // The browser broke the protocol: do not wait for its close.
+                        self.set_close_received();
+                    }
+                    break;
+                }
+            }
+        }
+        // Release an uncommitted spare chunk.
+        if let Some(r) = self.relay_mut() {
+            r.to_backend.consume(&mut ctx.pool, 0);
+        }
     }
 
     pub(super) fn splice_out(&self) -> Option<SpliceOut> {
@@ -161,7 +246,7 @@ impl Session {
         now: Instant,
     ) -> Option<usize> {
         let relay = self.relay_mut()?;
-        let h = relay.vnc_mut().rfb.as_mut()?;
+        let h = relay.vnc_mut()?.rfb.as_mut()?;
         let (to_backend, to_browser, done) =
             (h.take_to_backend(), h.take_to_browser(), h.is_done());
         if !to_backend.is_empty() {
@@ -207,7 +292,7 @@ impl Session {
         let Some(r) = self.relay() else { return false };
         r.phase == RelayPhase::Open
             && r.backend.is_open()
-            && r.vnc().splice.is_none()
+            && r.vnc().is_none_or(|v| v.splice.is_none())
             && self.browser.queued() < ctx.cfg.limits.buffer_bytes
     }
 
@@ -230,8 +315,13 @@ impl Session {
             return;
         }
         r.last_activity = now;
-        r.vnc_mut().note_read(min, data.len());
-        let data = match r.vnc_mut().rfb.as_mut() {
+        let Some(v) = r.vnc_mut() else {
+            self.webmks_backend_data(ctx, data, now);
+            self.settle(ctx, now);
+            return;
+        };
+        v.note_read(min, data.len());
+        let data = match v.rfb.as_mut() {
             None => data,
             Some(h) => {
                 let res = h.on_backend(data);
@@ -277,9 +367,9 @@ impl Session {
     /// our own under way.
     fn raw_frames(&self) -> bool {
         self.browser.tls.is_none()
-            && self
-                .relay()
-                .is_some_and(|r| r.mode == PayloadMode::Raw && !r.vnc().in_rfb_handshake())
+            && self.relay().is_some_and(|r| {
+                r.mode == PayloadMode::Raw && r.vnc().is_some_and(|v| !v.in_rfb_handshake())
+            })
     }
 
     /// Bulk downstream: a raw-frames session wanting backend bytes whose
@@ -314,7 +404,7 @@ impl Session {
     pub fn splice_in_done(&mut self, ctx: &mut WorkerCtx, n: usize, now: Instant) {
         let min = ctx.cfg.limits.splice_min_bytes;
         let Some(r) = self.relay_mut() else { return };
-        let v = r.vnc_mut();
+        let Some(v) = r.vnc_mut() else { return };
         v.bulk_hint = min > 0 && n >= min;
         // One spliced frame at a time: `splice_in_limit` says None while one
         // is under way, so the IO layer never splices a second one in.
@@ -404,7 +494,9 @@ impl Session {
         let min = ctx.cfg.limits.splice_min_bytes;
         // A finished session's chunk is still its own until released.
         let lent = match &mut self.stage {
-            super::Stage::Relay(r) | super::Stage::Done(Some(r)) => r.vnc_mut().bulk_in.take(),
+            super::Stage::Relay(r) | super::Stage::Done(Some(r)) => {
+                r.vnc_mut().and_then(|v| v.bulk_in.take())
+            }
             _ => None,
         };
         let Some(lent) = lent else { return };
@@ -421,12 +513,13 @@ impl Session {
             .append_with_header(&mut ctx.pool, lent, &hdr[..hl], n);
         if let Some(r) = self.relay_mut() {
             r.last_activity = now;
-            let v = r.vnc_mut();
-            let short = n < min;
-            if !short || v.bulk_short {
-                v.note_read(min, n);
+            if let Some(v) = r.vnc_mut() {
+                let short = n < min;
+                if !short || v.bulk_short {
+                    v.note_read(min, n);
+                }
+                v.bulk_short = short;
             }
-            v.bulk_short = short;
         }
         self.browser.down_since.get_or_insert(now);
         self.bytes_down += n as u64;
@@ -465,7 +558,9 @@ impl Session {
             .commit_with_header(&mut ctx.pool, &hdr[..hl], n);
         if n > 0 {
             if let Some(r) = self.relay_mut() {
-                r.vnc_mut().note_read(min, n);
+                if let Some(v) = r.vnc_mut() {
+                    v.note_read(min, n);
+                }
                 r.last_activity = now;
             }
             self.browser.down_since.get_or_insert(now);
