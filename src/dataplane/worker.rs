@@ -551,6 +551,8 @@ pub fn stats_report(ctx: &WorkerCtx, live_sessions: usize) -> FromWorker {
         handed_over: m.handed_over,
         adopted: m.adopted,
         handshakes_ok: m.handshakes_ok,
+        vmware_translated: m.vmware_messages_translated,
+        vmware_dropped: m.vmware_messages_dropped,
         sessions_closed: m.sessions_closed,
         bytes_browser_to_backend: m.bytes_browser_to_backend,
         bytes_backend_to_browser: m.bytes_backend_to_browser,

@@ -249,6 +249,9 @@ pub struct WorkerStats {
     /// Handed over by another worker and served here.
     pub adopted: u64,
     pub handshakes_ok: u64,
+    /// VMware client messages rewritten into standard RFB / dropped.
+    pub vmware_translated: u64,
+    pub vmware_dropped: u64,
     pub sessions_closed: u64,
     pub bytes_browser_to_backend: u64,
     pub bytes_backend_to_browser: u64,

@@ -46,6 +46,10 @@ pub struct WorkerMetrics {
     pub bytes_browser_to_backend: u64,
     pub bytes_backend_to_browser: u64,
     pub static_responses: u64,
+    /// VMware client messages (wmks.js on a plain VNC server) rewritten
+    /// into standard RFB, and dropped.
+    pub vmware_messages_translated: u64,
+    pub vmware_messages_dropped: u64,
     /// Relay latency: from bytes arriving from the backend until the
     /// browser socket took them all (queueing + send), per burst.
     pub relay_down_us: LatencyUs,
@@ -111,6 +115,8 @@ impl WorkerMetrics {
         self.bytes_browser_to_backend += other.bytes_browser_to_backend;
         self.bytes_backend_to_browser += other.bytes_backend_to_browser;
         self.static_responses += other.static_responses;
+        self.vmware_messages_translated += other.vmware_messages_translated;
+        self.vmware_messages_dropped += other.vmware_messages_dropped;
         self.relay_down_us.merge(&other.relay_down_us);
         self.relay_up_us.merge(&other.relay_up_us);
         self.errors.merge(&other.errors);

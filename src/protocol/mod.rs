@@ -3,6 +3,7 @@
 
 pub mod http_upgrade;
 pub mod rfb;
+pub mod vmware;
 pub mod websocket;
 
 /// The party a protocol error is blamed on: every error of this module

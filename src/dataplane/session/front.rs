@@ -265,7 +265,7 @@ impl Session {
         } else {
             PayloadMode::Raw
         };
-        let kind = match self.relay_kind(ctx, &route, mode) {
+        let kind = match self.relay_kind(ctx, &route, mode, &up.protocols) {
             Ok(k) => k,
             Err((cause, message)) => {
                 ctx.metrics.count(cause);
@@ -319,18 +319,23 @@ impl Session {
         ctx: &WorkerCtx,
         route: &Route,
         mode: PayloadMode,
+        offered: &[String],
     ) -> Result<RelayKind, (Cause, String)> {
         let max_frame_bytes = ctx.cfg.limits.max_frame_bytes;
         match &route.target.kind {
             TargetKind::Vnc { password } => {
-                let rfb = password.as_deref().map(|pw| {
+                // VMware's client (it offers `vmware-vvc`) on a plain VNC
+                // server: the appliance runs the RFB handshake itself, to
+                // know where its client messages start and filter them.
+                let vmware_client = offered.iter().any(|p| p == "vmware-vvc");
+                let rfb = (password.is_some() || vmware_client).then(|| {
                     Box::new(rfb::Handshake::new(
-                        Some(pw.as_bytes()),
+                        password.as_deref().map(str::as_bytes),
                         RfbLimits::default(),
                     ))
                 });
                 let decoder = Decoder::new(mode, DecoderLimits { max_frame_bytes });
-                Ok(RelayKind::Vnc(VncRelay::new(decoder, rfb)))
+                Ok(RelayKind::Vnc(VncRelay::new(decoder, rfb, vmware_client)))
             }
             TargetKind::WebMks(_) if mode == PayloadMode::Base64 => Err((
                 Cause::NoSupportedSubprotocol,

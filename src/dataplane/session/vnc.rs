@@ -18,6 +18,7 @@ use super::Session;
 use crate::cause::Cause;
 use crate::dataplane::buffer::Lent;
 use crate::protocol::rfb::{self, RfbError};
+use crate::protocol::vmware::ClientFilter;
 use crate::protocol::websocket::{self, close_code, Decoder, Opcode, PayloadMode};
 
 /// One downstream frame whose payload the IO layer spliced into a pipe:
@@ -50,12 +51,26 @@ pub(super) struct VncRelay {
     bulk_in: Option<Lent>,
     /// The last bulk read was short: one more ends bulk mode.
     bulk_short: bool,
+    /// The browser is VMware's client (wmks.js): once the RFB handshake
+    /// is done its client messages go through a [`ClientFilter`] (a plain
+    /// VNC server closes on VMware's message 127).
+    vmware_client: bool,
+    filter: Option<Box<ClientFilter>>,
+    /// The filter's output, reused.
+    filtered: Vec<u8>,
 }
 
 impl VncRelay {
-    pub(super) fn new(decoder: Decoder, rfb: Option<Box<rfb::Handshake>>) -> Self {
+    pub(super) fn new(
+        decoder: Decoder,
+        rfb: Option<Box<rfb::Handshake>>,
+        vmware_client: bool,
+    ) -> Self {
         Self {
             decoder,
+            vmware_client,
+            filter: None,
+            filtered: Vec::new(),
             rfb,
             splice: None,
             bulk_hint: false,
@@ -123,7 +138,8 @@ impl Session {
             }
             let discard = matches!(phase, RelayPhase::Closing { .. });
             let via_rfb = !discard && v.in_rfb_handshake();
-            let result = if discard || via_rfb {
+            let via_filter = !discard && !via_rfb && v.filter.is_some();
+            let result = if discard || via_rfb || via_filter {
                 // After our close frame, data is read and dropped while we
                 // wait for the browser's close; during the RFB handshake the
                 // appliance reads the browser's answers itself.
@@ -144,6 +160,10 @@ impl Session {
                     if via_rfb && p.written > 0 {
                         let out = std::mem::take(&mut ctx.decoded);
                         self.rfb_browser_input(ctx, &out[..p.written], now);
+                        ctx.decoded = out;
+                    } else if via_filter && p.written > 0 {
+                        let out = std::mem::take(&mut ctx.decoded);
+                        self.vmware_client_input(ctx, &out[..p.written], now);
                         ctx.decoded = out;
                     } else if !discard && p.written > 0 {
                         if let Some(r) = self.relay_mut() {
@@ -227,14 +247,48 @@ impl Session {
             let open = self.relay().is_some_and(|r| r.phase == RelayPhase::Open);
             if n < data.len() && open {
                 // Handshake done: the rest is relay data.
-                let rest = &data[n..];
-                self.bytes_up += rest.len() as u64;
-                ctx.metrics.bytes_browser_to_backend += rest.len() as u64;
-                if let Some(r) = self.relay_mut() {
-                    r.to_backend.push(&mut ctx.pool, rest);
-                }
+                self.vmware_client_input(ctx, &data[n..], now);
             }
         }
+    }
+
+    /// Relay bytes from the browser after the RFB handshake: through the
+    /// VMware message filter when it is on, else as they are.
+    fn vmware_client_input(&mut self, ctx: &mut WorkerCtx, data: &[u8], now: Instant) {
+        let Some(Relay {
+            kind: RelayKind::Vnc(v),
+            to_backend,
+            up_since,
+            ..
+        }) = self.relay_mut()
+        else {
+            return;
+        };
+        up_since.get_or_insert(now);
+        let n = match v.filter.as_mut() {
+            Some(f) => {
+                let before = f.stats();
+                v.filtered.clear();
+                f.feed(data, &mut v.filtered);
+                to_backend.push(&mut ctx.pool, &v.filtered);
+                let after = f.stats();
+                if after.dropped > before.dropped && before.dropped == 0 {
+                    tracing::info!(
+                        session = self.id,
+                        "VMware client messages dropped for a plain VNC server"
+                    );
+                }
+                ctx.metrics.vmware_messages_translated += after.translated - before.translated;
+                ctx.metrics.vmware_messages_dropped += after.dropped - before.dropped;
+                data.len()
+            }
+            None => {
+                to_backend.push(&mut ctx.pool, data);
+                data.len()
+            }
+        };
+        self.bytes_up += n as u64;
+        ctx.metrics.bytes_browser_to_backend += n as u64;
     }
 
     /// Send what the RFB handshake produced both ways, end it when done,
@@ -260,6 +314,9 @@ impl Session {
                 if done {
                     if let Some(v) = self.vnc_mut() {
                         v.rfb = None;
+                        if v.vmware_client {
+                            v.filter = Some(Box::new(ClientFilter::new()));
+                        }
                     }
                     self.deadline = None;
                     tracing::debug!(session = self.id, "VNC security handshake done");
