@@ -159,7 +159,7 @@ impl ClientFilter {
                     if m.len() < len {
                         return self.keep_or_give_up(out);
                     }
-                    self.vmware(&m[..len].to_vec(), out);
+                    translate(&mut self.stats, &self.buf[..len], out);
                     len
                 }
                 6 => {
@@ -207,9 +207,11 @@ impl ClientFilter {
             self.buf.clear();
         }
     }
+}
 
-    /// One whole VMware message: translated or dropped.
-    fn vmware(&mut self, m: &[u8], out: &mut Vec<u8>) {
+/// One whole VMware message: translated or dropped.
+fn translate(stats: &mut FilterStats, m: &[u8], out: &mut Vec<u8>) {
+    {
         let sub = m.get(1).copied().unwrap_or(0);
         match (sub, m.len()) {
             // Unicode key: u32 code point, u8 down, u8 modifiers.
@@ -218,7 +220,7 @@ impl ClientFilter {
                 let keysym = if cp < 0x100 { cp } else { 0x0100_0000 | cp };
                 out.extend_from_slice(&[4, u8::from(m[8] != 0), 0, 0]);
                 out.extend_from_slice(&keysym.to_be_bytes());
-                self.stats.translated += 1;
+                stats.translated += 1;
             }
             // Pointer (type 0) or wheel (type 1): u32 x, u32 y, u32
             // buttons, i8 wheel delta, i8 horizontal delta.
@@ -237,9 +239,9 @@ impl ClientFilter {
                 } else {
                     pointer(out, buttons, x, y);
                 }
-                self.stats.translated += 1;
+                stats.translated += 1;
             }
-            _ => self.stats.dropped += 1,
+            _ => stats.dropped += 1,
         }
     }
 }
