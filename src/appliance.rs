@@ -12,9 +12,9 @@ use anyhow::Context as _;
 use consolegate::config::appliance::{ApplianceConfig, LogFormat, Source};
 use consolegate::config::{ProxyConfig, TargetConfig, TlsFiles};
 use consolegate::control::{self, registry::Registry, ControlCounters, ControlState};
-use consolegate::dataplane::worker::{ApplianceLink, DataPlane};
 use consolegate::hypervisor::demo::{DemoConfig as DemoServerConfig, DemoServer};
 use consolegate::mailbox;
+use consolegate::plane::{ApplianceLink, DataPlane};
 use consolegate::ports::{self, PortPool, PortPoolConfig, PortRange, PortStore};
 
 fn load(path: Option<&Path>) -> anyhow::Result<(ApplianceConfig, Source)> {

@@ -11,5 +11,6 @@ pub mod io;
 pub mod mailbox;
 pub mod metrics;
 pub mod pki;
+pub mod plane;
 pub mod ports;
 pub mod protocol;

@@ -9,8 +9,8 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 
 use consolegate::config::{IoChoice, Limits, ProxyConfig, TargetConfig, TlsFiles};
-use consolegate::dataplane::worker::DataPlane;
 use consolegate::mailbox::{Target, TargetKind, WebMksTarget};
+use consolegate::plane::DataPlane;
 
 mod appliance;
 
