@@ -185,7 +185,7 @@ pub enum Side {
 /// One error type for every backend. Each variant maps to an HTTP status
 /// and a stable snake_case code; `retry_after()` says when trying again
 /// makes sense.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HypervisorError {
     /// No VM with that id on this hypervisor (404 `vm_not_found`).
     #[error("no VM {0:?}")]
@@ -270,6 +270,18 @@ impl HypervisorError {
             HypervisorError::Busy(_) => Side::Internal,
             _ => Side::Hypervisor,
         }
+    }
+
+    /// The answer will be the same until the VM changes (not found, not
+    /// running, unsupported): worth remembering for a short while instead
+    /// of asking the hypervisor again at once.
+    pub fn is_stable(&self) -> bool {
+        matches!(
+            self,
+            HypervisorError::VmNotFound(_)
+                | HypervisorError::VmNotRunning(_)
+                | HypervisorError::Unsupported(_)
+        )
     }
 
     /// Seconds after which a retry may succeed (Retry-After), or None when
