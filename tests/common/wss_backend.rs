@@ -363,6 +363,8 @@ pub struct ConnectionRecord {
     pub frames_sent: u64,
     pub payload_bytes_sent: u64,
     pub sent_not_kept: u64,
+    sent_kept_bytes: usize,
+    received_kept_bytes: usize,
     /// Pings sent by the backend: (ms, payload).
     pub pings_sent: Vec<(u64, Vec<u8>)>,
     /// Pongs received: (ms, payload).
@@ -403,7 +405,10 @@ impl ConnectionRecord {
 
     /// Every received data frame's payload, unmasked, concatenated.
     pub fn upstream_payload(&self) -> Vec<u8> {
-        self.data_frames().iter().flat_map(|f| f.payload()).collect()
+        self.data_frames()
+            .iter()
+            .flat_map(|f| f.payload())
+            .collect()
     }
 
     pub fn pong_payloads(&self) -> Vec<Vec<u8>> {
@@ -462,7 +467,9 @@ impl WssBackend {
 
     pub fn start_with_cert(behaviour: Behaviour, cert: BackendCert) -> WssBackend {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         let addr = listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -559,9 +566,11 @@ impl WssBackend {
 
     /// Waits until connection `index` has sent its upgrade request.
     pub fn wait_upgrade(&self, index: usize, timeout: Duration) -> UpgradeRequest {
-        self.wait_for(timeout, &format!("connection #{index}'s upgrade request"), |r| {
-            r.get(index).and_then(|c| c.upgrade.clone())
-        })
+        self.wait_for(
+            timeout,
+            &format!("connection #{index}'s upgrade request"),
+            |r| r.get(index).and_then(|c| c.upgrade.clone()),
+        )
     }
 
     /// Waits until connection `index` has ended and returns its record.
@@ -678,49 +687,58 @@ impl Link {
     }
 
     /// Sends one frame (whole) and records it.
-    fn send_frame(&self, fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> io::Result<()> {
+    fn send_frame(
+        &self,
+        fin: bool,
+        opcode: u8,
+        payload: &[u8],
+        mask: Option<[u8; 4]>,
+    ) -> io::Result<()> {
         let frame = build_frame(fin, opcode, payload, mask);
-        self.write_plain(&frame)?;
+        // Recorded before it is written: a client that has read a frame
+        // finds it in the record.
         let header_len = frame.len() - payload.len();
-        let mut r = self.record();
-        r.frames_sent += 1;
-        r.payload_bytes_sent += payload.len() as u64;
-        let kept: usize = r.sent.iter().map(|f| f.wire_payload.len()).sum();
-        if r.sent.len() < MAX_RECORDED_FRAMES && kept + payload.len() <= MAX_RECORDED_BYTES {
+        {
             let at_ms = self.ms();
-            r.sent.push(RawFrame {
-                at_ms,
-                header: frame[..header_len].to_vec(),
-                fin,
-                rsv: 0,
-                opcode,
-                mask,
-                wire_payload: frame[header_len..].to_vec(),
-            });
-        } else {
-            r.sent_not_kept += 1;
+            let mut r = self.record();
+            r.frames_sent += 1;
+            r.payload_bytes_sent += payload.len() as u64;
+            if r.sent.len() < MAX_RECORDED_FRAMES
+                && r.sent_kept_bytes + payload.len() <= MAX_RECORDED_BYTES
+            {
+                r.sent_kept_bytes += payload.len();
+                r.sent.push(RawFrame {
+                    at_ms,
+                    header: frame[..header_len].to_vec(),
+                    fin,
+                    rsv: 0,
+                    opcode,
+                    mask,
+                    wire_payload: frame[header_len..].to_vec(),
+                });
+            } else {
+                r.sent_not_kept += 1;
+            }
         }
-        Ok(())
+        self.write_plain(&frame)
     }
 
     fn send_ping(&self, payload: &[u8]) -> io::Result<()> {
-        self.send_frame(true, OPCODE_PING, payload, None)?;
         let at = self.ms();
         self.record().pings_sent.push((at, payload.to_vec()));
-        Ok(())
+        self.send_frame(true, OPCODE_PING, payload, None)
     }
 
     fn send_close(&self, code: u16, reason: &str) -> io::Result<()> {
         let mut payload = code.to_be_bytes().to_vec();
         payload.extend_from_slice(reason.as_bytes());
-        self.send_frame(true, OPCODE_CLOSE, &payload, None)?;
         let at_ms = self.ms();
         self.record().close_sent = Some(CloseRecord {
             at_ms,
             code: Some(code),
             reason: reason.to_string(),
         });
-        Ok(())
+        self.send_frame(true, OPCODE_CLOSE, &payload, None)
     }
 
     /// TLS close_notify, then the TCP connection is shut down.
@@ -798,7 +816,9 @@ pub fn parse_frame(buf: &mut Vec<u8>, at_ms: u64) -> Result<Option<RawFrame>, St
         n => (n as u64, 2),
     };
     if len > MAX_FRAME_PAYLOAD_BYTES {
-        return Err(format!("frame of {len} bytes, more than {MAX_FRAME_PAYLOAD_BYTES}"));
+        return Err(format!(
+            "frame of {len} bytes, more than {MAX_FRAME_PAYLOAD_BYTES}"
+        ));
     }
     let mask = if masked {
         if buf.len() < pos + 4 {
@@ -842,12 +862,24 @@ enum ReadOutcome {
 
 impl Reader {
     /// One socket read fed to rustls; the plaintext goes to `pending`.
+    /// Plaintext rustls holds already (it can come with the end of the
+    /// TLS handshake) is taken first, without a socket read.
     fn read_more(&mut self, link: &Link) -> io::Result<ReadOutcome> {
+        let before = self.pending.len();
+        drain_plaintext(&mut lock(&link.tls), &mut self.pending)?;
+        if self.pending.len() > before {
+            return Ok(ReadOutcome::Data);
+        }
         let mut buf = vec![0u8; 64 * 1024];
         let n = match self.socket.read(&mut buf) {
             Ok(0) => return Ok(ReadOutcome::Eof),
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Ok(ReadOutcome::Idle)
             }
             Err(e) => return Err(e),
@@ -863,17 +895,26 @@ impl Reader {
                 .process_new_packets()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             peer_closed |= state.peer_has_closed();
-            let mut chunk = [0u8; 16 * 1024];
-            loop {
-                match tls.reader().read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(k) => self.pending.extend_from_slice(&chunk[..k]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
-            }
+            drain_plaintext(&mut tls, &mut self.pending)?;
         }
-        Ok(if peer_closed { ReadOutcome::Eof } else { ReadOutcome::Data })
+        Ok(if peer_closed {
+            ReadOutcome::Eof
+        } else {
+            ReadOutcome::Data
+        })
+    }
+}
+
+/// Moves the plaintext rustls has decrypted into `out`.
+fn drain_plaintext(tls: &mut rustls::ServerConnection, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match tls.reader().read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(k) => out.extend_from_slice(&chunk[..k]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -969,7 +1010,9 @@ fn read_request(link: &Link, reader: &mut Reader) -> Result<UpgradeRequest, Stri
             let head: Vec<u8> = reader.pending.drain(..end + 4).collect();
             return parse_request(&head).map_err(|e| {
                 link.record().protocol_errors.push(e.clone());
-                let _ = link.write_plain(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = link.write_plain(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
                 link.close_tls();
                 format!("bad request: {e}")
             });
@@ -1010,7 +1053,12 @@ fn parse_request(head: &[u8]) -> Result<UpgradeRequest, String> {
         headers: req
             .headers
             .iter()
-            .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
             .collect(),
         ..UpgradeRequest::default()
     };
@@ -1030,7 +1078,11 @@ enum Answered {
     Closed(String),
 }
 
-fn answer_upgrade(link: &Link, request: &UpgradeRequest, behaviour: &Behaviour) -> io::Result<Answered> {
+fn answer_upgrade(
+    link: &Link,
+    request: &UpgradeRequest,
+    behaviour: &Behaviour,
+) -> io::Result<Answered> {
     let is_upgrade = request
         .header("Upgrade")
         .is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
@@ -1046,8 +1098,8 @@ fn answer_upgrade(link: &Link, request: &UpgradeRequest, behaviour: &Behaviour) 
             reason_phrase(status),
             REFUSE_BODY.len()
         );
-        link.write_plain(response.as_bytes())?;
         link.record().answered_status = Some(status);
+        link.write_plain(response.as_bytes())?;
         link.close_tls();
         return Ok(Answered::Closed("refused".into()));
     }
@@ -1080,10 +1132,12 @@ fn answer_upgrade(link: &Link, request: &UpgradeRequest, behaviour: &Behaviour) 
         response.push_str(&format!("Sec-WebSocket-Protocol: {p}\r\n"));
     }
     response.push_str("\r\n");
+    {
+        let mut r = link.record();
+        r.answered_status = Some(101);
+        r.answered_protocol = protocol;
+    }
     link.write_plain(response.as_bytes())?;
-    let mut r = link.record();
-    r.answered_status = Some(101);
-    r.answered_protocol = protocol;
     Ok(answered)
 }
 
@@ -1156,8 +1210,10 @@ fn record_received(link: &Link, frame: &RawFrame) {
         r.protocol_errors
             .push(format!("unmasked client frame (opcode {})", frame.opcode));
     }
-    let kept: usize = r.frames.iter().map(|f| f.wire_payload.len()).sum();
-    if r.frames.len() < MAX_RECORDED_FRAMES && kept + frame.wire_payload.len() <= MAX_RECORDED_BYTES {
+    if r.frames.len() < MAX_RECORDED_FRAMES
+        && r.received_kept_bytes + frame.wire_payload.len() <= MAX_RECORDED_BYTES
+    {
+        r.received_kept_bytes += frame.wire_payload.len();
         r.frames.push(frame.clone());
     } else {
         r.frames_not_kept += 1;
@@ -1173,7 +1229,9 @@ fn handle_frame(
     let payload = frame.payload();
     match frame.opcode {
         OPCODE_PING => {
-            link.record().pings_received.push((frame.at_ms, payload.clone()));
+            link.record()
+                .pings_received
+                .push((frame.at_ms, payload.clone()));
             link.send_frame(true, OPCODE_PONG, &payload, None)?;
         }
         OPCODE_PONG => link.record().pongs.push((frame.at_ms, payload)),
@@ -1219,12 +1277,7 @@ fn close_received(link: &Link, at_ms: u64, payload: &[u8]) -> String {
 }
 
 /// A data frame for the behaviour.
-fn on_data(
-    link: &Link,
-    frame: &RawFrame,
-    payload: &[u8],
-    behaviour: &Behaviour,
-) -> io::Result<()> {
+fn on_data(link: &Link, frame: &RawFrame, payload: &[u8], behaviour: &Behaviour) -> io::Result<()> {
     match behaviour {
         Behaviour::Echo | Behaviour::PingEveryMs(_) => {
             link.send_frame(frame.fin, frame.opcode, payload, None)
@@ -1310,7 +1363,9 @@ fn run_sender(link: &Link, behaviour: &Behaviour) -> io::Result<()> {
         }
         Behaviour::CloseMidFrame { after_bytes } => send_partial_frame(link, *after_bytes),
         Behaviour::CloseFrame { code, reason } => close_after_exchange(link, *code, reason),
-        Behaviour::MaskedFrames => link.send_frame(true, OPCODE_BINARY, GREETING, Some(SERVER_MASK)),
+        Behaviour::MaskedFrames => {
+            link.send_frame(true, OPCODE_BINARY, GREETING, Some(SERVER_MASK))
+        }
         _ => Ok(()),
     }
 }
@@ -1332,7 +1387,11 @@ fn relay_downstream(link: &Link) -> io::Result<()> {
                 return Ok(());
             }
             Ok(n) => link.send_frame(true, OPCODE_BINARY, &buf[..n], None)?,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => {
                 if !link.done() {
                     link.send_close(1011, RELAY_CLOSED_REASON)?;
@@ -1352,7 +1411,11 @@ fn send_fragmented(link: &Link, messages: usize, fragment_sizes: &[usize]) -> io
                 return Ok(());
             }
             let last = i + 1 == fragment_sizes.len();
-            let opcode = if i == 0 { OPCODE_BINARY } else { OPCODE_CONTINUATION };
+            let opcode = if i == 0 {
+                OPCODE_BINARY
+            } else {
+                OPCODE_CONTINUATION
+            };
             let mut payload = vec![0u8; size];
             fill_pattern(offset, &mut payload);
             offset += size as u64;
@@ -1380,7 +1443,8 @@ fn send_pings(link: &Link, interval_ms: u64) -> io::Result<()> {
             return Ok(());
         }
         link.send_ping(format!("ping {n}").as_bytes())?;
-        next += interval;
+        // At least the interval between two pings, even after a delay.
+        next = Instant::now() + interval;
     }
     Ok(())
 }
@@ -1527,7 +1591,12 @@ impl Drop for Websockify {
     }
 }
 
-fn spawn_websockify(port: u16, target: &str, cert: Option<&BackendCert>, log: &std::path::Path) -> Child {
+fn spawn_websockify(
+    port: u16,
+    target: &str,
+    cert: Option<&BackendCert>,
+    log: &std::path::Path,
+) -> Child {
     let program = if std::path::Path::new(WEBSOCKIFY).is_file() {
         PathBuf::from(WEBSOCKIFY)
     } else {
@@ -1535,7 +1604,11 @@ fn spawn_websockify(port: u16, target: &str, cert: Option<&BackendCert>, log: &s
     };
     let mut cmd = Command::new(program);
     if let Some(c) = cert {
-        cmd.arg("--ssl-only").arg("--cert").arg(&c.cert_path).arg("--key").arg(&c.key_path);
+        cmd.arg("--ssl-only")
+            .arg("--cert")
+            .arg(&c.cert_path)
+            .arg("--key")
+            .arg(&c.key_path);
     }
     cmd.arg(format!("127.0.0.1:{port}")).arg(target);
     let log_file = fs::File::create(log).expect("create websockify log");
@@ -1562,7 +1635,9 @@ fn wait_listening(port: u16, child: &mut Child) -> Result<(), String> {
             };
         }
         if Instant::now() >= deadline {
-            return Err(format!("port {port} never accepted within {STARTUP_TIMEOUT:?}"));
+            return Err(format!(
+                "port {port} never accepted within {STARTUP_TIMEOUT:?}"
+            ));
         }
         thread::sleep(Duration::from_millis(20));
     }
