@@ -602,3 +602,187 @@ fn websockify_ssl_only_relays_to_xvnc() {
     assert_eq!(c.protocol, None);
     rfb_handshake_none(&mut c);
 }
+
+// ---------------------------------------------------------------------------
+// VMware's wmks.js in headless Chromium, without consolegate
+// ---------------------------------------------------------------------------
+
+/// How long the wmks.js runs watch the connection after `connected`.
+const WMKS_WATCH_MS: u64 = 5_000;
+/// Xvnc ends a wmks.js connection this soon after `connected` (PEERS.md:
+/// 0.2–1 s; the bound leaves room for a loaded machine).
+const XVNC_CLOSES_WMKS_WITHIN_MS: u64 = 2_000;
+
+#[test]
+fn wmks_js_through_websockify_connects_renders_then_xvnc_closes_it_on_message_127() {
+    let node = wmks_prerequisites();
+    let xvnc = Xvnc::start();
+    xvnc.draw_test_card();
+    let websockify = Websockify::start_tls(&xvnc.target());
+    let site = WmksSite::assemble();
+    let http = StaticServer::start(site.path());
+    let run = run_wmks(
+        &node,
+        &http.base_url(),
+        &websockify.url("/ticket/kit"),
+        WMKS_WATCH_MS,
+        "wss-kit-wmks-websockify",
+    );
+    eprintln!(
+        "wmks.js via websockify --ssl-only to Xvnc: states {:?}, protocol {:?}, stayed connected {} ms, \
+         close {:?} {:?}, canvas {:?} with {} colours (rendered at {:?} ms), client messages by first byte {:?}",
+        run.states,
+        run.protocol,
+        run.stayed_connected_ms,
+        run.close_code,
+        run.close_reason,
+        run.canvas_size,
+        run.canvas_colours,
+        run.rendered_ms,
+        run.sent_first_bytes
+    );
+    assert!(run.connected, "wmks.js never connected:\n{}", run.output);
+    assert_eq!(run.offered, ["binary", "vmware-vvc"]);
+    assert_eq!(run.protocol.as_deref(), Some("binary"));
+    assert_eq!(run.text_messages_received, 0);
+    // It rendered Xvnc's screen (the -retro weave: black and white).
+    assert_eq!(run.canvas_size, (320, 240));
+    assert!(
+        run.rendered_while_connected,
+        "nothing drawn while connected:\n{}",
+        run.output
+    );
+    assert!(run.canvas_colours >= 2);
+    // Then VMware's own client messages (type 127) made Xvnc close it.
+    assert!(
+        run.sent_first_bytes.get(&127).copied().unwrap_or(0) >= 1,
+        "wmks.js sent no message 127: {:?}",
+        run.sent_first_bytes
+    );
+    assert!(
+        run.dropped,
+        "the connection was not dropped:\n{}",
+        run.output
+    );
+    assert!(
+        run.stayed_connected_ms < XVNC_CLOSES_WMKS_WITHIN_MS,
+        "stayed connected {} ms",
+        run.stayed_connected_ms
+    );
+    assert!(run.close_code.is_some(), "no close code recorded");
+    wait_until(IO_TIMEOUT, "Xvnc's 'unknown message type 127'", || {
+        xvnc.log()
+            .contains("unknown message type 127")
+            .then_some(())
+    });
+}
+
+#[test]
+fn wmks_js_through_the_kit_backend_relaying_to_xvnc() {
+    let node = wmks_prerequisites();
+    let xvnc = Xvnc::start();
+    let backend = WssBackend::start(Behaviour::RelayTo(xvnc.addr()));
+    let site = WmksSite::assemble();
+    let http = StaticServer::start(site.path());
+    let run = run_wmks(
+        &node,
+        &http.base_url(),
+        &backend.url("kit-ticket"),
+        WMKS_WATCH_MS,
+        "wss-kit-wmks-backend",
+    );
+    eprintln!(
+        "wmks.js via the kit's backend to Xvnc: states {:?}, stayed connected {} ms, close {:?} {:?}",
+        run.states, run.stayed_connected_ms, run.close_code, run.close_reason
+    );
+    assert!(run.connected, "wmks.js never connected:\n{}", run.output);
+    assert_eq!(run.protocol.as_deref(), Some("binary"));
+    assert!(run.rendered_while_connected, "{}", run.output);
+    // What the backend saw of VMware's client.
+    let r = backend.wait_ended(0, IO_TIMEOUT);
+    let up = r.upgrade.as_ref().expect("the upgrade request");
+    assert_eq!(up.path, "/ticket/kit-ticket");
+    assert_eq!(up.offered_protocols(), ["binary", "vmware-vvc"]);
+    assert_eq!(up.origin.as_deref(), Some(&*http.base_url()));
+    assert_eq!(
+        up.host.as_deref(),
+        Some(&*format!("127.0.0.1:{}", backend.port()))
+    );
+    assert!(
+        up.extensions
+            .as_deref()
+            .is_some_and(|e| e.contains("permessage-deflate")),
+        "Chromium offers permessage-deflate: {up:?}"
+    );
+    let data = r.data_frames();
+    assert!(data
+        .iter()
+        .all(|f| f.mask.is_some() && f.opcode == OPCODE_BINARY && f.fin));
+    assert_eq!(
+        data[0].payload(),
+        RFB_38,
+        "the client's version is its own message"
+    );
+    let vmware: Vec<Vec<u8>> = data
+        .iter()
+        .map(|f| f.payload())
+        .filter(|p| p.first() == Some(&127))
+        .collect();
+    assert!(!vmware.is_empty(), "no message 127 from wmks.js");
+    for m in &vmware {
+        // u8 127, u8 subtype, u16 length of the whole message.
+        assert!(m.len() >= 4, "{m:?}");
+        assert_eq!(u16::from_be_bytes([m[2], m[3]]) as usize, m.len(), "{m:?}");
+    }
+    // Xvnc closed the VNC connection; the backend closed the WebSocket.
+    assert!(run.dropped && run.stayed_connected_ms < XVNC_CLOSES_WMKS_WITHIN_MS);
+    assert_eq!(run.close_code, Some(1000));
+    assert_eq!(run.close_reason.as_deref(), Some(RELAY_CLOSED_REASON));
+    assert!(xvnc.log().contains("unknown message type 127"));
+}
+
+/// The harness's positive control: without VMware's messages reaching
+/// Xvnc, wmks.js stays connected for the whole watch and shows the test
+/// card.
+#[test]
+fn wmks_js_stays_connected_when_its_vmware_messages_are_dropped() {
+    const WATCH_MS: u64 = 3_000;
+    let node = wmks_prerequisites();
+    let xvnc = Xvnc::start();
+    xvnc.draw_test_card();
+    let backend = WssBackend::start(Behaviour::RelayDropping127(xvnc.addr()));
+    let site = WmksSite::assemble();
+    let http = StaticServer::start(site.path());
+    let run = run_wmks(
+        &node,
+        &http.base_url(),
+        &backend.url("kit-ticket"),
+        WATCH_MS,
+        "wss-kit-wmks-dropping-127",
+    );
+    let r = backend.connection(0);
+    eprintln!(
+        "wmks.js with its messages 127 dropped: states {:?}, stayed connected {} ms, canvas {} colours, \
+         {} messages dropped, {} bytes to the page",
+        run.states, run.stayed_connected_ms, run.canvas_colours, r.messages_dropped, run.bytes_received
+    );
+    assert!(run.connected, "{}", run.output);
+    assert!(
+        !run.dropped,
+        "dropped after {} ms:\n{}",
+        run.stayed_connected_ms, run.output
+    );
+    assert!(
+        run.stayed_connected_ms >= WATCH_MS,
+        "{}",
+        run.stayed_connected_ms
+    );
+    assert!(r.messages_dropped >= 1);
+    // The test card's twelve colours (and the cursor's).
+    assert!(run.canvas_colours >= 12, "{} colours", run.canvas_colours);
+    assert!(
+        !xvnc.log().contains("unknown message type"),
+        "{}",
+        xvnc.log()
+    );
+}

@@ -190,6 +190,15 @@ pub enum Behaviour {
     /// sends close 1000 [`RELAY_CLOSED_REASON`]; when it cannot reach it,
     /// close 1011 [`RELAY_CONNECT_FAILED_REASON`].
     RelayTo(SocketAddr),
+    /// [`Behaviour::RelayTo`], except that each whole client message (one
+    /// binary frame with FIN) whose first byte is 127 is dropped instead of
+    /// written to the VNC server, and counted
+    /// ([`ConnectionRecord::messages_dropped`]). wmks.js sends each of
+    /// VMware's client messages (type 127) as one such frame, so wmks.js
+    /// stays connected to a plain VNC server through it: the harness's
+    /// positive control for "stayed connected", not a model of a relay
+    /// (which cannot count on one RFB message per frame).
+    RelayDropping127(SocketAddr),
     /// Every data frame is sent back as one frame with the same FIN bit,
     /// opcode (continuations stay continuations) and payload.
     Echo,
@@ -376,6 +385,8 @@ pub struct ConnectionRecord {
     /// Bytes that reached a connection that was never upgraded (or got a
     /// bad upgrade answer), not parsed as frames.
     pub unframed_bytes: u64,
+    /// [`Behaviour::RelayDropping127`]: client messages not relayed.
+    pub messages_dropped: u64,
     /// [`Behaviour::Pattern`]: data bytes received, and the stream offset
     /// of the first byte that broke the pattern.
     pub upstream_bytes: u64,
@@ -1282,7 +1293,13 @@ fn on_data(link: &Link, frame: &RawFrame, payload: &[u8], behaviour: &Behaviour)
         Behaviour::Echo | Behaviour::PingEveryMs(_) => {
             link.send_frame(frame.fin, frame.opcode, payload, None)
         }
-        Behaviour::RelayTo(_) => match lock(&link.vnc).as_mut() {
+        Behaviour::RelayDropping127(_)
+            if frame.fin && frame.opcode == OPCODE_BINARY && payload.first() == Some(&127) =>
+        {
+            link.record().messages_dropped += 1;
+            Ok(())
+        }
+        Behaviour::RelayTo(_) | Behaviour::RelayDropping127(_) => match lock(&link.vnc).as_mut() {
             Some(vnc) => vnc.write_all(payload),
             None => Ok(()),
         },
@@ -1307,7 +1324,7 @@ fn on_data(link: &Link, frame: &RawFrame, payload: &[u8], behaviour: &Behaviour)
 /// Starts the thread that sends what the behaviour sends by itself (for
 /// a relay, after connecting to the VNC server).
 fn start_sender(link: &Arc<Link>, behaviour: &Behaviour) -> Option<JoinHandle<()>> {
-    if let Behaviour::RelayTo(target) = behaviour {
+    if let Behaviour::RelayTo(target) | Behaviour::RelayDropping127(target) = behaviour {
         match TcpStream::connect_timeout(target, IO_TIMEOUT) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
@@ -1333,7 +1350,7 @@ fn start_sender(link: &Arc<Link>, behaviour: &Behaviour) -> Option<JoinHandle<()
 
 fn run_sender(link: &Link, behaviour: &Behaviour) -> io::Result<()> {
     match behaviour {
-        Behaviour::RelayTo(_) => relay_downstream(link),
+        Behaviour::RelayTo(_) | Behaviour::RelayDropping127(_) => relay_downstream(link),
         Behaviour::Pattern { sizes } => {
             let mut offset = 0u64;
             for &size in sizes {
