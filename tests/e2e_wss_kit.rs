@@ -735,6 +735,10 @@ fn wmks_js_through_the_kit_backend_relaying_to_xvnc() {
         assert_eq!(u16::from_be_bytes([m[2], m[3]]) as usize, m.len(), "{m:?}");
     }
     // Xvnc closed the VNC connection; the backend closed the WebSocket.
+    eprintln!(
+        "backend: close sent {:?}, received {:?}, end {:?}, send error {:?}",
+        r.close_sent, r.close_received, r.end, r.send_error
+    );
     assert!(run.dropped && run.stayed_connected_ms < XVNC_CLOSES_WMKS_WITHIN_MS);
     assert_eq!(run.close_code, Some(1000));
     assert_eq!(run.close_reason.as_deref(), Some(RELAY_CLOSED_REASON));

@@ -186,9 +186,10 @@ pub enum Behaviour {
     /// Relays to a TCP VNC server (connected once the upgrade is done): each
     /// read of the VNC server (at most [`RELAY_READ_BYTES`]) becomes one
     /// binary frame; the payload of each data frame from the client is
-    /// written to the VNC server. When the VNC server ends the connection it
-    /// sends close 1000 [`RELAY_CLOSED_REASON`]; when it cannot reach it,
-    /// close 1011 [`RELAY_CONNECT_FAILED_REASON`].
+    /// written to the VNC server. When the VNC server ends or resets the
+    /// connection (or a write to it fails) it sends close 1000
+    /// [`RELAY_CLOSED_REASON`]; when it cannot reach it, close 1011
+    /// [`RELAY_CONNECT_FAILED_REASON`].
     RelayTo(SocketAddr),
     /// [`Behaviour::RelayTo`], except that each whole client message (one
     /// binary frame with FIN) whose first byte is 127 is dropped instead of
@@ -442,16 +443,23 @@ impl ConnectionRecord {
 struct Shared {
     stop: AtomicBool,
     records: Mutex<Vec<Arc<Mutex<ConnectionRecord>>>>,
-    /// Every socket the server opened or accepted, to shut them down on drop.
-    sockets: Mutex<Vec<TcpStream>>,
+    /// The sockets of the connections still running (by connection
+    /// index: the accepted one, and a relay's VNC connection), to shut
+    /// them down on drop; a connection's are forgotten when it ends, so a
+    /// long test holds no descriptors of ended connections.
+    sockets: Mutex<Vec<(usize, TcpStream)>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Shared {
-    fn track_socket(&self, socket: &TcpStream) {
+    fn track_socket(&self, connection: usize, socket: &TcpStream) {
         if let Ok(s) = socket.try_clone() {
-            lock(&self.sockets).push(s);
+            lock(&self.sockets).push((connection, s));
         }
+    }
+
+    fn forget_sockets(&self, connection: usize) {
+        lock(&self.sockets).retain(|(c, _)| *c != connection);
     }
 }
 
@@ -594,7 +602,7 @@ impl WssBackend {
     /// Shuts every connection's sockets down now (a host that goes away);
     /// the server keeps accepting.
     pub fn drop_connections(&self) {
-        for s in lock(&self.shared.sockets).drain(..) {
+        for (_, s) in lock(&self.shared.sockets).drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
@@ -636,15 +644,21 @@ fn accept_loop(
                 continue;
             }
         };
-        shared.track_socket(&tcp);
         let record = Arc::new(Mutex::new(ConnectionRecord {
             peer: Some(peer),
             ..ConnectionRecord::default()
         }));
-        lock(&shared.records).push(record.clone());
+        let id = {
+            let mut records = lock(&shared.records);
+            records.push(record.clone());
+            records.len() - 1
+        };
+        shared.track_socket(id, &tcp);
         let (config, behaviour, s) = (config.clone(), behaviour.clone(), shared.clone());
-        let handle = thread::spawn(move || serve_connection(tcp, config, behaviour, record, s));
-        lock(&shared.threads).push(handle);
+        let handle = thread::spawn(move || serve_connection(id, tcp, config, behaviour, record, s));
+        let mut threads = lock(&shared.threads);
+        threads.retain(|h| !h.is_finished());
+        threads.push(handle);
     }
 }
 
@@ -661,6 +675,8 @@ struct Link {
     tls: Mutex<rustls::ServerConnection>,
     record: Arc<Mutex<ConnectionRecord>>,
     shared: Arc<Shared>,
+    /// The connection's index (in the records).
+    id: usize,
     started: Instant,
     /// Set when the reader is done: the behaviour's sender stops.
     ended: AtomicBool,
@@ -740,15 +756,23 @@ impl Link {
         self.send_frame(true, OPCODE_PING, payload, None)
     }
 
+    /// Sends a close frame, once per connection: a later call (another
+    /// thread also ending the connection) sends nothing.
     fn send_close(&self, code: u16, reason: &str) -> io::Result<()> {
         let mut payload = code.to_be_bytes().to_vec();
         payload.extend_from_slice(reason.as_bytes());
         let at_ms = self.ms();
-        self.record().close_sent = Some(CloseRecord {
-            at_ms,
-            code: Some(code),
-            reason: reason.to_string(),
-        });
+        {
+            let mut r = self.record();
+            if r.close_sent.is_some() {
+                return Ok(());
+            }
+            r.close_sent = Some(CloseRecord {
+                at_ms,
+                code: Some(code),
+                reason: reason.to_string(),
+            });
+        }
         self.send_frame(true, OPCODE_CLOSE, &payload, None)
     }
 
@@ -766,7 +790,10 @@ impl Link {
             }
         }
         let _ = out.write_all(&wire);
-        let _ = out.shutdown(Shutdown::Both);
+        // Half-close: the reading side stays open so that what the client
+        // still sends is read (see `linger`), not answered with a reset
+        // (Chromium reports a reset after the close handshake as 1006).
+        let _ = out.shutdown(Shutdown::Write);
     }
 
     /// Drops the TCP connection (no close frame, no close_notify).
@@ -930,6 +957,7 @@ fn drain_plaintext(tls: &mut rustls::ServerConnection, out: &mut Vec<u8>) -> io:
 }
 
 fn serve_connection(
+    id: usize,
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     behaviour: Behaviour,
@@ -943,7 +971,8 @@ fn serve_connection(
                 out: Mutex::new(tcp.try_clone().expect("clone socket")),
                 tls: Mutex::new(tls),
                 record: record.clone(),
-                shared,
+                shared: shared.clone(),
+                id,
                 started,
                 ended: AtomicBool::new(false),
                 vnc: Mutex::new(None),
@@ -955,6 +984,7 @@ fn serve_connection(
         None => "tls handshake failed".to_string(),
     };
     let _ = tcp.shutdown(Shutdown::Both);
+    shared.forget_sockets(id);
     let mut r = lock(&record);
     r.end.get_or_insert(end);
     r.ended_at_ms = Some(started.elapsed().as_millis() as u64);
@@ -996,13 +1026,17 @@ fn serve_upgraded(link: &Arc<Link>, socket: TcpStream, behaviour: &Behaviour) ->
     link.record().upgrade = Some(request.clone());
     match answer_upgrade(link, &request, behaviour) {
         Ok(Answered::Upgraded) => {}
-        Ok(Answered::Closed(end)) => return end,
+        Ok(Answered::Closed(end)) => {
+            linger(link, &mut reader);
+            return end;
+        }
         Ok(Answered::Held) => return hold(link, &mut reader),
         Err(e) => return format!("error: answering the upgrade: {e}"),
     }
     let sender = start_sender(link, behaviour);
     let end = run_frames(link, &mut reader, behaviour);
     link.ended.store(true, Ordering::SeqCst);
+    linger(link, &mut reader);
     link.drop_tcp();
     if let Some(v) = lock(&link.vnc).as_ref() {
         let _ = v.shutdown(Shutdown::Both);
@@ -1011,6 +1045,28 @@ fn serve_upgraded(link: &Arc<Link>, socket: TcpStream, behaviour: &Behaviour) ->
         let _ = handle.join();
     }
     end
+}
+
+/// Bound on [`linger`].
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Reads and discards what the client still sends until it closes (at
+/// most [`LINGER`]), so that closing the socket sends no reset.
+fn linger(link: &Link, reader: &mut Reader) {
+    let deadline = Instant::now() + LINGER;
+    let mut buf = [0u8; 16 * 1024];
+    while Instant::now() < deadline && !link.shared.stop.load(Ordering::SeqCst) {
+        match reader.socket.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Reads until the end of the request headers and parses them.
@@ -1299,10 +1355,18 @@ fn on_data(link: &Link, frame: &RawFrame, payload: &[u8], behaviour: &Behaviour)
             link.record().messages_dropped += 1;
             Ok(())
         }
-        Behaviour::RelayTo(_) | Behaviour::RelayDropping127(_) => match lock(&link.vnc).as_mut() {
-            Some(vnc) => vnc.write_all(payload),
-            None => Ok(()),
-        },
+        Behaviour::RelayTo(_) | Behaviour::RelayDropping127(_) => {
+            let written = match lock(&link.vnc).as_mut() {
+                Some(vnc) => vnc.write_all(payload),
+                None => return Ok(()),
+            };
+            // The VNC server has gone: the same close as when its side ends
+            // (the frame loop goes on, for the client's echo).
+            if written.is_err() {
+                link.send_close(1000, RELAY_CLOSED_REASON)?;
+            }
+            Ok(())
+        }
         Behaviour::Pattern { .. } => {
             let mut r = link.record();
             if r.upstream_first_mismatch.is_none() {
@@ -1328,7 +1392,7 @@ fn start_sender(link: &Arc<Link>, behaviour: &Behaviour) -> Option<JoinHandle<()
         match TcpStream::connect_timeout(target, IO_TIMEOUT) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
-                link.shared.track_socket(&s);
+                link.shared.track_socket(link.id, &s);
                 *lock(&link.vnc) = Some(s);
             }
             Err(e) => {
@@ -1397,23 +1461,19 @@ fn relay_downstream(link: &Link) -> io::Result<()> {
     let mut buf = vec![0u8; RELAY_READ_BYTES];
     while !link.done() {
         match vnc.read(&mut buf) {
-            Ok(0) => {
-                if !link.done() {
-                    link.send_close(1000, RELAY_CLOSED_REASON)?;
-                }
-                return Ok(());
-            }
-            Ok(n) => link.send_frame(true, OPCODE_BINARY, &buf[..n], None)?,
+            Ok(n) if n > 0 => link.send_frame(true, OPCODE_BINARY, &buf[..n], None)?,
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) => {}
-            Err(e) => {
+            // The end or a reset (Xvnc resets when it closes with a client
+            // message unread): the same close either way.
+            _ => {
                 if !link.done() {
-                    link.send_close(1011, RELAY_CLOSED_REASON)?;
+                    link.send_close(1000, RELAY_CLOSED_REASON)?;
                 }
-                return Err(e);
+                return Ok(());
             }
         }
     }
