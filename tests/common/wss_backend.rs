@@ -40,7 +40,8 @@ pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 /// Largest frame payload the parser accepts from a client; a larger length
 /// ends the connection as a protocol error.
 pub const MAX_FRAME_PAYLOAD_BYTES: u64 = 64 << 20;
-/// Frames kept per connection and direction; later ones are only counted.
+/// Frames kept per connection and direction (received, sent); later ones
+/// are only counted.
 pub const MAX_RECORDED_FRAMES: usize = 100_000;
 /// Payload bytes kept per connection and direction; later frames are only
 /// counted.
@@ -59,8 +60,7 @@ pub const MAX_PINGS: u64 = 100_000;
 pub const CLOSE_FRAME_WAIT: Duration = Duration::from_secs(10);
 
 /// What [`Behaviour::CloseFrame`] and [`Behaviour::MaskedFrames`] send
-/// first, and [`Behaviour::Garbage`]'s prefix: an RFB 3.8 greeting, as a
-/// WebMKS host's first message.
+/// first: an RFB 3.8 greeting, as a WebMKS host's first message.
 pub const GREETING: &[u8; 12] = b"RFB 003.008\n";
 /// The mask key of [`Behaviour::MaskedFrames`]'s frames.
 pub const SERVER_MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
@@ -73,7 +73,7 @@ pub const GARBAGE_RANDOM_BYTES: usize = 256;
 pub const WRONG_SUBPROTOCOLS: [&str; 3] = ["vmware-vvc", "uint8utf8", "chat"];
 /// Reason of the close frame [`Behaviour::RelayTo`] sends when the VNC
 /// server ends the connection (code 1000), and when it cannot reach it
-/// (code 1011).
+/// (code 1011, [`RELAY_CONNECT_FAILED_REASON`]).
 pub const RELAY_CLOSED_REASON: &str = "vnc server closed";
 pub const RELAY_CONNECT_FAILED_REASON: &str = "vnc server unreachable";
 
@@ -300,7 +300,7 @@ impl UpgradeRequest {
 }
 
 /// One WebSocket frame as it was on the wire.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RawFrame {
     /// Milliseconds since the connection was accepted.
     pub at_ms: u64,
@@ -338,6 +338,33 @@ impl RawFrame {
 
     pub fn is_data(&self) -> bool {
         self.opcode <= OPCODE_BINARY
+    }
+}
+
+/// Bytes of a payload a frame's `Debug` shows.
+const DEBUG_PAYLOAD_BYTES: usize = 16;
+
+impl std::fmt::Debug for RawFrame {
+    /// One short line: a failing test's records stay readable.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let payload = self.payload();
+        let shown = &payload[..payload.len().min(DEBUG_PAYLOAD_BYTES)];
+        write!(
+            f,
+            "{}ms fin={} rsv={} op={} mask={:?} len={} payload={:02x?}{}",
+            self.at_ms,
+            self.fin as u8,
+            self.rsv,
+            self.opcode,
+            self.mask,
+            payload.len(),
+            shown,
+            if payload.len() > shown.len() {
+                "…"
+            } else {
+                ""
+            }
+        )
     }
 }
 
@@ -434,6 +461,78 @@ impl ConnectionRecord {
     pub fn ended(&self) -> bool {
         self.end.is_some()
     }
+
+    /// A few lines for failure messages: the upgrade, counts, the first
+    /// and last frames each way, closes, errors, the end.
+    pub fn summary(&self) -> String {
+        fn ends(frames: &[RawFrame]) -> String {
+            const SHOWN: usize = 4;
+            let mut v: Vec<String> = frames
+                .iter()
+                .take(SHOWN)
+                .map(|f| format!("{f:?}"))
+                .collect();
+            if frames.len() > 2 * SHOWN {
+                v.push(format!("… {} more …", frames.len() - 2 * SHOWN));
+            }
+            let tail = frames
+                .len()
+                .saturating_sub(SHOWN)
+                .max(SHOWN.min(frames.len()));
+            v.extend(frames[tail..].iter().map(|f| format!("{f:?}")));
+            v.join("\n      ")
+        }
+        let up = self.upgrade.as_ref().map_or("none".to_string(), |u| {
+            format!(
+                "{} {} protocol={:?} extensions={:?} origin={:?} host={:?}",
+                u.method, u.path, u.protocol, u.extensions, u.origin, u.host
+            )
+        });
+        format!(
+            "peer {:?}, tls error {:?}\n  upgrade {} -> {:?} protocol {:?}\n  \
+             received {} frames ({} payload bytes, {} not kept):\n      {}\n  \
+             sent {} frames ({} payload bytes, {} not kept):\n      {}\n  \
+             pings sent {}, pongs {}, pings received {}; close sent {:?}, received {:?}\n  \
+             upstream {} bytes, first mismatch {:?}; dropped {}; unframed {}\n  \
+             protocol errors {:?}; send error {:?}; end {:?} at {:?} ms",
+            self.peer,
+            self.tls_error,
+            up,
+            self.answered_status,
+            self.answered_protocol,
+            self.frames_received,
+            self.payload_bytes_received,
+            self.frames_not_kept,
+            ends(&self.frames),
+            self.frames_sent,
+            self.payload_bytes_sent,
+            self.sent_not_kept,
+            ends(&self.sent),
+            self.pings_sent.len(),
+            self.pongs.len(),
+            self.pings_received.len(),
+            self.close_sent,
+            self.close_received,
+            self.upstream_bytes,
+            self.upstream_first_mismatch,
+            self.messages_dropped,
+            self.unframed_bytes,
+            self.protocol_errors,
+            self.send_error,
+            self.end,
+            self.ended_at_ms,
+        )
+    }
+}
+
+/// Every record's summary, numbered.
+pub fn summaries(records: &[ConnectionRecord]) -> String {
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| format!("#{i}: {}", r.summary()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 // ---------------------------------------------------------------------------
@@ -574,9 +673,10 @@ impl WssBackend {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "{}timed out after {timeout:?} waiting for {what}; WSS backend ({:?}) records: {records:#?}",
+                    "{}timed out after {timeout:?} waiting for {what}; WSS backend ({:?}) records:\n{}",
                     ctx(),
-                    self.behaviour
+                    self.behaviour,
+                    summaries(&records)
                 );
             }
             thread::sleep(Duration::from_millis(5));
@@ -621,10 +721,10 @@ impl Drop for WssBackend {
         }
         if thread::panicking() {
             eprintln!(
-                "---- WSS backend {} ({:?}) records ----\n{:#?}",
+                "---- WSS backend {} ({:?}) records ----\n{}",
                 self.addr,
                 self.behaviour,
-                self.connections()
+                summaries(&self.connections())
             );
         }
     }
@@ -965,6 +1065,7 @@ fn serve_connection(
     shared: Arc<Shared>,
 ) {
     let started = Instant::now();
+    let _ = tcp.set_nonblocking(false);
     let end = match handshake_tls(&tcp, config, &record) {
         Some(tls) => {
             let link = Arc::new(Link {
