@@ -24,6 +24,8 @@ use super::qemu::{QemuBackend, QemuConfig};
 use super::static_targets::{StaticBackend, StaticConfig, StaticVmConfig};
 use super::vsphere::{VsphereBackend, VsphereConfig};
 
+/// Most `[[hypervisors]]` entries accepted.
+pub const MAX_HYPERVISORS: usize = 64;
 /// Id of the demo hypervisor added when none is configured.
 pub const DEMO_HYPERVISOR_ID: &str = "demo";
 /// Id of the demo console's VM.

@@ -12,7 +12,9 @@
 pub mod backend;
 pub mod cache;
 pub mod demo;
+pub mod fleet;
 pub mod model;
+pub mod operations;
 pub mod pool;
 pub mod qemu;
 pub mod queue;

@@ -190,6 +190,13 @@ pub enum HypervisorError {
     /// No VM with that id on this hypervisor (404 `vm_not_found`).
     #[error("no VM {0:?}")]
     VmNotFound(String),
+    /// No hypervisor with that id (404 `hypervisor_not_found`).
+    #[error("no hypervisor {0:?}")]
+    HypervisorNotFound(String),
+    /// A bare VM id that more than one hypervisor has (409
+    /// `vm_ambiguous`): the caller must say `hypervisor:vm`.
+    #[error("{0}")]
+    Ambiguous(String),
     /// The VM is not running, so it has no console or screen (409
     /// `vm_not_running`).
     #[error("VM {0:?} is not running")]
@@ -233,6 +240,8 @@ impl HypervisorError {
     pub fn code(&self) -> &'static str {
         match self {
             HypervisorError::VmNotFound(_) => "vm_not_found",
+            HypervisorError::HypervisorNotFound(_) => "hypervisor_not_found",
+            HypervisorError::Ambiguous(_) => "vm_ambiguous",
             HypervisorError::VmNotRunning(_) => "vm_not_running",
             HypervisorError::InvalidState(_) => "invalid_state",
             HypervisorError::Unreachable(_) => "hypervisor_unavailable",
@@ -249,8 +258,10 @@ impl HypervisorError {
     /// The HTTP status the REST API answers with.
     pub fn status(&self) -> u16 {
         match self {
-            HypervisorError::VmNotFound(_) => 404,
-            HypervisorError::VmNotRunning(_) | HypervisorError::InvalidState(_) => 409,
+            HypervisorError::VmNotFound(_) | HypervisorError::HypervisorNotFound(_) => 404,
+            HypervisorError::VmNotRunning(_)
+            | HypervisorError::InvalidState(_)
+            | HypervisorError::Ambiguous(_) => 409,
             HypervisorError::Unreachable(_) | HypervisorError::Busy(_) => 503,
             HypervisorError::Certificate(_)
             | HypervisorError::Auth(_)
@@ -264,6 +275,8 @@ impl HypervisorError {
     pub fn side(&self) -> Side {
         match self {
             HypervisorError::VmNotFound(_)
+            | HypervisorError::HypervisorNotFound(_)
+            | HypervisorError::Ambiguous(_)
             | HypervisorError::VmNotRunning(_)
             | HypervisorError::InvalidState(_)
             | HypervisorError::Unsupported(_) => Side::Caller,
