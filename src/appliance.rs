@@ -19,6 +19,11 @@ use consolegate::mailbox;
 use consolegate::plane::{ApplianceLink, DataPlane};
 use consolegate::ports::{self, PortPool, PortPoolConfig, PortRange, PortStore};
 
+/// The control plane's thread stack. Its futures (axum handlers awaiting
+/// hypervisor calls through queue and cache) nest deeply; 8 MiB, as a
+/// main thread gets, leaves room in debug builds too.
+const CONTROL_THREAD_STACK_BYTES: usize = 8 * 1024 * 1024;
+
 fn load(path: Option<&Path>) -> anyhow::Result<(ApplianceConfig, Source)> {
     let (mut cfg, source) = ApplianceConfig::load(path)?;
     cfg.apply_env(std::env::vars())?;
@@ -240,6 +245,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         let state = state.clone();
         std::thread::Builder::new()
             .name("cg-control".into())
+            .stack_size(CONTROL_THREAD_STACK_BYTES)
             .spawn(move || {
                 let r = control::serve(runtime, state.clone(), control_listener, events_rx, sd_rx);
                 if let Err(e) = &r {

@@ -719,7 +719,9 @@ impl ApplianceConfig {
             }
         }
         match toml::Value::Table(doc).try_into::<ApplianceConfig>() {
-            Ok(cfg) => {
+            Ok(mut cfg) => {
+                // Not serialised (secrets' paths), so not in `doc`: keep them.
+                cfg.hypervisors = std::mem::take(&mut self.hypervisors);
                 *self = cfg;
                 Ok(())
             }
@@ -1758,6 +1760,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(m.contains("larger than"), "{m}");
+    }
+
+    #[test]
+    fn hypervisors_survive_environment_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[[hypervisors]]\nkind = \"static\"\nid = \"lab\"\n\
+             vms = [{ id = \"a\", host = \"127.0.0.1\", port = 5900 }]\n",
+        )
+        .unwrap();
+        let (c, _) = ApplianceConfig::load_with_env(
+            Some(&p),
+            [("CONSOLEGATE_DATAPLANE_WORKERS".to_string(), "2".to_string())],
+        )
+        .unwrap();
+        assert_eq!(c.dataplane.workers, 2);
+        let ids: Vec<&str> = c.hypervisors.iter().map(|h| h.id()).collect();
+        assert_eq!(ids, ["lab"]);
     }
 
     #[test]

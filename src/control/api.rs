@@ -255,7 +255,8 @@ async fn metrics(State(state): State<Arc<ControlState>>, headers: HeaderMap) -> 
             return e.into_response();
         }
     }
-    let body = super::metrics_text::render(&state);
+    let fleet = state.fleet.stats().await;
+    let body = super::metrics_text::render(&state, &fleet);
     (
         [(
             header::CONTENT_TYPE,

@@ -12,6 +12,8 @@ use serde_json::json;
 
 use super::registry::State;
 use super::ControlState;
+use crate::hypervisor::cache::CacheStats;
+use crate::hypervisor::fleet::FleetStats;
 
 /// Reads one figure of a worker's report.
 type StatFn = fn(&crate::mailbox::WorkerStats) -> u64;
@@ -84,7 +86,7 @@ const RELAY_BUCKETS_US: &[u64] = &[
     50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000,
 ];
 
-pub fn render(state: &ControlState) -> String {
+pub fn render(state: &ControlState, fleet: &FleetStats) -> String {
     let mut o = Out(String::with_capacity(4096));
     let now = Instant::now();
     let stats = state
@@ -306,6 +308,7 @@ pub fn render(state: &ControlState) -> String {
             h.len(),
         );
     }
+    render_fleet(&mut o, fleet);
     o.single(
         "consolegate_uptime_seconds",
         "gauge",
@@ -313,6 +316,164 @@ pub fn render(state: &ControlState) -> String {
         now.duration_since(state.started).as_secs(),
     );
     o.0
+}
+
+/// The hypervisor layer: each hypervisor's reachability, API-session pool
+/// and call queue by lane, then the two caches.
+fn render_fleet(o: &mut Out, fleet: &FleetStats) {
+    o.help(
+        "consolegate_hypervisor_up",
+        "gauge",
+        "1 when the last call reached the hypervisor, 0 when it failed (absent before the first).",
+    );
+    for h in &fleet.hypervisors {
+        if let Some(up) = h.reachable {
+            o.line(
+                "consolegate_hypervisor_up",
+                &[("hypervisor", &h.id)],
+                u8::from(up),
+            );
+        }
+    }
+    o.help(
+        "consolegate_hypervisor_pool_connections",
+        "gauge",
+        "API sessions of a hypervisor's pool, by state.",
+    );
+    for h in &fleet.hypervisors {
+        let Some(p) = &h.pool else { continue };
+        for (state, n) in [
+            ("total", p.total_connections),
+            ("available", p.available_connections),
+            ("active", p.active_connections),
+            ("max", p.pool_size),
+        ] {
+            o.line(
+                "consolegate_hypervisor_pool_connections",
+                &[("hypervisor", &h.id), ("state", state)],
+                n,
+            );
+        }
+    }
+    o.help(
+        "consolegate_hypervisor_pool_events_total",
+        "counter",
+        "API sessions replaced as stale (reconnect) and failed logins or validations (error).",
+    );
+    for h in &fleet.hypervisors {
+        let Some(p) = &h.pool else { continue };
+        for (event, n) in [("reconnect", p.reconnects), ("error", p.errors)] {
+            o.line(
+                "consolegate_hypervisor_pool_events_total",
+                &[("hypervisor", &h.id), ("event", event)],
+                n,
+            );
+        }
+    }
+    o.help(
+        "consolegate_hypervisor_calls_running",
+        "gauge",
+        "Calls to a hypervisor in flight (bounded by max_concurrent).",
+    );
+    for h in &fleet.hypervisors {
+        o.line(
+            "consolegate_hypervisor_calls_running",
+            &[("hypervisor", &h.id)],
+            h.queue.running,
+        );
+    }
+    render_lanes(o, fleet);
+    render_cache(o, "vm_list", &fleet.vm_list_cache);
+    render_cache(o, "thumbnail", &fleet.thumbnail_cache);
+    o.single(
+        "consolegate_operations",
+        "gauge",
+        "Power operations remembered (running and finished).",
+        fleet.operations,
+    );
+}
+
+/// Per hypervisor and lane: waiting callers, outcomes, wait quantiles.
+fn render_lanes(o: &mut Out, fleet: &FleetStats) {
+    o.help(
+        "consolegate_queue_waiting",
+        "gauge",
+        "Callers waiting for a call slot, by hypervisor and lane.",
+    );
+    for h in &fleet.hypervisors {
+        for l in &h.queue.lanes {
+            o.line(
+                "consolegate_queue_waiting",
+                &[("hypervisor", &h.id), ("lane", l.lane.name())],
+                l.in_queue,
+            );
+        }
+    }
+    o.help(
+        "consolegate_queue_requests_total",
+        "counter",
+        "Callers by hypervisor, lane and outcome (requested, rejected when the lane was full, timed_out, abandoned).",
+    );
+    for h in &fleet.hypervisors {
+        for l in &h.queue.lanes {
+            for (outcome, n) in [
+                ("requested", l.total_requests),
+                ("rejected", l.rejected),
+                ("timed_out", l.timed_out),
+                ("abandoned", l.abandoned),
+            ] {
+                o.line(
+                    "consolegate_queue_requests_total",
+                    &[
+                        ("hypervisor", &h.id),
+                        ("lane", l.lane.name()),
+                        ("outcome", outcome),
+                    ],
+                    n,
+                );
+            }
+        }
+    }
+    o.help(
+        "consolegate_queue_wait_seconds",
+        "gauge",
+        "Wait for a call slot over the lane's recent callers (mean and p99).",
+    );
+    for h in &fleet.hypervisors {
+        for l in &h.queue.lanes {
+            for (stat, ms) in [("mean", l.avg_wait_ms), ("p99", l.p99_wait_ms)] {
+                o.line(
+                    "consolegate_queue_wait_seconds",
+                    &[
+                        ("hypervisor", &h.id),
+                        ("lane", l.lane.name()),
+                        ("stat", stat),
+                    ],
+                    format!("{:.6}", ms / 1000.0),
+                );
+            }
+        }
+    }
+}
+
+fn render_cache(o: &mut Out, cache: &str, c: &CacheStats) {
+    let name = format!("consolegate_cache_{cache}");
+    o.help(&format!("{name}_entries"), "gauge", "Entries kept.");
+    o.line(&format!("{name}_entries"), &[], c.entries);
+    o.help(&format!("{name}_bytes"), "gauge", "Bytes kept (weight).");
+    o.line(&format!("{name}_bytes"), &[], c.weight_bytes);
+    o.help(
+        &format!("{name}_lookups_total"),
+        "counter",
+        "Lookups by result: hit (answered from memory or a fetch in flight), fetch, fetch_error.",
+    );
+    for (result, n) in [
+        ("hit", c.hits),
+        ("fetch", c.fetches),
+        ("fetch_error", c.fetch_errors),
+    ] {
+        o.line(&format!("{name}_lookups_total"), &[("result", result)], n);
+    }
 }
 
 fn quantiles(h: &crate::metrics::LatencyUs) -> serde_json::Value {

@@ -148,12 +148,18 @@ pub enum Backend {
     Static(StaticBackend),
 }
 
+/// Calls the same method on whichever backend this is. Each call's future
+/// is boxed: the three backends' futures are large (a vSphere call holds
+/// its SOAP exchange), and nested inline in the fleet's, queue's and
+/// cache's futures they overflowed the control thread's stack (seen with a
+/// QEMU thumbnail in a debug build). One allocation per hypervisor call is
+/// nothing beside the call.
 macro_rules! dispatch {
     ($self:ident, $b:ident => $call:expr) => {
         match $self {
-            Backend::Vsphere($b) => $call,
-            Backend::Qemu($b) => $call,
-            Backend::Static($b) => $call,
+            Backend::Vsphere($b) => Box::pin(async move { $call }).await,
+            Backend::Qemu($b) => Box::pin(async move { $call }).await,
+            Backend::Static($b) => Box::pin(async move { $call }).await,
         }
     };
 }

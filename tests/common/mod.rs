@@ -2051,6 +2051,8 @@ pub struct ApplianceOptions {
     pub control_toml: String,
     /// How the process is launched (limits, FAILPOINTS).
     pub launch: Launch,
+    /// Whole sections appended at the end (`[[hypervisors]]`, `[cache]`…).
+    pub extra_toml: String,
 }
 
 /// The TOML of a test appliance: loopback listeners on port 0, one admin and
@@ -2118,6 +2120,7 @@ pub fn appliance_config_text(
         ));
     }
     t.push_str("\n\n[log]\nlevel = \"info\"\n");
+    t.push_str(&opts.extra_toml);
     t
 }
 
