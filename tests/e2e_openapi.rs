@@ -69,6 +69,48 @@ fn unreachable_answers() -> BTreeMap<(&'static str, &'static str, u16), &'static
             "no failpoint slows it (the same layer gives POST /api/v1/sessions its 504)",
         );
     }
+    // The hypervisor layer: this appliance has the demo hypervisor only,
+    // which never fails, is never off and has no power control.
+    for (path, method) in [
+        ("/api/v1/hypervisors", "get"),
+        ("/api/v1/vms", "get"),
+        ("/api/v1/vms/{vm}", "get"),
+        ("/api/v1/vms/{vm}/thumbnail", "get"),
+        ("/api/v1/vms/{vm}/console", "post"),
+        ("/api/v1/vms/{vm}/power", "post"),
+        ("/api/v1/operations/{id}", "get"),
+        ("/api/v1/queue/stats", "get"),
+    ] {
+        m.insert(
+            (path, method, 504),
+            "needs a hung hypervisor; tests/e2e_hypervisors.rs and the queue's unit tests time calls out",
+        );
+    }
+    for (path, method, status) in [
+        ("/api/v1/vms", "get", 503),
+        ("/api/v1/vms/{vm}", "get", 409),
+        ("/api/v1/vms/{vm}", "get", 502),
+        ("/api/v1/vms/{vm}", "get", 503),
+        ("/api/v1/vms/{vm}/thumbnail", "get", 409),
+        ("/api/v1/vms/{vm}/thumbnail", "get", 501),
+        ("/api/v1/vms/{vm}/thumbnail", "get", 502),
+        ("/api/v1/vms/{vm}/thumbnail", "get", 503),
+        ("/api/v1/vms/{vm}/console", "post", 409),
+        ("/api/v1/vms/{vm}/console", "post", 422),
+        ("/api/v1/vms/{vm}/console", "post", 500),
+        ("/api/v1/vms/{vm}/console", "post", 502),
+        ("/api/v1/vms/{vm}/power", "post", 202),
+        ("/api/v1/vms/{vm}/power", "post", 409),
+        ("/api/v1/vms/{vm}/power", "post", 502),
+        ("/api/v1/vms/{vm}/power", "post", 503),
+        ("/api/v1/operations/{id}", "get", 200),
+    ] {
+        m.insert(
+            (path, method, status),
+            "the demo hypervisor cannot give it (ambiguous ids, VMs off, power, a failing or unreachable hypervisor): \
+             tests/e2e_hypervisors.rs gets it from vcsim and QEMU",
+        );
+    }
     m
 }
 
@@ -429,6 +471,7 @@ fn responses_match_the_openapi_document(io: &str) {
     let ids = sessions(&mut ck, &app, &echo);
     records(&mut ck, &app, &ids);
     pool_and_stats(&mut ck);
+    hypervisors(&mut ck);
     undocumented_routes_answer_json_errors(&mut ck);
     readyz_with_stuck_workers(&mut ck, &app);
     draining(&mut ck, &mut app, ids.live);
@@ -805,6 +848,196 @@ fn pool_and_stats(ck: &mut Checker) {
     }
 }
 
+/// The hypervisor layer, on the demo hypervisor (`demo:demo`).
+fn hypervisors(ck: &mut Checker) {
+    for path in ["/api/v1/hypervisors", "/api/v1/vms", "/api/v1/queue/stats"] {
+        ck.expect(200, "GET", path, path, Some(READ_TOKEN), None);
+        ck.expect(401, "GET", path, path, None, None);
+        ck.head_too_large("GET", path, path);
+    }
+    let vms = "/api/v1/vms";
+    ck.expect(
+        400,
+        "GET",
+        vms,
+        "/api/v1/vms?colour=red",
+        Some(READ_TOKEN),
+        None,
+    )
+    .assert_api_error(400, "bad_query", "an unknown parameter");
+    ck.expect(
+        404,
+        "GET",
+        vms,
+        "/api/v1/vms?hypervisor=nohv",
+        Some(READ_TOKEN),
+        None,
+    )
+    .assert_api_error(404, "hypervisor_not_found", "an unknown hypervisor");
+
+    let vm = "/api/v1/vms/{vm}";
+    let listed = ck.expect(
+        200,
+        "GET",
+        vm,
+        "/api/v1/vms/demo:demo",
+        Some(READ_TOKEN),
+        None,
+    );
+    assert_eq!(listed.json()["hypervisor"], "demo", "{}{listed:?}", ctx());
+    ck.expect(200, "GET", vm, "/api/v1/vms/demo", Some(READ_TOKEN), None);
+    ck.expect(401, "GET", vm, "/api/v1/vms/demo:demo", None, None);
+    ck.expect(
+        404,
+        "GET",
+        vm,
+        "/api/v1/vms/demo:nope",
+        Some(READ_TOKEN),
+        None,
+    )
+    .assert_api_error(404, "vm_not_found", "an unknown VM");
+    ck.head_too_large("GET", vm, "/api/v1/vms/demo:demo");
+
+    thumbnails(ck);
+    consoles(ck);
+
+    let power = "/api/v1/vms/{vm}/power";
+    let path = "/api/v1/vms/demo:demo/power";
+    let on = json!({"action": "on"}).to_string();
+    ck.expect(501, "POST", power, path, Some(ADMIN_TOKEN), Some(&on))
+        .assert_api_error(501, "unsupported", "power on the demo");
+    ck.expect(401, "POST", power, path, None, Some(&on));
+    ck.expect(403, "POST", power, path, Some(READ_TOKEN), Some(&on));
+    ck.expect(
+        404,
+        "POST",
+        power,
+        "/api/v1/vms/demo:nope/power",
+        Some(ADMIN_TOKEN),
+        Some(&on),
+    );
+    ck.expect(
+        400,
+        "POST",
+        power,
+        path,
+        Some(ADMIN_TOKEN),
+        Some(r#"{"action":"explode"}"#),
+    )
+    .assert_api_error(400, "bad_request", "an unknown action");
+    let big = format!(
+        r#"{{"action":"on","x":"{}"}}"#,
+        "a".repeat(BIG_HEADER_BYTES)
+    );
+    ck.expect(413, "POST", power, path, Some(ADMIN_TOKEN), Some(&big));
+    ck.head_too_large("POST", power, path);
+
+    let op = "/api/v1/operations/{id}";
+    ck.expect(
+        404,
+        "GET",
+        op,
+        "/api/v1/operations/op-999",
+        Some(READ_TOKEN),
+        None,
+    )
+    .assert_api_error(404, "operation_not_found", "an unknown operation");
+    ck.expect(401, "GET", op, "/api/v1/operations/op-1", None, None);
+    ck.head_too_large("GET", op, "/api/v1/operations/op-1");
+}
+
+/// Thumbnails of the demo: a PNG with an ETag, 304 for that ETag.
+fn thumbnails(ck: &mut Checker) {
+    let t = "/api/v1/vms/{vm}/thumbnail";
+    let path = "/api/v1/vms/demo:demo/thumbnail?width=64&height=48";
+    let r = ck.expect(200, "GET", t, path, Some(READ_TOKEN), None);
+    let etag = r.header("ETag").expect("an ETag");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {READ_TOKEN}\r\nIf-None-Match: {etag}\r\n\r\n"
+    );
+    let r = http_raw(ck.control, request.as_bytes()).expect("a 304");
+    assert_eq!(r.status, 304, "{}{r:?}", ctx());
+    ck.check("GET", t, path, &r);
+    ck.expect(
+        400,
+        "GET",
+        t,
+        "/api/v1/vms/demo:demo/thumbnail?width=0",
+        Some(READ_TOKEN),
+        None,
+    )
+    .assert_api_error(400, "bad_thumbnail_size", "width 0");
+    ck.expect(
+        400,
+        "GET",
+        t,
+        "/api/v1/vms/demo:demo/thumbnail?depth=3",
+        Some(READ_TOKEN),
+        None,
+    )
+    .assert_api_error(400, "bad_query", "an unknown parameter");
+    ck.expect(401, "GET", t, path, None, None);
+    ck.expect(
+        404,
+        "GET",
+        t,
+        "/api/v1/vms/demo:nope/thumbnail",
+        Some(READ_TOKEN),
+        None,
+    );
+    ck.head_too_large("GET", t, path);
+}
+
+/// Consoles by VM: created (a session with `vm_id`), refused bodies, the
+/// user cap (`max_sessions_per_user = 2` here).
+fn consoles(ck: &mut Checker) {
+    let c = "/api/v1/vms/{vm}/console";
+    let path = "/api/v1/vms/demo:demo/console";
+    let body = |user: &str| json!({"user": user}).to_string();
+    for _ in 0..2 {
+        let r = ck.expect(
+            201,
+            "POST",
+            c,
+            path,
+            Some(ADMIN_TOKEN),
+            Some(&body("hv-user")),
+        );
+        assert_eq!(r.json()["vm_id"], "demo:demo", "{}{r:?}", ctx());
+    }
+    ck.expect(
+        429,
+        "POST",
+        c,
+        path,
+        Some(ADMIN_TOKEN),
+        Some(&body("hv-user")),
+    );
+    ck.expect(401, "POST", c, path, None, Some(&body("a")));
+    ck.expect(403, "POST", c, path, Some(READ_TOKEN), Some(&body("a")));
+    ck.expect(
+        404,
+        "POST",
+        c,
+        "/api/v1/vms/demo:nope/console",
+        Some(ADMIN_TOKEN),
+        Some(&body("a")),
+    )
+    .assert_api_error(404, "vm_not_found", "a console of an unknown VM");
+    ck.expect(
+        400,
+        "POST",
+        c,
+        path,
+        Some(ADMIN_TOKEN),
+        Some(r#"{"user":"a","target":{}}"#),
+    )
+    .assert_api_error(400, "bad_request", "a target given to a console by VM");
+    let big = format!(r#"{{"user":"{}"}}"#, "a".repeat(BIG_HEADER_BYTES));
+    ck.expect(413, "POST", c, path, Some(ADMIN_TOKEN), Some(&big));
+    ck.head_too_large("POST", c, path);
+}
+
 /// An unknown path and a method a path does not take: the JSON error shape
 /// the document's description promises (not part of any operation).
 fn undocumented_routes_answer_json_errors(ck: &mut Checker) {
@@ -857,6 +1090,16 @@ fn draining(ck: &mut Checker, app: &mut Appliance, live: PlainClient) {
         Some(&body),
     )
     .assert_api_error(503, "draining", "POST while draining");
+    let console = "/api/v1/vms/{vm}/console";
+    ck.expect(
+        503,
+        "POST",
+        console,
+        "/api/v1/vms/demo:demo/console",
+        Some(ADMIN_TOKEN),
+        Some(&json!({"user": "late"}).to_string()),
+    )
+    .assert_api_error(503, "draining", "a console by VM while draining");
     // The last session goes: the workers need not wait out the grace.
     drop(live);
     let status = app.wait_exit(Duration::from_secs(15));

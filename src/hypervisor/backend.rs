@@ -225,6 +225,12 @@ impl Backend {
         }
     }
 
+    /// Whether power actions can work at all (static VNC targets, the demo
+    /// included, have none).
+    pub fn has_power_control(&self) -> bool {
+        !matches!(self, Backend::Static(_))
+    }
+
     /// Power-state changes the hypervisor pushes (QEMU's QMP events).
     pub fn subscribe(&self) -> Option<broadcast::Receiver<VmStatusChange>> {
         match self {

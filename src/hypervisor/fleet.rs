@@ -578,6 +578,15 @@ impl Fleet {
     pub async fn power(self: &Arc<Self>, vm: &str, action: PowerAction) -> HvResult<OperationView> {
         let found = self.resolve(vm, Lane::High).await?;
         let member = self.member(&found).clone();
+        if !member.backend.has_power_control() {
+            // Known before any call: refused now rather than as a failed
+            // operation (an unknown VM still answers not found).
+            self.describe(&found.id).await?;
+            return Err(HypervisorError::Unsupported(format!(
+                "hypervisor {} ({}) has no power control",
+                member.id, member.kind
+            )));
+        }
         let op = self.operations.create(&found.id, &member.id, action)?;
         let fleet = self.clone();
         let id = op.id.clone();
