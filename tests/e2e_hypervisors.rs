@@ -14,17 +14,26 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
 use std::time::Duration;
 
 use common::qemu::{Qemu, QemuOptions};
 use common::vcsim::{Vcsim, VcsimOptions, USERNAME, VMS};
 use common::{
-    ctx, rfb_framebuffer, rfb_handshake_none, wait_until, ws_connect, Appliance, ApplianceOptions,
-    CreatedSession, HttpResponse, Xvnc, XvncOptions, ADMIN_TOKEN, READ_TOKEN,
+    browser_prerequisites, ctx, rfb_framebuffer, rfb_handshake_none, run_novnc, wait_until,
+    ws_connect, Appliance, ApplianceOptions, BrowserRun, CreatedSession, HttpResponse, Xvnc,
+    XvncOptions, ADMIN_TOKEN, NOVNC, READ_TOKEN,
 };
 use serde_json::{json, Value};
 
-backend_tests!(vsphere_consoles_power_and_recovery, qemu_consoles_and_power);
+backend_tests!(
+    vsphere_consoles_power_and_recovery,
+    qemu_consoles_and_power,
+    novnc_console_beside_thumbnails,
+);
 
 /// How long a state change may take to show through the API.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -444,5 +453,83 @@ fn qemu_consoles_and_power(io: &str) {
         404,
         "vm_not_found",
         "unknown VM",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// A live noVNC console while thumbnails of its VNC server are taken
+// ---------------------------------------------------------------------------
+
+/// noVNC in headless Chromium shows an Xvnc's test card through a console
+/// opened by VM (a static hypervisor), while another thread takes
+/// thumbnails of that same Xvnc (each a size of its own, so each is a real
+/// RFB snapshot, not a cache hit): the picture arrives whole, the session
+/// ends as the browser closes it, and every thumbnail succeeds.
+fn novnc_console_beside_thumbnails(io: &str) {
+    let node = browser_prerequisites();
+    let xvnc = Xvnc::start_with(XvncOptions {
+        width: 640,
+        height: 480,
+        password: None,
+    });
+    let card = xvnc.draw_test_card();
+    let extra = format!(
+        "\n[[hypervisors]]\nkind = \"static\"\nid = \"lab\"\n\
+         vms = [{{ id = \"x1\", name = \"build box\", host = \"127.0.0.1\", port = {} }}]\n",
+        xvnc.port
+    );
+    let app = Appliance::start(
+        io,
+        ApplianceOptions {
+            web_dir: Some(PathBuf::from(NOVNC)),
+            sessions_toml: "ticket_ttl_ms = 600000\n".into(),
+            extra_toml: extra,
+            ..ApplianceOptions::default()
+        },
+    );
+    let session = open_console(&app, "lab:x1");
+    let stop = Arc::new(AtomicBool::new(false));
+    let control = app.control;
+    let snapshots = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut taken = Vec::new();
+            let mut width = 64;
+            while !stop.load(Ordering::Relaxed) && width < 64 + 500 {
+                let path = format!("/api/v1/vms/lab:x1/thumbnail?width={width}&height=480");
+                let (status, head, body) = get_bytes(control, &path, &[]);
+                taken.push((width, status, head, body.len()));
+                width += 1;
+            }
+            taken
+        })
+    };
+    let run = run_novnc(
+        &node,
+        &format!("http://{}", app.console),
+        &format!("novnc-beside-thumbnails-{io}"),
+        &[BrowserRun::new("none", &card).path(&session.path)],
+    );
+    stop.store(true, Ordering::Relaxed);
+    let taken = snapshots.join().expect("the thumbnail thread");
+    assert!(
+        taken.len() >= 2,
+        "{}only {} thumbnails taken during the browser run ({})",
+        ctx(),
+        taken.len(),
+        run.output
+    );
+    for (width, status, head, bytes) in &taken {
+        assert!(
+            *status == 200 && *bytes > 0,
+            "{}thumbnail at width {width} beside a live console: {head}",
+            ctx()
+        );
+    }
+    let record = app.wait_state(&session.id, "closed", DEADLINE);
+    assert!(
+        record["bytes_backend_to_browser"].as_u64() > Some(400),
+        "{}the console carried (almost) nothing: {record}",
+        ctx()
     );
 }
