@@ -779,12 +779,22 @@ fn relaying_base64_after_3000_bytes(ctx: &mut WorkerCtx, now: Instant) -> Sessio
 /// An appliance worker context with one admitted session (id 0xabc, ticket
 /// of 32 bytes of 7) and the receiving end of its report queue.
 fn appliance_ctx(now: Instant) -> (WorkerCtx, Arc<Admission>, crate::mailbox::Inbox<FromWorker>) {
+    appliance_ctx_with(now, None, None)
+}
+
+/// [`appliance_ctx`] whose backend has a VNC `password` (the appliance
+/// does the RFB security phase), with browser-facing `tls`.
+fn appliance_ctx_with(
+    now: Instant,
+    password: Option<&str>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> (WorkerCtx, Arc<Admission>, crate::mailbox::Inbox<FromWorker>) {
     use crate::dataplane::router::AdmissionTable;
     let cfg = cfg_with(|c| c.target = TargetConfig::Appliance);
     let a = Arc::new(Admission::new(
         0xabc,
         vec![7u8; 32],
-        crate::mailbox::Target::vnc("127.0.0.1:5900".parse().unwrap(), None),
+        crate::mailbox::Target::vnc("127.0.0.1:5900".parse().unwrap(), password.map(Into::into)),
         "alice".into(),
         now + Duration::from_secs(60),
         None,
@@ -793,17 +803,21 @@ fn appliance_ctx(now: Instant) -> (WorkerCtx, Arc<Admission>, crate::mailbox::In
     ));
     let mut table = AdmissionTable::default();
     table.insert(a.clone());
-    let mut ctx = WorkerCtx::new(cfg, 0, Router::Appliance(table), None, None);
+    let mut ctx = WorkerCtx::new(cfg, 0, Router::Appliance(table), None, tls);
     let (tx, rx) = crate::mailbox::channel(16).unwrap();
     ctx.events = Some(tx);
     (ctx, a, rx)
 }
 
 fn appliance_request(id: &str, ticket: &[u8]) -> Vec<u8> {
+    appliance_request_with(id, ticket, "")
+}
+
+fn appliance_request_with(id: &str, ticket: &[u8], extra: &str) -> Vec<u8> {
     let token = crate::dataplane::router::base64_url(ticket);
     format!(
         "GET /proxy/{id}?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     )
     .into_bytes()
 }
@@ -928,4 +942,171 @@ fn handshaking_connections_are_capped_and_their_slots_come_back() {
     drop(b);
     drop(c);
     assert_eq!(ctx.handshakes.current(), 0);
+}
+
+// ---- found by the seeded simulation (src/dataplane/sim) ---------------------
+
+/// With the base64 subprotocol the appliance's own RFB answers to browser
+/// input (the security types after the browser's version) must reach the
+/// browser: they were once framed from the worker's scratch buffer while
+/// it held the decoded input, and went out as empty text frames.
+#[test]
+fn rfb_answers_reach_a_base64_browser() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let now = Instant::now();
+    let (mut ctx, _a, _rx) = appliance_ctx_with(now, Some("s3cret"), None);
+    let mut s = Session::new(1, &ctx, now, None, None);
+    let req = appliance_request_with("abc", &[7u8; 32], "Sec-WebSocket-Protocol: base64\r\n");
+    s.on_browser_data(&mut ctx, &req, now);
+    let out = drain_browser(&mut s, &mut ctx, now);
+    let at = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let greeting = server_frames(&out[at..]);
+    assert_eq!(
+        greeting,
+        vec![(1, b64.encode(b"RFB 003.008\n").into_bytes())]
+    );
+    assert!(s.take_connect().is_some());
+    s.on_backend_connected(&mut ctx, now);
+    let version = b64.encode(b"RFB 003.008\n");
+    s.on_browser_data(&mut ctx, &frame(Opcode::Text, version.as_bytes()), now);
+    let answer = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(
+        answer,
+        vec![(1, b64.encode([1u8, 1]).into_bytes())],
+        "the security types"
+    );
+}
+
+/// A browser on wss: a rustls client talking to the session in memory.
+struct TlsBrowser {
+    conn: rustls::ClientConnection,
+}
+
+/// A self-signed server config for the session and a client trusting it.
+fn tls_pair() -> (Arc<rustls::ServerConfig>, TlsBrowser) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+    (Arc::new(server), TlsBrowser { conn })
+}
+
+impl TlsBrowser {
+    /// Send `plain` (after the handshake, which this drives), and return
+    /// the plaintext the session sent back.
+    fn exchange(
+        &mut self,
+        s: &mut Session,
+        ctx: &mut WorkerCtx,
+        plain: &[u8],
+        now: Instant,
+    ) -> Vec<u8> {
+        use std::io::{Read as _, Write as _};
+        self.conn.writer().write_all(plain).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while self.conn.wants_write() {
+                self.conn.write_tls(&mut wire).unwrap();
+            }
+            s.on_browser_data(ctx, &wire, now);
+            let back = drain_browser(s, ctx, now);
+            if !back.is_empty() {
+                // (An empty read would tell rustls the stream ended.)
+                self.conn.read_tls(&mut back.as_slice()).unwrap();
+                self.conn.process_new_packets().unwrap();
+            }
+            let mut buf = Vec::new();
+            match self.conn.reader().read_to_end(&mut buf) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            got.extend_from_slice(&buf);
+            if wire.is_empty() && back.is_empty() {
+                break;
+            }
+        }
+        got
+    }
+}
+
+/// wss: browser frames are decoded while the TLS plaintext is held; where
+/// the decoder writes for the appliance's own use (the RFB security phase,
+/// data discarded while closing) it must have its own room. Once it did
+/// not: the browser's RFB messages were never read (the VNC handshake
+/// timed out), and a close frame behind data went unseen until the close
+/// timeout.
+#[test]
+fn wss_browser_frames_reach_the_rfb_phase_and_the_closing_handshake() {
+    let now = Instant::now();
+    let (server, mut browser) = tls_pair();
+    let (mut ctx, _a, _rx) = appliance_ctx_with(now, Some("s3cret"), Some(server));
+    let mut s = Session::new(1, &ctx, now, None, None);
+    let out = browser.exchange(&mut s, &mut ctx, &appliance_request("abc", &[7u8; 32]), now);
+    assert!(
+        out.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(s.take_connect().is_some());
+    s.on_backend_connected(&mut ctx, now);
+    let answer = browser.exchange(
+        &mut s,
+        &mut ctx,
+        &frame(Opcode::Binary, b"RFB 003.008\n"),
+        now,
+    );
+    assert_eq!(
+        server_frames(&answer),
+        vec![(2, vec![1u8, 1])],
+        "the security types"
+    );
+    // Closing: a data frame, then the browser's close, in one record.
+    s.on_drain(&mut ctx, now);
+    let mut bytes = frame(Opcode::Binary, b"late data");
+    bytes.extend(frame(Opcode::Close, &1001u16.to_be_bytes()));
+    browser.exchange(&mut s, &mut ctx, &bytes, now);
+    assert!(
+        s.is_done(),
+        "the close behind data was not seen: {:?}",
+        s.phase()
+    );
+}
+
+/// On a TLS-enabled port, a connection that sent nothing before the
+/// handshake timeout must be closed without a word: a plain-text "HTTP/1.1
+/// 408" is a corrupt record to a TLS client, and `--ssl-only` promises no
+/// plain text at all.
+#[test]
+fn a_silent_connection_on_a_tls_port_gets_no_plain_text() {
+    let now = Instant::now();
+    let (server, _browser) = tls_pair();
+    let (mut ctx, _a, _rx) = appliance_ctx_with(now, None, Some(server));
+    let mut s = Session::new(1, &ctx, now, None, None);
+    assert_eq!(s.phase(), Phase::Sniff);
+    let late = now + Duration::from_millis(ctx.cfg.limits.handshake_timeout_ms + 1);
+    s.on_tick(&mut ctx, late);
+    assert_eq!(
+        s.browser_pending_len(),
+        0,
+        "{:?}",
+        String::from_utf8_lossy(s.browser_pending())
+    );
+    assert!(s.is_done());
 }
