@@ -946,6 +946,25 @@ fn handshaking_connections_are_capped_and_their_slots_come_back() {
 
 // ---- found by the seeded simulation (src/dataplane/sim) ---------------------
 
+/// The appliance's own RFB greeting to the browser is not relayed backend
+/// bytes: not in `bytes_down`, the relay metric or the Closed report
+/// (like its other RFB messages).
+#[test]
+fn the_rfb_greeting_is_not_counted_as_relayed() {
+    let now = Instant::now();
+    let (mut ctx, _a, _rx) = appliance_ctx_with(now, Some("s3cret"), None);
+    let mut s = Session::new(1, &ctx, now, None, None);
+    s.on_browser_data(&mut ctx, &appliance_request("abc", &[7u8; 32]), now);
+    let out = drain_browser(&mut s, &mut ctx, now);
+    let at = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(
+        server_frames(&out[at..]),
+        vec![(2, b"RFB 003.008\n".to_vec())]
+    );
+    assert_eq!(s.bytes_down, 0, "the greeting is ours, not the backend's");
+    assert_eq!(ctx.metrics.bytes_backend_to_browser, 0);
+}
+
 /// With the base64 subprotocol the appliance's own RFB answers to browser
 /// input (the security types after the browser's version) must reach the
 /// browser: they were once framed from the worker's scratch buffer while
