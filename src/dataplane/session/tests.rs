@@ -946,6 +946,35 @@ fn handshaking_connections_are_capped_and_their_slots_come_back() {
 
 // ---- found by the seeded simulation (src/dataplane/sim) ---------------------
 
+/// A browser that stops reading while its queue is full, with heartbeats
+/// on and no idle timeout, must not get a ping queued on every beat: its
+/// queue would grow past `buffer_bytes` plus one read without end (13
+/// bytes per beat).
+#[test]
+fn heartbeats_do_not_grow_a_queue_the_browser_is_not_taking() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|c| c.limits.heartbeat_ms = 10);
+    let mut s = relaying(&mut ctx, now);
+    while s.want_backend_read(&ctx) {
+        let n = s.backend_read_limit(&ctx);
+        s.on_backend_data(&mut ctx, &vec![7u8; n], now);
+    }
+    let full = s.browser_pending_len();
+    for beat in 1..=1000u64 {
+        s.on_tick(&mut ctx, now + Duration::from_millis(10 * beat));
+    }
+    assert_eq!(
+        s.browser_pending_len(),
+        full,
+        "pings piled up behind unread bytes"
+    );
+    // Once the browser took everything, the heartbeat resumes.
+    drain_browser(&mut s, &mut ctx, now);
+    s.on_tick(&mut ctx, now + Duration::from_millis(10 * 1001));
+    let f = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(f, vec![(9, b"consolegate".to_vec())]);
+}
+
 /// The appliance's own RFB greeting to the browser is not relayed backend
 /// bytes: not in `bytes_down`, the relay metric or the Closed report
 /// (like its other RFB messages).
