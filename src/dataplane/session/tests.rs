@@ -789,12 +789,23 @@ fn appliance_ctx_with(
     password: Option<&str>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> (WorkerCtx, Arc<Admission>, crate::mailbox::Inbox<FromWorker>) {
+    let target =
+        crate::mailbox::Target::vnc("127.0.0.1:5900".parse().unwrap(), password.map(Into::into));
+    appliance_ctx_for(now, target, tls)
+}
+
+/// [`appliance_ctx`] whose admission names `target`.
+fn appliance_ctx_for(
+    now: Instant,
+    target: crate::mailbox::Target,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> (WorkerCtx, Arc<Admission>, crate::mailbox::Inbox<FromWorker>) {
     use crate::dataplane::router::AdmissionTable;
     let cfg = cfg_with(|c| c.target = TargetConfig::Appliance);
     let a = Arc::new(Admission::new(
         0xabc,
         vec![7u8; 32],
-        crate::mailbox::Target::vnc("127.0.0.1:5900".parse().unwrap(), password.map(Into::into)),
+        target,
         "alice".into(),
         now + Duration::from_secs(60),
         None,
@@ -1157,4 +1168,45 @@ fn a_silent_connection_on_a_tls_port_gets_no_plain_text() {
         String::from_utf8_lossy(s.browser_pending())
     );
     assert!(s.is_done());
+}
+
+/// An upgrade refused after the route claimed the ticket (here: a browser
+/// offering only base64 to a VMware console, whose frames pass through as
+/// binary) settles the admission: CLOSED, a Closed report, its dedicated
+/// port freed. Left CLAIMED, the control plane would count the session
+/// open for good (a claimed admission is open, and never expires), holding
+/// a slot of `max_sessions` and of the user's cap, and the port.
+#[test]
+fn an_upgrade_refused_after_the_claim_settles_the_admission() {
+    use crate::mailbox::{ticket_state, Target, TargetKind, WebMksTarget};
+    let now = Instant::now();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let url = crate::protocol::http_upgrade::WsUrl::parse("wss://esxi.example/ticket/t").unwrap();
+    let target = Target {
+        addr: "127.0.0.1:443".parse().unwrap(),
+        kind: TargetKind::WebMks(Arc::new(WebMksTarget::new(url, Arc::new(tls)).unwrap())),
+    };
+    let (mut ctx, a, mut rx) = appliance_ctx_for(now, target, None);
+    let mut s = Session::new(1, &ctx, now, None, Some(a.clone()));
+    let req = appliance_request_with("abc", &[7u8; 32], "Sec-WebSocket-Protocol: base64\r\n");
+    s.on_browser_data(&mut ctx, &req, now);
+    let resp = drain_browser(&mut s, &mut ctx, now);
+    assert!(
+        resp.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+    assert!(s.is_done());
+    assert_eq!(a.state(), ticket_state::CLOSED, "the ticket was left claimed");
+    let closed: Vec<_> = reports(&mut rx)
+        .into_iter()
+        .filter(|r| matches!(r, FromWorker::Closed { id: 0xabc, code: None, .. }))
+        .collect();
+    assert_eq!(closed.len(), 1, "one Closed report");
+    assert_eq!(ctx.ended_bound, vec![0xabc], "the dedicated port is freed");
 }
