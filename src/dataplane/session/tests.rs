@@ -1210,3 +1210,142 @@ fn an_upgrade_refused_after_the_claim_settles_the_admission() {
     assert_eq!(closed.len(), 1, "one Closed report");
     assert_eq!(ctx.ended_bound, vec![0xabc], "the dedicated port is freed");
 }
+
+/// A VMware host in memory for WebMKS tests: its TLS server and the
+/// client config (trusting it) for the admission's target.
+fn webmks_host() -> (rustls::ServerConnection, crate::mailbox::Target) {
+    use crate::mailbox::{Target, TargetKind, WebMksTarget};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["esxi.example".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key_der)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let url = crate::protocol::http_upgrade::WsUrl::parse("wss://esxi.example/ticket/t").unwrap();
+    let target = Target {
+        addr: "127.0.0.1:443".parse().unwrap(),
+        kind: TargetKind::WebMks(Arc::new(WebMksTarget::new(url, Arc::new(client)).unwrap())),
+    };
+    let conn = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+    (conn, target)
+}
+
+/// Move TLS records between the session and `host` until neither has
+/// more; returns the plaintext the host received.
+fn pump_webmks(
+    s: &mut Session,
+    ctx: &mut WorkerCtx,
+    host: &mut rustls::ServerConnection,
+    now: Instant,
+) -> Vec<u8> {
+    use std::io::Read as _;
+    let mut plain = Vec::new();
+    for _ in 0..100 {
+        let up = drain_backend(s, ctx);
+        let mut rest = &up[..];
+        while !rest.is_empty() {
+            host.read_tls(&mut rest).unwrap();
+            host.process_new_packets().unwrap();
+        }
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = host.reader().read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            plain.extend_from_slice(&buf[..n]);
+        }
+        let mut down = Vec::new();
+        while host.wants_write() {
+            host.write_tls(&mut down).unwrap();
+        }
+        if up.is_empty() && down.is_empty() {
+            break;
+        }
+        s.on_backend_data(ctx, &down, now);
+    }
+    plain
+}
+
+/// Frames a browser sends right behind its upgrade request, more than
+/// `max_request_bytes` of them, reach the VMware host whole once its
+/// upgrade is done (they were cut at `max_request_bytes` and the rest
+/// dropped: the host read a corrupt stream).
+#[test]
+fn webmks_frames_behind_the_request_reach_the_host_whole() {
+    use std::io::Write as _;
+    let now = Instant::now();
+    let (mut host, target) = webmks_host();
+    let (mut ctx, _a, _rx) = appliance_ctx_for(now, target, None);
+    let mut ctx_limits = (*ctx.cfg).clone();
+    ctx_limits.limits.max_request_bytes = 512;
+    ctx.cfg = Arc::new(ctx_limits);
+    let mut s = Session::new(1, &ctx, now, None, None);
+    let early = frame(Opcode::Binary, &[0x42; 2000]);
+    let mut input = appliance_request_with("abc", &[7u8; 32], "Sec-WebSocket-Protocol: binary\r\n");
+    input.extend_from_slice(&early);
+    s.on_browser_data(&mut ctx, &input, now);
+    assert!(drain_browser(&mut s, &mut ctx, now).starts_with(b"HTTP/1.1 101"));
+    assert!(s.take_connect().is_some());
+    s.on_backend_connected(&mut ctx, now);
+    let request = pump_webmks(&mut s, &mut ctx, &mut host, now);
+    let head = String::from_utf8_lossy(&request).into_owned();
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .expect("the upgrade request")
+        .to_string();
+    let mut answer = Vec::new();
+    crate::protocol::http_upgrade::write_upgrade_response(&mut answer, &key, Some("binary"));
+    host.writer().write_all(&answer).unwrap();
+    let mut down = Vec::new();
+    while host.wants_write() {
+        host.write_tls(&mut down).unwrap();
+    }
+    s.on_backend_data(&mut ctx, &down, now);
+    let relayed = pump_webmks(&mut s, &mut ctx, &mut host, now);
+    assert_eq!(relayed.len(), early.len(), "the early frames were cut");
+    assert_eq!(relayed, early);
+}
+
+/// A WebMKS relay that closes before its backend's upgrade is done reads
+/// the browser again: its frames are dropped (not held without end) and
+/// its close frame ends the closing handshake (it was never seen, so the
+/// session waited for its close timer).
+#[test]
+fn a_webmks_relay_closing_before_its_upgrade_reads_the_browser_close() {
+    let now = Instant::now();
+    let (_host, target) = webmks_host();
+    let (mut ctx, _a, _rx) = appliance_ctx_for(now, target, None);
+    let mut s = Session::new(1, &ctx, now, None, None);
+    let req = appliance_request_with("abc", &[7u8; 32], "Sec-WebSocket-Protocol: binary\r\n");
+    s.on_browser_data(&mut ctx, &req, now);
+    assert!(drain_browser(&mut s, &mut ctx, now).starts_with(b"HTTP/1.1 101"));
+    assert!(!s.want_browser_read(&ctx), "not read before the upgrade");
+    s.on_drain(&mut ctx, now);
+    assert_eq!(s.phase(), Phase::Closing);
+    assert!(s.want_browser_read(&ctx), "read for its close frame");
+    for _ in 0..50 {
+        s.on_browser_data(&mut ctx, &frame(Opcode::Binary, &[1; 1000]), now);
+    }
+    let mut close = Vec::new();
+    encode_client_frame(&mut close, true, Opcode::Close, [9; 4], &1001u16.to_be_bytes());
+    s.on_browser_data(&mut ctx, &close, now);
+    let out = drain_browser(&mut s, &mut ctx, now);
+    assert_eq!(server_frames(&out)[0].0, 8, "our close frame");
+    assert!(s.is_done(), "the browser's close frame ended the handshake");
+}
