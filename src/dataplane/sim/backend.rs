@@ -1,10 +1,12 @@
-//! The simulated backend (a VNC server, as far as bytes go): accepts,
+//! The simulated backend (a VNC server, as far as bytes go, or a VMware
+//! host behind a WebMKS relay: see `wmks`): accepts,
 //! refuses or ignores the connect, writes random bytes in chunks of random
 //! sizes (small messages and bulk updates), and reads what the session
 //! relays, keeping both streams for the world's checks.
 
 use super::net::Link;
 use super::rng::Rng;
+use super::wmks::WsServer;
 use crate::protocol::rfb::vnc_auth_response;
 
 /// The backend's side of the RFB security phase before its relay stream:
@@ -89,6 +91,10 @@ pub struct Backend {
     pub eof: bool,
     /// A VNC server with a password: the security phase comes first.
     pub rfb: Option<RfbServer>,
+    /// A VMware host behind a WebMKS relay (TLS, then a WebSocket).
+    pub ws: Option<WsServer>,
+    /// It shut its side with bytes it had generated still unsent.
+    pub truncated: bool,
 }
 
 impl Backend {
@@ -106,6 +112,8 @@ impl Backend {
             gone: false,
             eof: false,
             rfb: None,
+            ws: None,
+            truncated: false,
         }
     }
 
@@ -136,13 +144,17 @@ impl Backend {
 
     /// Bytes generated and not written yet.
     pub fn unsent(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.ws.as_ref().map_or(0, WsServer::unsent)
     }
 
     /// Write a chunk of fresh bytes (or the rest of the last one).
     pub fn write(&mut self, link: &mut Link, rng: &mut Rng) -> usize {
         if !self.accepted() || self.gone {
             return 0;
+        }
+        if let Some(ws) = self.ws.as_mut() {
+            ws.generate(rng, self.write_max, self.quiet, &mut self.sent);
+            return ws.flush(|wire| link.peer_write(wire));
         }
         if self.pending.is_empty() {
             if let Some(r) = self.rfb.as_mut() {
@@ -178,7 +190,10 @@ impl Backend {
     /// appliance got wrong in the RFB security phase.
     pub fn read(&mut self, link: &mut Link, max: usize, rng: &mut Rng) -> Result<usize, String> {
         let got = link.peer_read(max);
-        self.received.extend_from_slice(&got);
+        match self.ws.as_mut() {
+            Some(ws) => ws.input(&got, &mut self.received)?,
+            None => self.received.extend_from_slice(&got),
+        }
         if link.peer_sees_eof() {
             self.eof = true;
         }

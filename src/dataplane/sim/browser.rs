@@ -178,6 +178,13 @@ pub struct Browser {
     /// wss: its TLS connection, and records not written to the socket yet.
     pub tls: Option<Box<rustls::ClientConnection>>,
     wire_out: Vec<u8>,
+    /// WebMKS: frames pass through unchanged, so `sent_payload` and
+    /// `received` hold the raw bytes of data frames (header, mask and
+    /// payload as on the wire), not their payload.
+    pub frames_raw: bool,
+    /// Where the last whole data frame it received starts in `received`
+    /// (WebMKS pads a half-relayed frame with zeros when closing).
+    pub last_frame_at: usize,
 }
 
 /// The bytes the appliance sends a browser in its RFB security phase: its
@@ -231,6 +238,8 @@ impl Browser {
             rfb: None,
             tls: None,
             wire_out: Vec::new(),
+            frames_raw: false,
+            last_frame_at: 0,
         }
     }
 
@@ -362,7 +371,9 @@ impl Browser {
             self.frame(rng, true, Opcode::Binary, payload);
         }
         self.frames_sent += 1;
-        self.sent_payload.extend_from_slice(payload);
+        if !self.frames_raw {
+            self.sent_payload.extend_from_slice(payload);
+        }
     }
 
     fn next_ping_payload(&mut self) -> Vec<u8> {
@@ -375,6 +386,10 @@ impl Browser {
         rng.fill(&mut mask);
         let mut v = Vec::with_capacity(payload.len() + 14);
         encode_client_frame(&mut v, fin, op, mask, payload);
+        let data = matches!(op, Opcode::Binary | Opcode::Text | Opcode::Continuation);
+        if self.frames_raw && data {
+            self.sent_payload.extend_from_slice(&v);
+        }
         self.out.extend(v);
     }
 
@@ -423,7 +438,9 @@ impl Browser {
             }
         }
         self.frames_sent += pieces.len() as u64;
-        self.sent_payload.extend_from_slice(&payload);
+        if !self.frames_raw {
+            self.sent_payload.extend_from_slice(&payload);
+        }
     }
 
     /// A close frame (code None: empty payload; the session echoes 1000).
@@ -460,7 +477,18 @@ impl Browser {
             Garbage::LengthMsbSet,
             Garbage::TooBig,
         ];
-        if base64 {
+        if self.frames_raw {
+            // WebMKS passes frames through unread: only errors its frame
+            // tracker sees before any byte of them is relayed.
+            kinds.retain(|g| {
+                !matches!(
+                    g,
+                    Garbage::ExpectedContinuation
+                        | Garbage::BadClosePayload
+                        | Garbage::InvalidCloseCode
+                )
+            });
+        } else if base64 {
             kinds.extend([Garbage::InvalidBase64, Garbage::BinaryInBase64]);
         } else {
             kinds.push(Garbage::InvalidUtf8);
@@ -622,7 +650,9 @@ impl Browser {
                 break Ok(());
             }
             let (b0, b1) = (b[0], b[1]);
-            if b0 & 0x70 != 0 || b0 & 0x80 == 0 || b1 & 0x80 != 0 {
+            // (WebMKS passes the backend's fragmented messages through.)
+            let fin_missing = b0 & 0x80 == 0 && !self.frames_raw;
+            if b0 & 0x70 != 0 || fin_missing || b1 & 0x80 != 0 {
                 break Err(format!("bad server frame header {b0:#04x} {b1:#04x}"));
             }
             let (len, hl) = match b1 & 0x7f {
@@ -642,6 +672,10 @@ impl Browser {
                 break Ok(());
             }
             let payload = b[hl..hl + len].to_vec();
+            if self.frames_raw && b0 & 0x0f <= 0x2 {
+                self.last_frame_at = self.received.len();
+                self.received.extend_from_slice(&b[..hl + len]);
+            }
             at += hl + len;
             if self.close_got.is_some() {
                 break Err("a frame after the session's close frame".into());
@@ -661,6 +695,8 @@ impl Browser {
             2
         };
         match op {
+            // (WebMKS: recorded raw by the caller.)
+            0x0..=0x2 if self.frames_raw => {}
             _ if op == data_op => {
                 if op == 1 {
                     let raw = base64::engine::general_purpose::STANDARD

@@ -20,8 +20,9 @@
 //! reports agree with what happened.
 
 use super::backend::{RfbServerState, RFB_APPLIANCE_HANDSHAKE_BYTES, RFB_BACKEND_HANDSHAKE_BYTES};
-use super::browser::{RequestKind, RfbClient, RFB_FROM_APPLIANCE, RFB_FROM_BROWSER};
+use super::browser::{RequestKind, RfbClient, Subprotocol, RFB_FROM_APPLIANCE, RFB_FROM_BROWSER};
 use super::plan::{IoKind, Mode};
+use super::wmks::WsServerState;
 use super::world::{Conn, Env, World};
 use crate::dataplane::router::TOMBSTONE_MS;
 use crate::dataplane::session::Phase;
@@ -62,16 +63,24 @@ pub fn reachable(from: Phase, to: Phase) -> bool {
 /// The most bytes a queue may hold: `buffer_bytes`, plus one read (epoll)
 /// or one read and a batch of completions (io_uring), plus control frames;
 /// on wss (`tls`, toward the browser) with the TLS overhead of all that.
-pub fn queue_bound(env: &Env, tls: bool) -> usize {
+pub fn queue_bound(env: &Env, tls: bool, webmks: bool) -> usize {
     let l = env.plan.limits();
     let reads = match env.plan.io {
         IoKind::Epoll => 1,
         IoKind::Uring => 1 + env.plan.recv_completions_per_batch,
     };
+    // WebMKS: the backend's bytes are TLS records too, so one read can
+    // complete a record begun earlier (as toward the backend on wss).
+    let read = l.recv_buffer_bytes
+        + if webmks {
+            TLS_RECORD_PLAINTEXT_BYTES
+        } else {
+            0
+        };
     if tls {
-        l.buffer_bytes + TLS_EXPANSION * reads * l.recv_buffer_bytes + TLS_SLACK_BYTES
+        l.buffer_bytes + TLS_EXPANSION * reads * read + TLS_SLACK_BYTES
     } else {
-        l.buffer_bytes + reads * l.recv_buffer_bytes + CONTROL_SLACK_BYTES
+        l.buffer_bytes + reads * read + CONTROL_SLACK_BYTES
     }
 }
 
@@ -95,8 +104,38 @@ fn chunks_for(bytes: usize, per_chunk: usize) -> usize {
     bytes.div_ceil(per_chunk.max(1)) + 3
 }
 
-/// Check that `got` is a prefix of `sent`, comparing from `checked` on.
-fn prefix(got: &[u8], sent: &[u8], checked: &mut usize, what: &str) -> Result<(), String> {
+/// WebMKS, once the session is closing: the last whole frame received
+/// (from `from` on) may end in zeros where the session padded a frame it
+/// was relaying half-way (so its close frame can follow a whole frame).
+fn padded_tail(got: &[u8], at: usize, from: Option<usize>) -> bool {
+    from.is_some_and(|f| at >= f && got[at..].iter().all(|&b| b == 0))
+}
+
+/// Check that `got` is a prefix of `sent`, comparing from `checked` on
+/// (`usize::MAX`: a padded last frame ended the stream, see
+/// `padded_tail`).
+fn prefix(
+    got: &[u8],
+    sent: &[u8],
+    checked: &mut usize,
+    what: &str,
+    pad_from: Option<usize>,
+) -> Result<(), String> {
+    if *checked == usize::MAX {
+        // (A padded last frame was accepted: nothing may follow it.)
+        return Ok(());
+    }
+    if let Some(i) = got
+        .iter()
+        .zip(sent)
+        .skip(*checked)
+        .position(|(a, b)| a != b)
+    {
+        if padded_tail(got, *checked + i, pad_from) {
+            *checked = usize::MAX;
+            return Ok(());
+        }
+    }
     if got.len() > sent.len() {
         return Err(format!(
             "{what}: {} bytes received, only {} sent (duplication)",
@@ -129,7 +168,7 @@ fn prefix(got: &[u8], sent: &[u8], checked: &mut usize, what: &str) -> Result<()
 /// The per-step invariants; violations go to `world.env`.
 pub fn after_step(world: &mut World) {
     let env = &mut world.env;
-    let bound = queue_bound(env, false);
+    let bound = queue_bound(env, false, false);
     let chunk = env.ctx.pool.chunk_bytes();
     let l = env.plan.limits().clone();
     let bulk_possible = env.plan.io == IoKind::Uring && l.splice_min_bytes > 0;
@@ -147,13 +186,22 @@ pub fn after_step(world: &mut World) {
         let Some(s) = c.session.as_ref() else {
             continue;
         };
+        // The session's own pairs (they panic in a build with debug
+        // assertions, which the simulation's builds have).
+        s.check_invariants(&env.ctx);
         live += 1;
         let phase = s.phase();
         if matches!(phase, Phase::Sniff | Phase::Handshake) {
             handshaking += 1;
         }
         let down = s.browser_pending_len();
-        let up = queued_up(c).unwrap_or(bound);
+        // (WebMKS: TLS records, bounded like wss's queue toward the backend.)
+        let unknown_up = if c.webmks {
+            queue_bound_up(env, true)
+        } else {
+            bound
+        };
+        let up = queued_up(c).unwrap_or(unknown_up);
         let buffer = env.plan.limits().buffer_bytes;
         if down >= buffer {
             env.cov.full_down_steps += 1;
@@ -242,6 +290,11 @@ fn tail(v: &[u8], from: usize) -> &[u8] {
 /// starts closing (then its queue only shrinks); with the RFB phase, only
 /// once its bytes went out.
 fn queued_up(c: &Conn) -> Option<usize> {
+    // WebMKS: the queue holds TLS records, not the relayed bytes (the
+    // session's own check_invariants bounds it).
+    if c.webmks {
+        return None;
+    }
     let s = c.session.as_ref()?;
     let o = offsets(c);
     let pre_close = matches!(
@@ -252,17 +305,34 @@ fn queued_up(c: &Conn) -> Option<usize> {
         .then(|| (s.bytes_up + o.up_uncounted).saturating_sub(c.sent_to_backend) as usize)
 }
 
+/// WebMKS: where each direction's last whole frame starts, once the
+/// session is closing (it may be padded, see `padded_tail`).
+fn pad_from(c: &Conn) -> (Option<usize>, Option<usize>) {
+    let closing = !matches!(
+        c.phase(),
+        Some(Phase::Sniff | Phase::Handshake | Phase::Connecting | Phase::Relay)
+    );
+    if !c.webmks || !closing {
+        return (None, None);
+    }
+    let up = c.backend.ws.as_ref().map(|w| w.last_frame_at);
+    (Some(c.browser.last_frame_at), up)
+}
+
 fn check_conn(env: &Env, c: &mut Conn) -> Vec<String> {
-    let (down_bound, bound) = (queue_bound(env, c.tls), queue_bound_up(env, c.tls));
+    let down_bound = queue_bound(env, c.tls, c.webmks);
+    let bound = queue_bound_up(env, c.tls);
     let mut v = Vec::new();
     let id = c.id;
     let o = offsets(c);
+    let (pad_down, pad_up) = pad_from(c);
     if !rfb_refused(c) {
         if let Err(e) = prefix(
             tail(&c.browser.received, o.down.0),
             tail(&c.backend.sent, o.down.1),
             &mut c.checked_down,
             "downstream",
+            pad_down,
         ) {
             v.push(format!("conn {id}: {e}"));
         }
@@ -271,6 +341,7 @@ fn check_conn(env: &Env, c: &mut Conn) -> Vec<String> {
             tail(&c.browser.sent_payload, o.up.1),
             &mut c.checked_up,
             "upstream",
+            pad_up,
         ) {
             v.push(format!("conn {id}: {e}"));
         }
@@ -293,7 +364,7 @@ fn check_conn(env: &Env, c: &mut Conn) -> Vec<String> {
             "conn {id}: {down} bytes queued toward the browser, bound {down_bound} ({phase:?})"
         ));
     }
-    if s.bytes_up + o.up_uncounted < c.sent_to_backend {
+    if !c.webmks && s.bytes_up + o.up_uncounted < c.sent_to_backend {
         v.push(format!(
             "conn {id}: {} bytes sent to the backend, {} relayed",
             c.sent_to_backend, s.bytes_up
@@ -326,7 +397,12 @@ fn check_conn(env: &Env, c: &mut Conn) -> Vec<String> {
             ));
         }
     }
-    let received = tail(&c.browser.received, o.down.0).len() as u64;
+    // (A padded last frame counts only up to its start.)
+    let received = if c.checked_down == usize::MAX {
+        c.browser.last_frame_at as u64
+    } else {
+        tail(&c.browser.received, o.down.0).len() as u64
+    };
     let sent = tail(&c.backend.sent, o.down.1).len() as u64;
     if !rfb_refused(c) && (s.bytes_down < received || s.bytes_down > sent) {
         v.push(format!(
@@ -336,7 +412,9 @@ fn check_conn(env: &Env, c: &mut Conn) -> Vec<String> {
     }
     // (With the RFB phase the ClientInit is relayed but not counted.)
     let payload = tail(&c.browser.sent_payload, o.up.1 + usize::from(c.rfb)).len() as u64;
-    if s.bytes_up > payload || (c.backend.received.len() as u64) > c.sent_to_backend {
+    // (WebMKS: the IO layer sends TLS records, more than the frames.)
+    let over_io = !c.webmks && (c.backend.received.len() as u64) > c.sent_to_backend;
+    if s.bytes_up > payload || over_io {
         v.push(format!(
             "conn {id}: bytes_up {} (browser sent {payload}, IO layer sent {}, backend got {})",
             s.bytes_up,
@@ -365,6 +443,17 @@ pub fn after_settle(world: &mut World) {
             continue;
         }
         let id = c.id;
+        let ws_state = c.backend.ws.as_ref().map(|w| w.state);
+        if ws_state == Some(WsServerState::Upgrade) {
+            problems.push(format!(
+                "conn {id}: the WebMKS upgrade stalls with both peers answering"
+            ));
+            continue;
+        }
+        if ws_state == Some(WsServerState::Closing) {
+            // (Its close frame is on its way: the session is about to close.)
+            continue;
+        }
         if c.rfb && !rfb_refused(c) {
             let over = c.browser.rfb == Some(RfbClient::Done)
                 && c.backend
@@ -421,7 +510,10 @@ pub fn status_if_new(world: &mut World, i: usize) {
     let (id, kind, k, bound) = (c.id, c.browser.kind, c.admission, c.bound);
     let env = &world.env;
     let l = env.plan.limits();
+    // A VMware console passes binary frames: base64 is refused.
+    let base64_refused = c.webmks && c.browser.proto == Subprotocol::Base64;
     let mut ok: Vec<u16> = match kind {
+        RequestKind::Good if base64_refused => vec![400],
         RequestKind::Good => vec![101],
         RequestKind::BadTicket => vec![403],
         RequestKind::UnknownSession => vec![404],
@@ -555,7 +647,8 @@ fn end_of_conn(c: &Conn) -> Result<(), String> {
         tail(&c.browser.received, o.down.0),
         tail(&c.backend.sent, o.down.1),
     );
-    if backend_eof && relayed && c.browser.close_got.is_some() && got != sent {
+    let whole = !c.backend.truncated && c.checked_down != usize::MAX;
+    if backend_eof && relayed && whole && c.browser.close_got.is_some() && got != sent {
         return Err(format!(
             "conn {id}: closed after the backend's EOF, but the browser got {} of the {} bytes the backend sent",
             got.len(),

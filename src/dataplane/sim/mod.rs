@@ -1,7 +1,10 @@
 //! Seeded simulation of the relay session state machine (issue 8): one
-//! worker context, a few sessions, simulated browsers and backends, and a
-//! simulated IO layer that plays the epoll-like or the io_uring-like
-//! contract, all driven by one seeded generator. Short reads and writes,
+//! worker context, a few sessions, simulated browsers (ws and wss, binary
+//! and base64) and backends (VNC servers, with or without the appliance's
+//! VNC security phase, and VMware hosts behind WebMKS relays: TLS, then a
+//! WebSocket whose frames pass through), and a simulated IO layer that
+//! plays the epoll-like or the io_uring-like contract, all driven by one
+//! seeded generator. Short reads and writes,
 //! delays, slow peers, resets and EOFs on either side, connect failures and
 //! timeouts, clock jumps past every timeout, revokes (delivered, or lost
 //! with only the admission's shared state changed), drains, a report
@@ -17,14 +20,16 @@
 //! seed is rerun with logging on, and must fail the same way):
 //!
 //! ```text
-//! CONSOLEGATE_SIM_SEED=1234 cargo test --lib dataplane::sim -- --nocapture
-//! CONSOLEGATE_SIM_RUNS=100000 cargo test --release --lib dataplane::sim::tests::seeded
+//! SIM_SEED=1234 make sim                     # replay one seed, with its log
+//! SIM_SEEDS=100000 SIM_MAX_SECONDS=3600 make sim   # the long run
+//! cargo test --lib dataplane::sim            # what `cargo test` runs
 //! ```
 //!
 //! Environment: `CONSOLEGATE_SIM_SEED` (seeds to run, comma-separated,
 //! decimal or 0x-hex), `CONSOLEGATE_SIM_FIRST` and `CONSOLEGATE_SIM_RUNS`
-//! (a range of seeds), `CONSOLEGATE_SIM_SECONDS` (stop after this long),
-//! `CONSOLEGATE_SIM_STEPS` (steps per run), `CONSOLEGATE_SIM_KEEP_GOING`
+//! (a range of seeds), `CONSOLEGATE_SIM_SECONDS` (stop after this long;
+//! `DEFAULT_MAX_SECONDS` when unset), `CONSOLEGATE_SIM_STEPS` (steps per
+//! run), `CONSOLEGATE_SIM_KEEP_GOING`
 //! (collect up to 20 failures instead of stopping at the first),
 //! `CONSOLEGATE_SIM_VERBOSE` (print the log tail of passing seeds too).
 //!
@@ -39,6 +44,7 @@ mod plan;
 mod rng;
 mod tls;
 mod uring;
+mod wmks;
 mod world;
 
 use std::panic::{self, AssertUnwindSafe};
@@ -47,8 +53,13 @@ use std::time::{Duration, Instant};
 pub use plan::Mutation;
 use world::{RunStats, World};
 
-/// Seeds `cargo test` runs by default (a few seconds in a debug build).
+/// Seeds `cargo test` runs by default (a few seconds of CPU in a debug
+/// build).
 pub const DEFAULT_RUNS: u64 = 250;
+/// The time cap of a run whose environment names none (`cargo test` on a
+/// busy machine): seeds left over are not run, and the summary says how
+/// many ran.
+pub const DEFAULT_MAX_SECONDS: u64 = 20;
 /// Random steps per run before the wind-down.
 pub const DEFAULT_STEPS: u64 = 600;
 /// Log lines printed with a failure.
@@ -154,6 +165,7 @@ fn parse_u64(s: &str) -> Option<u64> {
 
 impl Options {
     pub fn from_env() -> Self {
+        // (An empty value, as `make sim` passes without SIM_SEED, names none.)
         let seeds = std::env::var("CONSOLEGATE_SIM_SEED")
             .map(|v| v.split(',').filter_map(|s| parse_u64(s.trim())).collect())
             .unwrap_or_default();
@@ -161,7 +173,7 @@ impl Options {
             seeds,
             first: env_u64("CONSOLEGATE_SIM_FIRST").unwrap_or(0),
             runs: env_u64("CONSOLEGATE_SIM_RUNS").unwrap_or(DEFAULT_RUNS),
-            seconds: env_u64("CONSOLEGATE_SIM_SECONDS"),
+            seconds: Some(env_u64("CONSOLEGATE_SIM_SECONDS").unwrap_or(DEFAULT_MAX_SECONDS)),
             steps: env_u64("CONSOLEGATE_SIM_STEPS").unwrap_or(DEFAULT_STEPS),
             keep_going: std::env::var_os("CONSOLEGATE_SIM_KEEP_GOING").is_some(),
             verbose: std::env::var_os("CONSOLEGATE_SIM_VERBOSE").is_some(),
@@ -194,7 +206,7 @@ fn failure_report(seed: u64, steps: u64, mutation: Option<Mutation>, first: &str
     let tail_from = again.log.len().saturating_sub(LOG_TAIL_LINES);
     format!(
         "simulation seed {seed} failed: {first}\n  reproduces on rerun: {same}{}\n  plan: {}\n  \
-         rerun: CONSOLEGATE_SIM_SEED={seed} CONSOLEGATE_SIM_STEPS={steps} cargo test --lib dataplane::sim -- --nocapture\n  \
+         rerun: {steps_env}SIM_SEED={seed} make sim\n  \
          last {} log lines:\n    {}",
         match (&again.result, same) {
             (Err(e), false) => format!(" (rerun said: {e})"),
@@ -203,7 +215,12 @@ fn failure_report(seed: u64, steps: u64, mutation: Option<Mutation>, first: &str
         },
         again.plan,
         again.log.len() - tail_from,
-        again.log[tail_from..].join("\n    ")
+        again.log[tail_from..].join("\n    "),
+        steps_env = if steps == DEFAULT_STEPS {
+            String::new()
+        } else {
+            format!("CONSOLEGATE_SIM_STEPS={steps} ")
+        },
     )
 }
 
@@ -289,11 +306,17 @@ mod tests {
             panic!("{}", report.failures.join("\n\n"));
         }
         // The runs exercised what they claim to.
-        if opts.seeds.is_empty() && opts.runs >= DEFAULT_RUNS {
+        if opts.seeds.is_empty() && report.runs >= DEFAULT_RUNS / 2 {
             let t = &report.totals;
+            let c = &t.cov;
             assert!(
                 t.upgraded > 0 && t.bytes_down > 0 && t.bytes_up > 0,
                 "{}",
+                report.summary()
+            );
+            assert!(
+                c.wss_sessions > 0 && c.rfb_handshakes > 0 && c.webmks_sessions > 0,
+                "wss, the VNC security phase and WebMKS all ran: {}",
                 report.summary()
             );
         }
@@ -325,6 +348,7 @@ mod tests {
         let seeds = [
             pick(|p| p.tls.is_some()),
             pick(|p| p.rfb.is_some()),
+            pick(|p| p.webmks && p.tls.is_some()),
             pick(|p| p.io == plan::IoKind::Epoll),
             pick(|p| p.io == plan::IoKind::Uring),
         ];

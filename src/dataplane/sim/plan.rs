@@ -123,6 +123,9 @@ pub struct Plan {
     pub faults: Faults,
     pub tempo: Tempo,
     pub rfb: Option<RfbPlan>,
+    /// Appliance sessions to VMware consoles: the admissions' targets are
+    /// WebMKS (TLS, then a WebSocket whose frames pass through).
+    pub webmks: bool,
     pub tls: Option<TlsPlan>,
     pub mutation: Option<Mutation>,
 }
@@ -177,7 +180,7 @@ impl Plan {
         } else {
             0
         };
-        Self {
+        let mut plan = Self {
             seed,
             io,
             mode,
@@ -202,7 +205,15 @@ impl Plan {
             tls,
             mutation: None,
             cfg,
-        }
+            webmks: false,
+        };
+        // WebMKS or the VNC security phase, not both (one target kind per
+        // run). Drawn from a generator of its own: the main one's draws
+        // stay those of the VNC-only simulator, whose seeds replay.
+        plan.webmks = mode == Mode::Appliance
+            && plan.rfb.is_none()
+            && Rng::new(seed ^ WEBMKS_DRAW_SALT).chance(500);
+        plan
     }
 
     pub fn limits(&self) -> &Limits {
@@ -229,7 +240,7 @@ impl Plan {
     pub fn summary(&self) -> String {
         let l = self.limits();
         format!(
-            "seed={} io={:?} mode={:?} rfb={:?} tls={:?} sessions={} admissions={} reports_cap={} drain_reports={}‰ \
+            "seed={} io={:?} mode={:?} rfb={:?} webmks={} tls={:?} sessions={} admissions={} reports_cap={} drain_reports={}‰ \
              buffer_bytes={} recv_buffer_bytes={} max_frame_bytes={} splice_min_bytes={} pipes={} \
              link_bytes={} completions/batch={} timeouts(ms): handshake={} connect={} idle={} \
              heartbeat={} close={} tick={} faults={:?} tempo={:?} mutation={:?}",
@@ -237,6 +248,7 @@ impl Plan {
             self.io,
             self.mode,
             self.rfb,
+            self.webmks,
             self.tls,
             self.sessions,
             self.admissions,
@@ -261,6 +273,9 @@ impl Plan {
         )
     }
 }
+
+/// Mixed into the seed for the WebMKS draw (any constant will do).
+const WEBMKS_DRAW_SALT: u64 = 0x0057_4542_4d4b_5300;
 
 /// The fixed backend of proxy mode (never dialled: the world plays it).
 pub const PROXY_BACKEND: &str = "127.0.0.1:5900";

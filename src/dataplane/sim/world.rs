@@ -16,10 +16,14 @@ use super::browser::{Browser, BrowserLimits, RequestKind, RfbClient, Subprotocol
 use super::net::Link;
 use super::plan::{IoKind, Mode, Mutation, Plan, PROXY_BACKEND};
 use super::rng::Rng;
+use super::wmks::{WsServer, WsServerState};
 use super::{checks, epoll, uring};
 use crate::dataplane::router::{base64_url, AdmissionTable, Router};
 use crate::dataplane::session::{CloseInfo, Phase, Session, WorkerCtx};
-use crate::mailbox::{self, ticket_state, Admission, FromWorker, Inbox, Target};
+use crate::mailbox::{
+    self, ticket_state, Admission, FromWorker, Inbox, Target, TargetKind, WebMksTarget,
+};
+use crate::protocol::http_upgrade::WsUrl;
 use crate::protocol::websocket::close_code;
 
 /// Log lines kept for a failure report (verbose reruns only).
@@ -128,6 +132,8 @@ pub struct Conn {
     pub rfb: bool,
     /// The browser speaks TLS (wss).
     pub tls: bool,
+    /// A WebMKS relay (its backend is a simulated VMware host).
+    pub webmks: bool,
     pub connected_at: Option<Instant>,
 }
 
@@ -168,6 +174,7 @@ impl Conn {
             status_checked: false,
             rfb: false,
             tls: false,
+            webmks: false,
             connected_at: None,
         }
     }
@@ -226,11 +233,13 @@ impl Conn {
             s.on_backend_data(&mut env.ctx, data, env.now);
         }
         let id = self.id;
+        // (TLS records differ from run to run: only their length is logged.)
+        let shown = if self.webmks { 0 } else { data.len().min(6) };
         env.note(|| {
             format!(
                 "conn {id}: backend data {} bytes {:02x?}",
                 data.len(),
-                &data[..data.len().min(6)]
+                &data[..shown]
             )
         });
     }
@@ -390,6 +399,8 @@ pub struct Coverage {
     /// Sessions upgraded over wss, and VNC security phases completed.
     pub wss_sessions: u64,
     pub rfb_handshakes: u64,
+    /// WebMKS relays upgraded (browser side).
+    pub webmks_sessions: u64,
 }
 
 impl Coverage {
@@ -416,6 +427,7 @@ impl Coverage {
         self.quiet_moments += o.quiet_moments;
         self.wss_sessions += o.wss_sessions;
         self.rfb_handshakes += o.rfb_handshakes;
+        self.webmks_sessions += o.webmks_sessions;
         self.reports_dropped += o.reports_dropped;
     }
 }
@@ -615,6 +627,13 @@ impl World {
             };
             backend.rfb = Some(RfbServer::new(password.into_bytes()));
         }
+        let webmks = env.plan.webmks && admission.is_some();
+        if webmks {
+            browser.frames_raw = true;
+            let max_frame = env.plan.limits().max_frame_bytes.min(1 << 20) as usize;
+            let k = admission.expect("a WebMKS relay is an admission's");
+            backend.ws = Some(WsServer::new(webmks_path(k), max_frame));
+        }
         let live = self.conns.iter().filter(|c| c.live()).count();
         let peer = SocketAddr::from(([127, 0, 0, 1], 40_000 + id as u16));
         let bound_admission = bound.then(|| {
@@ -631,6 +650,7 @@ impl World {
         c.expected_target = target;
         c.rfb = rfb.is_some();
         c.tls = tls;
+        c.webmks = webmks;
         let refused_vnc = rfb.as_ref().is_some_and(|r| !r.backend_accepts);
         let failing = matches!(
             connect,
@@ -644,7 +664,7 @@ impl World {
             c.blink.session_close();
             c.released = true;
         }
-        env.note(|| format!("conn {id}: connects, {kind:?} {proto:?} tls={tls} admission={admission:?} bound={bound} backend={connect:?} refused={}", c.refused));
+        env.note(|| format!("conn {id}: connects, {kind:?} {proto:?} tls={tls} webmks={webmks} admission={admission:?} bound={bound} backend={connect:?} refused={}", c.refused));
         // Accepted: the IO layer serves it at once (arms its reads).
         Self::pump_one(env, &mut c);
         self.conns.push(c);
@@ -782,6 +802,20 @@ impl World {
                     c.allow(close_code::INTERNAL_ERROR);
                 }
             }
+            // The WebMKS upgrade likewise, until the 101 reached the
+            // appliance (sent, and read off the socket).
+            if let Some(t) = c.connected_at.filter(|_| c.webmks) {
+                let answered = c
+                    .backend
+                    .ws
+                    .as_ref()
+                    .is_some_and(|w| w.state != WsServerState::Upgrade)
+                    && c.backend.unsent() == 0
+                    && c.klink.session_available() == 0;
+                if !answered && env.ms_since(t) >= l.handshake_timeout_ms {
+                    c.allow(close_code::INTERNAL_ERROR);
+                }
+            }
             let _ = phase;
             let teardown = env.plan.io == IoKind::Uring && c.uring.teardown;
             if !teardown {
@@ -865,6 +899,21 @@ impl World {
                 .note(|| format!("FAULT conn {}: backend resets", i + 1));
         }
         if self.env.rng.chance(f.backend_fin) && c.backend.accepted() && !c.backend.gone {
+            if let Some(ws) = c.backend.ws.as_mut() {
+                if self.env.rng.chance(500) && ws.state == WsServerState::Open {
+                    // The VMware host ends the console with a close frame.
+                    let code = self
+                        .env
+                        .rng
+                        .pick(&[None, Some(1000), Some(1001), Some(4000)]);
+                    ws.send_close(code);
+                    c.allow(code.unwrap_or(close_code::NORMAL));
+                    self.env
+                        .note(|| format!("FAULT conn {}: backend sends close {code:?}", i + 1));
+                    return;
+                }
+            }
+            c.backend.truncated = c.backend.unsent() > 0;
             c.klink.peer_fin = true;
             c.backend.gone = true;
             c.allow(close_code::NORMAL);
@@ -1191,6 +1240,7 @@ impl World {
                 s.cov.wss_sessions += u64::from(c.tls);
             }
             s.cov.rfb_handshakes += u64::from(c.browser.rfb == Some(RfbClient::Done));
+            s.cov.webmks_sessions += u64::from(c.webmks && c.browser.status == Some(101));
             s.bytes_down += c.browser.received.len() as u64;
             s.bytes_up += c.backend.received.len() as u64;
             if let Some(st) = c.browser.status {
@@ -1270,13 +1320,16 @@ fn admit(plan: &Plan, rng: &mut Rng, base: Instant) -> Vec<AdmissionInfo> {
             let mut ticket = vec![0u8; 32];
             rng.fill(&mut ticket);
             let ttl = Duration::from_millis(rng.range(100, 60_000) as u64);
+            let addr = SocketAddr::from(([10, 0, 0, i as u8 + 1], 5900));
+            let target = if plan.webmks {
+                webmks_target(addr, i)
+            } else {
+                Target::vnc(addr, plan.rfb.as_ref().map(|r| r.password.clone()))
+            };
             let a = Arc::new(Admission::new(
                 0xa000 + i as u64,
                 ticket,
-                Target::vnc(
-                    SocketAddr::from(([10, 0, 0, i as u8 + 1], 5900)),
-                    plan.rfb.as_ref().map(|r| r.password.clone()),
-                ),
+                target,
                 "sim".into(),
                 base + ttl,
                 None,
@@ -1290,6 +1343,23 @@ fn admit(plan: &Plan, rng: &mut Rng, base: Instant) -> Vec<AdmissionInfo> {
             }
         })
         .collect()
+}
+
+/// The request target of admission `k`'s VMware console (its ticket).
+fn webmks_path(k: usize) -> String {
+    format!("/ticket/sim{k:04}")
+}
+
+/// Admission `k`'s VMware console at `addr`: `wss://esxi.sim/ticket/…`.
+fn webmks_target(addr: SocketAddr, k: usize) -> Target {
+    let url = format!("wss://{}{}", super::tls::WEBMKS_HOST, webmks_path(k));
+    let url = WsUrl::parse(&url).expect("a valid WebMKS URL");
+    let target = WebMksTarget::new(url, super::tls::webmks_client_config())
+        .expect("a WebMKS target for the simulated host");
+    Target {
+        addr,
+        kind: TargetKind::WebMks(Arc::new(target)),
+    }
 }
 
 /// A browser sending `kind` of request to `path`, with its limits,
