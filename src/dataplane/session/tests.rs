@@ -1202,10 +1202,23 @@ fn an_upgrade_refused_after_the_claim_settles_the_admission() {
         String::from_utf8_lossy(&resp)
     );
     assert!(s.is_done());
-    assert_eq!(a.state(), ticket_state::CLOSED, "the ticket was left claimed");
+    assert_eq!(
+        a.state(),
+        ticket_state::CLOSED,
+        "the ticket was left claimed"
+    );
     let closed: Vec<_> = reports(&mut rx)
         .into_iter()
-        .filter(|r| matches!(r, FromWorker::Closed { id: 0xabc, code: None, .. }))
+        .filter(|r| {
+            matches!(
+                r,
+                FromWorker::Closed {
+                    id: 0xabc,
+                    code: None,
+                    ..
+                }
+            )
+        })
         .collect();
     assert_eq!(closed.len(), 1, "one Closed report");
     assert_eq!(ctx.ended_bound, vec![0xabc], "the dedicated port is freed");
@@ -1343,7 +1356,13 @@ fn a_webmks_relay_closing_before_its_upgrade_reads_the_browser_close() {
         s.on_browser_data(&mut ctx, &frame(Opcode::Binary, &[1; 1000]), now);
     }
     let mut close = Vec::new();
-    encode_client_frame(&mut close, true, Opcode::Close, [9; 4], &1001u16.to_be_bytes());
+    encode_client_frame(
+        &mut close,
+        true,
+        Opcode::Close,
+        [9; 4],
+        &1001u16.to_be_bytes(),
+    );
     s.on_browser_data(&mut ctx, &close, now);
     let out = drain_browser(&mut s, &mut ctx, now);
     assert_eq!(server_frames(&out)[0].0, 8, "our close frame");
