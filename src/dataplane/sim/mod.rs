@@ -67,44 +67,26 @@ const LOG_TAIL_LINES: usize = 120;
 /// Failures collected with `CONSOLEGATE_SIM_KEEP_GOING` at most.
 const MAX_FAILURES_KEPT: usize = 20;
 
-/// Seeds that once found a bug, with what it was. They replay the same
+/// Seeds that found a bug, with what it was, each checked to fail with
+/// its fix reverted on the simulator as it is now. They replay the same
 /// scenario only with the simulator as it was when they failed (a change
 /// to the simulator's draws moves every seed elsewhere); the lasting guard
-/// of each bug is a unit test beside the code it fixed.
+/// of each bug is a unit test beside the code it fixed. (The seeds the
+/// `sim` branch found its five bugs with moved when the simulator was
+/// ported to the reshaped session: docs/RELIABILITY.md, "Seeded
+/// simulation".)
 pub const REGRESSION_SEEDS: &[(u64, &str)] = &[
     (
-        1067,
-        "heartbeat pings queued behind bytes a browser does not take grew its queue past \
-         buffer_bytes, a beat at a time (session.rs on_tick; unit test \
-         heartbeats_do_not_grow_a_queue_the_browser_is_not_taking)",
+        279,
+        "a base64 browser on a WebMKS admission got its 400 after the route claimed the \
+         ticket, which stayed CLAIMED with no report (front.rs upgrade; unit test \
+         an_upgrade_refused_after_the_claim_settles_the_admission)",
     ),
     (
-        25,
-        "the appliance's RFB greeting was counted as relayed backend bytes (try_handshake; \
-         unit test the_rfb_greeting_is_not_counted_as_relayed)",
-    ),
-    (
-        186,
-        "base64 browsers got the appliance's RFB answers as empty text frames: a pipelining \
-         browser read a corrupt stream (decode_input; unit test \
-         rfb_answers_reach_a_base64_browser)",
-    ),
-    (
-        542,
-        "the same: a waiting base64 browser never got its security types, the VNC security \
-         phase stalled until its timeout",
-    ),
-    (
-        1479,
-        "wss: browser frames decoded into the scratch buffer the TLS plaintext held, so the \
-         VNC security phase never read the browser (drain_tls_plaintext; unit test \
-         wss_browser_frames_reach_the_rfb_phase_and_the_closing_handshake)",
-    ),
-    (
-        122,
-        "a connection silent until the handshake timeout on a TLS port got a plain-text 408, \
-         which its TLS client read as a corrupt record (on_tick; unit test \
-         a_silent_connection_on_a_tls_port_gets_no_plain_text)",
+        326,
+        "WebMKS: browser frames behind the upgrade request were cut at max_request_bytes, \
+         the host read a corrupt stream (webmks.rs webmks_browser_frames; unit test \
+         webmks_frames_behind_the_request_reach_the_host_whole)",
     ),
 ];
 
