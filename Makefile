@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/consolegate
 
-.PHONY: run test build release deps test-deps bench lint fmt clean fuzz fuzz-smoke fuzz-deps
+.PHONY: run test build release deps test-deps bench lint fmt clean fuzz fuzz-smoke fuzz-deps sim
 
 build:
 	$(CARGO) build --locked
@@ -52,6 +52,21 @@ fuzz-smoke: fuzz-deps
 # FUZZ_JOBS targets at a time (default 1).
 fuzz: fuzz-deps
 	@bash fuzz/run.sh long
+
+# The seeded simulation of the session state machine (docs/RELIABILITY.md,
+# "Seeded simulation"): SIM_SEEDS seeds from SIM_FIRST_SEED on, stopping after
+# SIM_MAX_SECONDS. SIM_SEED=N (or a comma-separated list) replays those seeds
+# exactly, printing their step logs. The test build `make test` makes (debug
+# assertions on: the session's check_invariants runs after every event).
+SIM_SEEDS ?= 20000
+SIM_FIRST_SEED ?= 0
+SIM_MAX_SECONDS ?= 3600
+SIM_SEED ?=
+sim: deps
+	CONSOLEGATE_SIM_RUNS=$(SIM_SEEDS) CONSOLEGATE_SIM_FIRST=$(SIM_FIRST_SEED) \
+	CONSOLEGATE_SIM_SECONDS=$(SIM_MAX_SECONDS) CONSOLEGATE_SIM_SEED=$(SIM_SEED) \
+	$(if $(SIM_SEED),CONSOLEGATE_SIM_VERBOSE=1) \
+	$(CARGO) test --locked --lib dataplane::sim::tests::seeded -- --nocapture
 
 bench: deps
 	@bash scripts/bench.sh

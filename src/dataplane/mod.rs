@@ -11,6 +11,8 @@ pub mod balance;
 pub mod buffer;
 pub mod router;
 pub mod session;
+#[cfg(test)]
+mod sim;
 pub mod tls;
 pub mod tokens;
 pub mod turn;

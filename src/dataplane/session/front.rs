@@ -4,6 +4,7 @@
 //! or an admitted session and its ticket), then hand over: to a relay (101
 //! sent) or to an HTTP answer (an error, or a static file).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ctx::{HandshakeSlot, WorkerCtx};
@@ -13,7 +14,7 @@ use super::webmks::WebMksRelay;
 use super::{ms, Responding, Session, Stage};
 use crate::cause::Cause;
 use crate::dataplane::router::{ConnInfo, Route};
-use crate::mailbox::{FromWorker, TargetKind};
+use crate::mailbox::{Admission, FromWorker, TargetKind};
 use crate::protocol::http_upgrade::{self, Request, RequestLimits, Upgrade};
 use crate::protocol::rfb::{self, RfbLimits};
 use crate::protocol::websocket::{Decoder, DecoderLimits, PayloadMode};
@@ -270,6 +271,7 @@ impl Session {
             Err((cause, message)) => {
                 ctx.metrics.count(cause);
                 tracing::warn!(session = self.id, cause = cause.kind(), error = %message, "upgrade refused");
+                self.settle_refused_claim(ctx, route.admission.as_ref(), cause);
                 self.respond_error(ctx, cause, &message, now);
                 return;
             }
@@ -309,6 +311,33 @@ impl Session {
             protocol = protocol.unwrap_or("-"),
             "session open"
         );
+    }
+
+    /// The route claimed `admission`'s ticket, then the upgrade was refused
+    /// (no relay will report on it): close it and report it closed, and
+    /// free its dedicated port. Left CLAIMED, the control plane would count
+    /// the session open for good (a claimed admission never expires).
+    fn settle_refused_claim(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        admission: Option<&Arc<Admission>>,
+        cause: Cause,
+    ) {
+        let Some(a) = admission else { return };
+        // The shared state first: the control plane reconciles from it
+        // even if the report is lost.
+        a.close();
+        if self.bound.is_some() {
+            ctx.ended_bound.push(a.id);
+        }
+        ctx.report(FromWorker::Closed {
+            id: a.id,
+            worker: ctx.worker_id,
+            code: None,
+            reason: format!("upgrade refused: {}", cause.kind()),
+            bytes_up: 0,
+            bytes_down: 0,
+        });
     }
 
     /// What the backend kind needs for this session: the VNC relay (with

@@ -648,6 +648,13 @@ impl Session {
                         w.deferred() <= 2 * webmks::MAX_DEFERRED_CONTROL_FRAMES,
                         "deferred control frames over their bound"
                     );
+                    // One read's plaintext: a TLS record may add its own.
+                    let held_bound = down_bound + webmks::MAX_TLS_RECORD_PLAINTEXT_BYTES;
+                    debug_assert!(
+                        w.held_up_len() <= held_bound,
+                        "{} browser bytes held for the backend's upgrade, over {held_bound}",
+                        w.held_up_len()
+                    );
                 }
                 if matches!(self.stage, Stage::Done(_)) {
                     debug_assert!(self.deadline.is_none(), "a timer on a finished session");

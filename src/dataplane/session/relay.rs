@@ -331,8 +331,14 @@ impl Session {
             }
             RelayPhase::Open => {
                 if let Some(p) = r.next_ping.filter(|p| now >= *p) {
-                    let frame = websocket::ping_frame(b"consolegate");
-                    self.send_browser_control(ctx, frame);
+                    // Not behind bytes the browser has yet to take: they
+                    // keep the link busy, or the browser is not reading and
+                    // the ping would only grow the queue past its bound, a
+                    // beat at a time.
+                    if self.down_queued() == 0 {
+                        let frame = websocket::ping_frame(b"consolegate");
+                        self.send_browser_control(ctx, frame);
+                    }
                     let hb = ms(heartbeat);
                     // Skip missed beats rather than bursting pings.
                     let next = if p + hb > now { p + hb } else { now + hb };

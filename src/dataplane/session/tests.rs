@@ -779,12 +779,33 @@ fn relaying_base64_after_3000_bytes(ctx: &mut WorkerCtx, now: Instant) -> Sessio
 /// An appliance worker context with one admitted session (id 0xabc, ticket
 /// of 32 bytes of 7) and the receiving end of its report queue.
 fn appliance_ctx(now: Instant) -> (WorkerCtx, Arc<Admission>, crate::mailbox::Inbox<FromWorker>) {
+    appliance_ctx_with(now, None, None)
+}
+
+/// [`appliance_ctx`] whose backend has a VNC `password` (the appliance
+/// does the RFB security phase), with browser-facing `tls`.
+fn appliance_ctx_with(
+    now: Instant,
+    password: Option<&str>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> (WorkerCtx, Arc<Admission>, crate::mailbox::Inbox<FromWorker>) {
+    let target =
+        crate::mailbox::Target::vnc("127.0.0.1:5900".parse().unwrap(), password.map(Into::into));
+    appliance_ctx_for(now, target, tls)
+}
+
+/// [`appliance_ctx`] whose admission names `target`.
+fn appliance_ctx_for(
+    now: Instant,
+    target: crate::mailbox::Target,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> (WorkerCtx, Arc<Admission>, crate::mailbox::Inbox<FromWorker>) {
     use crate::dataplane::router::AdmissionTable;
     let cfg = cfg_with(|c| c.target = TargetConfig::Appliance);
     let a = Arc::new(Admission::new(
         0xabc,
         vec![7u8; 32],
-        crate::mailbox::Target::vnc("127.0.0.1:5900".parse().unwrap(), None),
+        target,
         "alice".into(),
         now + Duration::from_secs(60),
         None,
@@ -793,17 +814,21 @@ fn appliance_ctx(now: Instant) -> (WorkerCtx, Arc<Admission>, crate::mailbox::In
     ));
     let mut table = AdmissionTable::default();
     table.insert(a.clone());
-    let mut ctx = WorkerCtx::new(cfg, 0, Router::Appliance(table), None, None);
+    let mut ctx = WorkerCtx::new(cfg, 0, Router::Appliance(table), None, tls);
     let (tx, rx) = crate::mailbox::channel(16).unwrap();
     ctx.events = Some(tx);
     (ctx, a, rx)
 }
 
 fn appliance_request(id: &str, ticket: &[u8]) -> Vec<u8> {
+    appliance_request_with(id, ticket, "")
+}
+
+fn appliance_request_with(id: &str, ticket: &[u8], extra: &str) -> Vec<u8> {
     let token = crate::dataplane::router::base64_url(ticket);
     format!(
         "GET /proxy/{id}?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     )
     .into_bytes()
 }
@@ -928,4 +953,418 @@ fn handshaking_connections_are_capped_and_their_slots_come_back() {
     drop(b);
     drop(c);
     assert_eq!(ctx.handshakes.current(), 0);
+}
+
+// ---- found by the seeded simulation (src/dataplane/sim) ---------------------
+
+/// A browser that stops reading while its queue is full, with heartbeats
+/// on and no idle timeout, must not get a ping queued on every beat: its
+/// queue would grow past `buffer_bytes` plus one read without end (13
+/// bytes per beat).
+#[test]
+fn heartbeats_do_not_grow_a_queue_the_browser_is_not_taking() {
+    let now = Instant::now();
+    let mut ctx = ctx_with(|c| c.limits.heartbeat_ms = 10);
+    let mut s = relaying(&mut ctx, now);
+    while s.want_backend_read(&ctx) {
+        let n = s.backend_read_limit(&ctx);
+        s.on_backend_data(&mut ctx, &vec![7u8; n], now);
+    }
+    let full = s.browser_pending_len();
+    for beat in 1..=1000u64 {
+        s.on_tick(&mut ctx, now + Duration::from_millis(10 * beat));
+    }
+    assert_eq!(
+        s.browser_pending_len(),
+        full,
+        "pings piled up behind unread bytes"
+    );
+    // Once the browser took everything, the heartbeat resumes.
+    drain_browser(&mut s, &mut ctx, now);
+    s.on_tick(&mut ctx, now + Duration::from_millis(10 * 1001));
+    let f = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(f, vec![(9, b"consolegate".to_vec())]);
+}
+
+/// The appliance's own RFB greeting to the browser is not relayed backend
+/// bytes: not in `bytes_down`, the relay metric or the Closed report
+/// (like its other RFB messages).
+#[test]
+fn the_rfb_greeting_is_not_counted_as_relayed() {
+    let now = Instant::now();
+    let (mut ctx, _a, _rx) = appliance_ctx_with(now, Some("s3cret"), None);
+    let mut s = Session::new(1, &ctx, now, None, None);
+    s.on_browser_data(&mut ctx, &appliance_request("abc", &[7u8; 32]), now);
+    let out = drain_browser(&mut s, &mut ctx, now);
+    let at = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(
+        server_frames(&out[at..]),
+        vec![(2, b"RFB 003.008\n".to_vec())]
+    );
+    assert_eq!(s.bytes_down, 0, "the greeting is ours, not the backend's");
+    assert_eq!(ctx.metrics.bytes_backend_to_browser, 0);
+}
+
+/// With the base64 subprotocol the appliance's own RFB answers to browser
+/// input (the security types after the browser's version) must reach the
+/// browser: they were once framed from the worker's scratch buffer while
+/// it held the decoded input, and went out as empty text frames.
+#[test]
+fn rfb_answers_reach_a_base64_browser() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let now = Instant::now();
+    let (mut ctx, _a, _rx) = appliance_ctx_with(now, Some("s3cret"), None);
+    let mut s = Session::new(1, &ctx, now, None, None);
+    let req = appliance_request_with("abc", &[7u8; 32], "Sec-WebSocket-Protocol: base64\r\n");
+    s.on_browser_data(&mut ctx, &req, now);
+    let out = drain_browser(&mut s, &mut ctx, now);
+    let at = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let greeting = server_frames(&out[at..]);
+    assert_eq!(
+        greeting,
+        vec![(1, b64.encode(b"RFB 003.008\n").into_bytes())]
+    );
+    assert!(s.take_connect().is_some());
+    s.on_backend_connected(&mut ctx, now);
+    let version = b64.encode(b"RFB 003.008\n");
+    s.on_browser_data(&mut ctx, &frame(Opcode::Text, version.as_bytes()), now);
+    let answer = server_frames(&drain_browser(&mut s, &mut ctx, now));
+    assert_eq!(
+        answer,
+        vec![(1, b64.encode([1u8, 1]).into_bytes())],
+        "the security types"
+    );
+}
+
+/// A browser on wss: a rustls client talking to the session in memory.
+struct TlsBrowser {
+    conn: rustls::ClientConnection,
+}
+
+/// A self-signed server config for the session and a client trusting it.
+fn tls_pair() -> (Arc<rustls::ServerConfig>, TlsBrowser) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+    (Arc::new(server), TlsBrowser { conn })
+}
+
+impl TlsBrowser {
+    /// Send `plain` (after the handshake, which this drives), and return
+    /// the plaintext the session sent back.
+    fn exchange(
+        &mut self,
+        s: &mut Session,
+        ctx: &mut WorkerCtx,
+        plain: &[u8],
+        now: Instant,
+    ) -> Vec<u8> {
+        use std::io::{Read as _, Write as _};
+        self.conn.writer().write_all(plain).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while self.conn.wants_write() {
+                self.conn.write_tls(&mut wire).unwrap();
+            }
+            s.on_browser_data(ctx, &wire, now);
+            let back = drain_browser(s, ctx, now);
+            if !back.is_empty() {
+                // (An empty read would tell rustls the stream ended.)
+                self.conn.read_tls(&mut back.as_slice()).unwrap();
+                self.conn.process_new_packets().unwrap();
+            }
+            let mut buf = Vec::new();
+            match self.conn.reader().read_to_end(&mut buf) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            got.extend_from_slice(&buf);
+            if wire.is_empty() && back.is_empty() {
+                break;
+            }
+        }
+        got
+    }
+}
+
+/// wss: browser frames are decoded while the TLS plaintext is held; where
+/// the decoder writes for the appliance's own use (the RFB security phase,
+/// data discarded while closing) it must have its own room. Once it did
+/// not: the browser's RFB messages were never read (the VNC handshake
+/// timed out), and a close frame behind data went unseen until the close
+/// timeout.
+#[test]
+fn wss_browser_frames_reach_the_rfb_phase_and_the_closing_handshake() {
+    let now = Instant::now();
+    let (server, mut browser) = tls_pair();
+    let (mut ctx, _a, _rx) = appliance_ctx_with(now, Some("s3cret"), Some(server));
+    let mut s = Session::new(1, &ctx, now, None, None);
+    let out = browser.exchange(&mut s, &mut ctx, &appliance_request("abc", &[7u8; 32]), now);
+    assert!(
+        out.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(s.take_connect().is_some());
+    s.on_backend_connected(&mut ctx, now);
+    let answer = browser.exchange(
+        &mut s,
+        &mut ctx,
+        &frame(Opcode::Binary, b"RFB 003.008\n"),
+        now,
+    );
+    assert_eq!(
+        server_frames(&answer),
+        vec![(2, vec![1u8, 1])],
+        "the security types"
+    );
+    // Closing: a data frame, then the browser's close, in one record.
+    s.on_drain(&mut ctx, now);
+    let mut bytes = frame(Opcode::Binary, b"late data");
+    bytes.extend(frame(Opcode::Close, &1001u16.to_be_bytes()));
+    browser.exchange(&mut s, &mut ctx, &bytes, now);
+    assert!(
+        s.is_done(),
+        "the close behind data was not seen: {:?}",
+        s.phase()
+    );
+}
+
+/// On a TLS-enabled port, a connection that sent nothing before the
+/// handshake timeout must be closed without a word: a plain-text "HTTP/1.1
+/// 408" is a corrupt record to a TLS client, and `--ssl-only` promises no
+/// plain text at all.
+#[test]
+fn a_silent_connection_on_a_tls_port_gets_no_plain_text() {
+    let now = Instant::now();
+    let (server, _browser) = tls_pair();
+    let (mut ctx, _a, _rx) = appliance_ctx_with(now, None, Some(server));
+    let mut s = Session::new(1, &ctx, now, None, None);
+    assert_eq!(s.phase(), Phase::Sniff);
+    let late = now + Duration::from_millis(ctx.cfg.limits.handshake_timeout_ms + 1);
+    s.on_tick(&mut ctx, late);
+    assert_eq!(
+        s.browser_pending_len(),
+        0,
+        "{:?}",
+        String::from_utf8_lossy(s.browser_pending())
+    );
+    assert!(s.is_done());
+}
+
+/// An upgrade refused after the route claimed the ticket (here: a browser
+/// offering only base64 to a VMware console, whose frames pass through as
+/// binary) settles the admission: CLOSED, a Closed report, its dedicated
+/// port freed. Left CLAIMED, the control plane would count the session
+/// open for good (a claimed admission is open, and never expires), holding
+/// a slot of `max_sessions` and of the user's cap, and the port.
+#[test]
+fn an_upgrade_refused_after_the_claim_settles_the_admission() {
+    use crate::mailbox::{ticket_state, Target, TargetKind, WebMksTarget};
+    let now = Instant::now();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let url = crate::protocol::http_upgrade::WsUrl::parse("wss://esxi.example/ticket/t").unwrap();
+    let target = Target {
+        addr: "127.0.0.1:443".parse().unwrap(),
+        kind: TargetKind::WebMks(Arc::new(WebMksTarget::new(url, Arc::new(tls)).unwrap())),
+    };
+    let (mut ctx, a, mut rx) = appliance_ctx_for(now, target, None);
+    let mut s = Session::new(1, &ctx, now, None, Some(a.clone()));
+    let req = appliance_request_with("abc", &[7u8; 32], "Sec-WebSocket-Protocol: base64\r\n");
+    s.on_browser_data(&mut ctx, &req, now);
+    let resp = drain_browser(&mut s, &mut ctx, now);
+    assert!(
+        resp.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+    assert!(s.is_done());
+    assert_eq!(
+        a.state(),
+        ticket_state::CLOSED,
+        "the ticket was left claimed"
+    );
+    let closed: Vec<_> = reports(&mut rx)
+        .into_iter()
+        .filter(|r| {
+            matches!(
+                r,
+                FromWorker::Closed {
+                    id: 0xabc,
+                    code: None,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(closed.len(), 1, "one Closed report");
+    assert_eq!(ctx.ended_bound, vec![0xabc], "the dedicated port is freed");
+}
+
+/// A VMware host in memory for WebMKS tests: its TLS server and the
+/// client config (trusting it) for the admission's target.
+fn webmks_host() -> (rustls::ServerConnection, crate::mailbox::Target) {
+    use crate::mailbox::{Target, TargetKind, WebMksTarget};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["esxi.example".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key_der)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let url = crate::protocol::http_upgrade::WsUrl::parse("wss://esxi.example/ticket/t").unwrap();
+    let target = Target {
+        addr: "127.0.0.1:443".parse().unwrap(),
+        kind: TargetKind::WebMks(Arc::new(WebMksTarget::new(url, Arc::new(client)).unwrap())),
+    };
+    let conn = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+    (conn, target)
+}
+
+/// Move TLS records between the session and `host` until neither has
+/// more; returns the plaintext the host received.
+fn pump_webmks(
+    s: &mut Session,
+    ctx: &mut WorkerCtx,
+    host: &mut rustls::ServerConnection,
+    now: Instant,
+) -> Vec<u8> {
+    use std::io::Read as _;
+    let mut plain = Vec::new();
+    for _ in 0..100 {
+        let up = drain_backend(s, ctx);
+        let mut rest = &up[..];
+        while !rest.is_empty() {
+            host.read_tls(&mut rest).unwrap();
+            host.process_new_packets().unwrap();
+        }
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = host.reader().read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            plain.extend_from_slice(&buf[..n]);
+        }
+        let mut down = Vec::new();
+        while host.wants_write() {
+            host.write_tls(&mut down).unwrap();
+        }
+        if up.is_empty() && down.is_empty() {
+            break;
+        }
+        s.on_backend_data(ctx, &down, now);
+    }
+    plain
+}
+
+/// Frames a browser sends right behind its upgrade request, more than
+/// `max_request_bytes` of them, reach the VMware host whole once its
+/// upgrade is done (they were cut at `max_request_bytes` and the rest
+/// dropped: the host read a corrupt stream).
+#[test]
+fn webmks_frames_behind_the_request_reach_the_host_whole() {
+    use std::io::Write as _;
+    let now = Instant::now();
+    let (mut host, target) = webmks_host();
+    let (mut ctx, _a, _rx) = appliance_ctx_for(now, target, None);
+    let mut ctx_limits = (*ctx.cfg).clone();
+    ctx_limits.limits.max_request_bytes = 512;
+    ctx.cfg = Arc::new(ctx_limits);
+    let mut s = Session::new(1, &ctx, now, None, None);
+    let early = frame(Opcode::Binary, &[0x42; 2000]);
+    let mut input = appliance_request_with("abc", &[7u8; 32], "Sec-WebSocket-Protocol: binary\r\n");
+    input.extend_from_slice(&early);
+    s.on_browser_data(&mut ctx, &input, now);
+    assert!(drain_browser(&mut s, &mut ctx, now).starts_with(b"HTTP/1.1 101"));
+    assert!(s.take_connect().is_some());
+    s.on_backend_connected(&mut ctx, now);
+    let request = pump_webmks(&mut s, &mut ctx, &mut host, now);
+    let head = String::from_utf8_lossy(&request).into_owned();
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .expect("the upgrade request")
+        .to_string();
+    let mut answer = Vec::new();
+    crate::protocol::http_upgrade::write_upgrade_response(&mut answer, &key, Some("binary"));
+    host.writer().write_all(&answer).unwrap();
+    let mut down = Vec::new();
+    while host.wants_write() {
+        host.write_tls(&mut down).unwrap();
+    }
+    s.on_backend_data(&mut ctx, &down, now);
+    let relayed = pump_webmks(&mut s, &mut ctx, &mut host, now);
+    assert_eq!(relayed.len(), early.len(), "the early frames were cut");
+    assert_eq!(relayed, early);
+}
+
+/// A WebMKS relay that closes before its backend's upgrade is done reads
+/// the browser again: its frames are dropped (not held without end) and
+/// its close frame ends the closing handshake (it was never seen, so the
+/// session waited for its close timer).
+#[test]
+fn a_webmks_relay_closing_before_its_upgrade_reads_the_browser_close() {
+    let now = Instant::now();
+    let (_host, target) = webmks_host();
+    let (mut ctx, _a, _rx) = appliance_ctx_for(now, target, None);
+    let mut s = Session::new(1, &ctx, now, None, None);
+    let req = appliance_request_with("abc", &[7u8; 32], "Sec-WebSocket-Protocol: binary\r\n");
+    s.on_browser_data(&mut ctx, &req, now);
+    assert!(drain_browser(&mut s, &mut ctx, now).starts_with(b"HTTP/1.1 101"));
+    assert!(!s.want_browser_read(&ctx), "not read before the upgrade");
+    s.on_drain(&mut ctx, now);
+    assert_eq!(s.phase(), Phase::Closing);
+    assert!(s.want_browser_read(&ctx), "read for its close frame");
+    for _ in 0..50 {
+        s.on_browser_data(&mut ctx, &frame(Opcode::Binary, &[1; 1000]), now);
+    }
+    let mut close = Vec::new();
+    encode_client_frame(
+        &mut close,
+        true,
+        Opcode::Close,
+        [9; 4],
+        &1001u16.to_be_bytes(),
+    );
+    s.on_browser_data(&mut ctx, &close, now);
+    let out = drain_browser(&mut s, &mut ctx, now);
+    assert_eq!(server_frames(&out)[0].0, 8, "our close frame");
+    assert!(s.is_done(), "the browser's close frame ended the handshake");
 }

@@ -228,13 +228,15 @@ impl Session {
     // ---- the appliance's own RFB handshake -----------------------------------
 
     /// Our RFB greeting to the browser, when we speak RFB for the backend's
-    /// security phase.
+    /// security phase: ours, not relayed, so not counted (as the rest of
+    /// our RFB messages in `rfb_flush`).
     pub(super) fn vnc_greeting(&mut self, ctx: &mut WorkerCtx) {
         let hello = match self.vnc_mut().and_then(|v| v.rfb.as_mut()) {
             Some(h) => h.take_to_browser(),
             None => return,
         };
-        self.relay_down(ctx, &hello);
+        let mode = self.relay().map_or(PayloadMode::Raw, |r| r.mode);
+        self.browser.frame_down(ctx, mode, &hello);
     }
 
     /// Browser payload during the RFB security phase.

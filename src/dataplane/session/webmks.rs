@@ -34,6 +34,8 @@ use crate::protocol::websocket::{
 pub const MAX_UPGRADE_RESPONSE_BYTES: usize = 16 * 1024;
 /// Most header lines in it.
 const MAX_UPGRADE_RESPONSE_HEADERS: usize = 64;
+/// The most plaintext one TLS record carries (RFC 8446 5.1).
+pub const MAX_TLS_RECORD_PLAINTEXT_BYTES: usize = 16 * 1024;
 /// Our own control frames waiting for a frame boundary, per direction.
 /// Beyond, pongs and pings are dropped (a close frame is always kept).
 pub const MAX_DEFERRED_CONTROL_FRAMES: usize = 8;
@@ -61,8 +63,11 @@ pub(super) struct WebMksRelay {
     up: FrameTracker,
     keys: MaskKeySource,
     /// Browser bytes that came before the backend's upgrade was done
-    /// (frames the browser sent right behind its own request); at most
-    /// `max_request_bytes`, since the browser is not read meanwhile.
+    /// (frames the browser sent right behind its own request). The browser
+    /// is not read meanwhile, so they are at most the rest of the read
+    /// that brought the request (`recv_buffer_bytes`), over wss plus the
+    /// rest of a TLS record it completed, on io_uring plus the documented
+    /// overshoot of a cancelled receive: checked in `check_invariants`.
     held_up: Vec<u8>,
     to_browser_later: Vec<ControlFrame>,
     to_backend_later: Vec<ControlFrame>,
@@ -99,6 +104,10 @@ impl WebMksRelay {
 
     pub(super) fn defer_to_browser(&mut self, frame: ControlFrame) {
         defer(&mut self.to_browser_later, frame);
+    }
+
+    pub(super) fn held_up_len(&self) -> usize {
+        self.held_up.len()
     }
 
     pub(super) fn deferred(&self) -> usize {
@@ -436,15 +445,22 @@ impl Session {
         mut data: &[u8],
         now: Instant,
     ) {
-        let max_held = ctx.cfg.limits.max_request_bytes;
-        let Some(w) = self.relay_mut().and_then(Relay::webmks_mut) else {
+        let Some(r) = self.relay_mut() else { return };
+        let closing = r.is_closing();
+        let Some(w) = r.webmks_mut() else { return };
+        if !w.upgraded() && !closing {
+            // Kept whole for when the backend is ready: dropping any would
+            // corrupt the frame stream. The browser is not read meanwhile,
+            // so these are what came with its request (see `held_up`).
+            w.held_up.extend_from_slice(data);
             return;
-        };
-        if !w.upgraded() {
-            // Kept for when the backend is ready (the browser is not read
-            // meanwhile; these came with its request).
-            let take = data.len().min(max_held.saturating_sub(w.held_up.len()));
-            w.held_up.extend_from_slice(&data[..take]);
+        }
+        if !w.held_up.is_empty() && !w.upgraded() {
+            // Closing before the upgrade (the browser is read again, for its
+            // close frame): the held frames come first in its stream.
+            let mut all = std::mem::take(&mut w.held_up);
+            all.extend_from_slice(data);
+            self.webmks_browser_frames(ctx, &all, now);
             return;
         }
         while !data.is_empty() {
