@@ -1112,11 +1112,11 @@ fn ticket_opens_one_backend_connection(io: &str) {
     .expect("a wrong ticket was accepted");
     assert_eq!(wrong.status, 403, "io={io}: {wrong:?}");
     assert_eq!(backend.accepted(), 1, "io={io}: one ticket, one backend");
-    let v = app.session(&s.id);
-    assert!(
-        v["refused_connects"].as_u64().unwrap_or(0) >= 3,
-        "io={io}: {v}"
-    );
+    // The refusals of an admitted session are counted on it (reported
+    // by the worker, so polled).
+    app.wait_session(&s.id, "3 refused connects", IO_TIMEOUT, |v| {
+        v["refused_connects"].as_u64().unwrap_or(0) >= 3
+    });
 }
 
 // ---------------------------------------------------------------------------
