@@ -150,7 +150,8 @@ causes! {
     BackendUpgradeTimeout => ("backend_upgrade_timeout", Backend, true, None, Some(close_code::INTERNAL_ERROR)),
     /// The backend broke a WebSocket framing rule.
     BackendWsProtocol => ("backend_ws_protocol", Backend, true, None, Some(close_code::INTERNAL_ERROR)),
-    /// The backend sent a close frame (its code is relayed in the reason).
+    /// The backend sent a close frame (its code and reason are relayed to
+    /// the browser).
     BackendClosedWs => ("backend_closed_ws", Nobody, false, None, Some(close_code::NORMAL)),
     /// A target URL the appliance cannot use (configuration or hypervisor).
     BadTargetUrl => ("bad_target_url", Appliance, true, None, Some(close_code::INTERNAL_ERROR)),

@@ -450,6 +450,37 @@ fn close_frame_after_a_short_exchange_gets_its_echo() {
     assert!(r.close_sent.unwrap().at_ms <= echo.at_ms);
 }
 
+/// A client that ends with a close frame and TLS close_notify in one
+/// write (as the appliance's WebMKS relay does): the close frame is
+/// recorded, not lost behind the end of the TLS stream.
+#[test]
+fn close_frame_in_the_same_read_as_close_notify_is_recorded() {
+    use std::io::Write as _;
+    let backend = WssBackend::start(Behaviour::Echo);
+    let c = connect(&backend, &["binary"]);
+    let mut stream = c.ws.into_inner();
+    let close = build_frame(
+        true,
+        OPCODE_CLOSE,
+        &4002u16.to_be_bytes(),
+        Some([1, 2, 3, 4]),
+    );
+    stream.conn.writer().write_all(&close).unwrap();
+    stream.conn.send_close_notify();
+    let mut records = Vec::new();
+    while stream.conn.wants_write() {
+        stream.conn.write_tls(&mut records).unwrap();
+    }
+    stream.sock.write_all(&records).unwrap();
+    let r = backend.wait_ended(0, IO_TIMEOUT);
+    assert_eq!(
+        r.close_received.as_ref().map(|c| c.code),
+        Some(Some(4002)),
+        "{}",
+        r.summary()
+    );
+}
+
 #[test]
 fn never_answered_upgrade_times_out_and_is_recorded() {
     let backend = WssBackend::start(Behaviour::NeverAnswerUpgrade);

@@ -990,6 +990,9 @@ pub fn parse_frame(buf: &mut Vec<u8>, at_ms: u64) -> Result<Option<RawFrame>, St
 struct Reader {
     socket: TcpStream,
     pending: Vec<u8>,
+    /// The peer's close_notify came: once `pending` is parsed, the reads
+    /// are over.
+    peer_closed: bool,
 }
 
 enum ReadOutcome {
@@ -1007,6 +1010,9 @@ impl Reader {
         drain_plaintext(&mut lock(&link.tls), &mut self.pending)?;
         if self.pending.len() > before {
             return Ok(ReadOutcome::Data);
+        }
+        if self.peer_closed {
+            return Ok(ReadOutcome::Eof);
         }
         let mut buf = vec![0u8; 64 * 1024];
         let n = match self.socket.read(&mut buf) {
@@ -1035,7 +1041,10 @@ impl Reader {
             peer_closed |= state.peer_has_closed();
             drain_plaintext(&mut tls, &mut self.pending)?;
         }
-        Ok(if peer_closed {
+        // What came with the close_notify (a close frame, typically) is
+        // parsed before the end is reported.
+        self.peer_closed = peer_closed;
+        Ok(if peer_closed && self.pending.len() == before {
             ReadOutcome::Eof
         } else {
             ReadOutcome::Data
@@ -1119,6 +1128,7 @@ fn serve_upgraded(link: &Arc<Link>, socket: TcpStream, behaviour: &Behaviour) ->
     let mut reader = Reader {
         socket,
         pending: Vec::new(),
+        peer_closed: false,
     };
     let request = match read_request(link, &mut reader) {
         Ok(r) => r,

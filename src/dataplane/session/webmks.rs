@@ -392,8 +392,14 @@ impl Session {
                     .to_string();
                 tracing::debug!(session = self.id, code = ?code, reason = %why, "backend closed the WebSocket");
                 // Its close is echoed by webmks_closing (below start_close).
+                // The browser gets the host's code and words (its close
+                // event carries them to the page), or ours when it gave none.
                 let code = sendable_code(code, close_code::NORMAL);
-                self.start_close(ctx, code, "backend closed", now);
+                let words = std::str::from_utf8(reason.as_slice())
+                    .ok()
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or("backend closed");
+                self.start_close(ctx, code, words, now);
                 self.close = Some(super::CloseInfo {
                     code: Some(code),
                     reason: format!("backend closed: {why}"),
