@@ -2,14 +2,15 @@
 # `make bench`: every benchmark in one run — latency, throughput, idle-session
 # memory and handshakes — for consolegate (io_uring and epoll) against direct
 # TCP, a plain TCP relay and websockify, plus session start (creation → first
-# relayed byte) of consolegate in appliance mode, all on 127.0.0.1; one
-# combined report.
+# relayed byte) of consolegate in appliance mode and its CPU per GB with
+# several bulk downstream sessions at once (by thread: workers, io-wq), all
+# on 127.0.0.1; one combined report.
 #
 #   bash scripts/bench.sh                          # `consolegate-bench all` with its defaults
 #   bash scripts/bench.sh --runs 1 --skip memory   # extra args go to the bench
 #   bash scripts/bench.sh --consolegate-arg=--workers=1   # a consolegate variant
 #   bash scripts/bench.sh latency --runs 5         # one benchmark alone
-#                                                  # (latency|throughput|memory|handshakes|session-start)
+#                                                  # (latency|throughput|memory|handshakes|session-start|downstream-bulk)
 #
 # Steps: release build; a Python virtualenv at bench/.venv with websockify and
 # numpy pinned (websockify unmasks with numpy when it is importable); then the
@@ -102,7 +103,7 @@ if [[ -n "$(git status --porcelain 2>/dev/null | head -1)" ]]; then GIT_REV="$GI
 
 SUBCOMMAND=all
 case "${1:-}" in
-    all|latency|throughput|memory|handshakes|session-start) SUBCOMMAND=$1; shift ;;
+    all|latency|throughput|memory|handshakes|session-start|downstream-bulk) SUBCOMMAND=$1; shift ;;
 esac
 
 STATUS=0

@@ -17,6 +17,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::common::{unix_now, Common};
+use crate::downstream_bulk::{self, BulkConfig, BulkReport};
 use crate::handshakes::{self, HandshakeConfig, HandshakeReport};
 use crate::latency::{self, LatencyConfig, Report as LatencyReport};
 use crate::memory::{self, MemoryConfig, MemoryReport};
@@ -35,6 +36,7 @@ pub enum Bench {
     Memory,
     Handshakes,
     SessionStart,
+    DownstreamBulk,
 }
 
 pub struct AllConfig {
@@ -44,6 +46,7 @@ pub struct AllConfig {
     pub memory: MemoryConfig,
     pub handshakes: HandshakeConfig,
     pub session_start: SessionStartConfig,
+    pub downstream_bulk: BulkConfig,
     pub common: Common,
 }
 
@@ -76,6 +79,8 @@ pub struct AllReport {
     pub handshakes: Option<HandshakeReport>,
     /// Appliance mode only (consolegate variants); no websockify equivalent.
     pub session_start: Option<SessionStartReport>,
+    /// Several bulk downstream sessions at once, CPU split by thread.
+    pub downstream_bulk: Option<BulkReport>,
 }
 
 const CONSOLEGATES: [ProxyKind; 2] = [ProxyKind::ConsolegateEpoll, ProxyKind::ConsolegateUring];
@@ -422,6 +427,14 @@ pub fn render_markdown(r: &AllReport) -> String {
         out.push_str(&session_start::render_text(s));
         out.push('\n');
     }
+    if let Some(b) = &r.downstream_bulk {
+        let _ = writeln!(
+            out,
+            "## Downstream bulk (several sessions, CPU by thread)\n"
+        );
+        out.push_str(&downstream_bulk::render_text(b));
+        out.push('\n');
+    }
     if !r.errors.is_empty() {
         let _ = writeln!(out, "## Errors\n");
         for e in &r.errors {
@@ -486,6 +499,14 @@ pub fn run(cfg: AllConfig, tuning: Tuning, stop: Arc<AtomicBool>) -> Result<AllR
     } else {
         None
     };
+    let downstream_bulk = if on(Bench::DownstreamBulk) && !cfg.downstream_bulk.proxies.is_empty() {
+        eprintln!("== downstream-bulk");
+        downstream_bulk::run(cfg.downstream_bulk, stop.clone())
+            .map_err(|e| note("downstream-bulk", e))
+            .ok()
+    } else {
+        None
+    };
     let targets = targets(
         latency.as_ref(),
         throughput.as_ref(),
@@ -506,6 +527,7 @@ pub fn run(cfg: AllConfig, tuning: Tuning, stop: Arc<AtomicBool>) -> Result<AllR
         memory,
         handshakes,
         session_start,
+        downstream_bulk,
     };
     let md = render_markdown(&report);
     let dir = &report.common.out_dir;

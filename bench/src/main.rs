@@ -18,6 +18,7 @@ mod child;
 mod childserver;
 mod client;
 mod common;
+mod downstream_bulk;
 mod echo;
 mod evclient;
 mod handshakes;
@@ -90,6 +91,16 @@ enum Command {
         #[command(flatten)]
         opts: ThroughputOpts,
     },
+    /// Several bulk downstream sessions at once: proxy CPU per GB, split
+    /// by thread (workers, io_uring io-wq, other).
+    DownstreamBulk {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        opts: downstream_bulk::DownstreamBulkOpts,
+    },
     /// Memory per idle session (PSS) and how many idle sessions stay live.
     Memory {
         #[command(flatten)]
@@ -134,6 +145,8 @@ enum Command {
         handshakes: HandshakeOpts,
         #[command(flatten)]
         session_start: SessionStartOpts,
+        #[command(flatten)]
+        downstream_bulk: downstream_bulk::DownstreamBulkOpts,
         /// Benchmarks to leave out.
         #[arg(long, value_enum, value_delimiter = ',')]
         skip: Vec<Bench>,
@@ -577,6 +590,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let r = throughput::run(opts.config(&common.proxies, &c), stop)?;
             Ok(exit_code(r.run.interrupted))
         }
+        Command::DownstreamBulk { common, host, opts } => {
+            let c = common.common()?;
+            prepare_host(&host, &c)?;
+            let r = downstream_bulk::run(opts.config(&common.proxies, &c), stop)?;
+            Ok(exit_code(r.run.interrupted))
+        }
         Command::Memory { common, host, opts } => {
             let c = common.common()?;
             let t = prepare_host(&host, &c)?;
@@ -610,6 +629,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             memory,
             handshakes,
             session_start,
+            downstream_bulk,
             skip,
         } => {
             let c = common.common()?;
@@ -622,6 +642,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 memory: memory.config(p, &c),
                 handshakes: handshakes.config(p, &c),
                 session_start: session_start.config(p, &c),
+                downstream_bulk: downstream_bulk.config(p, &c),
                 common: c,
             };
             let r = all::run(cfg, t, stop)?;

@@ -16,6 +16,9 @@ fn out_dir(name: &str) -> PathBuf {
 /// Runs the bench with `args`, killing it after `limit`; returns its stderr.
 fn bench(args: &[&str], out: &Path, limit: Duration) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_consolegate-bench"))
+        // Meant for this test only: the appliance refuses CONSOLEGATE_*
+        // variables that name no setting.
+        .env_remove("CONSOLEGATE_TEST_BIN")
         .args(args)
         .arg("--out-dir")
         .arg(out)
@@ -306,5 +309,65 @@ fn session_start_measures_the_appliance() {
         assert!(c["hgrm"]["total"].is_string(), "{c}");
         assert!(out.join(c["hgrm"]["api"].as_str().unwrap()).is_file());
     }
+    let _ = std::fs::remove_dir_all(out);
+}
+
+/// downstream-bulk against the real proxy ([`consolegate_under_test`]),
+/// both io backends: several sessions at once, every byte arrives, the CPU
+/// is split by thread class, and the proxy's log says which fast path
+/// carried the bytes (splice on epoll, bulk receives on io_uring).
+#[test]
+fn downstream_bulk_splits_the_proxy_cpu_by_thread() {
+    let exe = consolegate_under_test();
+    let out = out_dir("bulk");
+    bench(
+        &[
+            "downstream-bulk",
+            "--consolegate",
+            exe.to_str().unwrap(),
+            "--bulk-proxies",
+            "consolegate-epoll,consolegate-uring",
+            "--bulk-runs",
+            "1",
+            "--bulk-sessions",
+            "3",
+            "--bulk-bytes",
+            "48MiB",
+            "--bulk-warmup-bytes",
+            "1MiB",
+        ],
+        &out,
+        Duration::from_secs(120),
+    );
+    let r = json(out.join("downstream-bulk.json"));
+    let ms = r["measurements"].as_array().unwrap();
+    assert_eq!(ms.len(), 2, "one run of each backend: {r}");
+    for m in ms {
+        assert_eq!(m["ok"], true, "{m}");
+        assert!(m["bytes"].as_u64().unwrap() >= 48 << 20, "{m}");
+        let cpu = m["proxy_cpu_s"].as_f64().unwrap();
+        assert!(cpu > 0.0, "{m}");
+        // The classes add up to the process total (tick rounding aside).
+        let t = &m["threads"];
+        let sum: f64 = ["worker_s", "io_wq_s", "sqpoll_s", "other_s", "exited_s"]
+            .iter()
+            .map(|k| t[k].as_f64().unwrap())
+            .sum();
+        assert!((sum - cpu).abs() < 0.05, "{sum} vs {cpu}: {m}");
+        assert!(t["worker_s"].as_f64().unwrap() > 0.0, "{m}");
+        // Every session closed and logged its bytes.
+        let log = &m["log"];
+        assert_eq!(log["sessions_closed"], 3, "{m}");
+        let down = log["bytes_down"].as_u64().unwrap();
+        assert!(down >= 48 << 20, "{m}");
+        let path = if m["proxy"] == "consolegate-epoll" {
+            "bytes_spliced"
+        } else {
+            "bytes_bulk_recv"
+        };
+        assert!(log[path].as_u64().unwrap() > down / 2, "{path}: {m}");
+    }
+    let text = std::fs::read_to_string(out.join("downstream-bulk.txt")).unwrap();
+    assert!(text.contains("| consolegate-uring"), "{text}");
     let _ = std::fs::remove_dir_all(out);
 }
