@@ -4,7 +4,7 @@
 //! `report.md` (the tables, the limits, the targets met or missed).
 //!
 //! Each benchmark still writes its own files (`latency.*`, `throughput.*`,
-//! `memory.*`, `handshakes.*`, `session-start.*`, `hgrm/`, `latency.svg`,
+//! `memory.*`, `handshakes.*`, `session-start.*`, `webmks.*`, `hgrm/`, `latency.svg`,
 //! `logs/`) into the
 //! same directory. A benchmark that fails is recorded as such and the
 //! others still run.
@@ -27,6 +27,7 @@ use crate::report::{self, Machine};
 use crate::session_start::{self, SessionStartConfig, SessionStartReport};
 use crate::throughput::{self, Direction, ThroughputConfig, ThroughputReport};
 use crate::tuning::Tuning;
+use crate::webmks::{self, WebmksConfig, WebmksReport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -37,6 +38,7 @@ pub enum Bench {
     Handshakes,
     SessionStart,
     DownstreamBulk,
+    Webmks,
 }
 
 pub struct AllConfig {
@@ -47,6 +49,7 @@ pub struct AllConfig {
     pub handshakes: HandshakeConfig,
     pub session_start: SessionStartConfig,
     pub downstream_bulk: BulkConfig,
+    pub webmks: WebmksConfig,
     pub common: Common,
 }
 
@@ -81,6 +84,8 @@ pub struct AllReport {
     pub session_start: Option<SessionStartReport>,
     /// Several bulk downstream sessions at once, CPU split by thread.
     pub downstream_bulk: Option<BulkReport>,
+    /// Appliance mode: `webmks` vs `vnc` sessions (consolegate variants).
+    pub webmks: Option<WebmksReport>,
 }
 
 const CONSOLEGATES: [ProxyKind; 2] = [ProxyKind::ConsolegateEpoll, ProxyKind::ConsolegateUring];
@@ -435,6 +440,11 @@ pub fn render_markdown(r: &AllReport) -> String {
         out.push_str(&downstream_bulk::render_text(b));
         out.push('\n');
     }
+    if let Some(w) = &r.webmks {
+        let _ = writeln!(out, "## WebMKS relay (appliance)\n");
+        out.push_str(&crate::webmks_report::render_text(w));
+        out.push('\n');
+    }
     if !r.errors.is_empty() {
         let _ = writeln!(out, "## Errors\n");
         for e in &r.errors {
@@ -507,12 +517,21 @@ pub fn run(cfg: AllConfig, tuning: Tuning, stop: Arc<AtomicBool>) -> Result<AllR
     } else {
         None
     };
-    let targets = targets(
+    let webmks = if on(Bench::Webmks) && !cfg.webmks.proxies.is_empty() {
+        eprintln!("== webmks");
+        webmks::run(cfg.webmks, stop.clone())
+            .map_err(|e| note("webmks", e))
+            .ok()
+    } else {
+        None
+    };
+    let mut targets = targets(
         latency.as_ref(),
         throughput.as_ref(),
         memory.as_ref(),
         handshakes.as_ref(),
     );
+    targets.extend(webmks.iter().flat_map(|w| w.targets.iter().cloned()));
     let report = AllReport {
         run: RunInfo::ended("all", started, &stop, machine),
         schema_version: 1,
@@ -528,6 +547,7 @@ pub fn run(cfg: AllConfig, tuning: Tuning, stop: Arc<AtomicBool>) -> Result<AllR
         handshakes,
         session_start,
         downstream_bulk,
+        webmks,
     };
     let md = render_markdown(&report);
     let dir = &report.common.out_dir;

@@ -10,7 +10,10 @@
 //! `report` and `svg` (figures and reporters), and one module per benchmark
 //! (`latency`, `throughput`, `memory`, `handshakes`, `session_start`) plus
 //! `all`. `session_start` drives consolegate in appliance mode: `appliance`
-//! starts it, `rest` is the client of its control API.
+//! starts it, `rest` is the client of its control API. `webmks` compares
+//! the appliance's `webmks` and `vnc` sessions: `wss_backend` (the stand-in
+//! VMware host), `wss_client` (its direct baseline), `tls_cost` (TLS
+//! alone), `webmks_load` (its load generators), `webmks_report`.
 
 mod all;
 mod appliance;
@@ -34,9 +37,15 @@ mod session_start;
 mod stats;
 mod svg;
 mod throughput;
+mod tls_cost;
 mod tuning;
+mod webmks;
+mod webmks_load;
+mod webmks_report;
 mod workload;
 mod wsproto;
+mod wss_backend;
+mod wss_client;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -129,6 +138,23 @@ enum Command {
         #[command(flatten)]
         opts: SessionStartOpts,
     },
+    /// Appliance mode: a `webmks` session (to a local TLS WebSocket
+    /// stand-in for a VMware host) against a `vnc` session of the same
+    /// appliance: added latency, CPU-s per GB both ways, and TLS alone.
+    /// Takes the latency and throughput options (the same workloads);
+    /// concurrency is --webmks-concurrency.
+    Webmks {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        latency: LatencyOpts,
+        #[command(flatten)]
+        throughput: ThroughputOpts,
+        #[command(flatten)]
+        webmks: WebmksOpts,
+    },
     /// Every benchmark in one run, one combined report (what `make bench` runs).
     All {
         #[command(flatten)]
@@ -147,6 +173,8 @@ enum Command {
         session_start: SessionStartOpts,
         #[command(flatten)]
         downstream_bulk: downstream_bulk::DownstreamBulkOpts,
+        #[command(flatten)]
+        webmks: WebmksOpts,
         /// Benchmarks to leave out.
         #[arg(long, value_enum, value_delimiter = ',')]
         skip: Vec<Bench>,
@@ -377,6 +405,46 @@ impl SessionStartOpts {
             time_limit_ms: self.session_start_time_limit_ms,
             http: self.session_start_http,
             state_root: self.session_start_state_dir.clone(),
+            common: common.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct WebmksOpts {
+    /// Concurrent sessions per latency measurement of the webmks benchmark
+    /// (its runs are --runs; its other options are the latency and
+    /// throughput benchmarks').
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    webmks_concurrency: Vec<usize>,
+    /// Plaintext bytes of each TLS-alone measurement (default: --throughput-bytes).
+    #[arg(long, value_parser = parse_bytes)]
+    webmks_tls_bytes: Option<u64>,
+}
+
+impl WebmksOpts {
+    fn config(
+        &self,
+        latency: &LatencyOpts,
+        throughput: &ThroughputOpts,
+        proxies: &[ProxyKind],
+        common: &Common,
+    ) -> webmks::WebmksConfig {
+        webmks::WebmksConfig {
+            proxies: session_start::consolegate_variants(proxies),
+            runs: latency.runs,
+            concurrency: self.webmks_concurrency.clone(),
+            message_bytes: latency.message_bytes,
+            warmup_round_trips: latency.warmup,
+            round_trips: latency.round_trips,
+            time_limit_ms: latency.time_limit_ms,
+            directions: throughput.directions.clone(),
+            sessions: throughput.throughput_sessions,
+            bytes: throughput.throughput_bytes,
+            chunk_bytes: usize::try_from(throughput.chunk_bytes).unwrap_or(usize::MAX),
+            warmup_bytes: throughput.throughput_warmup_bytes,
+            throughput_time_limit_ms: throughput.throughput_time_limit_ms,
+            tls_cost_bytes: self.webmks_tls_bytes.unwrap_or(throughput.throughput_bytes),
             common: common.clone(),
         }
     }
@@ -621,6 +689,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Webmks {
+            common,
+            host,
+            latency,
+            throughput,
+            webmks,
+        } => {
+            let c = common.common()?;
+            prepare_host(&host, &c)?;
+            let cfg = webmks.config(&latency, &throughput, &common.proxies, &c);
+            let r = webmks::run(cfg, stop)?;
+            Ok(exit_code(r.run.interrupted))
+        }
         Command::All {
             common,
             host,
@@ -630,6 +711,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             handshakes,
             session_start,
             downstream_bulk,
+            webmks,
             skip,
         } => {
             let c = common.common()?;
@@ -637,6 +719,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let p = &common.proxies;
             let cfg = all::AllConfig {
                 skip,
+                webmks: webmks.config(&latency, &throughput, p, &c),
                 latency: latency.config(p, &c),
                 throughput: throughput.config(p, &c),
                 memory: memory.config(p, &c),

@@ -371,3 +371,69 @@ fn downstream_bulk_splits_the_proxy_cpu_by_thread() {
     assert!(text.contains("| consolegate-uring"), "{text}");
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// webmks against the real appliance ([`consolegate_under_test`]): `vnc` and
+/// `webmks` sessions of one appliance, their baselines, TLS alone, and the
+/// targets, all in a small run.
+#[test]
+fn webmks_compares_the_two_relay_kinds_of_the_appliance() {
+    let exe = consolegate_under_test();
+    let out = out_dir("webmks");
+    bench(
+        &[
+            "webmks",
+            "--consolegate",
+            exe.to_str().unwrap(),
+            "--proxies",
+            "consolegate-epoll",
+            "--runs",
+            "1",
+            "--webmks-concurrency",
+            "1,2",
+            "--round-trips",
+            "50",
+            "--warmup",
+            "5",
+            "--throughput-bytes",
+            "16MiB",
+            "--throughput-warmup-bytes",
+            "1MiB",
+            "--webmks-tls-bytes",
+            "8MiB",
+        ],
+        &out,
+        Duration::from_secs(180),
+    );
+    let r = json(out.join("webmks.json"));
+    let run = &r["runs"][0];
+    let lat = run["latency"].as_array().unwrap();
+    // direct-tcp, direct-wss, vnc, webmks × c=1,2.
+    assert_eq!(lat.len(), 8, "{run}");
+    for c in lat {
+        assert_eq!(c["ok"], true, "{c}");
+        let rts = if c["concurrency"] == 1 { 50 } else { 100 };
+        assert_eq!(c["round_trips"], rts, "{c}");
+        if c["via"] == "vnc" || c["via"] == "webmks" {
+            assert!(c["added"]["p50_us"].is_number(), "{c}");
+        }
+    }
+    let tp = run["throughput"].as_array().unwrap();
+    assert_eq!(tp.len(), 4, "vnc and webmks × down and up: {run}");
+    for c in tp {
+        assert_eq!(c["ok"], true, "{c}");
+        assert!(c["bytes"].as_u64().unwrap() >= 16 << 20, "{c}");
+        assert!(c["cpu_s_per_gb"].as_f64().unwrap() > 0.0, "{c}");
+    }
+    assert!(run["tls"]["decrypt_cpu_s_per_gb"].as_f64().unwrap() > 0.0);
+    let suite = run["backend_cipher_suite"].as_str().unwrap();
+    assert_eq!(suite, run["tls"]["cipher_suite"].as_str().unwrap());
+    let targets = r["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 4, "2 latency + 2 CPU targets: {targets:?}");
+    for t in targets {
+        assert!(t["value"].is_number(), "{t}");
+    }
+    let text = std::fs::read_to_string(out.join("webmks.txt")).unwrap();
+    assert!(text.contains("webmks ÷ (vnc + TLS)"), "{text}");
+    assert!(out.join("hgrm/webmks/webmks-epoll-c2.hgrm").is_file());
+    let _ = std::fs::remove_dir_all(out);
+}
