@@ -103,6 +103,8 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         }
     }
     let state_dir = cfg.resolve_state_dir()?;
+    // The JWT key is read now, so a bad key file stops the start at once.
+    let jwt = consolegate::auth::JwtVerifier::from_config(&cfg.auth.jwt)?;
     tracing::info!(dir = %state_dir.path.display(), origin = ?state_dir.origin, "state directory");
 
     // The built-in demo console, so the appliance works with no hypervisor.
@@ -211,6 +213,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         tracing::info!(hypervisor = %m.id, kind = m.kind, "hypervisor configured");
     }
     let state = Arc::new(ControlState {
+        jwt,
         registry: Mutex::new(Registry::new(
             cfg.sessions.max_sessions,
             cfg.sessions.max_sessions_per_user,

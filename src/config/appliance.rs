@@ -263,6 +263,8 @@ pub struct AuthConfig {
     /// `[[auth.tokens]]` entries. None configured: an admin token is
     /// generated at start ([`ApplianceConfig::ensure_admin_token`]).
     pub tokens: Vec<TokenConfig>,
+    /// `[auth.jwt]`: users' JSON Web Tokens.
+    pub jwt: super::users::JwtConfig,
 }
 
 /// One API token.
@@ -300,6 +302,12 @@ pub enum Role {
     Admin,
     /// Read-only endpoints and events.
     Read,
+    /// Consoles of any VM and raw targets, power actions, any session;
+    /// not the appliance's own switches (failpoints).
+    Operator,
+    /// A user (JWT only: it needs a `sub`): their own consoles, of the VMs
+    /// their token allows, opened through `POST /api/v1/vms/{vm}/console`.
+    Viewer,
 }
 
 /// `[dataplane]`: the worker threads.
@@ -845,7 +853,14 @@ impl ApplianceConfig {
                 // Name the other entry, never the value.
                 return Err(invalid(key, format!("duplicate of auth.tokens[{j}].token")));
             }
+            if t.role == Role::Viewer {
+                return Err(invalid(
+                    format!("auth.tokens[{i}].role"),
+                    "viewer is a user's role: it comes from a JWT (a static token has no user)",
+                ));
+            }
         }
+        self.auth.jwt.validate()?;
 
         // [dataplane]
         let d = &self.dataplane;
@@ -1468,6 +1483,10 @@ const OPTIONAL_KEYS: &[&[&str]] = &[
     &["tls", "cert"],
     &["tls", "key"],
     &["sessions", "portal_origin"],
+    &["auth", "jwt", "hs256_secret_file"],
+    &["auth", "jwt", "public_key_file"],
+    &["auth", "jwt", "issuer"],
+    &["auth", "jwt", "audience"],
 ];
 
 /// The defaults as a TOML table, with the optional keys added as strings:

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::registry::{self, id_hex, PortMode, Record, TargetView};
 use super::ControlState;
-use crate::config::appliance::Role;
+use crate::auth::{Need, Principal};
 use crate::dataplane::router::base64_url;
 use crate::mailbox::{Admission, Target, ToWorker};
 
@@ -93,12 +93,14 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .with_state(state)
 }
 
-/// Bearer-token check; `admin` for changes, any role for reads.
+/// Who the caller is (`Authorization: Bearer`: a static token or, with
+/// `[auth.jwt]` on, a JWT) and whether that is enough for `need`: 401
+/// when no principal, 403 when the role is not enough; counted by cause.
 pub(super) fn authorize(
     state: &ControlState,
     headers: &HeaderMap,
-    need_admin: bool,
-) -> ApiResult<Role> {
+    need: Need,
+) -> ApiResult<Principal> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -112,24 +114,24 @@ pub(super) fn authorize(
             "missing bearer token (Authorization: Bearer <token>)",
         ));
     };
-    let Some(role) = state.role_of(token) else {
-        state.count_error("auth_bad_token");
-        tracing::warn!("API request with an unknown token");
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "unknown token",
-        ));
-    };
-    if need_admin && role != Role::Admin {
+    let principal = state.principal_of(token).map_err(|e| {
+        state.count_error(e.kind());
+        tracing::warn!(cause = e.kind(), "API request with a refused token");
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+    })?;
+    if !principal.has(need) {
         state.count_error("auth_forbidden");
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this token is read-only",
-        ));
+        return Err(forbidden(format!(
+            "this needs {} (the token has {:?})",
+            need.describe(),
+            principal.role
+        )));
     }
-    Ok(role)
+    Ok(principal)
+}
+
+pub(super) fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
 async fn not_found() -> ApiError {
@@ -251,7 +253,7 @@ async fn openapi() -> Response {
 
 async fn metrics(State(state): State<Arc<ControlState>>, headers: HeaderMap) -> Response {
     if state.cfg.control.metrics_require_token {
-        if let Err(e) = authorize(&state, &headers, false) {
+        if let Err(e) = authorize(&state, &headers, Need::ReadAll) {
             return e.into_response();
         }
     }
@@ -398,7 +400,9 @@ impl TargetReq {
 #[serde(deny_unknown_fields)]
 pub struct CreateReq {
     pub target: TargetReq,
-    pub user: String,
+    /// Required with a static token; a JWT's `sub` by default.
+    #[serde(default)]
+    pub user: Option<String>,
     #[serde(default)]
     pub vm_id: Option<String>,
     #[serde(default)]
@@ -468,7 +472,7 @@ async fn create_session(
     headers: HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<CreateResp>)> {
-    authorize(&state, &headers, true)?;
+    let principal = authorize(&state, &headers, Need::Operate)?;
     // Fault tests: a slow session creation (`api-delay` = return(ms)).
     #[cfg(feature = "failpoints")]
     if let Some(ms) =
@@ -479,7 +483,7 @@ async fn create_session(
     refuse_when_draining(&state)?;
     let req: CreateReq = parse_body(&state, body)?;
     let options = SessionOptions {
-        user: req.user,
+        user: session_user(&principal, req.user)?,
         vm_id: req.vm_id,
         ttl_s: req.ttl_s,
         port_mode: req.port_mode,
@@ -490,6 +494,24 @@ async fn create_session(
     let (target, view) = resolve_target(&state, &req.target).await?;
     let resp = open_session(&state, target, view, &options, checked).await?;
     Ok((StatusCode::CREATED, Json(resp)))
+}
+
+/// The user a new session belongs to: a viewer's own (`sub`; asking for
+/// another user's is 403), for operators and admins the one asked for or
+/// their own, and for a static token (a service, no user of its own) the
+/// one asked for.
+pub(super) fn session_user(principal: &Principal, asked: Option<String>) -> ApiResult<String> {
+    match (&principal.user, asked) {
+        (Some(own), Some(asked)) if !principal.sees_all() && *own != asked => Err(forbidden(
+            format!("a viewer opens consoles as themself ({own:?}), not as {asked:?}"),
+        )),
+        (_, Some(asked)) => Ok(asked),
+        (Some(own), None) => Ok(own.clone()),
+        (None, None) => Err(bad(
+            "bad_user",
+            "user is required (the token is a service's, not a user's)",
+        )),
+    }
 }
 
 /// 503 `draining` once the appliance is shutting down.
@@ -946,13 +968,19 @@ async fn list_sessions(
     State(state): State<Arc<ControlState>>,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize(&state, &headers, false)?;
-    let list = state
+    let principal = authorize(&state, &headers, Need::Any)?;
+    let mut list = state
         .registry
         .lock()
         .map_err(|_| internal())?
         .list(Instant::now());
+    // A viewer sees only their own consoles.
+    list.retain(|r| principal.owns(&r.user));
     Ok(Json(json!({"sessions": list})))
+}
+
+fn session_not_found(message: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "session_not_found", message)
 }
 
 async fn get_session(
@@ -960,21 +988,18 @@ async fn get_session(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Record>> {
-    authorize(&state, &headers, false)?;
+    let principal = authorize(&state, &headers, Need::Any)?;
     let id = parse_id(&id)?;
     state
         .registry
         .lock()
         .map_err(|_| internal())?
         .get(id, Instant::now())
+        // Another user's session is "not found" to a viewer: its
+        // existence is not theirs to know.
+        .filter(|r| principal.owns(&r.user))
         .map(Json)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "session_not_found",
-                "no such session",
-            )
-        })
+        .ok_or_else(|| session_not_found("no such session"))
 }
 
 async fn delete_session(
@@ -982,20 +1007,24 @@ async fn delete_session(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Record>> {
-    authorize(&state, &headers, true)?;
+    let principal = authorize(&state, &headers, Need::OpenConsole)?;
     let id = parse_id(&id)?;
-    let rec = state
-        .registry
-        .lock()
-        .map_err(|_| internal())?
-        .revoke(id)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "session_not_found",
-                "no such live session",
-            )
-        })?;
+    let rec = {
+        let mut registry = state.registry.lock().map_err(|_| internal())?;
+        match registry.owner_of(id) {
+            Some(owner) if principal.owns(owner) => registry.revoke(id),
+            _ => None,
+        }
+    }
+    .ok_or_else(|| session_not_found("no such live session"))?;
+    after_revoke(&state, id);
+    tracing::info!(session = %id_hex(id), by = ?principal.user, "session revoked");
+    Ok(Json(rec))
+}
+
+/// What follows a session's revocation in the registry: tell the workers,
+/// settle its one-time credential, count it.
+pub(super) fn after_revoke(state: &ControlState, id: u64) {
     // Every worker may hold the admission; the one with the relay closes it
     // at once. The admission is marked revoked already, so no new connect
     // can use it and a live relay closes on its worker's next tick even if
@@ -1005,8 +1034,6 @@ async fn delete_session(
     if let Ok(mut c) = state.counters.lock() {
         c.sessions_revoked += 1;
     }
-    tracing::info!(session = %id_hex(id), "session revoked");
-    Ok(Json(rec))
 }
 
 #[cfg(feature = "failpoints")]
@@ -1016,7 +1043,7 @@ async fn set_failpoint(
     Path(name): Path<String>,
     actions: String,
 ) -> ApiResult<StatusCode> {
-    authorize(&state, &headers, true)?;
+    authorize(&state, &headers, Need::Admin)?;
     fail::cfg(name.clone(), actions.trim()).map_err(|e| bad("bad_failpoint", e))?;
     tracing::warn!(failpoint = %name, actions = %actions.trim(), "failpoint set");
     Ok(StatusCode::NO_CONTENT)
@@ -1028,7 +1055,7 @@ async fn clear_failpoint(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    authorize(&state, &headers, true)?;
+    authorize(&state, &headers, Need::Admin)?;
     fail::remove(&name);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -1037,7 +1064,7 @@ async fn ports(
     State(state): State<Arc<ControlState>>,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize(&state, &headers, false)?;
+    authorize(&state, &headers, Need::ReadAll)?;
     let Some(pool) = &state.ports else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -1054,7 +1081,7 @@ async fn stats(
     State(state): State<Arc<ControlState>>,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize(&state, &headers, false)?;
+    authorize(&state, &headers, Need::ReadAll)?;
     Ok(Json(super::metrics_text::stats_json(&state)))
 }
 

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
 
+use crate::auth::{AuthError, Principal};
 use crate::config::appliance::{ApplianceConfig, Role};
 use crate::dataplane::worker::WorkerControl;
 use crate::hypervisor::fleet::{Fleet, VmRef};
@@ -89,6 +90,8 @@ pub struct ControlState {
     /// registry's `max_sessions` (an entry exists only for a live
     /// session, and is removed with it).
     pub one_time: Mutex<HashMap<u64, VmRef>>,
+    /// `[auth.jwt]`'s verifier (key loaded at start); `None` when off.
+    pub jwt: Option<crate::auth::JwtVerifier>,
 }
 
 /// Undelivered revoke messages kept for retry; beyond, the oldest are
@@ -96,6 +99,18 @@ pub struct ControlState {
 pub const MAX_PENDING_REVOKES: usize = 65_536;
 
 impl ControlState {
+    /// Who a bearer token stands for: a static `[[auth.tokens]]` entry
+    /// (a service), else, with `[auth.jwt]` on, a verified JWT (a user).
+    pub fn principal_of(&self, token: &str) -> Result<Principal, AuthError> {
+        if let Some(role) = self.role_of(token) {
+            return Ok(Principal::service(role));
+        }
+        match &self.jwt {
+            Some(v) => v.verify(token),
+            None => Err(AuthError::Unknown),
+        }
+    }
+
     /// The role a bearer token grants, if any (constant-time comparison).
     pub fn role_of(&self, token: &str) -> Option<Role> {
         use subtle::ConstantTimeEq;

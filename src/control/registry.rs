@@ -252,6 +252,11 @@ impl Registry {
         }
     }
 
+    /// The user of a live (pending or open) session.
+    pub fn owner_of(&self, id: u64) -> Option<&str> {
+        self.live.get(&id).map(|r| r.user.as_str())
+    }
+
     /// End a session through the API; returns the record as it was.
     pub fn revoke(&mut self, id: u64) -> Option<Record> {
         let mut r = self.live.remove(&id)?;

@@ -2051,6 +2051,9 @@ pub struct ApplianceOptions {
     pub control_toml: String,
     /// How the process is launched (limits, FAILPOINTS).
     pub launch: Launch,
+    /// TOML appended at the end of the file (whole new tables, e.g.
+    /// `[auth.jwt]`, `[viewers]`).
+    pub extra_toml: String,
 }
 
 /// The TOML of a test appliance: loopback listeners on port 0, one admin and
@@ -2118,6 +2121,7 @@ pub fn appliance_config_text(
         ));
     }
     t.push_str("\n\n[log]\nlevel = \"info\"\n");
+    t.push_str(&opts.extra_toml);
     t
 }
 
