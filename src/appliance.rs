@@ -179,7 +179,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         workers: n,
         io: cfg.dataplane.io,
         pin_workers: cfg.dataplane.pin_workers,
-        limits: cfg.dataplane.limits.clone(),
+        limits: cfg.console_limits(),
     };
     let dp = DataPlane::start_with(
         proxy,
@@ -215,8 +215,8 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
     let state = Arc::new(ControlState {
         jwt,
         registry: Mutex::new(Registry::new(
-            cfg.sessions.max_sessions,
-            cfg.sessions.max_sessions_per_user,
+            cfg.pool_max_sessions(),
+            cfg.pool_max_sessions_per_user(),
         )),
         cfg,
         workers: senders,

@@ -343,3 +343,235 @@ fn viewer_all_vms_opens_every_vm() {
     let r = console_of(&app, &carol, &json!({}));
     assert_eq!(r.status, 201, "viewer_all_vms: {r:?}");
 }
+
+// ---------------------------------------------------------------------------
+// The viewer pool: caps, eviction, idle expiry, close-sessions
+// ---------------------------------------------------------------------------
+
+/// A viewer pool appliance: `[viewers]` keys plus JWTs.
+fn pool_appliance(io: &str, viewers: &str) -> (Appliance, tempfile::TempDir) {
+    let (dir, secret) = secret_file();
+    let app = Appliance::start(
+        io,
+        ApplianceOptions {
+            extra_toml: format!(
+                "{}\n[viewers]\n{viewers}\n",
+                jwt_toml(&secret, "viewer_all_vms = true")
+            ),
+            ..Default::default()
+        },
+    );
+    (app, dir)
+}
+
+/// A console of the demo VM for `tok`, connected, its RFB handshake done.
+fn open_console(app: &Appliance, tok: &str) -> (CreatedSession, PlainClient, ServerInit) {
+    let r = console_of(app, tok, &json!({}));
+    assert_eq!(r.status, 201, "io={}: console: {r:?}", app.io);
+    let s = CreatedSession::from_json(&r.json());
+    let mut c = ws_connect(&app.io, s.addr, &s.path, &[]);
+    let init = rfb_handshake_none(&mut c);
+    app.wait_state(&s.id, "open", REPORT_TIMEOUT);
+    (s, c, init)
+}
+
+/// Polls until session `a` was active after session `b`, as the API says
+/// (the workers publish activity once per tick).
+fn wait_more_recent(app: &Appliance, a: &str, b: &str) {
+    wait_until(
+        REPORT_TIMEOUT,
+        &format!("{a} more recently active than {b}"),
+        || {
+            let (ra, rb) = (app.session(a), app.session(b));
+            (ra["last_activity_ms"].as_u64()? > rb["last_activity_ms"].as_u64()?).then_some(())
+        },
+    );
+}
+
+/// A FramebufferUpdateRequest (incremental): traffic from the browser.
+fn poke(c: &mut PlainClient, init: &ServerInit) {
+    let mut m = vec![3u8, 1, 0, 0, 0, 0];
+    m.extend_from_slice(&init.width.to_be_bytes());
+    m.extend_from_slice(&init.height.to_be_bytes());
+    c.send(&m);
+}
+
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[test]
+fn a_user_at_the_cap_evicts_their_least_recently_active_console() {
+    set_current_io("epoll");
+    let (app, _keep) = pool_appliance(
+        "epoll",
+        "max_sessions_per_user = 2\nwhen_full = \"evict\"\n",
+    );
+    let alice = token("alice", "viewer", None);
+    let (s1, mut c1, init1) = open_console(&app, &alice);
+    let (s2, mut c2, _) = open_console(&app, &alice);
+    // s1 is the more recently active one.
+    poke(&mut c1, &init1);
+    wait_more_recent(&app, &s1.id, &s2.id);
+    let r = console_of(&app, &alice, &json!({}));
+    assert_eq!(r.status, 201, "a third console evicts one: {r:?}");
+    let (code, reason) = c2.expect_close(Duration::from_secs(5));
+    assert_eq!(code, Some(4001), "evicted close code (reason {reason:?})");
+    assert!(reason.contains("evicted"), "close reason {reason:?}");
+    let rec = app.session(&s2.id);
+    assert_eq!(rec["state"], "revoked", "{rec}");
+    assert!(
+        rec["close_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("evicted"),
+        "{rec}"
+    );
+    assert_eq!(app.session(&s1.id)["state"], "open", "s1 stays");
+    assert!(metric(&app, "evicted") >= 1, "evictions are counted");
+    // A pending (never opened) console counts too: alice holds s1 and the
+    // new pending one; the next evicts the least recent of those.
+    let r = console_of(&app, &alice, &json!({}));
+    assert_eq!(r.status, 201, "{r:?}");
+    let _ = c1;
+}
+
+#[test]
+fn a_user_at_the_cap_is_refused_with_refuse() {
+    set_current_io("epoll");
+    let (app, _keep) = pool_appliance(
+        "epoll",
+        "max_sessions_per_user = 2\nwhen_full = \"refuse\"\n",
+    );
+    let alice = token("alice", "viewer", None);
+    // Pending sessions count: two created, none connected.
+    for _ in 0..2 {
+        assert_eq!(console_of(&app, &alice, &json!({})).status, 201);
+    }
+    let r = console_of(&app, &alice, &json!({}));
+    r.assert_api_error(429, "too_many_sessions_for_user", "alice's third console");
+    assert!(r.header("Retry-After").is_some(), "Retry-After: {r:?}");
+    // Another user is not affected.
+    let bob = token("bob", "viewer", None);
+    assert_eq!(console_of(&app, &bob, &json!({})).status, 201);
+}
+
+#[test]
+fn a_full_pool_evicts_across_users() {
+    set_current_io("epoll");
+    let (app, _keep) = pool_appliance(
+        "epoll",
+        "max_sessions = 2\nmax_sessions_per_user = 2\nwhen_full = \"evict\"\n",
+    );
+    let (alice, bob, carol) = (
+        token("alice", "viewer", None),
+        token("bob", "viewer", None),
+        token("carol", "viewer", None),
+    );
+    let (sa, mut ca, _) = open_console(&app, &alice);
+    let (sb, mut cb, init_b) = open_console(&app, &bob);
+    poke(&mut cb, &init_b);
+    wait_more_recent(&app, &sb.id, &sa.id);
+    let r = console_of(&app, &carol, &json!({}));
+    assert_eq!(r.status, 201, "carol's console evicts alice's: {r:?}");
+    let (code, reason) = ca.expect_close(Duration::from_secs(5));
+    assert_eq!(code, Some(4001), "reason {reason:?}");
+    assert_eq!(app.session(&sb.id)["state"], "open", "bob's stays");
+    let v = app.get_json("/api/v1/viewers");
+    assert_eq!(v["max_sessions"], 2, "{v}");
+    assert_eq!(v["active_sessions"], 2, "{v}");
+    let users: Vec<&str> = v["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, vec!["bob", "carol"], "{v}");
+    let _ = cb;
+}
+
+backend_tests!(idle_consoles_expire_and_active_ones_do_not);
+
+fn idle_consoles_expire_and_active_ones_do_not(io: &str) {
+    let (app, _keep) = pool_appliance(io, "idle_timeout_ms = 1500\n");
+    let alice = token("alice", "viewer", None);
+    // The idle console's last traffic is after this instant.
+    let started = std::time::Instant::now();
+    let (idle, mut idle_c, _) = open_console(&app, &alice);
+    let (busy, mut busy_c, init) = open_console(&app, &alice);
+    // Keep one console busy (a request every 200 ms; each brings an
+    // update back) until the other closes.
+    let (code, reason) = loop {
+        poke(&mut busy_c, &init);
+        match idle_c.next_message(Duration::from_millis(200)) {
+            Err(WsEnd::Close(Some(info))) => break info,
+            Err(WsEnd::Close(None)) => panic!("io={io}: the idle console closed without a code"),
+            Err(WsEnd::Error(e)) => panic!("io={io}: the idle console broke: {e}"),
+            Ok(_) | Err(WsEnd::Timeout) => {}
+        }
+        // Drain the busy console's updates.
+        while busy_c.next_message(Duration::from_millis(1)).is_ok() {}
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "io={io}: the idle console was not closed within 10 s"
+        );
+    };
+    let took = started.elapsed();
+    assert_eq!(code, 1001, "io={io}: idle close code, reason {reason:?}");
+    assert!(reason.contains("idle"), "io={io}: reason {reason:?}");
+    assert!(
+        took >= Duration::from_millis(1450),
+        "io={io}: closed after {took:?}, before the idle timeout"
+    );
+    assert_eq!(
+        app.session(&busy.id)["state"],
+        "open",
+        "io={io}: the busy one stays"
+    );
+    app.wait_state(&idle.id, "closed", REPORT_TIMEOUT);
+}
+
+#[test]
+fn close_sessions_closes_all_of_one_user() {
+    set_current_io("epoll");
+    let (app, _keep) = pool_appliance("epoll", "");
+    let (alice, bob) = (token("alice", "viewer", None), token("bob", "viewer", None));
+    let (s1, mut c1, _) = open_console(&app, &alice);
+    let pending = console_of(&app, &alice, &json!({}));
+    assert_eq!(pending.status, 201);
+    let s2 = CreatedSession::from_json(&pending.json());
+    let (sb, _cb, _) = open_console(&app, &bob);
+    post(&app, "/api/v1/users/alice/close-sessions", &bob, &json!({})).assert_api_error(
+        403,
+        "forbidden",
+        "bob closing alice's sessions",
+    );
+    post(
+        &app,
+        "/api/v1/users/alice/close-sessions",
+        READ_TOKEN,
+        &json!({}),
+    )
+    .assert_api_error(403, "forbidden", "the read token closing sessions");
+    let r = post(
+        &app,
+        "/api/v1/users/alice/close-sessions",
+        &alice,
+        &json!({}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["user"], "alice");
+    assert_eq!(v["closed"], 2, "{v}");
+    let (code, _) = c1.expect_close(Duration::from_secs(5));
+    assert_eq!(code, Some(1008));
+    assert_eq!(app.session(&s2.id)["state"], "revoked");
+    assert_eq!(app.session(&s1.id)["state"], "revoked");
+    assert_eq!(app.session(&sb.id)["state"], "open", "bob's stays");
+    // The admin may close anyone's.
+    let r = post(
+        &app,
+        "/api/v1/users/bob/close-sessions",
+        ADMIN_TOKEN,
+        &json!({}),
+    );
+    assert_eq!(r.json()["closed"], 1, "{r:?}");
+}

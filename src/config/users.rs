@@ -1,5 +1,6 @@
 //! The users' part of the appliance config: `[auth.jwt]` (who a request
-//! is, from a JSON Web Token the portal issued).
+//! is, from a JSON Web Token the portal issued) and `[viewers]` (the pool
+//! of consoles: per user, in total, idle expiry, what a full pool does).
 //!
 //! Plain values and their validation, like the rest of `config`: no file is
 //! read here (the key files are opened by `crate::auth` at start-up) and
@@ -9,7 +10,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::appliance::ConfigFileError;
+use super::appliance::{ApplianceConfig, ConfigFileError};
+use super::Limits;
 
 /// Largest `auth.jwt.leeway_ms`: clocks that disagree by more than five
 /// minutes need fixing, not a wider window for expired tokens.
@@ -122,6 +124,91 @@ impl Default for ViewersConfig {
             idle_timeout_ms: 1_800_000,
             when_full: WhenFull::Refuse,
         }
+    }
+}
+
+/// Shortest non-zero `viewers.idle_timeout_ms`: the workers check idle
+/// time once per tick, and a console idle for less than a second is not
+/// idle.
+pub const MIN_IDLE_TIMEOUT_MS: u64 = 1000;
+
+impl ApplianceConfig {
+    /// The pool's size: `[viewers] max_sessions`, or the old
+    /// `[sessions] max_sessions` when a file still sets it.
+    pub fn pool_max_sessions(&self) -> usize {
+        self.sessions
+            .max_sessions
+            .unwrap_or(self.viewers.max_sessions)
+    }
+
+    /// Consoles per user: `[viewers] max_sessions_per_user`, or the old
+    /// `[sessions]` key when set.
+    pub fn pool_max_sessions_per_user(&self) -> usize {
+        self.sessions
+            .max_sessions_per_user
+            .unwrap_or(self.viewers.max_sessions_per_user)
+    }
+
+    /// The data-plane limits of appliance sessions: `[dataplane.limits]`
+    /// with the idle timeout the stricter of its own and `[viewers]`'s
+    /// (0 is "never" in both).
+    pub fn console_limits(&self) -> Limits {
+        let mut limits = self.dataplane.limits.clone();
+        limits.idle_timeout_ms = match (limits.idle_timeout_ms, self.viewers.idle_timeout_ms) {
+            (0, v) => v,
+            (d, 0) => d,
+            (d, v) => d.min(v),
+        };
+        limits
+    }
+
+    pub(super) fn validate_viewers(&self) -> Result<(), ConfigFileError> {
+        let (total_key, total) = match self.sessions.max_sessions {
+            Some(n) => ("sessions.max_sessions", n),
+            None => ("viewers.max_sessions", self.viewers.max_sessions),
+        };
+        if !(1..=10_000_000).contains(&total) {
+            return Err(invalid(total_key, "must be between 1 and 10000000"));
+        }
+        let (user_key, per_user) = match self.sessions.max_sessions_per_user {
+            Some(n) => ("sessions.max_sessions_per_user", n),
+            None => (
+                "viewers.max_sessions_per_user",
+                self.viewers.max_sessions_per_user,
+            ),
+        };
+        if per_user < 1 || per_user > total {
+            return Err(invalid(
+                user_key,
+                format!("must be between 1 and {total_key} ({total})"),
+            ));
+        }
+        let idle = self.viewers.idle_timeout_ms;
+        if idle != 0 && !(MIN_IDLE_TIMEOUT_MS..=7 * 86_400_000).contains(&idle) {
+            return Err(invalid(
+                "viewers.idle_timeout_ms",
+                format!("0 (never) or between {MIN_IDLE_TIMEOUT_MS} and 604800000 (a week)"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn viewers_warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        for (set, key) in [
+            (self.sessions.max_sessions.is_some(), "max_sessions"),
+            (
+                self.sessions.max_sessions_per_user.is_some(),
+                "max_sessions_per_user",
+            ),
+        ] {
+            if set {
+                w.push(format!(
+                    "sessions.{key} has moved to viewers.{key}; the [sessions] value is used"
+                ));
+            }
+        }
+        w
     }
 }
 

@@ -17,6 +17,7 @@ use serde_json::json;
 use super::registry::{self, id_hex, PortMode, Record, TargetView};
 use super::ControlState;
 use crate::auth::{Need, Principal};
+use crate::config::users::WhenFull;
 use crate::dataplane::router::base64_url;
 use crate::mailbox::{Admission, Target, ToWorker};
 
@@ -72,6 +73,11 @@ pub fn router(state: Arc<ControlState>) -> Router {
         )
         .route("/api/v1/ports", get(ports))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/viewers", get(viewers))
+        .route(
+            "/api/v1/users/{user}/close-sessions",
+            axum::routing::post(close_user_sessions),
+        )
         .merge(super::vms::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
@@ -615,15 +621,7 @@ pub(super) async fn open_session(
     let expires = now + ttl;
     let expires_at_ms = registry::unix_ms(SystemTime::now() + ttl);
 
-    {
-        let reg = state.registry.lock().map_err(|_| internal())?;
-        if let Err(e) = reg.check_capacity(&options.user) {
-            state.count_error(e.code());
-            let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.code(), e.to_string());
-            err.retry_after_s = Some(5);
-            return Err(err);
-        }
-    }
+    make_room(state, &options.user)?;
 
     // Dedicated port: claim + bind now (the bind is the OS check).
     let dedicated = match mode {
@@ -694,6 +692,90 @@ pub(super) async fn open_session(
         port,
         viewer_url: if port.is_none() { viewer_url } else { None },
     })
+}
+
+/// Room in the viewer pool for one more console of `user`: with
+/// `[viewers] when_full = "evict"` the least recently active console goes
+/// (the user's own at their cap, anyone's when the pool is full); with
+/// `refuse`, or nothing to evict, 429 with Retry-After.
+fn make_room(state: &ControlState, user: &str) -> ApiResult<()> {
+    let evict = state.cfg.viewers.when_full == WhenFull::Evict;
+    let made = state
+        .registry
+        .lock()
+        .map_err(|_| internal())?
+        .make_room(user, evict);
+    match made {
+        Ok(evicted) => {
+            for r in evicted {
+                tracing::info!(session = %id_hex(r.id), user = ?r.user, for_user = ?user, "console evicted to make room");
+                state.count_error("evicted");
+                after_revoke(state, r.id);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            state.count_error(e.code());
+            let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.code(), e.to_string());
+            err.retry_after_s = Some(POOL_FULL_RETRY_AFTER_S);
+            Err(err)
+        }
+    }
+}
+
+/// Retry-After of a refusal for a full pool or a user at their cap: about
+/// the time a user takes to close a console elsewhere.
+const POOL_FULL_RETRY_AFTER_S: u64 = 5;
+
+/// `GET /api/v1/viewers`: the pool, per user.
+async fn viewers(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<super::registry::Viewers>> {
+    authorize(&state, &headers, Need::ReadAll)?;
+    let unix_now = registry::unix_ms(SystemTime::now());
+    let v = state
+        .registry
+        .lock()
+        .map_err(|_| internal())?
+        .viewers(Instant::now(), unix_now);
+    Ok(Json(v))
+}
+
+/// `POST /api/v1/users/{user}/close-sessions`: every console of one user
+/// (open or pending) closed, by an admin or the user themself.
+async fn close_user_sessions(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let principal = authorize(&state, &headers, Need::Any)?;
+    if user.is_empty() || user.len() > MAX_FIELD_BYTES {
+        return Err(bad("bad_user", "user must be 1..256 bytes"));
+    }
+    if !principal.has(Need::Admin) && principal.user.as_deref() != Some(user.as_str()) {
+        state.count_error("auth_forbidden");
+        return Err(forbidden(
+            "closing a user's sessions needs the admin role, or the user's own token",
+        ));
+    }
+    let closed: Vec<u64> = {
+        let mut registry = state.registry.lock().map_err(|_| internal())?;
+        registry
+            .sessions_of(&user)
+            .into_iter()
+            .filter(|id| registry.revoke(*id).is_some())
+            .collect()
+    };
+    for id in &closed {
+        after_revoke(&state, *id);
+    }
+    tracing::info!(user = ?user, closed = closed.len(), by = ?principal.user, "user's sessions closed");
+    Ok(Json(json!({
+        "user": user,
+        "closed": closed.len(),
+        "session_ids": closed.iter().map(|id| id_hex(*id)).collect::<Vec<_>>(),
+    })))
 }
 
 /// A dedicated port for session `id`, bound.
@@ -1122,6 +1204,8 @@ mod tests {
             "/api/v1/sessions/{id}",
             "/api/v1/ports",
             "/api/v1/stats",
+            "/api/v1/viewers",
+            "/api/v1/users/{user}/close-sessions",
             "/healthz",
             "/readyz",
             "/metrics",
