@@ -575,3 +575,40 @@ fn close_sessions_closes_all_of_one_user() {
     );
     assert_eq!(r.json()["closed"], 1, "{r:?}");
 }
+
+// ---------------------------------------------------------------------------
+// Rate limits
+// ---------------------------------------------------------------------------
+
+#[test]
+fn console_creation_rate_limit_hits_and_recovers() {
+    set_current_io("epoll");
+    let (app, _keep) = pool_appliance(
+        "epoll",
+        "max_sessions_per_user = 100\n\n[rate_limits]\nsessions_per_user_per_minute = 30\n",
+    );
+    let alice = token("alice", "viewer", None);
+    // A burst of 30, then one more every 2 s.
+    for i in 0..30 {
+        let r = console_of(&app, &alice, &json!({}));
+        assert_eq!(r.status, 201, "creation {i} of the burst: {r:?}");
+    }
+    let before = metric(&app, "rate_limited_sessions_per_minute");
+    let r = console_of(&app, &alice, &json!({}));
+    r.assert_api_error(429, "rate_limited", "the 31st console within a minute");
+    let retry: u64 = r
+        .header("Retry-After")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("Retry-After in {r:?}"));
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    assert_eq!(metric(&app, "rate_limited_sessions_per_minute"), before + 1);
+    // Another user is not limited by alice's rate.
+    let bob = token("bob", "viewer", None);
+    assert_eq!(console_of(&app, &bob, &json!({})).status, 201);
+    // It recovers by itself.
+    let created = wait_until(Duration::from_secs(5), "alice's limit to recover", || {
+        let r = console_of(&app, &alice, &json!({}));
+        (r.status == 201).then_some(r)
+    });
+    assert_eq!(created.status, 201);
+}

@@ -137,6 +137,8 @@ pub struct ApplianceConfig {
     pub operations: OperationsConfig,
     /// `[viewers]`: the pool of consoles, per user and in total.
     pub viewers: super::users::ViewersConfig,
+    /// `[rate_limits]`: console creation per user.
+    pub rate_limits: super::users::RateLimitsConfig,
 }
 
 /// `[control]`: the REST API, `/metrics` and the `/ws/*` event endpoints, and

@@ -127,6 +127,49 @@ impl Default for ViewersConfig {
     }
 }
 
+/// Largest value of a `[rate_limits]` key.
+pub const MAX_RATE_LIMIT: u32 = 1_000_000;
+
+/// `[rate_limits]`: how fast anyone may ask for consoles. A limit of n per
+/// window allows a burst of n, then one more every window / n (GCRA);
+/// 0 turns it off. Over a limit: 429 with Retry-After, counted in
+/// `/metrics` (`consolegate_errors_total{cause="rate_limited_…"}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    /// Consoles a user may create per minute (both `POST` endpoints).
+    /// Cost: a little state per user active within the window.
+    pub sessions_per_user_per_minute: u32,
+    /// … per hour.
+    pub sessions_per_user_per_hour: u32,
+    /// … per day.
+    pub sessions_per_user_per_day: u32,
+}
+
+impl RateLimitsConfig {
+    pub fn validate(&self) -> Result<(), ConfigFileError> {
+        for (key, v) in [
+            (
+                "rate_limits.sessions_per_user_per_minute",
+                self.sessions_per_user_per_minute,
+            ),
+            (
+                "rate_limits.sessions_per_user_per_hour",
+                self.sessions_per_user_per_hour,
+            ),
+            (
+                "rate_limits.sessions_per_user_per_day",
+                self.sessions_per_user_per_day,
+            ),
+        ] {
+            if v > MAX_RATE_LIMIT {
+                return Err(invalid(key, format!("at most {MAX_RATE_LIMIT} (0 = off)")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Shortest non-zero `viewers.idle_timeout_ms`: the workers check idle
 /// time once per tick, and a console idle for less than a second is not
 /// idle.
@@ -163,6 +206,7 @@ impl ApplianceConfig {
     }
 
     pub(super) fn validate_viewers(&self) -> Result<(), ConfigFileError> {
+        self.rate_limits.validate()?;
         let (total_key, total) = match self.sessions.max_sessions {
             Some(n) => ("sessions.max_sessions", n),
             None => ("viewers.max_sessions", self.viewers.max_sessions),

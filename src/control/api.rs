@@ -593,6 +593,21 @@ impl SessionOptions {
                 "sessions.bind_client_ip is off",
             ));
         }
+        // Last: only a request that is otherwise good spends a cell.
+        if let Err(limited) = state.user_rates.check(&self.user) {
+            state.count_error(limited.cause);
+            tracing::info!(user = ?self.user, cause = limited.cause, "console creation rate-limited");
+            let mut err = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "user {:?} creates consoles too fast ({}); retry in {} s",
+                    self.user, limited.cause, limited.retry_after_s
+                ),
+            );
+            err.retry_after_s = Some(limited.retry_after_s);
+            return Err(err);
+        }
         Ok(CheckedOptions { mode, ttl, origin })
     }
 }

@@ -7,6 +7,7 @@
 //! nothing here runs on a worker thread: the data plane never touches tokio.
 
 pub mod api;
+pub mod limits;
 pub mod metrics_text;
 pub mod registry;
 pub mod vms;
@@ -92,6 +93,8 @@ pub struct ControlState {
     pub one_time: Mutex<HashMap<u64, VmRef>>,
     /// `[auth.jwt]`'s verifier (key loaded at start); `None` when off.
     pub jwt: Option<crate::auth::JwtVerifier>,
+    /// `[rate_limits]`: console creation per user.
+    pub user_rates: limits::UserRates,
 }
 
 /// Undelivered revoke messages kept for retry; beyond, the oldest are
@@ -371,6 +374,7 @@ async fn sweeper(state: Arc<ControlState>) {
         fail::fail_point!("control-stall");
         let now = Instant::now();
         state.retry_revokes();
+        state.user_rates.retain_recent();
         let expired = match state.registry.lock() {
             Ok(mut r) => {
                 // Reconcile first: a claimed admission whose report is late
