@@ -108,6 +108,8 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         }
     }
     let state_dir = cfg.resolve_state_dir()?;
+    // The JWT key is read now, so a bad key file stops the start at once.
+    let jwt = consolegate::auth::JwtVerifier::from_config(&cfg.auth.jwt)?;
     tracing::info!(dir = %state_dir.path.display(), origin = ?state_dir.origin, "state directory");
 
     // The built-in demo console, so the appliance works with no hypervisor.
@@ -182,7 +184,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         workers: n,
         io: cfg.dataplane.io,
         pin_workers: cfg.dataplane.pin_workers,
-        limits: cfg.dataplane.limits.clone(),
+        limits: cfg.console_limits(),
     };
     let dp = DataPlane::start_with(
         proxy,
@@ -216,9 +218,11 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         tracing::info!(hypervisor = %m.id, kind = m.kind, "hypervisor configured");
     }
     let state = Arc::new(ControlState {
+        jwt,
+        user_rates: control::limits::UserRates::new(&cfg.rate_limits),
         registry: Mutex::new(Registry::new(
-            cfg.sessions.max_sessions,
-            cfg.sessions.max_sessions_per_user,
+            cfg.pool_max_sessions(),
+            cfg.pool_max_sessions_per_user(),
         )),
         cfg,
         workers: senders,

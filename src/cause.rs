@@ -180,6 +180,8 @@ causes! {
     IdleTimeout => ("idle_timeout", Nobody, true, None, Some(close_code::GOING_AWAY)),
     /// The control plane revoked the session (DELETE, expiry).
     Revoked => ("revoked", Appliance, true, None, Some(close_code::POLICY)),
+    /// Closed to make room in the viewer pool (`[viewers] when_full = "evict"`).
+    Evicted => ("evicted", Appliance, false, None, Some(close_code::EVICTED)),
     /// The backend closed its connection (EOF): a normal end.
     BackendClosed => ("backend_closed", Nobody, false, None, Some(close_code::NORMAL)),
     /// The browser sent a close frame: a normal end.

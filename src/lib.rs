@@ -2,6 +2,7 @@
 //! open WebSockets to it; it relays each to a VM console. See
 //! `docs/ARCHITECTURE.md` for the map.
 
+pub mod auth;
 pub mod cause;
 pub mod config;
 pub mod control;

@@ -63,6 +63,8 @@ fn unreachable_answers() -> BTreeMap<(&'static str, &'static str, u16), &'static
         ("/api/v1/sessions/{id}", "delete"),
         ("/api/v1/ports", "get"),
         ("/api/v1/stats", "get"),
+        ("/api/v1/viewers", "get"),
+        ("/api/v1/users/{user}/close-sessions", "post"),
     ] {
         m.insert(
             (path, method, 504),
@@ -462,6 +464,7 @@ fn responses_match_the_openapi_document(io: &str) {
             sessions_toml: "max_sessions_per_user = 2\n".into(),
             // Long enough to see the draining answers at the end.
             limits_toml: "drain_grace_ms = 5000\n".into(),
+            extra_toml: jwt_toml(web.path()),
             ..Default::default()
         },
     );
@@ -620,7 +623,8 @@ fn sessions(ck: &mut Checker, app: &Appliance, echo: &EchoServer) -> Ids {
     let refused: Vec<(Value, &str, bool)> = vec![
         // (body, code, the request schema can tell)
         (json!([1, 2, 3]), "bad_request", true),
-        (json!({"target": {"kind": "demo"}}), "bad_request", true),
+        // No user: a static token must name one (a JWT's is its `sub`).
+        (json!({"target": {"kind": "demo"}}), "bad_user", false),
         (
             json!({"target": {"kind": "demo"}, "user": "a", "evil": 1}),
             "bad_request",
@@ -839,13 +843,69 @@ fn records(ck: &mut Checker, app: &Appliance, ids: &Ids) {
 }
 
 fn pool_and_stats(ck: &mut Checker) {
-    for path in ["/api/v1/ports", "/api/v1/stats"] {
+    let viewer = viewer_token();
+    for path in ["/api/v1/ports", "/api/v1/stats", "/api/v1/viewers"] {
         for token in [READ_TOKEN, ADMIN_TOKEN] {
             ck.expect(200, "GET", path, path, Some(token), None);
         }
         ck.expect(401, "GET", path, path, None, None);
+        ck.expect(403, "GET", path, path, Some(&viewer), None);
         ck.head_too_large("GET", path, path);
     }
+    ck.expect(403, "GET", "/metrics", "/metrics", Some(&viewer), None);
+    // Closing one user's sessions: the user themself or an admin.
+    const CLOSE: &str = "/api/v1/users/{user}/close-sessions";
+    let own = "/api/v1/users/openapi-viewer/close-sessions";
+    ck.expect(200, "POST", CLOSE, own, Some(&viewer), None);
+    ck.expect(
+        200,
+        "POST",
+        CLOSE,
+        "/api/v1/users/u1/close-sessions",
+        Some(ADMIN_TOKEN),
+        None,
+    );
+    ck.expect(
+        403,
+        "POST",
+        CLOSE,
+        "/api/v1/users/u1/close-sessions",
+        Some(&viewer),
+        None,
+    );
+    ck.expect(403, "POST", CLOSE, own, Some(READ_TOKEN), None);
+    ck.expect(401, "POST", CLOSE, own, None, None);
+    let long = format!("/api/v1/users/{}/close-sessions", "u".repeat(300));
+    ck.expect(400, "POST", CLOSE, &long, Some(ADMIN_TOKEN), None);
+    ck.head_too_large("POST", CLOSE, own);
+}
+
+/// The HS256 secret of the test appliance's `[auth.jwt]`.
+const JWT_SECRET: &str = "openapi-jwt-secret-0123456789abcdef0123456789";
+
+/// `[auth.jwt]` for the test appliance, its secret in `dir`.
+fn jwt_toml(dir: &Path) -> String {
+    let secret = dir.join("jwt.secret");
+    fs::write(&secret, JWT_SECRET).unwrap();
+    format!(
+        "\n[auth.jwt]\nenabled = true\nhs256_secret_file = {:?}\nissuer = \"openapi\"\naudience = \"consolegate\"\n",
+        secret.display().to_string()
+    )
+}
+
+/// A viewer's JWT (user `openapi-viewer`).
+fn viewer_token() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "openapi-viewer", "iss": "openapi", "aud": "consolegate",
+                "exp": now + 600, "roles": ["viewer"]}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
 }
 
 /// The hypervisor layer, on the demo hypervisor (`demo:demo`).

@@ -135,6 +135,10 @@ pub struct ApplianceConfig {
     pub cache: CacheConfig,
     /// `[operations]`: power actions remembered for the API.
     pub operations: OperationsConfig,
+    /// `[viewers]`: the pool of consoles, per user and in total.
+    pub viewers: super::users::ViewersConfig,
+    /// `[rate_limits]`: console creation per user.
+    pub rate_limits: super::users::RateLimitsConfig,
 }
 
 /// `[control]`: the REST API, `/metrics` and the `/ws/*` event endpoints, and
@@ -263,6 +267,8 @@ pub struct AuthConfig {
     /// `[[auth.tokens]]` entries. None configured: an admin token is
     /// generated at start ([`ApplianceConfig::ensure_admin_token`]).
     pub tokens: Vec<TokenConfig>,
+    /// `[auth.jwt]`: users' JSON Web Tokens.
+    pub jwt: super::users::JwtConfig,
 }
 
 /// One API token.
@@ -300,6 +306,12 @@ pub enum Role {
     Admin,
     /// Read-only endpoints and events.
     Read,
+    /// Consoles of any VM and raw targets, power actions, any session;
+    /// not the appliance's own switches (failpoints).
+    Operator,
+    /// A user (JWT only: it needs a `sub`): their own consoles, of the VMs
+    /// their token allows, opened through `POST /api/v1/vms/{vm}/console`.
+    Viewer,
 }
 
 /// `[dataplane]`: the worker threads.
@@ -337,11 +349,14 @@ pub struct SessionsConfig {
     /// after it. Cost: longer means a leaked ticket stays usable longer and
     /// pending sessions hold their slot (and dedicated port) longer.
     pub ticket_ttl_ms: u64,
-    /// Sessions live or pending, in total; creation beyond is refused (503).
-    /// Cost: a registry entry each, plus buffers while relaying.
-    pub max_sessions: usize,
-    /// Sessions live or pending per user; creation beyond is refused (429).
-    pub max_sessions_per_user: usize,
+    /// Moved to `[viewers] max_sessions`; still read here (it wins, with
+    /// a warning) so older files keep working.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_sessions: Option<usize>,
+    /// Moved to `[viewers] max_sessions_per_user`; still read here (it
+    /// wins, with a warning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_sessions_per_user: Option<usize>,
     /// Random bytes per ticket (≥ 16 = 128 bits). Cost: longer URLs only.
     pub ticket_bytes: usize,
     /// Default for sessions created without an explicit choice: accept the
@@ -375,8 +390,8 @@ impl Default for SessionsConfig {
     fn default() -> Self {
         Self {
             ticket_ttl_ms: 60_000,
-            max_sessions: 10_000,
-            max_sessions_per_user: 20,
+            max_sessions: None,
+            max_sessions_per_user: None,
             ticket_bytes: 32,
             bind_origin: true,
             bind_client_ip: false,
@@ -847,7 +862,14 @@ impl ApplianceConfig {
                 // Name the other entry, never the value.
                 return Err(invalid(key, format!("duplicate of auth.tokens[{j}].token")));
             }
+            if t.role == Role::Viewer {
+                return Err(invalid(
+                    format!("auth.tokens[{i}].role"),
+                    "viewer is a user's role: it comes from a JWT (a static token has no user)",
+                ));
+            }
         }
+        self.auth.jwt.validate()?;
 
         // [dataplane]
         let d = &self.dataplane;
@@ -878,27 +900,7 @@ impl ApplianceConfig {
         // [sessions]
         let s = &self.sessions;
         in_range("sessions.ticket_ttl_ms", s.ticket_ttl_ms, 1, 86_400_000)?;
-        in_range(
-            "sessions.max_sessions",
-            s.max_sessions as u64,
-            1,
-            10_000_000,
-        )?;
-        in_range(
-            "sessions.max_sessions_per_user",
-            s.max_sessions_per_user as u64,
-            1,
-            s.max_sessions as u64,
-        )
-        .map_err(|_| {
-            invalid(
-                "sessions.max_sessions_per_user",
-                format!(
-                    "must be between 1 and sessions.max_sessions ({})",
-                    s.max_sessions
-                ),
-            )
-        })?;
+        self.validate_viewers()?;
         if s.ticket_bytes < 16 {
             return Err(invalid("sessions.ticket_bytes", "must be ≥ 16 (128 bits)"));
         }
@@ -1081,6 +1083,7 @@ impl ApplianceConfig {
             )),
             _ => {}
         }
+        w.extend(self.viewers_warnings());
         if self.tls.as_ref().is_some_and(|t| t.allow_plain) {
             w.push(
                 "tls.allow_plain is on: tickets may cross the network in clear on the \
@@ -1470,6 +1473,10 @@ const OPTIONAL_KEYS: &[&[&str]] = &[
     &["tls", "cert"],
     &["tls", "key"],
     &["sessions", "portal_origin"],
+    &["auth", "jwt", "hs256_secret_file"],
+    &["auth", "jwt", "public_key_file"],
+    &["auth", "jwt", "issuer"],
+    &["auth", "jwt", "audience"],
 ];
 
 /// The defaults as a TOML table, with the optional keys added as strings:
@@ -1481,6 +1488,10 @@ fn schema() -> toml::Table {
         set_path(&mut t, path, toml::Value::String(String::new()));
     }
     set_path(&mut t, &["tls", "allow_plain"], toml::Value::Boolean(false));
+    // The moved `[sessions]` pool keys (optional integers).
+    for key in ["max_sessions", "max_sessions_per_user"] {
+        set_path(&mut t, &["sessions", key], toml::Value::Integer(0));
+    }
     t
 }
 
@@ -2133,13 +2144,20 @@ mod tests {
                 c.dataplane.limits.handshake_timeout_ms = 0
             }),
             ("sessions.ticket_ttl_ms", |c| c.sessions.ticket_ttl_ms = 0),
-            ("sessions.max_sessions", |c| c.sessions.max_sessions = 0),
-            ("sessions.max_sessions_per_user", |c| {
-                c.sessions.max_sessions_per_user = 0
+            ("sessions.max_sessions", |c| {
+                c.sessions.max_sessions = Some(0)
             }),
             ("sessions.max_sessions_per_user", |c| {
-                c.sessions.max_sessions_per_user = 20_000
+                c.sessions.max_sessions_per_user = Some(0)
             }),
+            ("sessions.max_sessions_per_user", |c| {
+                c.sessions.max_sessions_per_user = Some(20_000)
+            }),
+            ("viewers.max_sessions", |c| c.viewers.max_sessions = 0),
+            ("viewers.max_sessions_per_user", |c| {
+                c.viewers.max_sessions_per_user = 20_000
+            }),
+            ("viewers.idle_timeout_ms", |c| c.viewers.idle_timeout_ms = 1),
             ("sessions.ticket_bytes", |c| c.sessions.ticket_bytes = 15),
             ("sessions.ticket_bytes", |c| c.sessions.ticket_bytes = 65),
             ("demo.width", |c| c.demo.width = 0),

@@ -16,7 +16,8 @@ use serde_json::json;
 
 use super::registry::{self, id_hex, PortMode, Record, TargetView};
 use super::ControlState;
-use crate::config::appliance::Role;
+use crate::auth::{Need, Principal};
+use crate::config::users::WhenFull;
 use crate::dataplane::router::base64_url;
 use crate::mailbox::{Admission, Target, ToWorker};
 
@@ -72,6 +73,11 @@ pub fn router(state: Arc<ControlState>) -> Router {
         )
         .route("/api/v1/ports", get(ports))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/viewers", get(viewers))
+        .route(
+            "/api/v1/users/{user}/close-sessions",
+            axum::routing::post(close_user_sessions),
+        )
         .merge(super::vms::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
@@ -93,12 +99,14 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .with_state(state)
 }
 
-/// Bearer-token check; `admin` for changes, any role for reads.
+/// Who the caller is (`Authorization: Bearer`: a static token or, with
+/// `[auth.jwt]` on, a JWT) and whether that is enough for `need`: 401
+/// when no principal, 403 when the role is not enough; counted by cause.
 pub(super) fn authorize(
     state: &ControlState,
     headers: &HeaderMap,
-    need_admin: bool,
-) -> ApiResult<Role> {
+    need: Need,
+) -> ApiResult<Principal> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -112,24 +120,24 @@ pub(super) fn authorize(
             "missing bearer token (Authorization: Bearer <token>)",
         ));
     };
-    let Some(role) = state.role_of(token) else {
-        state.count_error("auth_bad_token");
-        tracing::warn!("API request with an unknown token");
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "unknown token",
-        ));
-    };
-    if need_admin && role != Role::Admin {
+    let principal = state.principal_of(token).map_err(|e| {
+        state.count_error(e.kind());
+        tracing::warn!(cause = e.kind(), "API request with a refused token");
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+    })?;
+    if !principal.has(need) {
         state.count_error("auth_forbidden");
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this token is read-only",
-        ));
+        return Err(forbidden(format!(
+            "this needs {} (the token has {:?})",
+            need.describe(),
+            principal.role
+        )));
     }
-    Ok(role)
+    Ok(principal)
+}
+
+pub(super) fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
 async fn not_found() -> ApiError {
@@ -251,7 +259,7 @@ async fn openapi() -> Response {
 
 async fn metrics(State(state): State<Arc<ControlState>>, headers: HeaderMap) -> Response {
     if state.cfg.control.metrics_require_token {
-        if let Err(e) = authorize(&state, &headers, false) {
+        if let Err(e) = authorize(&state, &headers, Need::ReadAll) {
             return e.into_response();
         }
     }
@@ -399,7 +407,9 @@ impl TargetReq {
 #[serde(deny_unknown_fields)]
 pub struct CreateReq {
     pub target: TargetReq,
-    pub user: String,
+    /// Required with a static token; a JWT's `sub` by default.
+    #[serde(default)]
+    pub user: Option<String>,
     #[serde(default)]
     pub vm_id: Option<String>,
     #[serde(default)]
@@ -469,7 +479,7 @@ async fn create_session(
     headers: HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<CreateResp>)> {
-    authorize(&state, &headers, true)?;
+    let principal = authorize(&state, &headers, Need::Operate)?;
     // Fault tests: a slow session creation (`api-delay` = return(ms)).
     #[cfg(feature = "failpoints")]
     if let Some(ms) =
@@ -480,7 +490,7 @@ async fn create_session(
     refuse_when_draining(&state)?;
     let req: CreateReq = parse_body(&state, body)?;
     let options = SessionOptions {
-        user: req.user,
+        user: session_user(&principal, req.user)?,
         vm_id: req.vm_id,
         ttl_s: req.ttl_s,
         port_mode: req.port_mode,
@@ -491,6 +501,24 @@ async fn create_session(
     let (target, view) = resolve_target(&state, &req.target).await?;
     let resp = open_session(&state, target, view, &options, checked).await?;
     Ok((StatusCode::CREATED, Json(resp)))
+}
+
+/// The user a new session belongs to: a viewer's own (`sub`; asking for
+/// another user's is 403), for operators and admins the one asked for or
+/// their own, and for a static token (a service, no user of its own) the
+/// one asked for.
+pub(super) fn session_user(principal: &Principal, asked: Option<String>) -> ApiResult<String> {
+    match (&principal.user, asked) {
+        (Some(own), Some(asked)) if !principal.sees_all() && *own != asked => Err(forbidden(
+            format!("a viewer opens consoles as themself ({own:?}), not as {asked:?}"),
+        )),
+        (_, Some(asked)) => Ok(asked),
+        (Some(own), None) => Ok(own.clone()),
+        (None, None) => Err(bad(
+            "bad_user",
+            "user is required (the token is a service's, not a user's)",
+        )),
+    }
 }
 
 /// 503 `draining` once the appliance is shutting down.
@@ -566,6 +594,21 @@ impl SessionOptions {
                 "sessions.bind_client_ip is off",
             ));
         }
+        // Last: only a request that is otherwise good spends a cell.
+        if let Err(limited) = state.user_rates.check(&self.user) {
+            state.count_error(limited.cause);
+            tracing::info!(user = ?self.user, cause = limited.cause, "console creation rate-limited");
+            let mut err = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "user {:?} creates consoles too fast ({}); retry in {} s",
+                    self.user, limited.cause, limited.retry_after_s
+                ),
+            );
+            err.retry_after_s = Some(limited.retry_after_s);
+            return Err(err);
+        }
         Ok(CheckedOptions { mode, ttl, origin })
     }
 }
@@ -594,15 +637,7 @@ pub(super) async fn open_session(
     let expires = now + ttl;
     let expires_at_ms = registry::unix_ms(SystemTime::now() + ttl);
 
-    {
-        let reg = state.registry.lock().map_err(|_| internal())?;
-        if let Err(e) = reg.check_capacity(&options.user) {
-            state.count_error(e.code());
-            let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.code(), e.to_string());
-            err.retry_after_s = Some(5);
-            return Err(err);
-        }
-    }
+    make_room(state, &options.user)?;
 
     // Dedicated port: claim + bind now (the bind is the OS check).
     let dedicated = match mode {
@@ -673,6 +708,90 @@ pub(super) async fn open_session(
         port,
         viewer_url: if port.is_none() { viewer_url } else { None },
     })
+}
+
+/// Room in the viewer pool for one more console of `user`: with
+/// `[viewers] when_full = "evict"` the least recently active console goes
+/// (the user's own at their cap, anyone's when the pool is full); with
+/// `refuse`, or nothing to evict, 429 with Retry-After.
+fn make_room(state: &ControlState, user: &str) -> ApiResult<()> {
+    let evict = state.cfg.viewers.when_full == WhenFull::Evict;
+    let made = state
+        .registry
+        .lock()
+        .map_err(|_| internal())?
+        .make_room(user, evict);
+    match made {
+        Ok(evicted) => {
+            for r in evicted {
+                tracing::info!(session = %id_hex(r.id), user = ?r.user, for_user = ?user, "console evicted to make room");
+                state.count_error("evicted");
+                after_revoke(state, r.id);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            state.count_error(e.code());
+            let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.code(), e.to_string());
+            err.retry_after_s = Some(POOL_FULL_RETRY_AFTER_S);
+            Err(err)
+        }
+    }
+}
+
+/// Retry-After of a refusal for a full pool or a user at their cap: about
+/// the time a user takes to close a console elsewhere.
+const POOL_FULL_RETRY_AFTER_S: u64 = 5;
+
+/// `GET /api/v1/viewers`: the pool, per user.
+async fn viewers(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<super::registry::Viewers>> {
+    authorize(&state, &headers, Need::ReadAll)?;
+    let unix_now = registry::unix_ms(SystemTime::now());
+    let v = state
+        .registry
+        .lock()
+        .map_err(|_| internal())?
+        .viewers(Instant::now(), unix_now);
+    Ok(Json(v))
+}
+
+/// `POST /api/v1/users/{user}/close-sessions`: every console of one user
+/// (open or pending) closed, by an admin or the user themself.
+async fn close_user_sessions(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let principal = authorize(&state, &headers, Need::Any)?;
+    if user.is_empty() || user.len() > MAX_FIELD_BYTES {
+        return Err(bad("bad_user", "user must be 1..256 bytes"));
+    }
+    if !principal.has(Need::Admin) && principal.user.as_deref() != Some(user.as_str()) {
+        state.count_error("auth_forbidden");
+        return Err(forbidden(
+            "closing a user's sessions needs the admin role, or the user's own token",
+        ));
+    }
+    let closed: Vec<u64> = {
+        let mut registry = state.registry.lock().map_err(|_| internal())?;
+        registry
+            .sessions_of(&user)
+            .into_iter()
+            .filter(|id| registry.revoke(*id).is_some())
+            .collect()
+    };
+    for id in &closed {
+        after_revoke(&state, *id);
+    }
+    tracing::info!(user = ?user, closed = closed.len(), by = ?principal.user, "user's sessions closed");
+    Ok(Json(json!({
+        "user": user,
+        "closed": closed.len(),
+        "session_ids": closed.iter().map(|id| id_hex(*id)).collect::<Vec<_>>(),
+    })))
 }
 
 /// A dedicated port for session `id`, bound.
@@ -947,13 +1066,19 @@ async fn list_sessions(
     State(state): State<Arc<ControlState>>,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize(&state, &headers, false)?;
-    let list = state
+    let principal = authorize(&state, &headers, Need::Any)?;
+    let mut list = state
         .registry
         .lock()
         .map_err(|_| internal())?
         .list(Instant::now());
+    // A viewer sees only their own consoles.
+    list.retain(|r| principal.owns(&r.user));
     Ok(Json(json!({"sessions": list})))
+}
+
+fn session_not_found(message: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "session_not_found", message)
 }
 
 async fn get_session(
@@ -961,21 +1086,18 @@ async fn get_session(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Record>> {
-    authorize(&state, &headers, false)?;
+    let principal = authorize(&state, &headers, Need::Any)?;
     let id = parse_id(&id)?;
     state
         .registry
         .lock()
         .map_err(|_| internal())?
         .get(id, Instant::now())
+        // Another user's session is "not found" to a viewer: its
+        // existence is not theirs to know.
+        .filter(|r| principal.owns(&r.user))
         .map(Json)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "session_not_found",
-                "no such session",
-            )
-        })
+        .ok_or_else(|| session_not_found("no such session"))
 }
 
 async fn delete_session(
@@ -983,20 +1105,24 @@ async fn delete_session(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Record>> {
-    authorize(&state, &headers, true)?;
+    let principal = authorize(&state, &headers, Need::OpenConsole)?;
     let id = parse_id(&id)?;
-    let rec = state
-        .registry
-        .lock()
-        .map_err(|_| internal())?
-        .revoke(id)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "session_not_found",
-                "no such live session",
-            )
-        })?;
+    let rec = {
+        let mut registry = state.registry.lock().map_err(|_| internal())?;
+        match registry.owner_of(id) {
+            Some(owner) if principal.owns(owner) => registry.revoke(id),
+            _ => None,
+        }
+    }
+    .ok_or_else(|| session_not_found("no such live session"))?;
+    after_revoke(&state, id);
+    tracing::info!(session = %id_hex(id), by = ?principal.user, "session revoked");
+    Ok(Json(rec))
+}
+
+/// What follows a session's revocation in the registry: tell the workers,
+/// settle its one-time credential, count it.
+pub(super) fn after_revoke(state: &ControlState, id: u64) {
     // Every worker may hold the admission; the one with the relay closes it
     // at once. The admission is marked revoked already, so no new connect
     // can use it and a live relay closes on its worker's next tick even if
@@ -1006,8 +1132,6 @@ async fn delete_session(
     if let Ok(mut c) = state.counters.lock() {
         c.sessions_revoked += 1;
     }
-    tracing::info!(session = %id_hex(id), "session revoked");
-    Ok(Json(rec))
 }
 
 #[cfg(feature = "failpoints")]
@@ -1017,7 +1141,7 @@ async fn set_failpoint(
     Path(name): Path<String>,
     actions: String,
 ) -> ApiResult<StatusCode> {
-    authorize(&state, &headers, true)?;
+    authorize(&state, &headers, Need::Admin)?;
     fail::cfg(name.clone(), actions.trim()).map_err(|e| bad("bad_failpoint", e))?;
     tracing::warn!(failpoint = %name, actions = %actions.trim(), "failpoint set");
     Ok(StatusCode::NO_CONTENT)
@@ -1029,7 +1153,7 @@ async fn clear_failpoint(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    authorize(&state, &headers, true)?;
+    authorize(&state, &headers, Need::Admin)?;
     fail::remove(&name);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -1038,7 +1162,7 @@ async fn ports(
     State(state): State<Arc<ControlState>>,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize(&state, &headers, false)?;
+    authorize(&state, &headers, Need::ReadAll)?;
     let Some(pool) = &state.ports else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -1055,7 +1179,7 @@ async fn stats(
     State(state): State<Arc<ControlState>>,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize(&state, &headers, false)?;
+    authorize(&state, &headers, Need::ReadAll)?;
     Ok(Json(super::metrics_text::stats_json(&state)))
 }
 
@@ -1096,6 +1220,8 @@ mod tests {
             "/api/v1/sessions/{id}",
             "/api/v1/ports",
             "/api/v1/stats",
+            "/api/v1/viewers",
+            "/api/v1/users/{user}/close-sessions",
             "/healthz",
             "/readyz",
             "/metrics",

@@ -7,6 +7,7 @@
 //! nothing here runs on a worker thread: the data plane never touches tokio.
 
 pub mod api;
+pub mod limits;
 pub mod metrics_text;
 pub mod registry;
 pub mod vms;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
 
+use crate::auth::{AuthError, Principal};
 use crate::config::appliance::{ApplianceConfig, Role};
 use crate::dataplane::worker::WorkerControl;
 use crate::hypervisor::fleet::{Fleet, VmRef};
@@ -89,6 +91,10 @@ pub struct ControlState {
     /// registry's `max_sessions` (an entry exists only for a live
     /// session, and is removed with it).
     pub one_time: Mutex<HashMap<u64, VmRef>>,
+    /// `[auth.jwt]`'s verifier (key loaded at start); `None` when off.
+    pub jwt: Option<crate::auth::JwtVerifier>,
+    /// `[rate_limits]`: console creation per user.
+    pub user_rates: limits::UserRates,
 }
 
 /// Undelivered revoke messages kept for retry; beyond, the oldest are
@@ -96,6 +102,18 @@ pub struct ControlState {
 pub const MAX_PENDING_REVOKES: usize = 65_536;
 
 impl ControlState {
+    /// Who a bearer token stands for: a static `[[auth.tokens]]` entry
+    /// (a service), else, with `[auth.jwt]` on, a verified JWT (a user).
+    pub fn principal_of(&self, token: &str) -> Result<Principal, AuthError> {
+        if let Some(role) = self.role_of(token) {
+            return Ok(Principal::service(role));
+        }
+        match &self.jwt {
+            Some(v) => v.verify(token),
+            None => Err(AuthError::Unknown),
+        }
+    }
+
     /// The role a bearer token grants, if any (constant-time comparison).
     pub fn role_of(&self, token: &str) -> Option<Role> {
         use subtle::ConstantTimeEq;
@@ -356,6 +374,7 @@ async fn sweeper(state: Arc<ControlState>) {
         fail::fail_point!("control-stall");
         let now = Instant::now();
         state.retry_revokes();
+        state.user_rates.retain_recent();
         let expired = match state.registry.lock() {
             Ok(mut r) => {
                 // Reconcile first: a claimed admission whose report is late

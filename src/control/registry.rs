@@ -82,6 +82,14 @@ pub struct Record {
     /// A dedicated listener is still open (its port is held).
     #[serde(skip)]
     pub listener_open: bool,
+    /// Last traffic either way (unix ms; creation until the relay is
+    /// live), as the workers last published it (once per tick). Live
+    /// sessions only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_activity_ms: Option<u64>,
+    /// Time since then, in ms. Live sessions only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
 }
 
 impl Record {
@@ -123,6 +131,8 @@ impl Record {
             expires,
             admission,
             listener_open: port.is_some(),
+            last_activity_ms: None,
+            idle_ms: None,
         }
     }
 }
@@ -170,6 +180,93 @@ impl Registry {
             max_sessions,
             max_per_user,
             per_user: HashMap::new(),
+        }
+    }
+
+    /// Room for one more session of `user`, made by evicting (with
+    /// `evict`) the least recently active console: the user's own when the
+    /// user is at their cap, anyone's when the pool is full. Returns the
+    /// evicted records (their admissions revoked as evicted); without
+    /// `evict`, or with nothing to evict, why there is no room.
+    pub fn make_room(&mut self, user: &str, evict: bool) -> Result<Vec<Record>, RegistryError> {
+        let mut evicted = Vec::new();
+        let at_user_cap = self.per_user.get(user).copied().unwrap_or(0) >= self.max_per_user;
+        if at_user_cap && evict {
+            if let Some(id) = self.least_recently_active(|r| r.user == user) {
+                evicted.extend(self.evict(id));
+            }
+        }
+        if self.live.len() >= self.max_sessions && evict {
+            if let Some(id) = self.least_recently_active(|_| true) {
+                evicted.extend(self.evict(id));
+            }
+        }
+        self.check_capacity(user)?;
+        Ok(evicted)
+    }
+
+    fn least_recently_active(&self, pick: impl Fn(&Record) -> bool) -> Option<u64> {
+        self.live
+            .values()
+            .filter(|r| pick(r))
+            .min_by_key(|r| (activity_ms(r), r.id))
+            .map(|r| r.id)
+    }
+
+    /// Close a live session to make room in the pool.
+    fn evict(&mut self, id: u64) -> Option<Record> {
+        let mut r = self.live.remove(&id)?;
+        self.dec_user(&r.user);
+        if let Some(a) = &r.admission {
+            a.evict();
+        }
+        r.state = State::Revoked;
+        r.close_reason = Some("evicted: the least recently active console, to make room".into());
+        let out = r.clone();
+        self.push_closed(r);
+        Some(out)
+    }
+
+    /// The live (pending or open) sessions of `user`.
+    pub fn sessions_of(&self, user: &str) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .live
+            .values()
+            .filter(|r| r.user == user)
+            .map(|r| r.id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The pool as `GET /api/v1/viewers` shows it: per user, how many
+    /// consoles and when the most recent saw traffic.
+    pub fn viewers(&self, now: Instant, unix_now_ms: u64) -> Viewers {
+        let now_ms = crate::mailbox::mono_ms(now);
+        let mut users: HashMap<&str, (usize, u64)> = HashMap::new();
+        for r in self.live.values() {
+            let e = users.entry(r.user.as_str()).or_insert((0, 0));
+            e.0 += 1;
+            e.1 = e.1.max(activity_ms(r));
+        }
+        let mut users: Vec<ViewerUser> = users
+            .into_iter()
+            .map(|(user, (sessions, last))| {
+                let idle_ms = now_ms.saturating_sub(last);
+                ViewerUser {
+                    user: user.to_string(),
+                    sessions,
+                    last_activity_ms: unix_now_ms.saturating_sub(idle_ms),
+                    idle_ms,
+                }
+            })
+            .collect();
+        users.sort_by(|a, b| a.user.cmp(&b.user));
+        Viewers {
+            active_sessions: self.live.len(),
+            max_sessions: self.max_sessions,
+            max_sessions_per_user: self.max_per_user,
+            users,
         }
     }
 
@@ -250,6 +347,11 @@ impl Registry {
         if let Some(r) = self.closed.iter_mut().find(|r| r.id == id) {
             r.listener_open = false;
         }
+    }
+
+    /// The user of a live (pending or open) session.
+    pub fn owner_of(&self, id: u64) -> Option<&str> {
+        self.live.get(&id).map(|r| r.user.as_str())
     }
 
     /// End a session through the API; returns the record as it was.
@@ -396,7 +498,40 @@ impl Registry {
 fn with_age(r: &Record, now: Instant) -> Record {
     let mut c = r.clone();
     c.age_ms = now.saturating_duration_since(r.created).as_millis() as u64;
+    if r.admission.is_some() {
+        let idle_ms = crate::mailbox::mono_ms(now).saturating_sub(activity_ms(r));
+        c.idle_ms = Some(idle_ms);
+        c.last_activity_ms = Some(unix_ms(SystemTime::now()).saturating_sub(idle_ms));
+    }
     c
+}
+
+/// A live record's last activity ([`crate::mailbox::mono_ms`]): what its
+/// admission says (creation time until the relay is live).
+fn activity_ms(r: &Record) -> u64 {
+    r.admission.as_ref().map_or_else(
+        || crate::mailbox::mono_ms(r.created),
+        |a| a.last_activity_ms(),
+    )
+}
+
+/// `GET /api/v1/viewers`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Viewers {
+    pub active_sessions: usize,
+    pub max_sessions: usize,
+    pub max_sessions_per_user: usize,
+    pub users: Vec<ViewerUser>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ViewerUser {
+    pub user: String,
+    /// Consoles open or pending.
+    pub sessions: usize,
+    /// The most recent traffic of any of them (unix ms).
+    pub last_activity_ms: u64,
+    pub idle_ms: u64,
 }
 
 #[cfg(test)]
@@ -443,6 +578,62 @@ mod tests {
         );
         r.rollback(3);
         r.check_capacity("c").unwrap();
+    }
+
+    #[test]
+    fn make_room_evicts_the_least_recently_active() {
+        let now = Instant::now();
+        let mut r = Registry::new(3, 2);
+        let mut admissions = Vec::new();
+        for (id, user) in [(1, "a"), (2, "a"), (3, "b")] {
+            let (mut record, a) = admitted(id, now);
+            record.user = user.into();
+            a.note_activity(1_000 + id * 10);
+            r.insert(record);
+            admissions.push(a);
+        }
+        // Session 1 was active last.
+        admissions[0].note_activity(5_000);
+        // Refuse: nothing changes (the pool is full and a at the cap; the
+        // pool is checked first).
+        assert_eq!(
+            r.make_room("a", false).unwrap_err().code(),
+            "too_many_sessions"
+        );
+        assert_eq!(r.live_count(), 3);
+        // Evict, user at cap: a's least recent (2) goes.
+        let evicted: Vec<u64> = r
+            .make_room("a", true)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(evicted, vec![2]);
+        assert_eq!(admissions[1].state(), ticket_state::REVOKED);
+        assert_eq!(
+            admissions[1].revoke_cause(),
+            crate::mailbox::revoke_cause::EVICTED
+        );
+        assert_eq!(admissions[0].state(), ticket_state::PENDING);
+        let g = r.get(2, now).unwrap();
+        assert_eq!(g.state, State::Revoked);
+        assert!(g.close_reason.unwrap().contains("evicted"));
+        let (record, a4) = admitted(4, now);
+        a4.note_activity(6_000);
+        r.insert(record);
+        // The pool is full: the least recent of anyone's (3, b's) goes.
+        let evicted: Vec<u64> = r
+            .make_room("c", true)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(evicted, vec![3]);
+        assert_eq!(r.sessions_of("a"), vec![1, 4]);
+        // Viewers: one user left with two consoles.
+        let v = r.viewers(now, 10_000_000);
+        assert_eq!((v.active_sessions, v.users.len()), (2, 1));
+        assert_eq!((v.users[0].user.as_str(), v.users[0].sessions), ("a", 2));
     }
 
     #[test]

@@ -25,13 +25,15 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::api::{
-    authorize, open_session, parse_body, refuse_when_draining, resolve_host, ApiError, ApiResult,
-    CreateResp, SessionOptions,
+    authorize, open_session, parse_body, refuse_when_draining, resolve_host, session_user,
+    ApiError, ApiResult, CreateResp, SessionOptions,
 };
 use super::registry::TargetView;
 use super::ControlState;
+use crate::auth::{Need, Principal, VmGrant};
 use crate::hypervisor::fleet::VmRef;
 use crate::hypervisor::model::{ConsoleTarget, HypervisorError, PowerAction, VmInfo};
+use crate::hypervisor::queue::Lane;
 use crate::mailbox::{Target, TargetKind, WebMksTarget};
 
 pub fn routes() -> Router<Arc<ControlState>> {
@@ -70,7 +72,7 @@ async fn hypervisors(
     State(state): State<Arc<ControlState>>,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize(&state, &headers, false)?;
+    authorize(&state, &headers, Need::ReadAll)?;
     Ok(Json(json!({"hypervisors": state.fleet.hypervisors()})))
 }
 
@@ -85,13 +87,16 @@ async fn list_vms(
     headers: HeaderMap,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize(&state, &headers, false)?;
+    let principal = authorize(&state, &headers, Need::Any)?;
     let Query(q) = query.map_err(|e| bad_query(&state, e))?;
-    let list = state
+    let mut list = state
         .fleet
         .list(q.hypervisor.as_deref())
         .await
         .map_err(|e| hv_error(&state, e))?;
+    // A viewer sees the VMs their token allows.
+    list.vms
+        .retain(|v| principal.vms.allows(&[&v.id, &v.native_id]));
     Ok(Json(
         json!({"vms": list.vms, "unavailable": list.unavailable}),
     ))
@@ -102,13 +107,21 @@ async fn get_vm(
     headers: HeaderMap,
     Path(vm): Path<String>,
 ) -> ApiResult<Json<VmInfo>> {
-    authorize(&state, &headers, false)?;
-    state
+    let principal = authorize(&state, &headers, Need::Any)?;
+    let info = state
         .fleet
         .describe(&vm)
         .await
-        .map(Json)
-        .map_err(|e| hv_error(&state, e))
+        .map_err(|e| hv_error(&state, e))?;
+    if !principal.vms.allows(&[&info.id, &info.native_id]) {
+        state.count_error("vm_not_allowed");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "vm_not_allowed",
+            format!("the token does not allow VM {:?} (its vms claim)", info.id),
+        ));
+    }
+    Ok(Json(info))
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,8 +137,16 @@ async fn thumbnail(
     Path(vm): Path<String>,
     query: Result<Query<ThumbnailQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
-    authorize(&state, &headers, false)?;
+    let principal = authorize(&state, &headers, Need::Any)?;
     let Query(q) = query.map_err(|e| bad_query(&state, e))?;
+    if principal.vms != VmGrant::All {
+        let wanted = state
+            .fleet
+            .resolve(&vm, Lane::Low)
+            .await
+            .map_err(|e| hv_error(&state, e))?;
+        require_vm(&state, &principal, &wanted)?;
+    }
     let size = state.fleet.thumbnail_size(q.width, q.height).map_err(|e| {
         state.count_error("bad_thumbnail_size");
         ApiError::new(StatusCode::BAD_REQUEST, "bad_thumbnail_size", e.to_string())
@@ -163,7 +184,9 @@ async fn thumbnail(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConsoleReq {
-    user: String,
+    /// Required with a static token; a JWT's `sub` by default.
+    #[serde(default)]
+    user: Option<String>,
     #[serde(default)]
     ttl_s: Option<u64>,
     #[serde(default)]
@@ -180,11 +203,11 @@ async fn console(
     Path(vm): Path<String>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    authorize(&state, &headers, true)?;
+    let principal = authorize(&state, &headers, Need::OpenConsole)?;
     refuse_when_draining(&state)?;
     let req: ConsoleReq = parse_body(&state, body)?;
     let mut options = SessionOptions {
-        user: req.user,
+        user: session_user(&principal, req.user)?,
         vm_id: None,
         ttl_s: req.ttl_s,
         port_mode: req.port_mode,
@@ -194,9 +217,17 @@ async fn console(
     // Everything the caller sent is checked before the hypervisor is
     // asked for a ticket or a password.
     let checked = options.check(&state)?;
+    // The grant is checked on the resolved VM (its id and native id; the
+    // VM lists are cached), before the hypervisor hands out a ticket.
+    let wanted = state
+        .fleet
+        .resolve(&vm, Lane::Critical)
+        .await
+        .map_err(|e| hv_error(&state, e))?;
+    require_vm(&state, &principal, &wanted)?;
     let (found, console) = state
         .fleet
-        .console(&vm)
+        .console(&wanted.id)
         .await
         .map_err(|e| hv_error(&state, e))?;
     options.vm_id = Some(found.id.clone());
@@ -219,6 +250,20 @@ async fn console(
             Err(e)
         }
     }
+}
+
+/// 403 `vm_not_allowed` unless the principal may open consoles of `vm`.
+fn require_vm(state: &ControlState, principal: &Principal, vm: &VmRef) -> ApiResult<()> {
+    if principal.vms.allows(&[&vm.id, &vm.native]) {
+        return Ok(());
+    }
+    state.count_error("vm_not_allowed");
+    tracing::info!(vm = %vm.id, user = ?principal.user, "VM outside the token's vms claim refused");
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "vm_not_allowed",
+        format!("the token does not allow VM {:?} (its vms claim)", vm.id),
+    ))
 }
 
 fn console_json(resp: CreateResp, vm: &VmRef) -> serde_json::Value {
@@ -299,7 +344,7 @@ async fn power(
     Path(vm): Path<String>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Response> {
-    authorize(&state, &headers, true)?;
+    authorize(&state, &headers, Need::Operate)?;
     let req: PowerReq = parse_body(&state, body)?;
     let op = state
         .fleet
@@ -320,7 +365,7 @@ async fn operation(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    authorize(&state, &headers, false)?;
+    authorize(&state, &headers, Need::ReadAll)?;
     match state.fleet.operation(&id) {
         Some(op) => Ok(Json(op).into_response()),
         None => Err(ApiError::new(
@@ -335,7 +380,7 @@ async fn queue_stats(
     State(state): State<Arc<ControlState>>,
     headers: HeaderMap,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authorize(&state, &headers, false)?;
+    authorize(&state, &headers, Need::ReadAll)?;
     let stats = state.fleet.stats().await;
     let lanes: HashMap<&str, serde_json::Value> = stats
         .hypervisors

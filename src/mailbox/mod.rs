@@ -13,7 +13,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -148,6 +148,30 @@ pub struct Admission {
     /// Dedicated port, when the session has its own listener.
     pub port: Option<u16>,
     state: AtomicU8,
+    /// Last traffic either way, as [`mono_ms`]: the creation time until
+    /// the relay is live, then published by its worker at most once per
+    /// tick (never per frame). Read by the control plane's pool (LRU
+    /// eviction, `GET /api/v1/viewers`).
+    last_activity_ms: AtomicU64,
+    /// Why it was revoked ([`revoke_cause`]), read by the worker that
+    /// closes the relay.
+    revoke_cause: AtomicU8,
+}
+
+/// Why an admission was revoked: the close code and reason its relay gets.
+pub mod revoke_cause {
+    /// `DELETE`, expiry, close-sessions: 1008 "session revoked".
+    pub const REVOKED: u8 = 0;
+    /// Evicted to make room in the viewer pool: 4001 "evicted".
+    pub const EVICTED: u8 = 1;
+}
+
+/// Milliseconds on the monotonic clock since a process-wide epoch (the
+/// first call): comparable across threads, storable in an atomic.
+pub fn mono_ms(at: Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    at.saturating_duration_since(epoch).as_millis() as u64
 }
 
 impl Admission {
@@ -172,7 +196,33 @@ impl Admission {
             client_ip,
             port,
             state: AtomicU8::new(ticket_state::PENDING),
+            last_activity_ms: AtomicU64::new(mono_ms(Instant::now())),
+            revoke_cause: AtomicU8::new(revoke_cause::REVOKED),
         }
+    }
+
+    /// The relay saw traffic at `at_ms` ([`mono_ms`]). One relaxed load,
+    /// and a store only when it moved: called once per tick per session.
+    pub fn note_activity(&self, at_ms: u64) {
+        if self.last_activity_ms.load(Ordering::Relaxed) < at_ms {
+            self.last_activity_ms.store(at_ms, Ordering::Relaxed);
+        }
+    }
+
+    pub fn last_activity_ms(&self) -> u64 {
+        self.last_activity_ms.load(Ordering::Relaxed)
+    }
+
+    /// Revoke to make room in the pool: the relay closes with 4001
+    /// "evicted". False when it had ended already.
+    pub fn evict(&self) -> bool {
+        self.revoke_cause
+            .store(revoke_cause::EVICTED, Ordering::Release);
+        self.revoke()
+    }
+
+    pub fn revoke_cause(&self) -> u8 {
+        self.revoke_cause.load(Ordering::Acquire)
     }
 
     /// Move PENDING → CLAIMED; false when already claimed or revoked.

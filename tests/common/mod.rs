@@ -2051,7 +2051,8 @@ pub struct ApplianceOptions {
     pub control_toml: String,
     /// How the process is launched (limits, FAILPOINTS).
     pub launch: Launch,
-    /// Whole sections appended at the end (`[[hypervisors]]`, `[cache]`…).
+    /// TOML appended at the end of the file (whole tables, e.g.
+    /// `[[hypervisors]]`, `[cache]`, `[auth.jwt]`, `[viewers]`).
     pub extra_toml: String,
 }
 

@@ -463,11 +463,24 @@ impl Session {
         self.bound.as_ref().map(|a| a.id)
     }
 
-    /// The control plane revoked the session (DELETE): close with 1008.
+    /// The control plane revoked the session (DELETE, close-sessions:
+    /// 1008; evicted from the viewer pool: 4001).
     pub fn on_revoke(&mut self, ctx: &mut WorkerCtx, now: Instant) {
-        ctx.metrics.count(crate::cause::Cause::Revoked);
-        self.end_for(ctx, crate::cause::Cause::Revoked, "session revoked", now);
+        let (cause, reason) = self.revoke_cause();
+        ctx.metrics.count(cause);
+        self.end_for(ctx, cause, reason, now);
         self.settle(ctx, now);
+    }
+
+    /// Why the control plane revoked this session, from the admission.
+    fn revoke_cause(&self) -> (crate::cause::Cause, &'static str) {
+        match self.admission().map(|a| a.revoke_cause()) {
+            Some(crate::mailbox::revoke_cause::EVICTED) => (
+                crate::cause::Cause::Evicted,
+                "evicted: the least recently active console, closed to make room",
+            ),
+            _ => (crate::cause::Cause::Revoked, "session revoked"),
+        }
     }
 
     /// Server shutdown: close with 1001.

@@ -293,6 +293,11 @@ impl Session {
             .admission
             .as_ref()
             .is_some_and(|a| a.state() == ticket_state::REVOKED);
+        // The pool's view of this console's activity: published here, once
+        // per tick, never per frame.
+        if let Some(a) = &r.admission {
+            a.note_activity(crate::mailbox::mono_ms(r.last_activity));
+        }
         let (idle, heartbeat) = (ctx.cfg.limits.idle_timeout_ms, ctx.cfg.limits.heartbeat_ms);
         match r.phase {
             RelayPhase::Closing { .. } if expired => self.finish(ctx, now),
@@ -301,8 +306,10 @@ impl Session {
             // may never have arrived (full mailbox), the shared state
             // always does.
             _ if revoked => {
-                ctx.metrics.count(Cause::Revoked);
-                self.start_close(ctx, close_code::POLICY, "session revoked", now);
+                let (cause, reason) = self.revoke_cause();
+                ctx.metrics.count(cause);
+                let code = cause.close_code().unwrap_or(close_code::POLICY);
+                self.start_close(ctx, code, reason, now);
             }
             RelayPhase::Connecting if expired => {
                 tracing::warn!(session = self.id, backend = ?r.target, "backend connect timed out");

@@ -121,6 +121,9 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     /// Something failed on our side.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// Application range (4000-4999, RFC 6455 §7.4.2): the console was
+    /// closed to make room for another in the viewer pool.
+    pub const EVICTED: u16 = 4001;
 }
 
 /// Whether a close code received from a peer is allowed on the wire.
