@@ -437,3 +437,74 @@ fn webmks_compares_the_two_relay_kinds_of_the_appliance() {
     assert!(out.join("hgrm/webmks/webmks-epoll-c2.hgrm").is_file());
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// hypervisors against the real appliance ([`consolegate_under_test`]) and
+/// the real govmomi simulator (built with Debian's Go and govmomi, cached in
+/// target/bench-vcsim): one small run of both parts. Every storm thumbnail
+/// must be its own snapshot of the slow VNC server, every pool thumbnail
+/// its own /screen fetch, within pool_size logins and without an error.
+#[test]
+fn hypervisors_measures_storm_and_pool() {
+    let exe = consolegate_under_test();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let source = root.join("tests/support/vcsim/main.go");
+    let vcsim_dir = root.join("target/bench-vcsim");
+    let out = out_dir("hv");
+    bench(
+        &[
+            "hypervisors",
+            "--consolegate",
+            exe.to_str().unwrap(),
+            "--hv-runs",
+            "1",
+            "--hv-storm-thumbnails",
+            "16",
+            "--hv-storm-opens",
+            "10",
+            "--hv-pool-users",
+            "2",
+            "--hv-pool-thumbnails",
+            "5",
+            "--hv-pool-user-connections",
+            "2",
+            "--hv-vcsim-source",
+            source.to_str().unwrap(),
+            "--hv-vcsim-dir",
+            vcsim_dir.to_str().unwrap(),
+        ],
+        &out,
+        Duration::from_secs(600),
+    );
+    let r = json(out.join("hypervisors.json"));
+    let cells = r["storm_runs"][0].as_array().unwrap();
+    let names: Vec<&str> = cells.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["critical_reserve=1", "critical_reserve=0", "no storm"]
+    );
+    for c in cells {
+        assert_eq!(c["ok"], true, "{c}");
+        assert!(c["opens"].as_u64().unwrap() > 0, "{c}");
+        assert!(c["open_latency"]["p99_us"].as_f64().unwrap() > 0.0, "{c}");
+        if c["storm"] == true {
+            assert_eq!(c["thumbnails_ok"], 16, "{c}");
+            assert_eq!(c["vnc_connections"], 16, "{c}");
+            assert!(c["min_thumbnails_waiting"].as_u64().unwrap() > 0, "{c}");
+        } else {
+            assert_eq!(c["vnc_connections"], 0, "{c}");
+        }
+    }
+    let p = &r["pool_runs"][0];
+    assert_eq!(p["ok"], true, "{p}");
+    assert_eq!(p["requests"], 12, "{p}");
+    assert_eq!(p["errors"], 0, "{p}");
+    assert_eq!(p["screens"], 10, "{p}");
+    let logins = p["logins"].as_u64().unwrap();
+    assert!((1..=4).contains(&logins), "{p}");
+    assert!(p["peak_active_sessions"].as_u64().unwrap() <= logins, "{p}");
+    assert_eq!(p["active_after_stop"], 0, "logged out on stop: {p}");
+    assert!(std::fs::read_to_string(out.join("hypervisors.txt"))
+        .unwrap()
+        .contains("Pool economy"));
+    let _ = std::fs::remove_dir_all(out);
+}
