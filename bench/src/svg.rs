@@ -246,6 +246,237 @@ fn panel(out: &mut String, p: &Panel, ox: f64, oy: f64, y_label: &str) {
     }
 }
 
+/// Legend line inside a time-series panel.
+const TS_LEGEND_H: f64 = 18.0;
+/// Target number of grid lines per axis of a time-series panel.
+const TS_TICKS: f64 = 6.0;
+
+/// One line of a time-series panel: `(seconds, value)`, ascending time.
+pub struct TimeSeries {
+    pub name: String,
+    pub color: &'static str,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A panel of values over time, on linear axes from zero (so a flat line
+/// looks flat and a slow climb is not magnified).
+pub struct TimePanel {
+    pub title: String,
+    pub y_label: String,
+    pub series: Vec<TimeSeries>,
+    /// A dashed vertical line at this time, with its label (e.g. the end
+    /// of a warm-up).
+    pub marker: Option<(f64, String)>,
+}
+
+/// A round step (1, 2 or 5 × 10^k) near `raw`, for grid lines.
+pub fn nice_step(raw: f64) -> f64 {
+    if !(raw.is_finite() && raw > 0.0) {
+        return 1.0;
+    }
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let mantissa = raw / magnitude;
+    let nice = if mantissa <= 1.0 {
+        1.0
+    } else if mantissa <= 2.0 {
+        2.0
+    } else if mantissa <= 5.0 {
+        5.0
+    } else {
+        10.0
+    };
+    nice * magnitude
+}
+
+/// A step of seconds near `raw` that reads well on a clock: 1, 2, 5, 10,
+/// 15, 30 s, 1, 2, 5, 10, 15, 30 min, 1 h, then whole hours.
+pub fn time_step(raw: f64) -> f64 {
+    const STEPS_S: [f64; 13] = [
+        1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0,
+    ];
+    STEPS_S
+        .iter()
+        .copied()
+        .find(|s| *s >= raw)
+        .unwrap_or_else(|| (raw / 3600.0).ceil() * 3600.0)
+}
+
+/// The axis top for values up to `max`: a whole number of nice steps, and
+/// that step.
+pub fn axis_top(max: f64) -> (f64, f64) {
+    axis_top_with(max, nice_step)
+}
+
+fn axis_top_with(max: f64, step_near: impl Fn(f64) -> f64) -> (f64, f64) {
+    let max = if max.is_finite() && max > 0.0 {
+        max
+    } else {
+        1.0
+    };
+    // A hair under: 30.0001 s of samples still fit a 30 s axis.
+    let max = max * (1.0 - 1e-6);
+    let step = step_near(max / TS_TICKS);
+    ((max / step).ceil().max(1.0) * step, step)
+}
+
+/// Seconds as a tick label: whole minutes as `N min`, else seconds.
+pub fn fmt_seconds(s: f64) -> String {
+    if s >= 60.0 && (s / 60.0 - (s / 60.0).round()).abs() < 1e-9 {
+        format!("{:.0} min", s / 60.0)
+    } else {
+        format!("{s:.0} s")
+    }
+}
+
+/// A tick label: as many decimals as the step needs.
+fn fmt_tick(v: f64, step: f64) -> String {
+    if step >= 1.0 {
+        format!("{v:.0}")
+    } else if step >= 0.1 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Several time-series panels sharing one time axis, in a grid of two
+/// columns, each with its own legend and y axis.
+pub fn time_series_plot(title: &str, panels: &[TimePanel]) -> String {
+    let x_max = panels
+        .iter()
+        .flat_map(|p| p.series.iter().flat_map(|s| s.points.iter().map(|pt| pt.0)))
+        .fold(0.0f64, f64::max);
+    let rows = panels.len().div_ceil(COLUMNS).max(1);
+    let cols = panels.len().clamp(1, COLUMNS);
+    let width = PANEL_W * cols as f64;
+    let height = TITLE_H + (PANEL_H + TS_LEGEND_H) * rows as f64;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        out,
+        r#"<rect x="0" y="0" width="{width:.0}" height="{height:.0}" fill="white"/>"#
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{}</text>"#,
+        width / 2.0,
+        escape(title)
+    );
+    for (i, p) in panels.iter().enumerate() {
+        let ox = PANEL_W * (i % COLUMNS) as f64;
+        let oy = TITLE_H + (PANEL_H + TS_LEGEND_H) * (i / COLUMNS) as f64;
+        time_panel(&mut out, p, ox, oy, x_max);
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn time_panel(out: &mut String, p: &TimePanel, ox: f64, oy: f64, x_max: f64) {
+    let x0 = ox + MARGIN_L;
+    let x1 = ox + PANEL_W - MARGIN_R;
+    let y0 = oy + TS_LEGEND_H + PANEL_H - MARGIN_B; // bottom
+    let y1 = oy + TS_LEGEND_H + MARGIN_T; // top
+    let (x_top, x_step) = axis_top_with(x_max, time_step);
+    let y_max = p
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|pt| pt.1))
+        .fold(0.0f64, f64::max);
+    let (y_top, y_step) = axis_top(y_max);
+    let sx = |t: f64| x0 + (x1 - x0) * (t / x_top).clamp(0.0, 1.0);
+    let sy = |v: f64| y0 - (y0 - y1) * (v / y_top).clamp(0.0, 1.0);
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">{}</text>"#,
+        (x0 + x1) / 2.0,
+        oy + 18.0,
+        escape(&p.title)
+    );
+    let mut lx = x0;
+    for s in &p.series {
+        let ly = oy + 36.0;
+        let _ = writeln!(
+            out,
+            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="2.5"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            lx + 18.0,
+            s.color,
+            lx + 22.0,
+            ly + 4.0,
+            escape(&s.name)
+        );
+        lx += 36.0 + 7.0 * s.name.chars().count() as f64;
+    }
+    let _ = writeln!(
+        out,
+        r##"<rect x="{x0:.1}" y="{y1:.1}" width="{:.1}" height="{:.1}" fill="none" stroke="#888"/>"##,
+        x1 - x0,
+        y0 - y1
+    );
+    let x_ticks = (x_top / x_step).round() as usize;
+    for k in 0..=x_ticks {
+        let t = x_step * k as f64;
+        let x = sx(t);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{x:.1}" y1="{y1:.1}" x2="{x:.1}" y2="{y0:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+            y0 + 16.0,
+            fmt_seconds(t)
+        );
+    }
+    let y_ticks = (y_top / y_step).round() as usize;
+    for k in 0..=y_ticks {
+        let v = y_step * k as f64;
+        let y = sy(v);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{x0:.1}" y1="{y:.1}" x2="{x1:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            x0 - 4.0,
+            y + 4.0,
+            fmt_tick(v, y_step)
+        );
+    }
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" transform="rotate(-90 {:.1} {:.1})">{}</text>"#,
+        ox + 14.0,
+        (y0 + y1) / 2.0,
+        ox + 14.0,
+        (y0 + y1) / 2.0,
+        escape(&p.y_label)
+    );
+    if let Some((t, label)) = &p.marker {
+        let x = sx(*t);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{x:.1}" y1="{y1:.1}" x2="{x:.1}" y2="{y0:.1}" stroke="#999" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" fill="#666">{}</text>"##,
+            x + 3.0,
+            y1 + 12.0,
+            escape(label)
+        );
+    }
+    for s in &p.series {
+        let pts: Vec<String> = s
+            .points
+            .iter()
+            .filter(|(t, v)| t.is_finite() && v.is_finite())
+            .map(|(t, v)| format!("{:.1},{:.1}", sx(*t), sy(*v)))
+            .collect();
+        if pts.len() < 2 {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            r#"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"><title>{}</title></polyline>"#,
+            s.color,
+            pts.join(" "),
+            escape(&s.name)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,6 +509,77 @@ mod tests {
         let med = pts.iter().find(|(q, _)| *q >= 0.5).unwrap();
         assert!((med.1 - 5000.0).abs() < 50.0, "{med:?}");
         assert!(points_from_histogram(&crate::workload::new_histogram(), 1.0).is_empty());
+    }
+
+    #[test]
+    fn time_axes_use_round_steps() {
+        assert_eq!(nice_step(0.0), 1.0);
+        assert_eq!(nice_step(7.0), 10.0);
+        assert_eq!(nice_step(130.0), 200.0);
+        assert_eq!(nice_step(0.03), 0.05);
+        assert_eq!(axis_top(3600.0), (4000.0, 1000.0));
+        assert_eq!(axis_top(3000.0), (3000.0, 500.0));
+        assert_eq!(axis_top(0.0), (1.0, 0.2));
+        assert_eq!(axis_top(117.0), (120.0, 20.0));
+        assert_eq!(time_step(600.0), 600.0);
+        assert_eq!(time_step(3.4), 5.0);
+        assert_eq!(time_step(2000.0), 3600.0);
+        assert_eq!(time_step(9000.0), 10_800.0);
+        assert_eq!(axis_top_with(3600.0, time_step), (3600.0, 600.0));
+        assert_eq!(axis_top_with(20.0, time_step), (20.0, 5.0));
+        assert_eq!(axis_top_with(30.0001, time_step), (30.0, 5.0));
+        assert_eq!(fmt_seconds(600.0), "10 min");
+        assert_eq!(fmt_seconds(20.0), "20 s");
+        assert_eq!(fmt_seconds(90.0), "90 s");
+        assert_eq!(fmt_tick(2.5, 0.5), "2.5");
+    }
+
+    #[test]
+    fn time_series_plot_has_a_line_per_series_and_the_marker() {
+        let line = |name: &str, i: usize, v: f64| TimeSeries {
+            name: name.into(),
+            color: color_for(i),
+            points: (0..=10).map(|k| (k as f64 * 360.0, v + k as f64)).collect(),
+        };
+        let panels = vec![
+            TimePanel {
+                title: "fds".into(),
+                y_label: "open fds".into(),
+                series: vec![line("fds", 1, 120.0)],
+                marker: Some((360.0, "warm-up".into())),
+            },
+            TimePanel {
+                title: "memory".into(),
+                y_label: "MiB".into(),
+                series: vec![line("RSS", 2, 30.0), line("Vm<HWM>", 3, 31.0)],
+                marker: None,
+            },
+            TimePanel {
+                title: "one point".into(),
+                y_label: "µs".into(),
+                series: vec![TimeSeries {
+                    name: "p99".into(),
+                    color: color_for(4),
+                    points: vec![(1.0, 5.0)],
+                }],
+                marker: None,
+            },
+        ];
+        let svg = time_series_plot("Soak", &panels);
+        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 3);
+        assert_eq!(svg.matches("stroke-dasharray").count(), 1);
+        assert!(svg.contains(">warm-up</text>"));
+        assert!(svg.contains("Vm&lt;HWM&gt;"));
+        // 3600 s in 10-minute steps.
+        assert!(svg.contains(">60 min</text>") && svg.contains(">10 min</text>"));
+        // Two columns, two rows.
+        assert!(
+            svg.contains("width=\"1120\" height=\"730\""),
+            "{}",
+            &svg[..200]
+        );
     }
 
     #[test]
