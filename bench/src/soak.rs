@@ -716,6 +716,10 @@ fn soak_appliance(
         out
     });
     let mut failures: Vec<String> = died.into_iter().collect();
+    // The sampler's kept-alive connection would be one of the appliance's
+    // descriptors in the idle count: close it, and poll on connections the
+    // appliance closes after each answer.
+    sampler.rest = RestClient::new(app.control, &app.token, HttpMode::NewConnection, io_timeout);
     let (settled_after_s, stats_end) = settle(&mut sampler.rest);
     let idle_after = (!app.has_exited()).then(|| ProcFigures::read(pid));
     let fd_kinds_after = procfs::fd_kinds(pid);
