@@ -375,9 +375,14 @@ struct SoakOpts {
     /// Sampling interval, s.
     #[arg(long, default_value_t = 10)]
     interval_s: u64,
-    /// Share of the run, from its start, left out of the growth verdict.
+    /// Share of the run, from its start, left out of the growth verdict…
     #[arg(long, default_value_t = 0.1)]
     warmup_fraction: f64,
+    /// …but at least this long (at most half the run): the appliance keeps
+    /// finished tickets for two minutes and claimed ones until their TTL,
+    /// so its memory fills to a plateau over the first minutes.
+    #[arg(long, default_value_t = 300.0)]
+    warmup_min_s: f64,
     /// Long-lived sessions relaying round trips to the echo backend.
     #[arg(long, default_value_t = 50)]
     steady_sessions: usize,
@@ -394,6 +399,9 @@ struct SoakOpts {
     /// Threads running the churn.
     #[arg(long, default_value_t = 4)]
     churn_threads: usize,
+    /// Churn operations to run (default: all; e.g. to soak one path).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    churn_kinds: Option<Vec<soak::churn::Kind>>,
     /// Descriptors the appliance may grow by (samples after the warm-up;
     /// idle after the workload vs before it).
     #[arg(long, default_value_t = 8.0)]
@@ -424,8 +432,13 @@ impl SoakOpts {
             message_bytes: self.message_bytes,
             churn_per_s: self.churn_per_s,
             churn_threads: self.churn_threads,
+            churn_kinds: self
+                .churn_kinds
+                .clone()
+                .unwrap_or_else(|| soak::churn::KINDS.to_vec()),
             allowances: soak::judge::Allowances {
                 warmup_fraction: self.warmup_fraction,
+                warmup_min_s: self.warmup_min_s,
                 fd_count: self.fd_allowance,
                 rss_percent: self.rss_allowance_percent,
                 rss_floor_kib: self.rss_allowance_mib * 1024.0,
@@ -874,6 +887,10 @@ mod tests {
         );
         assert_eq!((c.steady_sessions, c.churn_threads), (50, 4));
         assert_eq!(c.allowances.rss_floor_kib, 4096.0);
+        assert_eq!(
+            (c.allowances.warmup_fraction, c.allowances.warmup_min_s),
+            (0.1, 300.0)
+        );
         assert!(c.validate().is_ok());
         let cli = Cli::try_parse_from([
             "b",
@@ -888,6 +905,8 @@ mod tests {
             "5",
             "--rss-allowance-mib",
             "8",
+            "--churn-kinds",
+            "demo-shared,revoke-live",
         ])
         .unwrap();
         let Command::Soak { common, opts, .. } = cli.command else {
@@ -899,6 +918,10 @@ mod tests {
             (soak::SoakIo::Epoll, 20, 1)
         );
         assert_eq!((c.churn_per_s, c.allowances.rss_floor_kib), (5.0, 8192.0));
+        assert_eq!(
+            c.churn_kinds,
+            vec![soak::churn::Kind::DemoShared, soak::churn::Kind::RevokeLive]
+        );
     }
 
     #[test]

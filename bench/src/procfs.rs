@@ -226,6 +226,32 @@ pub fn status_kib(pid: u32) -> Option<HashMap<String, u64>> {
     Some(parse_kib_fields(&text))
 }
 
+/// The 1-minute load average (`/proc/loadavg`): other work on a shared
+/// machine.
+pub fn loadavg_1m() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `some avg10` of `/proc/pressure/cpu`: the share of the last 10 s, in
+/// percent, in which some runnable task waited for a CPU.
+pub fn parse_cpu_pressure_avg10(text: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with("some"))?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("avg10="))?
+        .parse()
+        .ok()
+}
+
+pub fn cpu_pressure_avg10() -> Option<f64> {
+    parse_cpu_pressure_avg10(&std::fs::read_to_string("/proc/pressure/cpu").ok()?)
+}
+
 /// Kernel slab memory (`Slab:` in /proc/meminfo), KiB: where socket, file
 /// and epoll structures live. Machine-wide, so other work shows up in it.
 pub fn slab_kib() -> Option<u64> {
@@ -339,6 +365,15 @@ mod tests {
         assert_eq!(f["Pss"], 6789);
         assert_eq!(f["Pss_Anon"], 4000);
         assert!(!f.contains_key("THPeligible"));
+    }
+
+    #[test]
+    fn parses_cpu_pressure_and_reads_the_load() {
+        let text = "some avg10=12.50 avg60=8.01 avg300=3.00 total=123\n\
+                    full avg10=1.00 avg60=0.00 avg300=0.00 total=9\n";
+        assert_eq!(parse_cpu_pressure_avg10(text), Some(12.5));
+        assert_eq!(parse_cpu_pressure_avg10("full avg10=1.00\n"), None);
+        assert!(loadavg_1m().is_some_and(|l| l >= 0.0));
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //! echo backend, listen anywhere but 127.0.0.1, or run a loop without a
 //! count and a deadline.
 
-mod churn;
+pub mod churn;
 pub mod judge;
 mod steady;
 
@@ -106,6 +106,8 @@ pub struct SoakConfig {
     /// Churn operations per second, all kinds together.
     pub churn_per_s: f64,
     pub churn_threads: usize,
+    /// The churn operations to run (all by default).
+    pub churn_kinds: Vec<churn::Kind>,
     pub allowances: judge::Allowances,
     /// Where the appliance keeps its state; default inside the output
     /// directory.
@@ -123,6 +125,9 @@ impl SoakConfig {
         }
         if self.steady_sessions > MAX_STEADY_SESSIONS {
             bail!("--steady-sessions must be at most {MAX_STEADY_SESSIONS}");
+        }
+        if churn::pattern_of(&self.churn_kinds).is_empty() {
+            bail!("--churn-kinds: name at least one kind");
         }
         if self.churn_threads == 0 || self.churn_threads > MAX_CHURN_THREADS {
             bail!("--churn-threads must be in 1..={MAX_CHURN_THREADS}");
@@ -142,8 +147,11 @@ impl SoakConfig {
             );
         }
         let w = self.allowances.warmup_fraction;
-        if !(0.0..0.9).contains(&w) {
-            bail!("--warmup-fraction must be in [0, 0.9)");
+        if !(0.0..=judge::MAX_WARMUP_SHARE).contains(&w) || self.allowances.warmup_min_s < 0.0 {
+            bail!(
+                "--warmup-fraction must be in [0, {}] and --warmup-min-s not negative",
+                judge::MAX_WARMUP_SHARE
+            );
         }
         Ok(())
     }
@@ -346,6 +354,10 @@ pub struct Sample {
     /// The bench's own descriptors (a control: a leak here is not the
     /// appliance's).
     pub bench_fds: Option<usize>,
+    /// Other work on the machine: the 1-minute load average and the share
+    /// of the last 10 s in which a runnable task waited for a CPU (%).
+    pub loadavg_1m: Option<f64>,
+    pub cpu_pressure_avg10: Option<f64>,
 }
 
 /// Churn operations of one kind.
@@ -396,6 +408,9 @@ pub struct Figures {
     pub relay_p99_us_min: Option<f64>,
     pub relay_p99_us_median: Option<f64>,
     pub relay_p99_us_max: Option<f64>,
+    /// Correlation of the interval p99 with the machine's CPU pressure
+    /// (other work waiting for a CPU), after the warm-up.
+    pub relay_p99_vs_cpu_pressure_r: Option<f64>,
     pub cpu_s_total: Option<f64>,
 }
 
@@ -514,6 +529,8 @@ impl Sampler<'_> {
             expected_refusals: d(|c| c.refusals),
             unexpected_errors: d(|c| c.errors),
             bench_fds: procfs::fd_count(std::process::id()),
+            loadavg_1m: procfs::loadavg_1m(),
+            cpu_pressure_avg10: procfs::cpu_pressure_avg10(),
         };
         self.last = c;
         sample
@@ -701,7 +718,7 @@ fn soak_appliance(
         last_cpu: idle_before.cpu_s.map(|c| (start, c)),
         relay_all: new_histogram(),
         open_all: new_histogram(),
-        warmup_s: cfg.duration_s as f64 * cfg.allowances.warmup_fraction,
+        warmup_s: judge::warmup_s(cfg.duration_s as f64, &cfg.allowances),
     };
     let pacer = churn::Pacer::new(start, cfg);
     let (samples, died) = std::thread::scope(|scope| {
@@ -848,6 +865,12 @@ fn figures(o: &Outcome, warmup_s: f64) -> Figures {
         relay_p99_us_min: p99s.first().copied(),
         relay_p99_us_median: crate::stats::median(&p99s),
         relay_p99_us_max: p99s.last().copied(),
+        relay_p99_vs_cpu_pressure_r: crate::stats::correlation(
+            &judged
+                .iter()
+                .filter_map(|s| Some((s.relay?.p99_us, s.cpu_pressure_avg10?)))
+                .collect::<Vec<_>>(),
+        ),
         cpu_s_total: o
             .idle_after
             .and_then(|p| p.cpu_s)
@@ -894,7 +917,7 @@ fn build_report(
     stop: &AtomicBool,
     command_line: String,
 ) -> SoakReport {
-    let warmup_s = cfg.duration_s as f64 * cfg.allowances.warmup_fraction;
+    let warmup_s = judge::warmup_s(cfg.duration_s as f64, &cfg.allowances);
     if let Some(f) = idle_failure(&o, &cfg.allowances) {
         o.failures.push(f);
     }
@@ -939,19 +962,34 @@ fn us(v: Option<f64>) -> String {
 /// The Markdown summary: what ran, the headline figures, the verdict, and
 /// a thinned table of the samples.
 pub fn render_markdown(r: &SoakReport) -> String {
-    let c = &r.config;
-    let f = &r.figures;
-    let t = &r.totals;
     let mut out = String::from("## Soak\n\n");
     let _ = writeln!(out, "Command: `{}`\n", r.command_line);
-    let _ = writeln!(
-        out,
+    out.push_str(&intro(r));
+    let verdict = if r.verdict.pass { "PASS" } else { "FAIL" };
+    let _ = writeln!(out, "**Verdict: {verdict}**{}\n", verdict_note(r));
+    for failure in &r.verdict.failures {
+        let _ = writeln!(out, "- {failure}");
+    }
+    if !r.verdict.failures.is_empty() {
+        out.push('\n');
+    }
+    out.push_str(&figures_table(&r.figures));
+    out.push('\n');
+    out.push_str(&trend_lines(r));
+    out.push_str(&activity_lines(r));
+    out.push('\n');
+    out.push_str(&sample_table(&r.samples));
+    out
+}
+
+/// What ran, where, and how it was sampled.
+fn intro(r: &SoakReport) -> String {
+    let c = &r.config;
+    format!(
         "{} s of `consolegate run` (io={}, {} workers, log level warn) on {}; load average at \
          the start {}. Workload, all on 127.0.0.1: {} steady sessions to an echo backend, each \
          making a {}-byte round trip {} times a second; churn at {} operations/s on {} threads \
-         (demo console opened and closed on the shared and on dedicated ports, echo sessions \
-         used and closed, sessions deleted while live, tickets left to expire, bad and replayed \
-         tickets, unknown sessions). Sampled every {} s; the first {:.0} % is warm-up.\n",
+         ({}). Sampled every {} s; the first {:.0} s are warm-up.\n\n",
         c.duration_s,
         r.io,
         opt(r.workers),
@@ -962,17 +1000,31 @@ pub fn render_markdown(r: &SoakReport) -> String {
         c.steady_round_trips_per_s,
         c.churn_per_s,
         c.churn_threads,
+        churn_description(&c.churn_kinds),
         c.interval_s,
-        c.allowances.warmup_fraction * 100.0
-    );
-    let verdict = if r.verdict.pass { "PASS" } else { "FAIL" };
-    let _ = writeln!(out, "**Verdict: {verdict}**{}\n", verdict_note(r));
-    for failure in &r.verdict.failures {
-        let _ = writeln!(out, "- {failure}");
+        r.verdict.judged_from_s
+    )
+}
+
+/// The churn in words: every path, or the kinds it was limited to.
+fn churn_description(kinds: &[churn::Kind]) -> String {
+    if churn::KINDS.iter().all(|k| kinds.contains(k)) {
+        "demo console opened and closed on the shared and on dedicated ports, echo sessions \
+         used and closed, sessions deleted while live, tickets left to expire, bad and replayed \
+         tickets, unknown sessions"
+            .into()
+    } else {
+        let names: Vec<&str> = churn::KINDS
+            .iter()
+            .filter(|k| kinds.contains(k))
+            .map(|k| k.name())
+            .collect();
+        format!("only {}", names.join(", "))
     }
-    if !r.verdict.failures.is_empty() {
-        out.push('\n');
-    }
+}
+
+/// Descriptors and memory: idle before, first judged, last, peak, idle after.
+fn figures_table(f: &Figures) -> String {
     let rows = vec![
         vec![
             "open descriptors".to_string(),
@@ -991,7 +1043,7 @@ pub fn render_markdown(r: &SoakReport) -> String {
             mib(f.rss_idle_after_kib),
         ],
     ];
-    out.push_str(&report::markdown_table(
+    report::markdown_table(
         &[
             "",
             "idle before",
@@ -1001,9 +1053,31 @@ pub fn render_markdown(r: &SoakReport) -> String {
             "idle after",
         ],
         &rows,
-    ));
-    out.push('\n');
-    out.push_str(&trend_lines(r));
+    )
+}
+
+/// `3 × a, 1 × b` (or `3 a, 1 b` with `times = false`).
+fn counted<K: std::fmt::Display, V: std::fmt::Display>(
+    items: impl Iterator<Item = (K, V)>,
+    times: bool,
+    separator: &str,
+) -> String {
+    items
+        .map(|(k, v)| {
+            if times {
+                format!("{v} × {k}")
+            } else {
+                format!("{v} {k}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(separator)
+}
+
+/// Latency, sessions, errors, idle descriptors, CPU, settling.
+fn activity_lines(r: &SoakReport) -> String {
+    let (f, t) = (&r.figures, &r.totals);
+    let mut out = String::new();
     let _ = writeln!(
         out,
         "- Relay round trip (steady sessions, after the warm-up): p50 {} µs, p99 {} µs, max {} µs; \
@@ -1018,11 +1092,23 @@ pub fn render_markdown(r: &SoakReport) -> String {
         us(t.session_open.map(|p| p.p50_us)),
         us(t.session_open.map(|p| p.p99_us)),
     );
+    if let Some(r) = f.relay_p99_vs_cpu_pressure_r {
+        let _ = writeln!(
+            out,
+            "- The interval p99 against the machine's CPU pressure (other work waiting for a \
+             CPU, /proc/pressure/cpu some avg10): correlation r = {r:.2}."
+        );
+    }
+    let reasons = if t.unexpected_reasons.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", counted(t.unexpected_reasons.iter(), true, "; "))
+    };
     let _ = writeln!(
         out,
         "- Sessions: {} created, {} closed by the client, {} deleted while live, {} left to \
          expire ({} expiries confirmed); {} churn operations ({:.1}/s); {} steady round trips, \
-         {} steady opens. Expected refusals: {}. Unexpected errors: {}{}.",
+         {} steady opens. Expected refusals: {}. Unexpected errors: {}{reasons}.",
         t.sessions_created,
         t.sessions_closed,
         t.sessions_revoked,
@@ -1032,48 +1118,25 @@ pub fn render_markdown(r: &SoakReport) -> String {
         t.churn_ops_per_s,
         t.steady_round_trips,
         t.steady_opens,
-        t.expected_refusals
-            .iter()
-            .map(|(k, v)| format!("{v} × {k}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        counted(t.expected_refusals.iter(), true, ", "),
         t.unexpected_errors,
-        if t.unexpected_reasons.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " ({})",
-                t.unexpected_reasons
-                    .iter()
-                    .map(|(k, v)| format!("{v} × {k}"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )
-        }
     );
-    let kinds = |m: &BTreeMap<String, usize>| {
-        m.iter()
-            .map(|(k, v)| format!("{v} {k}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let _ = writeln!(
         out,
         "- Idle descriptors by kind, before the workload: {}; after: {}.",
-        kinds(&r.fd_kinds_before),
-        kinds(&r.fd_kinds_after)
+        counted(r.fd_kinds_before.iter(), false, ", "),
+        counted(r.fd_kinds_after.iter(), false, ", ")
     );
     let _ = writeln!(
         out,
-        "- Appliance CPU: {} s in total; after the workload every session and port was released \
-         {}.\n",
-        r.figures
-            .cpu_s_total
+        "- Appliance CPU: {} s in total. After the workload {}.",
+        f.cpu_s_total
             .map_or_else(|| "?".into(), |v| format!("{v:.1}")),
-        r.settled_after_s
-            .map_or_else(|| "— never".into(), |s| format!("within {s:.1} s"))
+        r.settled_after_s.map_or_else(
+            || format!("sessions or ports were still held after {SETTLE_LIMIT:?}"),
+            |s| format!("every session and dedicated port was released within {s:.1} s")
+        )
     );
-    out.push_str(&sample_table(&r.samples));
     out
 }
 
@@ -1181,7 +1244,7 @@ fn sample_table(samples: &[Sample]) -> String {
     )
 }
 
-/// fds, memory, relay latency and sessions over time.
+/// fds, memory, relay latency, sessions and the machine over time.
 pub fn render_plot(r: &SoakReport) -> String {
     let warmup = r.verdict.judged_from_s;
     let marker = (warmup > 0.0).then(|| (warmup, "warm-up ends".to_string()));
@@ -1200,6 +1263,7 @@ pub fn render_plot(r: &SoakReport) -> String {
         y_label: y_label.into(),
         series,
         marker: marker.clone(),
+        log_y: false,
     };
     let kib_to_mib = |v: Option<u64>| v.map(|k| k as f64 / 1024.0);
     let panels = vec![
@@ -1216,14 +1280,18 @@ pub fn render_plot(r: &SoakReport) -> String {
                 line("VmRSS", 2, &|s| kib_to_mib(s.process.rss_kib)),
             ],
         ),
-        panel(
-            "Relay round trip per interval",
-            "ms",
-            vec![
-                line("p50", 3, &|s| s.relay.map(|r| r.p50_us / 1000.0)),
-                line("p99", 2, &|s| s.relay.map(|r| r.p99_us / 1000.0)),
-            ],
-        ),
+        TimePanel {
+            log_y: true,
+            ..panel(
+                "Relay round trip per interval",
+                "log scale",
+                vec![
+                    line("p50", 3, &|s| s.relay.map(|r| r.p50_us)),
+                    line("p99", 2, &|s| s.relay.map(|r| r.p99_us)),
+                    line("max", 0, &|s| s.relay.map(|r| r.max_us)),
+                ],
+            )
+        },
         panel(
             "Sessions",
             "sessions / operations per second",
@@ -1234,6 +1302,15 @@ pub fn render_plot(r: &SoakReport) -> String {
                 line("churn ops/s", 5, &|s| Some(s.churn_ops as f64 / interval)),
             ],
         ),
+        panel(
+            "CPU: the appliance and the machine",
+            "% / load",
+            vec![
+                line("appliance CPU % of a core", 1, &|s| s.cpu_percent),
+                line("CPU pressure % (avg10)", 2, &|s| s.cpu_pressure_avg10),
+                line("load average ×10", 0, &|s| s.loadavg_1m.map(|l| l * 10.0)),
+            ],
+        ),
     ];
     let verdict = if r.verdict.pass { "pass" } else { "FAIL" };
     svg::time_series_plot(
@@ -1241,6 +1318,7 @@ pub fn render_plot(r: &SoakReport) -> String {
             "consolegate soak: {} s, io={}, {} steady sessions + {}/s churn: {verdict}",
             r.config.duration_s, r.io, r.config.steady_sessions, r.config.churn_per_s
         ),
+        Some(r.config.duration_s as f64),
         &panels,
     )
 }
@@ -1286,6 +1364,8 @@ mod tests {
             expected_refusals: 30,
             unexpected_errors: 0,
             bench_fds: Some(200),
+            loadavg_1m: Some(2.0),
+            cpu_pressure_avg10: Some(t_s / 100.0),
         }
     }
 
@@ -1319,6 +1399,7 @@ mod tests {
         assert_eq!(points(&s).len(), 1);
         let a = judge::Allowances {
             warmup_fraction: 0.1,
+            warmup_min_s: 300.0,
             fd_count: 8.0,
             rss_percent: 5.0,
             rss_floor_kib: 4096.0,
@@ -1394,8 +1475,10 @@ mod tests {
             message_bytes: 64,
             churn_per_s: 20.0,
             churn_threads: 4,
+            churn_kinds: churn::KINDS.to_vec(),
             allowances: judge::Allowances {
                 warmup_fraction: 0.1,
+                warmup_min_s: 300.0,
                 fd_count: 8.0,
                 rss_percent: 5.0,
                 rss_floor_kib: 4096.0,

@@ -258,8 +258,9 @@ pub struct TimeSeries {
     pub points: Vec<(f64, f64)>,
 }
 
-/// A panel of values over time, on linear axes from zero (so a flat line
-/// looks flat and a slow climb is not magnified).
+/// A panel of values over time. Linear y from zero by default (so a flat
+/// line looks flat and a slow climb is not magnified); logarithmic in
+/// decades, with µs/ms/s labels, for latencies that span several.
 pub struct TimePanel {
     pub title: String,
     pub y_label: String,
@@ -267,6 +268,8 @@ pub struct TimePanel {
     /// A dashed vertical line at this time, with its label (e.g. the end
     /// of a warm-up).
     pub marker: Option<(f64, String)>,
+    /// Values are µs on a log axis.
+    pub log_y: bool,
 }
 
 /// A round step (1, 2 or 5 × 10^k) near `raw`, for grid lines.
@@ -313,7 +316,7 @@ fn axis_top_with(max: f64, step_near: impl Fn(f64) -> f64) -> (f64, f64) {
     } else {
         1.0
     };
-    // A hair under: 30.0001 s of samples still fit a 30 s axis.
+    // A hair under, so float noise above a round maximum adds no step.
     let max = max * (1.0 - 1e-6);
     let step = step_near(max / TS_TICKS);
     ((max / step).ceil().max(1.0) * step, step)
@@ -339,13 +342,71 @@ fn fmt_tick(v: f64, step: f64) -> String {
     }
 }
 
-/// Several time-series panels sharing one time axis, in a grid of two
-/// columns, each with its own legend and y axis.
-pub fn time_series_plot(title: &str, panels: &[TimePanel]) -> String {
-    let x_max = panels
+/// A panel's y axis: where a value goes (0 at the bottom, 1 at the top)
+/// and its labelled grid lines.
+enum YAxis {
+    Linear {
+        top: f64,
+        step: f64,
+    },
+    /// Decades 10^low .. 10^high.
+    Log {
+        low: i32,
+        high: i32,
+    },
+}
+
+impl YAxis {
+    fn for_values(values: impl Iterator<Item = f64> + Clone, log: bool) -> YAxis {
+        if log {
+            let positive = values.filter(|v| v.is_finite() && *v > 0.0);
+            let lo = positive.clone().fold(f64::INFINITY, f64::min);
+            let hi = positive.fold(0.0f64, f64::max);
+            let (low, high) = if lo.is_finite() {
+                decade_bounds(lo, hi)
+            } else {
+                (0, 3)
+            };
+            YAxis::Log { low, high }
+        } else {
+            let (top, step) = axis_top(values.fold(0.0f64, f64::max));
+            YAxis::Linear { top, step }
+        }
+    }
+
+    fn fraction(&self, v: f64) -> f64 {
+        match *self {
+            YAxis::Linear { top, .. } => v / top,
+            YAxis::Log { low, high } => {
+                (v.max(1.0).log10() - f64::from(low)) / f64::from(high - low)
+            }
+        }
+        .clamp(0.0, 1.0)
+    }
+
+    fn ticks(&self) -> Vec<(f64, String)> {
+        match *self {
+            YAxis::Linear { top, step } => (0..=(top / step).round() as usize)
+                .map(|k| step * k as f64)
+                .map(|v| (v, fmt_tick(v, step)))
+                .collect(),
+            YAxis::Log { low, high } => (low..=high)
+                .map(|e| 10f64.powi(e))
+                .map(|v| (v, fmt_value(v)))
+                .collect(),
+        }
+    }
+}
+
+/// Several time-series panels sharing one time axis (up to `x_max`
+/// seconds, or the last point), in a grid of two columns, each with its
+/// own legend and y axis.
+pub fn time_series_plot(title: &str, x_max: Option<f64>, panels: &[TimePanel]) -> String {
+    let last = panels
         .iter()
         .flat_map(|p| p.series.iter().flat_map(|s| s.points.iter().map(|pt| pt.0)))
         .fold(0.0f64, f64::max);
+    let x_axis = axis_top_with(x_max.unwrap_or(last), time_step);
     let rows = panels.len().div_ceil(COLUMNS).max(1);
     let cols = panels.len().clamp(1, COLUMNS);
     let width = PANEL_W * cols as f64;
@@ -368,92 +429,61 @@ pub fn time_series_plot(title: &str, panels: &[TimePanel]) -> String {
     for (i, p) in panels.iter().enumerate() {
         let ox = PANEL_W * (i % COLUMNS) as f64;
         let oy = TITLE_H + (PANEL_H + TS_LEGEND_H) * (i / COLUMNS) as f64;
-        time_panel(&mut out, p, ox, oy, x_max);
+        time_panel(&mut out, p, ox, oy, x_axis);
     }
     out.push_str("</svg>\n");
     out
 }
 
-fn time_panel(out: &mut String, p: &TimePanel, ox: f64, oy: f64, x_max: f64) {
-    let x0 = ox + MARGIN_L;
-    let x1 = ox + PANEL_W - MARGIN_R;
-    let y0 = oy + TS_LEGEND_H + PANEL_H - MARGIN_B; // bottom
-    let y1 = oy + TS_LEGEND_H + MARGIN_T; // top
-    let (x_top, x_step) = axis_top_with(x_max, time_step);
-    let y_max = p
-        .series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|pt| pt.1))
-        .fold(0.0f64, f64::max);
-    let (y_top, y_step) = axis_top(y_max);
-    let sx = |t: f64| x0 + (x1 - x0) * (t / x_top).clamp(0.0, 1.0);
-    let sy = |v: f64| y0 - (y0 - y1) * (v / y_top).clamp(0.0, 1.0);
+/// The plotting area of a panel, in SVG coordinates, and its scales.
+struct Frame {
+    x0: f64,
+    x1: f64,
+    /// Bottom and top.
+    y0: f64,
+    y1: f64,
+    x_top: f64,
+    y: YAxis,
+}
+
+impl Frame {
+    fn sx(&self, t: f64) -> f64 {
+        self.x0 + (self.x1 - self.x0) * (t / self.x_top).clamp(0.0, 1.0)
+    }
+
+    fn sy(&self, v: f64) -> f64 {
+        self.y0 - (self.y0 - self.y1) * self.y.fraction(v)
+    }
+}
+
+fn time_panel(out: &mut String, p: &TimePanel, ox: f64, oy: f64, x_axis: (f64, f64)) {
+    let values = p.series.iter().flat_map(|s| s.points.iter().map(|pt| pt.1));
+    let f = Frame {
+        x0: ox + MARGIN_L,
+        x1: ox + PANEL_W - MARGIN_R,
+        y0: oy + TS_LEGEND_H + PANEL_H - MARGIN_B,
+        y1: oy + TS_LEGEND_H + MARGIN_T,
+        x_top: x_axis.0,
+        y: YAxis::for_values(values, p.log_y),
+    };
     let _ = writeln!(
         out,
         r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">{}</text>"#,
-        (x0 + x1) / 2.0,
+        (f.x0 + f.x1) / 2.0,
         oy + 18.0,
         escape(&p.title)
     );
-    let mut lx = x0;
-    for s in &p.series {
-        let ly = oy + 36.0;
-        let _ = writeln!(
-            out,
-            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="2.5"/><text x="{:.1}" y="{:.1}">{}</text>"#,
-            lx + 18.0,
-            s.color,
-            lx + 22.0,
-            ly + 4.0,
-            escape(&s.name)
-        );
-        lx += 36.0 + 7.0 * s.name.chars().count() as f64;
-    }
-    let _ = writeln!(
-        out,
-        r##"<rect x="{x0:.1}" y="{y1:.1}" width="{:.1}" height="{:.1}" fill="none" stroke="#888"/>"##,
-        x1 - x0,
-        y0 - y1
-    );
-    let x_ticks = (x_top / x_step).round() as usize;
-    for k in 0..=x_ticks {
-        let t = x_step * k as f64;
-        let x = sx(t);
-        let _ = writeln!(
-            out,
-            r##"<line x1="{x:.1}" y1="{y1:.1}" x2="{x:.1}" y2="{y0:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
-            y0 + 16.0,
-            fmt_seconds(t)
-        );
-    }
-    let y_ticks = (y_top / y_step).round() as usize;
-    for k in 0..=y_ticks {
-        let v = y_step * k as f64;
-        let y = sy(v);
-        let _ = writeln!(
-            out,
-            r##"<line x1="{x0:.1}" y1="{y:.1}" x2="{x1:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-            x0 - 4.0,
-            y + 4.0,
-            fmt_tick(v, y_step)
-        );
-    }
-    let _ = writeln!(
-        out,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" transform="rotate(-90 {:.1} {:.1})">{}</text>"#,
-        ox + 14.0,
-        (y0 + y1) / 2.0,
-        ox + 14.0,
-        (y0 + y1) / 2.0,
-        escape(&p.y_label)
-    );
+    time_legend(out, p, f.x0, oy + 36.0);
+    time_grid(out, p, &f, ox, x_axis.1);
     if let Some((t, label)) = &p.marker {
-        let x = sx(*t);
+        let x = f.sx(*t);
         let _ = writeln!(
             out,
-            r##"<line x1="{x:.1}" y1="{y1:.1}" x2="{x:.1}" y2="{y0:.1}" stroke="#999" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" fill="#666">{}</text>"##,
+            r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#999" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" fill="#666">{}</text>"##,
+            f.y1,
+            f.y0,
             x + 3.0,
-            y1 + 12.0,
+            f.y1 + 12.0,
             escape(label)
         );
     }
@@ -462,7 +492,7 @@ fn time_panel(out: &mut String, p: &TimePanel, ox: f64, oy: f64, x_max: f64) {
             .points
             .iter()
             .filter(|(t, v)| t.is_finite() && v.is_finite())
-            .map(|(t, v)| format!("{:.1},{:.1}", sx(*t), sy(*v)))
+            .map(|(t, v)| format!("{:.1},{:.1}", f.sx(*t), f.sy(*v)))
             .collect();
         if pts.len() < 2 {
             continue;
@@ -475,6 +505,66 @@ fn time_panel(out: &mut String, p: &TimePanel, ox: f64, oy: f64, x_max: f64) {
             escape(&s.name)
         );
     }
+}
+
+fn time_legend(out: &mut String, p: &TimePanel, x: f64, y: f64) {
+    let mut lx = x;
+    for s in &p.series {
+        let _ = writeln!(
+            out,
+            r#"<line x1="{lx:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{}" stroke-width="2.5"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            lx + 18.0,
+            s.color,
+            lx + 22.0,
+            y + 4.0,
+            escape(&s.name)
+        );
+        lx += 36.0 + 7.0 * s.name.chars().count() as f64;
+    }
+}
+
+/// The frame, the time grid every `x_step` seconds, the y grid and the y
+/// label.
+fn time_grid(out: &mut String, p: &TimePanel, f: &Frame, ox: f64, x_step: f64) {
+    let _ = writeln!(
+        out,
+        r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="none" stroke="#888"/>"##,
+        f.x0,
+        f.y1,
+        f.x1 - f.x0,
+        f.y0 - f.y1
+    );
+    for k in 0..=(f.x_top / x_step).round() as usize {
+        let t = x_step * k as f64;
+        let x = f.sx(t);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+            f.y1,
+            f.y0,
+            f.y0 + 16.0,
+            fmt_seconds(t)
+        );
+    }
+    for (v, label) in f.y.ticks() {
+        let y = f.sy(v);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"##,
+            f.x0,
+            f.x1,
+            f.x0 - 4.0,
+            y + 4.0,
+        );
+    }
+    let mid = (f.y0 + f.y1) / 2.0;
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{mid:.1}" text-anchor="middle" transform="rotate(-90 {:.1} {mid:.1})">{}</text>"#,
+        ox + 14.0,
+        ox + 14.0,
+        escape(&p.y_label)
+    );
 }
 
 #[cfg(test)]
@@ -527,7 +617,10 @@ mod tests {
         assert_eq!(time_step(9000.0), 10_800.0);
         assert_eq!(axis_top_with(3600.0, time_step), (3600.0, 600.0));
         assert_eq!(axis_top_with(20.0, time_step), (20.0, 5.0));
-        assert_eq!(axis_top_with(30.0001, time_step), (30.0, 5.0));
+        assert_eq!(
+            axis_top_with(3600.0 * (1.0 + 1e-9), time_step),
+            (3600.0, 600.0)
+        );
         assert_eq!(fmt_seconds(600.0), "10 min");
         assert_eq!(fmt_seconds(20.0), "20 s");
         assert_eq!(fmt_seconds(90.0), "90 s");
@@ -539,7 +632,7 @@ mod tests {
         let line = |name: &str, i: usize, v: f64| TimeSeries {
             name: name.into(),
             color: color_for(i),
-            points: (0..=10).map(|k| (k as f64 * 360.0, v + k as f64)).collect(),
+            points: (0..=10).map(|k| (k as f64 * 360.3, v + k as f64)).collect(),
         };
         let panels = vec![
             TimePanel {
@@ -547,12 +640,14 @@ mod tests {
                 y_label: "open fds".into(),
                 series: vec![line("fds", 1, 120.0)],
                 marker: Some((360.0, "warm-up".into())),
+                log_y: false,
             },
             TimePanel {
                 title: "memory".into(),
                 y_label: "MiB".into(),
                 series: vec![line("RSS", 2, 30.0), line("Vm<HWM>", 3, 31.0)],
                 marker: None,
+                log_y: false,
             },
             TimePanel {
                 title: "one point".into(),
@@ -563,12 +658,24 @@ mod tests {
                     points: vec![(1.0, 5.0)],
                 }],
                 marker: None,
+                log_y: false,
+            },
+            TimePanel {
+                title: "latency".into(),
+                y_label: "µs".into(),
+                series: vec![TimeSeries {
+                    name: "p99".into(),
+                    color: color_for(4),
+                    points: vec![(0.0, 150.0), (600.0, 45_000.0), (3600.0, 900.0)],
+                }],
+                marker: None,
+                log_y: true,
             },
         ];
-        let svg = time_series_plot("Soak", &panels);
+        let svg = time_series_plot("Soak", Some(3600.0), &panels);
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
         assert!(svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<polyline").count(), 3);
+        assert_eq!(svg.matches("<polyline").count(), 4);
         assert_eq!(svg.matches("stroke-dasharray").count(), 1);
         assert!(svg.contains(">warm-up</text>"));
         assert!(svg.contains("Vm&lt;HWM&gt;"));

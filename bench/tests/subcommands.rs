@@ -343,7 +343,9 @@ fn soak_smoke_runs_every_lifecycle_path_and_passes() {
     assert!(r["fd_kinds_after"]["socket"].as_u64().is_some(), "{r}");
     let v = &r["verdict"];
     assert_eq!(v["pass"], true, "{v}");
-    assert!(v["judged_samples"].as_u64().unwrap() >= 15, "{v}");
+    // The warm-up is half of so short a run: samples from 10 s to 20 s.
+    assert_eq!(v["judged_from_s"].as_f64().unwrap(), 10.0, "{v}");
+    assert!(v["judged_samples"].as_u64().unwrap() >= 9, "{v}");
     assert!(v["fds"]["first_third_mean"].as_f64().unwrap() > 20.0, "{v}");
     let md = std::fs::read_to_string(out.join("soak.md")).unwrap();
     assert!(
@@ -351,7 +353,9 @@ fn soak_smoke_runs_every_lifecycle_path_and_passes() {
         "{md}"
     );
     let svg = std::fs::read_to_string(out.join("soak.svg")).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 7, "{svg}");
+    // fds; RSS, HWM; p50, p99, max; live, churn; CPU, pressure, load.
+    let lines = svg.matches("<polyline").count();
+    assert!((10..=11).contains(&lines), "{lines} lines:\n{svg}");
     assert!(out.join("logs/soak-appliance.log").is_file());
     let _ = std::fs::remove_dir_all(out);
 }

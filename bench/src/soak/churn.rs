@@ -57,8 +57,10 @@ const STACK_BYTES: usize = 256 * 1024;
 /// The user the churned sessions belong to.
 const USER: &str = "soak-churn";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kind {
+/// A churn operation (see the module doc); `--churn-kinds` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
     DemoShared,
     DemoDedicated,
     EchoShared,
@@ -72,7 +74,7 @@ pub(super) enum Kind {
 }
 
 /// Every kind, in the order of the counters.
-pub(super) const KINDS: [Kind; 10] = [
+pub const KINDS: [Kind; 10] = [
     Kind::DemoShared,
     Kind::DemoDedicated,
     Kind::EchoShared,
@@ -89,7 +91,7 @@ pub(super) const KINDS: [Kind; 10] = [
 /// (three on dedicated ports, two left to expire) and four refused
 /// connects per twelve slots; two probes per two expiries, so the probes
 /// keep up.
-pub(super) const PATTERN: [Kind; 12] = [
+pub const PATTERN: [Kind; 12] = [
     Kind::DemoShared,
     Kind::EchoShared,
     Kind::ExpireShared,
@@ -105,7 +107,7 @@ pub(super) const PATTERN: [Kind; 12] = [
 ];
 
 impl Kind {
-    pub(super) fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Kind::DemoShared => "demo-shared",
             Kind::DemoDedicated => "demo-dedicated",
@@ -450,26 +452,45 @@ pub(super) struct Pacer {
     start: Instant,
     per_s: f64,
     max_slots: u64,
+    /// [`PATTERN`] without the kinds left out (never empty).
+    pattern: Vec<Kind>,
+}
+
+/// [`PATTERN`] keeping only `kinds`, in its order.
+pub fn pattern_of(kinds: &[Kind]) -> Vec<Kind> {
+    PATTERN
+        .iter()
+        .copied()
+        .filter(|k| kinds.contains(k))
+        .collect()
 }
 
 impl Pacer {
     /// Slots from `start` at the configured rate, as many as the run holds.
     pub(super) fn new(start: Instant, cfg: &SoakConfig) -> Pacer {
+        let mut pattern = pattern_of(&cfg.churn_kinds);
+        if pattern.is_empty() {
+            pattern = PATTERN.to_vec();
+        }
         Pacer {
             next: AtomicU64::new(0),
             start,
             per_s: cfg.churn_per_s,
             max_slots: (cfg.duration_s as f64 * cfg.churn_per_s).ceil() as u64,
+            pattern,
         }
     }
 
-    /// The next slot and its due time; `None` when the run has no more.
-    fn take(&self) -> Option<(u64, Instant)> {
+    /// The next slot, its due time and its operation; `None` when the run
+    /// has no more.
+    fn take(&self) -> Option<(u64, Instant, Kind)> {
         let slot = self.next.fetch_add(1, Ordering::Relaxed);
+        let kind = self.pattern[(slot % self.pattern.len() as u64) as usize];
         (slot < self.max_slots).then(|| {
             (
                 slot,
                 self.start + Duration::from_secs_f64(slot as f64 / self.per_s),
+                kind,
             )
         })
     }
@@ -477,11 +498,10 @@ impl Pacer {
 
 fn run_thread(shared: &Shared, pacer: &Pacer) {
     let mut rest = shared.rest();
-    while let Some((slot, due)) = pacer.take() {
+    while let Some((slot, due, kind)) = pacer.take() {
         if !sleep_until(shared, due) {
             break;
         }
-        let kind = PATTERN[(slot % PATTERN.len() as u64) as usize];
         let result = run_op(shared, &mut rest, kind, slot);
         // An operation cut short by the end of the run is not an error.
         if result.is_err() && shared.ended() {
@@ -552,25 +572,28 @@ mod tests {
     }
 
     #[test]
-    fn pacer_spaces_slots_and_stops_at_its_count() {
+    fn pacer_spaces_slots_follows_its_pattern_and_stops_at_its_count() {
         let start = Instant::now();
         let p = Pacer {
             next: AtomicU64::new(0),
             start,
             per_s: 20.0,
             max_slots: 3,
+            pattern: pattern_of(&[Kind::Replay, Kind::DemoShared]),
         };
-        let due: Vec<Duration> = std::iter::from_fn(|| p.take())
-            .map(|(_, at)| at - start)
+        let due: Vec<(Duration, Kind)> = std::iter::from_fn(|| p.take())
+            .map(|(_, at, kind)| (at - start, kind))
             .collect();
         assert_eq!(
             due,
             vec![
-                Duration::ZERO,
-                Duration::from_millis(50),
-                Duration::from_millis(100)
+                (Duration::ZERO, Kind::DemoShared),
+                (Duration::from_millis(50), Kind::Replay),
+                (Duration::from_millis(100), Kind::DemoShared)
             ]
         );
         assert!(p.take().is_none());
+        assert_eq!(pattern_of(&KINDS), PATTERN.to_vec());
+        assert!(pattern_of(&[]).is_empty());
     }
 }

@@ -18,12 +18,16 @@ use serde::Serialize;
 
 /// Fewest samples after the warm-up for a verdict (three per third).
 pub const MIN_JUDGED_SAMPLES: usize = 9;
+/// The warm-up never takes more than this share of the run.
+pub const MAX_WARMUP_SHARE: f64 = 0.5;
 
 /// The allowances; see the module doc.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Allowances {
-    /// Share of the run, from its start, left out of the judgement.
+    /// Share of the run, from its start, left out of the judgement…
     pub warmup_fraction: f64,
+    /// …but at least this long (up to [`MAX_WARMUP_SHARE`] of the run).
+    pub warmup_min_s: f64,
     /// Descriptors the count may grow by.
     pub fd_count: f64,
     /// Memory may grow by this share of its first-third mean, in percent…
@@ -125,6 +129,13 @@ pub fn trend(points: &[(f64, f64)], allowance_for: impl Fn(f64) -> f64) -> Optio
     })
 }
 
+/// Seconds from the start of a `duration_s` run left out of the verdict.
+pub fn warmup_s(duration_s: f64, a: &Allowances) -> f64 {
+    (duration_s * a.warmup_fraction)
+        .max(a.warmup_min_s)
+        .min(duration_s * MAX_WARMUP_SHARE)
+}
+
 /// The memory allowance for a first-third mean of `first_kib`.
 pub fn rss_allowance_kib(a: &Allowances, first_kib: f64) -> f64 {
     (first_kib * a.rss_percent / 100.0).max(a.rss_floor_kib)
@@ -140,7 +151,7 @@ pub fn judge(
     a: &Allowances,
     other_failures: Vec<String>,
 ) -> Verdict {
-    let from = duration_s * a.warmup_fraction;
+    let from = warmup_s(duration_s, a);
     let judged: Vec<&Point> = samples.iter().filter(|p| p.t_s >= from).collect();
     let mut failures = other_failures;
     let to = judged.last().map_or(from, |p| p.t_s);
@@ -208,6 +219,7 @@ mod tests {
 
     const A: Allowances = Allowances {
         warmup_fraction: 0.1,
+        warmup_min_s: 300.0,
         fd_count: 8.0,
         rss_percent: 5.0,
         rss_floor_kib: 4096.0,
@@ -228,6 +240,19 @@ mod tests {
     /// A deterministic wobble in -1..=1.
     fn wobble(k: usize) -> f64 {
         ((k * 7919) % 21) as f64 / 10.0 - 1.0
+    }
+
+    #[test]
+    fn warmup_is_a_share_with_a_floor_and_a_ceiling() {
+        assert_eq!(warmup_s(3600.0, &A), 360.0);
+        assert_eq!(warmup_s(1200.0, &A), 300.0);
+        assert_eq!(warmup_s(20.0, &A), 10.0);
+        let none = Allowances {
+            warmup_fraction: 0.0,
+            warmup_min_s: 0.0,
+            ..A
+        };
+        assert_eq!(warmup_s(3600.0, &none), 0.0);
     }
 
     #[test]
