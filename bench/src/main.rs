@@ -378,9 +378,11 @@ struct SoakOpts {
     /// Share of the run, from its start, left out of the growth verdict…
     #[arg(long, default_value_t = 0.1)]
     warmup_fraction: f64,
-    /// …but at least this long (at most half the run): the appliance keeps
-    /// finished tickets for two minutes and claimed ones until their TTL,
-    /// so its memory fills to a plateau over the first minutes.
+    /// …but at least this long (at most half the run). io_uring workers
+    /// touch their provided receive buffers (workers × 128 × 64 KiB = 16 MiB
+    /// by default) one after the other, so RSS climbs until the ring has
+    /// gone round once: about 4 minutes at the default workload (~35 KiB/s
+    /// received per worker); a lighter workload needs a longer warm-up.
     #[arg(long, default_value_t = 300.0)]
     warmup_min_s: f64,
     /// Long-lived sessions relaying round trips to the echo backend.

@@ -2,8 +2,11 @@
 //! samples (time, open descriptors, resident memory) plus the counts of
 //! unexpected errors; no IO, unit-tested on made-up series.
 //!
-//! The rule, after a warm-up (allocator arenas, the registry's ring of
-//! closed sessions, the workers' ticket tombstones fill up first):
+//! The rule, after a warm-up (what is bounded but filled lazily fills
+//! first: io_uring's provided receive buffers are touched one after the
+//! other until the ring has gone round once, 16 MiB with the defaults; the
+//! registry's ring of closed sessions; the workers' ticket tombstones;
+//! allocator arenas):
 //!
 //! - a least-squares line through each series gives its slope; the slope
 //!   times the judged span is the growth the line projects;
