@@ -4,7 +4,7 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/consolegate
 
-.PHONY: run test build release deps test-deps bench lint fmt clean
+.PHONY: run test build release deps test-deps bench lint fmt clean fuzz fuzz-smoke fuzz-deps
 
 build:
 	$(CARGO) build --locked
@@ -29,12 +29,29 @@ run: deps release
 # (failpoints); shipped builds (make release, packages) never have it.
 TEST_FEATURES := --features consolegate/failpoints
 
-test: test-deps
+test: test-deps fuzz-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --locked --workspace --all-targets $(TEST_FEATURES) -- -D warnings
 	$(CARGO) build --locked --bins $(TEST_FEATURES)
 	$(CARGO) test --locked --workspace $(TEST_FEATURES) -- --test-threads=2
+	$(MAKE) --no-print-directory fuzz-smoke
+
+# Fuzzing with cargo-fuzz (libFuzzer, address sanitizer): fuzz/run.sh and
+# docs/RELIABILITY.md. The fuzz crate is outside the workspace.
+fuzz-deps: deps
+	@bash scripts/install-deps.sh fuzz
+
+# Every target briefly (FUZZ_SMOKE_RUNS executions or FUZZ_SMOKE_SECONDS
+# seconds each, whichever first); any crash, leak, hang or memory blow-up fails.
+fuzz-smoke: fuzz-deps
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
+	@bash fuzz/run.sh smoke
+
+# The long run: FUZZ_RUNS executions per target (default 10 000 000),
+# FUZZ_JOBS targets at a time (default 1).
+fuzz: fuzz-deps
+	@bash fuzz/run.sh long
 
 bench: deps
 	@bash scripts/bench.sh

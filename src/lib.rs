@@ -2,6 +2,7 @@
 //! open WebSockets to it; it relays each to a VM console. See
 //! `docs/ARCHITECTURE.md` for the map.
 
+pub mod cause;
 pub mod config;
 pub mod control;
 pub mod dataplane;
@@ -10,5 +11,6 @@ pub mod io;
 pub mod mailbox;
 pub mod metrics;
 pub mod pki;
+pub mod plane;
 pub mod ports;
 pub mod protocol;

@@ -9,7 +9,8 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 
 use consolegate::config::{IoChoice, Limits, ProxyConfig, TargetConfig, TlsFiles};
-use consolegate::dataplane::worker::DataPlane;
+use consolegate::mailbox::{Target, TargetKind, WebMksTarget};
+use consolegate::plane::DataPlane;
 
 mod appliance;
 
@@ -95,6 +96,19 @@ struct ProxyArgs {
     /// Refuse connections that are not TLS.
     #[arg(long)]
     ssl_only: bool,
+    /// The target is a WebSocket over TLS (a VMware WebMKS endpoint, or any
+    /// wss server): `host:port` means `wss://host:port/`. A `wss://` URL as
+    /// the target implies it.
+    #[arg(long)]
+    ssl_target: bool,
+    /// Pin the TLS target's certificate: its SHA-1 (`AA:BB:…`, as VMware
+    /// tickets give it) or SHA-256 thumbprint.
+    #[arg(long)]
+    target_thumbprint: Option<String>,
+    /// Trust the TLS target's certificate if this PEM CA file signed it
+    /// (default: the system roots, unless --target-thumbprint).
+    #[arg(long)]
+    target_ca: Option<PathBuf>,
     /// Serve static files from this directory on the same port (e.g. noVNC).
     #[arg(long)]
     web: Option<PathBuf>,
@@ -253,12 +267,51 @@ fn resolve(s: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("{s:?} does not resolve"))
 }
 
+/// The proxy's one backend: `host:port` (a VNC server), or a WebMKS
+/// endpoint: a `wss://host:port/path` URL, or `host:port` with
+/// `--ssl-target` (path `/`). A TLS target's certificate is pinned by
+/// `--target-thumbprint`, or checked against `--target-ca` or the system
+/// roots; never unchecked.
+fn fixed_target(t: &str, a: &ProxyArgs) -> anyhow::Result<Target> {
+    use consolegate::protocol::http_upgrade::WsUrl;
+    let url = if t.starts_with("wss://") || t.starts_with("ws://") {
+        Some(t.to_string())
+    } else if a.ssl_target {
+        Some(format!("wss://{t}/"))
+    } else {
+        None
+    };
+    let Some(url) = url else {
+        if a.target_thumbprint.is_some() || a.target_ca.is_some() {
+            bail!("--target-thumbprint and --target-ca apply to a TLS target (--ssl-target or a wss:// URL)");
+        }
+        let addr = resolve(t).with_context(|| format!("target {t:?}: expected host:port"))?;
+        return Ok(Target::vnc(addr, None));
+    };
+    let url = WsUrl::parse(&url).map_err(|e| anyhow::anyhow!("target {t:?}: {e}"))?;
+    if !url.tls {
+        bail!("target {t:?}: a WebSocket target must be wss:// (TLS)");
+    }
+    let trust = consolegate::pki::Trust::from_config(
+        a.target_thumbprint.as_deref(),
+        a.target_ca.as_deref(),
+    )
+    .map_err(|e| anyhow::anyhow!("target certificate: {e}"))?;
+    let tls = consolegate::pki::client_config(&trust)
+        .map_err(|e| anyhow::anyhow!("target certificate: {e}"))?;
+    let addr = resolve(&format!("{}:{}", url.host, url.port))
+        .with_context(|| format!("target {t:?} does not resolve"))?;
+    let target = WebMksTarget::new(url, tls).map_err(|e| anyhow::anyhow!("target {t:?}: {e}"))?;
+    Ok(Target {
+        addr,
+        kind: TargetKind::WebMks(std::sync::Arc::new(target)),
+    })
+}
+
 fn proxy_config(a: ProxyArgs) -> anyhow::Result<ProxyConfig> {
     let listen = parse_source(&a.source)?;
     let target = match (&a.target, &a.token_plugin, &a.target_config) {
-        (Some(t), None, None) => TargetConfig::Fixed(
-            resolve(t).with_context(|| format!("target {t:?}: expected host:port"))?,
-        ),
+        (Some(t), None, None) => TargetConfig::Fixed(fixed_target(t, &a)?),
         (None, Some(p), None) => {
             if p != "TokenFile" && p != "websockify.token_plugins.TokenFile" {
                 bail!("--token-plugin {p}: only TokenFile is supported");

@@ -39,8 +39,9 @@ impl std::str::FromStr for IoChoice {
 /// Where a browser session is relayed to.
 #[derive(Debug, Clone)]
 pub enum TargetConfig {
-    /// One fixed backend for every connection (`consolegate proxy SRC HOST:PORT`).
-    Fixed(SocketAddr),
+    /// One fixed backend for every connection (`consolegate proxy SRC
+    /// HOST:PORT`, or a `wss://` URL for a WebMKS endpoint).
+    Fixed(crate::mailbox::Target),
     /// websockify's TokenFile plugin: `?token=` picks the backend.
     TokenFile { source: PathBuf },
     /// Appliance mode: sessions admitted by the control plane
@@ -319,7 +320,10 @@ mod tests {
     fn cfg() -> ProxyConfig {
         ProxyConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            target: TargetConfig::Fixed("127.0.0.1:5900".parse().unwrap()),
+            target: TargetConfig::Fixed(crate::mailbox::Target::vnc(
+                "127.0.0.1:5900".parse().unwrap(),
+                None,
+            )),
             tls: None,
             web_dir: None,
             origins: vec![],

@@ -56,7 +56,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(super) type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(state: Arc<ControlState>) -> Router {
     let max_body = state.cfg.control.max_request_bytes;
@@ -72,6 +72,7 @@ pub fn router(state: Arc<ControlState>) -> Router {
         )
         .route("/api/v1/ports", get(ports))
         .route("/api/v1/stats", get(stats))
+        .merge(super::vms::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     #[cfg(feature = "failpoints")]
@@ -93,7 +94,11 @@ pub fn router(state: Arc<ControlState>) -> Router {
 }
 
 /// Bearer-token check; `admin` for changes, any role for reads.
-fn authorize(state: &ControlState, headers: &HeaderMap, need_admin: bool) -> ApiResult<Role> {
+pub(super) fn authorize(
+    state: &ControlState,
+    headers: &HeaderMap,
+    need_admin: bool,
+) -> ApiResult<Role> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -261,10 +266,13 @@ async fn metrics(State(state): State<Arc<ControlState>>, headers: HeaderMap) -> 
         .into_response()
 }
 
-#[derive(Debug, Deserialize)]
+/// `target` as the API takes it; [`TargetReq::spec`] checks it into a
+/// [`TargetSpec`] (one variant per kind), naming the field that is wrong.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetReq {
-    /// "vnc" (a VNC server) or "demo" (the built-in demo server).
+    /// "vnc" (a VNC server), "webmks" (a VMware WebMKS endpoint) or "demo"
+    /// (the built-in demo server).
     pub kind: String,
     #[serde(default)]
     pub host: Option<String>,
@@ -272,6 +280,118 @@ pub struct TargetReq {
     pub port: Option<u16>,
     #[serde(default)]
     pub password: Option<String>,
+    /// webmks: `wss://host:port/ticket/T`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// webmks: the ticket's `sslThumbprint` (SHA-1 `AA:BB:…`, or SHA-256).
+    #[serde(default)]
+    pub thumbprint: Option<String>,
+}
+
+// By hand: passwords, ticket URLs and thumbprints never reach a log line.
+impl std::fmt::Debug for TargetReq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetReq")
+            .field("kind", &self.kind)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field(
+                "thumbprint",
+                &self.thumbprint.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// A checked target, one variant per kind.
+pub enum TargetSpec {
+    Demo,
+    Vnc {
+        host: String,
+        port: u16,
+        password: Option<String>,
+    },
+    WebMks {
+        url: crate::protocol::http_upgrade::WsUrl,
+        trust: crate::pki::Trust,
+    },
+}
+
+impl TargetReq {
+    /// The fields this kind needs, checked; the others must be absent.
+    pub fn spec(&self) -> Result<TargetSpec, ApiError> {
+        let only = |allowed: &[&str]| -> Result<(), ApiError> {
+            let given = [
+                ("host", self.host.is_some()),
+                ("port", self.port.is_some()),
+                ("password", self.password.is_some()),
+                ("url", self.url.is_some()),
+                ("thumbprint", self.thumbprint.is_some()),
+            ];
+            match given.iter().find(|(k, set)| *set && !allowed.contains(k)) {
+                Some((k, _)) => Err(bad(
+                    "bad_target",
+                    format!("target.{k} does not apply to kind {}", self.kind),
+                )),
+                None => Ok(()),
+            }
+        };
+        match self.kind.as_str() {
+            "demo" => {
+                only(&[])?;
+                Ok(TargetSpec::Demo)
+            }
+            "vnc" => {
+                only(&["host", "port", "password"])?;
+                let host = self
+                    .host
+                    .clone()
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| bad("bad_target", "target.host is required for kind vnc"))?;
+                if host.len() > MAX_FIELD_BYTES {
+                    return Err(bad("bad_target", "target.host is too long"));
+                }
+                let port = self
+                    .port
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| bad("bad_target", "target.port is required (1-65535)"))?;
+                if self
+                    .password
+                    .as_ref()
+                    .is_some_and(|p| p.len() > MAX_FIELD_BYTES)
+                {
+                    return Err(bad("bad_target", "target.password is too long"));
+                }
+                Ok(TargetSpec::Vnc {
+                    host,
+                    port,
+                    password: self.password.clone(),
+                })
+            }
+            "webmks" => {
+                only(&["url", "thumbprint"])?;
+                let url = self
+                    .url
+                    .as_deref()
+                    .ok_or_else(|| bad("bad_target", "target.url is required for kind webmks"))?;
+                // The error says what is wrong, never the URL (the ticket).
+                let url = crate::protocol::http_upgrade::WsUrl::parse(url)
+                    .map_err(|e| bad("bad_target", format!("target.url: {e}")))?;
+                if !url.tls {
+                    return Err(bad("bad_target", "target.url must be wss://"));
+                }
+                let trust = crate::pki::Trust::from_config(self.thumbprint.as_deref(), None)
+                    .map_err(|e| bad("bad_target", format!("target.thumbprint: {e}")))?;
+                Ok(TargetSpec::WebMks { url, trust })
+            }
+            other => Err(bad(
+                "unsupported_target",
+                format!("target.kind {other:?} is not supported (vnc, webmks, demo)"),
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -317,7 +437,7 @@ fn bad(code: &'static str, msg: impl Into<String>) -> ApiError {
 /// A JSON body, parsed only after the caller was authorised (a stranger's
 /// body costs a bounded read, never a parse). Too large → 413, not JSON or
 /// not the schema → 400, both in the JSON error shape.
-fn parse_body<T: serde::de::DeserializeOwned>(
+pub(super) fn parse_body<T: serde::de::DeserializeOwned>(
     state: &ControlState,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<T> {
@@ -356,6 +476,24 @@ async fn create_session(
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    refuse_when_draining(&state)?;
+    let req: CreateReq = parse_body(&state, body)?;
+    let options = SessionOptions {
+        user: req.user,
+        vm_id: req.vm_id,
+        ttl_s: req.ttl_s,
+        port_mode: req.port_mode,
+        origin: req.origin,
+        client_ip: req.client_ip,
+    };
+    let checked = options.check(&state)?;
+    let (target, view) = resolve_target(&state, &req.target).await?;
+    let resp = open_session(&state, target, view, &options, checked).await?;
+    Ok((StatusCode::CREATED, Json(resp)))
+}
+
+/// 503 `draining` once the appliance is shutting down.
+pub(super) fn refuse_when_draining(state: &ControlState) -> ApiResult<()> {
     if state.data_plane.is_draining() {
         let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -365,44 +503,83 @@ async fn create_session(
         e.retry_after_s = Some(5);
         return Err(e);
     }
-    let req: CreateReq = parse_body(&state, body)?;
-    if req.user.is_empty() || req.user.len() > MAX_FIELD_BYTES {
-        return Err(bad("bad_user", "user must be 1..256 bytes"));
-    }
-    if req
-        .vm_id
-        .as_ref()
-        .is_some_and(|v| v.len() > MAX_FIELD_BYTES)
-    {
-        return Err(bad("bad_vm_id", "vm_id must be at most 256 bytes"));
-    }
-    let mode = match req.port_mode.as_deref() {
-        None | Some("shared") => PortMode::Shared,
-        Some("dedicated") => PortMode::Dedicated,
-        Some(other) => {
-            return Err(bad(
-                "bad_port_mode",
-                format!("port_mode {other:?}: expected shared or dedicated"),
-            ))
-        }
-    };
-    let ttl = match req.ttl_s {
-        None => Duration::from_millis(state.cfg.sessions.ticket_ttl_ms),
-        Some(0) => return Err(bad("bad_ttl", "ttl_s must be positive")),
-        Some(s) if s > MAX_TTL_S => {
-            return Err(bad("bad_ttl", format!("ttl_s must be at most {MAX_TTL_S}")))
-        }
-        Some(s) => Duration::from_secs(s),
-    };
-    let (addr, view, password) = resolve_target(&state, &req.target).await?;
-    let origin = session_origin(&state, req.origin.as_deref())?;
-    if req.client_ip.is_some() && !state.cfg.sessions.bind_client_ip {
-        return Err(bad(
-            "client_ip_binding_disabled",
-            "sessions.bind_client_ip is off",
-        ));
-    }
+    Ok(())
+}
 
+/// What a new session is opened with besides its target: the fields of
+/// `POST /api/v1/sessions` and `POST /api/v1/vms/{vm}/console`.
+#[derive(Debug, Default)]
+pub struct SessionOptions {
+    pub user: String,
+    pub vm_id: Option<String>,
+    pub ttl_s: Option<u64>,
+    pub port_mode: Option<String>,
+    pub origin: Option<String>,
+    pub client_ip: Option<IpAddr>,
+}
+
+/// [`SessionOptions`] checked.
+#[derive(Debug)]
+pub struct CheckedOptions {
+    mode: PortMode,
+    ttl: Duration,
+    origin: Option<String>,
+}
+
+impl SessionOptions {
+    /// Every field checked before any target is resolved (or hypervisor
+    /// asked): a bad request costs nothing downstream.
+    pub fn check(&self, state: &ControlState) -> ApiResult<CheckedOptions> {
+        if self.user.is_empty() || self.user.len() > MAX_FIELD_BYTES {
+            return Err(bad("bad_user", "user must be 1..256 bytes"));
+        }
+        if self
+            .vm_id
+            .as_ref()
+            .is_some_and(|v| v.len() > MAX_FIELD_BYTES)
+        {
+            return Err(bad("bad_vm_id", "vm_id must be at most 256 bytes"));
+        }
+        let mode = match self.port_mode.as_deref() {
+            None | Some("shared") => PortMode::Shared,
+            Some("dedicated") => PortMode::Dedicated,
+            Some(other) => {
+                return Err(bad(
+                    "bad_port_mode",
+                    format!("port_mode {other:?}: expected shared or dedicated"),
+                ))
+            }
+        };
+        let ttl = match self.ttl_s {
+            None => Duration::from_millis(state.cfg.sessions.ticket_ttl_ms),
+            Some(0) => return Err(bad("bad_ttl", "ttl_s must be positive")),
+            Some(s) if s > MAX_TTL_S => {
+                return Err(bad("bad_ttl", format!("ttl_s must be at most {MAX_TTL_S}")))
+            }
+            Some(s) => Duration::from_secs(s),
+        };
+        let origin = session_origin(state, self.origin.as_deref())?;
+        if self.client_ip.is_some() && !state.cfg.sessions.bind_client_ip {
+            return Err(bad(
+                "client_ip_binding_disabled",
+                "sessions.bind_client_ip is off",
+            ));
+        }
+        Ok(CheckedOptions { mode, ttl, origin })
+    }
+}
+
+/// Admit a session to `target`: registry record, ticket, dedicated port
+/// when asked, hand-over to the data plane; any failure rolls back.
+pub(super) async fn open_session(
+    state: &ControlState,
+    target: Target,
+    view: TargetView,
+    options: &SessionOptions,
+    checked: CheckedOptions,
+) -> ApiResult<CreateResp> {
+    let CheckedOptions { mode, ttl, origin } = checked;
+    let addr = target.addr;
     let id = random_u64();
     let mut ticket = vec![0u8; state.cfg.sessions.ticket_bytes];
     getrandom::fill(&mut ticket).map_err(|e| {
@@ -418,7 +595,7 @@ async fn create_session(
 
     {
         let reg = state.registry.lock().map_err(|_| internal())?;
-        if let Err(e) = reg.check_capacity(&req.user) {
+        if let Err(e) = reg.check_capacity(&options.user) {
             state.count_error(e.code());
             let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.code(), e.to_string());
             err.retry_after_s = Some(5);
@@ -429,47 +606,24 @@ async fn create_session(
     // Dedicated port: claim + bind now (the bind is the OS check).
     let dedicated = match mode {
         PortMode::Shared => None,
-        PortMode::Dedicated => {
-            let Some(pool) = &state.ports else {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ports_unavailable",
-                    "dedicated ports are not configured",
-                ));
-            };
-            match pool.allocate(id) {
-                Ok(pl) => Some(pl),
-                Err(e) => {
-                    state.count_error(e.code());
-                    tracing::warn!(error = %e, "port allocation failed");
-                    let status = if e.code() == "port_pool_exhausted" {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    } else {
-                        StatusCode::INTERNAL_SERVER_ERROR
-                    };
-                    let mut err = ApiError::new(status, e.code(), e.to_string());
-                    err.retry_after_s = e.retry_after_secs().or(Some(10));
-                    return Err(err);
-                }
-            }
-        }
+        PortMode::Dedicated => Some(claim_port(state, id)?),
     };
     let port = dedicated.as_ref().map(|(p, _)| *p);
     let admission = Arc::new(Admission::new(
         id,
         ticket.clone(),
-        Target { addr, password },
-        req.user.clone(),
+        target,
+        options.user.clone(),
         expires,
         origin,
-        req.client_ip.map(|ip| ip.to_canonical()),
+        options.client_ip.map(|ip| ip.to_canonical()),
         port,
     ));
 
     let record = Record::pending(
         id,
-        req.user.clone(),
-        req.vm_id.clone(),
+        options.user.clone(),
+        options.vm_id.clone(),
         view,
         mode,
         port,
@@ -484,8 +638,74 @@ async fn create_session(
         .lock()
         .map_err(|_| internal())?
         .insert(record);
+    hand_over(state, &admission, dedicated)?;
+    if port.is_some() {
+        super::mark_ports_dirty(state);
+    }
+    if let Ok(mut c) = state.counters.lock() {
+        c.sessions_created += 1;
+    }
 
-    // Hand the admission to the data plane; any failure rolls everything back.
+    let token = base64_url(&ticket);
+    let ws_url = ws_url(&state.public_url, port, id, &token);
+    let viewer_url = state.cfg.console.web_dir.as_ref().map(|_| {
+        let base = state.public_url.replacen("ws", "http", 1);
+        let path = format!("proxy/{}?token={}", id_hex(id), token);
+        format!(
+            "{base}/vnc.html?autoconnect=true&resize=scale&path={}",
+            urlencode(&path)
+        )
+    });
+    tracing::info!(
+        session = %id_hex(id),
+        user = ?options.user,
+        vm = ?options.vm_id,
+        backend = %addr,
+        port = ?port,
+        "session created"
+    );
+    Ok(CreateResp {
+        session_id: id_hex(id),
+        ws_url,
+        token,
+        expires_at_ms,
+        port,
+        viewer_url: if port.is_none() { viewer_url } else { None },
+    })
+}
+
+/// A dedicated port for session `id`, bound.
+fn claim_port(state: &ControlState, id: u64) -> ApiResult<(u16, std::net::TcpListener)> {
+    let Some(pool) = &state.ports else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ports_unavailable",
+            "dedicated ports are not configured",
+        ));
+    };
+    pool.allocate(id).map_err(|e| {
+        state.count_error(e.code());
+        tracing::warn!(error = %e, "port allocation failed");
+        let status = if e.code() == "port_pool_exhausted" {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        let mut err = ApiError::new(status, e.code(), e.to_string());
+        err.retry_after_s = e.retry_after_secs().or(Some(10));
+        err
+    })
+}
+
+/// Hand the admission to the data plane (every worker for the shared
+/// port, the least-loaded one for a dedicated listener); a refusal rolls
+/// the session back and answers 503.
+fn hand_over(
+    state: &ControlState,
+    admission: &Arc<Admission>,
+    dedicated: Option<(u16, std::net::TcpListener)>,
+) -> ApiResult<()> {
+    let id = admission.id;
     let sent = match dedicated {
         Some((p, listener)) => {
             let w = state.pick_worker();
@@ -524,41 +744,7 @@ async fn create_session(
         err.retry_after_s = Some(1);
         return Err(err);
     }
-    if port.is_some() {
-        super::mark_ports_dirty(&state);
-    }
-    if let Ok(mut c) = state.counters.lock() {
-        c.sessions_created += 1;
-    }
-
-    let token = base64_url(&ticket);
-    let ws_url = ws_url(&state.public_url, port, id, &token);
-    let viewer_url = state.cfg.console.web_dir.as_ref().map(|_| {
-        let base = state.public_url.replacen("ws", "http", 1);
-        let path = format!("proxy/{}?token={}", id_hex(id), token);
-        format!(
-            "{base}/vnc.html?autoconnect=true&resize=scale&path={}",
-            urlencode(&path)
-        )
-    });
-    tracing::info!(
-        session = %id_hex(id),
-        user = ?req.user,
-        backend = %addr,
-        port = ?port,
-        "session created"
-    );
-    Ok((
-        StatusCode::CREATED,
-        Json(CreateResp {
-            session_id: id_hex(id),
-            ws_url,
-            token,
-            expires_at_ms,
-            port,
-            viewer_url: if port.is_none() { viewer_url } else { None },
-        }),
-    ))
+    Ok(())
 }
 
 /// The origin a new session's ticket is bound to: the one asked for, or
@@ -639,12 +825,12 @@ pub fn ws_url(public_url: &str, port: Option<u16>, id: u64, token: &str) -> Stri
     format!("{base}/proxy/{}?token={token}", id_hex(id))
 }
 
-async fn resolve_target(
-    state: &ControlState,
-    t: &TargetReq,
-) -> ApiResult<(SocketAddr, TargetView, Option<String>)> {
-    match t.kind.as_str() {
-        "demo" => {
+/// The data-plane target for a request's `target`: names resolved here,
+/// on the control plane (workers never block on DNS), raw targets kept
+/// inside `sessions.target_networks`.
+async fn resolve_target(state: &ControlState, t: &TargetReq) -> ApiResult<(Target, TargetView)> {
+    match t.spec()? {
+        TargetSpec::Demo => {
             let addr = state.demo_addr.ok_or_else(|| {
                 bad(
                     "demo_disabled",
@@ -652,66 +838,73 @@ async fn resolve_target(
                 )
             })?;
             let password = state.cfg.demo.password.clone();
+            let view = TargetView {
+                kind: "demo".into(),
+                host: addr.ip().to_string(),
+                port: addr.port(),
+                has_password: password.is_some(),
+            };
+            Ok((Target::vnc(addr, password), view))
+        }
+        TargetSpec::Vnc {
+            host,
+            port,
+            password,
+        } => {
+            let addr = resolve_host(state, &host, port).await?;
+            check_target_network(state, &host, addr)?;
+            let view = TargetView {
+                kind: "vnc".into(),
+                host,
+                port,
+                has_password: password.is_some(),
+            };
+            Ok((Target::vnc(addr, password), view))
+        }
+        TargetSpec::WebMks { url, trust } => {
+            let host = url.host.to_string();
+            let addr = resolve_host(state, &host, url.port).await?;
+            check_target_network(state, &host, addr)?;
+            let tls = crate::pki::client_config(&trust).map_err(|e| {
+                state.count_error("target_tls_config");
+                bad("bad_target", format!("target TLS: {e}"))
+            })?;
+            let view = TargetView {
+                kind: "webmks".into(),
+                host,
+                port: url.port,
+                has_password: false,
+            };
+            let target = crate::mailbox::WebMksTarget::new(url, tls)
+                .map_err(|e| bad("bad_target", format!("target.url: {e}")))?;
             Ok((
-                addr,
-                TargetView {
-                    kind: "demo".into(),
-                    host: addr.ip().to_string(),
-                    port: addr.port(),
-                    has_password: password.is_some(),
+                Target {
+                    addr,
+                    kind: crate::mailbox::TargetKind::WebMks(Arc::new(target)),
                 },
-                password,
+                view,
             ))
         }
-        "vnc" => {
-            let host = t
-                .host
-                .as_deref()
-                .filter(|h| !h.is_empty())
-                .ok_or_else(|| bad("bad_target", "target.host is required for kind vnc"))?;
-            if host.len() > MAX_FIELD_BYTES {
-                return Err(bad("bad_target", "target.host is too long"));
-            }
-            let port = t
-                .port
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad("bad_target", "target.port is required (1-65535)"))?;
-            if t.password
-                .as_ref()
-                .is_some_and(|p| p.len() > MAX_FIELD_BYTES)
-            {
-                return Err(bad("bad_target", "target.password is too long"));
-            }
-            // Resolved here, on the control plane, so workers never block on DNS.
-            let addr = tokio::net::lookup_host((host, port))
-                .await
-                .ok()
-                .and_then(|mut it| it.next())
-                .ok_or_else(|| {
-                    state.count_error("target_unresolvable");
-                    ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "target_unresolvable",
-                        format!("{host}:{port} does not resolve"),
-                    )
-                })?;
-            check_target_network(state, host, addr)?;
-            Ok((
-                addr,
-                TargetView {
-                    kind: "vnc".into(),
-                    host: host.to_string(),
-                    port,
-                    has_password: t.password.is_some(),
-                },
-                t.password.clone(),
-            ))
-        }
-        other => Err(bad(
-            "unsupported_target",
-            format!("target.kind {other:?} is not supported (vnc, demo)"),
-        )),
     }
+}
+
+pub(super) async fn resolve_host(
+    state: &ControlState,
+    host: &str,
+    port: u16,
+) -> ApiResult<SocketAddr> {
+    tokio::net::lookup_host((host, port))
+        .await
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| {
+            state.count_error("target_unresolvable");
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "target_unresolvable",
+                format!("{host}:{port} does not resolve"),
+            )
+        })
 }
 
 /// A raw target must resolve into `sessions.target_networks`, and never to
@@ -808,6 +1001,7 @@ async fn delete_session(
     // can use it and a live relay closes on its worker's next tick even if
     // a full mailbox refuses the message (which is then retried).
     state.send_revoke(id);
+    state.settle_one_time(id);
     if let Ok(mut c) = state.counters.lock() {
         c.sessions_revoked += 1;
     }

@@ -173,6 +173,17 @@ pub fn render(state: &ControlState) -> String {
         |s| s.handshakes_ok,
     );
     o.per_worker_split(
+        "consolegate_vmware_client_messages_total",
+        "counter",
+        "VMware client messages (wmks.js on a plain VNC server), by what became of them.",
+        &stats,
+        "outcome",
+        [
+            ("translated", |s| s.vmware_translated),
+            ("dropped", |s| s.vmware_dropped),
+        ],
+    );
+    o.per_worker_split(
         "consolegate_relay_bytes_total",
         "counter",
         "Payload bytes relayed, by direction.",

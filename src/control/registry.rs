@@ -388,7 +388,7 @@ impl Registry {
                 }
             }
             FromWorker::ListenerClosed { id, .. } => self.listener_closed(id),
-            FromWorker::Stats(_) => {}
+            FromWorker::Stats(_) | FromWorker::BackendAuthenticated { .. } => {}
         }
     }
 }
@@ -497,10 +497,7 @@ mod tests {
         let a = Arc::new(Admission::new(
             id,
             vec![1; 16],
-            crate::mailbox::Target {
-                addr: "127.0.0.1:5900".parse().unwrap(),
-                password: None,
-            },
+            crate::mailbox::Target::vnc("127.0.0.1:5900".parse().unwrap(), None),
             "a".into(),
             now + Duration::from_secs(60),
             None,

@@ -13,5 +13,6 @@ pub mod router;
 pub mod session;
 pub mod tls;
 pub mod tokens;
+pub mod turn;
 pub mod web;
 pub mod worker;

@@ -6,14 +6,15 @@
 //! atomic ticket state). Must not depend on the IO backends.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use subtle::ConstantTimeEq;
 
+use crate::cause::Cause;
 use crate::dataplane::tokens::SharedTokens;
-use crate::mailbox::{ticket_state, Admission};
+use crate::mailbox::{ticket_state, Admission, Target};
 use crate::protocol::http_upgrade::{query_param, Upgrade};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,11 +75,29 @@ impl RouteError {
     }
 }
 
+impl From<&RouteError> for Cause {
+    fn from(e: &RouteError) -> Self {
+        match e {
+            RouteError::MissingToken => Cause::MissingToken,
+            RouteError::UnknownToken => Cause::UnknownToken,
+            RouteError::Unresolvable(_) => Cause::TargetUnresolvable,
+            RouteError::BadPath => Cause::BadPath,
+            RouteError::UnknownSession => Cause::UnknownSession,
+            RouteError::BadTicket => Cause::BadTicket,
+            RouteError::TicketUsed => Cause::TicketReplay,
+            RouteError::TicketExpired => Cause::TicketExpired,
+            RouteError::Revoked => Cause::SessionRevokedBeforeConnect,
+            RouteError::OriginMismatch => Cause::OriginMismatch,
+            RouteError::ClientIpMismatch => Cause::ClientIpMismatch,
+        }
+    }
+}
+
 /// The outcome of routing: where to connect and, in appliance mode, the
 /// admitted session (password for the RFB handshake, id for reports).
 #[derive(Debug, Clone)]
 pub struct Route {
-    pub addr: SocketAddr,
+    pub target: Target,
     pub admission: Option<Arc<Admission>>,
 }
 
@@ -152,7 +171,8 @@ impl AdmissionTable {
 }
 
 pub enum Router {
-    Fixed(SocketAddr),
+    /// One backend for every connection (proxy mode's target argument).
+    Fixed(Target),
     Tokens(SharedTokens),
     Appliance(AdmissionTable),
 }
@@ -177,8 +197,8 @@ impl Router {
             return check_admission(bound, up, conn.peer, now);
         }
         match self {
-            Self::Fixed(addr) => Ok(Route {
-                addr: *addr,
+            Self::Fixed(target) => Ok(Route {
+                target: target.clone(),
                 admission: None,
             }),
             Self::Tokens(tokens) => {
@@ -193,7 +213,7 @@ impl Router {
                     None => Err(RouteError::UnknownToken),
                     Some(Err(why)) => Err(RouteError::Unresolvable(why.clone())),
                     Some(Ok(addr)) => Ok(Route {
-                        addr: *addr,
+                        target: Target::vnc(*addr, None),
                         admission: None,
                     }),
                 }
@@ -283,7 +303,7 @@ fn check_admission(
         });
     }
     Ok(Route {
-        addr: a.target.addr,
+        target: a.target.clone(),
         admission: Some(a.clone()),
     })
 }
@@ -304,8 +324,20 @@ pub fn base64_url(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mailbox::Target;
     use std::time::Duration;
+
+    #[test]
+    fn route_errors_agree_with_their_causes() {
+        for e in [
+            RouteError::TicketExpired,
+            RouteError::BadTicket,
+            RouteError::UnknownToken,
+            RouteError::Revoked,
+        ] {
+            assert_eq!(Cause::from(&e).status(), Some(e.status()), "{e}");
+            assert_eq!(Cause::from(&e).kind(), e.kind());
+        }
+    }
 
     #[test]
     fn route_errors_map_to_statuses() {
@@ -332,10 +364,7 @@ mod tests {
         Arc::new(Admission::new(
             0xabc,
             vec![7u8; 32],
-            Target {
-                addr: "127.0.0.1:5900".parse().unwrap(),
-                password: None,
-            },
+            Target::vnc("127.0.0.1:5900".parse().unwrap(), None),
             "alice".into(),
             now + Duration::from_secs(60),
             origin.map(Into::into),
@@ -393,7 +422,7 @@ mod tests {
                 now,
             )
             .unwrap();
-        assert_eq!(ok.addr.port(), 5900);
+        assert_eq!(ok.target.addr.port(), 5900);
         assert_eq!(
             err(
                 &mut r,
@@ -409,7 +438,7 @@ mod tests {
         let now = Instant::now();
         let a = admission(now, None, Some("10.0.0.1".parse().unwrap()));
         let good = format!("token={}", base64_url(&[7u8; 32]));
-        let mut r = Router::Fixed("127.0.0.1:1".parse().unwrap());
+        let mut r = Router::Fixed(Target::vnc("127.0.0.1:1".parse().unwrap(), None));
         let info = ConnInfo {
             peer: Some("10.0.0.2".parse().unwrap()),
             bound: Some(&a),

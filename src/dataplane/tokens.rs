@@ -423,8 +423,11 @@ fn read_bounded(path: &Path, max_bytes: u64) -> Result<Vec<u8>, TokenError> {
 }
 
 /// Parse one file's lines into `map`. Later definitions of a token replace
-/// earlier ones, as in websockify's dict.
-fn parse_into(
+/// earlier ones, as in websockify's dict. `path` only names the file in
+/// errors and logs; `strict` turns a bad line into an error instead of a
+/// skipped line. Public for the fuzz target (`fuzz/`), which cannot go
+/// through the file-reading [`TokenFile::load`] at fuzzing speed.
+pub fn parse_into(
     path: &Path,
     bytes: &[u8],
     strict: bool,

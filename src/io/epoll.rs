@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
-use crate::dataplane::router::Router;
+use crate::cause::Cause;
 use crate::dataplane::session::{Session, WorkerCtx};
-use crate::dataplane::worker::{self, AcceptBackoff, DrainState, Inbound, WorkerControl};
+use crate::dataplane::turn::{Turn, WorkerIo};
+use crate::dataplane::worker::{self, AcceptBackoff, WorkerControl};
 use crate::io::splice::{self, Pipe, PipePool};
 use crate::mailbox::{Admission, WorkerInbox};
 use crate::metrics::WorkerMetrics;
@@ -34,10 +35,6 @@ const LISTENER: Token = Token(usize::MAX);
 const WAKE: Token = Token(usize::MAX - 1);
 /// Dedicated listeners' tokens start here (session tokens are far below).
 const DEDICATED_BASE: usize = 1 << 60;
-/// Control-plane messages handled per wake-up before other work runs.
-const MESSAGES_PER_TURN: usize = 1024;
-/// How often a worker reports its counters to the control plane.
-const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A per-session listener (dedicated-port mode) and the session it serves.
 struct Dedicated {
@@ -50,24 +47,29 @@ const PUMP_ROUNDS_PER_TURN: usize = 32;
 /// Readiness events taken from the kernel per poll.
 const EVENTS_PER_POLL: usize = 1024;
 
-struct Conn {
-    s: Session,
-    browser: TcpStream,
-    b_readable: bool,
-    b_writable: bool,
+/// One leg's edge-triggered readiness as last reported, and whether
+/// WRITABLE interest is registered.
+#[derive(Debug, Default, Clone, Copy)]
+struct Leg {
+    readable: bool,
+    writable: bool,
     /// WRITABLE interest is registered (only while output is blocked: an
     /// always-on EPOLLOUT wakes the worker for every ACK that frees send
     /// space, a wasted context switch per message).
-    b_wint: bool,
+    write_interest: bool,
     /// The peer's FIN (or an error) was reported: keep reading to EOF even
     /// after a short read.
-    b_hup: bool,
+    hup: bool,
+}
+
+struct Conn {
+    s: Session,
+    browser: TcpStream,
+    browser_leg: Leg,
     backend: Option<TcpStream>,
-    k_readable: bool,
-    k_writable: bool,
-    k_wint: bool,
-    k_hup: bool,
-    k_connecting: bool,
+    backend_leg: Leg,
+    /// The backend connect is under way (writability will report it).
+    connecting: bool,
     /// The splice pipe lent to this session while a spliced frame's payload
     /// waits in it.
     pipe: Option<Pipe>,
@@ -77,6 +79,123 @@ fn token(idx: usize, backend: bool) -> Token {
     Token(idx << 1 | usize::from(backend))
 }
 
+/// One worker's sockets and the state the turns share.
+struct EpollWorker {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    conns: slab::Slab<Conn>,
+    dedicated: slab::Slab<Dedicated>,
+    /// The worker-wide receive buffer.
+    rbuf: Vec<u8>,
+    pipes: PipePool,
+    /// Sessions whose pump spent its budget: pumped again next turn.
+    again: Vec<usize>,
+    /// The shared listener may hold more connections.
+    accept_again: bool,
+    /// Failed accepts (EMFILE…) pause accepting; see AcceptBackoff.
+    backoff: AcceptBackoff,
+    next_id: u64,
+}
+
+impl WorkerIo for EpollWorker {
+    fn add_dedicated(
+        &mut self,
+        _ctx: &mut WorkerCtx,
+        a: Arc<Admission>,
+        l: StdListener,
+    ) -> io::Result<()> {
+        let port = l.local_addr().map(|x| x.port()).unwrap_or(0);
+        let entry = self.dedicated.vacant_entry();
+        let mut ml = TcpListener::from_std(l);
+        self.poll.registry().register(
+            &mut ml,
+            Token(DEDICATED_BASE + entry.key()),
+            Interest::READABLE,
+        )?;
+        entry.insert(Dedicated { l: ml, a, port });
+        Ok(())
+    }
+
+    fn adopt(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        stream: std::net::TcpStream,
+        peer: std::net::SocketAddr,
+        now: Instant,
+    ) -> io::Result<()> {
+        if stream.set_nonblocking(true).is_err() {
+            return Ok(());
+        }
+        self.next_id += 1;
+        let mut touched = Vec::new();
+        add_conn(
+            &mut self.conns,
+            &mut self.poll,
+            ctx,
+            TcpStream::from_std(stream),
+            peer,
+            None,
+            self.next_id,
+            now,
+            &mut touched,
+        )?;
+        for slot in touched {
+            self.touched(ctx, slot, now)?;
+        }
+        Ok(())
+    }
+
+    fn session_slots(&self, out: &mut Vec<usize>) {
+        out.extend(self.conns.iter().map(|(i, _)| i));
+    }
+
+    fn session_mut(&mut self, slot: usize) -> Option<&mut Session> {
+        self.conns.get_mut(slot).map(|c| &mut c.s)
+    }
+
+    fn touched(&mut self, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::Result<()> {
+        if self.conns.contains(slot)
+            && pump(
+                &mut self.conns,
+                slot,
+                ctx,
+                &mut self.poll,
+                &mut self.rbuf,
+                &mut self.pipes,
+                now,
+            )
+        {
+            self.again.push(slot);
+        }
+        Ok(())
+    }
+
+    fn close_dedicated(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        pred: &mut dyn FnMut(&Admission) -> bool,
+    ) -> io::Result<()> {
+        close_dedicated(&mut self.dedicated, &mut self.poll, ctx, |d| pred(&d.a));
+        Ok(())
+    }
+
+    fn stop_accepting(&mut self, _ctx: &mut WorkerCtx) -> io::Result<()> {
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        self.accept_again = false;
+        Ok(())
+    }
+
+    fn live_sessions(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn quiescent(&self) -> bool {
+        self.conns.is_empty()
+    }
+}
+
 /// Run one worker until drained. Returns its counters.
 pub fn run(
     mut ctx: WorkerCtx,
@@ -84,23 +203,18 @@ pub fn run(
     mut inbox: Option<WorkerInbox>,
     ctl: Arc<WorkerControl>,
 ) -> io::Result<WorkerMetrics> {
-    let mut poll = Poll::new()?;
+    let poll = Poll::new()?;
     let mut events = Events::with_capacity(EVENTS_PER_POLL);
-    let mut listener = Some(TcpListener::from_std(listener));
-    if let Some(l) = listener.as_mut() {
-        poll.registry().register(l, LISTENER, Interest::READABLE)?;
-    }
+    let mut listener = TcpListener::from_std(listener);
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
     if let Some(ib) = inbox.as_ref() {
         let fd = ib.wake_fd();
         poll.registry()
             .register(&mut mio::unix::SourceFd(&fd), WAKE, Interest::READABLE)?;
     }
-    let mut dedicated: slab::Slab<Dedicated> = slab::Slab::new();
-    let mut next_stats = Instant::now() + STATS_INTERVAL;
-    let mut conns: slab::Slab<Conn> = slab::Slab::new();
-    let mut rbuf = vec![0u8; ctx.cfg.limits.recv_buffer_bytes];
     let l = &ctx.cfg.limits;
-    let mut pipes = PipePool::new(
+    let pipes = PipePool::new(
         if l.splice_min_bytes > 0 {
             l.splice_pipes_per_worker
         } else {
@@ -108,28 +222,33 @@ pub fn run(
         },
         l.splice_pipe_bytes,
     );
-    let tick = Duration::from_millis(ctx.cfg.limits.timer_tick_ms);
-    let mut next_tick = Instant::now() + tick;
-    let mut drain = DrainState::default();
-    let mut again: Vec<usize> = Vec::new();
-    let mut accept_again = false;
-    // Failed accepts (EMFILE…) pause accepting; see AcceptBackoff.
-    let mut backoff = AcceptBackoff::default();
-    let mut next_id: u64 = (ctx.worker_id as u64) << 48;
+    let mut w = EpollWorker {
+        poll,
+        listener: Some(listener),
+        conns: slab::Slab::new(),
+        dedicated: slab::Slab::new(),
+        rbuf: vec![0u8; l.recv_buffer_bytes],
+        pipes,
+        again: Vec::new(),
+        accept_again: false,
+        backoff: AcceptBackoff::default(),
+        next_id: (ctx.worker_id as u64) << 48,
+    };
+    let mut turn = Turn::new(&ctx, Instant::now());
     let busy_poll = Duration::from_micros(ctx.cfg.limits.busy_poll_us);
     let mut last_work = Instant::now();
 
     loop {
         let now = Instant::now();
-        let timeout = if !again.is_empty()
-            || accept_again
+        let timeout = if !w.again.is_empty()
+            || w.accept_again
             || now.saturating_duration_since(last_work) < busy_poll
         {
             Duration::ZERO
         } else {
-            next_tick.saturating_duration_since(now)
+            turn.wait(now)
         };
-        match poll.poll(&mut events, Some(timeout)) {
+        match w.poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -138,223 +257,118 @@ pub fn run(
         if !events.is_empty() {
             last_work = now;
         }
-        ctl.beat(ctx.worker_id, now);
-        worker::inject_faults(ctx.worker_id)?;
-        let mut revisit = std::mem::take(&mut again);
-        let mut dedicated_ready: Vec<usize> = Vec::new();
+        turn.begin(&ctx, &ctl, now)?;
+        let mut revisit = std::mem::take(&mut w.again);
+        let (dedicated_ready, woken) = w.readiness(&events, &mut revisit);
+        w.accept_all(
+            &mut ctx,
+            dedicated_ready,
+            turn.draining(),
+            now,
+            &mut revisit,
+        )?;
+        if let Some(ib) = inbox.as_mut() {
+            if woken {
+                ib.reset();
+            }
+            turn.messages(&mut w, &mut ctx, ib, now)?;
+        }
+        revisit.sort_unstable();
+        revisit.dedup();
+        for slot in revisit {
+            w.touched(&mut ctx, slot, now)?;
+        }
+        if turn.end(&mut w, &mut ctx, &ctl, Instant::now())? {
+            return Ok(ctx.metrics);
+        }
+    }
+}
+
+impl EpollWorker {
+    /// Record what this poll reported: session readiness (their slots go to
+    /// `revisit`), listeners ready, the mailbox's wake-up.
+    fn readiness(&mut self, events: &Events, revisit: &mut Vec<usize>) -> (Vec<usize>, bool) {
+        let mut dedicated_ready = Vec::new();
         let mut woken = false;
         for ev in events.iter() {
-            if ev.token() == LISTENER {
-                accept_again = true;
-                continue;
+            match ev.token() {
+                LISTENER => self.accept_again = true,
+                WAKE => woken = true,
+                Token(t) if t >= DEDICATED_BASE => dedicated_ready.push(t - DEDICATED_BASE),
+                Token(t) => {
+                    let Some(c) = self.conns.get_mut(t >> 1) else {
+                        continue;
+                    };
+                    let failed = ev.is_error() || ev.is_read_closed() || ev.is_write_closed();
+                    let leg = if t & 1 == 1 {
+                        &mut c.backend_leg
+                    } else {
+                        &mut c.browser_leg
+                    };
+                    leg.readable |= ev.is_readable() || failed;
+                    leg.writable |= ev.is_writable() || failed;
+                    leg.hup |= failed;
+                    revisit.push(t >> 1);
+                }
             }
-            if ev.token() == WAKE {
-                woken = true;
-                continue;
-            }
-            if ev.token().0 >= DEDICATED_BASE {
-                dedicated_ready.push(ev.token().0 - DEDICATED_BASE);
-                continue;
-            }
-            let idx = ev.token().0 >> 1;
-            let is_backend = ev.token().0 & 1 == 1;
-            let Some(c) = conns.get_mut(idx) else {
-                continue;
-            };
-            let failed = ev.is_error() || ev.is_read_closed() || ev.is_write_closed();
-            if is_backend {
-                c.k_readable |= ev.is_readable() || failed;
-                c.k_writable |= ev.is_writable() || failed;
-                c.k_hup |= failed;
-            } else {
-                c.b_readable |= ev.is_readable() || failed;
-                c.b_writable |= ev.is_writable() || failed;
-                c.b_hup |= failed;
-            }
-            revisit.push(idx);
         }
-        // A pause that ends retries every listener: edge-triggered
-        // readiness does not fire again for connections already waiting.
-        if backoff.retry_due(now) && !drain.active() {
-            accept_again = true;
-            dedicated_ready.extend(dedicated.iter().map(|(i, _)| i));
+        (dedicated_ready, woken)
+    }
+
+    /// Accept on the shared listener and the dedicated ones that are ready
+    /// (a pause after a failed accept retries them all when it ends:
+    /// edge-triggered readiness does not fire again for connections
+    /// already waiting).
+    fn accept_all(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        mut dedicated_ready: Vec<usize>,
+        draining: bool,
+        now: Instant,
+        revisit: &mut Vec<usize>,
+    ) -> io::Result<()> {
+        if self.backoff.retry_due(now) && !draining {
+            self.accept_again = true;
+            dedicated_ready.extend(self.dedicated.iter().map(|(i, _)| i));
         }
-        if accept_again {
-            accept_again = false;
-            if let (Some(l), false) = (listener.as_ref(), backoff.paused(now)) {
-                accept_again = accept_batch(
+        if self.accept_again {
+            self.accept_again = false;
+            if let (Some(l), false) = (self.listener.as_ref(), self.backoff.paused(now)) {
+                self.accept_again = accept_batch(
                     l,
                     None,
-                    &mut poll,
-                    &mut conns,
-                    &mut ctx,
-                    &mut next_id,
+                    &mut self.poll,
+                    &mut self.conns,
+                    ctx,
+                    &mut self.next_id,
                     now,
-                    &mut revisit,
-                    &mut backoff,
+                    revisit,
+                    &mut self.backoff,
                 )?;
             }
         }
         for d in dedicated_ready {
-            if backoff.paused(now) {
+            if self.backoff.paused(now) {
                 break;
             }
-            if let Some(dl) = dedicated.get(d) {
+            if let Some(dl) = self.dedicated.get(d) {
                 let a = dl.a.clone();
                 // A dedicated listener serves one session; a backlog beyond
                 // the batch is picked up on its next readiness edge.
                 let _ = accept_batch(
                     &dl.l,
                     Some(a),
-                    &mut poll,
-                    &mut conns,
-                    &mut ctx,
-                    &mut next_id,
+                    &mut self.poll,
+                    &mut self.conns,
+                    ctx,
+                    &mut self.next_id,
                     now,
-                    &mut revisit,
-                    &mut backoff,
+                    revisit,
+                    &mut self.backoff,
                 )?;
             }
         }
-        // Messages are drained every turn, not only when the eventfd fired:
-        // a session is admitted (queued here) before its browser is told
-        // the URL, but the wake-up can land in a later epoll batch than the
-        // browser's connection, which must not find the session unknown.
-        if let Some(ib) = inbox.as_mut() {
-            if woken {
-                ib.reset();
-            }
-            {
-                for _ in 0..MESSAGES_PER_TURN {
-                    let Some(msg) = ib.try_recv() else { break };
-                    match worker::take_message(&mut ctx, msg) {
-                        None => {}
-                        Some(Inbound::Listener(a, l)) => {
-                            let port = l.local_addr().map(|x| x.port()).unwrap_or(0);
-                            let entry = dedicated.vacant_entry();
-                            let mut ml = TcpListener::from_std(l);
-                            poll.registry().register(
-                                &mut ml,
-                                Token(DEDICATED_BASE + entry.key()),
-                                Interest::READABLE,
-                            )?;
-                            entry.insert(Dedicated { l: ml, a, port });
-                        }
-                        Some(Inbound::Adopt(stream, peer)) => {
-                            // A draining worker takes no new sessions.
-                            if drain.active() || stream.set_nonblocking(true).is_err() {
-                                continue;
-                            }
-                            next_id += 1;
-                            add_conn(
-                                &mut conns,
-                                &mut poll,
-                                &mut ctx,
-                                TcpStream::from_std(stream),
-                                peer,
-                                None,
-                                next_id,
-                                now,
-                                &mut revisit,
-                            )?;
-                        }
-                        Some(Inbound::Revoke(id)) => {
-                            let hit: Vec<usize> = conns
-                                .iter()
-                                .filter(|(_, c)| c.s.serves(id))
-                                .map(|(i, _)| i)
-                                .collect();
-                            for idx in hit {
-                                if let Some(c) = conns.get_mut(idx) {
-                                    c.s.on_revoke(&mut ctx, now);
-                                }
-                                revisit.push(idx);
-                            }
-                            close_dedicated(&mut dedicated, &mut poll, &mut ctx, |d| d.a.id == id);
-                        }
-                    }
-                }
-                // More may be queued than one turn takes: come back at once.
-                if ib.has_pending() {
-                    ib.wake().notify();
-                }
-            }
-        }
-        revisit.sort_unstable();
-        revisit.dedup();
-        for idx in revisit {
-            if conns.contains(idx)
-                && pump(
-                    &mut conns, idx, &mut ctx, &mut poll, &mut rbuf, &mut pipes, now,
-                )
-            {
-                again.push(idx);
-            }
-        }
-
-        if !ctx.ended_bound.is_empty() {
-            let ended = std::mem::take(&mut ctx.ended_bound);
-            close_dedicated(&mut dedicated, &mut poll, &mut ctx, |d| {
-                ended.contains(&d.a.id) && worker::dedicated_listener_done(&d.a, false, now)
-            });
-        }
-        let now = Instant::now();
-        let (close_listener, close_sessions) = drain.poll(&ctl, ctx.cfg.limits.drain_grace_ms, now);
-        if close_listener {
-            if let Some(mut l) = listener.take() {
-                let _ = poll.registry().deregister(&mut l);
-            }
-            close_dedicated(&mut dedicated, &mut poll, &mut ctx, |_| true);
-            accept_again = false;
-            tracing::info!(worker = ctx.worker_id, live = conns.len(), "draining");
-        }
-        if close_sessions {
-            let ids: Vec<usize> = conns.iter().map(|(i, _)| i).collect();
-            for idx in ids {
-                if let Some(c) = conns.get_mut(idx) {
-                    c.s.on_drain(&mut ctx, now);
-                }
-                pump(
-                    &mut conns, idx, &mut ctx, &mut poll, &mut rbuf, &mut pipes, now,
-                );
-            }
-        }
-        if now >= next_tick {
-            next_tick = now + tick;
-            if let Router::Appliance(t) = &mut ctx.router {
-                t.purge(now);
-            }
-            if !dedicated.is_empty() {
-                let live: std::collections::HashSet<u64> =
-                    conns.iter().filter_map(|(_, c)| c.s.bound_id()).collect();
-                close_dedicated(&mut dedicated, &mut poll, &mut ctx, |d| {
-                    worker::dedicated_listener_done(&d.a, live.contains(&d.a.id), now)
-                });
-            }
-            if ctx.events.is_some() && now >= next_stats {
-                next_stats = now + STATS_INTERVAL;
-                let report = worker::stats_report(&ctx, conns.len());
-                ctx.report(report);
-            }
-            let ids: Vec<usize> = conns.iter().map(|(i, _)| i).collect();
-            for idx in ids {
-                if let Some(c) = conns.get_mut(idx) {
-                    c.s.on_tick(&mut ctx, now);
-                }
-                if pump(
-                    &mut conns, idx, &mut ctx, &mut poll, &mut rbuf, &mut pipes, now,
-                ) {
-                    again.push(idx);
-                }
-            }
-        }
-        if let Some(b) = &ctx.balance {
-            b.publish(conns.len());
-        }
-        if drain.active() && conns.is_empty() {
-            tracing::info!(worker = ctx.worker_id, "drained");
-            return Ok(ctx.metrics);
-        }
+        Ok(())
     }
 }
 
@@ -445,7 +459,7 @@ fn close_dedicated(
     dedicated: &mut slab::Slab<Dedicated>,
     poll: &mut Poll,
     ctx: &mut WorkerCtx,
-    pred: impl Fn(&Dedicated) -> bool,
+    mut pred: impl FnMut(&Dedicated) -> bool,
 ) {
     let gone: Vec<usize> = dedicated
         .iter()
@@ -543,16 +557,14 @@ fn add_conn(
     entry.insert(Conn {
         s: session,
         browser: stream,
-        b_readable: true,
-        b_writable: true,
-        b_wint: false,
-        b_hup: false,
+        browser_leg: Leg {
+            readable: true,
+            writable: true,
+            ..Leg::default()
+        },
         backend: None,
-        k_readable: false,
-        k_writable: false,
-        k_wint: false,
-        k_hup: false,
-        k_connecting: false,
+        backend_leg: Leg::default(),
+        connecting: false,
         pipe: None,
     });
     revisit.push(idx);
@@ -593,9 +605,9 @@ fn pump(
                     ) {
                         Ok(()) => {
                             c.backend = Some(st);
-                            c.k_connecting = true;
+                            c.connecting = true;
                             // Writability reports the connect's completion.
-                            c.k_wint = true;
+                            c.backend_leg.write_interest = true;
                         }
                         Err(e) => c.s.on_backend_connect_failed(ctx, &e, now),
                     }
@@ -604,28 +616,28 @@ fn pump(
             }
         }
 
-        if c.k_connecting && c.k_writable {
+        if c.connecting && c.backend_leg.writable {
             let st = c.backend.as_ref().expect("connecting implies a socket");
             match st.take_error() {
                 Ok(None) => match st.peer_addr() {
                     Ok(_) => {
-                        c.k_connecting = false;
+                        c.connecting = false;
                         let _ = st.set_nodelay(true);
                         c.s.on_backend_connected(ctx, now);
                         progress = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {
                         // Spurious wake-up before the handshake finished.
-                        c.k_writable = false;
+                        c.backend_leg.writable = false;
                     }
                     Err(e) => {
-                        c.k_connecting = false;
+                        c.connecting = false;
                         c.s.on_backend_connect_failed(ctx, &e, now);
                         progress = true;
                     }
                 },
                 Ok(Some(e)) | Err(e) => {
-                    c.k_connecting = false;
+                    c.connecting = false;
                     c.s.on_backend_connect_failed(ctx, &e, now);
                     progress = true;
                 }
@@ -638,12 +650,12 @@ fn pump(
                 let _ = st.shutdown(Shutdown::Both);
             }
             c.s.backend_closed();
-            c.k_connecting = false;
+            c.connecting = false;
         }
 
         // Browser writes: queued bytes, and a spliced frame's payload from
         // its pipe once the frame's header is out.
-        while c.b_writable && c.s.browser_pending_len() > 0 {
+        while c.browser_leg.writable && c.s.browser_pending_len() > 0 {
             let pending = c.s.browser_pending();
             let r = if !pending.is_empty() {
                 let r = if c.s.pipe_bytes() > 0 {
@@ -666,7 +678,7 @@ fn pump(
             };
             match r {
                 Ok((0, _)) => {
-                    c.b_writable = false;
+                    c.browser_leg.writable = false;
                     break;
                 }
                 Ok((n, false)) => {
@@ -677,7 +689,7 @@ fn pump(
                     c.s.splice_out_done(ctx, n, now);
                     progress = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.b_writable = false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.browser_leg.writable = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     c.s.on_browser_gone(ctx, Some(&e), now);
@@ -692,30 +704,32 @@ fn pump(
             }
         }
 
-        let blocked = !c.b_writable && c.s.browser_pending_len() > 0;
+        let blocked = !c.browser_leg.writable && c.s.browser_pending_len() > 0;
         let tok = token(idx, false);
         sync_write_interest(
             poll,
             &mut c.browser,
             tok,
             blocked,
-            &mut c.b_wint,
-            &mut c.b_writable,
+            &mut c.browser_leg.write_interest,
+            &mut c.browser_leg.writable,
         );
 
         // Backend writes.
-        if !c.k_connecting {
+        if !c.connecting {
             if let Some(st) = c.backend.as_mut() {
-                while c.k_writable && !c.s.backend_pending().is_empty() {
+                while c.backend_leg.writable && !c.s.backend_pending().is_empty() {
                     match st.write(c.s.backend_pending()) {
                         Ok(0) => {
-                            c.k_writable = false;
+                            c.backend_leg.writable = false;
                         }
                         Ok(n) => {
                             c.s.backend_sent(ctx, n, now);
                             progress = true;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.k_writable = false,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            c.backend_leg.writable = false
+                        }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => {
                             c.s.on_backend_gone(ctx, Some(&e), now);
@@ -726,19 +740,26 @@ fn pump(
             }
         }
 
-        if !c.k_connecting {
+        if !c.connecting {
             if let Some(st) = c.backend.as_mut() {
-                let blocked = !c.k_writable && !c.s.backend_pending().is_empty();
+                let blocked = !c.backend_leg.writable && !c.s.backend_pending().is_empty();
                 let tok = token(idx, true);
-                sync_write_interest(poll, st, tok, blocked, &mut c.k_wint, &mut c.k_writable);
+                sync_write_interest(
+                    poll,
+                    st,
+                    tok,
+                    blocked,
+                    &mut c.backend_leg.write_interest,
+                    &mut c.backend_leg.writable,
+                );
             }
         }
 
         // Browser read.
-        if c.b_readable && c.s.want_browser_read(ctx) {
+        if c.browser_leg.readable && c.s.want_browser_read(ctx) {
             let lim = c.s.browser_read_limit(ctx).min(rbuf.len());
             let r = c.browser.read(&mut rbuf[..lim]);
-            match classify(r, lim, c.b_hup, &mut c.b_readable) {
+            match classify(r, lim, c.browser_leg.hup, &mut c.browser_leg.readable) {
                 ReadOutcome::Data(n) => {
                     c.s.on_browser_data(ctx, &rbuf[..n], now);
                     progress = true;
@@ -752,7 +773,7 @@ fn pump(
         // Backend read: bulk into a pipe when the session allows (splice),
         // else straight into a frame chunk (zero-copy framing), else through
         // the worker's receive buffer.
-        if c.k_readable && !c.k_connecting {
+        if c.backend_leg.readable && !c.connecting {
             if let (Some(st), Some(lim)) = (c.backend.as_ref(), c.s.splice_in_limit(ctx)) {
                 if c.pipe.is_none() {
                     c.pipe = pipes.take();
@@ -765,7 +786,7 @@ fn pump(
                     // wrongly dropped one would stall (edge-triggered).
                     match p.fill_from(st.as_raw_fd(), lim) {
                         Ok(0) => {
-                            c.k_readable = false;
+                            c.backend_leg.readable = false;
                             c.s.on_backend_gone(ctx, None, now);
                             progress = true;
                         }
@@ -773,7 +794,9 @@ fn pump(
                             c.s.splice_in_done(ctx, n, now);
                             progress = true;
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.k_readable = false,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            c.backend_leg.readable = false
+                        }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e)
                             if matches!(
@@ -782,7 +805,7 @@ fn pump(
                             ) =>
                         {
                             // Nothing moved; copy from now on.
-                            ctx.metrics.error("splice_unsupported");
+                            ctx.metrics.count(Cause::SpliceUnsupported);
                             tracing::warn!(worker = ctx.worker_id, error = %e, "splice refused, copying instead");
                             pipes.disable();
                         }
@@ -799,11 +822,11 @@ fn pump(
                 }
             }
         }
-        if c.k_readable && !c.k_connecting {
+        if c.backend_leg.readable && !c.connecting {
             if let (Some(st), Some(buf)) = (c.backend.as_mut(), c.s.backend_frame_buf(ctx)) {
                 let lim = buf.len();
                 let r = st.read(buf);
-                let outcome = classify(r, lim, c.k_hup, &mut c.k_readable);
+                let outcome = classify(r, lim, c.backend_leg.hup, &mut c.backend_leg.readable);
                 let n = match &outcome {
                     ReadOutcome::Data(n) => *n,
                     _ => 0,
@@ -812,11 +835,11 @@ fn pump(
                 progress |= backend_read_outcome(&mut c.s, ctx, outcome, now);
             }
         }
-        if c.k_readable && !c.k_connecting && c.s.want_backend_read(ctx) {
+        if c.backend_leg.readable && !c.connecting && c.s.want_backend_read(ctx) {
             if let Some(st) = c.backend.as_mut() {
                 let lim = c.s.backend_read_limit(ctx).min(rbuf.len());
                 let r = st.read(&mut rbuf[..lim]);
-                let outcome = classify(r, lim, c.k_hup, &mut c.k_readable);
+                let outcome = classify(r, lim, c.backend_leg.hup, &mut c.backend_leg.readable);
                 if let ReadOutcome::Data(n) = outcome {
                     c.s.on_backend_data(ctx, &rbuf[..n], now);
                     progress = true;

@@ -38,9 +38,10 @@ use std::time::{Duration, Instant};
 use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring, Probe};
 
-use crate::dataplane::router::Router;
+use crate::cause::Cause;
 use crate::dataplane::session::{Session, WorkerCtx};
-use crate::dataplane::worker::{self, AcceptBackoff, DrainState, Inbound, WorkerControl};
+use crate::dataplane::turn::{Turn, WorkerIo};
+use crate::dataplane::worker::{self, AcceptBackoff, WorkerControl};
 use crate::mailbox::{Admission, WorkerInbox};
 use crate::metrics::WorkerMetrics;
 
@@ -68,10 +69,6 @@ const LISTENER_SLOT: u64 = 0xffff_ffff;
 const WAKE_SLOT: u64 = 0xffff_fffe;
 /// Dedicated listeners' slots start here (session slots are far below).
 const DEDICATED_BASE: u64 = 1 << 40;
-/// Control-plane messages handled per wake-up before other work runs.
-const MESSAGES_PER_TURN: usize = 1024;
-/// How often a worker reports its counters to the control plane.
-const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 fn ud(slot: u64, op: u64) -> u64 {
     (slot << 8) | op
@@ -289,27 +286,53 @@ struct Conn {
     addr: Option<socket2::SockAddr>,
     /// Operations whose final completion has not arrived.
     inflight: u32,
-    b_recv: bool,
-    b_recv_cancel: bool,
-    b_send: bool,
-    /// A backend recv is in flight: the multishot one, or (with `k_bulk`)
-    /// a single-shot bulk recv into the session's lent chunk.
-    k_recv: bool,
-    k_recv_cancel: bool,
-    k_bulk: bool,
-    /// Bulk mode: a POLLIN poll on the backend is in flight.
-    k_poll: bool,
+    browser_recv: Multishot,
+    /// A send to the browser is in flight.
+    browser_send: bool,
+    /// No more reads from the browser (EOF or error seen).
+    browser_eof: bool,
+    backend_read: BackendRead,
     /// Bulk mode: the last bulk recv found nothing (EAGAIN); poll before
     /// the next one.
-    k_drained: bool,
-    k_send: bool,
-    k_connecting: bool,
-    k_connect_cancel: bool,
-    /// No more reads from the browser (EOF or error seen).
-    b_eof: bool,
-    k_eof: bool,
+    backend_drained: bool,
+    /// A send to the backend is in flight.
+    backend_send: bool,
+    connect: Connect,
+    backend_eof: bool,
     /// The session is done; waiting for `inflight` to reach zero.
     teardown: bool,
+}
+
+/// A leg's multishot receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Multishot {
+    Idle,
+    Armed,
+    /// Cancelled (backpressure); its last completion has not come yet.
+    Cancelling,
+}
+
+/// What reads the backend right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BackendRead {
+    Idle,
+    /// A multishot recv into the provided-buffer ring.
+    Multi,
+    /// That recv, cancelled; its last completion has not come yet.
+    MultiCancelling,
+    /// A single-shot MSG_DONTWAIT recv into the session's lent chunk.
+    Bulk,
+    /// Bulk mode with nothing to read: a POLLIN poll (holds no buffer).
+    Poll,
+}
+
+/// The backend connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Connect {
+    Idle,
+    InFlight,
+    /// Cancelled (the session ended first); its completion is ignored.
+    Cancelling,
 }
 
 /// A per-session listener (dedicated-port mode) and the session it serves.
@@ -333,12 +356,12 @@ impl Conn {
         now: Instant,
     ) {
         if browser {
-            self.b_eof = true;
+            self.browser_eof = true;
             if !self.teardown {
                 self.s.on_browser_gone(ctx, error, now);
             }
         } else {
-            self.k_eof = true;
+            self.backend_eof = true;
             if !self.teardown {
                 self.s.on_backend_gone(ctx, error, now);
             }
@@ -354,7 +377,8 @@ struct Worker {
     accept_armed: bool,
     accept_cancel: bool,
     next_id: u64,
-    inbox: Option<WorkerInbox>,
+    /// The mailbox's eventfd, read by an io_uring operation.
+    wake_fd: Option<RawFd>,
     /// Target of the eventfd read; boxed so its address is stable while the
     /// read is in flight.
     wake_buf: Box<u64>,
@@ -385,8 +409,7 @@ impl Worker {
     }
 
     fn arm_wake(&mut self) -> io::Result<()> {
-        if let Some(ib) = self.inbox.as_ref() {
-            let fd = ib.wake_fd();
+        if let Some(fd) = self.wake_fd {
             let buf: *mut u64 = &mut *self.wake_buf;
             let e = opcode::Read::new(Fd(fd), buf.cast(), 8)
                 .build()
@@ -414,10 +437,10 @@ impl Worker {
 
     /// Close the dedicated listeners `pred` selects: cancel their accept and
     /// drop them once it completes (at once if none is in flight).
-    fn close_dedicated(
+    fn close_dedicated_where(
         &mut self,
         ctx: &mut WorkerCtx,
-        pred: impl Fn(&Dedicated) -> bool,
+        mut pred: impl FnMut(&Dedicated) -> bool,
     ) -> io::Result<()> {
         let hit: Vec<usize> = self
             .dedicated
@@ -486,7 +509,7 @@ impl Worker {
 pub fn run(
     mut ctx: WorkerCtx,
     listener: TcpListener,
-    inbox: Option<WorkerInbox>,
+    mut inbox: Option<WorkerInbox>,
     ctl: Arc<WorkerControl>,
 ) -> io::Result<WorkerMetrics> {
     let l = &ctx.cfg.limits;
@@ -512,7 +535,7 @@ pub fn run(
         accept_armed: false,
         accept_cancel: false,
         next_id: (ctx.worker_id as u64) << 48,
-        inbox,
+        wake_fd: inbox.as_ref().map(WorkerInbox::wake_fd),
         wake_buf: Box::new(0),
         wake_armed: false,
         dedicated: slab::Slab::new(),
@@ -521,10 +544,7 @@ pub fn run(
     };
     w.arm_accept()?;
     w.arm_wake()?;
-    let mut next_stats = Instant::now() + STATS_INTERVAL;
-    let tick = Duration::from_millis(ctx.cfg.limits.timer_tick_ms);
-    let mut next_tick = Instant::now() + tick;
-    let mut drain = DrainState::default();
+    let mut turn = Turn::new(&ctx, Instant::now());
     let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(ctx.cfg.limits.uring_entries as usize);
     let mut touched: Vec<usize> = Vec::new();
 
@@ -536,7 +556,7 @@ pub fn run(
         let wait = if spinning {
             Duration::ZERO
         } else {
-            next_tick.saturating_duration_since(now)
+            turn.wait(now)
         };
         let ts = Timespec::new()
             .sec(wait.as_secs())
@@ -558,8 +578,7 @@ pub fn run(
         if !cqes.is_empty() {
             last_work = now;
         }
-        ctl.beat(ctx.worker_id, now);
-        if let Err(e) = worker::inject_faults(ctx.worker_id) {
+        if let Err(e) = turn.begin(&ctx, &ctl, now) {
             break Err(e);
         }
         touched.clear();
@@ -567,164 +586,118 @@ pub fn run(
             complete(&mut w, &mut ctx, user_data, res, flags, now, &mut touched)?;
         }
         w.bufs.publish();
-        // Drained every turn (a cheap empty check), not only after the
-        // eventfd read completed: the browser's connection may be in this
-        // batch while the wake-up completes in a later one.
-        if w.inbox.is_some() {
-            take_messages(&mut w, &mut ctx, now, drain.active(), &mut touched)?;
-            if !w.wake_armed && !drain.active() {
-                w.arm_wake()?;
-            }
-        }
         touched.sort_unstable();
         touched.dedup();
         for &slot in &touched {
             sync(&mut w, &mut ctx, slot, now)?;
         }
-
-        if !ctx.ended_bound.is_empty() {
-            let ended = std::mem::take(&mut ctx.ended_bound);
-            w.close_dedicated(&mut ctx, |d| {
-                ended.contains(&d.a.id) && worker::dedicated_listener_done(&d.a, false, now)
-            })?;
-        }
-        let now = Instant::now();
-        let (close_listener, close_sessions) = drain.poll(&ctl, ctx.cfg.limits.drain_grace_ms, now);
-        if close_listener {
-            tracing::info!(worker = ctx.worker_id, live = w.conns.len(), "draining");
-            if w.accept_armed && !w.accept_cancel {
-                let e = opcode::AsyncCancel::new(ud(LISTENER_SLOT, OP_ACCEPT))
-                    .build()
-                    .user_data(ud(LISTENER_SLOT, OP_CANCEL));
-                w.push(e)?;
-                w.accept_cancel = true;
-            }
-            w.close_dedicated(&mut ctx, |_| true)?;
-            if w.wake_armed {
-                // The eventfd read targets wake_buf: end it before exiting.
-                let e = opcode::AsyncCancel::new(ud(WAKE_SLOT, OP_WAKE))
-                    .build()
-                    .user_data(ud(WAKE_SLOT, OP_CANCEL));
-                w.push(e)?;
+        if let Some(ib) = inbox.as_mut() {
+            turn.messages(&mut w, &mut ctx, ib, now)?;
+            if !w.wake_armed && !turn.draining() {
+                w.arm_wake()?;
             }
         }
-        if close_sessions {
-            let ids: Vec<usize> = w.conns.iter().map(|(i, _)| i).collect();
-            for slot in ids {
-                if let Some(c) = w.conns.get_mut(slot) {
-                    c.s.on_drain(&mut ctx, now);
-                }
-                sync(&mut w, &mut ctx, slot, now)?;
-            }
-        }
-        if now >= next_tick {
-            next_tick = now + tick;
-            if let Router::Appliance(t) = &mut ctx.router {
-                t.purge(now);
-            }
-            if !w.dedicated.is_empty() {
-                let live: std::collections::HashSet<u64> = w
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| !c.teardown)
-                    .filter_map(|(_, c)| c.s.bound_id())
-                    .collect();
-                w.close_dedicated(&mut ctx, |d| {
-                    worker::dedicated_listener_done(&d.a, live.contains(&d.a.id), now)
-                })?;
-            }
-            if ctx.events.is_some() && now >= next_stats {
-                next_stats = now + STATS_INTERVAL;
-                let report = worker::stats_report(&ctx, w.conns.len());
-                ctx.report(report);
-            }
-            let ids: Vec<usize> = w.conns.iter().map(|(i, _)| i).collect();
-            for slot in ids {
-                if let Some(c) = w.conns.get_mut(slot) {
-                    if !c.teardown {
-                        c.s.on_tick(&mut ctx, now);
-                    }
-                }
-                sync(&mut w, &mut ctx, slot, now)?;
-            }
-        }
-        if !drain.active() && w.accept_backoff.retry_due(now) {
+        if !turn.draining() && w.accept_backoff.retry_due(now) {
             w.rearm_accepts()?;
         }
-        if drain.active() && !w.accept_armed && w.listener.is_some() {
-            w.listener = None;
-        }
-        if let Some(b) = &ctx.balance {
-            b.publish(w.conns.len());
-        }
-        if drain.active()
-            && w.conns.is_empty()
-            && !w.accept_armed
-            && w.dedicated.is_empty()
-            && !w.wake_armed
-        {
-            tracing::info!(worker = ctx.worker_id, "drained");
+        if turn.end(&mut w, &mut ctx, &ctl, Instant::now())? {
             break Ok(());
+        }
+        if turn.draining() && !w.accept_armed && w.listener.is_some() {
+            w.listener = None;
         }
     };
     w.bufs.unregister(&w.ring);
     result.map(|()| ctx.metrics)
 }
 
-/// Drain the control-plane mailbox (bounded per turn).
-fn take_messages(
-    w: &mut Worker,
-    ctx: &mut WorkerCtx,
-    now: Instant,
-    draining: bool,
-    touched: &mut Vec<usize>,
-) -> io::Result<()> {
-    for _ in 0..MESSAGES_PER_TURN {
-        let Some(msg) = w.inbox.as_mut().and_then(|ib| ib.try_recv()) else {
-            return Ok(());
-        };
-        match worker::take_message(ctx, msg) {
-            None => {}
-            Some(Inbound::Listener(a, l)) => {
-                let port = l.local_addr().map(|x| x.port()).unwrap_or(0);
-                let idx = w.dedicated.insert(Dedicated {
-                    l,
-                    a,
-                    port,
-                    armed: false,
-                    closing: false,
-                });
-                w.arm_dedicated(idx)?;
-            }
-            // A draining worker takes no new sessions.
-            Some(Inbound::Adopt(stream, peer)) if !draining => {
-                add_conn(w, ctx, stream, Some(peer), None, now, touched);
-            }
-            Some(Inbound::Adopt(..)) => {}
-            Some(Inbound::Revoke(id)) => {
-                let hit: Vec<usize> = w
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| !c.teardown && c.s.serves(id))
-                    .map(|(i, _)| i)
-                    .collect();
-                for slot in hit {
-                    if let Some(c) = w.conns.get_mut(slot) {
-                        c.s.on_revoke(ctx, now);
-                    }
-                    touched.push(slot);
-                }
-                w.close_dedicated(ctx, |d| d.a.id == id)?;
-            }
-        }
+impl WorkerIo for Worker {
+    fn add_dedicated(
+        &mut self,
+        _ctx: &mut WorkerCtx,
+        a: Arc<Admission>,
+        l: TcpListener,
+    ) -> io::Result<()> {
+        let port = l.local_addr().map(|x| x.port()).unwrap_or(0);
+        let idx = self.dedicated.insert(Dedicated {
+            l,
+            a,
+            port,
+            armed: false,
+            closing: false,
+        });
+        self.arm_dedicated(idx)
     }
-    // More may be queued than one turn takes: come back at once.
-    if w.inbox.as_mut().is_some_and(|ib| ib.has_pending()) {
-        if let Some(ib) = w.inbox.as_ref() {
-            ib.wake().notify();
+
+    fn adopt(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        stream: TcpStream,
+        peer: std::net::SocketAddr,
+        now: Instant,
+    ) -> io::Result<()> {
+        let mut touched = Vec::new();
+        add_conn(self, ctx, stream, Some(peer), None, now, &mut touched);
+        for slot in touched {
+            sync(self, ctx, slot, now)?;
         }
+        Ok(())
     }
-    Ok(())
+
+    fn session_slots(&self, out: &mut Vec<usize>) {
+        out.extend(
+            self.conns
+                .iter()
+                .filter(|(_, c)| !c.teardown)
+                .map(|(i, _)| i),
+        );
+    }
+
+    fn session_mut(&mut self, slot: usize) -> Option<&mut Session> {
+        self.conns
+            .get_mut(slot)
+            .filter(|c| !c.teardown)
+            .map(|c| &mut c.s)
+    }
+
+    fn touched(&mut self, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::Result<()> {
+        sync(self, ctx, slot, now)
+    }
+
+    fn close_dedicated(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        pred: &mut dyn FnMut(&Admission) -> bool,
+    ) -> io::Result<()> {
+        self.close_dedicated_where(ctx, |d| pred(&d.a))
+    }
+
+    /// Cancel the multishot accept, and the eventfd read that targets
+    /// `wake_buf` (it must end before the worker returns).
+    fn stop_accepting(&mut self, _ctx: &mut WorkerCtx) -> io::Result<()> {
+        if self.accept_armed && !self.accept_cancel {
+            let e = opcode::AsyncCancel::new(ud(LISTENER_SLOT, OP_ACCEPT))
+                .build()
+                .user_data(ud(LISTENER_SLOT, OP_CANCEL));
+            self.push(e)?;
+            self.accept_cancel = true;
+        }
+        if self.wake_armed {
+            let e = opcode::AsyncCancel::new(ud(WAKE_SLOT, OP_WAKE))
+                .build()
+                .user_data(ud(WAKE_SLOT, OP_CANCEL));
+            self.push(e)?;
+        }
+        Ok(())
+    }
+
+    fn live_sessions(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn quiescent(&self) -> bool {
+        self.conns.is_empty() && !self.accept_armed && self.dedicated.is_empty() && !self.wake_armed
+    }
 }
 
 fn errno_err(res: i32) -> io::Error {
@@ -830,11 +803,9 @@ fn complete(
             if !more {
                 c.inflight -= 1;
                 if browser {
-                    c.b_recv = false;
-                    c.b_recv_cancel = false;
+                    c.browser_recv = Multishot::Idle;
                 } else {
-                    c.k_recv = false;
-                    c.k_recv_cancel = false;
+                    c.backend_read = BackendRead::Idle;
                 }
             }
             if res > 0 {
@@ -855,7 +826,7 @@ fn complete(
                 // Out of provided buffers for a moment, or cancelled for
                 // backpressure: re-armed by `sync` when wanted.
                 if res == -libc::ENOBUFS {
-                    ctx.metrics.error("uring_no_buffers");
+                    ctx.metrics.count(Cause::UringNoBuffers);
                 }
             } else {
                 // EOF (0) or an error.
@@ -865,8 +836,7 @@ fn complete(
         }
         OP_BACKEND_BULK => {
             c.inflight -= 1;
-            c.k_recv = false;
-            c.k_bulk = false;
+            c.backend_read = BackendRead::Idle;
             if res > 0 && !c.teardown {
                 c.s.backend_bulk_done(ctx, res as usize, now);
             } else {
@@ -874,7 +844,7 @@ fn complete(
                 // kernel is done with it: this was its completion).
                 c.s.backend_bulk_done(ctx, 0, now);
                 if res == -libc::EAGAIN {
-                    c.k_drained = true;
+                    c.backend_drained = true;
                 } else {
                     // EOF (0) or an error (a positive count lands here
                     // only during teardown, and then ends nothing).
@@ -888,16 +858,16 @@ fn complete(
         OP_BACKEND_POLL => {
             // Readable, hung up, failed or cancelled: the next recv tells.
             c.inflight -= 1;
-            c.k_poll = false;
-            c.k_drained = false;
+            c.backend_read = BackendRead::Idle;
+            c.backend_drained = false;
         }
         OP_BROWSER_SEND | OP_BACKEND_SEND => {
             c.inflight -= 1;
             let browser = op == OP_BROWSER_SEND;
             if browser {
-                c.b_send = false;
+                c.browser_send = false;
             } else {
-                c.k_send = false;
+                c.backend_send = false;
             }
             if res >= 0 {
                 if browser {
@@ -924,8 +894,9 @@ fn complete(
         }
         OP_CONNECT => {
             c.inflight -= 1;
-            c.k_connecting = false;
-            if c.teardown || c.k_connect_cancel {
+            let cancelled = c.connect == Connect::Cancelling;
+            c.connect = Connect::Idle;
+            if c.teardown || cancelled {
                 return Ok(());
             }
             if res == 0 {
@@ -987,19 +958,14 @@ fn add_conn(
         backend: None,
         addr: None,
         inflight: 0,
-        b_recv: false,
-        b_recv_cancel: false,
-        b_send: false,
-        k_recv: false,
-        k_recv_cancel: false,
-        k_bulk: false,
-        k_poll: false,
-        k_drained: false,
-        k_send: false,
-        k_connecting: false,
-        k_connect_cancel: false,
-        b_eof: false,
-        k_eof: false,
+        browser_recv: Multishot::Idle,
+        browser_send: false,
+        browser_eof: false,
+        backend_read: BackendRead::Idle,
+        backend_drained: false,
+        backend_send: false,
+        connect: Connect::Idle,
+        backend_eof: false,
         teardown: false,
     }));
     tracing::debug!(worker = ctx.worker_id, session = w.next_id, "accepted");
@@ -1057,7 +1023,7 @@ fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::R
                         .build()
                         .user_data(ud(s64, OP_CONNECT));
                         c.backend = Some(sock);
-                        c.k_connecting = true;
+                        c.connect = Connect::InFlight;
                         c.inflight += 1;
                         batch.add(e);
                     }
@@ -1068,18 +1034,19 @@ fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::R
                 end_backend(c, s64, &mut batch);
             }
             // Sends.
-            if !c.b_send && c.s.browser_pending_len() > 0 {
+            if !c.browser_send && c.s.browser_pending_len() > 0 {
                 let p = c.s.browser_pending();
                 let e = opcode::Send::new(Fd(c.browser.as_raw_fd()), p.as_ptr(), p.len() as u32)
                     .flags(libc::MSG_NOSIGNAL)
                     .build()
                     .user_data(ud(s64, OP_BROWSER_SEND));
                 c.s.browser_send_started(p.len());
-                c.b_send = true;
+                c.browser_send = true;
                 c.inflight += 1;
                 batch.add(e);
             }
-            if !c.k_send && !c.k_connecting && !c.s.backend_pending().is_empty() {
+            let connecting = c.connect != Connect::Idle;
+            if !c.backend_send && !connecting && !c.s.backend_pending().is_empty() {
                 if let Some(k) = c.backend.as_ref() {
                     let p = c.s.backend_pending();
                     let e = opcode::Send::new(Fd(k.as_raw_fd()), p.as_ptr(), p.len() as u32)
@@ -1087,40 +1054,40 @@ fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::R
                         .build()
                         .user_data(ud(s64, OP_BACKEND_SEND));
                     c.s.backend_send_started(p.len());
-                    c.k_send = true;
+                    c.backend_send = true;
                     c.inflight += 1;
                     batch.add(e);
                 }
             }
             // Receives: arm when wanted, cancel when not (backpressure).
-            let want_b = c.s.want_browser_read(ctx) && !c.b_eof;
-            if want_b && !c.b_recv {
+            let want_b = c.s.want_browser_read(ctx) && !c.browser_eof;
+            if want_b && c.browser_recv == Multishot::Idle {
                 let e = opcode::RecvMulti::new(Fd(c.browser.as_raw_fd()), BGID)
                     .build()
                     .user_data(ud(s64, OP_BROWSER_RECV));
-                c.b_recv = true;
+                c.browser_recv = Multishot::Armed;
                 c.inflight += 1;
                 batch.add(e);
-            } else if !want_b && c.b_recv && !c.b_recv_cancel {
+            } else if !want_b && c.browser_recv == Multishot::Armed {
                 let e = opcode::AsyncCancel::new(ud(s64, OP_BROWSER_RECV))
                     .build()
                     .user_data(ud(s64, OP_CANCEL));
-                c.b_recv_cancel = true;
+                c.browser_recv = Multishot::Cancelling;
                 c.inflight += 1;
                 batch.add(e);
             }
             let want_k =
-                c.s.want_backend_read(ctx) && !c.k_eof && !c.k_connecting && c.backend.is_some();
+                c.s.want_backend_read(ctx) && !c.backend_eof && !connecting && c.backend.is_some();
             let bulk = want_k && c.s.bulk_recv_wanted(ctx);
-            if want_k && !c.k_recv && !c.k_poll {
+            if want_k && c.backend_read == BackendRead::Idle {
                 if let Some(k) = c.backend.as_ref() {
                     let fd = Fd(k.as_raw_fd());
-                    if bulk && c.k_drained {
+                    if bulk && c.backend_drained {
                         // Nothing to read: wait for bytes holding no buffer.
                         let e = opcode::PollAdd::new(fd, libc::POLLIN as u32)
                             .build()
                             .user_data(ud(s64, OP_BACKEND_POLL));
-                        c.k_poll = true;
+                        c.backend_read = BackendRead::Poll;
                         c.inflight += 1;
                         batch.add(e);
                     } else if let Some(buf) = bulk.then(|| c.s.backend_bulk_buf(ctx)).flatten() {
@@ -1130,36 +1097,35 @@ fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::R
                             .flags(libc::MSG_DONTWAIT)
                             .build()
                             .user_data(ud(s64, OP_BACKEND_BULK));
-                        c.k_recv = true;
-                        c.k_bulk = true;
+                        c.backend_read = BackendRead::Bulk;
                         c.inflight += 1;
                         batch.add(e);
                     } else {
                         let e = opcode::RecvMulti::new(fd, BGID)
                             .build()
                             .user_data(ud(s64, OP_BACKEND_RECV));
-                        c.k_recv = true;
+                        c.backend_read = BackendRead::Multi;
                         c.inflight += 1;
                         batch.add(e);
                     }
                 }
-            } else if bulk && c.k_recv && !c.k_bulk && !c.k_recv_cancel {
+            } else if bulk && c.backend_read == BackendRead::Multi {
                 // Bulk bytes are flowing: end the multishot recv; the bulk
                 // recvs start once its last completion arrived (bytes that
                 // complete on it meanwhile take the copying path).
                 let e = opcode::AsyncCancel::new(ud(s64, OP_BACKEND_RECV))
                     .build()
                     .user_data(ud(s64, OP_CANCEL));
-                c.k_recv_cancel = true;
+                c.backend_read = BackendRead::MultiCancelling;
                 c.inflight += 1;
                 batch.add(e);
-            } else if !want_k && c.k_recv && !c.k_bulk && !c.k_recv_cancel {
+            } else if !want_k && c.backend_read == BackendRead::Multi {
                 // (A bulk recv completes at once; a poll consumes nothing
                 // and is left to fire: neither needs cancelling here.)
                 let e = opcode::AsyncCancel::new(ud(s64, OP_BACKEND_RECV))
                     .build()
                     .user_data(ud(s64, OP_CANCEL));
-                c.k_recv_cancel = true;
+                c.backend_read = BackendRead::MultiCancelling;
                 c.inflight += 1;
                 batch.add(e);
             }
@@ -1191,8 +1157,8 @@ fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::R
 /// Stop using the backend: cancel a pending connect, or shut the socket
 /// down so its recv/send complete.
 fn end_backend(c: &mut Conn, slot: u64, batch: &mut Batch) {
-    if c.k_connecting && !c.k_connect_cancel {
-        c.k_connect_cancel = true;
+    if c.connect == Connect::InFlight {
+        c.connect = Connect::Cancelling;
         c.inflight += 1;
         batch.add(
             opcode::AsyncCancel::new(ud(slot, OP_CONNECT))
@@ -1202,7 +1168,7 @@ fn end_backend(c: &mut Conn, slot: u64, batch: &mut Batch) {
     } else if let Some(k) = c.backend.as_ref() {
         let _ = k.shutdown(Shutdown::Both);
     }
-    c.k_eof = true;
+    c.backend_eof = true;
     c.s.backend_closed();
 }
 

@@ -35,17 +35,104 @@ pub mod ticket_state {
     pub const CLOSED: u8 = 3;
 }
 
-/// Where an admitted session goes.
-#[derive(Debug, Clone)]
+/// Where a session goes: the backend's address (resolved by the control
+/// plane, or the proxy's command line, never on a worker) and what kind of
+/// backend it is.
+#[derive(Clone, Debug)]
 pub struct Target {
     pub addr: SocketAddr,
-    /// VNC password the data plane uses to authenticate to the backend;
-    /// never sent to the browser.
-    pub password: Option<String>,
+    pub kind: TargetKind,
+}
+
+impl Target {
+    /// A VNC server, optionally behind VNC authentication.
+    pub fn vnc(addr: SocketAddr, password: Option<String>) -> Self {
+        Self {
+            addr,
+            kind: TargetKind::Vnc { password },
+        }
+    }
+}
+
+/// The kinds of backend the data plane relays to.
+#[derive(Clone)]
+pub enum TargetKind {
+    /// Raw RFB over TCP. `password`, when set, is used by the data plane to
+    /// authenticate (VNC authentication); never sent to the browser.
+    Vnc { password: Option<String> },
+    /// A VMware WebMKS endpoint: TLS, then a WebSocket whose frames pass
+    /// through unchanged.
+    WebMks(Arc<WebMksTarget>),
+}
+
+// By hand: `{:?}` (a log line, a panic) must never print a secret.
+impl std::fmt::Debug for TargetKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetKind::Vnc { password } => f
+                .debug_struct("Vnc")
+                .field("password", &password.as_ref().map(|_| "<redacted>"))
+                .finish(),
+            TargetKind::WebMks(w) => w.fmt(f),
+        }
+    }
+}
+
+/// A WebMKS endpoint as the data plane needs it, built by the control
+/// plane: the URL (its path carries the ticket), the TLS client config
+/// (pinned to the ticket's thumbprint, or roots) and the name to present.
+pub struct WebMksTarget {
+    pub url: crate::protocol::http_upgrade::WsUrl,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for WebMksTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // WsUrl's own Debug redacts the path (the ticket).
+        f.debug_struct("WebMks").field("url", &self.url).finish()
+    }
+}
+
+impl WebMksTarget {
+    /// For `url`, trusted by `tls`. The name presented (SNI, and checked
+    /// against the certificate unless pinned) is the URL's host name, or
+    /// its IP address.
+    pub fn new(
+        url: crate::protocol::http_upgrade::WsUrl,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, String> {
+        use crate::protocol::http_upgrade::UrlHost;
+        let server_name = match &url.host {
+            UrlHost::Name(n) => rustls::pki_types::ServerName::try_from(n.clone())
+                .map_err(|e| format!("host name not usable for TLS: {e}"))?,
+            UrlHost::Ipv4(ip) => rustls::pki_types::ServerName::IpAddress(IpAddr::V4(*ip).into()),
+            UrlHost::Ipv6(ip) => rustls::pki_types::ServerName::IpAddress(IpAddr::V6(*ip).into()),
+        };
+        Ok(Self {
+            url,
+            tls,
+            server_name,
+        })
+    }
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("id", &format_args!("{:016x}", self.id))
+            .field("ticket", &"<redacted>")
+            .field("target", &self.target)
+            .field("user", &self.user)
+            .field("origin", &self.origin)
+            .field("client_ip", &self.client_ip)
+            .field("port", &self.port)
+            .field("state", &self.state())
+            .finish()
+    }
 }
 
 /// A session the control plane created, waiting for its browser.
-#[derive(Debug)]
 pub struct Admission {
     pub id: u64,
     /// The single-use ticket (random bytes, compared in constant time).
@@ -162,6 +249,9 @@ pub struct WorkerStats {
     /// Handed over by another worker and served here.
     pub adopted: u64,
     pub handshakes_ok: u64,
+    /// VMware client messages rewritten into standard RFB / dropped.
+    pub vmware_translated: u64,
+    pub vmware_dropped: u64,
     pub sessions_closed: u64,
     pub bytes_browser_to_backend: u64,
     pub bytes_backend_to_browser: u64,
@@ -189,6 +279,12 @@ pub enum FromWorker {
         reason: String,
         bytes_up: u64,
         bytes_down: u64,
+    },
+    /// The appliance's own VNC authentication with the backend succeeded:
+    /// a one-time credential (a QEMU password) has been used and can be
+    /// expired.
+    BackendAuthenticated {
+        id: u64,
     },
     /// A dedicated listener was dropped: the port may be released.
     ListenerClosed {
@@ -398,16 +494,22 @@ mod tests {
         Admission::new(
             7,
             vec![1; 32],
-            Target {
-                addr: "127.0.0.1:5900".parse().unwrap(),
-                password: None,
-            },
+            Target::vnc("127.0.0.1:5900".parse().unwrap(), None),
             "alice".into(),
             Instant::now(),
             None,
             None,
             None,
         )
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_ticket_or_password() {
+        let mut a = admission();
+        a.target = Target::vnc(a.target.addr, Some("hunter22".into()));
+        let d = format!("{a:?}");
+        assert!(!d.contains("hunter22") && !d.contains("[1, 1"), "{d}");
+        assert!(d.contains("redacted"), "{d}");
     }
 
     #[test]

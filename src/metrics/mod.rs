@@ -6,6 +6,8 @@
 
 use hdrhistogram::Histogram;
 
+use crate::cause::{Cause, CauseCounts};
+
 /// A latency histogram in microseconds, 1 µs to 60 s, 2 significant
 /// digits (a few KiB per histogram).
 #[derive(Debug, Clone)]
@@ -44,12 +46,16 @@ pub struct WorkerMetrics {
     pub bytes_browser_to_backend: u64,
     pub bytes_backend_to_browser: u64,
     pub static_responses: u64,
+    /// VMware client messages (wmks.js on a plain VNC server) rewritten
+    /// into standard RFB, and dropped.
+    pub vmware_messages_translated: u64,
+    pub vmware_messages_dropped: u64,
     /// Relay latency: from bytes arriving from the backend until the
     /// browser socket took them all (queueing + send), per burst.
     pub relay_down_us: LatencyUs,
     /// The same from the browser to the backend.
     pub relay_up_us: LatencyUs,
-    errors: ErrorCounts,
+    errors: CauseCounts,
 }
 
 /// Counts by error kind (stable snake_case names, so the set is bounded by
@@ -76,18 +82,26 @@ impl ErrorCounts {
 }
 
 impl WorkerMetrics {
-    /// Count one error of `kind` (a stable snake_case name).
-    pub fn error(&mut self, kind: &'static str) {
-        self.errors.add(kind, 1);
+    /// Count one refusal, error or end of this cause (an array add).
+    pub fn count(&mut self, cause: Cause) {
+        self.errors.add(cause, 1);
     }
 
-    /// Errors counted so far, by kind.
-    pub fn errors(&self) -> &[(&'static str, u64)] {
-        self.errors.as_slice()
+    /// What was counted so far, by cause (non-zero only).
+    pub fn causes(&self) -> impl Iterator<Item = (Cause, u64)> + '_ {
+        self.errors.nonzero()
     }
 
-    pub fn error_count(&self, kind: &str) -> u64 {
-        self.errors.get(kind)
+    /// Error counts by stable name (non-zero only; normal ends left out).
+    pub fn errors(&self) -> Vec<(&'static str, u64)> {
+        self.causes()
+            .filter(|(c, _)| c.is_error())
+            .map(|(c, n)| (c.kind(), n))
+            .collect()
+    }
+
+    pub fn error_count(&self, cause: Cause) -> u64 {
+        self.errors.get(cause)
     }
 
     /// Add another worker's counters into this one.
@@ -101,11 +115,11 @@ impl WorkerMetrics {
         self.bytes_browser_to_backend += other.bytes_browser_to_backend;
         self.bytes_backend_to_browser += other.bytes_backend_to_browser;
         self.static_responses += other.static_responses;
+        self.vmware_messages_translated += other.vmware_messages_translated;
+        self.vmware_messages_dropped += other.vmware_messages_dropped;
         self.relay_down_us.merge(&other.relay_down_us);
         self.relay_up_us.merge(&other.relay_up_us);
-        for &(k, v) in other.errors.as_slice() {
-            self.errors.add(k, v);
-        }
+        self.errors.merge(&other.errors);
     }
 }
 
@@ -116,18 +130,21 @@ mod tests {
     #[test]
     fn errors_count_and_merge() {
         let mut a = WorkerMetrics::default();
-        a.error("bad_key");
-        a.error("bad_key");
+        a.count(Cause::BadKey);
+        a.count(Cause::BadKey);
         a.accepted = 2;
         let mut b = WorkerMetrics::default();
-        b.error("bad_key");
-        b.error("unknown_token");
+        b.count(Cause::BadKey);
+        b.count(Cause::UnknownToken);
+        b.count(Cause::BackendClosed);
         b.accepted = 1;
         a.merge(&b);
-        assert_eq!(a.error_count("bad_key"), 3);
-        assert_eq!(a.error_count("unknown_token"), 1);
-        assert_eq!(a.error_count("other"), 0);
+        assert_eq!(a.error_count(Cause::BadKey), 3);
+        assert_eq!(a.error_count(Cause::UnknownToken), 1);
+        assert_eq!(a.error_count(Cause::Revoked), 0);
         assert_eq!(a.accepted, 3);
+        // Normal ends are counted, but are not errors.
+        assert_eq!(a.errors(), vec![("bad_key", 3), ("unknown_token", 1)]);
     }
 
     #[test]

@@ -1,17 +1,36 @@
-//! Sans-IO parsing of the one HTTP/1.1 request a browser sends before a
-//! WebSocket session (RFC 6455 §4.2), plus plain `GET`/`HEAD` requests for the
-//! static files served with `--web`, and the few responses we write back.
+//! Sans-IO HTTP/1.1 upgrade to WebSocket (RFC 6455 §4), both roles.
+//!
+//! Server role (the browser leg, this file): parsing the one request a
+//! browser sends before a WebSocket session, plus plain `GET`/`HEAD`
+//! requests for the static files served with `--web`, and the few responses
+//! we write back. Client role (the backend leg of a WebSocket backend such
+//! as a WebMKS host, [`client`]): the upgrade request we send and a
+//! streaming parser of the server's answer, which checks
+//! `Sec-WebSocket-Accept`, the chosen subprotocol and that no extension was
+//! negotiated; and [`url`], the parser of `ws://` / `wss://` target URLs.
 //!
 //! Bytes in, typed values or typed errors out: this module touches no socket,
 //! clock, file or runtime, allocates only for the values it returns, and never
-//! panics on input (a proptest feeds it arbitrary bytes). It must not depend on
-//! any other consolegate module, so that the IO backends, the fuzzers and the
-//! tests can all drive it directly.
+//! panics on input (proptests feed it arbitrary bytes). Every error says
+//! which side failed ([`HttpError::side`]). It depends on no other
+//! consolegate module but `protocol::Side`, so that the IO backends, the
+//! fuzzers and the tests can all drive it directly.
 //!
-//! What it deliberately does not do: keep-alive, request bodies, chunked
-//! encoding, absolute-form targets or anything after the first request. The
-//! proxy answers exactly one request per connection, then either switches to
-//! WebSocket framing or closes.
+//! What it deliberately does not do: keep-alive, request or response bodies,
+//! chunked encoding, absolute-form targets, redirects, or anything after the
+//! first request. The proxy answers exactly one request per connection, then
+//! either switches to WebSocket framing or closes; as a client it sends one
+//! request and switches or fails.
+
+pub mod client;
+pub mod url;
+
+pub use super::Side;
+pub use client::{
+    write_client_request, write_client_request_with_key, Accepted, ClientHandshake, ClientOptions,
+    ResponseLimits,
+};
+pub use url::{UrlHost, WsUrl};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -75,7 +94,10 @@ pub enum Request {
     },
 }
 
-/// Why a request was refused. The browser is always the failing side here.
+/// Why an upgrade failed, on either role. [`HttpError::side`] says who
+/// failed: the browser (a request we refused: the variants up to
+/// `NoSupportedSubprotocol`), the backend (its answer to our request), the
+/// target (a bad WebSocket URL), or our side (options, randomness).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HttpError {
     /// The bytes are not a well-formed HTTP/1.x request head.
@@ -110,22 +132,129 @@ pub enum HttpError {
     /// The client offered subprotocols but none we speak.
     #[error("no supported subprotocol (offer \"binary\" or \"base64\")")]
     NoSupportedSubprotocol,
+
+    // ---- the client role: the backend's answer to our upgrade request ----
+    /// The backend's bytes are not a well-formed HTTP/1.x response head.
+    #[error("backend sent a malformed upgrade response: {0}")]
+    ResponseMalformed(String),
+    /// The backend's response head exceeded the size or header-count limit.
+    #[error("backend sent an upgrade response head over the size limit")]
+    ResponseTooLarge,
+    /// The backend answered with a status other than 101. `body` is the
+    /// start of the body as far as it had arrived, escaped for logs.
+    #[error("backend refused the upgrade with status {status} (body: \"{body}\")")]
+    UpgradeRefused {
+        /// The response status.
+        status: u16,
+        /// Up to [`client::MAX_BODY_EXCERPT_BYTES`] bytes of the body,
+        /// ASCII-escaped.
+        body: String,
+    },
+    /// The backend answered 101 over a version other than HTTP/1.1.
+    #[error("backend switched protocols over HTTP/1.0 (RFC 6455 requires HTTP/1.1)")]
+    ResponseNotHttp11,
+    /// The backend's 101 lacks `Upgrade: websocket` or `Connection: Upgrade`,
+    /// or repeats a single-valued WebSocket header (which one is said).
+    #[error("backend sent a bad upgrade response: {0}")]
+    BadUpgradeResponse(&'static str),
+    /// `Sec-WebSocket-Accept` missing or not the hash of our key (RFC 6455
+    /// §4.1: the client must fail the connection).
+    #[error("backend's Sec-WebSocket-Accept does not match our key")]
+    AcceptMismatch,
+    /// The backend chose a subprotocol we did not offer (escaped).
+    #[error("backend chose subprotocol \"{0}\", which was not offered")]
+    UnexpectedSubprotocol(String),
+    /// The backend chose no subprotocol although one is required.
+    #[error("backend chose no subprotocol, but one is required")]
+    MissingSubprotocol,
+    /// The backend negotiated extensions; we offer none (escaped value).
+    #[error("backend negotiated extensions that were not offered: \"{0}\"")]
+    UnexpectedExtensions(String),
+
+    // ---- the target: a ws:// or wss:// URL ----
+    /// Not `ws://` or `wss://`.
+    #[error("target URL must start with ws:// or wss://")]
+    UrlScheme,
+    /// `user:password@` in the authority (never sent, never accepted).
+    #[error("target URL must not carry user information")]
+    UrlUserinfo,
+    /// A `#fragment` (meaningless for WebSocket URLs, RFC 6455 §3).
+    #[error("target URL must not have a fragment")]
+    UrlFragment,
+    /// A port that is empty, not a number, or outside 1-65535.
+    #[error("target URL has an invalid port (1-65535)")]
+    UrlPort,
+    /// A host that is neither an IP literal nor a valid DNS name usable as
+    /// a TLS server name (why is in the message).
+    #[error("target URL has an invalid host: {0}")]
+    UrlHost(&'static str),
+    /// A path or query character outside RFC 3986's, or a bad `%` escape.
+    #[error("target URL has an invalid character or escape in its path or query")]
+    UrlPath,
+    /// Longer than [`url::MAX_URL_BYTES`].
+    #[error("target URL is too long")]
+    UrlTooLong,
+
+    // ---- our side ----
+    /// A client option is unusable (a subprotocol that is not a token, an
+    /// Origin with control characters): a configuration error.
+    #[error("invalid WebSocket client option: {0}")]
+    BadClientOption(&'static str),
+    /// The operating system's random number generator failed, so no
+    /// `Sec-WebSocket-Key` can be made.
+    #[error("the operating system's random number generator failed: {0}")]
+    RandomUnavailable(getrandom::Error),
 }
 
 impl HttpError {
-    /// HTTP status code to answer with.
+    /// HTTP status code to answer with: for the browser's errors, the
+    /// answer to its request; for the backend's, 502 (a gateway's answer to
+    /// a bad upstream); for a bad target URL, 400 (the caller's request);
+    /// for our side, 500.
     pub fn status(&self) -> u16 {
         match self {
-            HttpError::Malformed(_) => 400,
             HttpError::TooLarge => 431,
             HttpError::MethodNotAllowed => 405,
             HttpError::NotHttp11 => 505,
-            HttpError::BadUpgrade(_) => 400,
             HttpError::UnsupportedVersion => 426,
-            HttpError::BadKey => 400,
-            HttpError::MissingHost => 400,
-            HttpError::BodyNotAllowed => 400,
-            HttpError::NoSupportedSubprotocol => 400,
+            _ => match self.side() {
+                Side::Browser | Side::Target => 400,
+                Side::Backend => 502,
+                Side::Internal => 500,
+            },
+        }
+    }
+
+    /// Which side failed.
+    pub fn side(&self) -> Side {
+        match self {
+            HttpError::Malformed(_)
+            | HttpError::TooLarge
+            | HttpError::MethodNotAllowed
+            | HttpError::NotHttp11
+            | HttpError::BadUpgrade(_)
+            | HttpError::UnsupportedVersion
+            | HttpError::BadKey
+            | HttpError::MissingHost
+            | HttpError::BodyNotAllowed
+            | HttpError::NoSupportedSubprotocol => Side::Browser,
+            HttpError::ResponseMalformed(_)
+            | HttpError::ResponseTooLarge
+            | HttpError::UpgradeRefused { .. }
+            | HttpError::ResponseNotHttp11
+            | HttpError::BadUpgradeResponse(_)
+            | HttpError::AcceptMismatch
+            | HttpError::UnexpectedSubprotocol(_)
+            | HttpError::MissingSubprotocol
+            | HttpError::UnexpectedExtensions(_) => Side::Backend,
+            HttpError::UrlScheme
+            | HttpError::UrlUserinfo
+            | HttpError::UrlFragment
+            | HttpError::UrlPort
+            | HttpError::UrlHost(_)
+            | HttpError::UrlPath
+            | HttpError::UrlTooLong => Side::Target,
+            HttpError::BadClientOption(_) | HttpError::RandomUnavailable(_) => Side::Internal,
         }
     }
 
@@ -142,6 +271,24 @@ impl HttpError {
             HttpError::MissingHost => "missing_host",
             HttpError::BodyNotAllowed => "body_not_allowed",
             HttpError::NoSupportedSubprotocol => "no_supported_subprotocol",
+            HttpError::ResponseMalformed(_) => "response_malformed",
+            HttpError::ResponseTooLarge => "response_too_large",
+            HttpError::UpgradeRefused { .. } => "upgrade_refused",
+            HttpError::ResponseNotHttp11 => "response_not_http11",
+            HttpError::BadUpgradeResponse(_) => "bad_upgrade_response",
+            HttpError::AcceptMismatch => "accept_mismatch",
+            HttpError::UnexpectedSubprotocol(_) => "unexpected_subprotocol",
+            HttpError::MissingSubprotocol => "missing_subprotocol",
+            HttpError::UnexpectedExtensions(_) => "unexpected_extensions",
+            HttpError::UrlScheme => "url_scheme",
+            HttpError::UrlUserinfo => "url_userinfo",
+            HttpError::UrlFragment => "url_fragment",
+            HttpError::UrlPort => "url_port",
+            HttpError::UrlHost(_) => "url_host",
+            HttpError::UrlPath => "url_path",
+            HttpError::UrlTooLong => "url_too_long",
+            HttpError::BadClientOption(_) => "bad_client_option",
+            HttpError::RandomUnavailable(_) => "random_unavailable",
         }
     }
 }

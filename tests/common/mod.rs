@@ -11,14 +11,18 @@
 //! Each test file includes this module with `#[macro_use] mod common;`, and
 //! not every file uses every helper.
 #![allow(dead_code)]
+pub mod browser;
 pub mod qemu;
-
 pub mod vcsim;
+pub mod wss_backend;
+pub mod x11;
+
+#[allow(unused_imports)]
+pub use browser::*;
 
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -227,6 +231,62 @@ pub fn fd_count(pid: u32) -> Option<usize> {
     fs::read_dir(format!("/proc/{pid}/fd"))
         .ok()
         .map(|d| d.count())
+}
+
+/// A process's descriptor count once it stops changing (two readings
+/// 300 ms apart agree). A proxy's workers create their rings, eventfds and
+/// pipes after its `listening on` line, so a baseline is taken with this,
+/// never right after start.
+pub fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid).expect("fd count");
+    wait_until(
+        Duration::from_secs(10),
+        "the descriptor count to settle",
+        || {
+            thread::sleep(Duration::from_millis(300));
+            let now = fd_count(pid)?;
+            let settled = now == last;
+            last = now;
+            settled.then_some(now)
+        },
+    )
+}
+
+/// Waits (bounded) until `pid` holds at most `most` descriptors and returns
+/// the count; panics with the last count, the descriptors' targets and
+/// `what` after `timeout`. Descriptors of ended sessions are closed a
+/// moment after the client sees the close, hence the wait.
+pub fn wait_fd_count_at_most(pid: u32, most: usize, timeout: Duration, what: &str) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = fd_count(pid).expect("fd count");
+        if now <= most {
+            return now;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{}{what}: {now} open descriptors, more than {most} after {timeout:?}: {}",
+                ctx(),
+                fd_targets(pid).join(", ")
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What each open descriptor of `pid` points to (`socket:[…]`,
+/// `pipe:[…]`, `anon_inode:[io_uring]`, a path), for failure messages.
+pub fn fd_targets(pid: u32) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| fs::read_link(e.path()).ok())
+                .map(|t| t.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 /// CPU time (user + system) a process has used, in seconds.
@@ -1438,6 +1498,58 @@ pub fn rfb_request_update<S: TcpBacked>(
     (head[0], rects, rect, encoding)
 }
 
+/// The whole framebuffer as one full (non-incremental) update, in a pixel
+/// format set here (32 bits, little-endian, RGB in bits 16/8/0) with Raw
+/// encoding only, every rectangle painted in place: what the server sent,
+/// to compare pixel by pixel with what it should show.
+pub fn rfb_framebuffer<S: TcpBacked>(
+    c: &mut WsClient<S>,
+    width: u16,
+    height: u16,
+) -> image::RgbaImage {
+    let mut set_format = vec![0u8, 0, 0, 0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0];
+    set_format.extend_from_slice(&[0, 0, 0]);
+    c.send(&set_format);
+    c.send(&[2, 0, 0, 1, 0, 0, 0, 0]); // SetEncodings: Raw
+    let mut req = vec![3, 0, 0, 0, 0, 0];
+    req.extend_from_slice(&width.to_be_bytes());
+    req.extend_from_slice(&height.to_be_bytes());
+    c.send(&req);
+    let head = c.expect_bytes(4, "the FramebufferUpdate header");
+    assert_eq!(
+        head[0],
+        0,
+        "{}expected a FramebufferUpdate, got message {}",
+        ctx(),
+        head[0]
+    );
+    let mut img = image::RgbaImage::new(width.into(), height.into());
+    for i in 0..u16::from_be_bytes([head[2], head[3]]) {
+        let r = c.expect_bytes(12, "a rectangle header");
+        let n = |at: usize| u16::from_be_bytes([r[at], r[at + 1]]) as u32;
+        let (x, y, w, h) = (n(0), n(2), n(4), n(6));
+        let encoding = i32::from_be_bytes(r[8..12].try_into().unwrap());
+        assert_eq!(
+            encoding,
+            0,
+            "{}rectangle {i} not Raw (asked for Raw only)",
+            ctx()
+        );
+        assert!(
+            x + w <= width.into() && y + h <= height.into(),
+            "{}rectangle {i} ({x},{y} {w}x{h}) outside the {width}x{height} screen",
+            ctx()
+        );
+        let px = c.expect_bytes((w * h * 4) as usize, "a rectangle's pixels");
+        for (k, p) in px.chunks_exact(4).enumerate() {
+            let (dx, dy) = (k as u32 % w, k as u32 / w);
+            // Little-endian 0x00RRGGBB: B, G, R, padding.
+            img.put_pixel(x + dx, y + dy, image::Rgba([p[2], p[1], p[0], 255]));
+        }
+    }
+    img
+}
+
 // ---------------------------------------------------------------------------
 // TLS material
 // ---------------------------------------------------------------------------
@@ -1970,8 +2082,14 @@ pub fn appliance_config_text(
         "[[auth.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\nrole = \"admin\"\n\n\
          [[auth.tokens]]\ntoken = \"{READ_TOKEN}\"\nrole = \"read\"\n\n"
     ));
+    // A short drain grace unless the test sets its own.
+    let grace = if opts.limits_toml.contains("drain_grace_ms") {
+        ""
+    } else {
+        "drain_grace_ms = 200\n"
+    };
     t.push_str(&format!(
-        "[dataplane]\nio = \"{io}\"\n{}\n[dataplane.limits]\ndrain_grace_ms = 200\n{}\n",
+        "[dataplane]\nio = \"{io}\"\n{}\n[dataplane.limits]\n{grace}{}\n",
         opts.dataplane_toml, opts.limits_toml
     ));
     // The test clients send no Origin unless a test asks: sessions are not
@@ -2403,149 +2521,6 @@ pub fn run_cli_env(
         cmd.env(k, v);
     }
     run_cli_with(cmd, args, timeout)
-}
-
-// ---------------------------------------------------------------------------
-// Browser tests: noVNC in headless Chromium driven by tests/browser/novnc.mjs
-// ---------------------------------------------------------------------------
-
-pub const CHROMIUM: &str = "/usr/lib/chromium/chromium";
-pub const NOVNC: &str = "/usr/share/novnc";
-/// Bound on one page step (load, connect, first picture) inside the script.
-pub const STEP_TIMEOUT_MS: u64 = 20_000;
-/// Bound on the whole script, past which it is killed with its browser.
-pub const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
-
-pub fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
-/// Fails (never skips) naming what is missing and how to get it.
-pub fn browser_prerequisites() -> PathBuf {
-    let node = find_program("node").unwrap_or_else(|| {
-        panic!(
-            "node not found: install Node.js >= 20 with npm (NodeSource's nodejs package; \
-             scripts/install-deps.sh test checks it)"
-        )
-    });
-    assert!(
-        Path::new(CHROMIUM).is_file(),
-        "{CHROMIUM} not found: install Debian package chromium (make test does)"
-    );
-    assert!(
-        Path::new(NOVNC).join("core/rfb.js").is_file()
-            && Path::new(NOVNC).join("vnc.html").is_file(),
-        "noVNC not found in {NOVNC}: install Debian package novnc (make test does)"
-    );
-    assert!(
-        browser_dir().join("node_modules/playwright-core/package.json").is_file(),
-        "tests/browser/node_modules/playwright-core is missing: run `bash scripts/install-deps.sh test` \
-         (npm ci in tests/browser; make test does)"
-    );
-    node
-}
-
-/// The script's process group (node and the Chromium it starts): killed on
-/// drop so that no browser outlives the test.
-pub struct ScriptGuard(pub Child);
-
-impl Drop for ScriptGuard {
-    fn drop(&mut self) {
-        let pgid = self.0.id();
-        if let Ok(None) = self.0.try_wait() {
-            // playwright closes its browser on SIGTERM.
-            signal_group(pgid, "TERM");
-            if wait_child(&mut self.0, Duration::from_secs(5)).is_none() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-        // Whatever is left of the group (a browser process, say).
-        signal_group(pgid, "KILL");
-    }
-}
-
-/// What one run of tests/browser/novnc.mjs left: its output directory (a
-/// `novnc-<run>.png` per run), its exit status and its output.
-pub struct NovncRun {
-    pub out_dir: PathBuf,
-    pub status: ExitStatus,
-    pub output: String,
-}
-
-/// Runs novnc.mjs with `node`: noVNC from `base` in headless Chromium, once
-/// per name in `runs` (plus `extra` arguments), screenshots into a fresh
-/// `CARGO_TARGET_TMPDIR/<out_name>`. Panics when the script is still running
-/// after [`SCRIPT_TIMEOUT`]; the script's process group is killed either way.
-pub fn run_novnc(
-    node: &Path,
-    base: &str,
-    out_name: &str,
-    runs: &[&str],
-    extra: &[String],
-) -> NovncRun {
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(out_name);
-    let _ = fs::remove_dir_all(&out_dir);
-    fs::create_dir_all(&out_dir).unwrap();
-    let log_path = out_dir.join("novnc.log");
-    let log = File::create(&log_path).unwrap();
-    let child = Command::new(node)
-        .arg(browser_dir().join("novnc.mjs"))
-        .arg("--base")
-        .arg(base)
-        .arg("--out-dir")
-        .arg(&out_dir)
-        .arg("--runs")
-        .arg(runs.join(","))
-        .arg("--chromium")
-        .arg(CHROMIUM)
-        .arg("--timeout-ms")
-        .arg(STEP_TIMEOUT_MS.to_string())
-        .args(extra)
-        .current_dir(browser_dir())
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}spawn node: {e}", ctx()));
-    let mut guard = ScriptGuard(child);
-    let status = wait_child(&mut guard.0, SCRIPT_TIMEOUT);
-    let output = fs::read_to_string(&log_path).unwrap_or_default();
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "{}novnc.mjs still running after {SCRIPT_TIMEOUT:?}; output so far:\n{output}",
-            ctx()
-        )
-    });
-    drop(guard);
-    NovncRun {
-        out_dir,
-        status,
-        output,
-    }
-}
-
-/// The screenshot of run `run` exists and is a real 640×480-or-larger
-/// picture (not a blank page: > 2 000 bytes of PNG).
-pub fn check_screenshot(out_dir: &Path, run: &str, output: &str) {
-    let png = out_dir.join(format!("novnc-{run}.png"));
-    let data = fs::read(&png).unwrap_or_else(|e| {
-        panic!(
-            "{}screenshot {} missing ({e}); output:\n{output}",
-            ctx(),
-            png.display()
-        )
-    });
-    let (w, h) =
-        png_size(&data).unwrap_or_else(|| panic!("{}{} is not a PNG", ctx(), png.display()));
-    assert!(
-        w >= 640 && h >= 480 && data.len() > 2_000,
-        "{}screenshot {} looks empty: {w}x{h}, {} bytes",
-        ctx(),
-        png.display(),
-        data.len()
-    );
 }
 
 /// Width and height from a PNG's IHDR chunk.

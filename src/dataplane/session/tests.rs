@@ -2,14 +2,18 @@
 
 use super::*;
 use crate::config::{IoChoice, Limits, ProxyConfig, TargetConfig};
-use crate::protocol::websocket::{encode_client_frame, Opcode};
+use crate::dataplane::router::Router;
+use crate::protocol::websocket::{self, encode_client_frame, Opcode};
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 fn cfg_with(f: impl FnOnce(&mut ProxyConfig)) -> Arc<ProxyConfig> {
     let mut c = ProxyConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        target: TargetConfig::Fixed("127.0.0.1:5900".parse().unwrap()),
+        target: TargetConfig::Fixed(crate::mailbox::Target::vnc(
+            "127.0.0.1:5900".parse().unwrap(),
+            None,
+        )),
         tls: None,
         web_dir: None,
         origins: vec![],
@@ -31,7 +35,10 @@ fn ctx_with(f: impl FnOnce(&mut ProxyConfig)) -> WorkerCtx {
     WorkerCtx::new(
         cfg,
         0,
-        Router::Fixed("127.0.0.1:5900".parse().unwrap()),
+        Router::Fixed(crate::mailbox::Target::vnc(
+            "127.0.0.1:5900".parse().unwrap(),
+            None,
+        )),
         None,
         None,
     )
@@ -777,10 +784,7 @@ fn appliance_ctx(now: Instant) -> (WorkerCtx, Arc<Admission>, crate::mailbox::In
     let a = Arc::new(Admission::new(
         0xabc,
         vec![7u8; 32],
-        crate::mailbox::Target {
-            addr: "127.0.0.1:5900".parse().unwrap(),
-            password: None,
-        },
+        crate::mailbox::Target::vnc("127.0.0.1:5900".parse().unwrap(), None),
         "alice".into(),
         now + Duration::from_secs(60),
         None,
