@@ -488,12 +488,13 @@ fn time_panel(out: &mut String, p: &TimePanel, ox: f64, oy: f64, x_axis: (f64, f
         );
     }
     for s in &p.series {
-        let pts: Vec<String> = s
+        let pts: Vec<(String, String)> = s
             .points
             .iter()
             .filter(|(t, v)| t.is_finite() && v.is_finite())
-            .map(|(t, v)| format!("{:.1},{:.1}", f.sx(*t), f.sy(*v)))
+            .map(|(t, v)| (format!("{:.1}", f.sx(*t)), format!("{:.1}", f.sy(*v))))
             .collect();
+        let pts = without_flat_middles(&pts);
         if pts.len() < 2 {
             continue;
         }
@@ -505,6 +506,21 @@ fn time_panel(out: &mut String, p: &TimePanel, ox: f64, oy: f64, x_axis: (f64, f
             escape(&s.name)
         );
     }
+}
+
+/// The points of a polyline as `x,y` strings, leaving out every point
+/// whose drawn y equals both neighbours' (the middle of a flat run draws
+/// nothing), so an hour of a flat series stays a small file.
+fn without_flat_middles(pts: &[(String, String)]) -> Vec<String> {
+    let mut kept = Vec::with_capacity(pts.len());
+    for (i, (x, y)) in pts.iter().enumerate() {
+        let flat_before = i > 0 && pts[i - 1].1 == *y;
+        let flat_after = i + 1 < pts.len() && pts[i + 1].1 == *y;
+        if !(flat_before && flat_after) {
+            kept.push(format!("{x},{y}"));
+        }
+    }
+    kept
 }
 
 fn time_legend(out: &mut String, p: &TimePanel, x: f64, y: f64) {
@@ -687,6 +703,24 @@ mod tests {
             "{}",
             &svg[..200]
         );
+    }
+
+    #[test]
+    fn flat_runs_keep_only_their_ends() {
+        let p = |x: &str, y: &str| (x.to_string(), y.to_string());
+        let pts = [
+            p("1", "5"),
+            p("2", "5"),
+            p("3", "5"),
+            p("4", "7"),
+            p("5", "5"),
+            p("6", "5"),
+        ];
+        assert_eq!(
+            without_flat_middles(&pts),
+            ["1,5", "3,5", "4,7", "5,5", "6,5"]
+        );
+        assert!(without_flat_middles(&[]).is_empty());
     }
 
     #[test]
