@@ -411,6 +411,13 @@ pub struct Figures {
     /// Correlation of the interval p99 with the machine's CPU pressure
     /// (other work waiting for a CPU), after the warm-up.
     pub relay_p99_vs_cpu_pressure_r: Option<f64>,
+    /// The interval p99 over the run, after the warm-up: median of each
+    /// third, and the least-squares slope per hour. Reported, not judged:
+    /// on a shared machine the p99 follows the machine's load (hence its
+    /// median per third beside it).
+    pub relay_p99_us_third_medians: Option<[f64; 3]>,
+    pub relay_p99_us_slope_per_hour: Option<f64>,
+    pub loadavg_1m_third_medians: Option<[f64; 3]>,
     pub cpu_s_total: Option<f64>,
 }
 
@@ -871,6 +878,25 @@ fn figures(o: &Outcome, warmup_s: f64) -> Figures {
                 .filter_map(|s| Some((s.relay?.p99_us, s.cpu_pressure_avg10?)))
                 .collect::<Vec<_>>(),
         ),
+        relay_p99_us_third_medians: judge::third_medians(
+            &judged
+                .iter()
+                .filter_map(|s| Some(s.relay?.p99_us))
+                .collect::<Vec<_>>(),
+        ),
+        relay_p99_us_slope_per_hour: judge::slope(
+            &judged
+                .iter()
+                .filter_map(|s| Some((s.t_s, s.relay?.p99_us)))
+                .collect::<Vec<_>>(),
+        )
+        .map(|per_s| per_s * 3600.0),
+        loadavg_1m_third_medians: judge::third_medians(
+            &judged
+                .iter()
+                .filter_map(|s| s.loadavg_1m)
+                .collect::<Vec<_>>(),
+        ),
         cpu_s_total: o
             .idle_after
             .and_then(|p| p.cpu_s)
@@ -1097,6 +1123,21 @@ fn activity_lines(r: &SoakReport) -> String {
             out,
             "- The interval p99 against the machine's CPU pressure (other work waiting for a \
              CPU, /proc/pressure/cpu some avg10): correlation r = {r:.2}."
+        );
+    }
+    if let (Some([a, b, c]), Some(slope)) =
+        (f.relay_p99_us_third_medians, f.relay_p99_us_slope_per_hour)
+    {
+        let load = f
+            .loadavg_1m_third_medians
+            .map_or("n/a".to_string(), |[x, y, z]| {
+                format!("{x:.1} / {y:.1} / {z:.1}")
+            });
+        let _ = writeln!(
+            out,
+            "- The interval p99 over the judged span (reported, not judged): median of the \
+             first / middle / last third {a:.0} / {b:.0} / {c:.0} µs, least-squares slope \
+             {slope:+.0} µs/h; the machine's 1-minute load average, median per third: {load}."
         );
     }
     let reasons = if t.unexpected_reasons.is_empty() {

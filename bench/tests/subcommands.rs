@@ -423,9 +423,19 @@ fn soak_smoke_runs_every_lifecycle_path_and_passes() {
     assert_eq!(v["judged_from_s"].as_f64().unwrap(), 10.0, "{v}");
     assert!(v["judged_samples"].as_u64().unwrap() >= 9, "{v}");
     assert!(v["fds"]["first_third_mean"].as_f64().unwrap() > 20.0, "{v}");
+    // The p99's course is reported (not judged): a median per third.
+    let f = &r["figures"];
+    let thirds = f["relay_p99_us_third_medians"].as_array().unwrap();
+    assert_eq!(thirds.len(), 3, "{f}");
+    assert!(thirds.iter().all(|v| v.as_f64().unwrap() > 0.0), "{f}");
+    assert!(f["relay_p99_us_slope_per_hour"].as_f64().is_some(), "{f}");
     let md = std::fs::read_to_string(out.join("soak.md")).unwrap();
     assert!(
         md.starts_with("## Soak") && md.contains("**Verdict: PASS**"),
+        "{md}"
+    );
+    assert!(
+        md.contains("median of the first / middle / last third"),
         "{md}"
     );
     let svg = std::fs::read_to_string(out.join("soak.svg")).unwrap();

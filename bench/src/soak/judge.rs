@@ -109,6 +109,23 @@ pub fn thirds(values: &[f64]) -> Option<(f64, f64)> {
     Some((mean(&values[..k]), mean(&values[values.len() - k..])))
 }
 
+/// Medians of the first, middle and last third of `values` (by count, as
+/// in [`thirds`]); `None` below three values. For a noisy series (the
+/// interval p99 on a shared machine) whose means a few spikes would move.
+pub fn third_medians(values: &[f64]) -> Option<[f64; 3]> {
+    let k = values.len() / 3;
+    if k == 0 {
+        return None;
+    }
+    let (first, rest) = values.split_at(k);
+    let (middle, last) = rest.split_at(rest.len() - k);
+    Some([
+        crate::stats::median(first)?,
+        crate::stats::median(middle)?,
+        crate::stats::median(last)?,
+    ])
+}
+
 /// The trend of `(t_s, value)` points against an allowance computed from
 /// the first-third mean.
 pub fn trend(points: &[(f64, f64)], allowance_for: impl Fn(f64) -> f64) -> Option<Trend> {
@@ -219,6 +236,16 @@ pub fn judge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn third_medians_ignore_a_spike_and_show_a_step() {
+        let flat = [5.0, 4.0, 900.0, 6.0, 5.0, 4.0, 5.0, 6.0, 5.0];
+        assert_eq!(third_medians(&flat), Some([5.0, 5.0, 5.0]));
+        // Ten values: the middle third takes the remainder (4 values).
+        let step = [1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0];
+        assert_eq!(third_medians(&step), Some([1.0, 2.0, 3.0]));
+        assert_eq!(third_medians(&[1.0, 2.0]), None);
+    }
 
     const A: Allowances = Allowances {
         warmup_fraction: 0.1,
