@@ -312,22 +312,37 @@ pub struct ApplianceFigures {
     pub ports_allocated: Option<u64>,
     /// Σ over workers of pool chunks lent out.
     pub buffer_chunks_in_use: Option<u64>,
+    /// Σ over workers of pool chunks kept for reuse: the pool grows to its
+    /// high-water mark (at most `pool_max_free_buffers` per worker) during
+    /// the warm-up.
+    pub buffer_chunks_free: Option<u64>,
+    /// Sessions the registry remembers, open or finished (the finished
+    /// ones are capped at 1024): fills during the warm-up.
+    pub sessions_remembered: Option<u64>,
 }
 
 impl ApplianceFigures {
     fn from_stats(v: &serde_json::Value) -> ApplianceFigures {
         let num = |p: &str| v.pointer(p).and_then(|x| x.as_u64());
-        let chunks = v.get("workers").and_then(|w| w.as_array()).map(|ws| {
-            ws.iter()
-                .filter_map(|w| w.get("buffer_chunks_in_use").and_then(|x| x.as_u64()))
-                .sum()
-        });
+        let per_worker = |key: &str| {
+            v.get("workers").and_then(|w| w.as_array()).map(|ws| {
+                ws.iter()
+                    .filter_map(|w| w.get(key).and_then(|x| x.as_u64()))
+                    .sum()
+            })
+        };
+        let remembered = v
+            .get("sessions_by_state")
+            .and_then(|m| m.as_object())
+            .map(|m| m.values().filter_map(|x| x.as_u64()).sum());
         ApplianceFigures {
             live_sessions: num("/live_sessions"),
             pending: num("/sessions_by_state/pending"),
             open: num("/sessions_by_state/open"),
             ports_allocated: num("/ports/allocated_ports"),
-            buffer_chunks_in_use: chunks,
+            buffer_chunks_in_use: per_worker("buffer_chunks_in_use"),
+            buffer_chunks_free: per_worker("buffer_chunks_free"),
+            sessions_remembered: remembered,
         }
     }
 }
@@ -1413,9 +1428,10 @@ mod tests {
     #[test]
     fn stats_figures_are_read_from_the_stats_json() {
         let v: serde_json::Value = serde_json::from_str(
-            r#"{"live_sessions":53,"sessions_by_state":{"pending":2,"open":51},
+            r#"{"live_sessions":53,"sessions_by_state":{"pending":2,"open":51,"closed":7},
                 "ports":{"allocated_ports":3},
-                "workers":[{"buffer_chunks_in_use":4},{"buffer_chunks_in_use":6}]}"#,
+                "workers":[{"buffer_chunks_in_use":4,"buffer_chunks_free":20},
+                           {"buffer_chunks_in_use":6,"buffer_chunks_free":1}]}"#,
         )
         .unwrap();
         let f = ApplianceFigures::from_stats(&v);
@@ -1425,9 +1441,19 @@ mod tests {
                 f.pending,
                 f.open,
                 f.ports_allocated,
-                f.buffer_chunks_in_use
+                f.buffer_chunks_in_use,
+                f.buffer_chunks_free,
+                f.sessions_remembered
             ),
-            (Some(53), Some(2), Some(51), Some(3), Some(10))
+            (
+                Some(53),
+                Some(2),
+                Some(51),
+                Some(3),
+                Some(10),
+                Some(21),
+                Some(60)
+            )
         );
         let f = ApplianceFigures::from_stats(&serde_json::json!({}));
         assert_eq!((f.live_sessions, f.ports_allocated), (None, None));

@@ -394,7 +394,9 @@ fn soak_smoke_runs_every_lifecycle_path_and_passes() {
         // The steady sessions are open by then, even on a busy machine.
         if s["t_s"].as_f64().unwrap() >= 5.0 {
             assert!(s["live_sessions"].as_u64().unwrap() >= 10, "{s}");
+            assert!(s["sessions_remembered"].as_u64().unwrap() >= 10, "{s}");
         }
+        assert!(s["buffer_chunks_free"].as_u64().is_some(), "{s}");
     }
     let t = &r["totals"];
     assert_eq!(t["unexpected_errors"], 0, "{t}");
