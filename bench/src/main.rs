@@ -382,7 +382,9 @@ struct SoakOpts {
     /// touch their provided receive buffers (workers × 128 × 64 KiB = 16 MiB
     /// by default) one after the other, so RSS climbs until the ring has
     /// gone round once: about 4 minutes at the default workload (~35 KiB/s
-    /// received per worker); a lighter workload needs a longer warm-up.
+    /// received per worker); a lighter workload needs a longer warm-up. The
+    /// buffer pools, the registry's closed sessions and the workers'
+    /// tombstones fill within 3 minutes (docs/RELIABILITY.md, "Soak").
     #[arg(long, default_value_t = 300.0)]
     warmup_min_s: f64,
     /// Long-lived sessions relaying round trips to the echo backend.

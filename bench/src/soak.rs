@@ -1030,7 +1030,7 @@ fn intro(r: &SoakReport) -> String {
         "{} s of `consolegate run` (io={}, {} workers, log level warn) on {}; load average at \
          the start {}. Workload, all on 127.0.0.1: {} steady sessions to an echo backend, each \
          making a {}-byte round trip {} times a second; churn at {} operations/s on {} threads \
-         ({}). Sampled every {} s; the first {:.0} s are warm-up.\n\n",
+         ({}). Sampled every {} s; the first {:.0} s are warm-up{}.\n\n",
         c.duration_s,
         r.io,
         opt(r.workers),
@@ -1043,8 +1043,22 @@ fn intro(r: &SoakReport) -> String {
         c.churn_threads,
         churn_description(&c.churn_kinds),
         c.interval_s,
-        r.verdict.judged_from_s
+        r.verdict.judged_from_s,
+        short_warmup_note(r.verdict.judged_from_s, c.allowances.warmup_min_s)
     )
+}
+
+/// Said when the run was too short for the warm-up it asked for (the
+/// warm-up is at most half the run).
+fn short_warmup_note(warmup_s: f64, warmup_min_s: f64) -> String {
+    if warmup_s + 0.5 < warmup_min_s {
+        format!(
+            " (cut to half the run, below --warmup-min-s {warmup_min_s:.0}: memory still \
+             filling, io_uring's receive buffers above all, can be judged as growth)"
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// The churn in words: every path, or the kinds it was limited to.
@@ -1423,6 +1437,13 @@ mod tests {
             loadavg_1m: Some(2.0),
             cpu_pressure_avg10: Some(t_s / 100.0),
         }
+    }
+
+    #[test]
+    fn a_warmup_cut_short_is_said() {
+        assert_eq!(short_warmup_note(300.0, 300.0), "");
+        assert_eq!(short_warmup_note(360.0, 300.0), "");
+        assert!(short_warmup_note(150.0, 300.0).contains("below --warmup-min-s 300"));
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! unexpected errors; no IO, unit-tested on made-up series.
 //!
 //! The rule, after a warm-up (what is bounded but filled lazily fills
-//! first: io_uring's provided receive buffers are touched one after the
-//! other until the ring has gone round once, 16 MiB with the defaults; the
-//! registry's ring of closed sessions; the workers' ticket tombstones;
-//! allocator arenas):
+//! first, measured in docs/RELIABILITY.md: io_uring's provided receive
+//! buffers are touched one after the other until the ring has gone round
+//! once, 16 MiB with the defaults; the workers' buffer pools keep freed
+//! chunks up to their high-water mark; the registry keeps 1024 closed
+//! sessions; the workers keep finished tickets for their TTL plus two
+//! minutes):
 //!
 //! - a least-squares line through each series gives its slope; the slope
 //!   times the judged span is the growth the line projects;
