@@ -7,8 +7,8 @@
 //! buffers are touched one after the other until the ring has gone round
 //! once, 16 MiB with the defaults; the workers' buffer pools keep freed
 //! chunks up to their high-water mark; the registry keeps 1024 closed
-//! sessions; the workers keep finished tickets for their TTL plus two
-//! minutes):
+//! sessions; the workers keep finished tickets for two minutes after they
+//! end):
 //!
 //! - a least-squares line through each series gives its slope; the slope
 //!   times the judged span is the growth the line projects;
