@@ -71,6 +71,20 @@ sim: deps
 bench: deps
 	@bash scripts/bench.sh
 
+# The soak (issue 8): the release appliance under steady relays plus session
+# churn for SOAK_DURATION_S seconds (default 1 h); fails when descriptors or
+# memory grow or unexpected errors happen. Results in target/soak/
+# (soak.md, soak.json, soak.svg), or SOAK_OUT_DIR. SOAK_ARGS passes more
+# options, e.g. SOAK_ARGS="--io epoll".
+.PHONY: soak
+SOAK_DURATION_S ?= 3600
+SOAK_OUT_DIR ?= target/soak
+SOAK_ARGS ?=
+soak: deps
+	$(CARGO) build --locked --release --workspace
+	target/release/consolegate-bench soak --duration-s $(SOAK_DURATION_S) \
+		--consolegate $(RELEASE_BIN) --out-dir $(SOAK_OUT_DIR) $(SOAK_ARGS)
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings

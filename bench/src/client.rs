@@ -199,6 +199,89 @@ impl Session {
         Ok(elapsed)
     }
 
+    /// Sends a close frame with `code` (the polite end of a session; the
+    /// caller drops the session afterwards).
+    pub fn send_close(&mut self, code: u16) -> Result<(), ClientError> {
+        if !self.websocket {
+            return Ok(());
+        }
+        let mut close = [0u8; 2 + wsproto::MAX_CLIENT_HEADER];
+        let mask = self.rng.next_mask();
+        let n =
+            wsproto::encode_client_frame(wsproto::OP_CLOSE, &code.to_be_bytes(), mask, &mut close)?;
+        self.stream.write_all(&close[..n])?;
+        Ok(())
+    }
+
+    /// Waits, sending nothing, for the server's close frame and returns its
+    /// code (1005 when it carries none). Data frames are skipped and pings
+    /// answered; EOF first, or `timeout` passing, is an error. Bounded by
+    /// `timeout` (each read also by the socket's own timeout).
+    pub fn await_close(&mut self, timeout: Duration) -> Result<u16, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Some(h) = wsproto::parse_header(&self.rx[self.rx_start..self.rx_end])? {
+                let total = h.header_len + h.payload_len as usize;
+                if self.rx_end - self.rx_start < total {
+                    break;
+                }
+                let p0 = self.rx_start + h.header_len;
+                let p1 = self.rx_start + total;
+                if let Some(mask) = h.mask {
+                    wsproto::apply_mask(&mut self.rx[p0..p1], mask, 0);
+                }
+                if h.opcode == wsproto::OP_CLOSE {
+                    return Ok(if p1 - p0 >= 2 {
+                        u16::from_be_bytes([self.rx[p0], self.rx[p0 + 1]])
+                    } else {
+                        1005
+                    });
+                }
+                if h.opcode == wsproto::OP_PING {
+                    let mut pong = [0u8; 125 + wsproto::MAX_CLIENT_HEADER];
+                    let mask = self.rng.next_mask();
+                    let n = wsproto::encode_client_frame(
+                        wsproto::OP_PONG,
+                        &self.rx[p0..p1],
+                        mask,
+                        &mut pong,
+                    )?;
+                    self.stream.write_all(&pong[..n])?;
+                }
+                self.rx_start = p1;
+            }
+            if self.rx_start > 0 {
+                self.rx.copy_within(self.rx_start..self.rx_end, 0);
+                self.rx_end -= self.rx_start;
+                self.rx_start = 0;
+            }
+            if self.rx_end == self.rx.len() {
+                return Err(ClientError::Protocol("frame larger than buffer".into()));
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Protocol(format!(
+                    "no close frame within {timeout:?}"
+                )));
+            }
+            let n = match self.stream.read(&mut self.rx[self.rx_end..]) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                return Err(ClientError::Closed("EOF without a close frame".into()));
+            }
+            self.rx_end += n;
+        }
+    }
+
     /// Reads frames until `msg.len()` payload bytes have arrived, answering
     /// pings on the way.
     fn read_ws_echo(&mut self) -> Result<(), ClientError> {
@@ -395,6 +478,51 @@ mod tests {
             s.round_trip().unwrap();
         }
         assert_eq!(server.join().unwrap(), 20);
+    }
+
+    #[test]
+    fn await_close_returns_the_servers_code_and_send_close_sends_one() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            wsproto::answer_upgrade(&mut s);
+            // Data, a ping, then close 1008 "revoked".
+            let mut out = vec![0x82, 2, b'a', b'b', 0x89, 1, b'p'];
+            out.extend_from_slice(&[0x88, 9, 0x03, 0xf0]);
+            out.extend_from_slice(b"revoked");
+            s.write_all(&out).unwrap();
+            // The pong, then the client's own close frame 1000.
+            let mut pong = [0u8; 7];
+            s.read_exact(&mut pong).unwrap();
+            let mut close = [0u8; 8];
+            s.read_exact(&mut close).unwrap();
+            let h = wsproto::parse_header(&close).unwrap().unwrap();
+            let mut code = [close[6], close[7]];
+            wsproto::apply_mask(&mut code, h.mask.unwrap(), 0);
+            (pong[0], h.opcode, u16::from_be_bytes(code))
+        });
+        let transport = Transport::WebSocket {
+            path: "/".into(),
+            subprotocol: None,
+        };
+        let mut s = Session::connect(addr, &transport, 10, 1, Duration::from_secs(5)).unwrap();
+        assert_eq!(s.await_close(Duration::from_secs(5)).unwrap(), 1008);
+        s.send_close(1000).unwrap();
+        assert_eq!(server.join().unwrap(), (0x8a, wsproto::OP_CLOSE, 1000));
+        // A server that only closes the connection: an error, not a hang.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            wsproto::answer_upgrade(&mut s);
+        });
+        let mut s = Session::connect(addr, &transport, 10, 1, Duration::from_secs(5)).unwrap();
+        server.join().unwrap();
+        assert!(matches!(
+            s.await_close(Duration::from_secs(5)),
+            Err(ClientError::Closed(_))
+        ));
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! starts it, `rest` is the client of its control API. `webmks` compares
 //! the appliance's `webmks` and `vnc` sessions: `wss_backend` (the stand-in
 //! VMware host), `wss_client` (its direct baseline), `tls_cost` (TLS
-//! alone), `webmks_load` (its load generators), `webmks_report`.
+//! alone), `webmks_load` (its load generators), `webmks_report`. `soak`
+//! runs the appliance under steady relays and churn for a bounded time and
+//! judges whether it grows (not part of `all`).
 
 mod all;
 mod appliance;
@@ -35,6 +37,7 @@ mod report;
 mod rest;
 mod server;
 mod session_start;
+mod soak;
 mod stats;
 mod svg;
 mod throughput;
@@ -166,6 +169,18 @@ enum Command {
         throughput: ThroughputOpts,
         #[command(flatten)]
         webmks: WebmksOpts,
+    },
+    /// Appliance mode for a bounded time (default 1 h): steady relays plus
+    /// session churn through every lifecycle path; open descriptors, RSS and
+    /// relay latency over time (soak.json, soak.md, soak.svg); exits non-zero
+    /// when they grow or unexpected errors happen (what `make soak` runs).
+    Soak {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        opts: SoakOpts,
     },
     /// Every benchmark in one run, one combined report (what `make bench` runs).
     All {
@@ -400,6 +415,96 @@ struct SessionStartOpts {
     /// --out-dir. E.g. a tmpfs to take the disk out of the figure.
     #[arg(long, value_name = "DIR")]
     session_start_state_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SoakOpts {
+    /// io backend of the soaked appliance.
+    #[arg(long, value_enum, default_value = "uring")]
+    io: soak::SoakIo,
+    /// Length of the workload, s.
+    #[arg(long, default_value_t = 3600)]
+    duration_s: u64,
+    /// Sampling interval, s.
+    #[arg(long, default_value_t = 10)]
+    interval_s: u64,
+    /// Share of the run, from its start, left out of the growth verdict…
+    #[arg(long, default_value_t = 0.1)]
+    warmup_fraction: f64,
+    /// …but at least this long (at most half the run). io_uring workers
+    /// touch their provided receive buffers (workers × 128 × 64 KiB = 16 MiB
+    /// by default) one after the other, so RSS climbs until the ring has
+    /// gone round once: about 4 minutes at the default workload (~35 KiB/s
+    /// received per worker); a lighter workload needs a longer warm-up. The
+    /// buffer pools, the registry's closed sessions and the workers'
+    /// tombstones fill within 3 minutes (docs/RELIABILITY.md, "Soak").
+    #[arg(long, default_value_t = 300.0)]
+    warmup_min_s: f64,
+    /// Long-lived sessions relaying round trips to the echo backend.
+    #[arg(long, default_value_t = 50)]
+    steady_sessions: usize,
+    /// Round trips per second of each steady session.
+    #[arg(long, default_value_t = 10.0)]
+    steady_round_trips_per_s: f64,
+    /// Payload bytes of each round trip.
+    #[arg(long, default_value_t = 64)]
+    message_bytes: usize,
+    /// Churn operations per second, all kinds together (two thirds of them
+    /// create a session).
+    #[arg(long, default_value_t = 20.0)]
+    churn_per_s: f64,
+    /// Threads running the churn.
+    #[arg(long, default_value_t = 4)]
+    churn_threads: usize,
+    /// Churn operations to run (default: all; e.g. to soak one path).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    churn_kinds: Option<Vec<soak::churn::Kind>>,
+    /// Descriptors the appliance may grow by (samples after the warm-up;
+    /// idle after the workload vs before it).
+    #[arg(long, default_value_t = 8.0)]
+    fd_allowance: f64,
+    /// RSS may grow by this share of its early mean, percent…
+    #[arg(long, default_value_t = 5.0)]
+    rss_allowance_percent: f64,
+    /// …or by this many MiB, whichever is larger.
+    #[arg(long, default_value_t = 4.0)]
+    rss_allowance_mib: f64,
+    /// Unexpected errors tolerated (expected refusals are not errors).
+    #[arg(long, default_value_t = 0)]
+    max_unexpected_errors: u64,
+    /// Where the appliance keeps its state (dedicated-port allocations);
+    /// default: inside --out-dir.
+    #[arg(long, value_name = "DIR")]
+    soak_state_dir: Option<PathBuf>,
+}
+
+impl SoakOpts {
+    fn config(&self, common: &Common) -> soak::SoakConfig {
+        soak::SoakConfig {
+            io: self.io,
+            duration_s: self.duration_s,
+            interval_s: self.interval_s,
+            steady_sessions: self.steady_sessions,
+            steady_round_trips_per_s: self.steady_round_trips_per_s,
+            message_bytes: self.message_bytes,
+            churn_per_s: self.churn_per_s,
+            churn_threads: self.churn_threads,
+            churn_kinds: self
+                .churn_kinds
+                .clone()
+                .unwrap_or_else(|| soak::churn::KINDS.to_vec()),
+            allowances: soak::judge::Allowances {
+                warmup_fraction: self.warmup_fraction,
+                warmup_min_s: self.warmup_min_s,
+                fd_count: self.fd_allowance,
+                rss_percent: self.rss_allowance_percent,
+                rss_floor_kib: self.rss_allowance_mib * 1024.0,
+                unexpected_errors: self.max_unexpected_errors,
+            },
+            state_dir: self.soak_state_dir.clone(),
+            common: common.clone(),
+        }
+    }
 }
 
 impl SessionStartOpts {
@@ -734,6 +839,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let r = webmks::run(cfg, stop)?;
             Ok(exit_code(r.run.interrupted))
         }
+        Command::Soak { common, host, opts } => {
+            let c = common.common()?;
+            prepare_host(&host, &c)?;
+            let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+            let r = soak::run(opts.config(&c), stop, command_line)?;
+            if r.run.interrupted {
+                return Ok(exit_code(true));
+            }
+            if !r.verdict.pass {
+                eprintln!("consolegate-bench: soak FAILED:");
+                for f in &r.verdict.failures {
+                    eprintln!("  - {f}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!("consolegate-bench: soak passed");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::All {
             common,
             host,
@@ -889,6 +1012,56 @@ mod tests {
             vec![ProxyKind::ConsolegateEpoll, ProxyKind::ConsolegateUring]
         );
         assert_eq!(c.modes, vec![PortMode::Shared, PortMode::Dedicated]);
+    }
+
+    #[test]
+    fn soak_options() {
+        let cli = Cli::try_parse_from(["b", "soak"]).unwrap();
+        let Command::Soak { common, opts, .. } = cli.command else {
+            panic!("not soak");
+        };
+        let c = opts.config(&common.common().unwrap());
+        assert_eq!(
+            (c.io, c.duration_s, c.interval_s),
+            (soak::SoakIo::Uring, 3600, 10)
+        );
+        assert_eq!((c.steady_sessions, c.churn_threads), (50, 4));
+        assert_eq!(c.allowances.rss_floor_kib, 4096.0);
+        assert_eq!(
+            (c.allowances.warmup_fraction, c.allowances.warmup_min_s),
+            (0.1, 300.0)
+        );
+        assert!(c.validate().is_ok());
+        let cli = Cli::try_parse_from([
+            "b",
+            "soak",
+            "--io",
+            "epoll",
+            "--duration-s",
+            "20",
+            "--interval-s",
+            "1",
+            "--churn-per-s",
+            "5",
+            "--rss-allowance-mib",
+            "8",
+            "--churn-kinds",
+            "demo-shared,revoke-live",
+        ])
+        .unwrap();
+        let Command::Soak { common, opts, .. } = cli.command else {
+            panic!("not soak");
+        };
+        let c = opts.config(&common.common().unwrap());
+        assert_eq!(
+            (c.io, c.duration_s, c.interval_s),
+            (soak::SoakIo::Epoll, 20, 1)
+        );
+        assert_eq!((c.churn_per_s, c.allowances.rss_floor_kib), (5.0, 8192.0));
+        assert_eq!(
+            c.churn_kinds,
+            vec![soak::churn::Kind::DemoShared, soak::churn::Kind::RevokeLive]
+        );
     }
 
     #[test]

@@ -183,6 +183,75 @@ pub fn tree_memory(root: u32) -> TreeMemory {
     m
 }
 
+/// Open file descriptors of one process (`/proc/<pid>/fd`); `None` when
+/// it is gone or unreadable.
+pub fn fd_count(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// What a descriptor's `/proc/<pid>/fd/N` link names, as a kind:
+/// `socket`, `pipe`, `anon_inode:[eventfd]` (the inode type kept), or
+/// `file`.
+pub fn fd_kind(link: &str) -> String {
+    if link.starts_with("socket:") {
+        "socket".into()
+    } else if link.starts_with("pipe:") {
+        "pipe".into()
+    } else if let Some(kind) = link.strip_prefix("anon_inode:") {
+        format!("anon_inode:{kind}")
+    } else {
+        "file".into()
+    }
+}
+
+/// Open descriptors of one process by kind (see [`fd_kind`]); empty when
+/// it is gone.
+pub fn fd_kinds(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        if let Ok(link) = std::fs::read_link(entry.path()) {
+            *out.entry(fd_kind(&link.to_string_lossy())).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+/// The `kB` fields of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, …), KiB;
+/// `None` when the process is gone.
+pub fn status_kib(pid: u32) -> Option<HashMap<String, u64>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(parse_kib_fields(&text))
+}
+
+/// The 1-minute load average (`/proc/loadavg`): other work on a shared
+/// machine.
+pub fn loadavg_1m() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `some avg10` of `/proc/pressure/cpu`: the share of the last 10 s, in
+/// percent, in which some runnable task waited for a CPU.
+pub fn parse_cpu_pressure_avg10(text: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with("some"))?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("avg10="))?
+        .parse()
+        .ok()
+}
+
+pub fn cpu_pressure_avg10() -> Option<f64> {
+    parse_cpu_pressure_avg10(&std::fs::read_to_string("/proc/pressure/cpu").ok()?)
+}
+
 /// Kernel slab memory (`Slab:` in /proc/meminfo), KiB: where socket, file
 /// and epoll structures live. Machine-wide, so other work shows up in it.
 pub fn slab_kib() -> Option<u64> {
@@ -252,6 +321,17 @@ mod tests {
         assert!(t.processes >= 1);
         let m = tree_memory(std::process::id());
         assert!(m.pss_kib > 0 && m.fds > 0, "{m:?}");
+        let st = status_kib(std::process::id()).unwrap();
+        assert!(st["VmRSS"] > 0 && st["VmHWM"] >= st["VmRSS"], "{st:?}");
+        // Other tests open and close descriptors in parallel: no exact count.
+        assert!(fd_count(std::process::id()).unwrap() >= 3);
+        assert_eq!(fd_count(u32::MAX), None);
+        assert!(fd_kinds(std::process::id()).values().sum::<usize>() >= 3);
+        assert!(fd_kinds(u32::MAX).is_empty());
+        assert_eq!(fd_kind("socket:[12345]"), "socket");
+        assert_eq!(fd_kind("pipe:[9]"), "pipe");
+        assert_eq!(fd_kind("anon_inode:[io_uring]"), "anon_inode:[io_uring]");
+        assert_eq!(fd_kind("/var/log/x.log"), "file");
     }
 
     #[test]
@@ -285,6 +365,15 @@ mod tests {
         assert_eq!(f["Pss"], 6789);
         assert_eq!(f["Pss_Anon"], 4000);
         assert!(!f.contains_key("THPeligible"));
+    }
+
+    #[test]
+    fn parses_cpu_pressure_and_reads_the_load() {
+        let text = "some avg10=12.50 avg60=8.01 avg300=3.00 total=123\n\
+                    full avg10=1.00 avg60=0.00 avg300=0.00 total=9\n";
+        assert_eq!(parse_cpu_pressure_avg10(text), Some(12.5));
+        assert_eq!(parse_cpu_pressure_avg10("full avg10=1.00\n"), None);
+        assert!(loadavg_1m().is_some_and(|l| l >= 0.0));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! A small blocking HTTP/1.1 client for the appliance's control API
-//! (`POST /api/v1/sessions`, `GET /api/v1/stats`): JSON bodies with
+//! (`POST /api/v1/sessions`, `GET /api/v1/stats`, `DELETE /api/v1/sessions/{id}`): JSON bodies with
 //! `Content-Length`, a bearer token, and one keep-alive connection reused
 //! across requests (or a fresh connection per request, on request).
 //!
@@ -162,6 +162,10 @@ impl RestClient {
 
     pub fn get(&mut self, path: &str) -> Result<Response, RestError> {
         self.request("GET", path, None)
+    }
+
+    pub fn delete(&mut self, path: &str) -> Result<Response, RestError> {
+        self.request("DELETE", path, None)
     }
 
     fn request(

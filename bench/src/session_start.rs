@@ -223,11 +223,11 @@ pub struct SessionStartReport {
 
 /// One sample's intervals.
 #[derive(Debug, Clone, Copy)]
-struct Timings {
+pub(crate) struct Timings {
     api: Duration,
     upgrade: Duration,
     first_byte: Duration,
-    total: Duration,
+    pub(crate) total: Duration,
 }
 
 /// The four histograms of a client thread or a cell, µs.
@@ -292,10 +292,10 @@ const OTHER: &str = "other";
 
 /// Failure reasons, bounded in number.
 #[derive(Default)]
-struct Reasons(BTreeMap<String, u64>);
+pub(crate) struct Reasons(pub(crate) BTreeMap<String, u64>);
 
 impl Reasons {
-    fn add_n(&mut self, reason: &str, n: u64) {
+    pub(crate) fn add_n(&mut self, reason: &str, n: u64) {
         let key: String = reason.chars().take(120).collect();
         let named = self.0.len() - usize::from(self.0.contains_key(OTHER));
         let key = if self.0.contains_key(&key) || named < MAX_REASONS {
@@ -306,7 +306,7 @@ impl Reasons {
         *self.0.entry(key).or_insert(0) += n;
     }
 
-    fn merge(&mut self, o: Reasons) {
+    pub(crate) fn merge(&mut self, o: Reasons) {
         for (k, v) in o.0 {
             self.add_n(&k, v);
         }
@@ -410,7 +410,7 @@ fn io_kind(e: &std::io::Error) -> String {
 
 /// One sample: create, connect, first byte, close. Errors start with the
 /// stage that failed (`api`, `upgrade`, `first byte`).
-fn sample(
+pub(crate) fn sample(
     rest: &mut RestClient,
     console: std::net::SocketAddr,
     mode: PortMode,

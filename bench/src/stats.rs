@@ -87,6 +87,24 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
+/// Pearson's correlation coefficient of the pairs; `None` for fewer than
+/// three or when either side does not vary.
+pub fn correlation(pairs: &[(f64, f64)]) -> Option<f64> {
+    if pairs.len() < 3 {
+        return None;
+    }
+    let n = pairs.len() as f64;
+    let mx = pairs.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = pairs.iter().map(|p| p.1).sum::<f64>() / n;
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (x, y) in pairs {
+        sxy += (x - mx) * (y - my);
+        sxx += (x - mx) * (x - mx);
+        syy += (y - my) * (y - my);
+    }
+    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
+}
+
 /// `added / reference`, when the reference added something measurable.
 pub fn ratio(added: f64, reference: f64) -> Option<f64> {
     (reference > 0.0).then(|| added / reference)
@@ -113,6 +131,16 @@ mod tests {
         let m = Percentiles::median_of(&[p(10.0, 500.0), p(30.0, 100.0), p(20.0, 900.0)]).unwrap();
         assert_eq!(m.to_array(), [20.0, 21.0, 22.0, 23.0, 500.0]);
         assert_eq!(Percentiles::median_of(&[]), None);
+    }
+
+    #[test]
+    fn correlation_of_pairs() {
+        let up = [(1.0, 2.0), (2.0, 4.0), (3.0, 6.5)];
+        assert!(correlation(&up).unwrap() > 0.99);
+        let down = [(1.0, 6.0), (2.0, 4.0), (3.0, 2.0)];
+        assert!((correlation(&down).unwrap() + 1.0).abs() < 1e-12);
+        assert_eq!(correlation(&[(1.0, 1.0), (2.0, 1.0), (3.0, 1.0)]), None);
+        assert_eq!(correlation(&up[..2]), None);
     }
 
     #[test]

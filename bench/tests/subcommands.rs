@@ -508,3 +508,174 @@ fn hypervisors_measures_storm_and_pool() {
         .contains("Pool economy"));
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// The debug appliance binary that `make test` builds just before the
+/// tests (with or without failpoints: the soak works with either). Not the
+/// release one, which may be older than the code under test. Missing is a
+/// failure, not a skip.
+fn debug_appliance() -> PathBuf {
+    let exe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/consolegate");
+    assert!(
+        exe.is_file(),
+        "no {}: run `cargo build --bins` first (make test does)",
+        exe.display()
+    );
+    exe
+}
+
+/// Runs `consolegate-bench soak` with `args`, killing it after `limit`;
+/// returns whether it succeeded and its stderr.
+fn soak(args: &[&str], out: &Path, limit: Duration) -> (bool, String) {
+    let exe = debug_appliance();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_consolegate-bench"))
+        .arg("soak")
+        .arg("--consolegate")
+        .arg(&exe)
+        .arg("--out-dir")
+        .arg(out)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bench");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.success(), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("soak {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A 20-second soak of the real appliance (epoll): every churn kind runs
+/// and succeeds, the expected refusals come back with their documented
+/// statuses, the steady relays flow, the appliance releases everything at
+/// the end, and the reports (JSON, Markdown, SVG) hold the samples and a
+/// passing verdict.
+#[test]
+fn soak_smoke_runs_every_lifecycle_path_and_passes() {
+    let out = out_dir("soak");
+    let (ok, err) = soak(
+        &[
+            "--io",
+            "epoll",
+            "--duration-s",
+            "20",
+            "--interval-s",
+            "1",
+            "--steady-sessions",
+            "10",
+            "--churn-per-s",
+            "12",
+        ],
+        &out,
+        Duration::from_secs(120),
+    );
+    assert!(ok, "soak failed:\n{err}");
+    let r = json(out.join("soak.json"));
+    let samples = r["samples"].as_array().unwrap();
+    assert!(samples.len() >= 19, "{} samples", samples.len());
+    for s in samples {
+        assert!(s["fds"].as_u64().unwrap() > 20, "{s}");
+        assert!(s["rss_kib"].as_u64().unwrap() > 1024, "{s}");
+        // The steady sessions are open by then, even on a busy machine.
+        if s["t_s"].as_f64().unwrap() >= 5.0 {
+            assert!(s["live_sessions"].as_u64().unwrap() >= 10, "{s}");
+            assert!(s["sessions_remembered"].as_u64().unwrap() >= 10, "{s}");
+        }
+        assert!(s["buffer_chunks_free"].as_u64().is_some(), "{s}");
+    }
+    let t = &r["totals"];
+    assert_eq!(t["unexpected_errors"], 0, "{t}");
+    for (kind, counts) in t["churn_by_kind"].as_object().unwrap() {
+        assert!(counts["ok"].as_u64().unwrap() > 0, "{kind}: {counts}");
+        assert_eq!(counts["failed"], 0, "{kind}: {counts}");
+    }
+    assert_eq!(t["churn_by_kind"].as_object().unwrap().len(), 10);
+    // Replays and bad tickets → 403, expired tickets → 410.
+    assert!(t["expected_refusals"]["403"].as_u64().unwrap() >= 20, "{t}");
+    assert!(t["expected_refusals"]["410"].as_u64().unwrap() >= 10, "{t}");
+    assert!(t["sessions_revoked"].as_u64().unwrap() >= 15, "{t}");
+    assert!(t["expiries_confirmed"].as_u64().unwrap() >= 20, "{t}");
+    // 10 sessions × 10 round trips/s × 20 s, at least half of it.
+    assert!(t["steady_round_trips"].as_u64().unwrap() >= 1000, "{t}");
+    assert!(t["relay"]["p99_us"].as_f64().unwrap() > 0.0, "{t}");
+    assert!(
+        r["settled_after_s"].as_f64().is_some(),
+        "{}",
+        r["settled_after_s"]
+    );
+    assert!(r["fd_kinds_after"]["socket"].as_u64().is_some(), "{r}");
+    let v = &r["verdict"];
+    assert_eq!(v["pass"], true, "{v}");
+    // The warm-up is half of so short a run: samples from 10 s to 20 s.
+    assert_eq!(v["judged_from_s"].as_f64().unwrap(), 10.0, "{v}");
+    assert!(v["judged_samples"].as_u64().unwrap() >= 9, "{v}");
+    assert!(v["fds"]["first_third_mean"].as_f64().unwrap() > 20.0, "{v}");
+    // The p99's course is reported (not judged): a median per third.
+    let f = &r["figures"];
+    let thirds = f["relay_p99_us_third_medians"].as_array().unwrap();
+    assert_eq!(thirds.len(), 3, "{f}");
+    assert!(thirds.iter().all(|v| v.as_f64().unwrap() > 0.0), "{f}");
+    assert!(f["relay_p99_us_slope_per_hour"].as_f64().is_some(), "{f}");
+    let md = std::fs::read_to_string(out.join("soak.md")).unwrap();
+    assert!(
+        md.starts_with("## Soak") && md.contains("**Verdict: PASS**"),
+        "{md}"
+    );
+    assert!(
+        md.contains("median of the first / middle / last third"),
+        "{md}"
+    );
+    let svg = std::fs::read_to_string(out.join("soak.svg")).unwrap();
+    // fds; RSS, HWM; p50, p99, max; live, churn; CPU, pressure, load.
+    let lines = svg.matches("<polyline").count();
+    assert!((10..=11).contains(&lines), "{lines} lines:\n{svg}");
+    assert!(out.join("logs/soak-appliance.log").is_file());
+    let _ = std::fs::remove_dir_all(out);
+}
+
+/// A soak too short to judge fails with a non-zero exit and says why.
+#[test]
+fn soak_without_enough_samples_fails() {
+    let out = out_dir("soak-short");
+    let (ok, err) = soak(
+        &[
+            "--io",
+            "epoll",
+            "--duration-s",
+            "3",
+            "--interval-s",
+            "1",
+            "--steady-sessions",
+            "2",
+            "--churn-per-s",
+            "5",
+        ],
+        &out,
+        Duration::from_secs(60),
+    );
+    assert!(!ok, "a 3-sample soak passed:\n{err}");
+    assert!(
+        err.contains("soak FAILED") && err.contains("samples after the warm-up"),
+        "{err}"
+    );
+    let r = json(out.join("soak.json"));
+    assert_eq!(r["verdict"]["pass"], false);
+    let md = std::fs::read_to_string(out.join("soak.md")).unwrap();
+    assert!(md.contains("**Verdict: FAIL**"), "{md}");
+    let _ = std::fs::remove_dir_all(out);
+}
