@@ -51,6 +51,7 @@ backend_tests!(
     ticket_opens_one_backend_connection,
     random_frame_sequences_come_out_whole_and_in_order,
     wmks_js_through_a_webmks_session,
+    wmks_js_on_a_plain_vnc_session_stays_connected,
 );
 
 /// How often a pinging backend pings the appliance.
@@ -1455,4 +1456,76 @@ fn wmks_js_through_a_webmks_session(io: &str) {
     assert!(xvnc.log().contains("unknown message type 127"), "io={io}");
     let v = wait_closed(&app, &s);
     assert_eq!(v["close_code"], 1000, "io={io}: {v}");
+}
+
+/// How long wmks.js must stay connected to a plain VNC server (issue 9).
+const WMKS_PLAIN_WATCH_MS: u64 = 5_000;
+
+/// wmks.js (offering `binary, vmware-vvc`) through a plain `vnc` session
+/// to Xvnc: the appliance translates or drops VMware's client messages
+/// (type 127) that Xvnc would hang up on, so wmks.js stays connected for
+/// the whole watch with the test card rendered, Xvnc never saw a message
+/// 127, and the metrics count what was dropped or translated.
+fn wmks_js_on_a_plain_vnc_session_stays_connected(io: &str) {
+    let node = wmks_prerequisites();
+    let cert = TestCert::generate();
+    let app = appliance(io, &cert, "");
+    let site = WmksSite::assemble();
+    let http = StaticServer::start(site.path());
+    let xvnc = Xvnc::start();
+    xvnc.draw_test_card();
+    let s = app.create(&json!({
+        "target": {"kind": "vnc", "host": "127.0.0.1", "port": xvnc.port},
+        "user": "wmks",
+    }));
+    let run = run_wmks(
+        &node,
+        &http.base_url(),
+        &s.ws_url.replace("wss://", "ws://"),
+        WMKS_PLAIN_WATCH_MS,
+        &format!("webmks-{io}-wmks-plain-vnc"),
+    );
+    eprintln!(
+        "io={io}: wmks.js on a plain vnc session: states {:?}, stayed connected {} ms, canvas {} colours, \
+         client messages by first byte {:?}",
+        run.states, run.stayed_connected_ms, run.canvas_colours, run.sent_first_bytes
+    );
+    assert!(
+        run.connected,
+        "io={io}: wmks.js never connected:\n{}",
+        run.output
+    );
+    assert!(
+        !run.dropped && run.stayed_connected_ms >= WMKS_PLAIN_WATCH_MS,
+        "io={io}: dropped after {} ms:\n{}\nXvnc: {}",
+        run.stayed_connected_ms,
+        run.output,
+        xvnc.log()
+    );
+    assert!(
+        run.canvas_colours >= 12,
+        "io={io}: the test card was not rendered ({} colours)",
+        run.canvas_colours
+    );
+    let sent_127 = run.sent_first_bytes.get(&127).copied().unwrap_or(0);
+    assert!(
+        sent_127 >= 1,
+        "io={io}: wmks.js sent no VMware message: {:?}",
+        run.sent_first_bytes
+    );
+    assert!(
+        !xvnc.log().contains("unknown message type 127"),
+        "io={io}: a VMware message reached Xvnc:\n{}",
+        xvnc.log()
+    );
+    let metrics = app.get("/metrics").body;
+    let handled: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("consolegate_vmware_client_messages_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        handled >= sent_127 as f64,
+        "io={io}: {sent_127} VMware messages sent, {handled} counted as translated or dropped"
+    );
 }

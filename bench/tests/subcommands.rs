@@ -422,7 +422,10 @@ fn webmks_compares_the_two_relay_kinds_of_the_appliance() {
     for c in tp {
         assert_eq!(c["ok"], true, "{c}");
         assert!(c["bytes"].as_u64().unwrap() >= 16 << 20, "{c}");
-        assert!(c["cpu_s_per_gb"].as_f64().unwrap() > 0.0, "{c}");
+        // 16 MiB may take less CPU than one clock tick (10 ms) of the
+        // proxy's /proc counters on a quiet machine: 0 is a real reading.
+        let cpu = c["cpu_s_per_gb"].as_f64().unwrap();
+        assert!(cpu.is_finite() && cpu >= 0.0, "{c}");
     }
     assert!(run["tls"]["decrypt_cpu_s_per_gb"].as_f64().unwrap() > 0.0);
     let suite = run["backend_cipher_suite"].as_str().unwrap();
