@@ -10,7 +10,8 @@
 //!   `MAX_XML_ELEMENTS` elements, and holds at most 3 bytes of names,
 //!   attributes and text per input byte (invalid UTF-8 in a name becomes
 //!   U+FFFD; no entity expansion: a DTD or an unknown entity is refused);
-//! - the tree written back as XML (escaped) parses to the same tree;
+//! - a tree with plain XML names, written back as XML (escaped), parses to
+//!   the same tree;
 //! - faults have a kind; a fault maps to the error its kind documents;
 //!   property names are trimmed; a task's progress is at most 100; a ticket
 //!   is not empty, nor are its host and thumbprint when present.
@@ -39,10 +40,14 @@ fuzz_target!(|xml: &[u8]| {
         xml.len()
     );
 
-    let written = write_back(&root);
-    match parse(written.as_bytes()) {
-        Ok(again) => assert_eq!(again, root, "the tree written back differs"),
-        Err(e) => panic!("the tree written back does not parse: {e}\n{written}"),
+    // The reader is lenient about names (it keeps what quick-xml gives);
+    // only trees with XML names can be written back.
+    if plain_names(&root) {
+        let written = write_back(&root);
+        match parse(written.as_bytes()) {
+            Ok(again) => assert_eq!(again, root, "the tree written back differs"),
+            Err(e) => panic!("the tree written back does not parse: {e}\n{written}"),
+        }
     }
 
     match body_result(&root) {
@@ -70,6 +75,19 @@ fn measure(element: &Element) -> (usize, usize, usize) {
         bytes += b;
     }
     (depth + 1, count, bytes)
+}
+
+/// Whether every element name and attribute key is a plain XML name.
+fn plain_names(element: &Element) -> bool {
+    let plain = |name: &str| {
+        name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+    };
+    plain(&element.name)
+        && element.attrs.iter().all(|(key, _)| plain(key))
+        && element.children.iter().all(plain_names)
 }
 
 /// Writes a tree back as XML: text first, then the children (the reader
