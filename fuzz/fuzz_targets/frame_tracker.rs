@@ -270,9 +270,14 @@ fn check_header(input: &[u8], consumed: usize, raw: &[u8], split: bool) {
 /// After a call at stream offset `position`: inside a data frame's payload
 /// exactly when the reference says so, with the right distance to its end.
 fn check_boundary(tracker: &FrameTracker, position: usize, frames: &[RefFrame]) {
-    let inside = frames
-        .iter()
-        .find(|f| !f.control && f.header_end <= position && (position as u128) < f.end);
+    // Frames are in stream order and do not overlap: only the last one
+    // whose header ended by `position` can hold it (a binary search, so a
+    // long stream of tiny frames stays fast).
+    let last = frames.partition_point(|f| f.header_end <= position);
+    let inside = last
+        .checked_sub(1)
+        .map(|i| &frames[i])
+        .filter(|f| !f.control && (position as u128) < f.end);
     match inside {
         Some(frame) if !tracker.close_received() => {
             assert!(!tracker.at_frame_boundary(), "a boundary inside a payload");
