@@ -124,6 +124,26 @@ def client_frame(payload, opcode=0x2, fin=True, mask=b"\x37\xfa\x21\x3d", form=N
     return head + mask + masked
 
 
+def server_frame(payload, opcode=0x2, fin=True, form=None):
+    """An unmasked frame, as a server (a WebMKS host) sends it."""
+    b0 = (0x80 if fin else 0) | opcode
+    n = len(payload)
+    if form is None:
+        form = 7 if n < 126 else 16 if n < 65536 else 64
+    if form == 7:
+        head = bytes([b0, n])
+    elif form == 16:
+        head = bytes([b0, 126]) + struct.pack(">H", n)
+    else:
+        head = bytes([b0, 127]) + struct.pack(">Q", n)
+    return head + payload
+
+
+# websockify 0.10's close frame when it cannot reach its target, as it sent
+# it right after its 101 (captured on the development machine).
+WEBSOCKIFY_CLOSE = b"\x88\x28\x03\xf3Failed to connect to downstream server"
+
+
 def decoder_header(base64_mode=False, limit=6, chunks=(255,) * 8, outs=(255,) * 8):
     flags = (1 if base64_mode else 0) | (limit << 1)
     return bytes([flags]) + bytes(chunks) + bytes(outs)
@@ -177,6 +197,21 @@ def seeds_decoder():
     write(t, "close_bad_code", decoder_header() + client_frame(b"\x03\xedx", opcode=0x8))
     write(t, "close_bad_utf8", decoder_header() + client_frame(b"\x03\xe8\xff", opcode=0x8))
     write(t, "text_bad_utf8", decoder_header() + client_frame(b"ok\xc3", opcode=0x1))
+    # The client role (the backend leg): a server's unmasked frames. A
+    # WebMKS host's first messages (RFB version, security types) as binary
+    # frames, a ping, then websockify's real close frame.
+    server = (
+        server_frame(b"RFB 003.008\n")
+        + server_frame(b"\x01\x02")
+        + server_frame(b"\x00\x00\x00\x00")
+        + server_frame(b"", opcode=0x9)
+        + server_frame(bytes(range(256)) * 2)
+        + WEBSOCKIFY_CLOSE
+    )
+    write(t, "server_frames", decoder_header() + server)
+    write(t, "server_frames_chunked", decoder_header(chunks=SMALL_CHUNKS, outs=SMALL_OUTS) + server)
+    write(t, "server_masked", decoder_header() + client_frame(b"masked from a server"))
+    write(t, "server_len64", decoder_header() + server_frame(b"abc", form=64) + server_frame(b"x" * 300))
 
 
 # ---- websocket_roundtrip: flags, mask seed, chunks, outs, then records
@@ -389,6 +424,415 @@ def seeds_token_file():
     write(t, "colon_token", b"\x03a:b: h:1\nc:d:e\n")
 
 
+# ---- http_response: flags, key nonce[16], max_response_bytes (u16 LE),
+# max_headers, prefix_cut, url_len, url, then the backend's answer
+
+NONCE = b"the sample nonce"  # base64: KEY
+# websockify 0.10's answers to an upgrade with KEY (captured on the
+# development machine): offering binary, offering nothing, and its refusal
+# of base64.
+WEBSOCKIFY_101_BINARY = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: binary\r\n\r\n"
+)
+WEBSOCKIFY_101_NONE = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+WEBSOCKIFY_400 = (
+    b"HTTP/1.1 400 Invalid protocol selected\r\nServer: WebSockify Python/3.11.2\r\n"
+    b"Date: Thu, 03 Dec 2026 09:10:07 GMT\r\nConnection: close\r\n"
+    b"Content-Type: text/html;charset=utf-8\r\nContent-Length: 357\r\n\r\n"
+    b'<!DOCTYPE HTML>\n<html lang="en">\n    <head>\n        <meta charset="utf-8">\n'
+    b"        <title>Error response</title>\n    </head>\n    <body>\n"
+    b"        <h1>Error response</h1>\n        <p>Error code: 400</p>\n"
+    b"        <p>Message: Invalid protocol selected.</p>\n"
+    b"        <p>Error code explanation: 400 - Bad request syntax or unsupported method.</p>\n"
+    b"    </body>\n</html>\n"
+)
+WEBMKS_URL = b"wss://esx-01.example.com:443/ticket/5f3c9a1e8d7b6a40"
+
+
+def response_header(url=WEBMKS_URL, offers=1, require=False, origin=False, max_bytes=8192, max_headers=32, cut=128):
+    flags = offers | (4 if require else 0) | (8 if origin else 0)
+    return bytes([flags]) + NONCE + struct.pack("<HBBB", max_bytes, max_headers, cut, len(url)) + url
+
+
+def seeds_http_response():
+    t = "http_response"
+    fresh(t)
+    write(t, "websockify_binary", response_header() + WEBSOCKIFY_101_BINARY + WEBSOCKIFY_CLOSE)
+    write(t, "websockify_none", response_header(b"ws://127.0.0.1:6080/", offers=0) + WEBSOCKIFY_101_NONE)
+    write(t, "websockify_none_required", response_header(require=True) + WEBSOCKIFY_101_NONE)
+    write(t, "websockify_400", response_header(b"ws://[::1]:6080/?token=a%20b", offers=2) + WEBSOCKIFY_400)
+    write(t, "vvc_offer", response_header(offers=3, origin=True) + WEBSOCKIFY_101_BINARY)
+    write(t, "too_small", response_header(max_bytes=64, max_headers=2) + WEBSOCKIFY_101_BINARY)
+    bad_accept = WEBSOCKIFY_101_BINARY.replace(b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", b"AAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+    write(t, "bad_accept", response_header() + bad_accept)
+    write(t, "extensions", response_header() + WEBSOCKIFY_101_BINARY[:-2] + b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
+    write(t, "http10", response_header() + WEBSOCKIFY_101_BINARY.replace(b"HTTP/1.1", b"HTTP/1.0"))
+    write(t, "bad_urls", response_header(b"wss://user:pw@h/#x") + WEBSOCKIFY_101_BINARY)
+    write(t, "idn_url", response_header("wss://ex\u00e4mple.com:0/\u00e9".encode()) + WEBSOCKIFY_101_BINARY)
+
+
+# ---- frame_tracker: flags, scan_calls, 8 chunk lengths, then the stream
+
+
+def tracker_header(client=False, limit=6, scan_calls=0, chunks=(255,) * 8):
+    return bytes([(1 if client else 0) | (limit << 1), scan_calls]) + bytes(chunks)
+
+
+def seeds_frame_tracker():
+    t = "frame_tracker"
+    fresh(t)
+    # Backend → browser: a WebMKS host's frames (the client role).
+    server = (
+        server_frame(b"RFB 003.008\n")
+        + server_frame(b"\x00\x00\x00\x00\x04\x00\x03\x00", fin=False)
+        + server_frame(b"", opcode=0x9)
+        + server_frame(bytes(300), opcode=0x0)
+        + server_frame(b"\x00" * 70000, opcode=0x2)
+        + WEBSOCKIFY_CLOSE
+    )
+    write(t, "server_step", tracker_header(True) + server)
+    write(t, "server_scan", tracker_header(True, scan_calls=0xFF, chunks=SMALL_CHUNKS) + server)
+    write(t, "server_mixed", tracker_header(True, scan_calls=0x5A, chunks=(1, 255, 2, 3, 255, 13, 0, 5)) + server)
+    # Browser → backend: wmks.js frames (masked, the server role).
+    browser = (
+        client_frame(b"RFB 003.008\n")
+        + client_frame(b"\x01")
+        + client_frame(b"\x7f\x05\x00\x08\x04\x00\x03\x00")
+        + client_frame(b"keep", opcode=0x9)
+        + client_frame(b"\x03\xe8", opcode=0x8)
+        + client_frame(b"after the close")
+    )
+    write(t, "browser_step", tracker_header() + browser)
+    write(t, "browser_scan", tracker_header(scan_calls=0xFF, chunks=SMALL_CHUNKS) + browser)
+    write(t, "text_bad_utf8", tracker_header() + client_frame(b"\xc3(", opcode=0x1) + client_frame(b"x"))
+    write(t, "too_big", tracker_header(True, limit=2) + server_frame(b"x" * 200))
+    write(t, "wrong_mask", tracker_header(True) + client_frame(b"masked"))
+    write(t, "control_split", tracker_header(scan_calls=0xAA, chunks=(1, 1, 1, 1, 1, 1, 1, 1)) + client_frame(b"ping payload", opcode=0x9) + client_frame(b"y"))
+
+
+# ---- vmware_filter: 8 chunk lengths, then wmks.js's messages after ClientInit
+
+
+def vmw(subtype, payload, length=None):
+    return bytes([127, subtype]) + struct.pack(">H", length if length is not None else 4 + len(payload)) + payload
+
+
+# wmks.js 2.1.0's client messages (the layouts of its VNCDecoder).
+WMKS_RESOLUTION = vmw(5, struct.pack(">HH", 1024, 768))
+WMKS_CAPS = vmw(3, struct.pack(">I", 0x1C))
+WMKS_ACK = vmw(4, struct.pack(">BBH", 1, 0, 20))
+WMKS_KEY_SCAN = vmw(0, struct.pack(">HBB", 0x1E, 1, 0))
+WMKS_KEY_UNICODE = vmw(6, struct.pack(">IBB", ord("a"), 1, 0))
+WMKS_KEY_UNICODE_EURO = vmw(6, struct.pack(">IBB", ord("\u20ac"), 0, 0))
+WMKS_POINTER = vmw(2, struct.pack(">BIIIBB", 0, 400, 300, 1, 0, 0))
+WMKS_WHEEL_UP = vmw(2, struct.pack(">BIIIbb", 1, 400, 300, 0, -1, 0))
+WMKS_WHEEL_DOWN = vmw(2, struct.pack(">BIIIbb", 1, 70000, 300, 0, 1, 0))
+WMKS_CACHE_INFO = vmw(11, struct.pack(">IHI", 3, 4, 1024))
+WMKS_SESSION_CLOSE = vmw(12, struct.pack(">I", 0))
+WMKS_STREAM_STATE = vmw(15, struct.pack(">I", 1))
+SET_ENCODINGS = b"\x02\x00" + struct.pack(">H", 4) + struct.pack(">iiii", 7, 0, -223, 0x574D5664)
+SET_PIXEL_FORMAT = b"\x00\x00\x00\x00" + bytes([32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0])
+FB_UPDATE_REQUEST = b"\x03\x00\x00\x00\x00\x00\x04\x00\x03\x00"
+
+
+def seeds_vmware_filter():
+    t = "vmware_filter"
+    fresh(t)
+    session = (
+        SET_PIXEL_FORMAT
+        + SET_ENCODINGS
+        + WMKS_CAPS
+        + WMKS_RESOLUTION
+        + WMKS_CACHE_INFO
+        + FB_UPDATE_REQUEST
+        + WMKS_ACK
+        + WMKS_POINTER
+        + WMKS_KEY_UNICODE
+        + WMKS_KEY_UNICODE_EURO
+        + WMKS_KEY_SCAN
+        + WMKS_WHEEL_UP
+        + WMKS_WHEEL_DOWN
+        + b"\x06\x00\x00\x00\x00\x00\x00\x05hello"
+        + b"\x04\x01\x00\x00\x00\x00\xff\x0d"
+        + b"\x05\x00\x01\x90\x01\x2c"
+        + WMKS_STREAM_STATE
+        + WMKS_SESSION_CLOSE
+    )
+    write(t, "wmks_session", bytes([255] * 8) + session)
+    write(t, "wmks_session_chunked", bytes([1, 2, 3, 5, 8, 13, 0, 21]) + session)
+    write(t, "fence_desktop_size", bytes([7] * 8) + b"\xf8\x00\x00\x00\x00\x00\x00\x00\x04abcd" + b"\xfb\x00\x04\x00\x03\x00\x01\x00" + bytes(16) + b"\x96\x01\x00\x00\x00\x00\x04\x00\x03\x00")
+    write(t, "unknown_type", bytes([255] * 8) + WMKS_POINTER + b"\xc8raw from here" + WMKS_KEY_UNICODE)
+    write(t, "huge_set_encodings", bytes([255] * 8) + b"\x02\x00\xff\xff" + bytes(5000))
+    write(t, "short_length", bytes([3] * 8) + vmw(9, b"", length=1) + vmw(6, b"\x00" * 6, length=9) + WMKS_KEY_UNICODE)
+    write(t, "long_cut_text", bytes([255, 1, 255, 2, 255, 3, 255, 4]) + b"\x06\x00\x00\x00\x00\x00\x10\x00" + b"x" * 4096 + WMKS_POINTER)
+
+
+# ---- soap: a vSphere response body
+
+# govmomi's vSphere simulator (Debian golang-github-vmware-govmomi-dev 0.24.2, served by
+# tests/support/vcsim/main.go) answering the backend's calls, captured on the
+# development machine: response bodies as sent, faults included.
+VCSIM_RESPONSES = {
+    'service_content': (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<soapenv:Envelope xmlns:soapenc="http://schemas.xml'
+        b'soap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:x'
+        b'sd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance'
+        b'"><soapenv:Body><RetrieveServiceContentResponse xmlns="urn:vim25"><returnval><rootFolder t'
+        b'ype="Folder">group-d1</rootFolder><propertyCollector type="PropertyCollector">propertyColl'
+        b'ector</propertyCollector><viewManager type="ViewManager">ViewManager</viewManager><about><'
+        b'name>VMware vCenter Server</name><fullName>VMware vCenter Server 6.5.0 build-5973321</full'
+        b'Name><vendor>VMware, Inc.</vendor><version>6.5.0</version><build>5973321</build><localeVer'
+        b'sion>INTL</localeVersion><localeBuild>000</localeBuild><osType>linux-x64</osType><productL'
+        b'ineId>vpx</productLineId><apiType>VirtualCenter</apiType><apiVersion>6.5</apiVersion><inst'
+        b'anceUuid>dbed6e0c-bd88-4ef6-b594-21283e1c677f</instanceUuid><licenseProductName>VMware Vir'
+        b'tualCenter Server</licenseProductName><licenseProductVersion>6.0</licenseProductVersion></'
+        b'about><setting type="OptionManager">VpxSettings</setting><userDirectory type="UserDirector'
+        b'y">UserDirectory</userDirectory><sessionManager type="SessionManager">SessionManager</sess'
+        b'ionManager><authorizationManager type="AuthorizationManager">AuthorizationManager</authori'
+        b'zationManager><serviceManager type="ServiceManager">ServiceMgr</serviceManager><perfManage'
+        b'r type="PerformanceManager">PerfMgr</perfManager><scheduledTaskManager type="ScheduledTask'
+        b'Manager">ScheduledTaskManager</scheduledTaskManager><alarmManager type="AlarmManager">Alar'
+        b'mManager</alarmManager><eventManager type="EventManager">EventManager</eventManager><taskM'
+        b'anager type="TaskManager">TaskManager</taskManager><extensionManager type="ExtensionManage'
+        b'r">ExtensionManager</extensionManager><customizationSpecManager type="CustomizationSpecMan'
+        b'ager">CustomizationSpecManager</customizationSpecManager><customFieldsManager type="Custom'
+        b'FieldsManager">CustomFieldsManager</customFieldsManager><diagnosticManager type="Diagnosti'
+        b'cManager">DiagMgr</diagnosticManager><licenseManager type="LicenseManager">LicenseManager<'
+        b'/licenseManager><searchIndex type="SearchIndex">SearchIndex</searchIndex><fileManager type'
+        b'="FileManager">FileManager</fileManager><datastoreNamespaceManager type="DatastoreNamespac'
+        b'eManager">DatastoreNamespaceManager</datastoreNamespaceManager><virtualDiskManager type="V'
+        b'irtualDiskManager">virtualDiskManager</virtualDiskManager><snmpSystem type="HostSnmpSystem'
+        b'">SnmpSystem</snmpSystem><vmProvisioningChecker type="VirtualMachineProvisioningChecker">P'
+        b'rovChecker</vmProvisioningChecker><vmCompatibilityChecker type="VirtualMachineCompatibilit'
+        b'yChecker">CompatChecker</vmCompatibilityChecker><ovfManager type="OvfManager">OvfManager</'
+        b'ovfManager><ipPoolManager type="IpPoolManager">IpPoolManager</ipPoolManager><dvSwitchManag'
+        b'er type="DistributedVirtualSwitchManager">DVSManager</dvSwitchManager><hostProfileManager '
+        b'type="HostProfileManager">HostProfileManager</hostProfileManager><clusterProfileManager ty'
+        b'pe="ClusterProfileManager">ClusterProfileManager</clusterProfileManager><complianceManager'
+        b' type="ProfileComplianceManager">MoComplianceManager</complianceManager><localizationManag'
+        b'er type="LocalizationManager">LocalizationManager</localizationManager><storageResourceMan'
+        b'ager type="StorageResourceManager">StorageResourceManager</storageResourceManager><guestOp'
+        b'erationsManager type="GuestOperationsManager">guestOperationsManager</guestOperationsManag'
+        b'er><overheadMemoryManager type="OverheadMemoryManager">OverheadMemoryManager</overheadMemo'
+        b'ryManager><certificateManager type="CertificateManager">certificateManager</certificateMan'
+        b'ager><ioFilterManager type="IoFilterManager">IoFilterManager</ioFilterManager><vStorageObj'
+        b'ectManager type="VcenterVStorageObjectManager">VStorageObjectManager</vStorageObjectManage'
+        b'r><hostSpecManager type="HostSpecificationManager">HostSpecificationManager</hostSpecManag'
+        b'er><cryptoManager type="CryptoManagerKmip">CryptoManager</cryptoManager><healthUpdateManag'
+        b'er type="HealthUpdateManager">HealthUpdateManager</healthUpdateManager><failoverClusterCon'
+        b'figurator type="FailoverClusterConfigurator">FailoverClusterConfigurator</failoverClusterC'
+        b'onfigurator><failoverClusterManager type="FailoverClusterManager">FailoverClusterManager</'
+        b'failoverClusterManager></returnval></RetrieveServiceContentResponse></soapenv:Body></soape'
+        b'nv:Envelope>'
+    ),
+    'login': (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<soapenv:Envelope xmlns:soapenc="http://schemas.xml'
+        b'soap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:x'
+        b'sd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance'
+        b'"><soapenv:Body><LoginResponse xmlns="urn:vim25"><returnval><key>90c45511-3131-4c69-8807-5'
+        b'384a7ed0e18</key><userName>user</userName><fullName>user</fullName><loginTime>2026-12-03T0'
+        b'9:16:14.121186527Z</loginTime><lastActiveTime>2026-12-03T09:16:14.121192352Z</lastActiveTi'
+        b'me><locale>en_US</locale><messageLocale>en_US</messageLocale><extensionSession>false</exte'
+        b'nsionSession><ipAddress>127.0.0.1</ipAddress><userAgent>Python-urllib/3.11</userAgent><cal'
+        b'lCount>1</callCount></returnval></LoginResponse></soapenv:Body></soapenv:Envelope>'
+    ),
+    'create_view': (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<soapenv:Envelope xmlns:soapenc="http://schemas.xml'
+        b'soap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:x'
+        b'sd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance'
+        b'"><soapenv:Body><CreateContainerViewResponse xmlns="urn:vim25"><returnval type="ContainerV'
+        b'iew">session[90c45511-3131-4c69-8807-5384a7ed0e18]7aa0a144-3e33-46e3-9240-c1621b1ad477</re'
+        b'turnval></CreateContainerViewResponse></soapenv:Body></soapenv:Envelope>'
+    ),
+    'retrieve_properties': (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<soapenv:Envelope xmlns:soapenc="http://schemas.xml'
+        b'soap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:x'
+        b'sd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance'
+        b'"><soapenv:Body><RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj t'
+        b'ype="VirtualMachine">vm-57</obj><propSet><name>name</name><val xmlns:XMLSchema-instance="h'
+        b'ttp://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="xsd:string">DC0_H0_VM0<'
+        b'/val></propSet><propSet><name>runtime.powerState</name><val xmlns:XMLSchema-instance="http'
+        b'://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="VirtualMachinePowerState">'
+        b'poweredOn</val></propSet><propSet><name>runtime.host</name><val xmlns:XMLSchema-instance="'
+        b'http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="ManagedObjectReference'
+        b'" type="HostSystem">host-21</val></propSet></objects><objects><obj type="VirtualMachine">v'
+        b'm-60</obj><propSet><name>name</name><val xmlns:XMLSchema-instance="http://www.w3.org/2001/'
+        b'XMLSchema-instance" XMLSchema-instance:type="xsd:string">DC0_H0_VM1</val></propSet><propSe'
+        b't><name>runtime.powerState</name><val xmlns:XMLSchema-instance="http://www.w3.org/2001/XML'
+        b'Schema-instance" XMLSchema-instance:type="VirtualMachinePowerState">poweredOn</val></propS'
+        b'et><propSet><name>runtime.host</name><val xmlns:XMLSchema-instance="http://www.w3.org/2001'
+        b'/XMLSchema-instance" XMLSchema-instance:type="ManagedObjectReference" type="HostSystem">ho'
+        b'st-21</val></propSet></objects><objects><obj type="VirtualMachine">vm-63</obj><propSet><na'
+        b'me>name</name><val xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XM'
+        b'LSchema-instance:type="xsd:string">DC0_C0_RP0_VM0</val></propSet><propSet><name>runtime.po'
+        b'werState</name><val xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" X'
+        b'MLSchema-instance:type="VirtualMachinePowerState">poweredOn</val></propSet><propSet><name>'
+        b'runtime.host</name><val xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instanc'
+        b'e" XMLSchema-instance:type="ManagedObjectReference" type="HostSystem">host-42</val></propS'
+        b'et></objects><objects><obj type="VirtualMachine">vm-66</obj><propSet><name>name</name><val'
+        b' xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:t'
+        b'ype="xsd:string">DC0_C0_RP0_VM1</val></propSet><propSet><name>runtime.powerState</name><va'
+        b'l xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:'
+        b'type="VirtualMachinePowerState">poweredOn</val></propSet><propSet><name>runtime.host</name'
+        b'><val xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-insta'
+        b'nce:type="ManagedObjectReference" type="HostSystem">host-34</val></propSet></objects></ret'
+        b'urnval></RetrievePropertiesExResponse></soapenv:Body></soapenv:Envelope>'
+    ),
+    'power_off_task': (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<soapenv:Envelope xmlns:soapenc="http://schemas.xml'
+        b'soap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:x'
+        b'sd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance'
+        b'"><soapenv:Body><PowerOffVM_TaskResponse xmlns="urn:vim25"><returnval type="Task">task-68<'
+        b'/returnval></PowerOffVM_TaskResponse></soapenv:Body></soapenv:Envelope>'
+    ),
+    'task_info_success': (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<soapenv:Envelope xmlns:soapenc="http://schemas.xml'
+        b'soap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:x'
+        b'sd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance'
+        b'"><soapenv:Body><RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj t'
+        b'ype="Task">task-68</obj><propSet><name>info</name><val xmlns:XMLSchema-instance="http://ww'
+        b'w.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="TaskInfo"><key>task-68</key><ta'
+        b'sk type="Task">task-68</task><name>PowerOff</name><descriptionId>VirtualMachine.powerOff</'
+        b'descriptionId><entity type="VirtualMachine">vm-57</entity><entityName>vm-57</entityName><s'
+        b'tate>success</state><cancelled>false</cancelled><cancelable>false</cancelable><reason XMLS'
+        b'chema-instance:type="TaskReasonUser"><userName>vcsim</userName></reason><queueTime>2026-12'
+        b'-03T09:16:14.142007476Z</queueTime><startTime>2026-12-03T09:16:14.142030266Z</startTime><c'
+        b'ompleteTime>2026-12-03T09:16:14.142706288Z</completeTime><eventChainId>0</eventChainId></v'
+        b'al></propSet></objects></returnval></RetrievePropertiesExResponse></soapenv:Body></soapenv'
+        b':Envelope>'
+    ),
+    'task_info_error': (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<soapenv:Envelope xmlns:soapenc="http://schemas.xml'
+        b'soap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:x'
+        b'sd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance'
+        b'"><soapenv:Body><RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj t'
+        b'ype="Task">task-69</obj><propSet><name>info</name><val xmlns:XMLSchema-instance="http://ww'
+        b'w.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="TaskInfo"><key>task-69</key><ta'
+        b'sk type="Task">task-69</task><name>PowerOff</name><descriptionId>VirtualMachine.powerOff</'
+        b'descriptionId><entity type="VirtualMachine">vm-57</entity><entityName>vm-57</entityName><s'
+        b'tate>error</state><cancelled>false</cancelled><cancelable>false</cancelable><error><fault '
+        b'XMLSchema-instance:type="InvalidPowerState"><requestedState>poweredOff</requestedState><ex'
+        b'istingState>poweredOff</existingState></fault><localizedMessage>*types.InvalidPowerState</'
+        b'localizedMessage></error><reason XMLSchema-instance:type="TaskReasonUser"><userName>vcsim<'
+        b'/userName></reason><queueTime>2026-12-03T09:16:14.150124915Z</queueTime><startTime>2026-12'
+        b'-03T09:16:14.150166581Z</startTime><completeTime>2026-12-03T09:16:14.150204567Z</completeT'
+        b'ime><eventChainId>0</eventChainId></val></propSet></objects></returnval></RetrieveProperti'
+        b'esExResponse></soapenv:Body></soapenv:Envelope>'
+    ),
+    'fault_not_authenticated': (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<soapenv:Envelope xmlns:soapenc="http://schemas.xml'
+        b'soap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:x'
+        b'sd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance'
+        b'"><soapenv:Body><soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring></faults'
+        b'tring><detail><NotAuthenticatedFault xmlns="urn:vim25" xsi:type="NotAuthenticated"><object'
+        b' type="ServiceInstance">ServiceInstance</object><privilegeId>System.View</privilegeId></No'
+        b'tAuthenticatedFault></detail></soapenv:Fault></soapenv:Body></soapenv:Envelope>'
+    ),
+    'fault_invalid_login': (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<soapenv:Envelope xmlns:soapenc="http://schemas.xml'
+        b'soap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:x'
+        b'sd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance'
+        b'"><soapenv:Body><soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>Login fa'
+        b'ilure</faultstring><detail><InvalidLoginFault xmlns="urn:vim25" xsi:type="InvalidLogin"></'
+        b'InvalidLoginFault></detail></soapenv:Fault></soapenv:Body></soapenv:Envelope>'
+    ),
+    'fault_not_found': (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<soapenv:Envelope xmlns:soapenc="http://schemas.xml'
+        b'soap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:x'
+        b'sd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance'
+        b'"><soapenv:Body><soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>The obje'
+        b'ct has already been deleted or has not been completely created</faultstring><detail><Manag'
+        b'edObjectNotFoundFault xmlns="urn:vim25" xsi:type="ManagedObjectNotFound"><obj type="Virtua'
+        b'lMachine">vm-does-not-exist</obj></ManagedObjectNotFoundFault></detail></soapenv:Fault></s'
+        b'oapenv:Body></soapenv:Envelope>'
+    ),
+    'fault_method_not_found': (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<soapenv:Envelope xmlns:soapenc="http://schemas.xml'
+        b'soap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:x'
+        b'sd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance'
+        b'"><soapenv:Body><soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>VirtualM'
+        b'achine:vm-57 does not implement: AcquireMksTicket</faultstring><detail><MethodNotFoundFaul'
+        b't xmlns="urn:vim25" xsi:type="MethodNotFound"><receiver type="VirtualMachine">vm-57</recei'
+        b'ver><method>AcquireMksTicket</method></MethodNotFoundFault></detail></soapenv:Fault></soap'
+        b'env:Body></soapenv:Envelope>'
+    ),
+    'acquire_ticket': (
+        b'<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenc="http://schemas.xmls'
+        b'oap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xs'
+        b'd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"'
+        b'><soapenv:Body><AcquireTicketResponse xmlns="urn:vim25"><returnval><ticket>2656464326bf1a4'
+        b'7b6b6b44fb9dbc9a9</ticket><cfgFile>[LocalDS_0] DC0_H0_VM0/DC0_H0_VM0.vmx</cfgFile><host>12'
+        b'7.0.0.1</host><port>33235</port><sslThumbprint>89:BE:58:2C:FF:27:EA:61:0D:C1:C0:9B:F3:E8:1'
+        b'1:AC:3F:3C:87:15</sslThumbprint></returnval></AcquireTicketResponse></soapenv:Body></soape'
+        b'nv:Envelope>'
+    ),
+    'fault_invalid_power_state': (
+        b'<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenc="http://schemas.xmls'
+        b'oap.org/soap/encoding/" xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xs'
+        b'd="http://www.w3.org/2001/XMLSchema" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"'
+        b'><soapenv:Body><soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>The attem'
+        b'pted operation cannot be performed in the current state</faultstring><detail><InvalidPower'
+        b'StateFault xmlns="urn:vim25" xsi:type="InvalidPowerState"><requestedState>poweredOn</reque'
+        b'stedState><existingState>poweredOff</existingState></InvalidPowerStateFault></detail></soa'
+        b'penv:Fault></soapenv:Body></soapenv:Envelope>'
+    ),
+}
+
+
+def seeds_soap():
+    t = "soap"
+    fresh(t)
+    for name, body in VCSIM_RESPONSES.items():
+        write(t, name, body)
+    envelope = VCSIM_RESPONSES["login"].split(b"<soapenv:Body>")[0] + b"<soapenv:Body>%s</soapenv:Body></soapenv:Envelope>"
+    # What a hostile or broken host could send.
+    write(t, "dtd_entity", b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "xxxxxxxx">]><a>&x;&x;</a>')
+    write(t, "deep", b"<a>" * 70 + b"</a>" * 70)
+    write(t, "refs_cdata", envelope % b'<R xmlns="urn:vim25"><returnval><ticket> &#x41;&amp;&lt;<![CDATA[]]>]]&gt;</ticket><port>070000</port><host/></returnval></R>')
+    write(t, "task_running", envelope % b'<R><returnval><state>running</state><progress>250</progress></returnval></R>')
+    write(t, "missing_set", envelope % b'<R><returnval><objects><obj type="VirtualMachine">vm-1</obj><missingSet><path>name</path><fault><fault xsi:type="NoPermission"/></fault></missingSet></objects><token>t</token></returnval></R>')
+    write(t, "unbalanced", b"<a><b></a></b>")
+
+
+# ---- qmp: max_line_bytes choice, 8 read sizes, then QEMU's bytes
+
+# QEMU 7.2 (Debian 1:7.2+dfsg-7+deb12u18) on its QMP socket, captured on the
+# development machine: the greeting, then answers to qmp_capabilities,
+# query-status, stop, cont, query-vnc, an unknown command, set_password
+# (refused), query-version and quit, with the STOP, RESUME and SHUTDOWN
+# events between them.
+QEMU_SESSION = (
+    b'{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}\r\n'
+    b'{"return": {}, "id": 1}\r\n'
+    b'{"return": {"status": "running", "singlestep": false, "running": true}, "id": 2}\r\n'
+    b'{"timestamp": {"seconds": 1796288989, "microseconds": 387021}, "event": "STOP"}\r\n'
+    b'{"return": {}, "id": 3}\r\n'
+    b'{"timestamp": {"seconds": 1796288989, "microseconds": 687602}, "event": "RESUME"}\r\n'
+    b'{"return": {}, "id": 4}\r\n'
+    b'{"return": {"enabled": false}, "id": 5}\r\n'
+    b'{"id": 6, "error": {"class": "CommandNotFound", "desc": "The command no-such-command has not been found"}}\r\n'
+    b'{"id": 7, "error": {"class": "GenericError", "desc": "Could not set password"}}\r\n'
+    b'{"return": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "id": 8}\r\n'
+    b'{"timestamp": {"seconds": 1796288991, "microseconds": 374659}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}}\r\n'
+    b'{"return": {}, "id": 9}\r\n'
+)
+
+
+def seeds_qmp():
+    t = "qmp"
+    fresh(t)
+    write(t, "qemu_session", bytes([7]) + bytes([255] * 8) + QEMU_SESSION)
+    write(t, "qemu_session_chunked", bytes([7, 1, 7, 64, 3, 200, 13, 2, 255]) + QEMU_SESSION)
+    write(t, "small_limit", bytes([5]) + bytes([100] * 8) + QEMU_SESSION)
+    write(t, "tiny_limit", bytes([3, 1, 2, 3, 4, 5, 6, 7, 8]) + b'{"return": {}, "id": 1}\n\n  \n{"event":"X"}\n')
+    write(t, "garbage", bytes([6]) + bytes([255] * 8) + b'{not json\n{"id": -1, "return": 0}\n{"id": 1.5}\n{"event": 7, "id": 2}\n[1,2]\n"QMP"\n')
+    write(t, "no_newline", bytes([4]) + bytes([10] * 8) + b'{"return": {}, "id": 1}' * 4)
+
+
 def main():
     seeds_http()
     seeds_decoder()
@@ -397,6 +841,11 @@ def main():
     seeds_control_json()
     seeds_config()
     seeds_token_file()
+    seeds_http_response()
+    seeds_frame_tracker()
+    seeds_vmware_filter()
+    seeds_soap()
+    seeds_qmp()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 //! `pong_frame`, `close_frame`) from fuzzer-chosen payloads, fragmented at
 //! fuzzer-chosen points and fed in fuzzer-chosen chunks, must decode back to
 //! exactly the same data and events, in both payload modes and for every
-//! [`Role`] the codec implements; a frame sent in the wrong direction must be
+//! [`Role`] the codec implements (server: masked browser frames; client:
+//! unmasked backend frames, errors blamed on the backend); a frame sent in
+//! the wrong direction must be
 //! refused with that role's error.
 //!
 //! Input layout: a 21-byte header (`flags`: bit 0 Base64 mode; a 4-byte mask
@@ -15,7 +17,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use base64::Engine as _;
 use consolegate::protocol::websocket::{
     close_frame, encode_client_frame, is_valid_close_code, ping_frame, pong_frame,
-    write_server_header, ControlPayload, DecoderLimits, Event, Opcode, PayloadMode, WsError,
+    write_server_header, ControlPayload, DecoderLimits, Event, Fault, Opcode, PayloadMode, WsError,
     MAX_CONTROL_PAYLOAD, MAX_SERVER_HEADER_LEN,
 };
 use consolegate_fuzz::{drive, Plan, Role, PLAN_SLOTS};
@@ -50,7 +52,8 @@ enum Record {
     Pong,
     /// Code from the first two bytes, reason from the rest.
     Close,
-    /// An unmasked server frame: the wrong direction for a server decoder.
+    /// A ping in the wrong direction: unmasked to a server decoder, masked
+    /// to a client decoder.
     WrongDirection,
 }
 
@@ -269,7 +272,8 @@ impl Script {
         }
         self.ended = true;
         if !is_valid_close_code(code) {
-            self.error = Some(WsError::InvalidCloseCode(code));
+            let fault = Fault::InvalidCloseCode(code);
+            self.error = Some(WsError::from_fault(self.role.codec(), fault));
             return;
         }
         // close_frame keeps the longest prefix that fits on a char boundary.
@@ -287,7 +291,9 @@ impl Script {
     /// A frame as the other role would send it must be refused.
     fn wrong_direction(&mut self, payload: &[u8]) {
         let frame = ping_frame(payload);
-        self.wire.extend_from_slice(frame.as_bytes());
+        let mask = self.next_mask();
+        let wire = self.role.wrong_direction(frame.as_bytes(), mask);
+        self.wire.extend_from_slice(&wire);
         if !self.ended {
             self.ended = true;
             self.error = Some(self.role.refused());
@@ -302,7 +308,8 @@ impl Script {
         with_server_header: bool,
     ) {
         let mask = self.next_mask();
-        if with_server_header {
+        // A server's frames come only from `write_server_header`.
+        if with_server_header || self.role == Role::Client {
             let mut frame = vec![0u8; MAX_SERVER_HEADER_LEN];
             let n = write_server_header(&mut frame, fin, opcode, body.len() as u64);
             frame.truncate(n);

@@ -7,7 +7,7 @@
 //! libFuzzer records a crash, and nothing catches a panic.
 
 use consolegate::protocol::websocket::{
-    apply_mask, Decoder, DecoderLimits, Event, PayloadMode, WsError,
+    apply_mask, Decoder, DecoderLimits, Event, Fault, PayloadMode, Role as CodecRole, WsError,
 };
 
 /// How many chunk lengths and output sizes a [`Plan`] cycles through.
@@ -68,43 +68,64 @@ pub struct Outcome {
 
 /// Which end of a connection the decoder under test plays.
 ///
-/// The codec decodes only as a server today (frames a browser sent, which
-/// must be masked). When the client role lands (decoding server frames,
-/// refusing masked ones), it becomes a second variant here: `decoder` builds
-/// the client decoder, `to_wire` returns the unmasked frame as it is, and
-/// `refused` gives the masked-frame error; both targets then loop over
-/// `Role::ALL`.
+/// `Server` decodes the masked frames a browser sends and refuses unmasked
+/// ones; `Client` (the backend leg of a WebMKS relay) decodes the unmasked
+/// frames a server sends and refuses masked ones, blaming the backend. Both
+/// WebSocket targets loop over [`Role::ALL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Decodes client→server frames (masked).
     Server,
+    /// Decodes server→client frames (unmasked).
+    Client,
 }
 
 impl Role {
     /// Every role the codec implements.
-    pub const ALL: [Role; 1] = [Role::Server];
+    pub const ALL: [Role; 2] = [Role::Server, Role::Client];
+
+    /// The codec's name for this role.
+    pub fn codec(self) -> CodecRole {
+        match self {
+            Role::Server => CodecRole::Server,
+            Role::Client => CodecRole::Client,
+        }
+    }
 
     /// A fresh decoder of this role.
     pub fn decoder(self, mode: PayloadMode, limits: DecoderLimits) -> Decoder {
         match self {
             Role::Server => Decoder::new(mode, limits),
+            Role::Client => Decoder::with_role(CodecRole::Client, mode, limits),
         }
     }
 
     /// `frame`, a complete frame as a server writes it (unmasked, from
     /// `write_server_header`, `close_frame`, `ping_frame`, `pong_frame`), as
-    /// the peer of this role would send it.
+    /// the peer of this role would send it: masked with `mask` for a
+    /// server's peer, as it is for a client's.
     pub fn to_wire(self, frame: &[u8], mask: [u8; 4]) -> Vec<u8> {
         match self {
             Role::Server => mask_server_frame(frame, mask),
+            Role::Client => frame.to_vec(),
+        }
+    }
+
+    /// `frame` (an unmasked server frame) as the wrong peer would send it:
+    /// unmasked to a server, masked to a client.
+    pub fn wrong_direction(self, frame: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        match self {
+            Role::Server => frame.to_vec(),
+            Role::Client => mask_server_frame(frame, mask),
         }
     }
 
     /// The error this role's decoder gives for a frame in the wrong
-    /// direction (`frame` being an unmasked server frame).
+    /// direction.
     pub fn refused(self) -> WsError {
         match self {
             Role::Server => WsError::UnmaskedFrame,
+            Role::Client => WsError::Backend(Fault::MaskedFrame),
         }
     }
 }

@@ -113,6 +113,12 @@ impl ClientFilter {
         self.stats
     }
 
+    /// Bytes held back: the start of a message waiting for its rest (at
+    /// most [`MAX_MESSAGE_BYTES`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Filter `input`, appending what the server should get to `out`.
     pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
         while !input.is_empty() {
@@ -326,6 +332,7 @@ mod tests {
             let out = run(&mut f, &data, split);
             // Translation never grows a message by more than 2x.
             proptest::prop_assert!(out.len() <= 2 * data.len() + 16);
+            proptest::prop_assert!(f.buffered_bytes() <= MAX_MESSAGE_BYTES);
         }
     }
 }

@@ -367,7 +367,7 @@ async fn connect(shared: &Shared) -> Result<(Connection, String), String> {
         .map_err(|_| {
             format!("no QMP greeting within {limit:?} (another client may hold the socket)")
         })??;
-    if greeting.get("QMP").is_none() {
+    if !is_greeting(&greeting) {
         return Err("the socket's greeting is not QMP's".to_owned());
     }
     handshake_command(shared, &mut connection, "qmp_capabilities").await?;
@@ -412,7 +412,9 @@ async fn handshake_command(
 }
 
 /// `{"return": v}` → v; `{"error": {class, desc}}` → a command error.
-fn parse_answer(command: &'static str, mut message: Value) -> Answer {
+/// Public only for the fuzz target.
+#[doc(hidden)]
+pub fn parse_answer(command: &'static str, mut message: Value) -> Answer {
     if let Some(value) = message.get_mut("return") {
         return Ok(value.take());
     }
@@ -463,19 +465,56 @@ async fn serve(
     }
 }
 
-/// An event goes to the handler; an answer to the command with its id.
-fn dispatch(shared: &Shared, message: Value, on_notice: &NoticeHandler) {
+/// What a message from QEMU is, by its fields. Public only for the fuzz
+/// target.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// `{"event": name, "data": …}` (data `null` when absent).
+    Event { name: String, data: Value },
+    /// An answer (`return` or `error`) to the command with this `id`.
+    Answer { id: u64 },
+    /// Neither: ignored.
+    Ignored,
+}
+
+/// Sorts one message; an `event` field wins over an `id`. Public only for
+/// the fuzz target.
+#[doc(hidden)]
+pub fn classify(message: &Value) -> Incoming {
     if let Some(name) = message.get("event").and_then(Value::as_str) {
         let data = message.get("data").cloned().unwrap_or(Value::Null);
-        on_notice(QmpNotice::Event {
+        return Incoming::Event {
             name: name.to_owned(),
             data,
-        });
-        return;
+        };
     }
-    let Some(id) = message.get("id").and_then(Value::as_u64) else {
-        tracing::debug!("QMP message without event or id ignored");
-        return;
+    match message.get("id").and_then(Value::as_u64) {
+        Some(id) => Incoming::Answer { id },
+        None => Incoming::Ignored,
+    }
+}
+
+/// Whether the first message of a connection is QMP's greeting
+/// (`{"QMP": {"version": …, "capabilities": …}}`). Public only for the
+/// fuzz target.
+#[doc(hidden)]
+pub fn is_greeting(message: &Value) -> bool {
+    message.get("QMP").is_some()
+}
+
+/// An event goes to the handler; an answer to the command with its id.
+fn dispatch(shared: &Shared, message: Value, on_notice: &NoticeHandler) {
+    let id = match classify(&message) {
+        Incoming::Event { name, data } => {
+            on_notice(QmpNotice::Event { name, data });
+            return;
+        }
+        Incoming::Answer { id } => id,
+        Incoming::Ignored => {
+            tracing::debug!("QMP message without event or id ignored");
+            return;
+        }
     };
     // An answer whose command timed out has no entry any more: dropped.
     let Some(waiting) = shared.link().pending.remove(&id) else {
@@ -484,22 +523,17 @@ fn dispatch(shared: &Shared, message: Value, on_notice: &NoticeHandler) {
     let _ = waiting.answer.send(parse_answer(waiting.command, message));
 }
 
-/// Splits the byte stream into JSON lines, each at most `max_line_bytes`.
+/// Reads the socket into a [`LineFramer`] and yields its lines as JSON.
 struct LineReader {
     half: OwnedReadHalf,
-    buf: Vec<u8>,
-    /// Bytes of `buf` known to hold no newline.
-    scanned: usize,
-    max_line_bytes: usize,
+    framer: LineFramer,
 }
 
 impl LineReader {
     fn new(half: OwnedReadHalf, max_line_bytes: usize) -> Self {
         LineReader {
             half,
-            buf: Vec::new(),
-            scanned: 0,
-            max_line_bytes,
+            framer: LineFramer::new(max_line_bytes),
         }
     }
 
@@ -508,36 +542,80 @@ impl LineReader {
     async fn next_value(&mut self) -> Result<Value, String> {
         loop {
             let line = self.next_line().await?;
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+            if let Some(value) = parse_line(&line)? {
+                return Ok(value);
             }
-            return serde_json::from_slice(&line)
-                .map_err(|e| format!("QEMU sent a line that is not JSON: {e}"));
         }
     }
 
     async fn next_line(&mut self) -> Result<Vec<u8>, String> {
         loop {
-            if let Some(offset) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
-                let end = self.scanned + offset;
-                if end > self.max_line_bytes {
-                    return Err(self.too_long());
-                }
-                let line: Vec<u8> = self.buf.drain(..=end).take(end).collect();
-                self.scanned = 0;
+            if let Some(line) = self.framer.next_line()? {
                 return Ok(line);
-            }
-            self.scanned = self.buf.len();
-            if self.buf.len() > self.max_line_bytes {
-                return Err(self.too_long());
             }
             let mut chunk = [0u8; READ_CHUNK_BYTES];
             match self.half.read(&mut chunk).await {
                 Ok(0) => return Err("QEMU closed the QMP connection".to_owned()),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => self.framer.push(&chunk[..n]),
                 Err(e) => return Err(format!("read: {e}")),
             }
         }
+    }
+}
+
+/// Splits a byte stream into lines of at most `max_line_bytes` (the
+/// newline not counted), without IO: [`LineReader`] pushes what it reads
+/// and takes lines out. Public only for the fuzz target (`fuzz/`); the
+/// client is the API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct LineFramer {
+    buf: Vec<u8>,
+    /// Bytes of `buf` known to hold no newline.
+    scanned: usize,
+    max_line_bytes: usize,
+}
+
+impl LineFramer {
+    /// An empty framer.
+    pub fn new(max_line_bytes: usize) -> Self {
+        LineFramer {
+            buf: Vec::new(),
+            scanned: 0,
+            max_line_bytes,
+        }
+    }
+
+    /// Appends bytes read from the stream. Call only after
+    /// [`LineFramer::next_line`] answered `Ok(None)`, so the buffer stays
+    /// within `max_line_bytes` plus one read.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole line without its newline; `Ok(None)` when more bytes
+    /// are needed; an error (for the log) when the line in progress is
+    /// longer than `max_line_bytes`, which ends the stream.
+    pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, String> {
+        if let Some(offset) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+            let end = self.scanned + offset;
+            if end > self.max_line_bytes {
+                return Err(self.too_long());
+            }
+            let line: Vec<u8> = self.buf.drain(..=end).take(end).collect();
+            self.scanned = 0;
+            return Ok(Some(line));
+        }
+        self.scanned = self.buf.len();
+        if self.buf.len() > self.max_line_bytes {
+            return Err(self.too_long());
+        }
+        Ok(None)
+    }
+
+    /// Bytes held (a partial line and any lines not taken yet).
+    pub fn buffered_bytes(&self) -> usize {
+        self.buf.len()
     }
 
     fn too_long(&self) -> String {
@@ -545,11 +623,78 @@ impl LineReader {
     }
 }
 
+/// One line as JSON; `Ok(None)` for a blank line (skipped). Public only
+/// for the fuzz target.
+#[doc(hidden)]
+pub fn parse_line(line: &[u8]) -> Result<Option<Value>, String> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(line)
+        .map(Some)
+        .map_err(|e| format!("QEMU sent a line that is not JSON: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncBufReadExt, BufReader, Lines};
     use tokio::net::UnixListener;
+
+    #[test]
+    fn the_framer_splits_lines_across_reads_and_bounds_them() {
+        let mut framer = LineFramer::new(8);
+        assert_eq!(framer.next_line(), Ok(None));
+        framer.push(b"{\"a\":");
+        assert_eq!(framer.next_line(), Ok(None));
+        framer.push(b"1}\r\n\n{}\n{\"b");
+        assert_eq!(framer.next_line(), Ok(Some(b"{\"a\":1}\r".to_vec())));
+        assert_eq!(framer.next_line(), Ok(Some(Vec::new())));
+        assert_eq!(framer.next_line(), Ok(Some(b"{}".to_vec())));
+        assert_eq!(framer.next_line(), Ok(None));
+        assert_eq!(framer.buffered_bytes(), 3);
+        // Eight bytes are allowed, a ninth without a newline is not.
+        framer.push(b"\":22}");
+        assert_eq!(framer.next_line(), Ok(None));
+        framer.push(b"x");
+        let error = framer.next_line().unwrap_err();
+        assert!(error.contains("longer than 8 bytes"), "{error}");
+        // A complete line over the limit fails too.
+        let mut framer = LineFramer::new(2);
+        framer.push(b"abc\n");
+        assert!(framer.next_line().is_err());
+    }
+
+    #[test]
+    fn lines_are_read_as_qmp_messages() {
+        assert_eq!(parse_line(b" \r"), Ok(None));
+        assert!(parse_line(b"{not json").unwrap_err().contains("not JSON"));
+        let greeting = parse_line(br#"{"QMP": {"version": {}, "capabilities": ["oob"]}}"#)
+            .unwrap()
+            .unwrap();
+        assert!(is_greeting(&greeting));
+        let event = json!({"event": "STOP", "timestamp": {"seconds": 1}});
+        assert_eq!(
+            classify(&event),
+            Incoming::Event {
+                name: "STOP".to_owned(),
+                data: Value::Null
+            }
+        );
+        assert!(!is_greeting(&event));
+        // An event name wins over an id; an id must be unsigned.
+        let both = json!({"event": "RESUME", "id": 3, "data": {"x": 1}});
+        assert!(matches!(classify(&both), Incoming::Event { ref data, .. } if data["x"] == 1));
+        assert_eq!(
+            classify(&json!({"id": 3, "return": {}})),
+            Incoming::Answer { id: 3 }
+        );
+        assert_eq!(
+            classify(&json!({"id": -3, "return": {}})),
+            Incoming::Ignored
+        );
+        assert_eq!(classify(&json!({"event": 7})), Incoming::Ignored);
+    }
 
     /// The server side of one QMP connection, scripted by each test.
     struct FakeConnection {
