@@ -124,9 +124,9 @@ fn wait_power(app: &Appliance, vm: &str, want: &str) {
     });
 }
 
-/// `GET path` with optional extra headers; the raw body (a PNG is not
-/// text).
-fn get_bytes(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> (u16, String, Vec<u8>) {
+/// `GET path` with optional extra headers: the status and head (its body
+/// left empty), and the raw body (a PNG is not text).
+fn get_bytes(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> (HttpResponse, Vec<u8>) {
     let mut s = TcpStream::connect(addr).expect("connect to the control port");
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut req = format!(
@@ -145,33 +145,26 @@ fn get_bytes(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> (u16, Stri
         .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&all)));
     let head = String::from_utf8_lossy(&all[..end]).into_owned();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, head, all[end + 4..].to_vec())
-}
-
-fn header_of(head: &str, name: &str) -> Option<String> {
-    head.lines().skip(1).find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_string())
-    })
+    let response = HttpResponse {
+        status,
+        head,
+        body: String::new(),
+    };
+    (response, all[end + 4..].to_vec())
 }
 
 /// A thumbnail as a decoded PNG; checks the caching headers and that an
 /// `If-None-Match` with its ETag answers 304.
 fn thumbnail(app: &Appliance, vm: &str, query: &str) -> image::RgbImage {
     let path = format!("/api/v1/vms/{vm}/thumbnail{query}");
-    let (status, head, body) = get_bytes(app.control, &path, &[]);
-    assert_eq!(status, 200, "{}{path}: {head}", ctx());
-    assert_eq!(
-        header_of(&head, "Content-Type").as_deref(),
-        Some("image/png")
-    );
-    let etag = header_of(&head, "ETag").expect("an ETag");
-    let cache = header_of(&head, "Cache-Control").expect("a Cache-Control");
+    let (r, body) = get_bytes(app.control, &path, &[]);
+    assert_eq!(r.status, 200, "{}{path}: {}", ctx(), r.head);
+    assert_eq!(r.header("Content-Type").as_deref(), Some("image/png"));
+    let etag = r.header("ETag").expect("an ETag");
+    let cache = r.header("Cache-Control").expect("a Cache-Control");
     assert!(cache.starts_with("private, max-age="), "{cache}");
-    let (status, head, body304) = get_bytes(app.control, &path, &[("If-None-Match", &etag)]);
-    assert_eq!(status, 304, "{}{path} If-None-Match: {head}", ctx());
+    let (r, body304) = get_bytes(app.control, &path, &[("If-None-Match", &etag)]);
+    assert_eq!(r.status, 304, "{}{path} If-None-Match: {}", ctx(), r.head);
     assert!(body304.is_empty());
     image::load_from_memory_with_format(&body, image::ImageFormat::Png)
         .expect("the thumbnail is a PNG")
@@ -318,12 +311,12 @@ fn vsphere_consoles_power_and_recovery(io: &str) {
     let image = thumbnail(&app, &on, "?width=160&height=120");
     assert_eq!(image.dimensions(), (160, 120));
     assert_eq!(sim.stats().screens, screens + 1);
-    let (status, _, _) = get_bytes(
+    let (oversized, _) = get_bytes(
         app.control,
         &format!("/api/v1/vms/{on}/thumbnail?width=5000"),
         &[],
     );
-    assert_eq!(status, 400, "an oversized thumbnail");
+    assert_eq!(oversized.status, 400, "an oversized thumbnail");
 
     // The simulator goes away: 503 with Retry-After, and the list says
     // which hypervisor is missing; it comes back by itself.
@@ -497,8 +490,8 @@ fn novnc_console_beside_thumbnails(io: &str) {
             let mut width = 64;
             while !stop.load(Ordering::Relaxed) && width < 64 + 500 {
                 let path = format!("/api/v1/vms/lab:x1/thumbnail?width={width}&height=480");
-                let (status, head, body) = get_bytes(control, &path, &[]);
-                taken.push((width, status, head, body.len()));
+                let (r, body) = get_bytes(control, &path, &[]);
+                taken.push((width, r.status, r.head, body.len()));
                 width += 1;
             }
             taken
