@@ -1323,15 +1323,38 @@ fn random_frame_sequences_come_out_whole_and_in_order(io: &str) {
 // VMware's wmks.js in headless Chromium, through a webmks session
 // ---------------------------------------------------------------------------
 
-/// How long wmks.js is watched after `connected`.
-const WMKS_WATCH_MS: u64 = 3_000;
+/// What a wmks.js run needs: node, an appliance (wss and plain ws), and the
+/// wmks.js page served over HTTP. The site and the certificate live as
+/// long as the page: the server and the appliance read their files.
+struct WmksPage {
+    node: std::path::PathBuf,
+    app: Appliance,
+    http: StaticServer,
+    _site: WmksSite,
+    _cert: TestCert,
+}
 
-fn wmks_js_through_a_webmks_session(io: &str) {
+fn wmks_page(io: &str) -> WmksPage {
     let node = wmks_prerequisites();
     let cert = TestCert::generate();
     let app = appliance(io, &cert, "");
     let site = WmksSite::assemble();
     let http = StaticServer::start(site.path());
+    WmksPage {
+        node,
+        app,
+        http,
+        _site: site,
+        _cert: cert,
+    }
+}
+
+/// How long wmks.js is watched after `connected`.
+const WMKS_WATCH_MS: u64 = 3_000;
+
+fn wmks_js_through_a_webmks_session(io: &str) {
+    let page = wmks_page(io);
+    let (node, app, http) = (&page.node, &page.app, &page.http);
 
     // 1. A host that relays to Xvnc and drops VMware's messages (type 127)
     //    before they reach it: wmks.js connects, renders the test card and
@@ -1341,9 +1364,9 @@ fn wmks_js_through_a_webmks_session(io: &str) {
     xvnc.draw_test_card();
     let backend = WssBackend::start(Behaviour::RelayDropping127(xvnc.addr()));
     let t = ticket("wmks");
-    let s = webmks_session(&app, &backend, &t, backend.thumbprint_sha1());
+    let s = webmks_session(app, &backend, &t, backend.thumbprint_sha1());
     let run = run_wmks(
-        &node,
+        node,
         &http.base_url(),
         &s.ws_url.replace("wss://", "ws://"),
         WMKS_WATCH_MS,
@@ -1422,9 +1445,9 @@ fn wmks_js_through_a_webmks_session(io: &str) {
     //    closes the WebSocket with 1000, and the appliance brings that
     //    close to wmks.js: it does not filter a WebMKS session.
     let backend = WssBackend::start(Behaviour::RelayTo(xvnc.addr()));
-    let s = webmks_session(&app, &backend, &ticket("wmks"), backend.thumbprint_sha1());
+    let s = webmks_session(app, &backend, &ticket("wmks"), backend.thumbprint_sha1());
     let run = run_wmks(
-        &node,
+        node,
         &http.base_url(),
         &s.ws_url.replace("wss://", "ws://"),
         WMKS_WATCH_MS,
@@ -1454,7 +1477,7 @@ fn wmks_js_through_a_webmks_session(io: &str) {
         "io={io}: no message 127 reached the host"
     );
     assert!(xvnc.log().contains("unknown message type 127"), "io={io}");
-    let v = wait_closed(&app, &s);
+    let v = wait_closed(app, &s);
     assert_eq!(v["close_code"], 1000, "io={io}: {v}");
 }
 
@@ -1467,11 +1490,8 @@ const WMKS_PLAIN_WATCH_MS: u64 = 5_000;
 /// the whole watch with the test card rendered, Xvnc never saw a message
 /// 127, and the metrics count what was dropped or translated.
 fn wmks_js_on_a_plain_vnc_session_stays_connected(io: &str) {
-    let node = wmks_prerequisites();
-    let cert = TestCert::generate();
-    let app = appliance(io, &cert, "");
-    let site = WmksSite::assemble();
-    let http = StaticServer::start(site.path());
+    let page = wmks_page(io);
+    let (node, app, http) = (&page.node, &page.app, &page.http);
     let xvnc = Xvnc::start();
     xvnc.draw_test_card();
     let s = app.create(&json!({
@@ -1479,7 +1499,7 @@ fn wmks_js_on_a_plain_vnc_session_stays_connected(io: &str) {
         "user": "wmks",
     }));
     let run = run_wmks(
-        &node,
+        node,
         &http.base_url(),
         &s.ws_url.replace("wss://", "ws://"),
         WMKS_PLAIN_WATCH_MS,
