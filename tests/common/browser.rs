@@ -404,6 +404,47 @@ impl Drop for ScriptGuard {
     }
 }
 
+/// Runs tests/browser/`<script>`.mjs with `node` and `args`, its output in
+/// `out_dir/<script>.log`; its process group is killed either way. Panics
+/// when it is still running after `limit` or exits unsuccessfully; returns
+/// its status and output.
+fn run_script(
+    node: &Path,
+    script: &str,
+    args: &[String],
+    out_dir: &Path,
+    limit: Duration,
+) -> (ExitStatus, String) {
+    let log_path = out_dir.join(format!("{script}.log"));
+    let log = File::create(&log_path).unwrap();
+    let child = Command::new(node)
+        .arg(browser_dir().join(format!("{script}.mjs")))
+        .args(args)
+        .current_dir(browser_dir())
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}spawn node: {e}", ctx()));
+    let mut guard = ScriptGuard(child);
+    let status = wait_child(&mut guard.0, limit);
+    let output = fs::read_to_string(&log_path).unwrap_or_default();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "{}{script}.mjs still running after {limit:?}; output so far:\n{output}",
+            ctx()
+        )
+    });
+    drop(guard);
+    assert!(
+        status.success(),
+        "{}{script}.mjs failed ({status}):\n{output}",
+        ctx()
+    );
+    (status, output)
+}
+
 /// What one run of tests/browser/novnc.mjs left: its output directory and
 /// its output.
 pub struct NovncRun {
@@ -449,33 +490,7 @@ pub fn run_novnc(node: &Path, base: &str, out_name: &str, runs: &[BrowserRun]) -
             args.push(u.clone());
         }
     }
-    let log_path = out_dir.join("novnc.log");
-    let log = File::create(&log_path).unwrap();
-    let child = Command::new(node)
-        .arg(browser_dir().join("novnc.mjs"))
-        .args(&args)
-        .current_dir(browser_dir())
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}spawn node: {e}", ctx()));
-    let mut guard = ScriptGuard(child);
-    let status = wait_child(&mut guard.0, SCRIPT_TIMEOUT);
-    let output = fs::read_to_string(&log_path).unwrap_or_default();
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "{}novnc.mjs still running after {SCRIPT_TIMEOUT:?}; output so far:\n{output}",
-            ctx()
-        )
-    });
-    drop(guard);
-    assert!(
-        status.success(),
-        "{}novnc.mjs failed ({status}):\n{output}",
-        ctx()
-    );
+    let (status, output) = run_script(node, "novnc", &args, &out_dir, SCRIPT_TIMEOUT);
     for r in runs {
         assert!(
             output.contains(&format!("ok run={} ", r.kind)),
@@ -882,34 +897,8 @@ pub fn run_wmks_with(
         args.push("--options".into());
         args.push(o.to_string());
     }
-    let log_path = out_dir.join("wmks.log");
-    let log = File::create(&log_path).unwrap();
-    let child = Command::new(node)
-        .arg(browser_dir().join("wmks.mjs"))
-        .args(&args)
-        .current_dir(browser_dir())
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}spawn node: {e}", ctx()));
-    let mut guard = ScriptGuard(child);
     let limit = Duration::from_millis(2 * WMKS_STEP_TIMEOUT_MS + watch_ms + 30_000);
-    let status = wait_child(&mut guard.0, limit);
-    let output = fs::read_to_string(&log_path).unwrap_or_default();
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "{}wmks.mjs still running after {limit:?}; output so far:\n{output}",
-            ctx()
-        )
-    });
-    drop(guard);
-    assert!(
-        status.success(),
-        "{}wmks.mjs failed ({status}):\n{output}",
-        ctx()
-    );
+    let (status, output) = run_script(node, "wmks", &args, &out_dir, limit);
     let record = run_record(&out_dir, "wmks");
     parse_wmks_record(out_dir, status, output, record)
 }
