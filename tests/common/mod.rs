@@ -274,6 +274,43 @@ pub fn wait_fd_count_at_most(pid: u32, most: usize, timeout: Duration, what: &st
     }
 }
 
+/// Descriptors of `pid` as (not pipes, pipe ends): pooled splice pipes
+/// come and go with the pool, so leak checks bound them apart.
+pub fn fd_counts_by_kind(pid: u32) -> (usize, usize) {
+    let t = fd_targets(pid);
+    let pipes = t.iter().filter(|t| t.starts_with("pipe:")).count();
+    (t.len() - pipes, pipes)
+}
+
+/// Waits (bounded) until `pid` holds at most `most.0` descriptors that are
+/// not pipes and at most `most.1` pipe ends, and returns both counts;
+/// panics like [`wait_fd_count_at_most`] after `timeout`.
+pub fn wait_fd_counts_at_most(
+    pid: u32,
+    most: (usize, usize),
+    timeout: Duration,
+    what: &str,
+) -> (usize, usize) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (other, pipes) = fd_counts_by_kind(pid);
+        if other <= most.0 && pipes <= most.1 {
+            return (other, pipes);
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{}{what}: {other} open descriptors besides pipes (at most {}) and {pipes} pipe ends \
+                 (at most {}) after {timeout:?}: {}",
+                ctx(),
+                most.0,
+                most.1,
+                fd_targets(pid).join(", ")
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// What each open descriptor of `pid` points to (`socket:[…]`,
 /// `pipe:[…]`, `anon_inode:[io_uring]`, a path), for failure messages.
 pub fn fd_targets(pid: u32) -> Vec<String> {
