@@ -198,10 +198,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "--key-password",
         "encrypted keys are not supported; decrypt the key file",
     ),
-    (
-        "--ssl-target",
-        "TLS to the target is not supported for VNC targets yet",
-    ),
     ("--verify-client", "client certificates are not supported"),
     ("--cafile", "client certificates are not supported"),
     (

@@ -51,6 +51,9 @@ backend_tests!(
     ticket_opens_one_backend_connection,
     random_frame_sequences_come_out_whole_and_in_order,
     wmks_js_through_a_webmks_session,
+    novnc_through_a_webmks_session,
+    proxy_ssl_target_relays_every_byte_pinned,
+    proxy_ssl_target_refuses_an_unpinned_or_wrong_certificate,
     wmks_js_on_a_plain_vnc_session_stays_connected,
 );
 
@@ -1479,6 +1482,188 @@ fn wmks_js_through_a_webmks_session(io: &str) {
     assert!(xvnc.log().contains("unknown message type 127"), "io={io}");
     let v = wait_closed(app, &s);
     assert_eq!(v["close_code"], 1000, "io={io}: {v}");
+}
+
+/// noVNC in headless Chromium through a `webmks` session: the host stand-in
+/// relays to Xvnc, noVNC reaches "connected" and renders Xvnc's test card
+/// whole (the canvas and a screenshot checked against it), the host got the
+/// appliance's own upgrade for the ticket's path offering `binary` only,
+/// and the session ends as the browser closes it, with the picture's bytes
+/// counted.
+fn novnc_through_a_webmks_session(io: &str) {
+    let node = browser_prerequisites();
+    let cert = TestCert::generate();
+    let app = Appliance::start(
+        io,
+        ApplianceOptions {
+            tls: Some((cert.cert_path.clone(), cert.key_path.clone())),
+            tls_toml: "allow_plain = true".into(),
+            web_dir: Some(std::path::PathBuf::from(NOVNC)),
+            ..Default::default()
+        },
+    );
+    let xvnc = Xvnc::start_with(XvncOptions {
+        width: 640,
+        height: 480,
+        password: None,
+    });
+    let card = xvnc.draw_test_card();
+    let backend = WssBackend::start(Behaviour::RelayTo(xvnc.addr()));
+    let t = ticket("novnc");
+    let s = webmks_session(&app, &backend, &t, backend.thumbprint_sha1());
+    let run = run_novnc(
+        &node,
+        &format!("http://{}", app.console),
+        &format!("novnc-webmks-{io}"),
+        &[BrowserRun::new("none", &card).path(&s.path)],
+    );
+    let r = backend.wait_ended(0, IO_TIMEOUT);
+    let up = r.upgrade.as_ref().expect("the upgrade request");
+    assert_eq!(up.path, format!("/ticket/{t}"), "io={io}");
+    assert_eq!(up.offered_protocols(), ["binary"], "io={io}");
+    assert!(
+        r.data_frames()
+            .iter()
+            .all(|f| f.mask.is_some() && f.opcode == OPCODE_BINARY),
+        "io={io}: {}",
+        r.summary()
+    );
+    let v = wait_closed(&app, &s);
+    assert!(
+        v["bytes_backend_to_browser"].as_u64() > Some(400),
+        "io={io}: the console carried (almost) nothing: {v}\n{}",
+        run.output
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Proxy mode: `consolegate proxy --ssl-target` (no control plane)
+// ---------------------------------------------------------------------------
+
+/// `consolegate proxy` with a TLS WebSocket target, websockify's drop-in
+/// for a WebMKS endpoint: pinned by `--target-thumbprint` in its SHA-1
+/// form (`--ssl-target host:port`, path `/`) and its SHA-256 form (a
+/// `wss://` URL, whose path reaches the host), every byte passes both ways
+/// from 0 bytes to beyond `buffer_bytes`, one message per frame; the host
+/// got `binary` offered, and the browser's close reaches it.
+fn proxy_ssl_target_relays_every_byte_pinned(io: &str) {
+    let total: u64 = SIZES.iter().map(|&n| n as u64).sum();
+    let backend = WssBackend::start(Behaviour::Pattern {
+        sizes: SIZES.to_vec(),
+    });
+    let t = ticket("proxy");
+    let host_port = format!("127.0.0.1:{}", backend.port());
+    let sha1 = backend.thumbprint_sha1().to_string();
+    let sha256 = backend.thumbprint_sha256().to_string();
+    let cases: [(Vec<&str>, String, String); 2] = [
+        (
+            vec!["--ssl-target", "--target-thumbprint", &sha1],
+            host_port,
+            "/".to_string(),
+        ),
+        (
+            vec!["--target-thumbprint", &sha256],
+            backend.url(&t),
+            format!("/ticket/{t}"),
+        ),
+    ];
+    for (i, (args, target, path)) in cases.iter().enumerate() {
+        let what = format!("io={io} proxy {args:?} {target}");
+        let proxy = Proxy::start(io, args, Some(target));
+        let mut c = ws_connect(io, proxy.addr, "/", &["binary"]);
+        assert_eq!(c.protocol.as_deref(), Some("binary"), "{what}");
+        let mut offset = 0u64;
+        for (k, &size) in SIZES.iter().enumerate() {
+            match c.next_message(IO_TIMEOUT) {
+                Ok(tungstenite::Message::Binary(b)) => {
+                    assert_eq!(b.len(), size, "{what}: message {k} re-framed");
+                    assert_eq!(
+                        check_pattern(offset, &b),
+                        None,
+                        "{what}: message {k} corrupt"
+                    );
+                }
+                other => panic!("{what}: message {k}: {other:?}"),
+            }
+            offset += size as u64;
+        }
+        let mut at = 0u64;
+        for &size in SIZES {
+            let mut p = vec![0u8; size];
+            fill_pattern(at, &mut p);
+            at += size as u64;
+            c.send(&p);
+        }
+        let r = backend.wait_for(IO_TIMEOUT, "every upstream byte", |r| {
+            r.get(i).filter(|c| c.upstream_bytes == total).cloned()
+        });
+        assert_eq!(r.upstream_first_mismatch, None, "{what}");
+        assert_eq!(
+            received_data_wire(&r).len(),
+            SIZES.len(),
+            "{what}: re-framed upstream"
+        );
+        let up = r.upgrade.as_ref().expect("the upgrade request");
+        assert_eq!(&up.path, path, "{what}");
+        assert_eq!(up.offered_protocols(), ["binary"], "{what}");
+        if i == 0 {
+            // The close handshake as a browser runs it: our close, its echo.
+            c.send_raw(&raw_frame(0x8, &1000u16.to_be_bytes(), Some([7, 7, 7, 7])));
+            let (code, _) = c.expect_close(IO_TIMEOUT);
+            assert_eq!(code, Some(1000), "{what}");
+        } else {
+            // A client that sends its close and leaves at once: the close
+            // still reaches the host (on io_uring the browser's end used to
+            // cut the close frame queued for the host).
+            c.close();
+        }
+        let r = backend.wait_ended(i, IO_TIMEOUT);
+        assert_eq!(
+            r.close_received.as_ref().and_then(|c| c.code),
+            Some(1000),
+            "{what}: {}\n{}",
+            r.summary(),
+            proxy.stderr()
+        );
+    }
+}
+
+/// `consolegate proxy --ssl-target` never relays to a host it cannot
+/// trust: a thumbprint of another certificate, or no pin at all against a
+/// self-signed host (the system roots do not know it), closes the browser
+/// with 1011 and the cause as its reason, logged; no upgrade reaches the
+/// host. A pin without a TLS target is refused at start.
+fn proxy_ssl_target_refuses_an_unpinned_or_wrong_certificate(io: &str) {
+    let backend = WssBackend::start(Behaviour::Echo);
+    let other = BackendCert::generate();
+    let target = format!("127.0.0.1:{}", backend.port());
+    let cases: [(Vec<&str>, &str); 2] = [
+        (
+            vec!["--ssl-target", "--target-thumbprint", &other.sha1],
+            "backend_cert_mismatch",
+        ),
+        (vec!["--ssl-target"], "backend_cert_untrusted"),
+    ];
+    for (i, (args, cause)) in cases.iter().enumerate() {
+        let what = format!("io={io} proxy {args:?}");
+        let proxy = Proxy::start(io, args, Some(&target));
+        let mut c = ws_connect(io, proxy.addr, "/", &["binary"]);
+        let (code, reason) = c.expect_close(IO_TIMEOUT);
+        assert_eq!((code, reason.as_str()), (Some(1011), *cause), "{what}");
+        let r = backend.wait_ended(i, IO_TIMEOUT);
+        assert!(
+            r.tls_error.is_some() && r.upgrade.is_none(),
+            "{what}: the proxy went on past a certificate it does not trust: {}",
+            r.summary()
+        );
+        wait_until(IO_TIMEOUT, "the cause in the log", || {
+            proxy.stderr().contains(cause).then_some(())
+        });
+    }
+    let err = Proxy::try_start(io, &["--target-thumbprint", &other.sha1], Some(&target))
+        .err()
+        .unwrap_or_else(|| panic!("io={io}: a pin without a TLS target was accepted"));
+    assert!(err.contains("--target-thumbprint"), "io={io}: {err}");
 }
 
 /// How long wmks.js must stay connected to a plain VNC server (issue 9).

@@ -113,6 +113,10 @@ pub struct Session {
     /// Payload bytes received straight into frame chunks by bulk receives
     /// (for the close log line).
     pub bytes_bulk_recv: u64,
+    /// The browser left after its close frame while ours to a WebMKS
+    /// backend was still queued: it is no longer read or written, and the
+    /// session ends once the backend has its close (or on the close timer).
+    browser_gone: bool,
 }
 
 fn ms(v: u64) -> Duration {
@@ -151,6 +155,7 @@ impl Session {
             bytes_down: 0,
             bytes_spliced: 0,
             bytes_bulk_recv: 0,
+            browser_gone: false,
         }
     }
 
@@ -214,6 +219,9 @@ impl Session {
 
     /// Read from the browser now?
     pub fn want_browser_read(&self, ctx: &WorkerCtx) -> bool {
+        if self.browser_gone {
+            return false;
+        }
         match &self.stage {
             Stage::Front(_) => true,
             // WebMKS: the browser waits until the backend's upgrade is done.
@@ -442,6 +450,20 @@ impl Session {
         self.browser.drop_unsent(ctx);
         // The IO layer drops a pipe that still holds bytes with the session.
         self.drop_splice();
+        let backend_close_queued = matches!(
+            &self.stage,
+            Stage::Relay(r) if matches!(r.phase, RelayPhase::Closing { close_received: true })
+                && !r.backend_flushed()
+        );
+        if backend_close_queued && error.is_none() {
+            // The browser ran its close and left at once (its FIN right
+            // behind its close frame): our close frame and close_notify to
+            // the WebMKS backend still go out; `settle` ends the session
+            // once they did, the close timer if they never do.
+            self.browser_gone = true;
+            self.settle(ctx, now);
+            return;
+        }
         self.finish(ctx, now);
         self.check_invariants(ctx);
     }
@@ -533,8 +555,12 @@ impl Session {
     fn settle(&mut self, ctx: &mut WorkerCtx, now: Instant) {
         let flushed = self.down_queued() == 0;
         match &self.stage {
+            // (A WebMKS session also waits, on its close timer, until the
+            // backend got our close frame: on io_uring the browser's side
+            // may finish first, and ending then would cut it.)
             Stage::Relay(r)
                 if flushed
+                    && r.backend_flushed()
                     && matches!(
                         r.phase,
                         RelayPhase::Closing {

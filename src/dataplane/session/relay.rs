@@ -111,6 +111,13 @@ impl Relay {
         matches!(self.phase, RelayPhase::Closing { .. })
     }
 
+    /// Nothing of ours is left for the backend: a WebMKS backend has been
+    /// handed our close frame and TLS close_notify (or is gone). A VNC
+    /// backend has no closing handshake: its socket is just closed.
+    pub(super) fn backend_flushed(&self) -> bool {
+        self.vnc().is_some() || self.to_backend.is_empty() || !self.backend.is_open()
+    }
+
     pub(super) fn vnc(&self) -> Option<&VncRelay> {
         match &self.kind {
             RelayKind::Vnc(v) => Some(v),
