@@ -187,7 +187,13 @@ fn check_response(handshake: &ClientHandshake, options: &ClientOptions, input: &
             assert!(consumed > 0 && consumed <= response.len());
             assert!(consumed <= limits.max_response_bytes, "read past the limit");
             let head = &response[..consumed];
-            assert!(head.starts_with(b"HTTP/1.1 101"), "accepted a non-101");
+            // Empty lines before the status line are skipped (as httparse
+            // and RFC 9112 section 2.2's robustness rule do).
+            let status_line = head
+                .iter()
+                .position(|&b| b != b'\r' && b != b'\n')
+                .map_or(&head[..0], |at| &head[at..]);
+            assert!(status_line.starts_with(b"HTTP/1.1 101"), "accepted a non-101");
             let accept = accept_key(handshake.key());
             assert!(
                 head.windows(accept.len()).any(|w| w == accept.as_bytes()),
