@@ -33,6 +33,7 @@ backend_tests!(
     downstream_bulk_base64_takes_the_copying_path,
     splice_pipes_exhausted_falls_back_to_copying,
     sessions_ended_mid_bulk_leak_nothing,
+    sessions_ended_mid_splice_close_their_pipes,
     backend_killed_closes_session,
     backend_end_of_stream_delivers_all_then_closes,
     backend_closed_mid_stream_closes_session,
@@ -473,24 +474,19 @@ fn close_line_field(proxy: &Proxy, sessions: usize, field: &str) -> Vec<u64> {
     )
 }
 
-/// Bulk downstream on plain binary sessions: on epoll the bulk stream must
-/// have gone through a splice pipe (when `expected`), on io_uring through
-/// bulk receives straight into frame chunks (`bytes_bulk_recv`); each
-/// backend uses only its own path, and base64 neither.
-fn assert_splice_use(io: &str, spliced: Vec<u64>, expected: bool, proxy: &Proxy) {
+/// Bulk downstream on plain binary sessions: on both backends the bulk
+/// stream must have gone through a splice pipe (when `expected`); epoll
+/// never uses bulk receives (io_uring's copying path, taken only when the
+/// pool has no pipe to lend), and base64 uses neither. Returns each
+/// session's `bytes_bulk_recv`.
+fn assert_splice_use(io: &str, spliced: Vec<u64>, expected: bool, proxy: &Proxy) -> Vec<u64> {
     let bulk = close_line_field(proxy, spliced.len().max(1), "bytes_bulk_recv");
     let bulk_total: u64 = bulk.iter().sum();
-    if io == "uring" && expected {
-        assert!(
-            bulk_total > 0,
-            "io={io}: no byte came through a bulk receive ({bulk:?})\n{}",
-            proxy.diagnostics()
-        );
-    } else {
+    if io == "epoll" || !expected {
         assert_eq!(bulk_total, 0, "io={io}: bulk receives used: {bulk:?}");
     }
     let total: u64 = spliced.iter().sum();
-    if io == "epoll" && expected {
+    if expected {
         assert!(
             total > 0,
             "io={io}: no byte went through a splice pipe ({spliced:?})\n{}",
@@ -499,6 +495,7 @@ fn assert_splice_use(io: &str, spliced: Vec<u64>, expected: bool, proxy: &Proxy)
     } else {
         assert_eq!(total, 0, "io={io}: bytes were spliced: {spliced:?}");
     }
+    bulk
 }
 
 /// A backend that writes the test pattern in the given steps (bulk writes
@@ -740,7 +737,14 @@ fn splice_pipes_exhausted_falls_back_to_copying(io: &str) {
     );
     let (code, _) = stalled.expect_close(Duration::from_secs(5));
     assert_eq!(code, Some(1000), "io={io}");
-    assert_splice_use(io, spliced_bytes(&proxy, 3), true, &proxy);
+    let bulk = assert_splice_use(io, spliced_bytes(&proxy, 3), true, &proxy);
+    if io == "uring" {
+        // The staller held the only pipe: the others took bulk receives.
+        assert!(
+            bulk.iter().sum::<u64>() > 0,
+            "io={io}: no bulk receive while the pipe was lent: {bulk:?}"
+        );
+    }
 }
 
 /// A backend that serves up to `connections` connections, each with the
@@ -784,7 +788,7 @@ const LEAK_SESSIONS_PER_ROUND: usize = 9;
 const LEAK_HWM_ALLOWANCE_BYTES: u64 = 1536 * 1024;
 
 /// Browsers that vanish, close, or break the protocol while bulk bytes
-/// flow (on io_uring: while bulk receives are in flight), round after
+/// flow (through splice pipes on both backends), round after
 /// round: every session ends and logs its close; once they are gone the
 /// proxy holds no more descriptors than after the first (warm-up) round
 /// and its peak memory has not grown past [`LEAK_HWM_ALLOWANCE_BYTES`]; it
@@ -826,18 +830,18 @@ fn sessions_ended_mid_bulk_leak_nothing(io: &str) {
     for round in 0..LEAK_ROUNDS {
         end_sessions_mid_bulk(io, &proxy, round);
         let ended = (round + 1) * LEAK_SESSIONS_PER_ROUND;
-        let bulk = close_line_field(&proxy, ended, "bytes_bulk_recv");
+        let spliced = close_line_field(&proxy, ended, "bytes_spliced");
         assert_eq!(
-            bulk.len(),
+            spliced.len(),
             ended,
             "io={io}: close lines after round {round}"
         );
-        if io == "uring" {
-            assert!(
-                bulk.iter().all(|&b| b > 0),
-                "io={io}: a session without bulk receives: {bulk:?}"
-            );
-        }
+        // Both backends splice bulk streams (io_uring: the worker's own
+        // splice calls on poll completions).
+        assert!(
+            spliced.iter().all(|&b| b > 0),
+            "io={io}: a session without spliced bytes: {spliced:?}"
+        );
         let (fds, hwm) = match baseline {
             None => {
                 // Pooled splice pipes stay open between sessions: the
@@ -898,6 +902,65 @@ fn sessions_ended_mid_bulk_leak_nothing(io: &str) {
         )
     });
     assert!(status.success(), "io={io}: exit status {status}");
+}
+
+/// Sessions in [`sessions_ended_mid_splice_close_their_pipes`].
+const MID_SPLICE_SESSIONS: usize = 3;
+
+/// Bulk streams splice on both backends, and a session that ends while its
+/// spliced frame waits in a pipe closes that pipe: with the browsers
+/// stalled (not reading), every session holds its own pipe full of bytes
+/// (two more pipe ends each); once the browsers are gone (a reset, unread
+/// bytes left) the proxy holds exactly the descriptors it had at start, no
+/// pipe pooled (one holding a gone session's bytes is never reused), and
+/// every close line counts spliced bytes.
+fn sessions_ended_mid_splice_close_their_pipes(io: &str) {
+    let addr = endless_backend(MID_SPLICE_SESSIONS);
+    let proxy = Proxy::start(
+        io,
+        &[
+            "--workers",
+            "1",
+            "--splice-min-bytes",
+            "1024",
+            "--splice-pipes",
+            "4",
+        ],
+        Some(&addr.to_string()),
+    );
+    let pid = proxy.pid();
+    settled_fd_count(pid);
+    let at_start = fd_counts_by_kind(pid);
+    let mut clients = Vec::new();
+    for i in 0..MID_SPLICE_SESSIONS {
+        let mut c = ws_connect_small_rcvbuf(io, proxy.addr, "/", 64 * 1024);
+        let data = c
+            .read_exact(1 << 20, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("io={io}: stream {i} did not start: {e:?}"));
+        assert_eq!(check_pattern(0, &data), None, "io={io}: stream {i} corrupt");
+        clients.push(c);
+    }
+    let want_pipes = at_start.1 + 2 * MID_SPLICE_SESSIONS;
+    wait_until(
+        Duration::from_secs(15),
+        "every stalled session to hold a full splice pipe",
+        || {
+            let (_, pipes) = fd_counts_by_kind(pid);
+            (pipes == want_pipes).then_some(())
+        },
+    );
+    drop(clients);
+    let spliced = spliced_bytes(&proxy, MID_SPLICE_SESSIONS);
+    assert!(
+        spliced.len() == MID_SPLICE_SESSIONS && spliced.iter().all(|&b| b > 0),
+        "io={io}: a session without spliced bytes: {spliced:?}"
+    );
+    wait_fd_counts_at_most(
+        pid,
+        at_start,
+        Duration::from_secs(15),
+        "after the sessions ended mid-splice",
+    );
 }
 
 /// One round of [`sessions_ended_mid_bulk_leak_nothing`]: each session
