@@ -474,19 +474,24 @@ fn close_line_field(proxy: &Proxy, sessions: usize, field: &str) -> Vec<u64> {
     )
 }
 
-/// Bulk downstream on plain binary sessions: on both backends the bulk
-/// stream must have gone through a splice pipe (when `expected`); epoll
-/// never uses bulk receives (io_uring's copying path, taken only when the
-/// pool has no pipe to lend), and base64 uses neither. Returns each
-/// session's `bytes_bulk_recv`.
-fn assert_splice_use(io: &str, spliced: Vec<u64>, expected: bool, proxy: &Proxy) -> Vec<u64> {
+/// Bulk downstream on plain binary sessions: on epoll the bulk stream must
+/// have gone through a splice pipe (when `expected`), on io_uring through
+/// bulk receives straight into frame chunks (`bytes_bulk_recv`); each
+/// backend uses only its own path, and base64 neither.
+fn assert_splice_use(io: &str, spliced: Vec<u64>, expected: bool, proxy: &Proxy) {
     let bulk = close_line_field(proxy, spliced.len().max(1), "bytes_bulk_recv");
     let bulk_total: u64 = bulk.iter().sum();
-    if io == "epoll" || !expected {
+    if io == "uring" && expected {
+        assert!(
+            bulk_total > 0,
+            "io={io}: no byte came through a bulk receive ({bulk:?})\n{}",
+            proxy.diagnostics()
+        );
+    } else {
         assert_eq!(bulk_total, 0, "io={io}: bulk receives used: {bulk:?}");
     }
     let total: u64 = spliced.iter().sum();
-    if expected {
+    if io == "epoll" && expected {
         assert!(
             total > 0,
             "io={io}: no byte went through a splice pipe ({spliced:?})\n{}",
@@ -495,7 +500,6 @@ fn assert_splice_use(io: &str, spliced: Vec<u64>, expected: bool, proxy: &Proxy)
     } else {
         assert_eq!(total, 0, "io={io}: bytes were spliced: {spliced:?}");
     }
-    bulk
 }
 
 /// A backend that writes the test pattern in the given steps (bulk writes
@@ -737,14 +741,7 @@ fn splice_pipes_exhausted_falls_back_to_copying(io: &str) {
     );
     let (code, _) = stalled.expect_close(Duration::from_secs(5));
     assert_eq!(code, Some(1000), "io={io}");
-    let bulk = assert_splice_use(io, spliced_bytes(&proxy, 3), true, &proxy);
-    if io == "uring" {
-        // The staller held the only pipe: the others took bulk receives.
-        assert!(
-            bulk.iter().sum::<u64>() > 0,
-            "io={io}: no bulk receive while the pipe was lent: {bulk:?}"
-        );
-    }
+    assert_splice_use(io, spliced_bytes(&proxy, 3), true, &proxy);
 }
 
 /// A backend that serves up to `connections` connections, each with the
@@ -788,7 +785,7 @@ const LEAK_SESSIONS_PER_ROUND: usize = 9;
 const LEAK_HWM_ALLOWANCE_BYTES: u64 = 1536 * 1024;
 
 /// Browsers that vanish, close, or break the protocol while bulk bytes
-/// flow (through splice pipes on both backends), round after
+/// flow (on io_uring: while bulk receives are in flight), round after
 /// round: every session ends and logs its close; once they are gone the
 /// proxy holds no more descriptors than after the first (warm-up) round
 /// and its peak memory has not grown past [`LEAK_HWM_ALLOWANCE_BYTES`]; it
@@ -830,18 +827,18 @@ fn sessions_ended_mid_bulk_leak_nothing(io: &str) {
     for round in 0..LEAK_ROUNDS {
         end_sessions_mid_bulk(io, &proxy, round);
         let ended = (round + 1) * LEAK_SESSIONS_PER_ROUND;
-        let spliced = close_line_field(&proxy, ended, "bytes_spliced");
+        let bulk = close_line_field(&proxy, ended, "bytes_bulk_recv");
         assert_eq!(
-            spliced.len(),
+            bulk.len(),
             ended,
             "io={io}: close lines after round {round}"
         );
-        // Both backends splice bulk streams (io_uring: the worker's own
-        // splice calls on poll completions).
-        assert!(
-            spliced.iter().all(|&b| b > 0),
-            "io={io}: a session without spliced bytes: {spliced:?}"
-        );
+        if io == "uring" {
+            assert!(
+                bulk.iter().all(|&b| b > 0),
+                "io={io}: a session without bulk receives: {bulk:?}"
+            );
+        }
         let (fds, hwm) = match baseline {
             None => {
                 // Pooled splice pipes stay open between sessions: the
@@ -907,7 +904,8 @@ fn sessions_ended_mid_bulk_leak_nothing(io: &str) {
 /// Sessions in [`sessions_ended_mid_splice_close_their_pipes`].
 const MID_SPLICE_SESSIONS: usize = 3;
 
-/// Bulk streams splice on both backends, and a session that ends while its
+/// Bulk streams splice on both backends (io_uring with `--uring-splice`:
+/// the worker's own splice calls on poll completions), and a session that ends while its
 /// spliced frame waits in a pipe closes that pipe: with the browsers
 /// stalled (not reading), every session holds its own pipe full of bytes
 /// (two more pipe ends each); once the browsers are gone (a reset, unread
@@ -925,6 +923,7 @@ fn sessions_ended_mid_splice_close_their_pipes(io: &str) {
             "1024",
             "--splice-pipes",
             "4",
+            "--uring-splice",
         ],
         Some(&addr.to_string()),
     );
@@ -954,6 +953,11 @@ fn sessions_ended_mid_splice_close_their_pipes(io: &str) {
     assert!(
         spliced.len() == MID_SPLICE_SESSIONS && spliced.iter().all(|&b| b > 0),
         "io={io}: a session without spliced bytes: {spliced:?}"
+    );
+    let bulk = close_line_field(&proxy, MID_SPLICE_SESSIONS, "bytes_bulk_recv");
+    assert!(
+        bulk.iter().all(|&b| b == 0),
+        "io={io}: bulk receives while splicing: {bulk:?}"
     );
     wait_fd_counts_at_most(
         pid,

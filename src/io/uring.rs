@@ -7,7 +7,8 @@
 //!   buffer at all. A buffer is handed back to the ring as soon as its bytes
 //!   were given to the session.
 //! - Bulk downstream (`Session::bulk_recv_wanted`: a plain binary session
-//!   whose last backend read brought at least `splice_min_bytes`): the
+//!   whose last backend read brought at least `splice_min_bytes`), unless
+//!   it splices (below): the
 //!   multishot recv is cancelled and the backend is read by single-shot
 //!   recvs straight into a frame chunk the session lends
 //!   (`Session::backend_bulk_buf`), behind room for the frame header, so
@@ -16,8 +17,8 @@
 //!   EAGAIN, and never wait in the kernel holding the chunk; on EAGAIN a
 //!   one-shot poll (which holds nothing) waits for the next bytes. So an
 //!   idle session holds no chunk. A short read goes back to multishot.
-//! - Splice (the same bulk sessions, while the worker's [`PipePool`] lends
-//!   a pipe, which is the default): instead of bulk recvs, the worker
+//! - Splice (`uring_splice`, off by default; the same bulk sessions, while
+//!   the worker's [`PipePool`] lends a pipe): instead of bulk recvs, the worker
 //!   splices backend → pipe → browser itself with non-blocking `splice(2)`
 //!   calls through the session's splice steps, as the epoll backend does,
 //!   and waits for readiness with one-shot `POLL_ADD`s (POLLIN on the
@@ -567,8 +568,9 @@ pub fn run(
         dedicated: slab::Slab::new(),
         accept_backoff: AcceptBackoff::default(),
         batch: Vec::with_capacity(8),
+        // No pipes (bulk receives instead) unless `uring_splice` is on.
         pipes: PipePool::new(
-            if l.splice_min_bytes > 0 {
+            if l.splice_min_bytes > 0 && l.uring_splice {
                 l.splice_pipes_per_worker
             } else {
                 0
