@@ -174,6 +174,9 @@ struct ProxyArgs {
     /// Splice pipes per worker (in use plus kept for reuse).
     #[arg(long)]
     splice_pipes: Option<usize>,
+    /// io_uring: splice bulk downstream (as epoll does) instead of bulk receives.
+    #[arg(long)]
+    uring_splice: bool,
 }
 
 /// websockify options we do not implement, with why. Refused with a clear
@@ -383,6 +386,9 @@ fn proxy_config(a: ProxyArgs) -> anyhow::Result<ProxyConfig> {
     }
     if let Some(v) = a.splice_pipes {
         limits.splice_pipes_per_worker = v;
+    }
+    if a.uring_splice {
+        limits.uring_splice = true;
     }
     let origins: Vec<String> = a.origin.into_iter().filter(|o| !o.is_empty()).collect();
     Ok(ProxyConfig {

@@ -33,6 +33,7 @@ backend_tests!(
     downstream_bulk_base64_takes_the_copying_path,
     splice_pipes_exhausted_falls_back_to_copying,
     sessions_ended_mid_bulk_leak_nothing,
+    sessions_ended_mid_splice_close_their_pipes,
     backend_killed_closes_session,
     backend_end_of_stream_delivers_all_then_closes,
     backend_closed_mid_stream_closes_session,
@@ -898,6 +899,102 @@ fn sessions_ended_mid_bulk_leak_nothing(io: &str) {
         )
     });
     assert!(status.success(), "io={io}: exit status {status}");
+}
+
+/// Sessions per round of [`sessions_ended_mid_splice_close_their_pipes`].
+const MID_SPLICE_SESSIONS: usize = 3;
+/// Its rounds: the first sets the baseline (the pool may keep a pipe that
+/// came back empty), the others must not add to it.
+const MID_SPLICE_ROUNDS: usize = 3;
+
+/// Bulk streams splice on both backends (io_uring with `--uring-splice`:
+/// the worker's own splice calls on poll completions), and sessions that
+/// end while their spliced frames wait in pipes leak no pipe: in each round
+/// the browsers stall (stop reading) until a session's pipe holds its
+/// bytes (usually each session's does; one that happened to leave bulk mode
+/// as its browser stalled holds copied bytes instead), then vanish (a
+/// reset, unread bytes left); every close line counts spliced bytes and no
+/// bulk receive, and
+/// after each round the proxy holds no more descriptors (pipe ends or
+/// others) than after the first.
+fn sessions_ended_mid_splice_close_their_pipes(io: &str) {
+    let addr = endless_backend(MID_SPLICE_SESSIONS * MID_SPLICE_ROUNDS);
+    let proxy = Proxy::start(
+        io,
+        &[
+            "--workers",
+            "1",
+            "--splice-min-bytes",
+            "1024",
+            "--splice-pipes",
+            "4",
+            "--uring-splice",
+        ],
+        Some(&addr.to_string()),
+    );
+    let pid = proxy.pid();
+    settled_fd_count(pid);
+    let at_start = fd_counts_by_kind(pid);
+    let mut baseline = None;
+    for round in 0..MID_SPLICE_ROUNDS {
+        let mut clients = Vec::new();
+        for i in 0..MID_SPLICE_SESSIONS {
+            let mut c = ws_connect_small_rcvbuf(io, proxy.addr, "/", 64 * 1024);
+            let data = c.read_exact(1 << 20, IO_TIMEOUT).unwrap_or_else(|e| {
+                panic!("io={io}: round {round} stream {i} did not start: {e:?}")
+            });
+            assert_eq!(
+                check_pattern(0, &data),
+                None,
+                "io={io}: round {round} stream {i} corrupt"
+            );
+            clients.push(c);
+        }
+        let lent = at_start.1 + 2 * MID_SPLICE_SESSIONS;
+        wait_until(
+            Duration::from_secs(15),
+            "a stalled session to hold a splice pipe",
+            || (fd_counts_by_kind(pid).1 >= at_start.1 + 2).then_some(()),
+        );
+        eprintln!(
+            "io={io}: round {round}: {} pipe ends with the browsers stalled ({} at start)",
+            fd_counts_by_kind(pid).1,
+            at_start.1
+        );
+        drop(clients);
+        let ended = (round + 1) * MID_SPLICE_SESSIONS;
+        let spliced = spliced_bytes(&proxy, ended);
+        assert!(
+            spliced.len() == ended && spliced.iter().all(|&b| b > 0),
+            "io={io}: a session without spliced bytes: {spliced:?}"
+        );
+        let bulk = close_line_field(&proxy, ended, "bytes_bulk_recv");
+        assert!(
+            bulk.iter().all(|&b| b == 0),
+            "io={io}: bulk receives while splicing: {bulk:?}"
+        );
+        match baseline {
+            None => {
+                // Settled: every session's sockets and pipe are closed.
+                wait_fd_counts_at_most(
+                    pid,
+                    (at_start.0, lent),
+                    Duration::from_secs(15),
+                    "after the first round",
+                );
+                settled_fd_count(pid);
+                baseline = Some(fd_counts_by_kind(pid));
+            }
+            Some(b) => {
+                wait_fd_counts_at_most(
+                    pid,
+                    b,
+                    Duration::from_secs(15),
+                    &format!("after round {round} (first round: {b:?})"),
+                );
+            }
+        }
+    }
 }
 
 /// One round of [`sessions_ended_mid_bulk_leak_nothing`]: each session

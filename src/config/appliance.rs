@@ -1995,7 +1995,7 @@ mod tests {
         // trips: the mapping is derived from the struct, not a hand list.
         let schema = schema();
         let limits = schema["dataplane"]["limits"].as_table().unwrap();
-        assert_eq!(limits.len(), 28);
+        assert_eq!(limits.len(), 29);
         let vars: Vec<(String, String)> = limits
             .iter()
             .map(|(k, v)| {

@@ -163,6 +163,13 @@ pub struct Limits {
     /// taken, sessions use the copying path. Cost: two file descriptors per
     /// pipe, and up to `splice_pipe_bytes` of kernel memory per pipe in use.
     pub splice_pipes_per_worker: usize,
+    /// io_uring: splice bulk downstream like epoll (the worker's own
+    /// non-blocking splice(2) calls, woken by POLL_ADD completions, through
+    /// the same pipe pool) instead of bulk receives. Off by default: on the
+    /// 2-vCPU development VM it removed the two payload copies but did not
+    /// lower CPU per GB (docs/BENCHMARKS.md, "io_uring downstream CPU").
+    /// Cost when on: as for epoll's splicing.
+    pub uring_splice: bool,
 }
 
 impl Default for Limits {
@@ -196,6 +203,7 @@ impl Default for Limits {
             splice_min_bytes: 16 * 1024,
             splice_pipe_bytes: 256 * 1024,
             splice_pipes_per_worker: 64,
+            uring_splice: false,
         }
     }
 }

@@ -1,6 +1,9 @@
-//! splice(2) plumbing for the epoll backend: a per-worker pool of pipes and
+//! splice(2) plumbing for both backends: a per-worker pool of pipes and
 //! the three syscalls of a spliced downstream frame (socket → pipe, the
-//! frame header with MSG_MORE, pipe → socket).
+//! frame header with MSG_MORE, pipe → socket). The epoll backend calls them
+//! on readiness events, the io_uring backend on `POLL_ADD` completions
+//! (an `IORING_OP_SPLICE` is always punted to an io-wq thread); both on
+//! non-blocking sockets, from the worker thread.
 //!
 //! What it does not do: decide when to splice or what a frame is (that is
 //! the session's job, see `Session::splice_in_limit`); it only moves bytes
@@ -108,9 +111,10 @@ impl Pipe {
 
 /// Send `buf` on socket `fd` with MSG_MORE when `more` (the pipe's bytes
 /// follow at once: the header and the payload leave in one segment rather
-/// than a tiny one first) and MSG_NOSIGNAL.
+/// than a tiny one first), MSG_NOSIGNAL and MSG_DONTWAIT (never block the
+/// worker, whatever the socket's own mode).
 pub fn send(fd: RawFd, buf: &[u8], more: bool) -> io::Result<usize> {
-    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | if more { libc::MSG_MORE } else { 0 };
     // SAFETY: buf is valid for buf.len() bytes for the duration of the call.
     let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
     if n < 0 {
@@ -181,6 +185,13 @@ impl PipePool {
         }
     }
 
+    /// Would [`PipePool::take`] give a pipe now (unless creating one fails)?
+    /// The io_uring backend waits for a session's queue to drain, rather
+    /// than copy, only when it would.
+    pub fn can_lend(&self) -> bool {
+        !self.disabled && (!self.free.is_empty() || self.lent < self.max)
+    }
+
     /// Stop splicing on this worker (splice refused by the kernel).
     pub fn disable(&mut self) {
         self.disabled = true;
@@ -216,9 +227,11 @@ mod tests {
         assert!(a.capacity() >= 4096);
         let mut b = pool.take().expect("second pipe");
         assert!(pool.take().is_none(), "bounded by max");
+        assert!(!pool.can_lend());
         assert_eq!(pool.lent(), 2);
         pool.give(a);
         assert_eq!((pool.lent(), pool.free_len()), (1, 1));
+        assert!(pool.can_lend());
         // A pipe that still holds bytes is closed, not kept.
         b.held = 10;
         pool.give(b);
@@ -227,6 +240,7 @@ mod tests {
         let _d = pool.take().unwrap();
         assert!(pool.take().is_none());
         pool.disable();
+        assert!(!pool.can_lend());
         assert!(pool.take().is_none());
         assert!(PipePool::new(0, 4096).take().is_none(), "0 pipes: off");
     }

@@ -7,7 +7,8 @@
 //!   buffer at all. A buffer is handed back to the ring as soon as its bytes
 //!   were given to the session.
 //! - Bulk downstream (`Session::bulk_recv_wanted`: a plain binary session
-//!   whose last backend read brought at least `splice_min_bytes`): the
+//!   whose last backend read brought at least `splice_min_bytes`), unless
+//!   it splices (below): the
 //!   multishot recv is cancelled and the backend is read by single-shot
 //!   recvs straight into a frame chunk the session lends
 //!   (`Session::backend_bulk_buf`), behind room for the frame header, so
@@ -16,6 +17,15 @@
 //!   EAGAIN, and never wait in the kernel holding the chunk; on EAGAIN a
 //!   one-shot poll (which holds nothing) waits for the next bytes. So an
 //!   idle session holds no chunk. A short read goes back to multishot.
+//! - Splice (`uring_splice`, off by default; the same bulk sessions, while
+//!   the worker's [`PipePool`] lends a pipe): instead of bulk recvs, the worker
+//!   splices backend → pipe → browser itself with non-blocking `splice(2)`
+//!   calls through the session's splice steps, as the epoll backend does,
+//!   and waits for readiness with one-shot `POLL_ADD`s (POLLIN on the
+//!   backend, POLLOUT on the browser), which hold no buffer. No payload
+//!   byte is copied (a bulk recv copies each byte out of the kernel and
+//!   back in). `IORING_OP_SPLICE` is not used: the kernel punts every one
+//!   to an io-wq thread. See [`splice_pump`].
 //! - One send in flight per leg, straight from the session's queue (whose
 //!   bytes never move while queued, see `dataplane::buffer`).
 //! - Backpressure: when the session stops wanting a leg's bytes, the
@@ -42,6 +52,7 @@ use crate::cause::Cause;
 use crate::dataplane::session::{Session, WorkerCtx};
 use crate::dataplane::turn::{Turn, WorkerIo};
 use crate::dataplane::worker::{self, AcceptBackoff, WorkerControl};
+use crate::io::splice::{self, Pipe, PipePool};
 use crate::mailbox::{Admission, WorkerInbox};
 use crate::metrics::WorkerMetrics;
 
@@ -65,10 +76,16 @@ const OP_WAKE: u64 = 8;
 const OP_BACKEND_BULK: u64 = 9;
 /// One-shot POLLIN on the backend while in bulk mode with nothing to read.
 const OP_BACKEND_POLL: u64 = 10;
+/// One-shot POLLOUT on the browser while a spliced frame cannot go out.
+const OP_BROWSER_POLL: u64 = 11;
 const LISTENER_SLOT: u64 = 0xffff_ffff;
 const WAKE_SLOT: u64 = 0xffff_fffe;
 /// Dedicated listeners' slots start here (session slots are far below).
 const DEDICATED_BASE: u64 = 1 << 40;
+/// Splice rounds (backend → pipe, header, pipe → browser) per `sync` of a
+/// session before the others get their turn; a session with more to move
+/// then waits for a poll, which completes at once when the socket is ready.
+const SPLICE_ROUNDS_PER_SYNC: usize = 32;
 
 fn ud(slot: u64, op: u64) -> u64 {
     (slot << 8) | op
@@ -297,6 +314,15 @@ struct Conn {
     backend_drained: bool,
     /// A send to the backend is in flight.
     backend_send: bool,
+    /// The splice pipe lent to this session while a spliced frame's payload
+    /// waits in it (splice calls are synchronous: no operation uses it).
+    pipe: Option<Pipe>,
+    /// A POLLOUT poll on the browser is in flight (a spliced frame is
+    /// blocked on a full socket).
+    browser_poll: bool,
+    /// Both sockets were made O_NONBLOCK (for splice; io_uring's own
+    /// operations ignore the flag).
+    nonblocking: bool,
     connect: Connect,
     backend_eof: bool,
     /// The session is done; waiting for `inflight` to reach zero.
@@ -388,6 +414,7 @@ struct Worker {
     accept_backoff: AcceptBackoff,
     /// Reused storage of [`Batch`].
     batch: Vec<squeue::Entry>,
+    pipes: PipePool,
 }
 
 impl Worker {
@@ -541,6 +568,15 @@ pub fn run(
         dedicated: slab::Slab::new(),
         accept_backoff: AcceptBackoff::default(),
         batch: Vec::with_capacity(8),
+        // No pipes (bulk receives instead) unless `uring_splice` is on.
+        pipes: PipePool::new(
+            if l.splice_min_bytes > 0 && l.uring_splice {
+                l.splice_pipes_per_worker
+            } else {
+                0
+            },
+            l.splice_pipe_bytes,
+        ),
     };
     w.arm_accept()?;
     w.arm_wake()?;
@@ -861,6 +897,11 @@ fn complete(
             c.backend_read = BackendRead::Idle;
             c.backend_drained = false;
         }
+        OP_BROWSER_POLL => {
+            // Writable, hung up, failed or cancelled: the next splice tells.
+            c.inflight -= 1;
+            c.browser_poll = false;
+        }
         OP_BROWSER_SEND | OP_BACKEND_SEND => {
             c.inflight -= 1;
             let browser = op == OP_BROWSER_SEND;
@@ -964,6 +1005,9 @@ fn add_conn(
         backend_read: BackendRead::Idle,
         backend_drained: false,
         backend_send: false,
+        pipe: None,
+        browser_poll: false,
+        nonblocking: false,
         connect: Connect::Idle,
         backend_eof: false,
         teardown: false,
@@ -1033,8 +1077,9 @@ fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::R
             if c.s.backend_should_close() {
                 end_backend(c, s64, &mut batch);
             }
-            // Sends.
-            if !c.browser_send && c.s.browser_pending_len() > 0 {
+            splice_pump(c, &mut w.pipes, ctx, now, s64, &mut batch);
+            // Sends (a spliced frame goes out in `splice_pump`).
+            if !c.browser_send && c.s.browser_pending_len() > 0 && c.s.pipe_bytes() == 0 {
                 let p = c.s.browser_pending();
                 let e = opcode::Send::new(Fd(c.browser.as_raw_fd()), p.as_ptr(), p.len() as u32)
                     .flags(libc::MSG_NOSIGNAL)
@@ -1079,6 +1124,10 @@ fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::R
             let want_k =
                 c.s.want_backend_read(ctx) && !c.backend_eof && !connecting && c.backend.is_some();
             let bulk = want_k && c.s.bulk_recv_wanted(ctx);
+            // Splicing (the pool lends pipes) but bytes are still queued for
+            // the browser: a send is in flight and the next frame header
+            // must not overtake them; its completion brings the splice.
+            let drain_first = bulk && w.pipes.can_lend() && c.s.splice_in_limit(ctx).is_none();
             if want_k && c.backend_read == BackendRead::Idle {
                 if let Some(k) = c.backend.as_ref() {
                     let fd = Fd(k.as_raw_fd());
@@ -1090,6 +1139,7 @@ fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::R
                         c.backend_read = BackendRead::Poll;
                         c.inflight += 1;
                         batch.add(e);
+                    } else if drain_first {
                     } else if let Some(buf) = bulk.then(|| c.s.backend_bulk_buf(ctx)).flatten() {
                         // MSG_DONTWAIT: completes at once (bytes or EAGAIN),
                         // so the lent chunk is never parked in the kernel.
@@ -1148,6 +1198,10 @@ fn sync(w: &mut Worker, ctx: &mut WorkerCtx, slot: usize, now: Instant) -> io::R
         .is_some_and(|c| c.teardown && c.inflight == 0);
     if done {
         let mut c = w.conns.remove(slot);
+        if let Some(p) = c.pipe.take() {
+            // Closed, not reused, if bytes of this session are still in it.
+            w.pipes.give(p);
+        }
         c.s.release(ctx);
         // Dropping the streams closes both fds.
     }
@@ -1170,6 +1224,194 @@ fn end_backend(c: &mut Conn, slot: u64, batch: &mut Batch) {
     }
     c.backend_eof = true;
     c.s.backend_closed();
+}
+
+/// Splice mode: move bulk backend bytes to the browser through a pipe,
+/// with synchronous non-blocking splice calls from this thread (the epoll
+/// backend's path, see `io/epoll.rs`): the spliced frame's header (MSG_MORE)
+/// and payload out first, then the next splice in, until a socket would
+/// block (a one-shot poll then waits for it: POLLOUT here, POLLIN in `sync`
+/// through `backend_drained`) or `SPLICE_ROUNDS_PER_SYNC` is spent.
+///
+/// It reads the backend only when no receive or poll of it is in flight
+/// (`BackendRead::Idle`) and splices in only when nothing is queued for the
+/// browser (`Session::splice_in_limit`), so bytes keep their order. A pipe
+/// goes back to the pool as soon as it is empty.
+fn splice_pump(
+    c: &mut Conn,
+    pipes: &mut PipePool,
+    ctx: &mut WorkerCtx,
+    now: Instant,
+    slot: u64,
+    batch: &mut Batch,
+) {
+    if c.teardown {
+        return;
+    }
+    for _ in 0..SPLICE_ROUNDS_PER_SYNC {
+        let mut progress = false;
+        if c.s.pipe_bytes() > 0 {
+            progress |= splice_out(c, ctx, now, slot, batch);
+        }
+        if c.s.pipe_bytes() == 0 {
+            if let Some(p) = c.pipe.take() {
+                pipes.give(p);
+            }
+        }
+        if c.s.is_done() {
+            return;
+        }
+        progress |= splice_in(c, pipes, ctx, now);
+        if !progress {
+            return;
+        }
+    }
+    // Budget spent: wait for readiness like any other session.
+    if c.s.pipe_bytes() > 0 {
+        arm_browser_poll(c, slot, batch);
+    } else {
+        c.backend_drained = true;
+    }
+}
+
+/// POLLOUT on the browser, once: the spliced frame continues when the
+/// socket takes bytes again.
+fn arm_browser_poll(c: &mut Conn, slot: u64, batch: &mut Batch) {
+    if c.browser_poll || c.browser_eof {
+        return;
+    }
+    let e = opcode::PollAdd::new(Fd(c.browser.as_raw_fd()), libc::POLLOUT as u32)
+        .build()
+        .user_data(ud(slot, OP_BROWSER_POLL));
+    c.browser_poll = true;
+    c.inflight += 1;
+    batch.add(e);
+}
+
+/// One step of the spliced frame towards the browser: its header, else its
+/// payload from the pipe. Returns whether it made progress.
+fn splice_out(
+    c: &mut Conn,
+    ctx: &mut WorkerCtx,
+    now: Instant,
+    slot: u64,
+    batch: &mut Batch,
+) -> bool {
+    // (No send is in flight while a frame is spliced: the queue was empty
+    // when it was spliced in, and `sync` sends nothing while it lasts.)
+    if c.browser_send || c.browser_poll || c.browser_eof {
+        return false;
+    }
+    let fd = c.browser.as_raw_fd();
+    let header = c.s.browser_pending();
+    let r = if !header.is_empty() {
+        // The pipe's bytes follow at once: one segment, not a tiny one first.
+        splice::send(fd, header, true).map(|n| (n, false))
+    } else {
+        let ready = c.s.splice_out_ready();
+        match c.pipe.as_mut() {
+            Some(p) if ready > 0 => p.drain_to(fd, ready).map(|n| (n, true)),
+            // Cannot happen: spliced bytes are always in this session's
+            // pipe. End the session rather than spin.
+            _ => Err(io::Error::other("spliced bytes without a pipe")),
+        }
+    };
+    match r {
+        Ok((0, _)) => {
+            arm_browser_poll(c, slot, batch);
+            false
+        }
+        Ok((n, false)) => {
+            c.s.browser_sent(ctx, n, now);
+            true
+        }
+        Ok((n, true)) => {
+            c.s.splice_out_done(ctx, n, now);
+            true
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            arm_browser_poll(c, slot, batch);
+            false
+        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+        Err(e) => {
+            c.s.on_browser_gone(ctx, Some(&e), now);
+            true
+        }
+    }
+}
+
+/// Splice the next backend bytes into this session's pipe (taken from the
+/// pool) when the session allows it and nothing else reads the backend.
+/// Returns whether it made progress; EAGAIN sets `backend_drained`, so
+/// `sync` polls before the next read.
+fn splice_in(c: &mut Conn, pipes: &mut PipePool, ctx: &mut WorkerCtx, now: Instant) -> bool {
+    if c.backend_read != BackendRead::Idle
+        || c.backend_drained
+        || c.backend_eof
+        || c.connect != Connect::Idle
+    {
+        return false;
+    }
+    let (Some(k), Some(limit)) = (c.backend.as_ref(), c.s.splice_in_limit(ctx)) else {
+        return false;
+    };
+    if !c.nonblocking {
+        // splice(2) blocks on a blocking socket whatever its flags say.
+        if let Err(e) = c
+            .browser
+            .set_nonblocking(true)
+            .and_then(|()| k.set_nonblocking(true))
+        {
+            tracing::debug!(error = %e, "no splice: O_NONBLOCK refused");
+            return false;
+        }
+        c.nonblocking = true;
+    }
+    if c.pipe.is_none() {
+        c.pipe = pipes.take();
+    }
+    let Some(p) = c.pipe.as_mut() else {
+        return false;
+    };
+    let r = p.fill_from(k.as_raw_fd(), limit.min(p.capacity()));
+    let progress = match r {
+        Ok(0) => {
+            c.leg_ended(ctx, false, None, now);
+            true
+        }
+        Ok(n) => {
+            c.s.splice_in_done(ctx, n, now);
+            true
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            c.backend_drained = true;
+            false
+        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+            ) =>
+        {
+            // Nothing moved; bulk recvs from now on.
+            ctx.metrics.count(Cause::SpliceUnsupported);
+            tracing::warn!(worker = ctx.worker_id, error = %e, "splice refused, receiving instead");
+            pipes.disable();
+            false
+        }
+        Err(e) => {
+            c.leg_ended(ctx, false, Some(&e), now);
+            true
+        }
+    };
+    if c.s.pipe_bytes() == 0 {
+        if let Some(p) = c.pipe.take() {
+            pipes.give(p);
+        }
+    }
+    progress
 }
 
 #[cfg(test)]

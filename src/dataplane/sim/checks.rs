@@ -388,7 +388,8 @@ fn check_conn(env: &Env, c: &mut Conn) -> Vec<String> {
             s.want_backend_read(ctx)
         ));
     }
-    if env.plan.io == IoKind::Epoll {
+    {
+        // (Both layers splice: io_uring through the same pipe model.)
         let in_pipe = c.epoll.pipe.as_ref().map_or(0, |p| p.len());
         if s.pipe_bytes() != in_pipe {
             v.push(format!(

@@ -15,9 +15,16 @@
 //!   (`backend_bulk_buf`): MSG_DONTWAIT, so the kernel fills the chunk at
 //!   submission and the completion comes in a later batch; EAGAIN leads to
 //!   a poll.
+//! - Splice (the same sessions while the pool has a pipe, `plan.pipes`):
+//!   the worker's own non-blocking splices through the session's splice
+//!   steps, as the epoll layer does them (the pipe is `Conn::epoll.pipe`),
+//!   with polls (POLLIN on the backend, POLLOUT on the browser) when a
+//!   socket would block; never while a receive or poll of the backend is
+//!   in flight, and no send to the browser while a spliced frame lasts.
 //! - Connect, cancels, teardown: a finished session's sockets are shut,
 //!   every pending operation completes, and only then is it released.
 
+use std::collections::VecDeque;
 use std::io;
 
 use super::backend::ConnectPlan;
@@ -54,6 +61,8 @@ pub struct UringState {
     k_bulk: Option<BulkRead>,
     k_poll: bool,
     k_drained: bool,
+    /// A POLLOUT poll on the browser (a spliced frame is blocked).
+    b_poll: bool,
     k_send: Option<SendOp>,
     k_connecting: bool,
     k_connect_cancel: bool,
@@ -69,6 +78,7 @@ impl UringState {
             || self.b_send.is_some()
             || self.k_recv
             || self.k_poll
+            || self.b_poll
             || self.k_send.is_some()
             || self.k_connecting
             || self.cancels > 0
@@ -108,6 +118,7 @@ enum Cqe {
     RecvEnd { browser: bool, end: RecvEnd },
     Bulk(BulkRead),
     Poll,
+    BrowserPoll,
     Sent { browser: bool, n: usize },
     SendFailed { browser: bool },
     Connect(Option<bool>),
@@ -162,6 +173,10 @@ fn collect(env: &mut Env, c: &mut Conn, i: usize, batch: &mut Vec<(usize, Cqe)>)
     let readable = c.klink.session_readable() || c.klink.session_closed;
     if c.uring.k_poll && readable && env.rng.chance(700) {
         batch.push((i, Cqe::Poll));
+    }
+    let writable = c.blink.session_room() > 0 || c.blink.session_closed || c.blink.peer_reset;
+    if c.uring.b_poll && writable && env.rng.chance(700) {
+        batch.push((i, Cqe::BrowserPoll));
     }
     for browser in [true, false] {
         let (op, link) = if browser {
@@ -304,6 +319,7 @@ fn complete(env: &mut Env, c: &mut Conn, cqe: Cqe) {
             c.uring.k_poll = false;
             c.uring.k_drained = false;
         }
+        Cqe::BrowserPoll => c.uring.b_poll = false,
         Cqe::Sent { browser, n } => sent(env, c, browser, n),
         Cqe::SendFailed { browser } => {
             if let Some(s) = c.session.as_mut() {
@@ -429,6 +445,7 @@ pub fn sync(env: &mut Env, c: &mut Conn) {
         if c.session.as_ref().is_some_and(|s| s.backend_should_close()) {
             end_backend(c);
         }
+        splice_pump(env, c);
         start_sends(env, c);
         arm_receives(env, c);
         if c.session.as_ref().is_some_and(|s| s.is_done()) {
@@ -438,8 +455,172 @@ pub fn sync(env: &mut Env, c: &mut Conn) {
         }
     }
     if c.uring.teardown && !c.uring.in_flight() {
+        if c.epoll.pipe.take().is_some() {
+            // A pipe with bytes left is closed; either way the pool may
+            // make another.
+            env.pipes_free += 1;
+        }
         c.release(env);
     }
+}
+
+/// uring.rs `splice_pump`: the spliced frame out (header, then payload),
+/// the empty pipe back, the next splice in; until nothing moves or a
+/// random share of `SPLICE_ROUNDS` is spent (then a poll, as uring.rs).
+fn splice_pump(env: &mut Env, c: &mut Conn) {
+    const SPLICE_ROUNDS: usize = 32;
+    let rounds = env.rng.range(1, SPLICE_ROUNDS);
+    for _ in 0..rounds {
+        let mut progress = splice_out(env, c);
+        give_back_empty_pipe(env, c);
+        if c.session.as_ref().is_none_or(|s| s.is_done()) {
+            return;
+        }
+        progress |= splice_in(env, c);
+        if !progress {
+            return;
+        }
+    }
+    if c.session.as_ref().is_some_and(|s| s.pipe_bytes() > 0) {
+        c.uring.b_poll |= !c.uring.b_eof && c.uring.b_send.is_none();
+    } else {
+        c.uring.k_drained = true;
+    }
+}
+
+fn give_back_empty_pipe(env: &mut Env, c: &mut Conn) {
+    if c.session.as_ref().is_some_and(|s| s.pipe_bytes() == 0) && c.epoll.pipe.is_some() {
+        let held = c.epoll.pipe.take().map_or(0, |p| p.len());
+        if held > 0 && c.session.as_ref().is_some_and(|s| !s.is_done()) {
+            env.violate(format!(
+                "conn {}: the session says its pipe is empty, it holds {held} bytes",
+                c.id
+            ));
+        }
+        env.pipes_free += 1;
+    }
+}
+
+/// One step of the spliced frame to the browser: its header, else payload.
+fn splice_out(env: &mut Env, c: &mut Conn) -> bool {
+    let u = &mut c.uring;
+    let Some(s) = c.session.as_mut() else {
+        return false;
+    };
+    if s.pipe_bytes() == 0 || u.b_poll || u.b_eof {
+        return false;
+    }
+    if u.b_send.is_some() {
+        let id = c.id;
+        env.violate(format!(
+            "conn {id}: a send to the browser in flight during a splice"
+        ));
+        return false;
+    }
+    let pending = s.browser_pending();
+    let header = !pending.is_empty();
+    let result = if header {
+        let max = env.rng.size(pending.len());
+        c.blink.session_write(pending, max)
+    } else {
+        let ready = s.splice_out_ready();
+        let Some(pipe) = c
+            .epoll
+            .pipe
+            .as_mut()
+            .filter(|p| ready > 0 && p.len() >= ready)
+        else {
+            let id = c.id;
+            env.violate(format!(
+                "conn {id}: {} bytes in the pipe, {ready} ready, pipe {:?}",
+                s.pipe_bytes(),
+                c.epoll.pipe.as_ref().map(VecDeque::len)
+            ));
+            return false;
+        };
+        let max = env.rng.size(ready);
+        let bytes: Vec<u8> = pipe.iter().take(max).copied().collect();
+        let r = c.blink.session_write(&bytes, max);
+        if let SockWrite::Wrote(n) = r {
+            pipe.drain(..n);
+        }
+        r
+    };
+    match result {
+        SockWrite::Wrote(n) => {
+            env.browser_writes += 1;
+            if env.plan.mutation == Some(Mutation::CorruptDownstream) && env.browser_writes == 5 {
+                c.blink.corrupt_last_byte();
+            }
+            if header {
+                c.browser_sent(env, n);
+            } else if let Some(s) = c.session.as_mut() {
+                s.splice_out_done(&mut env.ctx, n, env.now);
+            }
+            true
+        }
+        SockWrite::WouldBlock => {
+            c.uring.b_poll = true;
+            false
+        }
+        SockWrite::Failed(e) => {
+            c.browser_gone(env, Some(e));
+            true
+        }
+    }
+}
+
+/// Splice backend bytes into a pipe when the session allows it and no
+/// receive or poll of the backend is in flight; EAGAIN: poll first.
+fn splice_in(env: &mut Env, c: &mut Conn) -> bool {
+    let u = &c.uring;
+    if env.plan.pipes == 0
+        || u.k_recv
+        || u.k_poll
+        || u.k_drained
+        || u.k_eof
+        || u.k_connecting
+        || !u.backend_socket
+    {
+        return false;
+    }
+    let Some(limit) = c.session.as_ref().and_then(|s| s.splice_in_limit(&env.ctx)) else {
+        return false;
+    };
+    if c.epoll.pipe.is_none() && env.pipes_free > 0 {
+        env.pipes_free -= 1;
+        c.epoll.pipe = Some(VecDeque::new());
+    }
+    let Some(pipe) = c.epoll.pipe.as_mut() else {
+        return false;
+    };
+    let limit = limit.min(env.plan.pipe_bytes);
+    let mut buf = vec![0u8; env.rng.size(limit)];
+    let progress = match c.klink.session_read(&mut buf) {
+        SockRead::Data(n) => {
+            pipe.extend(&buf[..n]);
+            if let Some(s) = c.session.as_mut() {
+                s.splice_in_done(&mut env.ctx, n, env.now);
+            }
+            c.note_backend_bytes(env, n, "splice");
+            env.cov.splices += 1;
+            true
+        }
+        SockRead::Eof => {
+            leg_ended(env, c, false, None);
+            true
+        }
+        SockRead::Failed(e) => {
+            leg_ended(env, c, false, Some(e));
+            true
+        }
+        SockRead::WouldBlock => {
+            c.uring.k_drained = true;
+            false
+        }
+    };
+    give_back_empty_pipe(env, c);
+    progress
 }
 
 fn start_connect(env: &mut Env, c: &mut Conn) {
@@ -472,7 +653,8 @@ fn start_sends(_env: &mut Env, c: &mut Conn) {
     let Some(s) = c.session.as_mut() else {
         return;
     };
-    if c.uring.b_send.is_none() && s.browser_pending_len() > 0 {
+    // (A spliced frame goes out in `splice_pump`.)
+    if c.uring.b_send.is_none() && s.browser_pending_len() > 0 && s.pipe_bytes() == 0 {
         let p = s.browser_pending();
         let op = SendOp {
             address: p.as_ptr() as usize,
@@ -510,9 +692,14 @@ fn arm_receives(env: &mut Env, c: &mut Conn) {
     }
     let want_k = s.want_backend_read(&env.ctx) && !u.k_eof && !u.k_connecting && u.backend_socket;
     let bulk = want_k && s.bulk_recv_wanted(&env.ctx);
+    // Splicing, with bytes still queued for the browser: their send's
+    // completion brings the next splice (uring.rs `drain_first`).
+    let can_lend = env.plan.pipes > 0 && env.pipes_free > 0;
+    let drain_first = bulk && can_lend && s.splice_in_limit(&env.ctx).is_none();
     if want_k && !u.k_recv && !u.k_poll {
         if bulk && u.k_drained {
             u.k_poll = true;
+        } else if drain_first {
         } else if let Some(buf) = bulk.then(|| s.backend_bulk_buf(&mut env.ctx)).flatten() {
             // MSG_DONTWAIT: what is there now lands in the chunk now.
             let n = env.rng.size(buf.len());
