@@ -7,6 +7,7 @@
 //! fill the same struct from TOML.
 
 pub mod appliance;
+pub mod secrets;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
