@@ -189,7 +189,9 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
     let control_listener = std::net::TcpListener::bind(cfg.control.listen)
         .with_context(|| format!("control listen {}", cfg.control.listen))?;
     let control_addr = control_listener.local_addr()?;
+    let api_tokens = arc_swap::ArcSwap::from_pointee(cfg.auth.tokens.clone());
     let state = Arc::new(ControlState {
+        api_tokens,
         registry: Mutex::new(Registry::new(
             cfg.sessions.max_sessions,
             cfg.sessions.max_sessions_per_user,
