@@ -5,8 +5,9 @@
 #   bash scripts/install-deps.sh build   C toolchain for ring (gcc, pkg-config); checks cargo
 #   bash scripts/install-deps.sh test    peers of the end-to-end tests: TigerVNC Xvnc (and
 #                                        vncpasswd), QEMU, noVNC, Chromium, Go and govmomi's
-#                                        simulator sources, and tests/browser's
-#                                        node_modules (playwright-core, pinned by package-lock.json)
+#                                        simulator sources, websockify, and tests/browser's
+#                                        node_modules (playwright-core, opennebula-wmks,
+#                                        pinned by package-lock.json)
 #   bash scripts/install-deps.sh fuzz    cargo-fuzz at the pinned version (installed with cargo
 #                                        when missing or at another version) and g++ (libfuzzer-sys
 #                                        compiles libFuzzer's C++)
@@ -94,16 +95,18 @@ deps_build() {
     install_missing
 }
 
-# tests/browser/node_modules is current when playwright-core is there at the
-# version package.json pins; otherwise npm ci reinstalls exactly what
-# package-lock.json says.
+# tests/browser/node_modules is current when every dependency package.json
+# pins (playwright-core, opennebula-wmks) is there at that version; otherwise
+# npm ci reinstalls exactly what package-lock.json says.
 browser_modules_current() {
     node -e '
         const fs = require("fs");
-        const want = JSON.parse(fs.readFileSync("package.json", "utf8")).dependencies["playwright-core"];
-        let have = null;
-        try { have = JSON.parse(fs.readFileSync("node_modules/playwright-core/package.json", "utf8")).version; } catch (e) {}
-        process.exit(have === want ? 0 : 1);
+        const deps = JSON.parse(fs.readFileSync("package.json", "utf8")).dependencies;
+        for (const [name, want] of Object.entries(deps)) {
+            let have = null;
+            try { have = JSON.parse(fs.readFileSync(`node_modules/${name}/package.json`, "utf8")).version; } catch (e) {}
+            if (have !== want) process.exit(1);
+        }
     '
 }
 
@@ -125,6 +128,9 @@ deps_test() {
     # with Debian's Go and its govmomi sources.
     need_pkg golang-go cmd go
     need_pkg golang-github-vmware-govmomi-dev file /usr/share/gocode/src/github.com/vmware/govmomi/simulator/simulator.go
+    # websockify --ssl-only in front of Xvnc: an independent wss peer standing in
+    # for a WebMKS endpoint (tests/common/wss_backend.rs).
+    need_pkg websockify cmd websockify
     install_missing
 
     # Node.js and npm come with the machine image (NodeSource). Debian's own npm

@@ -12,7 +12,9 @@ use anyhow::Context as _;
 use consolegate::config::appliance::{ApplianceConfig, LogFormat, Source};
 use consolegate::config::{ProxyConfig, TargetConfig, TlsFiles};
 use consolegate::control::{self, registry::Registry, ControlCounters, ControlState};
+use consolegate::hypervisor::backend::StartContext;
 use consolegate::hypervisor::demo::{DemoConfig as DemoServerConfig, DemoServer};
+use consolegate::hypervisor::fleet::Fleet;
 use consolegate::mailbox;
 use consolegate::plane::{ApplianceLink, DataPlane};
 use consolegate::ports::{self, PortPool, PortPoolConfig, PortRange, PortStore};
@@ -189,6 +191,25 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
     let control_listener = std::net::TcpListener::bind(cfg.control.listen)
         .with_context(|| format!("control listen {}", cfg.control.listen))?;
     let control_addr = control_listener.local_addr()?;
+    // The hypervisors start on the control plane's runtime (their tasks
+    // run once it serves).
+    let runtime = control::runtime()?;
+    let fleet = {
+        let _entered = runtime.enter();
+        let screendumps = state_dir.path.join("screendumps");
+        Fleet::start(
+            &cfg.effective_hypervisors(),
+            cfg.fleet_settings(),
+            &StartContext {
+                demo_addr: demo.as_ref().map(|d| d.addr()),
+                demo_password: cfg.demo.password.clone(),
+                screendump_dir: &screendumps,
+            },
+        )?
+    };
+    for m in fleet.members() {
+        tracing::info!(hypervisor = %m.id, kind = m.kind, "hypervisor configured");
+    }
     let api_tokens = arc_swap::ArcSwap::from_pointee(cfg.auth.tokens.clone());
     let state = Arc::new(ControlState {
         api_tokens,
@@ -211,6 +232,8 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         io_backend: dp.backend.name(),
         ports_dirty: std::sync::atomic::AtomicBool::new(false),
         pending_revokes: Mutex::new(Vec::new()),
+        fleet,
+        one_time: Mutex::new(std::collections::HashMap::new()),
     });
     control::persist_ports(&state);
 
@@ -220,7 +243,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("cg-control".into())
             .spawn(move || {
-                let r = control::serve(state.clone(), control_listener, events_rx, sd_rx);
+                let r = control::serve(runtime, state.clone(), control_listener, events_rx, sd_rx);
                 if let Err(e) = &r {
                     // Without its control plane the appliance is useless:
                     // stop the data plane too, so the process exits non-zero.

@@ -535,6 +535,7 @@ async fn static_backend_lists_opens_and_thumbnails_xvnc() {
         vms: vec![target("x1", xvnc.port), target("gone", closed)],
         probe_timeout_ms: 500,
         snapshot_timeout_ms: 5_000,
+        max_concurrent: 4,
     })
     .unwrap();
     let vms = backend.list_vms().await.unwrap();

@@ -30,6 +30,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::hypervisor::backend::{DemoHypervisorConfig, HypervisorConfig, MAX_HYPERVISORS};
+use crate::hypervisor::fleet::{CacheConfig, FleetSettings, QueueSettings};
+use crate::hypervisor::operations::OperationsConfig;
+
 use super::{ConfigError, IoChoice, Limits, ProxyConfig, TargetConfig};
 
 /// Where the packaged config file is installed and looked for by default.
@@ -122,6 +126,17 @@ pub struct ApplianceConfig {
     /// proxy in front or for loopback use.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// `[[hypervisors]]`: where VMs come from (vsphere, qemu, static,
+    /// demo). None configured and `[demo]` on: the demo console is listed
+    /// as hypervisor `demo`. Not serialised (it holds paths to secrets).
+    #[serde(skip_serializing)]
+    pub hypervisors: Vec<HypervisorConfig>,
+    /// `[queue]`: the priority queue in front of every hypervisor.
+    pub queue: QueueSettings,
+    /// `[cache]`: VM lists and thumbnails.
+    pub cache: CacheConfig,
+    /// `[operations]`: power actions remembered for the API.
+    pub operations: OperationsConfig,
 }
 
 /// `[control]`: the REST API, `/metrics` and the `/ws/*` event endpoints, and
@@ -1008,7 +1023,58 @@ impl ApplianceConfig {
                 return Err(invalid("tls.key", "must not be empty"));
             }
         }
-        Ok(())
+        self.validate_hypervisors()
+    }
+
+    /// `[[hypervisors]]`, `[queue]`, `[cache]`, `[operations]`.
+    fn validate_hypervisors(&self) -> Result<(), ConfigFileError> {
+        if self.hypervisors.len() > MAX_HYPERVISORS {
+            return Err(invalid(
+                "hypervisors",
+                format!("at most {MAX_HYPERVISORS} hypervisors"),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, h) in self.hypervisors.iter().enumerate() {
+            let key = format!("hypervisors[{i}] ({})", h.id());
+            h.validate().map_err(|m| invalid(&key, m))?;
+            if !seen.insert(h.id()) {
+                return Err(invalid(&key, "the id appears twice"));
+            }
+            if matches!(h, HypervisorConfig::Demo(_)) && !self.demo.enabled {
+                return Err(invalid(&key, "kind demo needs [demo] enabled = true"));
+            }
+            self.queue
+                .for_hypervisor(h.max_concurrent())
+                .validate()
+                .map_err(|m| invalid(&key, m))?;
+        }
+        self.queue
+            .for_hypervisor(crate::hypervisor::queue::DEFAULT_MAX_CONCURRENT)
+            .validate()
+            .map_err(|m| invalid("queue", m))?;
+        self.cache.validate().map_err(|m| invalid("cache", m))?;
+        self.operations
+            .validate()
+            .map_err(|m| invalid("operations", m))
+    }
+
+    /// The hypervisors to start: those configured, or with none and the
+    /// demo console on, the demo console as hypervisor `demo`.
+    pub fn effective_hypervisors(&self) -> Vec<HypervisorConfig> {
+        if self.hypervisors.is_empty() && self.demo.enabled {
+            return vec![HypervisorConfig::Demo(DemoHypervisorConfig::implicit())];
+        }
+        self.hypervisors.clone()
+    }
+
+    /// What the fleet is configured with besides the hypervisors.
+    pub fn fleet_settings(&self) -> FleetSettings {
+        FleetSettings {
+            queue: self.queue,
+            cache: self.cache,
+            operations: self.operations,
+        }
     }
 
     /// No two tokens alike (those from files and credentials count once
@@ -1206,6 +1272,20 @@ impl ApplianceConfig {
             }
         };
         let _ = writeln!(out, "# state directory:    {state}");
+        let hypervisors: Vec<String> = self
+            .effective_hypervisors()
+            .iter()
+            .map(|h| format!("{} ({})", h.id(), h.kind()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "# hypervisors:        {}",
+            if hypervisors.is_empty() {
+                "none".to_string()
+            } else {
+                hypervisors.join(", ")
+            }
+        );
         let _ = writeln!(
             out,
             "# workers:            {} ({})",

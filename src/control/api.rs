@@ -56,7 +56,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(super) type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(state: Arc<ControlState>) -> Router {
     let max_body = state.cfg.control.max_request_bytes;
@@ -72,6 +72,7 @@ pub fn router(state: Arc<ControlState>) -> Router {
         )
         .route("/api/v1/ports", get(ports))
         .route("/api/v1/stats", get(stats))
+        .merge(super::vms::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     #[cfg(feature = "failpoints")]
@@ -93,7 +94,11 @@ pub fn router(state: Arc<ControlState>) -> Router {
 }
 
 /// Bearer-token check; `admin` for changes, any role for reads.
-fn authorize(state: &ControlState, headers: &HeaderMap, need_admin: bool) -> ApiResult<Role> {
+pub(super) fn authorize(
+    state: &ControlState,
+    headers: &HeaderMap,
+    need_admin: bool,
+) -> ApiResult<Role> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -432,7 +437,7 @@ fn bad(code: &'static str, msg: impl Into<String>) -> ApiError {
 /// A JSON body, parsed only after the caller was authorised (a stranger's
 /// body costs a bounded read, never a parse). Too large → 413, not JSON or
 /// not the schema → 400, both in the JSON error shape.
-fn parse_body<T: serde::de::DeserializeOwned>(
+pub(super) fn parse_body<T: serde::de::DeserializeOwned>(
     state: &ControlState,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<T> {
@@ -471,6 +476,24 @@ async fn create_session(
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    refuse_when_draining(&state)?;
+    let req: CreateReq = parse_body(&state, body)?;
+    let options = SessionOptions {
+        user: req.user,
+        vm_id: req.vm_id,
+        ttl_s: req.ttl_s,
+        port_mode: req.port_mode,
+        origin: req.origin,
+        client_ip: req.client_ip,
+    };
+    let checked = options.check(&state)?;
+    let (target, view) = resolve_target(&state, &req.target).await?;
+    let resp = open_session(&state, target, view, &options, checked).await?;
+    Ok((StatusCode::CREATED, Json(resp)))
+}
+
+/// 503 `draining` once the appliance is shutting down.
+pub(super) fn refuse_when_draining(state: &ControlState) -> ApiResult<()> {
     if state.data_plane.is_draining() {
         let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -480,45 +503,83 @@ async fn create_session(
         e.retry_after_s = Some(5);
         return Err(e);
     }
-    let req: CreateReq = parse_body(&state, body)?;
-    if req.user.is_empty() || req.user.len() > MAX_FIELD_BYTES {
-        return Err(bad("bad_user", "user must be 1..256 bytes"));
-    }
-    if req
-        .vm_id
-        .as_ref()
-        .is_some_and(|v| v.len() > MAX_FIELD_BYTES)
-    {
-        return Err(bad("bad_vm_id", "vm_id must be at most 256 bytes"));
-    }
-    let mode = match req.port_mode.as_deref() {
-        None | Some("shared") => PortMode::Shared,
-        Some("dedicated") => PortMode::Dedicated,
-        Some(other) => {
-            return Err(bad(
-                "bad_port_mode",
-                format!("port_mode {other:?}: expected shared or dedicated"),
-            ))
-        }
-    };
-    let ttl = match req.ttl_s {
-        None => Duration::from_millis(state.cfg.sessions.ticket_ttl_ms),
-        Some(0) => return Err(bad("bad_ttl", "ttl_s must be positive")),
-        Some(s) if s > MAX_TTL_S => {
-            return Err(bad("bad_ttl", format!("ttl_s must be at most {MAX_TTL_S}")))
-        }
-        Some(s) => Duration::from_secs(s),
-    };
-    let (target, view) = resolve_target(&state, &req.target).await?;
-    let addr = target.addr;
-    let origin = session_origin(&state, req.origin.as_deref())?;
-    if req.client_ip.is_some() && !state.cfg.sessions.bind_client_ip {
-        return Err(bad(
-            "client_ip_binding_disabled",
-            "sessions.bind_client_ip is off",
-        ));
-    }
+    Ok(())
+}
 
+/// What a new session is opened with besides its target: the fields of
+/// `POST /api/v1/sessions` and `POST /api/v1/vms/{vm}/console`.
+#[derive(Debug, Default)]
+pub struct SessionOptions {
+    pub user: String,
+    pub vm_id: Option<String>,
+    pub ttl_s: Option<u64>,
+    pub port_mode: Option<String>,
+    pub origin: Option<String>,
+    pub client_ip: Option<IpAddr>,
+}
+
+/// [`SessionOptions`] checked.
+#[derive(Debug)]
+pub struct CheckedOptions {
+    mode: PortMode,
+    ttl: Duration,
+    origin: Option<String>,
+}
+
+impl SessionOptions {
+    /// Every field checked before any target is resolved (or hypervisor
+    /// asked): a bad request costs nothing downstream.
+    pub fn check(&self, state: &ControlState) -> ApiResult<CheckedOptions> {
+        if self.user.is_empty() || self.user.len() > MAX_FIELD_BYTES {
+            return Err(bad("bad_user", "user must be 1..256 bytes"));
+        }
+        if self
+            .vm_id
+            .as_ref()
+            .is_some_and(|v| v.len() > MAX_FIELD_BYTES)
+        {
+            return Err(bad("bad_vm_id", "vm_id must be at most 256 bytes"));
+        }
+        let mode = match self.port_mode.as_deref() {
+            None | Some("shared") => PortMode::Shared,
+            Some("dedicated") => PortMode::Dedicated,
+            Some(other) => {
+                return Err(bad(
+                    "bad_port_mode",
+                    format!("port_mode {other:?}: expected shared or dedicated"),
+                ))
+            }
+        };
+        let ttl = match self.ttl_s {
+            None => Duration::from_millis(state.cfg.sessions.ticket_ttl_ms),
+            Some(0) => return Err(bad("bad_ttl", "ttl_s must be positive")),
+            Some(s) if s > MAX_TTL_S => {
+                return Err(bad("bad_ttl", format!("ttl_s must be at most {MAX_TTL_S}")))
+            }
+            Some(s) => Duration::from_secs(s),
+        };
+        let origin = session_origin(state, self.origin.as_deref())?;
+        if self.client_ip.is_some() && !state.cfg.sessions.bind_client_ip {
+            return Err(bad(
+                "client_ip_binding_disabled",
+                "sessions.bind_client_ip is off",
+            ));
+        }
+        Ok(CheckedOptions { mode, ttl, origin })
+    }
+}
+
+/// Admit a session to `target`: registry record, ticket, dedicated port
+/// when asked, hand-over to the data plane; any failure rolls back.
+pub(super) async fn open_session(
+    state: &ControlState,
+    target: Target,
+    view: TargetView,
+    options: &SessionOptions,
+    checked: CheckedOptions,
+) -> ApiResult<CreateResp> {
+    let CheckedOptions { mode, ttl, origin } = checked;
+    let addr = target.addr;
     let id = random_u64();
     let mut ticket = vec![0u8; state.cfg.sessions.ticket_bytes];
     getrandom::fill(&mut ticket).map_err(|e| {
@@ -534,7 +595,7 @@ async fn create_session(
 
     {
         let reg = state.registry.lock().map_err(|_| internal())?;
-        if let Err(e) = reg.check_capacity(&req.user) {
+        if let Err(e) = reg.check_capacity(&options.user) {
             state.count_error(e.code());
             let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.code(), e.to_string());
             err.retry_after_s = Some(5);
@@ -545,47 +606,24 @@ async fn create_session(
     // Dedicated port: claim + bind now (the bind is the OS check).
     let dedicated = match mode {
         PortMode::Shared => None,
-        PortMode::Dedicated => {
-            let Some(pool) = &state.ports else {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ports_unavailable",
-                    "dedicated ports are not configured",
-                ));
-            };
-            match pool.allocate(id) {
-                Ok(pl) => Some(pl),
-                Err(e) => {
-                    state.count_error(e.code());
-                    tracing::warn!(error = %e, "port allocation failed");
-                    let status = if e.code() == "port_pool_exhausted" {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    } else {
-                        StatusCode::INTERNAL_SERVER_ERROR
-                    };
-                    let mut err = ApiError::new(status, e.code(), e.to_string());
-                    err.retry_after_s = e.retry_after_secs().or(Some(10));
-                    return Err(err);
-                }
-            }
-        }
+        PortMode::Dedicated => Some(claim_port(state, id)?),
     };
     let port = dedicated.as_ref().map(|(p, _)| *p);
     let admission = Arc::new(Admission::new(
         id,
         ticket.clone(),
         target,
-        req.user.clone(),
+        options.user.clone(),
         expires,
         origin,
-        req.client_ip.map(|ip| ip.to_canonical()),
+        options.client_ip.map(|ip| ip.to_canonical()),
         port,
     ));
 
     let record = Record::pending(
         id,
-        req.user.clone(),
-        req.vm_id.clone(),
+        options.user.clone(),
+        options.vm_id.clone(),
         view,
         mode,
         port,
@@ -600,8 +638,74 @@ async fn create_session(
         .lock()
         .map_err(|_| internal())?
         .insert(record);
+    hand_over(state, &admission, dedicated)?;
+    if port.is_some() {
+        super::mark_ports_dirty(state);
+    }
+    if let Ok(mut c) = state.counters.lock() {
+        c.sessions_created += 1;
+    }
 
-    // Hand the admission to the data plane; any failure rolls everything back.
+    let token = base64_url(&ticket);
+    let ws_url = ws_url(&state.public_url, port, id, &token);
+    let viewer_url = state.cfg.console.web_dir.as_ref().map(|_| {
+        let base = state.public_url.replacen("ws", "http", 1);
+        let path = format!("proxy/{}?token={}", id_hex(id), token);
+        format!(
+            "{base}/vnc.html?autoconnect=true&resize=scale&path={}",
+            urlencode(&path)
+        )
+    });
+    tracing::info!(
+        session = %id_hex(id),
+        user = ?options.user,
+        vm = ?options.vm_id,
+        backend = %addr,
+        port = ?port,
+        "session created"
+    );
+    Ok(CreateResp {
+        session_id: id_hex(id),
+        ws_url,
+        token,
+        expires_at_ms,
+        port,
+        viewer_url: if port.is_none() { viewer_url } else { None },
+    })
+}
+
+/// A dedicated port for session `id`, bound.
+fn claim_port(state: &ControlState, id: u64) -> ApiResult<(u16, std::net::TcpListener)> {
+    let Some(pool) = &state.ports else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ports_unavailable",
+            "dedicated ports are not configured",
+        ));
+    };
+    pool.allocate(id).map_err(|e| {
+        state.count_error(e.code());
+        tracing::warn!(error = %e, "port allocation failed");
+        let status = if e.code() == "port_pool_exhausted" {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        let mut err = ApiError::new(status, e.code(), e.to_string());
+        err.retry_after_s = e.retry_after_secs().or(Some(10));
+        err
+    })
+}
+
+/// Hand the admission to the data plane (every worker for the shared
+/// port, the least-loaded one for a dedicated listener); a refusal rolls
+/// the session back and answers 503.
+fn hand_over(
+    state: &ControlState,
+    admission: &Arc<Admission>,
+    dedicated: Option<(u16, std::net::TcpListener)>,
+) -> ApiResult<()> {
+    let id = admission.id;
     let sent = match dedicated {
         Some((p, listener)) => {
             let w = state.pick_worker();
@@ -640,41 +744,7 @@ async fn create_session(
         err.retry_after_s = Some(1);
         return Err(err);
     }
-    if port.is_some() {
-        super::mark_ports_dirty(&state);
-    }
-    if let Ok(mut c) = state.counters.lock() {
-        c.sessions_created += 1;
-    }
-
-    let token = base64_url(&ticket);
-    let ws_url = ws_url(&state.public_url, port, id, &token);
-    let viewer_url = state.cfg.console.web_dir.as_ref().map(|_| {
-        let base = state.public_url.replacen("ws", "http", 1);
-        let path = format!("proxy/{}?token={}", id_hex(id), token);
-        format!(
-            "{base}/vnc.html?autoconnect=true&resize=scale&path={}",
-            urlencode(&path)
-        )
-    });
-    tracing::info!(
-        session = %id_hex(id),
-        user = ?req.user,
-        backend = %addr,
-        port = ?port,
-        "session created"
-    );
-    Ok((
-        StatusCode::CREATED,
-        Json(CreateResp {
-            session_id: id_hex(id),
-            ws_url,
-            token,
-            expires_at_ms,
-            port,
-            viewer_url: if port.is_none() { viewer_url } else { None },
-        }),
-    ))
+    Ok(())
 }
 
 /// The origin a new session's ticket is bound to: the one asked for, or
@@ -818,7 +888,11 @@ async fn resolve_target(state: &ControlState, t: &TargetReq) -> ApiResult<(Targe
     }
 }
 
-async fn resolve_host(state: &ControlState, host: &str, port: u16) -> ApiResult<SocketAddr> {
+pub(super) async fn resolve_host(
+    state: &ControlState,
+    host: &str,
+    port: u16,
+) -> ApiResult<SocketAddr> {
     tokio::net::lookup_host((host, port))
         .await
         .ok()
@@ -927,6 +1001,7 @@ async fn delete_session(
     // can use it and a live relay closes on its worker's next tick even if
     // a full mailbox refuses the message (which is then retried).
     state.send_revoke(id);
+    state.settle_one_time(id);
     if let Ok(mut c) = state.counters.lock() {
         c.sessions_revoked += 1;
     }

@@ -9,14 +9,18 @@
 pub mod api;
 pub mod metrics_text;
 pub mod registry;
+pub mod vms;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use crate::config::appliance::{ApplianceConfig, Role, TokenConfig};
 use crate::dataplane::worker::WorkerControl;
+use crate::hypervisor::fleet::{Fleet, VmRef};
 use crate::mailbox::{self, FromWorker, Inbox, ToWorker, WorkerStats};
 use crate::metrics::ErrorCounts;
 use crate::ports::PortPool;
@@ -80,6 +84,14 @@ pub struct ControlState {
     /// The API tokens in force: `cfg.auth.tokens` at start, replaced
     /// whole by a reload (SIGHUP), read lock-free per request.
     pub api_tokens: arc_swap::ArcSwap<Vec<TokenConfig>>,
+    /// The hypervisors, their queues and caches.
+    pub fleet: Arc<Fleet>,
+    /// Sessions whose target carries a one-time credential (a QEMU VNC
+    /// password), by session id: expired once the data plane has used it,
+    /// or when the session ends without using it. Bounded by the
+    /// registry's `max_sessions` (an entry exists only for a live
+    /// session, and is removed with it).
+    pub one_time: Mutex<HashMap<u64, VmRef>>,
 }
 
 /// Undelivered revoke messages kept for retry; beyond, the oldest are
@@ -142,6 +154,36 @@ impl ControlState {
         }
     }
 
+    /// Session `session_id` (hex, as the API gives it) holds a one-time
+    /// credential of `vm`.
+    pub fn remember_one_time(&self, session_id: &str, vm: VmRef) {
+        if let Ok(id) = u64::from_str_radix(session_id, 16) {
+            if let Ok(mut m) = self.one_time.lock() {
+                m.insert(id, vm);
+            }
+        }
+    }
+
+    /// Session `id` used its one-time credential, or ended (closed,
+    /// expired, revoked) without: expire the credential now.
+    pub fn settle_one_time(&self, id: u64) {
+        let vm = self.one_time.lock().ok().and_then(|mut m| m.remove(&id));
+        if let Some(vm) = vm {
+            self.spawn_console_used(vm);
+        }
+    }
+
+    /// Expire a one-time console credential, in the background (on the
+    /// control runtime; never on a worker).
+    pub fn spawn_console_used(&self, vm: VmRef) {
+        let fleet = self.fleet.clone();
+        tokio::spawn(async move {
+            if let Err(e) = fleet.console_used(&vm).await {
+                tracing::warn!(vm = %vm.id, error = %e, "could not expire a one-time console credential");
+            }
+        });
+    }
+
     pub fn count_error(&self, kind: &'static str) {
         if let Ok(mut c) = self.counters.lock() {
             c.error(kind);
@@ -164,16 +206,22 @@ impl ControlState {
 
 /// Serve the control plane until `shutdown` fires. Runs on the calling
 /// thread (the control thread).
+/// The control plane's runtime: one thread, built before the control
+/// state so the hypervisor backends can start their tasks on it.
+pub fn runtime() -> Result<tokio::runtime::Runtime, ControlError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ControlError::Runtime)
+}
+
 pub fn serve(
+    rt: tokio::runtime::Runtime,
     state: Arc<ControlState>,
     listener: std::net::TcpListener,
     events: Inbox<FromWorker>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ControlError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(ControlError::Runtime)?;
     rt.block_on(async move {
         let addr = listener.local_addr().map_err(ControlError::Runtime)?;
         listener
@@ -187,12 +235,15 @@ pub fn serve(
         tokio::spawn(sweeper(state.clone()));
         tokio::spawn(port_saver(state.clone()));
         let mut sd = shutdown.clone();
-        axum::serve(listener, app)
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = sd.wait_for(|v| *v).await;
             })
             .await
-            .map_err(ControlError::Runtime)
+            .map_err(ControlError::Runtime);
+        // Log out of the hypervisors (pooled vSphere sessions).
+        state.fleet.shutdown().await;
+        served
     })
 }
 
@@ -231,6 +282,7 @@ fn apply_report(state: &ControlState, msg: FromWorker) {
                 all[w] = *s;
             }
         }
+        FromWorker::BackendAuthenticated { id } => state.settle_one_time(id),
         FromWorker::ListenerClosed { id, port } => {
             if let Some(p) = &state.ports {
                 p.release(port, id);
@@ -245,12 +297,19 @@ fn apply_report(state: &ControlState, msg: FromWorker) {
                 FromWorker::Opened { id, .. } | FromWorker::Closed { id, .. } => Some(*id),
                 _ => None,
             };
+            let closed = match &other {
+                FromWorker::Closed { id, .. } => Some(*id),
+                _ => None,
+            };
             if let Ok(mut r) = state.registry.lock() {
                 let now = Instant::now();
                 r.apply(other, now);
                 if let Some(record) = id.and_then(|id| r.get(id, now)) {
                     log_session_event(&record);
                 }
+            }
+            if let Some(id) = closed {
+                state.settle_one_time(id);
             }
         }
     }
@@ -351,6 +410,7 @@ async fn sweeper(state: Arc<ControlState>) {
             }
             for id in expired {
                 tracing::info!(session = %registry::id_hex(id), "ticket expired unused");
+                state.settle_one_time(id);
                 // Workers drop expired admissions (and dedicated listeners)
                 // on their own tick; the revoke makes it immediate.
                 state.send_revoke(id);

@@ -388,7 +388,7 @@ impl Registry {
                 }
             }
             FromWorker::ListenerClosed { id, .. } => self.listener_closed(id),
-            FromWorker::Stats(_) => {}
+            FromWorker::Stats(_) | FromWorker::BackendAuthenticated { .. } => {}
         }
     }
 }

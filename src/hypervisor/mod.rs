@@ -9,10 +9,15 @@
 //! Nothing here runs on a data-plane worker, and nothing here depends on
 //! the data plane.
 
+pub mod backend;
+pub mod cache;
 pub mod demo;
+pub mod fleet;
 pub mod model;
+pub mod operations;
 pub mod pool;
 pub mod qemu;
+pub mod queue;
 pub mod snapshot;
 pub mod static_targets;
 pub mod thumbnail;

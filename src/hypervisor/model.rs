@@ -185,11 +185,18 @@ pub enum Side {
 /// One error type for every backend. Each variant maps to an HTTP status
 /// and a stable snake_case code; `retry_after()` says when trying again
 /// makes sense.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HypervisorError {
     /// No VM with that id on this hypervisor (404 `vm_not_found`).
     #[error("no VM {0:?}")]
     VmNotFound(String),
+    /// No hypervisor with that id (404 `hypervisor_not_found`).
+    #[error("no hypervisor {0:?}")]
+    HypervisorNotFound(String),
+    /// A bare VM id that more than one hypervisor has (409
+    /// `vm_ambiguous`): the caller must say `hypervisor:vm`.
+    #[error("{0}")]
+    Ambiguous(String),
     /// The VM is not running, so it has no console or screen (409
     /// `vm_not_running`).
     #[error("VM {0:?} is not running")]
@@ -233,6 +240,8 @@ impl HypervisorError {
     pub fn code(&self) -> &'static str {
         match self {
             HypervisorError::VmNotFound(_) => "vm_not_found",
+            HypervisorError::HypervisorNotFound(_) => "hypervisor_not_found",
+            HypervisorError::Ambiguous(_) => "vm_ambiguous",
             HypervisorError::VmNotRunning(_) => "vm_not_running",
             HypervisorError::InvalidState(_) => "invalid_state",
             HypervisorError::Unreachable(_) => "hypervisor_unavailable",
@@ -249,8 +258,10 @@ impl HypervisorError {
     /// The HTTP status the REST API answers with.
     pub fn status(&self) -> u16 {
         match self {
-            HypervisorError::VmNotFound(_) => 404,
-            HypervisorError::VmNotRunning(_) | HypervisorError::InvalidState(_) => 409,
+            HypervisorError::VmNotFound(_) | HypervisorError::HypervisorNotFound(_) => 404,
+            HypervisorError::VmNotRunning(_)
+            | HypervisorError::InvalidState(_)
+            | HypervisorError::Ambiguous(_) => 409,
             HypervisorError::Unreachable(_) | HypervisorError::Busy(_) => 503,
             HypervisorError::Certificate(_)
             | HypervisorError::Auth(_)
@@ -264,12 +275,26 @@ impl HypervisorError {
     pub fn side(&self) -> Side {
         match self {
             HypervisorError::VmNotFound(_)
+            | HypervisorError::HypervisorNotFound(_)
+            | HypervisorError::Ambiguous(_)
             | HypervisorError::VmNotRunning(_)
             | HypervisorError::InvalidState(_)
             | HypervisorError::Unsupported(_) => Side::Caller,
             HypervisorError::Busy(_) => Side::Internal,
             _ => Side::Hypervisor,
         }
+    }
+
+    /// The answer will be the same until the VM changes (not found, not
+    /// running, unsupported): worth remembering for a short while instead
+    /// of asking the hypervisor again at once.
+    pub fn is_stable(&self) -> bool {
+        matches!(
+            self,
+            HypervisorError::VmNotFound(_)
+                | HypervisorError::VmNotRunning(_)
+                | HypervisorError::Unsupported(_)
+        )
     }
 
     /// Seconds after which a retry may succeed (Retry-After), or None when

@@ -52,6 +52,41 @@ pub struct StaticConfig {
     /// Time a thumbnail's RFB snapshot may take, connect to close.
     #[serde(default = "default_snapshot_timeout_ms")]
     pub snapshot_timeout_ms: u64,
+    /// Calls in flight at once (the control plane's queue).
+    #[serde(default = "crate::hypervisor::queue::default_max_concurrent")]
+    pub max_concurrent: usize,
+}
+
+impl StaticConfig {
+    /// A config with every optional field at its default.
+    pub fn new(id: &str, vms: Vec<StaticVmConfig>, max_concurrent: usize) -> StaticConfig {
+        StaticConfig {
+            id: id.to_string(),
+            vms,
+            probe_timeout_ms: default_probe_timeout_ms(),
+            snapshot_timeout_ms: default_snapshot_timeout_ms(),
+            max_concurrent,
+        }
+    }
+}
+
+impl StaticVmConfig {
+    pub fn new(
+        id: &str,
+        name: Option<String>,
+        host: &str,
+        port: u16,
+        password: Option<String>,
+    ) -> StaticVmConfig {
+        StaticVmConfig {
+            id: id.to_string(),
+            name,
+            host: host.to_string(),
+            port,
+            password,
+            password_file: None,
+        }
+    }
 }
 
 fn default_probe_timeout_ms() -> u64 {
@@ -359,6 +394,7 @@ mod tests {
             vms,
             probe_timeout_ms: 500,
             snapshot_timeout_ms: 5_000,
+            max_concurrent: 4,
         }
     }
 

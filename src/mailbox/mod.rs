@@ -280,6 +280,12 @@ pub enum FromWorker {
         bytes_up: u64,
         bytes_down: u64,
     },
+    /// The appliance's own VNC authentication with the backend succeeded:
+    /// a one-time credential (a QEMU password) has been used and can be
+    /// expired.
+    BackendAuthenticated {
+        id: u64,
+    },
     /// A dedicated listener was dropped: the port may be released.
     ListenerClosed {
         id: u64,

@@ -609,3 +609,377 @@ pub fn check_screenshot(out_dir: &Path, run: &BrowserRun) {
         first.join(", ")
     );
 }
+
+// ---------------------------------------------------------------------------
+// VMware's own WebMKS client: wmks.js in headless Chromium (tests/browser/wmks.mjs)
+// ---------------------------------------------------------------------------
+
+/// The test page (tests/browser/wmks-test.html), served next to wmks.js.
+pub const WMKS_PAGE: &str = "wmks-test.html";
+/// Bound on the page load and on reaching "connected" inside wmks.mjs.
+pub const WMKS_STEP_TIMEOUT_MS: u64 = 20_000;
+
+/// wmks.js as npm's `opennebula-wmks` ships it (one ES module that bundles
+/// the jQuery and jQuery UI it needs).
+pub fn wmks_js() -> PathBuf {
+    browser_dir().join("node_modules/opennebula-wmks/dist/wmks.js")
+}
+
+/// Fails (never skips) naming what is missing; returns node's path.
+pub fn wmks_prerequisites() -> PathBuf {
+    let node = find_program("node").unwrap_or_else(|| {
+        panic!(
+            "node not found: install Node.js >= 20 with npm (NodeSource's nodejs package; \
+             scripts/install-deps.sh test checks it)"
+        )
+    });
+    assert!(
+        Path::new(CHROMIUM).is_file(),
+        "{CHROMIUM} not found: install Debian package chromium (make test does)"
+    );
+    for (what, path) in [
+        (
+            "playwright-core",
+            browser_dir().join("node_modules/playwright-core/package.json"),
+        ),
+        ("opennebula-wmks", wmks_js()),
+    ] {
+        assert!(
+            path.is_file(),
+            "{} is missing ({what}): run `bash scripts/install-deps.sh test` (npm ci in \
+             tests/browser; make test does)",
+            path.display()
+        );
+    }
+    node
+}
+
+/// A directory holding the wmks.js test page and wmks.js, for
+/// [`StaticServer`] or as a web root the appliance serves
+/// (`console.web_dir`, `consolegate proxy --web`): the page is then at
+/// `<origin>/wmks-test.html`.
+pub struct WmksSite {
+    dir: tempfile::TempDir,
+}
+
+impl WmksSite {
+    pub fn assemble() -> WmksSite {
+        let dir = tempfile::Builder::new()
+            .prefix("consolegate-wmks-site-")
+            .tempdir()
+            .expect("tempdir");
+        fs::copy(browser_dir().join(WMKS_PAGE), dir.path().join(WMKS_PAGE))
+            .expect("copy wmks-test.html");
+        fs::copy(wmks_js(), dir.path().join("wmks.js")).unwrap_or_else(|e| {
+            panic!(
+                "copy {}: {e} (run `bash scripts/install-deps.sh test`)",
+                wmks_js().display()
+            )
+        });
+        WmksSite { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Bound on one request of [`StaticServer`] (request line and headers).
+const STATIC_MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// Read timeout of one [`StaticServer`] connection.
+const STATIC_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A minimal http server on 127.0.0.1:0 that serves the files of one
+/// directory (flat: names of letters, digits, `.`, `_`, `-`), one request
+/// per connection. Stopped on drop.
+pub struct StaticServer {
+    pub addr: std::net::SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StaticServer {
+    pub fn start(root: &Path) -> StaticServer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, root) = (stop.clone(), root.to_path_buf());
+        let handle = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let root = root.clone();
+                        conns.push(std::thread::spawn(move || serve_static(s, &root)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        StaticServer {
+            addr,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for StaticServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn serve_static(mut s: std::net::TcpStream, root: &Path) {
+    use std::io::{Read, Write};
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(STATIC_READ_TIMEOUT));
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < STATIC_MAX_REQUEST_BYTES {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&req);
+    let target = line.split_whitespace().nth(1).unwrap_or("/");
+    let name = target
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .trim_start_matches('/');
+    let valid = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let file = valid.then(|| fs::read(root.join(name)).ok()).flatten();
+    let (status, body, kind) = match file {
+        Some(body) => {
+            let kind = match name.rsplit('.').next() {
+                Some("html") => "text/html; charset=utf-8",
+                Some("js") | Some("mjs") => "text/javascript",
+                Some("json") | Some("map") => "application/json",
+                Some("css") => "text/css",
+                _ => "application/octet-stream",
+            };
+            ("200 OK", body, kind)
+        }
+        None => ("404 Not Found", b"not found\n".to_vec(), "text/plain"),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = s.write_all(head.as_bytes());
+    let _ = s.write_all(&body);
+}
+
+/// What one run of tests/browser/wmks.mjs saw (times in ms since the page
+/// called `connect()`); `record` is the script's whole result
+/// (`out_dir/wmks.json`).
+#[derive(Debug)]
+pub struct WmksRun {
+    pub out_dir: PathBuf,
+    pub status: ExitStatus,
+    pub output: String,
+    pub record: serde_json::Value,
+    /// wmks.js reported `connected` (RFB handshake done, ServerInit read).
+    pub connected: bool,
+    /// The connection states in order: (ms, state).
+    pub states: Vec<(u64, String)>,
+    pub connected_ms: Option<u64>,
+    pub disconnected_ms: Option<u64>,
+    /// Connected, then disconnected within the watch.
+    pub dropped: bool,
+    /// From `connected` to the drop, or to the end of the watch.
+    pub stayed_connected_ms: u64,
+    /// The WebSocket's close code and reason as the page saw them.
+    pub close_code: Option<u16>,
+    pub close_reason: Option<String>,
+    /// The subprotocols wmks.js offered, and the one negotiated (None: the
+    /// WebSocket never opened).
+    pub offered: Vec<String>,
+    pub protocol: Option<String>,
+    /// The most distinct colours the canvas showed, and its size.
+    pub canvas_colours: u64,
+    pub canvas_size: (u32, u32),
+    /// The canvas showed more than one colour.
+    pub rendered: bool,
+    pub rendered_ms: Option<u64>,
+    pub rendered_while_connected: bool,
+    /// How many client messages began with each byte (127: VMware's own
+    /// RFB client messages).
+    pub sent_first_bytes: std::collections::BTreeMap<u8, u64>,
+    pub messages_received: u64,
+    pub bytes_received: u64,
+    /// Text messages received (wmks.js fails on them).
+    pub text_messages_received: u64,
+    /// wmks.js's error events (`websocketerror`, `protocolerror`, …).
+    pub errors: Vec<String>,
+    pub screenshot: PathBuf,
+}
+
+/// Runs wmks.mjs with `node`: the page `page_base/wmks-test.html` (an http
+/// origin serving a [`WmksSite`]) connects wmks.js to `ws_url` and is
+/// watched for `watch_ms` after `connected`; the results go to a fresh
+/// `CARGO_TARGET_TMPDIR/<out_name>`. Returns what the page saw without
+/// judging it (the test asserts); panics only when the harness failed
+/// (page or wmks.js not loaded, Chromium failed, script timed out). The
+/// script's process group is killed either way.
+pub fn run_wmks(
+    node: &Path,
+    page_base: &str,
+    ws_url: &str,
+    watch_ms: u64,
+    out_name: &str,
+) -> WmksRun {
+    run_wmks_with(node, page_base, ws_url, watch_ms, out_name, None)
+}
+
+/// [`run_wmks`] with options for `WMKS.createWMKS` (JSON, e.g.
+/// `{"enableVVC": false}`; None: wmks.js's defaults).
+pub fn run_wmks_with(
+    node: &Path,
+    page_base: &str,
+    ws_url: &str,
+    watch_ms: u64,
+    out_name: &str,
+    options: Option<&serde_json::Value>,
+) -> WmksRun {
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(out_name);
+    let _ = fs::remove_dir_all(&out_dir);
+    fs::create_dir_all(&out_dir).unwrap();
+    let mut args: Vec<String> = vec![
+        "--page-base".into(),
+        page_base.into(),
+        "--ws-url".into(),
+        ws_url.into(),
+        "--out-dir".into(),
+        out_dir.display().to_string(),
+        "--watch-ms".into(),
+        watch_ms.to_string(),
+        "--chromium".into(),
+        CHROMIUM.into(),
+        "--timeout-ms".into(),
+        WMKS_STEP_TIMEOUT_MS.to_string(),
+    ];
+    if let Some(o) = options {
+        args.push("--options".into());
+        args.push(o.to_string());
+    }
+    let log_path = out_dir.join("wmks.log");
+    let log = File::create(&log_path).unwrap();
+    let child = Command::new(node)
+        .arg(browser_dir().join("wmks.mjs"))
+        .args(&args)
+        .current_dir(browser_dir())
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}spawn node: {e}", ctx()));
+    let mut guard = ScriptGuard(child);
+    let limit = Duration::from_millis(2 * WMKS_STEP_TIMEOUT_MS + watch_ms + 30_000);
+    let status = wait_child(&mut guard.0, limit);
+    let output = fs::read_to_string(&log_path).unwrap_or_default();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "{}wmks.mjs still running after {limit:?}; output so far:\n{output}",
+            ctx()
+        )
+    });
+    drop(guard);
+    assert!(
+        status.success(),
+        "{}wmks.mjs failed ({status}):\n{output}",
+        ctx()
+    );
+    let record = run_record(&out_dir, "wmks");
+    parse_wmks_record(out_dir, status, output, record)
+}
+
+fn parse_wmks_record(
+    out_dir: PathBuf,
+    status: ExitStatus,
+    output: String,
+    record: serde_json::Value,
+) -> WmksRun {
+    let num = |v: &serde_json::Value| v.as_f64().map(|f| f.max(0.0) as u64);
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_string);
+    let socket = &record["socket"];
+    let states = record["states"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    (
+                        num(&s["t"]).unwrap_or(0),
+                        text(&s["state"]).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let sent_first_bytes = socket["sent_first_bytes"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.parse::<u8>().ok()?, num(v)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    WmksRun {
+        connected: record["connected"].as_bool().unwrap_or(false),
+        states,
+        connected_ms: num(&record["connected_ms"]),
+        disconnected_ms: num(&record["disconnected_ms"]),
+        dropped: record["dropped"].as_bool().unwrap_or(false),
+        stayed_connected_ms: num(&record["stayed_connected_ms"]).unwrap_or(0),
+        close_code: num(&socket["close_code"]).map(|c| c as u16),
+        close_reason: text(&socket["close_reason"]),
+        offered: socket["offered"]
+            .as_array()
+            .map(|a| a.iter().filter_map(text).collect())
+            .unwrap_or_default(),
+        protocol: text(&socket["protocol"]),
+        canvas_colours: num(&record["canvas"]["colours"]).unwrap_or(0),
+        canvas_size: (
+            num(&record["canvas"]["width"]).unwrap_or(0) as u32,
+            num(&record["canvas"]["height"]).unwrap_or(0) as u32,
+        ),
+        rendered: record["rendered"].as_bool().unwrap_or(false),
+        rendered_ms: num(&record["rendered_ms"]),
+        rendered_while_connected: record["rendered_while_connected"]
+            .as_bool()
+            .unwrap_or(false),
+        sent_first_bytes,
+        messages_received: num(&socket["messages_received"]).unwrap_or(0),
+        bytes_received: num(&socket["bytes_received"]).unwrap_or(0),
+        text_messages_received: num(&socket["text_messages_received"]).unwrap_or(0),
+        errors: record["errors"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|e| text(&e["type"])).collect())
+            .unwrap_or_default(),
+        screenshot: out_dir.join("wmks.png"),
+        out_dir,
+        status,
+        output,
+        record,
+    }
+}

@@ -14,6 +14,7 @@
 pub mod browser;
 pub mod qemu;
 pub mod vcsim;
+pub mod wss_backend;
 pub mod x11;
 
 #[allow(unused_imports)]

@@ -300,9 +300,12 @@ impl Session {
         now: Instant,
     ) -> Option<usize> {
         let relay = self.relay_mut()?;
+        let admission_id = relay.admission.as_ref().map(|a| a.id);
         let h = relay.vnc_mut()?.rfb.as_mut()?;
         let (to_backend, to_browser, done) =
             (h.take_to_backend(), h.take_to_browser(), h.is_done());
+        // Only admissions care (a one-time credential to expire).
+        let authenticated = admission_id.filter(|_| h.backend_authenticated());
         if !to_backend.is_empty() {
             relay.to_backend.push(&mut ctx.pool, &to_backend);
         }
@@ -312,6 +315,9 @@ impl Session {
         match r {
             Ok(n) => {
                 if done {
+                    if let Some(id) = authenticated {
+                        ctx.report(crate::mailbox::FromWorker::BackendAuthenticated { id });
+                    }
                     if let Some(v) = self.vnc_mut() {
                         v.rfb = None;
                         if v.vmware_client {

@@ -48,6 +48,9 @@ pub struct QemuConfig {
     /// Largest screendump file read, in bytes.
     #[serde(default = "default_max_screendump_bytes")]
     pub max_screendump_bytes: u64,
+    /// Calls in flight at once (the control plane's queue).
+    #[serde(default = "crate::hypervisor::queue::default_max_concurrent")]
+    pub max_concurrent: usize,
 }
 
 /// One VM of a QEMU hypervisor.
@@ -111,6 +114,7 @@ impl QemuConfig {
             reconnect_max_ms: default_reconnect_max_ms(),
             one_time_password_ttl_ms: default_one_time_password_ttl_ms(),
             max_screendump_bytes: default_max_screendump_bytes(),
+            max_concurrent: crate::hypervisor::queue::default_max_concurrent(),
         }
     }
 
