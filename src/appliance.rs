@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use consolegate::config::appliance::{ApplianceConfig, LogFormat, Source};
+use consolegate::config::appliance::{ApplianceConfig, LogFormat, Role, Source, TokenConfig};
+use consolegate::config::secrets::CredentialMode;
 use consolegate::config::{ProxyConfig, TargetConfig, TlsFiles};
 use consolegate::control::{self, registry::Registry, ControlCounters, ControlState};
 use consolegate::hypervisor::backend::StartContext;
@@ -18,6 +19,8 @@ use consolegate::hypervisor::fleet::Fleet;
 use consolegate::mailbox;
 use consolegate::plane::{ApplianceLink, DataPlane};
 use consolegate::ports::{self, PortPool, PortPoolConfig, PortRange, PortStore};
+use consolegate::service::notify::{self, Notifier, Watchdog};
+use consolegate::service::{self, logging, reload};
 
 fn load(path: Option<&Path>) -> anyhow::Result<(ApplianceConfig, Source)> {
     let (mut cfg, source) = ApplianceConfig::load(path)?;
@@ -26,10 +29,22 @@ fn load(path: Option<&Path>) -> anyhow::Result<(ApplianceConfig, Source)> {
     Ok((cfg, source))
 }
 
+/// Longest `run` waits for its own `/readyz` before telling the service
+/// manager it is ready.
+const READY_PROBE_DEADLINE_MS: u64 = 10_000;
+
+/// The unit's `ExecReload=` pre-check: the whole load a reload does
+/// (overrides, validation, token files, credentials when systemd provides
+/// them, the admin-token rule, the certificate pair), so a bad config makes
+/// `systemctl reload` fail visibly instead of being refused in the log only.
 pub fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
-    let (cfg, source) = load(path)?;
+    let (cfg, source, secret_warnings) =
+        reload::load_config(path, std::env::vars(), CredentialMode::SkipOutsideService)?;
+    if let Some(tls) = &cfg.tls {
+        consolegate::dataplane::tls::reloadable_server_config(&tls.cert, &tls.key)?;
+    }
     println!("config OK ({source:?})");
-    for w in cfg.warnings() {
+    for w in cfg.warnings().into_iter().chain(secret_warnings) {
         println!("warning: {w}");
     }
     println!("{}", cfg.summary());
@@ -81,17 +96,28 @@ pub fn ports_cleanup(path: Option<&Path>, interval_s: Option<u64>) -> anyhow::Re
 }
 
 pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
-    let (mut cfg, source) = load(path)?;
+    let (mut cfg, source, secret_warnings) =
+        reload::load_config(path, std::env::vars(), CredentialMode::Required)?;
     let json = json_logs || cfg.log.format == LogFormat::Json;
-    crate::init_logging_filter(json, &cfg.log.level);
-    tracing::info!(source = ?source, "configuration loaded");
+    let log = logging::init(json, &cfg.log.level);
+    let notifier = Notifier::from_env();
+    tracing::info!(source = ?source, sink = ?log.sink, "configuration loaded");
     // Validation ran before logging existed; its doubts are logged now.
-    for w in cfg.warnings() {
+    for w in cfg.warnings().into_iter().chain(secret_warnings) {
         tracing::warn!("{w}");
     }
+    if let Some(w) = service::fd_limit_warning(&cfg) {
+        tracing::warn!("{w}");
+    }
+    // What a reload compares against: the config as loaded, before the
+    // start-up fills anything in.
+    let as_loaded = cfg.clone();
+    let mut generated = Vec::new();
     if let Some(token) = cfg.ensure_admin_token() {
-        // The built-in default has no token: make one and say it once.
+        // Only the built-in defaults (no config file) get here: make one
+        // and say it once. With a file, load_config refused no admin.
         println!("admin token: {token}");
+        generated.push(TokenConfig::new(token, Role::Admin));
     }
     if cfg.console.web_dir.is_none() && !matches!(source, Source::File(_)) {
         // Out of the box: serve Debian's noVNC on the console port when it
@@ -148,8 +174,13 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "port state not restored; starting empty"),
     }
 
-    // Before the workers accept (see drain_signals).
-    let signals = crate::drain_signals()?;
+    // Before the workers accept (see drain_signals); SIGHUP too, so a
+    // reload that comes early is held, not fatal.
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])?;
 
     // Mailboxes between the planes.
     let n = cfg.worker_count();
@@ -259,7 +290,17 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         format!("console public url {public_url}"),
     ])?;
 
-    crate::drain_on_signals(signals, dp.control())?;
+    let reloader = reload::Reloader::new(
+        path.map(Path::to_path_buf),
+        as_loaded,
+        state.clone(),
+        dp.tls_cert(),
+        log,
+        notifier.clone(),
+        generated,
+    );
+    handle_signals(signals, dp.control(), reloader, notifier.clone())?;
+    let _watchdog = report_ready(&notifier, control_addr)?;
 
     let metrics = dp.join();
     let _ = sd_tx.send(true);
@@ -279,4 +320,80 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         Ok(r) => r.map_err(Into::into),
         Err(_) => anyhow::bail!("control plane panicked"),
     }
+}
+
+/// Tell the service manager the appliance is ready once its own `/readyz`
+/// answers (listeners up, every worker turning), and start the watchdog
+/// pings when the unit asks for them.
+fn report_ready(
+    notifier: &Notifier,
+    control_addr: std::net::SocketAddr,
+) -> anyhow::Result<Option<Watchdog>> {
+    if !notifier.enabled() {
+        return Ok(None);
+    }
+    let target = notify::probe_address(control_addr);
+    let deadline = Instant::now() + Duration::from_millis(READY_PROBE_DEADLINE_MS);
+    loop {
+        match notify::probe_ready(target, Duration::from_millis(notify::PROBE_TIMEOUT_MS)) {
+            Ok(()) => break,
+            Err(e) if Instant::now() >= deadline => {
+                anyhow::bail!("not ready within {READY_PROBE_DEADLINE_MS} ms: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    notifier.ready("listening; workers running");
+    tracing::info!("ready (sd_notify READY=1)");
+    match notify::watchdog_period(false) {
+        Some(period) => {
+            tracing::info!(
+                period_ms = period.as_millis() as u64,
+                "watchdog pings on while /readyz answers 200"
+            );
+            Ok(Some(Watchdog::spawn(
+                notifier.clone(),
+                period,
+                control_addr,
+            )?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// SIGHUP reloads (config, tokens, certificate; refused whole when
+/// invalid). SIGTERM/SIGINT: the first drains the data plane (no new
+/// connections, live sessions get their grace period), a second exits at
+/// once.
+fn handle_signals(
+    mut signals: signal_hook::iterator::Signals,
+    control: Arc<consolegate::dataplane::worker::WorkerControl>,
+    reloader: reload::Reloader,
+    notifier: Notifier,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("cg-signals".into())
+        .spawn(move || {
+            let mut stops = 0;
+            for sig in signals.forever() {
+                if sig == signal_hook::consts::SIGHUP {
+                    // Logs its own outcome.
+                    let _ = reloader.reload();
+                    continue;
+                }
+                stops += 1;
+                if stops == 1 {
+                    tracing::info!(
+                        signal = sig,
+                        "draining: no new connections, live sessions get their grace period"
+                    );
+                    notifier.stopping("draining");
+                    control.start_drain();
+                } else {
+                    tracing::warn!(signal = sig, "second signal: exiting now");
+                    std::process::exit(1);
+                }
+            }
+        })?;
+    Ok(())
 }

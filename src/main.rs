@@ -50,6 +50,15 @@ enum Command {
         #[command(subcommand)]
         cmd: PortsCmd,
     },
+    /// Write the man page (roff) generated from this CLI definition to stdout.
+    #[command(hide = true)]
+    Manpage,
+    /// Write a shell completion script to stdout.
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// websockify-compatible WebSocket → TCP proxy:
     /// `consolegate proxy [options] [source_addr:]source_port [target_addr:target_port]`.
     Proxy(Box<ProxyArgs>),
@@ -506,6 +515,14 @@ pub(crate) fn drain_on_signals(
     Ok(())
 }
 
+/// The packages' man page: consolegate(1) from the clap definition.
+fn write_manpage() -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    let cmd = Cli::command();
+    clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if let Err(e) = check_unsupported(&args) {
@@ -527,6 +544,17 @@ fn main() -> ExitCode {
                     appliance::ports_cleanup(config.as_deref(), if once { None } else { interval })
                 }
             }
+        }
+        Command::Manpage => write_manpage(),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "consolegate",
+                &mut std::io::stdout(),
+            );
+            Ok(())
         }
         Command::Proxy(a) => {
             init_logging(cli.log_format == "json", a.verbose);
