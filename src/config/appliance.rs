@@ -1816,12 +1816,19 @@ mod tests {
     fn packaged_file_parses_validates_and_equals_the_defaults() {
         let mut c = ApplianceConfig::from_toml_str(PACKAGED).unwrap();
         c.validate().unwrap();
-        // The one deliberate difference, documented in the file's header.
+        // The deliberate differences (production defaults), documented in
+        // the file's header.
         assert_eq!(
             c.ports.state_dir.as_deref(),
             Some(Path::new(SYSTEM_STATE_DIR))
         );
         c.ports.state_dir = None;
+        assert!(!c.demo.enabled);
+        c.demo.enabled = true;
+        assert_eq!(c.auth.tokens.len(), 1);
+        assert_eq!(c.auth.tokens[0].credential.as_deref(), Some("admin-token"));
+        assert_eq!(c.auth.tokens[0].role, Role::Admin);
+        c.auth.tokens.clear();
         assert_eq!(as_value(&c), as_value(&ApplianceConfig::default()));
     }
 
