@@ -10,6 +10,8 @@ set -euo pipefail
 kind=${1:?usage: package.sh deb|rpm}
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${PKG_OUT:-$root/target/packages}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
 release=${PKG_RELEASE:-1}
 bin=${PKG_BINARY:-$root/target/release/consolegate}
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
@@ -75,7 +77,10 @@ build_rpm() {
     mv "$rpm" "$out/"
     rpm=$out/$(basename "$rpm")
     echo "$rpm"
-    rpmlint -r "$root/packaging/rpm/consolegate.rpmlintrc" "$rpm"
+    # Clean means no error and no warning either (each filter in the
+    # rpmlintrc says why).
+    rpmlint -r "$root/packaging/rpm/consolegate.rpmlintrc" "$rpm" | tee "$work/rpmlint.log"
+    ! grep -q ': [EW]: ' "$work/rpmlint.log" || { echo "package.sh: rpmlint is not clean" >&2; exit 1; }
 }
 
 case $kind in

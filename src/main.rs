@@ -36,6 +36,14 @@ enum Command {
         /// Config file (default /etc/consolegate/consolegate.toml, else built-in defaults).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Upgrade hand-off (set by the running process on SIGUSR2): take
+        /// over its listeners and pending sessions through this socket.
+        #[arg(long, hide = true)]
+        takeover: Option<PathBuf>,
+        /// Start this same command without --detach and exit at once, so the
+        /// new process is a child of the service manager.
+        #[arg(long, hide = true)]
+        detach: bool,
     },
     /// Load, apply CONSOLEGATE_* overrides, validate and summarise a config.
     CheckConfig {
@@ -534,7 +542,16 @@ fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let result = match cli.cmd {
-        Command::Run { config } => appliance::run(config.as_deref(), cli.log_format == "json"),
+        Command::Run { detach: true, .. } => consolegate::service::handoff::detach()
+            .context("start the new process")
+            .map(|_| ()),
+        Command::Run {
+            config, takeover, ..
+        } => appliance::run(
+            config.as_deref(),
+            takeover.as_deref(),
+            cli.log_format == "json",
+        ),
         Command::CheckConfig { config } => appliance::check_config(config.as_deref()),
         Command::Ports { config, cmd } => {
             init_logging(cli.log_format == "json", false);
