@@ -42,7 +42,7 @@ const READY_PROBE_DEADLINE_MS: u64 = 10_000;
 
 /// The unit's `ExecReload=` pre-check: the whole load a reload does
 /// (overrides, validation, token files, credentials when systemd provides
-/// them, the admin-token rule, the certificate pair), so a bad config makes
+/// them, the admin-token rule, the certificate pair, the JWT key), so a bad config makes
 /// `systemctl reload` fail visibly instead of being refused in the log only.
 pub fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     let (cfg, source, secret_warnings) =
@@ -50,6 +50,7 @@ pub fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     if let Some(tls) = &cfg.tls {
         consolegate::dataplane::tls::reloadable_server_config(&tls.cert, &tls.key)?;
     }
+    consolegate::auth::JwtVerifier::from_config(&cfg.auth.jwt)?;
     println!("config OK ({source:?})");
     for w in cfg.warnings().into_iter().chain(secret_warnings) {
         println!("warning: {w}");
@@ -281,7 +282,7 @@ pub fn run(path: Option<&Path>, takeover: Option<&Path>, json_logs: bool) -> any
     }
     let api_tokens = arc_swap::ArcSwap::from_pointee(cfg.auth.tokens.clone());
     let state = Arc::new(ControlState {
-        jwt,
+        jwt: arc_swap::ArcSwapOption::new(jwt.map(Arc::new)),
         user_rates: control::limits::UserRates::new(&cfg.rate_limits),
         api_tokens,
         registry: Mutex::new(Registry::new(

@@ -94,8 +94,9 @@ pub struct ControlState {
     /// registry's `max_sessions` (an entry exists only for a live
     /// session, and is removed with it).
     pub one_time: Mutex<HashMap<u64, VmRef>>,
-    /// `[auth.jwt]`'s verifier (key loaded at start); `None` when off.
-    pub jwt: Option<crate::auth::JwtVerifier>,
+    /// `[auth.jwt]`'s verifier (key loaded at start, replaced whole by a
+    /// reload); `None` when off. Read lock-free per request.
+    pub jwt: arc_swap::ArcSwapOption<crate::auth::JwtVerifier>,
     /// `[rate_limits]`: console creation per user.
     pub user_rates: limits::UserRates,
 }
@@ -111,7 +112,7 @@ impl ControlState {
         if let Some(role) = self.role_of(token) {
             return Ok(Principal::service(role));
         }
-        match &self.jwt {
+        match self.jwt.load().as_deref() {
             Some(v) => v.verify(token),
             None => Err(AuthError::Unknown),
         }

@@ -5,6 +5,8 @@
 //! - the API tokens (`[[auth.tokens]]`, from the file, token files,
 //!   credentials and `CONSOLEGATE_AUTH_*`): the next request is checked
 //!   against the new set;
+//! - the users' JWT verifier (`[auth.jwt]`, its key file read again): the
+//!   next request's JWT is checked with it;
 //! - the console certificate (`tls.cert`, `tls.key`): handshakes that begin
 //!   after the reload present it, connected sessions keep theirs;
 //! - the log filter (`log.level`).
@@ -22,6 +24,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::auth::jwt::KeyError;
+use crate::auth::JwtVerifier;
 use crate::config::appliance::{ApplianceConfig, ConfigFileError, Source};
 use crate::config::secrets::{credentials_dir_from_env, CredentialMode};
 use crate::control::ControlState;
@@ -36,6 +40,8 @@ pub enum ReloadError {
     Config(#[from] ConfigFileError),
     #[error("tls: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    Jwt(#[from] KeyError),
     #[error("log.level: {0}")]
     Log(String),
 }
@@ -56,6 +62,7 @@ impl ReloadError {
                 .to_string(),
             ReloadError::Tls(TlsError::Cert { .. }) => "tls.cert".into(),
             ReloadError::Tls(_) => "tls.key".into(),
+            ReloadError::Jwt(_) => "auth.jwt".into(),
             ReloadError::Log(_) => "log.level".into(),
         }
     }
@@ -192,8 +199,9 @@ impl Reloader {
             ..ReloadReport::default()
         };
         // The steps that can still fail, before anything is applied. The
-        // certificate is read again even from the same paths: the files
-        // may be new.
+        // certificate and the JWT key are read again even from the same
+        // paths: the files may be new.
+        let jwt = JwtVerifier::from_config(&next.auth.jwt)?;
         if let (Some(cert), Some(tls)) = (&self.cert, &next.tls) {
             cert.replace(&tls.cert, &tls.key)?;
             report.certificate_replaced = true;
@@ -205,6 +213,7 @@ impl Reloader {
         tokens.extend(self.generated_tokens.iter().cloned());
         report.tokens = tokens.len();
         self.control.api_tokens.store(Arc::new(tokens));
+        self.control.jwt.store(jwt.map(Arc::new));
         *running = next;
         Ok(report)
     }
@@ -262,6 +271,7 @@ mod tests {
         b.auth
             .tokens
             .push(TokenConfig::new("0123456789abcdef0123".into(), Role::Admin));
+        b.auth.jwt.leeway_ms = 1000;
         b.log.level = "debug".into();
         assert!(changed_keys(&a, &b).is_empty());
         b.dataplane.limits.idle_timeout_ms = 5;
@@ -318,5 +328,10 @@ mod tests {
             message: "m".into(),
         });
         assert_eq!(e.key(), "tls.cert");
+        let e = ReloadError::Jwt(KeyError::Bad {
+            path: "/k".into(),
+            message: "m".into(),
+        });
+        assert_eq!(e.key(), "auth.jwt");
     }
 }
