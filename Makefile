@@ -101,8 +101,10 @@ package-test: test-deps
 	cp $(PACKAGE_TEST_BIN) $(PACKAGES)/test/consolegate
 	PKG_BINARY=$(PACKAGES)/test/consolegate PKG_OUT=$(PACKAGES)/test/old bash scripts/package.sh deb
 	PKG_BINARY=$(PACKAGES)/test/consolegate PKG_OUT=$(PACKAGES)/test/new PKG_RELEASE=2 bash scripts/package.sh deb
-	PKG_BINARY=$(PACKAGES)/test/consolegate PKG_OUT=$(PACKAGES)/test/rpm bash scripts/package.sh rpm
-	bash tests/packaging/install-test.sh $(PACKAGES)/test/old/*.deb $(PACKAGES)/test/new/*.deb $(PACKAGES)/test/rpm/*.rpm
+	PKG_BINARY=$(PACKAGES)/test/consolegate PKG_OUT=$(PACKAGES)/test/old bash scripts/package.sh rpm
+	PKG_BINARY=$(PACKAGES)/test/consolegate PKG_OUT=$(PACKAGES)/test/new PKG_RELEASE=2 bash scripts/package.sh rpm
+	bash tests/packaging/install-test.sh $(PACKAGES)/test/old/*.deb $(PACKAGES)/test/new/*.deb \
+		$(PACKAGES)/test/old/*.rpm $(PACKAGES)/test/new/*.rpm
 
 bench: deps
 	@bash scripts/bench.sh

@@ -2,7 +2,7 @@
 # Real install tests of the packages (root only; `make package-test`, part of
 # `make test` when root). docs/PACKAGING.md describes what each step checks.
 #
-#   tests/packaging/install-test.sh DEB_OLD DEB_NEW RPM
+#   tests/packaging/install-test.sh DEB_OLD DEB_NEW RPM_OLD RPM_NEW
 #
 # A minimal Debian 12 root is made once with debootstrap and cached in
 # $CONSOLEGATE_TEST_CACHE (default /var/cache/consolegate-test, outside the
@@ -12,7 +12,7 @@
 # it with nsenter. A missing tool is a failure, not a skip.
 set -euo pipefail
 
-DEB_OLD=${1:?deb (old)} DEB_NEW=${2:?deb (new)} RPM=${3:?rpm}
+DEB_OLD=${1:?deb (old)} DEB_NEW=${2:?deb (new)} RPM=${3:?rpm (old)} RPM_NEW=${4:?rpm (new)}
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CACHE=${CONSOLEGATE_TEST_CACHE:-/var/cache/consolegate-test}
@@ -290,6 +290,13 @@ rpm_test() {
     # rpm -V exits non-zero when it finds a change: that is the point here.
     rpm --root "$root" -V --nodeps consolegate >"$WORK/rpm-V.out" 2>&1 || true
     grep -q '^S\.5\.\.\.\.T\.  c /etc/consolegate/consolegate.toml$' "$WORK/rpm-V.out" || fail "rpm -V: $(cat "$WORK/rpm-V.out")"
+    # Upgrade: the old package's %postun (no systemd in the copy: no
+    # hand-off to do) and the new %post run; the edit and the token stay.
+    rpm --root "$root" --nodeps -U "$RPM_NEW" || fail "rpm -U"
+    [ "$(rpm --root "$root" -q --qf '%{RELEASE}' consolegate)" = "$(rpm -qp --qf '%{RELEASE}' "$RPM_NEW")" ] || fail "rpm -U: not the new release"
+    grep -qx '# local edit' "$root/etc/consolegate/consolegate.toml" || fail "rpm -U lost the config edit"
+    [ "$(mode_of "$root" /etc/consolegate/consolegate.toml)" = "640 root consolegate" ] || fail "rpm config mode after -U"
+    [ "$(mode_of "$root" /etc/consolegate/admin-token)" = "600 root root" ] || fail "rpm -U: the token is gone or changed mode"
     rpm --root "$root" --nodeps -e consolegate || fail "rpm -e"
     [ -e "$root/etc/consolegate/consolegate.toml.rpmsave" ] || fail "rpm -e dropped the edited config"
     [ ! -e "$root/usr/bin/consolegate" ] || fail "rpm -e left the binary"
