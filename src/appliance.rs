@@ -566,6 +566,9 @@ fn handle_signals(
                     );
                     notifier.stopping("draining");
                     control.start_drain();
+                    // The hand-off's duplicates would keep the console
+                    // port accepting into its queue: refused from now on.
+                    predecessor.close_listeners();
                 } else {
                     tracing::warn!(signal = sig, "second signal: exiting now");
                     std::process::exit(1);

@@ -53,7 +53,12 @@ impl DataPlane {
     /// Same, wired to a control plane (appliance mode): one inbox per worker
     /// and the shared report queue.
     pub fn start_with(cfg: ProxyConfig, link: Option<ApplianceLink>) -> anyhow::Result<Self> {
-        Self::start_inherited(cfg, link, Vec::new())
+        let mut plane = Self::start_inherited(cfg, link, Vec::new())?;
+        // No hand-off here: kept, the duplicates would hold the port open
+        // (connects queued, never refused) after SIGTERM closed the
+        // workers' listeners.
+        drop(plane.take_listener_dups());
+        Ok(plane)
     }
 
     /// Same, on listeners a previous process handed over (an upgrade): at

@@ -233,22 +233,37 @@ impl NotifySocket {
         }
     }
 
-    /// The next message, if one comes within the socket's read timeout.
-    fn recv(&self) -> Option<String> {
+    /// The next message, if one comes within the socket's read timeout;
+    /// a ping's time is noted.
+    fn recv(&mut self) -> Option<String> {
         let mut buf = [0u8; 4096];
         let n = self.socket.recv(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if m.split('\n').any(|l| l == "WATCHDOG=1") {
+            self.last_ping = Some(Instant::now());
+        }
+        Some(m)
     }
 
     /// The next message containing `want`, within `timeout`.
     fn wait_for(&mut self, timeout: Duration, want: &str) -> String {
         wait_until(timeout, &format!("{want} on the notify socket"), || {
             let m = self.recv()?;
-            if m.split('\n').any(|l| l == "WATCHDOG=1") {
-                self.last_ping = Some(Instant::now());
-            }
             m.contains(want).then_some(m)
         })
+    }
+
+    /// Wait (up to `timeout`) until no ping has come for `silence`.
+    fn wait_ping_silence(&mut self, timeout: Duration, silence: Duration) {
+        wait_until(
+            timeout,
+            &format!("{silence:?} without a watchdog ping"),
+            || {
+                let _ = self.recv();
+                let last = self.last_ping.expect("pings were seen before");
+                (last.elapsed() >= silence).then_some(())
+            },
+        )
     }
 
     /// Time from the previous `WATCHDOG=1` to the next one, waited for
@@ -281,9 +296,9 @@ impl NotifySocket {
 
 /// Under systemd (here the test's own notify socket), READY=1 comes once
 /// the listeners answer, and WATCHDOG=1 only while every worker turns: a
-/// stuck worker makes `/readyz` fail and leaves a gap of more than twice
-/// the watchdog period between pings (systemd would kill and restart the
-/// service), and the pings come steadily again once it turns.
+/// stuck worker makes `/readyz` fail and the pings stop for more than twice
+/// the watchdog period (systemd would kill and restart the service), and
+/// they come steadily again once it turns.
 fn stuck_workers_withhold_the_watchdog_pings(io: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("notify.sock");
@@ -315,11 +330,9 @@ fn stuck_workers_withhold_the_watchdog_pings(io: &str) {
     // Every turn of every worker sleeps 6 s: /readyz answers 503 but for
     // the 300 ms after each turn.
     set_failpoint(&app, "worker-stall", "sleep(6000)");
-    let limit = Duration::from_millis(2 * WATCHDOG_PERIOD_MS);
-    wait_until(
+    notify.wait_ping_silence(
         Duration::from_secs(30),
-        "a gap of twice the watchdog period between pings",
-        || (notify.next_ping_gap(Duration::from_secs(30)) >= limit).then_some(()),
+        Duration::from_millis(2 * WATCHDOG_PERIOD_MS),
     );
     let log = app.stderr();
     assert!(

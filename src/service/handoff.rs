@@ -138,15 +138,22 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// The listener duplicates a hand-off passes on.
+struct HeldListeners {
+    console: Vec<TcpListener>,
+    control: TcpListener,
+}
+
 /// What the predecessor needs to hand over.
 pub struct Predecessor {
     pub state: Arc<ControlState>,
     pub workers: Arc<WorkerControl>,
     pub handshakes: Arc<HandshakeGauge>,
-    /// Duplicates of the workers' listeners.
-    pub console: Vec<TcpListener>,
-    /// Duplicate of the control listener.
-    pub control: TcpListener,
+    /// Duplicates of the workers' listeners and of the control listener,
+    /// until a drain or a finished hand-off closes them: held, they would
+    /// keep the ports accepting (into the kernel's queue) after the
+    /// workers closed theirs.
+    listeners: Mutex<Option<HeldListeners>>,
     pub notifier: Notifier,
     /// Where the socket goes.
     pub runtime_dir: PathBuf,
@@ -185,8 +192,7 @@ impl Predecessor {
             state,
             workers,
             handshakes,
-            console,
-            control,
+            listeners: Mutex::new(Some(HeldListeners { console, control })),
             notifier,
             runtime_dir,
             exe,
@@ -198,6 +204,14 @@ impl Predecessor {
             step_timeout: Duration::from_millis(svc.handoff_timeout_ms),
             busy: AtomicBool::new(false),
             outcome: Mutex::new(None),
+        }
+    }
+
+    /// Close the listener duplicates (SIGTERM's drain: new connections
+    /// are refused at once); no hand-off is possible after.
+    pub fn close_listeners(&self) {
+        if let Ok(mut held) = self.listeners.lock() {
+            held.take();
         }
     }
 
@@ -281,10 +295,17 @@ impl Predecessor {
         let mut wire = Wire::new(stream);
         // The successor restores the port allocations from the file.
         crate::control::persist_ports(&self.state);
+        // Held only while the offer goes out, so that a SIGTERM meanwhile
+        // waits for one bounded send at most.
+        let guard = self
+            .listeners
+            .lock()
+            .map_err(|_| HandoffError::Internal("listener lock poisoned".into()))?;
+        let held = guard.as_ref().ok_or(HandoffError::Draining)?;
         let offer = Message::Offer {
             version: PROTOCOL_VERSION,
             pid: std::process::id(),
-            console_listeners: self.console.len(),
+            console_listeners: held.console.len(),
             demo_addr: self.demo_addr,
         };
         let t = self.step_timeout;
@@ -296,9 +317,11 @@ impl Predecessor {
             }
         };
         wire.send(&offer, t).map_err(fail("offer"))?;
-        let mut fds: Vec<BorrowedFd<'_>> = self.console.iter().map(|l| l.as_fd()).collect();
-        fds.push(self.control.as_fd());
+        let mut fds: Vec<BorrowedFd<'_>> = held.console.iter().map(|l| l.as_fd()).collect();
+        fds.push(held.control.as_fd());
         wire.send_fds(&fds, t).map_err(fail("offer"))?;
+        drop(fds);
+        drop(guard);
         match wire.recv::<Message>(t).map_err(fail("prepare"))? {
             Message::Prepared => Ok(wire),
             Message::Refused { reason } => Err(HandoffError::Refused(reason)),
@@ -343,6 +366,9 @@ impl Predecessor {
         };
         self.notifier
             .main_pid(pid, &format!("handed over to PID {pid}; draining"));
+        // The new process holds the sockets now; kept here, they would
+        // keep accepting after it closes its own at its next SIGTERM.
+        self.close_listeners();
         wire.send(&Message::Done, t).map_err(fail("done"))?;
         Ok(Outcome::HandedOver {
             pid,
