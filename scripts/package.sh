@@ -49,7 +49,7 @@ build_deb() {
     if [ "$release" != 1 ]; then
         # A newer revision on top of the packaged changelog.
         { printf 'consolegate (%s-%s) unstable; urgency=medium\n\n  * Rebuild.\n\n' "$version" "$release"
-          printf ' -- consolegate maintainers <consolegate@localhost.localdomain>  %s\n\n' "$(date -R)"
+          printf ' -- %s  %s\n\n' "$(sed -n 's/^Maintainer: //p' "$root/packaging/debian/control")" "$(date -R)"
           cat "$root/packaging/debian/changelog"; } > "$src/debian/changelog"
     fi
     (cd "$src" && DEB_BUILD_OPTIONS=noddebs dpkg-buildpackage -b -us -uc --no-sign >"$work/build.log" 2>&1) \
