@@ -63,14 +63,21 @@ build_deb() {
 }
 
 build_rpm() {
-    local s=$work/stage
+    local s=$work/stage spec=$work/consolegate.spec
     stage_files "$s"
+    cp "$root/packaging/rpm/consolegate.spec" "$spec"
+    if [ "$release" != 1 ]; then
+        # A newer revision on top of the packaged changelog.
+        local packager
+        packager=$(sed -n 's/^Packager: *//p' "$spec")
+        sed -i "/^%changelog\$/a * $(LC_ALL=C date -u +'%a %b %d %Y') $packager - $version-$release\\n- Rebuild.\\n" "$spec"
+    fi
     rpmbuild -bb --quiet \
         --define "_topdir $work/rpmbuild" \
         --define "cg_stage $s" \
         --define "cg_version $version" \
         --define "cg_release $release" \
-        "$root/packaging/rpm/consolegate.spec" >"$work/build.log" 2>&1 \
+        "$spec" >"$work/build.log" 2>&1 \
         || { tail -40 "$work/build.log" >&2; exit 1; }
     local rpm
     rpm=$(ls "$work"/rpmbuild/RPMS/*/consolegate-*.rpm)
