@@ -131,6 +131,19 @@ deps_test() {
     # websockify --ssl-only in front of Xvnc: an independent wss peer standing in
     # for a WebMKS endpoint (tests/common/wss_backend.rs).
     need_pkg websockify cmd websockify
+    # Packages (make deb / make rpm) and their real install tests
+    # (tests/packaging/install-test.sh): build, lint, a debootstrapped
+    # Debian 12 root booted with systemd-nspawn, rpm --root.
+    need_pkg dpkg-dev cmd dpkg-buildpackage
+    need_pkg debhelper cmd dh
+    need_pkg lintian cmd lintian
+    need_pkg rpm cmd rpmbuild
+    need_pkg rpmlint cmd rpmlint
+    need_pkg debootstrap cmd debootstrap
+    need_pkg systemd-container cmd systemd-nspawn
+    need_pkg curl cmd curl
+    need_pkg openssl cmd openssl
+    need_pkg python3 cmd python3
     install_missing
 
     # Node.js and npm come with the machine image (NodeSource). Debian's own npm

@@ -15,3 +15,4 @@ pub mod pki;
 pub mod plane;
 pub mod ports;
 pub mod protocol;
+pub mod service;

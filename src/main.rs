@@ -36,6 +36,14 @@ enum Command {
         /// Config file (default /etc/consolegate/consolegate.toml, else built-in defaults).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Upgrade hand-off (set by the running process on SIGUSR2): take
+        /// over its listeners and pending sessions through this socket.
+        #[arg(long, hide = true)]
+        takeover: Option<PathBuf>,
+        /// Start this same command without --detach and exit at once, so the
+        /// new process is a child of the service manager.
+        #[arg(long, hide = true)]
+        detach: bool,
     },
     /// Load, apply CONSOLEGATE_* overrides, validate and summarise a config.
     CheckConfig {
@@ -49,6 +57,15 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         cmd: PortsCmd,
+    },
+    /// Write the man page (roff) generated from this CLI definition to stdout.
+    #[command(hide = true)]
+    Manpage,
+    /// Write a shell completion script to stdout.
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// websockify-compatible WebSocket → TCP proxy:
     /// `consolegate proxy [options] [source_addr:]source_port [target_addr:target_port]`.
@@ -508,6 +525,14 @@ pub(crate) fn drain_on_signals(
     Ok(())
 }
 
+/// The packages' man page: consolegate(1) from the clap definition.
+fn write_manpage() -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    let cmd = Cli::command();
+    clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if let Err(e) = check_unsupported(&args) {
@@ -519,7 +544,16 @@ fn main() -> ExitCode {
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let result = match cli.cmd {
-        Command::Run { config } => appliance::run(config.as_deref(), cli.log_format == "json"),
+        Command::Run { detach: true, .. } => consolegate::service::handoff::detach()
+            .context("start the new process")
+            .map(|_| ()),
+        Command::Run {
+            config, takeover, ..
+        } => appliance::run(
+            config.as_deref(),
+            takeover.as_deref(),
+            cli.log_format == "json",
+        ),
         Command::CheckConfig { config } => appliance::check_config(config.as_deref()),
         Command::Ports { config, cmd } => {
             init_logging(cli.log_format == "json", false);
@@ -529,6 +563,17 @@ fn main() -> ExitCode {
                     appliance::ports_cleanup(config.as_deref(), if once { None } else { interval })
                 }
             }
+        }
+        Command::Manpage => write_manpage(),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "consolegate",
+                &mut std::io::stdout(),
+            );
+            Ok(())
         }
         Command::Proxy(a) => {
             init_logging(cli.log_format == "json", a.verbose);

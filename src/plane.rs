@@ -13,6 +13,7 @@ use crate::config::{ProxyConfig, TargetConfig};
 use crate::dataplane::balance::{Balancer, WorkerLoads};
 use crate::dataplane::router::{AdmissionTable, Router};
 use crate::dataplane::session::{HandshakeGauge, WorkerCtx};
+use crate::dataplane::tls::ReloadableCert;
 use crate::dataplane::tokens::{self, SharedTokens, TokenFile};
 use crate::dataplane::web::WebRoot;
 use crate::dataplane::worker::WorkerControl;
@@ -35,6 +36,12 @@ pub struct DataPlane {
     control: Arc<WorkerControl>,
     loads: Arc<WorkerLoads>,
     handles: Vec<std::thread::JoinHandle<anyhow::Result<WorkerMetrics>>>,
+    /// The console certificate, replaceable on reload (with TLS).
+    tls_cert: Option<Arc<ReloadableCert>>,
+    /// A duplicate of each worker's listener (same sockets), kept for an
+    /// upgrade hand-off: the workers close theirs when they drain.
+    listener_dups: Vec<TcpListener>,
+    handshakes: Arc<HandshakeGauge>,
 }
 
 impl DataPlane {
@@ -46,22 +53,53 @@ impl DataPlane {
     /// Same, wired to a control plane (appliance mode): one inbox per worker
     /// and the shared report queue.
     pub fn start_with(cfg: ProxyConfig, link: Option<ApplianceLink>) -> anyhow::Result<Self> {
+        let mut plane = Self::start_inherited(cfg, link, Vec::new())?;
+        // No hand-off here: kept, the duplicates would hold the port open
+        // (connects queued, never refused) after SIGTERM closed the
+        // workers' listeners.
+        drop(plane.take_listener_dups());
+        Ok(plane)
+    }
+
+    /// Same, on listeners a previous process handed over (an upgrade): at
+    /// most one per worker, all bound to the same address (one SO_REUSEPORT
+    /// group); workers beyond them get new listeners in that group.
+    pub fn start_inherited(
+        cfg: ProxyConfig,
+        link: Option<ApplianceLink>,
+        inherited: Vec<TcpListener>,
+    ) -> anyhow::Result<Self> {
         cfg.validate()?;
         let backend = io::select(cfg.io).context("io backend")?;
         let n = cfg.worker_count();
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        if inherited.len() > n {
+            anyhow::bail!("{} inherited listeners for {n} workers", inherited.len());
+        }
         // Every worker gets its own SO_REUSEPORT listener; the first decides
         // the port when port 0 was asked for.
-        let first = io::sys::reuseport_listener(cfg.listen, 1024)
-            .with_context(|| format!("listen on {}", cfg.listen))?;
-        let addr = first.local_addr()?;
-        let mut listeners = vec![first];
-        for _ in 1..n {
+        let mut listeners = inherited;
+        if listeners.is_empty() {
+            listeners.push(
+                io::sys::reuseport_listener(cfg.listen, 1024)
+                    .with_context(|| format!("listen on {}", cfg.listen))?,
+            );
+        }
+        let addr = listeners[0].local_addr()?;
+        while listeners.len() < n {
             listeners.push(io::sys::reuseport_listener(addr, 1024)?);
         }
-        let tls = match &cfg.tls {
-            Some(t) => Some(crate::dataplane::tls::server_config(&t.cert, &t.key)?),
-            None => None,
+        let listener_dups = listeners
+            .iter()
+            .map(TcpListener::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("duplicate listeners")?;
+        let (tls, tls_cert) = match &cfg.tls {
+            Some(t) => {
+                let (c, r) = crate::dataplane::tls::reloadable_server_config(&t.cert, &t.key)?;
+                (Some(c), Some(r))
+            }
+            None => (None, None),
         };
         let web = match &cfg.web_dir {
             Some(d) => Some(Arc::new(
@@ -129,7 +167,26 @@ impl DataPlane {
             control,
             loads,
             handles,
+            tls_cert,
+            listener_dups,
+            handshakes,
         })
+    }
+
+    /// The console certificate, to replace on reload (None without TLS).
+    pub fn tls_cert(&self) -> Option<Arc<ReloadableCert>> {
+        self.tls_cert.clone()
+    }
+
+    /// The duplicates of the workers' listeners, for an upgrade hand-off
+    /// (taken once).
+    pub fn take_listener_dups(&mut self) -> Vec<TcpListener> {
+        std::mem::take(&mut self.listener_dups)
+    }
+
+    /// The count of connections in their handshake, across all workers.
+    pub fn handshake_gauge(&self) -> Arc<HandshakeGauge> {
+        self.handshakes.clone()
     }
 
     pub fn control(&self) -> Arc<WorkerControl> {

@@ -24,6 +24,7 @@ backend_tests!(
     worker_panic_takes_the_appliance_down,
     worker_error_takes_the_proxy_down,
     stuck_workers_fail_readyz_until_they_turn_again,
+    stuck_workers_withhold_the_watchdog_pings,
     revoke_storm_into_full_mailboxes_closes_every_console,
     stalled_control_plane_leaves_relays_flowing,
     kill9_while_saving_ports_leaves_the_state_file_intact,
@@ -204,6 +205,143 @@ fn stuck_workers_fail_readyz_until_they_turn_again(io: &str) {
     wait_until(Duration::from_secs(10), "/readyz to recover", || {
         (app.get("/readyz").status == 200).then_some(())
     });
+}
+
+// ---------------------------------------------------------------------------
+// The systemd watchdog
+// ---------------------------------------------------------------------------
+
+/// The watchdog period the test asks for (`WATCHDOG_USEC`): pings come
+/// every half of it, each after a `/readyz` probe of at most a quarter.
+const WATCHDOG_PERIOD_MS: u64 = 2_000;
+
+/// The test's side of `$NOTIFY_SOCKET`: what systemd would receive.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    last_ping: Option<Instant>,
+}
+
+impl NotifySocket {
+    fn bind(path: &std::path::Path) -> NotifySocket {
+        let socket = std::os::unix::net::UnixDatagram::bind(path).expect("bind the notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("read timeout");
+        NotifySocket {
+            socket,
+            last_ping: None,
+        }
+    }
+
+    /// The next message, if one comes within the socket's read timeout;
+    /// a ping's time is noted.
+    fn recv(&mut self) -> Option<String> {
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).ok()?;
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if m.split('\n').any(|l| l == "WATCHDOG=1") {
+            self.last_ping = Some(Instant::now());
+        }
+        Some(m)
+    }
+
+    /// The next message containing `want`, within `timeout`.
+    fn wait_for(&mut self, timeout: Duration, want: &str) -> String {
+        wait_until(timeout, &format!("{want} on the notify socket"), || {
+            let m = self.recv()?;
+            m.contains(want).then_some(m)
+        })
+    }
+
+    /// Wait (up to `timeout`) until no ping has come for `silence`.
+    fn wait_ping_silence(&mut self, timeout: Duration, silence: Duration) {
+        wait_until(
+            timeout,
+            &format!("{silence:?} without a watchdog ping"),
+            || {
+                let _ = self.recv();
+                let last = self.last_ping.expect("pings were seen before");
+                (last.elapsed() >= silence).then_some(())
+            },
+        )
+    }
+
+    /// Time from the previous `WATCHDOG=1` to the next one, waited for
+    /// up to `timeout`.
+    fn next_ping_gap(&mut self, timeout: Duration) -> Duration {
+        let before = self.last_ping;
+        self.wait_for(timeout, "WATCHDOG=1");
+        let now = self.last_ping.expect("a ping was just seen");
+        now - before.unwrap_or(now)
+    }
+
+    /// Wait (up to `timeout`) until `count` pings in a row each came
+    /// within the watchdog period: what keeps systemd from restarting.
+    fn wait_steady_pings(&mut self, timeout: Duration, count: usize, what: &str) {
+        let period = Duration::from_millis(WATCHDOG_PERIOD_MS);
+        let deadline = Instant::now() + timeout;
+        let mut steady = 0;
+        self.next_ping_gap(timeout);
+        while steady < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{what}: no {count} pings in a row within {period:?} each"
+            );
+            let gap = self.next_ping_gap(left);
+            steady = if gap < period { steady + 1 } else { 0 };
+        }
+    }
+}
+
+/// Under systemd (here the test's own notify socket), READY=1 comes once
+/// the listeners answer, and WATCHDOG=1 only while every worker turns: a
+/// stuck worker makes `/readyz` fail and the pings stop for more than twice
+/// the watchdog period (systemd would kill and restart the service), and
+/// they come steadily again once it turns.
+fn stuck_workers_withhold_the_watchdog_pings(io: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notify.sock");
+    let mut notify = NotifySocket::bind(&path);
+    let app = Appliance::start(
+        io,
+        ApplianceOptions {
+            control_toml: "worker_stall_ms = 300\n".into(),
+            launch: Launch {
+                prefix: Vec::new(),
+                env: vec![
+                    ("NOTIFY_SOCKET".into(), path.display().to_string()),
+                    (
+                        "WATCHDOG_USEC".into(),
+                        (WATCHDOG_PERIOD_MS * 1000).to_string(),
+                    ),
+                ],
+            },
+            ..Default::default()
+        },
+    );
+    let ready = notify.wait_for(Duration::from_secs(20), "READY=1");
+    assert!(
+        ready.contains("STATUS=listening; workers running"),
+        "io={io}: READY without its status: {ready:?}"
+    );
+    notify.wait_steady_pings(Duration::from_secs(20), 3, "healthy");
+
+    // Every turn of every worker sleeps 6 s: /readyz answers 503 but for
+    // the 300 ms after each turn.
+    set_failpoint(&app, "worker-stall", "sleep(6000)");
+    notify.wait_ping_silence(
+        Duration::from_secs(30),
+        Duration::from_millis(2 * WATCHDOG_PERIOD_MS),
+    );
+    let log = app.stderr();
+    assert!(
+        log.contains("watchdog pings withheld"),
+        "io={io}: no log line says the pings stopped:\n{log}"
+    );
+
+    clear_failpoint(&app, "worker-stall");
+    notify.wait_steady_pings(Duration::from_secs(30), 3, "after the workers turn again");
 }
 
 // ---------------------------------------------------------------------------

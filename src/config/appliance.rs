@@ -120,6 +120,8 @@ pub struct ApplianceConfig {
     pub sessions: SessionsConfig,
     pub demo: DemoConfig,
     pub log: LogConfig,
+    /// `[service]`: running under systemd (the upgrade hand-off).
+    pub service: ServiceConfig,
     /// TLS on the console port (wss). Absent: plain ws, for a TLS-terminating
     /// proxy in front or for loopback use.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -265,18 +267,44 @@ impl Default for PortsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// `[[auth.tokens]]` entries. None configured: an admin token is
-    /// generated at start ([`ApplianceConfig::ensure_admin_token`]).
+    /// generated at start when the appliance runs without a config file
+    /// ([`ApplianceConfig::ensure_admin_token`]); with a config file it
+    /// refuses to start instead.
     pub tokens: Vec<TokenConfig>,
     /// `[auth.jwt]`: users' JSON Web Tokens.
     pub jwt: super::users::JwtConfig,
 }
 
-/// One API token.
+/// One API token, given inline (`token`), in a file (`token_file`) or as a
+/// systemd credential (`credential`, a name in `$CREDENTIALS_DIRECTORY`,
+/// set up by the unit's `LoadCredential=`): exactly one of the three. Files
+/// and credentials are read by [`ApplianceConfig::resolve_secrets`], which
+/// fills `token`; `validate` only checks the shape.
 #[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token: String,
+    /// Absolute path of a file holding the token (one line). It must not be
+    /// readable by others (mode `o-rwx`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Name of a systemd credential holding the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
     pub role: Role,
+}
+
+impl TokenConfig {
+    /// An inline token.
+    pub fn new(token: String, role: Role) -> Self {
+        Self {
+            token,
+            token_file: None,
+            credential: None,
+            role,
+        }
+    }
 }
 
 // Written by hand so that `{:?}` of a config (log lines, panics) never
@@ -285,6 +313,8 @@ impl std::fmt::Debug for TokenConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenConfig")
             .field("token", &Redacted(self.token.len()))
+            .field("token_file", &self.token_file)
+            .field("credential", &self.credential)
             .field("role", &self.role)
             .finish()
     }
@@ -472,6 +502,32 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".to_string(),
+        }
+    }
+}
+
+/// `[service]`: how the appliance behaves under a service manager.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Upgrade hand-off (SIGUSR2): once the new process took over the
+    /// listeners, the previous one keeps relaying its live consoles for at
+    /// most this long, then closes them with 1001 and exits; it exits
+    /// earlier when the last one ends. 0 closes them at once. Cost: two
+    /// processes (and binaries) in memory for up to this long.
+    pub upgrade_drain_deadline_ms: u64,
+    /// Upgrade hand-off: how long each step may take (the new process
+    /// starting and connecting, preparing, starting its planes) before the
+    /// running process gives up on it. Before the listeners are handed
+    /// over, giving up leaves the running process as it was.
+    pub handoff_timeout_ms: u64,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            upgrade_drain_deadline_ms: 3_600_000,
+            handoff_timeout_ms: 30_000,
         }
     }
 }
@@ -665,7 +721,7 @@ impl ApplianceConfig {
                 if let Err(m) = check_token(&value) {
                     return Err(env_err(m));
                 }
-                let entry = to_table(&TokenConfig { token: value, role });
+                let entry = to_table(&TokenConfig::new(value, role));
                 let tokens = doc
                     .entry("auth")
                     .or_insert_with(|| toml::Value::Table(toml::Table::new()))
@@ -854,14 +910,8 @@ impl ApplianceConfig {
         )?;
 
         // [auth]
-        let mut seen: HashMap<&str, usize> = HashMap::new();
         for (i, t) in self.auth.tokens.iter().enumerate() {
-            let key = format!("auth.tokens[{i}].token");
-            check_token(&t.token).map_err(|m| invalid(&key, m))?;
-            if let Some(j) = seen.insert(t.token.as_str(), i) {
-                // Name the other entry, never the value.
-                return Err(invalid(key, format!("duplicate of auth.tokens[{j}].token")));
-            }
+            check_token_source(i, t)?;
             if t.role == Role::Viewer {
                 return Err(invalid(
                     format!("auth.tokens[{i}].role"),
@@ -869,6 +919,7 @@ impl ApplianceConfig {
                 ));
             }
         }
+        self.check_duplicate_tokens()?;
         self.auth.jwt.validate()?;
 
         // [dataplane]
@@ -953,6 +1004,20 @@ impl ApplianceConfig {
             ));
         }
 
+        // [service]
+        in_range(
+            "service.upgrade_drain_deadline_ms",
+            self.service.upgrade_drain_deadline_ms,
+            0,
+            7 * 86_400_000,
+        )?;
+        in_range(
+            "service.handoff_timeout_ms",
+            self.service.handoff_timeout_ms,
+            1_000,
+            600_000,
+        )?;
+
         // [tls]
         if let Some(t) = &self.tls {
             if t.cert.as_os_str().is_empty() {
@@ -1016,6 +1081,31 @@ impl ApplianceConfig {
         }
     }
 
+    /// No two tokens alike (those from files and credentials count once
+    /// [`resolve_secrets`](Self::resolve_secrets) read them). The message
+    /// names the other entry, never the value.
+    pub fn check_duplicate_tokens(&self) -> Result<(), ConfigFileError> {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            if t.token.is_empty() {
+                continue;
+            }
+            if let Some(j) = seen.insert(t.token.as_str(), i) {
+                return Err(invalid(
+                    format!("auth.tokens[{i}].token"),
+                    format!("duplicate of auth.tokens[{j}]"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an admin token is configured (inline, in a file or as a
+    /// credential, read or not).
+    pub fn has_admin_token(&self) -> bool {
+        self.auth.tokens.iter().any(|t| t.role == Role::Admin)
+    }
+
     /// When no admin token is configured (the built-in default has none),
     /// generate one from the OS RNG (32 bytes, hex), add it, and return it
     /// so the caller prints it once. `None` when an admin token exists.
@@ -1028,10 +1118,9 @@ impl ApplianceConfig {
         // no /dev/urandom); starting without an admin token is not an option.
         getrandom::fill(&mut bytes).expect("the OS random number generator failed");
         let token = hex(&bytes);
-        self.auth.tokens.push(TokenConfig {
-            token: token.clone(),
-            role: Role::Admin,
-        });
+        self.auth
+            .tokens
+            .push(TokenConfig::new(token.clone(), Role::Admin));
         Some(token)
     }
 
@@ -1224,7 +1313,7 @@ impl ApplianceConfig {
             admins,
             self.auth.tokens.len() - admins,
             if admins == 0 {
-                " (an admin token will be generated at start)"
+                " (none: generated at start without a config file; with one, start is refused)"
             } else {
                 ""
             }
@@ -1241,7 +1330,9 @@ impl ApplianceConfig {
         out.push('\n');
         let mut shown = self.clone();
         for t in &mut shown.auth.tokens {
-            t.token = format!("<redacted, {} chars>", t.token.len());
+            if !t.token.is_empty() {
+                t.token = format!("<redacted, {} chars>", t.token.len());
+            }
         }
         if let Some(pw) = &mut shown.demo.password {
             *pw = format!("<redacted, {} chars>", pw.len());
@@ -1324,9 +1415,57 @@ pub fn check_origin(origin: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Token rules shared by the file and `CONSOLEGATE_AUTH_TOKEN`. Messages
-/// never contain the token.
-fn check_token(token: &str) -> Result<(), String> {
+/// `auth.tokens[i]` names exactly one source, in a usable form; an inline
+/// token follows [`check_token`].
+fn check_token_source(i: usize, t: &TokenConfig) -> Result<(), ConfigFileError> {
+    let sources = usize::from(!t.token.is_empty())
+        + usize::from(t.token_file.is_some())
+        + usize::from(t.credential.is_some());
+    if sources != 1 {
+        return Err(invalid(
+            format!("auth.tokens[{i}]"),
+            "give exactly one of token, token_file and credential",
+        ));
+    }
+    if !t.token.is_empty() {
+        return check_token(&t.token).map_err(|m| invalid(format!("auth.tokens[{i}].token"), m));
+    }
+    if let Some(path) = &t.token_file {
+        if !path.is_absolute() {
+            return Err(invalid(
+                format!("auth.tokens[{i}].token_file"),
+                format!("{} must be an absolute path", path.display()),
+            ));
+        }
+    }
+    if let Some(name) = &t.credential {
+        check_credential_name(name)
+            .map_err(|m| invalid(format!("auth.tokens[{i}].credential"), m))?;
+    }
+    Ok(())
+}
+
+/// A systemd credential name: a plain file name in `$CREDENTIALS_DIRECTORY`.
+pub fn check_credential_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a credential name (letters, digits, - _ . @; no slash)"
+        ))
+    }
+}
+
+/// Token rules shared by the file, token files, credentials and
+/// `CONSOLEGATE_AUTH_TOKEN`. Messages never contain the token.
+pub fn check_token(token: &str) -> Result<(), String> {
     let n = token.chars().count();
     if n < MIN_TOKEN_CHARS {
         return Err(format!("shorter than {MIN_TOKEN_CHARS} characters ({n})"));
@@ -1690,12 +1829,19 @@ mod tests {
     fn packaged_file_parses_validates_and_equals_the_defaults() {
         let mut c = ApplianceConfig::from_toml_str(PACKAGED).unwrap();
         c.validate().unwrap();
-        // The one deliberate difference, documented in the file's header.
+        // The deliberate differences (production defaults), documented in
+        // the file's header.
         assert_eq!(
             c.ports.state_dir.as_deref(),
             Some(Path::new(SYSTEM_STATE_DIR))
         );
         c.ports.state_dir = None;
+        assert!(!c.demo.enabled);
+        c.demo.enabled = true;
+        assert_eq!(c.auth.tokens.len(), 1);
+        assert_eq!(c.auth.tokens[0].credential.as_deref(), Some("admin-token"));
+        assert_eq!(c.auth.tokens[0].role, Role::Admin);
+        c.auth.tokens.clear();
         assert_eq!(as_value(&c), as_value(&ApplianceConfig::default()));
     }
 
@@ -2114,23 +2260,18 @@ mod tests {
                 c.ports.cleanup_interval_ms = 0
             }),
             ("auth.tokens[0].token", |c| {
-                c.auth.tokens.push(TokenConfig {
-                    token: "short".into(),
-                    role: Role::Admin,
-                })
+                c.auth
+                    .tokens
+                    .push(TokenConfig::new("short".into(), Role::Admin))
             }),
             ("auth.tokens[0].token", |c| {
-                c.auth.tokens.push(TokenConfig {
-                    token: "has a space in it ok".into(),
-                    role: Role::Admin,
-                })
+                c.auth
+                    .tokens
+                    .push(TokenConfig::new("has a space in it ok".into(), Role::Admin))
             }),
             ("auth.tokens[1].token", |c| {
                 for role in [Role::Admin, Role::Read] {
-                    c.auth.tokens.push(TokenConfig {
-                        token: TOKEN_A.into(),
-                        role,
-                    });
+                    c.auth.tokens.push(TokenConfig::new(TOKEN_A.into(), role));
                 }
             }),
             ("dataplane.workers", |c| c.dataplane.workers = 100_000),
@@ -2225,10 +2366,7 @@ mod tests {
         assert!(t.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(
             c.auth.tokens,
-            vec![TokenConfig {
-                token: t.clone(),
-                role: Role::Admin
-            }]
+            vec![TokenConfig::new(t.clone(), Role::Admin)]
         );
         c.validate().unwrap();
         assert_eq!(c.ensure_admin_token(), None);
@@ -2236,10 +2374,9 @@ mod tests {
         assert_ne!(ApplianceConfig::default().ensure_admin_token().unwrap(), t);
         // A read token alone leaves nobody able to administer: generate.
         let mut c = ApplianceConfig::default();
-        c.auth.tokens.push(TokenConfig {
-            token: TOKEN_B.into(),
-            role: Role::Read,
-        });
+        c.auth
+            .tokens
+            .push(TokenConfig::new(TOKEN_B.into(), Role::Read));
         assert!(c.ensure_admin_token().is_some());
         assert_eq!(c.auth.tokens.len(), 2);
         // A configured admin token: nothing generated.
@@ -2252,14 +2389,12 @@ mod tests {
     #[test]
     fn summary_and_debug_redact_tokens() {
         let mut c = ApplianceConfig::default();
-        c.auth.tokens.push(TokenConfig {
-            token: TOKEN_A.into(),
-            role: Role::Admin,
-        });
-        c.auth.tokens.push(TokenConfig {
-            token: TOKEN_B.into(),
-            role: Role::Read,
-        });
+        c.auth
+            .tokens
+            .push(TokenConfig::new(TOKEN_A.into(), Role::Admin));
+        c.auth
+            .tokens
+            .push(TokenConfig::new(TOKEN_B.into(), Role::Read));
         let s = c.summary();
         assert!(!s.contains(TOKEN_A) && !s.contains(TOKEN_B), "{s}");
         assert!(s.contains("<redacted, 32 chars>"), "{s}");
@@ -2278,10 +2413,10 @@ mod tests {
             back.dataplane.limits.buffer_bytes,
             c.dataplane.limits.buffer_bytes
         );
-        // Without tokens it says one will be generated.
+        // Without tokens it says what happens at start.
         assert!(ApplianceConfig::default()
             .summary()
-            .contains("will be generated"));
+            .contains("generated at start without a config file"));
     }
 
     #[test]

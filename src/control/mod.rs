@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use std::collections::HashMap;
 
 use crate::auth::{AuthError, Principal};
-use crate::config::appliance::{ApplianceConfig, Role};
+use crate::config::appliance::{ApplianceConfig, Role, TokenConfig};
 use crate::dataplane::worker::WorkerControl;
 use crate::hypervisor::fleet::{Fleet, VmRef};
 use crate::mailbox::{self, FromWorker, Inbox, ToWorker, WorkerStats};
@@ -83,6 +83,9 @@ pub struct ControlState {
     /// next tick anyway (the admission's shared state); the message only
     /// makes it immediate. At most [`MAX_PENDING_REVOKES`].
     pub pending_revokes: Mutex<Vec<(usize, u64)>>,
+    /// The API tokens in force: `cfg.auth.tokens` at start, replaced
+    /// whole by a reload (SIGHUP), read lock-free per request.
+    pub api_tokens: arc_swap::ArcSwap<Vec<TokenConfig>>,
     /// The hypervisors, their queues and caches.
     pub fleet: Arc<Fleet>,
     /// Sessions whose target carries a one-time credential (a QEMU VNC
@@ -91,8 +94,9 @@ pub struct ControlState {
     /// registry's `max_sessions` (an entry exists only for a live
     /// session, and is removed with it).
     pub one_time: Mutex<HashMap<u64, VmRef>>,
-    /// `[auth.jwt]`'s verifier (key loaded at start); `None` when off.
-    pub jwt: Option<crate::auth::JwtVerifier>,
+    /// `[auth.jwt]`'s verifier (key loaded at start, replaced whole by a
+    /// reload); `None` when off. Read lock-free per request.
+    pub jwt: arc_swap::ArcSwapOption<crate::auth::JwtVerifier>,
     /// `[rate_limits]`: console creation per user.
     pub user_rates: limits::UserRates,
 }
@@ -108,7 +112,7 @@ impl ControlState {
         if let Some(role) = self.role_of(token) {
             return Ok(Principal::service(role));
         }
-        match &self.jwt {
+        match self.jwt.load().as_deref() {
             Some(v) => v.verify(token),
             None => Err(AuthError::Unknown),
         }
@@ -118,7 +122,8 @@ impl ControlState {
     pub fn role_of(&self, token: &str) -> Option<Role> {
         use subtle::ConstantTimeEq;
         let mut found = None;
-        for t in &self.cfg.auth.tokens {
+        let tokens = self.api_tokens.load();
+        for t in tokens.iter() {
             // Compare every configured token so the time does not say which
             // one (or whether any) matched early.
             let eq = t.token.len() == token.len()
@@ -307,17 +312,52 @@ fn apply_report(state: &ControlState, msg: FromWorker) {
             }
         }
         other => {
+            let id = match &other {
+                FromWorker::Opened { id, .. } | FromWorker::Closed { id, .. } => Some(*id),
+                _ => None,
+            };
             let closed = match &other {
                 FromWorker::Closed { id, .. } => Some(*id),
                 _ => None,
             };
             if let Ok(mut r) = state.registry.lock() {
-                r.apply(other, Instant::now());
+                let now = Instant::now();
+                r.apply(other, now);
+                if let Some(record) = id.and_then(|id| r.get(id, now)) {
+                    log_session_event(&record);
+                }
             }
             if let Some(id) = closed {
                 state.settle_one_time(id);
             }
         }
+    }
+}
+
+/// One line per session opened and ended, with the session id, user, VM
+/// and close reason as fields (journald keeps them as `CG_SESSION`,
+/// `CG_USER`, `CG_VM`, `CG_REASON`).
+fn log_session_event(r: &registry::Record) {
+    let vm = r.vm_id.as_deref().unwrap_or("");
+    match r.state {
+        registry::State::Open => tracing::info!(
+            session = %r.session_id,
+            user = %r.user,
+            vm,
+            peer = r.peer.as_deref().unwrap_or(""),
+            "session opened"
+        ),
+        registry::State::Pending => {}
+        _ => tracing::info!(
+            session = %r.session_id,
+            user = %r.user,
+            vm,
+            code = r.close_code.unwrap_or(0),
+            reason = r.close_reason.as_deref().unwrap_or(""),
+            bytes_up = r.bytes_browser_to_backend,
+            bytes_down = r.bytes_backend_to_browser,
+            "session ended"
+        ),
     }
 }
 

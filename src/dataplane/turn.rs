@@ -58,6 +58,9 @@ pub trait WorkerIo {
     ) -> io::Result<()>;
     /// Drain: stop accepting on the shared listener.
     fn stop_accepting(&mut self, ctx: &mut WorkerCtx) -> io::Result<()>;
+    /// The shared listener is still open here (its accept may still
+    /// complete): false once `stop_accepting` has fully taken effect.
+    fn accepting(&self) -> bool;
     /// Sessions held, for the published load and the stats.
     fn live_sessions(&self) -> usize;
     /// Nothing is left in flight (sessions, listeners, operations): a
@@ -183,8 +186,8 @@ impl Turn {
                 ended.contains(&a.id) && worker::dedicated_listener_done(a, false, now)
             })?;
         }
-        let (close_listener, close_sessions) =
-            self.drain.poll(ctl, ctx.cfg.limits.drain_grace_ms, now);
+        let grace_ms = ctl.drain_grace_ms(ctx.cfg.limits.drain_grace_ms);
+        let (close_listener, close_sessions) = self.drain.poll(ctl, grace_ms, now);
         if close_listener {
             tracing::info!(
                 worker = ctx.worker_id,
@@ -199,6 +202,12 @@ impl Turn {
                 s.on_drain(ctx, now);
                 true
             })?;
+        }
+        // An upgrade hand-off waits for this before it moves the pending
+        // sessions to the new process.
+        if self.draining() && !self.drain.reported_stopped && !io.accepting() {
+            self.drain.reported_stopped = true;
+            ctl.stopped_accepting(ctx.worker_id);
         }
         if now >= self.next_tick {
             self.next_tick = now + self.tick;

@@ -5,7 +5,7 @@
 //! never depends on an IO backend.
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,18 @@ pub struct WorkerControl {
     failed: AtomicBool,
     started: Instant,
     beats: Box<[WorkerBeat]>,
+    /// The drain's grace period when set (an upgrade hand-off drains for
+    /// `service.upgrade_drain_deadline_ms`); [`NO_GRACE_OVERRIDE`] = the
+    /// configured `drain_grace_ms`. Read at every turn, so it can change
+    /// during a drain.
+    grace_override_ms: AtomicU64,
+    /// Workers that stopped accepting on the shared listener since the
+    /// drain began.
+    stopped_accepting: AtomicUsize,
 }
+
+/// [`WorkerControl`]'s grace override when there is none.
+const NO_GRACE_OVERRIDE: u64 = u64::MAX;
 
 #[derive(Debug)]
 struct WorkerBeat {
@@ -55,11 +66,47 @@ impl WorkerControl {
                     alive: AtomicBool::new(true),
                 })
                 .collect(),
+            grace_override_ms: AtomicU64::new(NO_GRACE_OVERRIDE),
+            stopped_accepting: AtomicUsize::new(0),
         }
     }
 
     pub fn start_drain(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Drain with this grace period instead of the configured one (an
+    /// upgrade hand-off: live sessions stay for up to `grace_ms`). Calling
+    /// it again during the drain moves the deadline.
+    pub fn start_drain_with_grace(&self, grace_ms: u64) {
+        self.grace_override_ms
+            .store(grace_ms.min(NO_GRACE_OVERRIDE - 1), Ordering::Release);
+        self.start_drain();
+    }
+
+    /// The grace period in force: the override, or `configured_ms`.
+    pub fn drain_grace_ms(&self, configured_ms: u64) -> u64 {
+        match self.grace_override_ms.load(Ordering::Acquire) {
+            NO_GRACE_OVERRIDE => configured_ms,
+            ms => ms,
+        }
+    }
+
+    /// Worker `worker` no longer accepts on the shared listener (once per
+    /// worker, after its listener is gone).
+    pub fn stopped_accepting(&self, worker: usize) {
+        let _ = worker;
+        self.stopped_accepting.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Every worker stopped accepting (or died).
+    pub fn none_accepting(&self) -> bool {
+        let dead = self
+            .beats
+            .iter()
+            .filter(|b| !b.alive.load(Ordering::Acquire))
+            .count();
+        self.stopped_accepting.load(Ordering::Acquire) + dead >= self.beats.len()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -177,20 +224,25 @@ impl AcceptBackoff {
 #[derive(Debug, Default)]
 pub struct DrainState {
     /// When the listener was closed and live sessions got their grace.
-    pub deadline: Option<Instant>,
+    pub began: Option<Instant>,
     /// Sessions were told to close.
     pub closed_sessions: bool,
+    /// Reported to [`WorkerControl::stopped_accepting`].
+    pub reported_stopped: bool,
 }
 
 impl DrainState {
     /// Returns (listener should close now, sessions should be closed now).
+    /// `grace_ms` is read at every call, so a grace changed during the
+    /// drain ([`WorkerControl::start_drain_with_grace`]) applies.
     pub fn poll(&mut self, ctl: &WorkerControl, grace_ms: u64, now: Instant) -> (bool, bool) {
-        if self.deadline.is_none() && ctl.is_draining() {
-            self.deadline = Some(now + Duration::from_millis(grace_ms));
-            return (true, false);
+        if self.began.is_none() && ctl.is_draining() {
+            self.began = Some(now);
+            self.closed_sessions = grace_ms == 0;
+            return (true, self.closed_sessions);
         }
-        match self.deadline {
-            Some(d) if now >= d && !self.closed_sessions => {
+        match self.began {
+            Some(b) if now >= b + Duration::from_millis(grace_ms) && !self.closed_sessions => {
                 self.closed_sessions = true;
                 (false, true)
             }
@@ -199,7 +251,7 @@ impl DrainState {
     }
 
     pub fn active(&self) -> bool {
-        self.deadline.is_some()
+        self.began.is_some()
     }
 }
 

@@ -179,6 +179,10 @@ impl WorkerIo for EpollWorker {
         Ok(())
     }
 
+    fn accepting(&self) -> bool {
+        self.listener.is_some()
+    }
+
     fn stop_accepting(&mut self, _ctx: &mut WorkerCtx) -> io::Result<()> {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);

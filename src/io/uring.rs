@@ -708,6 +708,11 @@ impl WorkerIo for Worker {
         self.close_dedicated_where(ctx, |d| pred(&d.a))
     }
 
+    /// The listener is dropped once its multishot accept ended (cancelled).
+    fn accepting(&self) -> bool {
+        self.listener.is_some()
+    }
+
     /// Cancel the multishot accept, and the eventfd read that targets
     /// `wake_buf` (it must end before the worker returns).
     fn stop_accepting(&mut self, _ctx: &mut WorkerCtx) -> io::Result<()> {
