@@ -7,6 +7,7 @@
 //! nothing here runs on a worker thread: the data plane never touches tokio.
 
 pub mod api;
+pub mod console_open;
 pub mod limits;
 pub mod metrics_text;
 pub mod registry;
@@ -282,7 +283,7 @@ async fn pump_reports(state: Arc<ControlState>, mut events: Inbox<FromWorker>) {
     }
 }
 
-fn apply_report(state: &ControlState, msg: FromWorker) {
+fn apply_report(state: &Arc<ControlState>, msg: FromWorker) {
     if let Ok(mut c) = state.counters.lock() {
         c.reports_received += 1;
     }
@@ -297,6 +298,7 @@ fn apply_report(state: &ControlState, msg: FromWorker) {
             }
         }
         FromWorker::BackendAuthenticated { id } => state.settle_one_time(id),
+        FromWorker::ConsoleRequest(request) => console_open::spawn(state, request),
         FromWorker::ListenerClosed { id, port } => {
             if let Some(p) = &state.ports {
                 p.release(port, id);
