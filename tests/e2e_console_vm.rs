@@ -169,14 +169,20 @@ fn console_by_url_relays_and_refuses_like_the_rest_call(io: &str) {
     let pool = app.get_json("/api/v1/viewers");
     let users = pool["users"].as_array().unwrap();
     assert!(
-        users.iter().any(|u| u["user"] == "alice" && u["sessions"] == 1),
+        users
+            .iter()
+            .any(|u| u["user"] == "alice" && u["sessions"] == 1),
         "{}alice's console is in the viewer pool: {pool}",
         ctx()
     );
 
     // Authorization: Bearer works as well as ?token= (a non-browser client).
     let (r, _bearer_held) = raw_http_upgrade(console, &format!("/ws/console/{DEMO_VM}"), &alice);
-    assert!(r.starts_with("HTTP/1.1 101"), "{}Bearer header: {r:?}", ctx());
+    assert!(
+        r.starts_with("HTTP/1.1 101"),
+        "{}Bearer header: {r:?}",
+        ctx()
+    );
     // A static [[auth.tokens]] token opens a console for the user it names.
     let path = format!("/ws/console/{DEMO_VM}?token={ADMIN_TOKEN}&user=svc");
     let mut s = ws_connect(io, console, &path, &[]);
@@ -303,7 +309,12 @@ fn a_slow_hypervisor_times_out_without_stalling_the_worker(io: &str) {
         (series(&app, asked) >= 2.0).then_some(())
     });
     let r = refused(console, &slow_path, &[]);
-    assert_refusal(&r, 503, "console_parked_over_limit", "a third parked request");
+    assert_refusal(
+        &r,
+        503,
+        "console_parked_over_limit",
+        "a third parked request",
+    );
     assert!(r.header("Retry-After").is_some(), "{}{r:?}", ctx());
     // Meanwhile the worker relays: framebuffer updates keep coming.
     let mut updates = 0;
@@ -315,7 +326,12 @@ fn a_slow_hypervisor_times_out_without_stalling_the_worker(io: &str) {
     assert!(updates >= 2, "{}only {updates} updates while parked", ctx());
     for w in waiting {
         let r = w.join().unwrap();
-        assert_refusal(&r, 504, "console_timeout", "a hypervisor that never answers");
+        assert_refusal(
+            &r,
+            504,
+            "console_timeout",
+            "a hypervisor that never answers",
+        );
     }
     let waited = started.elapsed();
     assert!(
@@ -327,7 +343,12 @@ fn a_slow_hypervisor_times_out_without_stalling_the_worker(io: &str) {
     wait_metric(&app, "console_parked_over_limit", 1);
     // A hypervisor that is not there: 503 from the hypervisor layer.
     let r = refused(console, &console_path("gone:vm-1", &operator), &[]);
-    assert_refusal(&r, 503, "hypervisor_unavailable", "a hypervisor that is down");
+    assert_refusal(
+        &r,
+        503,
+        "hypervisor_unavailable",
+        "a hypervisor that is down",
+    );
     assert!(r.header("Retry-After").is_some(), "{}{r:?}", ctx());
     wait_metric(&app, "console_unavailable", 1);
     let frame = rfb_framebuffer(&mut relay, init.width, init.height);
