@@ -262,51 +262,22 @@ pub fn serve(
     })
 }
 
-/// How often the control plane drains the workers' report queue when its
-/// eventfd did not wake it (a fallback: the eventfd wakes it at once).
+/// How often the control plane drains the workers' report queue.
 ///
-/// Why the eventfd as well: a console by VM id (`/ws/console/{vm}`) waits
-/// for the control plane with its browser; a 10 ms poll alone made its p50
-/// ~10 ms (docs/BENCHMARKS.md, "Console by VM id with JWT").
+/// Why a poll and not the queue's eventfd: awaiting a raw fd in tokio needs
+/// `unsafe` registration, which the house rules keep inside `io/`, and the
+/// data plane must not touch tokio. 10 ms bounds the delay of a report
+/// (session opened/closed, port freed) at ~100 cheap wake-ups a second.
+/// It is also what a console by VM id (`/ws/console/{vm}`) waits, at most,
+/// before the control plane reads its request (docs/BENCHMARKS.md).
 const REPORT_POLL: Duration = Duration::from_millis(10);
 
-/// The report queue's eventfd as tokio's reactor sees it (borrowed: the
-/// inbox that owns it outlives this in [`pump_reports`]). Registering it
-/// takes no `unsafe`: `AsyncFd` only needs the number.
-struct ReportWake(std::os::fd::RawFd);
-
-impl std::os::fd::AsRawFd for ReportWake {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0
-    }
-}
-
-/// Read worker reports and apply them: when the workers' eventfd fires,
-/// and every [`REPORT_POLL`] in any case.
+/// Read worker reports and apply them.
 async fn pump_reports(state: Arc<ControlState>, mut events: Inbox<FromWorker>) {
     let mut tick = tokio::time::interval(REPORT_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let wake = tokio::io::unix::AsyncFd::with_interest(
-        ReportWake(events.wake_fd()),
-        tokio::io::Interest::READABLE,
-    )
-    .map_err(|e| tracing::warn!(error = %e, "report wake-up not registered; polling only"))
-    .ok();
     loop {
-        match &wake {
-            Some(wake) => tokio::select! {
-                ready = wake.readable() => {
-                    if let Ok(mut guard) = ready {
-                        guard.clear_ready();
-                    }
-                }
-                _ = tick.tick() => {}
-            },
-            None => {
-                tick.tick().await;
-            }
-        }
-        // After clear_ready: a report sent from here on fires again.
+        tick.tick().await;
         events.reset();
         while let Some(msg) = events.try_recv() {
             apply_report(&state, msg);
