@@ -171,7 +171,7 @@ impl Turn {
             }
         })?;
         if let Some(a) = answer {
-            abandon_console_answer(ctx, a);
+            abandon_console_answer(ctx, *a);
         }
         Ok(())
     }

@@ -282,7 +282,7 @@ impl Session {
 /// admission is claimed and closed at once, and reported closed, so the
 /// registry frees its place in the viewer pool (and retires a one-time
 /// credential) without waiting for its TTL.
-pub fn abandon(ctx: &mut WorkerCtx, answer: Box<ConsoleAnswer>) {
+pub fn abandon(ctx: &mut WorkerCtx, answer: ConsoleAnswer) {
     let Ok(admission) = answer.outcome else {
         return;
     };
