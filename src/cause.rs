@@ -114,6 +114,39 @@ causes! {
     OriginMismatch => ("origin_mismatch", Browser, true, Some(403), None),
     ClientIpMismatch => ("client_ip_mismatch", Browser, true, Some(403), None),
 
+    // ---- a console by VM id (`/ws/console/{vm}`) ----------------------------
+    // The control plane's refusals, by the status the REST call gives (the
+    // JSON body carries its code); then the worker's own.
+    /// No token, or a token that is not valid (401).
+    ConsoleUnauthorized => ("console_unauthorized", Browser, true, Some(401), None),
+    /// The token's role or `vms` claim does not allow the VM (403).
+    ConsoleForbidden => ("console_forbidden", Browser, true, Some(403), None),
+    ConsoleVmNotFound => ("console_vm_not_found", Browser, true, Some(404), None),
+    /// The VM is not powered on, or its id is ambiguous (409).
+    ConsoleConflict => ("console_conflict", Browser, true, Some(409), None),
+    /// The viewer pool or the user's rate limit is full (429).
+    ConsoleLimited => ("console_limited", Browser, true, Some(429), None),
+    /// The hypervisor's queue is full, it is down, the data plane is busy
+    /// or the appliance drains (503).
+    ConsoleUnavailable => ("console_unavailable", Appliance, true, Some(503), None),
+    /// The hypervisor was slower than its queue's timeout (504).
+    ConsoleHypervisorTimeout => ("console_hypervisor_timeout", Appliance, true, Some(504), None),
+    /// Any other refusal of the control plane (400, 500, 502).
+    ConsoleRefused => ("console_refused", Appliance, true, Some(502), None),
+    /// No answer within `connect_timeout_ms`: the worker answers 504.
+    ConsoleTimeout => ("console_timeout", Appliance, true, Some(504), None),
+    /// The worker already holds `max_parked_console_requests_per_worker`.
+    ConsoleParkedOverLimit => ("console_parked_over_limit", Appliance, true, Some(503), None),
+    /// The report queue to the control plane refused the request.
+    ConsoleMailboxFull => ("console_mailbox_full", Appliance, true, Some(503), None),
+    /// The path's VM id is empty, too long or not UTF-8.
+    ConsoleBadVm => ("console_bad_vm", Browser, true, Some(400), None),
+    /// A console by URL on a port without a control plane (proxy mode).
+    ConsoleNotServed => ("console_not_served", Browser, true, Some(404), None),
+    /// An admission came back for a connection that had gone or timed out:
+    /// it was closed unused.
+    ConsoleAbandoned => ("console_abandoned", Browser, true, None, None),
+
     // ---- WebSocket frames from the browser ----------------------------------
     UnmaskedFrame => ("unmasked_frame", Browser, true, None, CLOSE_PROTOCOL),
     ReservedBits => ("reserved_bits", Browser, true, None, CLOSE_PROTOCOL),
@@ -202,6 +235,21 @@ causes! {
 }
 
 impl Cause {
+    /// The cause a console-by-URL refusal with this HTTP status (the
+    /// control plane's answer) is counted as.
+    pub fn of_console_status(status: u16) -> Cause {
+        match status {
+            401 => Cause::ConsoleUnauthorized,
+            403 => Cause::ConsoleForbidden,
+            404 => Cause::ConsoleVmNotFound,
+            409 => Cause::ConsoleConflict,
+            429 => Cause::ConsoleLimited,
+            503 => Cause::ConsoleUnavailable,
+            504 => Cause::ConsoleHypervisorTimeout,
+            _ => Cause::ConsoleRefused,
+        }
+    }
+
     /// This cause's slot in a counter array.
     pub fn index(self) -> usize {
         self as usize
@@ -357,6 +405,15 @@ mod tests {
         assert!(!Cause::BackendClosed.is_error() && Cause::BackendIo.is_error());
         assert_eq!(Cause::BadTicket.side(), Side::Browser);
         assert_eq!(Cause::VncAuthFailed.side(), Side::Backend);
+    }
+
+    #[test]
+    fn console_refusals_are_counted_by_their_status() {
+        for status in [401, 403, 404, 409, 429, 503, 504] {
+            assert_eq!(Cause::of_console_status(status).status(), Some(status));
+        }
+        assert_eq!(Cause::of_console_status(400), Cause::ConsoleRefused);
+        assert_eq!(Cause::ConsoleTimeout.status(), Some(504));
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod child;
 mod childserver;
 mod client;
 mod common;
+mod console_url;
 mod downstream_bulk;
 mod echo;
 mod evclient;
@@ -141,6 +142,17 @@ enum Command {
         host: HostArgs,
         #[command(flatten)]
         opts: SessionStartOpts,
+    },
+    /// Appliance mode: consoles opened by VM id in one URL
+    /// (`/ws/console/demo:demo?token=…`), JWT (HS256, EdDSA) against the
+    /// static bearer token: handshakes per CPU-second and p50/p99.
+    ConsoleUrl {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        opts: console_url::ConsoleUrlOpts,
     },
     /// Appliance hypervisor layer (issue 10): console opens under a
     /// thumbnail storm (static hypervisor, slow VNC server), and API-session
@@ -802,6 +814,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if r.cells.iter().all(|c| !c.ok) {
                 eprintln!("consolegate-bench: no session-start cell succeeded");
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ConsoleUrl { common, host, opts } => {
+            let c = common.common()?;
+            prepare_host(&host, &c)?;
+            let r = console_url::run(&c, &opts, stop)?;
+            if r.runs.is_empty() {
+                eprintln!("consolegate-bench: no console-url run finished");
                 return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)

@@ -366,7 +366,7 @@ fn first_binary_frame(buf: &[u8]) -> Result<Result<Vec<u8>, usize>, String> {
 
 /// Reads until the first binary frame is complete; bounded by `deadline`
 /// (and each read by the socket's timeout).
-fn read_first_binary(
+pub(crate) fn read_first_binary(
     stream: &mut TcpStream,
     leftover: &[u8],
     deadline: Instant,

@@ -2141,7 +2141,7 @@ mod tests {
         // trips: the mapping is derived from the struct, not a hand list.
         let schema = schema();
         let limits = schema["dataplane"]["limits"].as_table().unwrap();
-        assert_eq!(limits.len(), 29);
+        assert_eq!(limits.len(), 30);
         let vars: Vec<(String, String)> = limits
             .iter()
             .map(|(k, v)| {

@@ -171,6 +171,12 @@ pub struct Limits {
     /// lower CPU per GB (docs/BENCHMARKS.md, "io_uring downstream CPU").
     /// Cost when on: as for epoll's splicing.
     pub uring_splice: bool,
+    /// Connections to `/ws/console/{vm}` a worker holds parked while the
+    /// control plane authenticates them and acquires their console (each
+    /// for at most `connect_timeout_ms`); beyond, 503 at once. Cost: a
+    /// descriptor, the request's upgrade fields and a control-plane task
+    /// each; they count among `max_handshaking_connections` too.
+    pub max_parked_console_requests_per_worker: usize,
 }
 
 impl Default for Limits {
@@ -205,6 +211,7 @@ impl Default for Limits {
             splice_pipe_bytes: 256 * 1024,
             splice_pipes_per_worker: 64,
             uring_splice: false,
+            max_parked_console_requests_per_worker: 256,
         }
     }
 }
@@ -277,6 +284,14 @@ impl ProxyConfig {
             return bad(
                 "max_handshaking_connections",
                 "must be between 1 and 10000000",
+            );
+        }
+        if l.max_parked_console_requests_per_worker == 0
+            || l.max_parked_console_requests_per_worker > 1_000_000
+        {
+            return bad(
+                "max_parked_console_requests_per_worker",
+                "must be between 1 and 1000000",
             );
         }
         if l.handoff_queue_connections == 0 || l.handoff_queue_connections > 1_000_000 {

@@ -112,12 +112,28 @@ pub(super) fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
+    authorize_token(
+        state,
+        token,
+        "missing bearer token (Authorization: Bearer <token>)",
+        need,
+    )
+}
+
+/// [`authorize`] for a token taken from elsewhere (a console URL's
+/// `?token=`); `missing` is the message when there is none.
+pub(super) fn authorize_token(
+    state: &ControlState,
+    token: Option<&str>,
+    missing: &str,
+    need: Need,
+) -> ApiResult<Principal> {
     let Some(token) = token else {
         state.count_error("auth_missing");
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing bearer token (Authorization: Bearer <token>)",
+            missing,
         ));
     };
     let principal = state.principal_of(token).map_err(|e| {
@@ -613,6 +629,19 @@ impl SessionOptions {
     }
 }
 
+/// How a new session's admission reaches the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Through the workers' mailboxes (every worker for the shared port,
+    /// one for a dedicated listener), for the browser that brings the
+    /// ticket.
+    Mailboxes,
+    /// To the caller, who hands it to the connection that asked (a
+    /// console by VM id, parked on its worker): no ticket ever leaves the
+    /// appliance, so it is bound to neither an Origin nor a port.
+    Caller,
+}
+
 /// Admit a session to `target`: registry record, ticket, dedicated port
 /// when asked, hand-over to the data plane; any failure rolls back.
 pub(super) async fn open_session(
@@ -622,7 +651,25 @@ pub(super) async fn open_session(
     options: &SessionOptions,
     checked: CheckedOptions,
 ) -> ApiResult<CreateResp> {
+    admit_session(state, target, view, options, checked, Delivery::Mailboxes)
+        .await
+        .map(|(resp, _)| resp)
+}
+
+/// [`open_session`], delivered as asked; also returns the admission.
+pub(super) async fn admit_session(
+    state: &ControlState,
+    target: Target,
+    view: TargetView,
+    options: &SessionOptions,
+    checked: CheckedOptions,
+    delivery: Delivery,
+) -> ApiResult<(CreateResp, Arc<Admission>)> {
     let CheckedOptions { mode, ttl, origin } = checked;
+    let (mode, origin) = match delivery {
+        Delivery::Mailboxes => (mode, origin),
+        Delivery::Caller => (PortMode::Shared, None),
+    };
     let addr = target.addr;
     let id = random_u64();
     let mut ticket = vec![0u8; state.cfg.sessions.ticket_bytes];
@@ -674,7 +721,9 @@ pub(super) async fn open_session(
         .lock()
         .map_err(|_| internal())?
         .insert(record);
-    hand_over(state, &admission, dedicated)?;
+    if delivery == Delivery::Mailboxes {
+        hand_over(state, &admission, dedicated)?;
+    }
     if port.is_some() {
         super::mark_ports_dirty(state);
     }
@@ -700,14 +749,15 @@ pub(super) async fn open_session(
         port = ?port,
         "session created"
     );
-    Ok(CreateResp {
+    let resp = CreateResp {
         session_id: id_hex(id),
         ws_url,
         token,
         expires_at_ms,
         port,
         viewer_url: if port.is_none() { viewer_url } else { None },
-    })
+    };
+    Ok((resp, admission))
 }
 
 /// Room in the viewer pool for one more console of `user`: with

@@ -7,6 +7,7 @@
 //! nothing here runs on a worker thread: the data plane never touches tokio.
 
 pub mod api;
+pub mod console_open;
 pub mod limits;
 pub mod metrics_text;
 pub mod registry;
@@ -272,6 +273,8 @@ pub fn serve(
 /// `unsafe` registration, which the house rules keep inside `io/`, and the
 /// data plane must not touch tokio. 10 ms bounds the delay of a report
 /// (session opened/closed, port freed) at ~100 cheap wake-ups a second.
+/// It is also what a console by VM id (`/ws/console/{vm}`) waits, at most,
+/// before the control plane reads its request (docs/BENCHMARKS.md).
 const REPORT_POLL: Duration = Duration::from_millis(10);
 
 /// Read worker reports and apply them.
@@ -287,7 +290,7 @@ async fn pump_reports(state: Arc<ControlState>, mut events: Inbox<FromWorker>) {
     }
 }
 
-fn apply_report(state: &ControlState, msg: FromWorker) {
+fn apply_report(state: &Arc<ControlState>, msg: FromWorker) {
     if let Ok(mut c) = state.counters.lock() {
         c.reports_received += 1;
     }
@@ -302,6 +305,7 @@ fn apply_report(state: &ControlState, msg: FromWorker) {
             }
         }
         FromWorker::BackendAuthenticated { id } => state.settle_one_time(id),
+        FromWorker::ConsoleRequest(request) => console_open::spawn(state, request),
         FromWorker::ListenerClosed { id, port } => {
             if let Some(p) = &state.ports {
                 p.release(port, id);

@@ -490,7 +490,10 @@ impl Registry {
                 }
             }
             FromWorker::ListenerClosed { id, .. } => self.listener_closed(id),
-            FromWorker::Stats(_) | FromWorker::BackendAuthenticated { .. } => {}
+            // Handled by the control plane before the registry.
+            FromWorker::Stats(_)
+            | FromWorker::BackendAuthenticated { .. }
+            | FromWorker::ConsoleRequest(_) => {}
         }
     }
 }

@@ -25,8 +25,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::api::{
-    authorize, open_session, parse_body, refuse_when_draining, resolve_host, session_user,
-    ApiError, ApiResult, CreateResp, SessionOptions,
+    admit_session, authorize, parse_body, refuse_when_draining, resolve_host, session_user,
+    ApiError, ApiResult, CreateResp, Delivery, SessionOptions,
 };
 use super::registry::TargetView;
 use super::ControlState;
@@ -34,7 +34,7 @@ use crate::auth::{Need, Principal, VmGrant};
 use crate::hypervisor::fleet::VmRef;
 use crate::hypervisor::model::{ConsoleTarget, HypervisorError, PowerAction, VmInfo};
 use crate::hypervisor::queue::Lane;
-use crate::mailbox::{Target, TargetKind, WebMksTarget};
+use crate::mailbox::{Admission, Target, TargetKind, WebMksTarget};
 
 pub fn routes() -> Router<Arc<ControlState>> {
     Router::new()
@@ -50,7 +50,7 @@ pub fn routes() -> Router<Arc<ControlState>> {
 
 /// A hypervisor error as an API error: its status, code and Retry-After;
 /// counted and logged.
-fn hv_error(state: &ControlState, e: HypervisorError) -> ApiError {
+pub(super) fn hv_error(state: &ControlState, e: HypervisorError) -> ApiError {
     state.count_error(e.code());
     if e.status() >= 500 {
         tracing::warn!(code = e.code(), error = %e, "hypervisor call failed");
@@ -206,7 +206,7 @@ async fn console(
     let principal = authorize(&state, &headers, Need::OpenConsole)?;
     refuse_when_draining(&state)?;
     let req: ConsoleReq = parse_body(&state, body)?;
-    let mut options = SessionOptions {
+    let options = SessionOptions {
         user: session_user(&principal, req.user)?,
         vm_id: None,
         ttl_s: req.ttl_s,
@@ -214,33 +214,51 @@ async fn console(
         origin: req.origin,
         client_ip: req.client_ip,
     };
+    let (resp, _, found) =
+        open_vm_console(&state, &principal, &vm, options, Delivery::Mailboxes).await?;
+    Ok((StatusCode::CREATED, Json(console_json(resp, &found))))
+}
+
+/// A console of `vm` for `principal`, as `POST /api/v1/vms/{vm}/console`
+/// and `/ws/console/{vm}` on the console port open it: the options
+/// checked (rate limit last), the VM resolved and the grant checked on
+/// the CRITICAL lane, the console acquired, and an ordinary single-use
+/// session admitted (its one-time credential remembered, or retired when
+/// the session could not be made).
+pub(super) async fn open_vm_console(
+    state: &ControlState,
+    principal: &Principal,
+    vm: &str,
+    mut options: SessionOptions,
+    delivery: Delivery,
+) -> ApiResult<(CreateResp, Arc<Admission>, VmRef)> {
     // Everything the caller sent is checked before the hypervisor is
     // asked for a ticket or a password.
-    let checked = options.check(&state)?;
+    let checked = options.check(state)?;
     // The grant is checked on the resolved VM (its id and native id; the
     // VM lists are cached), before the hypervisor hands out a ticket.
     let wanted = state
         .fleet
-        .resolve(&vm, Lane::Critical)
+        .resolve(vm, Lane::Critical)
         .await
-        .map_err(|e| hv_error(&state, e))?;
-    require_vm(&state, &principal, &wanted)?;
+        .map_err(|e| hv_error(state, e))?;
+    require_vm(state, principal, &wanted)?;
     let (found, console) = state
         .fleet
         .console(&wanted.id)
         .await
-        .map_err(|e| hv_error(&state, e))?;
+        .map_err(|e| hv_error(state, e))?;
     options.vm_id = Some(found.id.clone());
-    let opened = match data_plane_target(&state, &console.target).await {
-        Ok((target, view)) => open_session(&state, target, view, &options, checked).await,
+    let opened = match data_plane_target(state, &console.target).await {
+        Ok((target, view)) => admit_session(state, target, view, &options, checked, delivery).await,
         Err(e) => Err(e),
     };
     match opened {
-        Ok(resp) => {
+        Ok((resp, admission)) => {
             if console.one_time {
                 state.remember_one_time(&resp.session_id, found.clone());
             }
-            Ok((StatusCode::CREATED, Json(console_json(resp, &found))))
+            Ok((resp, admission, found))
         }
         Err(e) => {
             if console.one_time {

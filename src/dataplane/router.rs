@@ -357,6 +357,7 @@ mod tests {
             key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
             protocols: vec![],
             forwarded_for: None,
+            bearer: None,
         }
     }
 

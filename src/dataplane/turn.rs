@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::dataplane::router::Router;
-use crate::dataplane::session::{Session, WorkerCtx};
+use crate::dataplane::session::{abandon_console_answer, Session, WorkerCtx};
 use crate::dataplane::worker::{self, DrainState, Inbound, WorkerControl};
-use crate::mailbox::{Admission, WorkerInbox};
+use crate::mailbox::{Admission, ConsoleAnswer, WorkerInbox};
 
 /// Control-plane messages handled per turn before other work runs.
 pub const MESSAGES_PER_TURN: usize = 1024;
@@ -139,11 +139,42 @@ impl Turn {
                     })?;
                     io.close_dedicated(ctx, &mut |a| a.id == id)?;
                 }
+                Some(Inbound::ConsoleAnswer(answer)) => {
+                    self.console_answer(io, ctx, answer, now)?
+                }
             }
         }
         // More may be queued than one turn takes: come back at once.
         if inbox.has_pending() {
             inbox.wake().notify();
+        }
+        Ok(())
+    }
+
+    /// Hand a console answer to the connection parked for it; one that no
+    /// connection takes any more is settled (its admission closed unused).
+    fn console_answer<I: WorkerIo>(
+        &mut self,
+        io: &mut I,
+        ctx: &mut WorkerCtx,
+        answer: Box<ConsoleAnswer>,
+        now: Instant,
+    ) -> io::Result<()> {
+        let mut answer = Some(answer);
+        self.for_each_session(io, ctx, now, |s, ctx| {
+            let Some(a) = answer.take_if(|a| a.session == s.id) else {
+                return false;
+            };
+            match s.on_console_answer(ctx, a, now) {
+                Ok(()) => true,
+                Err(back) => {
+                    answer = Some(back);
+                    false
+                }
+            }
+        })?;
+        if let Some(a) = answer {
+            abandon_console_answer(ctx, *a);
         }
         Ok(())
     }

@@ -287,6 +287,8 @@ pub enum Inbound {
     Revoke(u64),
     /// Serve a connection another worker accepted.
     Adopt(std::net::TcpStream, SocketAddr),
+    /// The answer to a parked console request.
+    ConsoleAnswer(Box<crate::mailbox::ConsoleAnswer>),
 }
 
 /// Apply a control-plane message to the worker's state; returns what the
@@ -311,6 +313,7 @@ pub fn take_message(ctx: &mut WorkerCtx, msg: ToWorker) -> Option<Inbound> {
             ctx.metrics.adopted += 1;
             Some(Inbound::Adopt(stream, peer))
         }
+        ToWorker::ConsoleAnswer(answer) => Some(Inbound::ConsoleAnswer(answer)),
     }
 }
 

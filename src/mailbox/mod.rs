@@ -286,6 +286,59 @@ pub enum ToWorker {
         stream: std::net::TcpStream,
         peer: std::net::SocketAddr,
     },
+    /// The answer to a [`FromWorker::ConsoleRequest`] of this worker.
+    ConsoleAnswer(Box<ConsoleAnswer>),
+}
+
+/// A browser asked for a VM's console by URL (`/ws/console/{vm}`): the
+/// worker parked its connection and asks the control plane to
+/// authenticate, authorise and admit it.
+pub struct ConsoleRequest {
+    pub worker: usize,
+    /// The parked connection's session id (unique on its worker).
+    pub session: u64,
+    /// The VM as the URL names it (percent-decoded).
+    pub vm: String,
+    /// The bearer token (`?token=` or `Authorization: Bearer`): a JWT or a
+    /// static `[[auth.tokens]]` token; None when the request had none.
+    pub token: Option<String>,
+    /// `?user=`: the user a service token opens the console for.
+    pub user: Option<String>,
+    pub peer: Option<IpAddr>,
+    /// When the worker parked it ([`mono_ms`]), for the latency figures.
+    pub parked_at_ms: u64,
+}
+
+// By hand: the token must never reach a log line.
+impl std::fmt::Debug for ConsoleRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleRequest")
+            .field("worker", &self.worker)
+            .field("session", &self.session)
+            .field("vm", &self.vm)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("user", &self.user)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+/// What the control plane answers a [`ConsoleRequest`].
+#[derive(Debug)]
+pub struct ConsoleAnswer {
+    pub session: u64,
+    pub outcome: Result<Arc<Admission>, ConsoleRefusal>,
+}
+
+/// A console request refused: the HTTP status, code, message (and
+/// Retry-After) the REST call `POST /api/v1/vms/{vm}/console` would have
+/// answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleRefusal {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after_s: Option<u64>,
 }
 
 /// A worker's counters, published periodically.
@@ -346,6 +399,9 @@ pub enum FromWorker {
         id: u64,
         kind: &'static str,
     },
+    /// A browser opened `/ws/console/{vm}`: admit it (or refuse it) with a
+    /// [`ToWorker::ConsoleAnswer`].
+    ConsoleRequest(Box<ConsoleRequest>),
     Stats(Box<WorkerStats>),
 }
 

@@ -76,6 +76,19 @@ pub struct Upgrade {
     /// `X-Forwarded-For`, raw (repeated headers joined with ", "). For logs
     /// only: it is client-controlled and must not be trusted for policy.
     pub forwarded_for: Option<String>,
+    /// `Authorization: Bearer <token>`, the token (a browser cannot set it
+    /// on a WebSocket; other clients can). Redacted in `Debug`.
+    pub bearer: Option<BearerToken>,
+}
+
+/// A bearer token from the request: compared and handed on, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(pub String);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
 }
 
 /// One parsed request.
@@ -400,6 +413,7 @@ pub fn parse_request(
             key,
             protocols: h.protocols,
             forwarded_for: h.forwarded_for,
+            bearer: h.bearer,
         }),
         consumed,
     )))
@@ -434,6 +448,7 @@ struct Headers {
     key: Option<String>,
     protocols: Vec<String>,
     forwarded_for: Option<String>,
+    bearer: Option<BearerToken>,
     content_length: u64,
     transfer_encoding: bool,
 }
@@ -492,6 +507,21 @@ impl Headers {
                     Some(prev) => format!("{prev}, {v}"),
                     None => v.to_owned(),
                 });
+            } else if name.eq_ignore_ascii_case("authorization") {
+                // Only the Bearer scheme means anything here; a repeat is
+                // ambiguous and refused like a repeated Host.
+                if h.bearer.is_some() {
+                    return Err(HttpError::Malformed(
+                        "repeated Authorization header".to_owned(),
+                    ));
+                }
+                let v = value()?;
+                let token = v
+                    .split_once(' ')
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, t)| t.trim_matches([' ', '\t']))
+                    .filter(|t| !t.is_empty());
+                h.bearer = token.map(|t| BearerToken(t.to_owned()));
             } else if name.eq_ignore_ascii_case("content-length") {
                 // Conflicting lengths are a request-smuggling signal
                 // (RFC 9112 §6.3); reject any repeat outright.
@@ -815,8 +845,28 @@ mod tests {
                 key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
                 protocols: vec!["base64".into(), "binary".into()],
                 forwarded_for: Some("10.0.0.1".into()),
+                bearer: None,
             })
         );
+    }
+
+    #[test]
+    fn bearer_token_is_taken_and_never_printed() {
+        let with = |auth: &str| {
+            let req = GOOD.replace("Origin:", &format!("{auth}\r\nOrigin:"));
+            match parse(&req) {
+                Ok(Some((Request::Upgrade(u), _))) => Ok(u.bearer),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e),
+            }
+        };
+        let token = with("Authorization: Bearer s3cret.jwt").unwrap().unwrap();
+        assert_eq!(token.0, "s3cret.jwt");
+        assert!(!format!("{token:?}").contains("s3cret"));
+        assert_eq!(with("authorization: bearer  x ").unwrap().unwrap().0, "x");
+        assert_eq!(with("Authorization: Basic dXNlcg==").unwrap(), None);
+        assert_eq!(with("Authorization: Bearer").unwrap(), None);
+        assert!(with("Authorization: Bearer a\r\nAuthorization: Bearer b").is_err());
     }
 
     #[test]

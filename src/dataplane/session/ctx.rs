@@ -77,6 +77,9 @@ pub struct WorkerCtx {
     pub ended_bound: Vec<u64>,
     /// Connections in their handshake, shared by all workers.
     pub handshakes: Arc<HandshakeGauge>,
+    /// This worker's connections parked on a console request (bounded by
+    /// `max_parked_console_requests_per_worker`).
+    pub parked_consoles: Arc<HandshakeGauge>,
     /// Frame assembly for base64 and payload decoded for our own use (the
     /// RFB handshake, discarded bytes while closing).
     pub(super) scratch: Vec<u8>,
@@ -103,6 +106,7 @@ impl WorkerCtx {
         let chunk = Self::chunk_bytes_for(l.recv_buffer_bytes);
         let pool = BufPool::new(chunk, l.pool_max_free_buffers);
         let handshakes = HandshakeGauge::new(l.max_handshaking_connections);
+        let parked_consoles = HandshakeGauge::new(l.max_parked_console_requests_per_worker);
         Self {
             cfg,
             worker_id,
@@ -115,6 +119,7 @@ impl WorkerCtx {
             balance: None,
             ended_bound: Vec::new(),
             handshakes,
+            parked_consoles,
             scratch: vec![0u8; chunk],
             tls_plain: vec![0u8; chunk],
             decoded: vec![0u8; chunk],

@@ -29,6 +29,8 @@ pub(super) struct Front {
     /// This connection's place among those in their handshake; given back
     /// when the stage ends (dropped with it).
     _slot: Option<HandshakeSlot>,
+    /// A console by VM id waiting for the control plane ([`super::console`]).
+    pub(super) parked: Option<Box<super::console::Parked>>,
 }
 
 impl Front {
@@ -37,6 +39,7 @@ impl Front {
             sniffing: tls_port,
             req: Vec::new(),
             _slot: slot,
+            parked: None,
         }
     }
 }
@@ -79,6 +82,18 @@ impl Session {
             return;
         };
         let max = ctx.cfg.limits.max_request_bytes;
+        if let Some(p) = f.parked.as_mut() {
+            if !p.take_early(data, max) {
+                ctx.metrics.count(Cause::RequestTooLarge);
+                self.respond_error(
+                    ctx,
+                    Cause::RequestTooLarge,
+                    "bytes before the upgrade answer",
+                    now,
+                );
+            }
+            return;
+        }
         let take = data.len().min(max.saturating_sub(f.req.len()).max(1));
         f.req.extend_from_slice(&data[..take]);
         self.try_handshake(ctx, now);
@@ -145,6 +160,10 @@ impl Session {
             ctx.metrics.count(cause);
             tracing::info!(session = self.id, origin = ?up.origin, offered = ?up.protocols, cause = cause.kind(), "upgrade refused");
             self.respond_error(ctx, cause, &message, now);
+            return;
+        }
+        if super::console::is_console_path(&up.path) {
+            self.park_console(ctx, up, leftover, now);
             return;
         }
         let route = match self.route(ctx, &up, now) {
@@ -215,14 +234,28 @@ impl Session {
         now: Instant,
     ) {
         let status = cause.status().unwrap_or(400);
+        self.respond_with(ctx, status, cause.kind(), message, &[], now);
+    }
+
+    /// Answer with HTTP `status` and the JSON error body `{code, message}`
+    /// (plus `headers`, e.g. Retry-After), and end.
+    pub(super) fn respond_with(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        status: u16,
+        code: &str,
+        message: &str,
+        headers: &[(&str, &str)],
+        now: Instant,
+    ) {
         let mut resp = Vec::with_capacity(256);
-        http_upgrade::write_error_response(&mut resp, status, cause.kind(), message, &[]);
+        http_upgrade::write_error_response(&mut resp, status, code, message, headers);
         self.browser.push(ctx, &[&resp]);
         self.stage = Stage::Responding(Responding { body: None });
         self.deadline = Some(now + ms(ctx.cfg.limits.close_timeout_ms));
         self.close = Some(super::CloseInfo {
             code: None,
-            reason: format!("HTTP {status} {}", cause.kind()),
+            reason: format!("HTTP {status} {code}"),
         });
     }
 
@@ -258,7 +291,13 @@ impl Session {
     }
 
     /// Accepted: answer 101 and become a relay (connecting).
-    fn upgrade(&mut self, ctx: &mut WorkerCtx, up: &Upgrade, route: Route, now: Instant) {
+    pub(super) fn upgrade(
+        &mut self,
+        ctx: &mut WorkerCtx,
+        up: &Upgrade,
+        route: Route,
+        now: Instant,
+    ) {
         // Checked in check_origin_and_protocol.
         let protocol = http_upgrade::choose_subprotocol(&up.protocols).unwrap_or(None);
         let mode = if protocol == Some("base64") {

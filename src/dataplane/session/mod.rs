@@ -40,6 +40,7 @@
 //! nothing left of a stage that is over.
 
 mod browser;
+mod console;
 mod ctx;
 mod front;
 mod relay;
@@ -51,6 +52,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use console::{abandon as abandon_console_answer, is_console_path, vm_from_path};
 pub use ctx::{HandshakeGauge, HandshakeSlot, WorkerCtx};
 
 use crate::mailbox::{Admission, FromWorker};
@@ -223,7 +225,8 @@ impl Session {
             return false;
         }
         match &self.stage {
-            Stage::Front(_) => true,
+            // A parked console request reads nothing until its answer.
+            Stage::Front(f) => f.parked.is_none(),
             // WebMKS: the browser waits until the backend's upgrade is done.
             Stage::Relay(r) if !r.is_closing() && r.handshaking() && r.vnc().is_none() => false,
             Stage::Relay(r) => match r.phase {
@@ -541,6 +544,7 @@ impl Session {
     pub fn on_tick(&mut self, ctx: &mut WorkerCtx, now: Instant) {
         let expired = self.deadline.is_some_and(|d| now >= d);
         match &self.stage {
+            Stage::Front(f) if expired && f.parked.is_some() => self.console_timed_out(ctx, now),
             Stage::Front(_) if expired => self.handshake_timed_out(ctx, now),
             Stage::Relay(_) => self.relay_tick(ctx, expired, now),
             Stage::Responding(_) if expired => self.finish(ctx, now),
