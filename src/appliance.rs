@@ -191,6 +191,10 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
         Some(ApplianceLink {
             inboxes,
             events: events_tx,
+            clients: consolegate::dataplane::client_limits::ClientPolicy::from_config(
+                &cfg.rate_limits,
+                &cfg.network,
+            ),
         }),
     )?;
     let public_url = cfg.public_url_with(dp.addr);

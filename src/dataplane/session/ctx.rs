@@ -77,6 +77,9 @@ pub struct WorkerCtx {
     pub ended_bound: Vec<u64>,
     /// Connections in their handshake, shared by all workers.
     pub handshakes: Arc<HandshakeGauge>,
+    /// Per-client-IP limits and the client address behind a proxy
+    /// (appliance mode; `dataplane::client_limits`).
+    pub clients: Option<crate::dataplane::client_limits::ClientGate>,
     /// Frame assembly for base64 and payload decoded for our own use (the
     /// RFB handshake, discarded bytes while closing).
     pub(super) scratch: Vec<u8>,
@@ -115,6 +118,7 @@ impl WorkerCtx {
             balance: None,
             ended_bound: Vec::new(),
             handshakes,
+            clients: None,
             scratch: vec![0u8; chunk],
             tls_plain: vec![0u8; chunk],
             decoded: vec![0u8; chunk],
@@ -160,7 +164,9 @@ impl WorkerCtx {
             );
             return None;
         };
-        Some(Session::with_slot(id, self, now, peer, bound, Some(slot)))
+        let mut session = Session::with_slot(id, self, now, peer, bound, Some(slot));
+        session.edge_start(self, now);
+        Some(session)
     }
 
     /// Report to the control plane without blocking; a full mailbox drops

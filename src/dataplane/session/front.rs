@@ -29,6 +29,8 @@ pub(super) struct Front {
     /// This connection's place among those in their handshake; given back
     /// when the stage ends (dropped with it).
     _slot: Option<HandshakeSlot>,
+    /// Who the client is and its per-IP places (`edge.rs`).
+    pub(super) edge: super::edge::EdgeFront,
 }
 
 impl Front {
@@ -37,6 +39,7 @@ impl Front {
             sniffing: tls_port,
             req: Vec::new(),
             _slot: slot,
+            edge: Default::default(),
         }
     }
 }
@@ -141,6 +144,9 @@ impl Session {
             }
             Request::Upgrade(up) => up,
         };
+        if !self.edge_upgrade(ctx, &up, now) {
+            return;
+        }
         if let Err((cause, message)) = check_origin_and_protocol(ctx, &up) {
             ctx.metrics.count(cause);
             tracing::info!(session = self.id, origin = ?up.origin, offered = ?up.protocols, cause = cause.kind(), "upgrade refused");
