@@ -224,6 +224,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
     let state = Arc::new(ControlState {
         jwt,
         user_rates: control::limits::UserRates::new(&cfg.rate_limits),
+        clients: control::client_ip::ClientIps::new(&cfg.rate_limits, &cfg.network),
         registry: Mutex::new(Registry::new(
             cfg.pool_max_sessions(),
             cfg.pool_max_sessions_per_user(),

@@ -123,9 +123,9 @@ fn parse_forwarded_entry(entry: &str) -> Option<IpAddr> {
         .or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))
 }
 
-/// What a slot is keyed by: an IPv4 address, or an IPv6 client's /64 (one
-/// host usually owns a whole /64 and may pick any address in it).
-fn ip_key(ip: IpAddr) -> u128 {
+/// What a client is keyed by: an IPv4 address, or an IPv6 client's /64
+/// (one host usually owns a whole /64 and may pick any address in it).
+pub fn ip_key(ip: IpAddr) -> u128 {
     match ip.to_canonical() {
         IpAddr::V4(v4) => u128::from(u32::from(v4)),
         IpAddr::V6(v6) => (u128::from(v6) >> 64) | (1u128 << 127),
