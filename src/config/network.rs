@@ -119,6 +119,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn environment_reaches_network_and_per_ip_keys() {
+        let mut c = super::super::appliance::ApplianceConfig::default();
+        let vars = [
+            (
+                "CONSOLEGATE_NETWORK_TRUSTED_PROXIES",
+                "10.0.0.0/8, 127.0.0.1",
+            ),
+            ("CONSOLEGATE_NETWORK_CONSOLE_PROXY_PROTOCOL", "required"),
+            ("CONSOLEGATE_NETWORK_FORWARDED_FOR", "false"),
+            ("CONSOLEGATE_RATE_LIMITS_REST_PER_IP_PER_S", "20"),
+            ("CONSOLEGATE_RATE_LIMITS_HANDSHAKES_PER_IP_PER_S", "5"),
+            ("CONSOLEGATE_RATE_LIMITS_HANDSHAKING_PER_IP", "4"),
+            ("CONSOLEGATE_RATE_LIMITS_HANDSHAKING_TOTAL", "100"),
+            ("CONSOLEGATE_RATE_LIMITS_MAX_TRACKED_IPS", "1024"),
+        ];
+        c.apply_env(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.network.trusted_proxies, vec!["10.0.0.0/8", "127.0.0.1"]);
+        assert_eq!(
+            c.network.console_proxy_protocol,
+            ProxyProtocolMode::Required
+        );
+        assert!(!c.network.forwarded_for);
+        let r = &c.rate_limits;
+        assert_eq!(
+            (
+                r.rest_per_ip_per_s,
+                r.handshakes_per_ip_per_s,
+                r.handshaking_per_ip,
+                r.handshaking_total,
+                r.max_tracked_ips
+            ),
+            (20, 5, 4, 100, 1024)
+        );
+        let mut bad = super::super::appliance::ApplianceConfig::default();
+        bad.rate_limits.max_tracked_ips = 1;
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
     fn trusted_proxies_parse_and_rules_name_their_key() {
         let c = NetworkConfig {
             trusted_proxies: vec!["127.0.0.1".into(), "10.1.2.3/8".into(), "::1".into()],
