@@ -833,6 +833,35 @@ def seeds_qmp():
     write(t, "no_newline", bytes([4]) + bytes([10] * 8) + b'{"return": {}, "id": 1}' * 4)
 
 
+# ---- proxy_protocol: prefix_cut, then the first bytes of a connection
+
+V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def v2(command, family, block):
+    return V2_SIG + bytes([0x20 | command, family]) + len(block).to_bytes(2, "big") + block
+
+
+def seeds_proxy_protocol():
+    t = "proxy_protocol"
+    fresh(t)
+    get = b"GET /proxy/1?token=t HTTP/1.1\r\nHost: x\r\n\r\n"
+    write(t, "v1_tcp4", bytes([20]) + b"PROXY TCP4 192.0.2.7 198.51.100.1 51234 443\r\n" + get)
+    write(t, "v1_tcp6", bytes([9]) + b"PROXY TCP6 2001:db8::1 2001:db8::2 1 65535\r\n")
+    write(t, "v1_unknown", bytes([3]) + b"PROXY UNKNOWN whatever\r\n" + get)
+    write(t, "v1_bad_port", bytes([0]) + b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n")
+    inet = bytes([203, 0, 113, 9, 10, 0, 0, 1]) + (40000).to_bytes(2, "big") + (443).to_bytes(2, "big")
+    write(t, "v2_inet", bytes([17]) + v2(1, 0x11, inet) + get)
+    inet6 = bytes(range(16)) + bytes(range(16, 32)) + (5).to_bytes(2, "big") + (6).to_bytes(2, "big")
+    write(t, "v2_inet6_tlv", bytes([40]) + v2(1, 0x21, inet6 + b"\x04\x00\x03abc"))
+    write(t, "v2_local", bytes([1]) + v2(0, 0x00, b""))
+    write(t, "v2_unix", bytes([100]) + v2(1, 0x31, bytes(216)))
+    write(t, "v2_short_block", bytes([5]) + v2(1, 0x21, inet))
+    write(t, "xff", bytes([0]) + b"6.6.6.6, 203.0.113.5, 10.0.0.2")
+    write(t, "xff_ports", bytes([0]) + b"[2001:db8::7]:443, 198.51.100.1:8080, ::1")
+    write(t, "http", bytes([2]) + get)
+
+
 def main():
     seeds_http()
     seeds_decoder()
@@ -846,6 +875,7 @@ def main():
     seeds_vmware_filter()
     seeds_soap()
     seeds_qmp()
+    seeds_proxy_protocol()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ set -euo pipefail
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 
 # Fastest first, so a long run that is cut short has done the most targets.
-ALL_TARGETS=(token_file control_json vmware_filter qmp rfb_handshake websocket_decoder http_upgrade http_response frame_tracker websocket_roundtrip soap config)
+ALL_TARGETS=(token_file proxy_protocol control_json vmware_filter qmp rfb_handshake websocket_decoder http_upgrade http_response frame_tracker websocket_roundtrip soap config)
 
 mode="${1:-}"
 case "$mode" in

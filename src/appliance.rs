@@ -249,6 +249,10 @@ pub fn run(path: Option<&Path>, takeover: Option<&Path>, json_logs: bool) -> any
         Some(ApplianceLink {
             inboxes,
             events: events_tx,
+            clients: consolegate::dataplane::client_limits::ClientPolicy::from_config(
+                &cfg.rate_limits,
+                &cfg.network,
+            ),
         }),
         inherited_console,
     )?;
@@ -285,6 +289,7 @@ pub fn run(path: Option<&Path>, takeover: Option<&Path>, json_logs: bool) -> any
         jwt: arc_swap::ArcSwapOption::new(jwt.map(Arc::new)),
         user_rates: control::limits::UserRates::new(&cfg.rate_limits),
         api_tokens,
+        clients: control::client_ip::ClientIps::new(&cfg.rate_limits, &cfg.network),
         registry: Mutex::new(Registry::new(
             cfg.pool_max_sessions(),
             cfg.pool_max_sessions_per_user(),

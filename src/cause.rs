@@ -225,6 +225,27 @@ causes! {
     // ---- the worker ----------------------------------------------------------
     OverSessionLimit => ("over_session_limit", Appliance, true, None, None),
     HandshakingOverLimit => ("handshaking_over_limit", Appliance, true, None, None),
+
+    // ---- per-client-IP limits and the client address (`[rate_limits]`,
+    // `[network]`; dataplane::client_limits). Refused before the upgrade:
+    // 429 with Retry-After (1008 would be the close code of one found
+    // after it).
+    /// `handshakes_per_ip_per_s`: one client IP connects too fast.
+    RateLimitedHandshakes => ("rate_limited_handshakes_per_ip", Browser, true, Some(429), Some(close_code::POLICY)),
+    /// `handshaking_per_ip`: one client IP holds too many connections in
+    /// their handshake.
+    HandshakingPerIpOverLimit => ("handshaking_per_ip_over_limit", Browser, true, Some(429), Some(close_code::POLICY)),
+    /// `handshaking_total`: too many connections in their handshake.
+    HandshakingTotalOverLimit => ("handshaking_total_over_limit", Appliance, true, Some(429), Some(close_code::POLICY)),
+    /// The client table had no slot for a new IP: served unlimited.
+    ClientTableFull => ("client_table_full", Appliance, true, None, None),
+    /// A PROXY header from an address not in `network.trusted_proxies`
+    /// (closed, no answer).
+    ProxyHeaderUntrusted => ("proxy_header_untrusted", Browser, true, None, None),
+    /// A trusted proxy sent no PROXY header where one is required (closed).
+    ProxyHeaderMissing => ("proxy_header_missing", Browser, true, None, None),
+    /// A PROXY header that does not parse or is too long (closed).
+    ProxyHeaderInvalid => ("proxy_header_invalid", Browser, true, None, None),
     AcceptFailed => ("accept_failed", Appliance, true, None, None),
     /// A report to the control plane was dropped (its queue was full).
     EventsDropped => ("events_dropped", Appliance, true, None, None),

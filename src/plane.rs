@@ -11,6 +11,7 @@ use anyhow::Context as _;
 
 use crate::config::{ProxyConfig, TargetConfig};
 use crate::dataplane::balance::{Balancer, WorkerLoads};
+use crate::dataplane::client_limits::{ClientGate, ClientLimits, ClientPolicy};
 use crate::dataplane::router::{AdmissionTable, Router};
 use crate::dataplane::session::{HandshakeGauge, WorkerCtx};
 use crate::dataplane::tls::ReloadableCert;
@@ -26,6 +27,8 @@ pub struct ApplianceLink {
     /// The control plane's queue to each worker, in worker order.
     pub inboxes: Vec<Inbox<ToWorker>>,
     pub events: mailbox::Sender<FromWorker>,
+    /// Per-client-IP limits and trusted proxies of the console port.
+    pub clients: ClientPolicy,
 }
 
 /// A running data plane.
@@ -114,14 +117,19 @@ impl DataPlane {
         // A worker's inbox: the control plane's queue (appliance mode) and,
         // with more than one worker, a separate bounded queue for
         // hand-overs, behind one wake-up.
-        let (control_inboxes, events) = match link {
+        let (control_inboxes, events, clients) = match link {
             Some(l) => {
                 if l.inboxes.len() != n {
                     anyhow::bail!("{} mailboxes for {n} workers", l.inboxes.len());
                 }
-                (l.inboxes.into_iter().map(Some).collect(), Some(l.events))
+                let clients = ClientLimits::new(l.clients, std::time::Instant::now());
+                (
+                    l.inboxes.into_iter().map(Some).collect(),
+                    Some(l.events),
+                    Some(clients),
+                )
             }
-            None => ((0..n).map(|_| None).collect::<Vec<_>>(), None),
+            None => ((0..n).map(|_| None).collect::<Vec<_>>(), None, None),
         };
         let handoff_capacity = (n > 1).then_some(cfg.limits.handoff_queue_connections);
         let mut inboxes = Vec::with_capacity(n);
@@ -143,6 +151,7 @@ impl DataPlane {
             let mut ctx = WorkerCtx::new(cfg.clone(), i, router, web.clone(), tls.clone());
             ctx.events = events.clone();
             ctx.handshakes = handshakes.clone();
+            ctx.clients = clients.clone().map(ClientGate::new);
             if n > 1 {
                 ctx.balance = Some(Balancer::new(
                     i,

@@ -139,8 +139,10 @@ pub struct ApplianceConfig {
     pub operations: OperationsConfig,
     /// `[viewers]`: the pool of consoles, per user and in total.
     pub viewers: super::users::ViewersConfig,
-    /// `[rate_limits]`: console creation per user.
+    /// `[rate_limits]`: console creation per user, per-IP limits.
     pub rate_limits: super::users::RateLimitsConfig,
+    /// `[network]`: trusted proxies, PROXY protocol, X-Forwarded-For.
+    pub network: super::network::NetworkConfig,
 }
 
 /// `[control]`: the REST API, `/metrics` and the `/ws/*` event endpoints, and
@@ -952,6 +954,7 @@ impl ApplianceConfig {
         let s = &self.sessions;
         in_range("sessions.ticket_ttl_ms", s.ticket_ttl_ms, 1, 86_400_000)?;
         self.validate_viewers()?;
+        self.network.validate()?;
         if s.ticket_bytes < 16 {
             return Err(invalid("sessions.ticket_bytes", "must be ≥ 16 (128 bits)"));
         }
@@ -1627,6 +1630,12 @@ fn schema() -> toml::Table {
         set_path(&mut t, path, toml::Value::String(String::new()));
     }
     set_path(&mut t, &["tls", "allow_plain"], toml::Value::Boolean(false));
+    // Empty by default, a list of strings all the same.
+    set_path(
+        &mut t,
+        &["network", "trusted_proxies"],
+        toml::Value::Array(vec![toml::Value::String(String::new())]),
+    );
     // The moved `[sessions]` pool keys (optional integers).
     for key in ["max_sessions", "max_sessions_per_user"] {
         set_path(&mut t, &["sessions", key], toml::Value::Integer(0));

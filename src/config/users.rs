@@ -130,12 +130,18 @@ impl Default for ViewersConfig {
 
 /// Largest value of a `[rate_limits]` key.
 pub const MAX_RATE_LIMIT: u32 = 1_000_000;
+/// Smallest `rate_limits.max_tracked_ips`: a table must hold a probe
+/// window of slots.
+pub const MIN_TRACKED_IPS: usize = 64;
+/// Largest `rate_limits.max_tracked_ips` (16 Mi slots: 384 MiB on the
+/// console side, far more than a reasonable deployment wants).
+pub const MAX_TRACKED_IPS: usize = 1 << 24;
 
 /// `[rate_limits]`: how fast anyone may ask for consoles. A limit of n per
 /// window allows a burst of n, then one more every window / n (GCRA);
 /// 0 turns it off. Over a limit: 429 with Retry-After, counted in
 /// `/metrics` (`consolegate_errors_total{cause="rate_limited_…"}`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitsConfig {
     /// Consoles a user may create per minute (both `POST` endpoints).
@@ -145,6 +151,50 @@ pub struct RateLimitsConfig {
     pub sessions_per_user_per_hour: u32,
     /// … per day.
     pub sessions_per_user_per_day: u32,
+    /// REST requests (every `/api/` route; `/healthz`, `/readyz` and
+    /// `/metrics` are exempt so probes and scrapers behind one address
+    /// keep working) per client IP per second, with a burst of as many.
+    /// Cost: one entry per client IP seen within a second, at most
+    /// `max_tracked_ips`.
+    pub rest_per_ip_per_s: u32,
+    /// WebSocket (console port) connections per client IP per second,
+    /// with a burst of as many; checked on the worker before any byte is
+    /// read (after the PROXY header when one is expected). Cost: a slot of
+    /// the shared client table per IP.
+    pub handshakes_per_ip_per_s: u32,
+    /// Console-port connections of one client IP still in their handshake
+    /// (TLS, upgrade request, ticket check) at once.
+    pub handshaking_per_ip: u32,
+    /// Console-port connections still in their handshake at once, in total
+    /// (answered with 429, unlike `dataplane.limits.max_handshaking_connections`,
+    /// the hard bound, beyond which a connection is closed unanswered).
+    pub handshaking_total: u32,
+    /// Client IPs tracked at once by each per-IP table (the console port's
+    /// and the control port's; an IPv6 client counts by its /64). Cost:
+    /// 24 bytes per slot on the console side, allocated at start when a
+    /// per-IP console limit is on; about 64 bytes per IP in use on the
+    /// control side. When the table is full a new IP replaces an idle one,
+    /// or (console side, all its candidate slots busy) goes unlimited and
+    /// is counted as `client_table_full`.
+    pub max_tracked_ips: usize,
+}
+
+/// Default of `rate_limits.max_tracked_ips`.
+pub const DEFAULT_MAX_TRACKED_IPS: usize = 65_536;
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self {
+            sessions_per_user_per_minute: 0,
+            sessions_per_user_per_hour: 0,
+            sessions_per_user_per_day: 0,
+            rest_per_ip_per_s: 0,
+            handshakes_per_ip_per_s: 0,
+            handshaking_per_ip: 0,
+            handshaking_total: 0,
+            max_tracked_ips: DEFAULT_MAX_TRACKED_IPS,
+        }
+    }
 }
 
 impl RateLimitsConfig {
@@ -162,10 +212,23 @@ impl RateLimitsConfig {
                 "rate_limits.sessions_per_user_per_day",
                 self.sessions_per_user_per_day,
             ),
+            ("rate_limits.rest_per_ip_per_s", self.rest_per_ip_per_s),
+            (
+                "rate_limits.handshakes_per_ip_per_s",
+                self.handshakes_per_ip_per_s,
+            ),
+            ("rate_limits.handshaking_per_ip", self.handshaking_per_ip),
+            ("rate_limits.handshaking_total", self.handshaking_total),
         ] {
             if v > MAX_RATE_LIMIT {
                 return Err(invalid(key, format!("at most {MAX_RATE_LIMIT} (0 = off)")));
             }
+        }
+        if !(MIN_TRACKED_IPS..=MAX_TRACKED_IPS).contains(&self.max_tracked_ips) {
+            return Err(invalid(
+                "rate_limits.max_tracked_ips",
+                format!("must be between {MIN_TRACKED_IPS} and {MAX_TRACKED_IPS}"),
+            ));
         }
         Ok(())
     }

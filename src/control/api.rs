@@ -95,6 +95,11 @@ pub fn router(state: Arc<ControlState>) -> Router {
             state.clone(),
             limit_head,
         ))
+        // Outermost: a caller over its per-IP budget costs nothing more.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::client_ip::limit_rest_per_ip,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

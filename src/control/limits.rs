@@ -115,6 +115,7 @@ mod tests {
             sessions_per_user_per_minute: 3,
             sessions_per_user_per_hour: 4,
             sessions_per_user_per_day: 0,
+            ..RateLimitsConfig::default()
         });
         for _ in 0..3 {
             rates.check("alice").unwrap();
@@ -135,6 +136,7 @@ mod tests {
             sessions_per_user_per_minute: 0,
             sessions_per_user_per_hour: 2,
             sessions_per_user_per_day: 0,
+            ..RateLimitsConfig::default()
         });
         hourly.check("c").unwrap();
         hourly.check("c").unwrap();

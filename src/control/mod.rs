@@ -7,6 +7,7 @@
 //! nothing here runs on a worker thread: the data plane never touches tokio.
 
 pub mod api;
+pub mod client_ip;
 pub mod console_open;
 pub mod limits;
 pub mod metrics_text;
@@ -100,6 +101,8 @@ pub struct ControlState {
     pub jwt: arc_swap::ArcSwapOption<crate::auth::JwtVerifier>,
     /// `[rate_limits]`: console creation per user.
     pub user_rates: limits::UserRates,
+    /// Client addresses (trusted proxies) and the per-IP REST limit.
+    pub clients: client_ip::ClientIps,
 }
 
 /// Undelivered revoke messages kept for retry; beyond, the oldest are
@@ -255,6 +258,8 @@ pub fn serve(
         tokio::spawn(sweeper(state.clone()));
         tokio::spawn(port_saver(state.clone()));
         let mut sd = shutdown.clone();
+        // With the peer address: the per-IP limits and logs need it.
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = sd.wait_for(|v| *v).await;
@@ -419,6 +424,7 @@ async fn sweeper(state: Arc<ControlState>) {
         let now = Instant::now();
         state.retry_revokes();
         state.user_rates.retain_recent();
+        state.clients.retain_recent();
         let expired = match state.registry.lock() {
             Ok(mut r) => {
                 // Reconcile first: a claimed admission whose report is late

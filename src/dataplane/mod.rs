@@ -9,6 +9,7 @@
 
 pub mod balance;
 pub mod buffer;
+pub mod client_limits;
 pub mod router;
 pub mod session;
 #[cfg(test)]

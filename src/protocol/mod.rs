@@ -2,6 +2,7 @@
 //! clocks, no runtime, no panics on input. Shared by both IO backends.
 
 pub mod http_upgrade;
+pub mod proxy_protocol;
 pub mod rfb;
 pub mod vmware;
 pub mod websocket;

@@ -80,6 +80,9 @@ pub struct WorkerCtx {
     /// This worker's connections parked on a console request (bounded by
     /// `max_parked_console_requests_per_worker`).
     pub parked_consoles: Arc<HandshakeGauge>,
+    /// Per-client-IP limits and the client address behind a proxy
+    /// (appliance mode; `dataplane::client_limits`).
+    pub clients: Option<crate::dataplane::client_limits::ClientGate>,
     /// Frame assembly for base64 and payload decoded for our own use (the
     /// RFB handshake, discarded bytes while closing).
     pub(super) scratch: Vec<u8>,
@@ -120,6 +123,7 @@ impl WorkerCtx {
             ended_bound: Vec::new(),
             handshakes,
             parked_consoles,
+            clients: None,
             scratch: vec![0u8; chunk],
             tls_plain: vec![0u8; chunk],
             decoded: vec![0u8; chunk],
@@ -165,7 +169,9 @@ impl WorkerCtx {
             );
             return None;
         };
-        Some(Session::with_slot(id, self, now, peer, bound, Some(slot)))
+        let mut session = Session::with_slot(id, self, now, peer, bound, Some(slot));
+        session.edge_start(self, now);
+        Some(session)
     }
 
     /// Report to the control plane without blocking; a full mailbox drops

@@ -31,6 +31,8 @@ pub(super) struct Front {
     _slot: Option<HandshakeSlot>,
     /// A console by VM id waiting for the control plane ([`super::console`]).
     pub(super) parked: Option<Box<super::console::Parked>>,
+    /// Who the client is and its per-IP places (`edge.rs`).
+    pub(super) edge: super::edge::EdgeFront,
 }
 
 impl Front {
@@ -40,6 +42,7 @@ impl Front {
             req: Vec::new(),
             _slot: slot,
             parked: None,
+            edge: Default::default(),
         }
     }
 }
@@ -156,6 +159,9 @@ impl Session {
             }
             Request::Upgrade(up) => up,
         };
+        if !self.edge_upgrade(ctx, &up, now) {
+            return;
+        }
         if let Err((cause, message)) = check_origin_and_protocol(ctx, &up) {
             ctx.metrics.count(cause);
             tracing::info!(session = self.id, origin = ?up.origin, offered = ?up.protocols, cause = cause.kind(), "upgrade refused");

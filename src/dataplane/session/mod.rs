@@ -42,6 +42,7 @@
 mod browser;
 mod console;
 mod ctx;
+mod edge;
 mod front;
 mod relay;
 mod vnc;
@@ -371,6 +372,16 @@ impl Session {
         }
         if let Some(r) = self.relay_mut() {
             r.last_activity = now;
+        }
+        // Who the client is (a PROXY header) before anything else reads.
+        let Some(data) = self.edge_input(ctx, data, now) else {
+            self.settle(ctx, now);
+            return;
+        };
+        let data: &[u8] = &data;
+        if data.is_empty() {
+            self.settle(ctx, now);
+            return;
         }
         if matches!(&self.stage, Stage::Front(f) if f.sniffing) {
             self.sniff(ctx, data[0], now);
