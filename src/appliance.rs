@@ -217,13 +217,18 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
     for m in fleet.members() {
         tracing::info!(hypervisor = %m.id, kind = m.kind, "hypervisor configured");
     }
+    let events = crate::events::EventBus::new(crate::events::bus::BusLimits {
+        max_subscribers: cfg.events.max_subscribers,
+        subscriber_queue_events: cfg.events.subscriber_queue_events,
+    });
+    fleet.set_events(events.clone());
+    let mut registry = Registry::new(cfg.pool_max_sessions(), cfg.pool_max_sessions_per_user());
+    registry.set_events(events.clone());
     let state = Arc::new(ControlState {
+        events,
         jwt,
         user_rates: control::limits::UserRates::new(&cfg.rate_limits),
-        registry: Mutex::new(Registry::new(
-            cfg.pool_max_sessions(),
-            cfg.pool_max_sessions_per_user(),
-        )),
+        registry: Mutex::new(registry),
         cfg,
         workers: senders,
         ports: Some(pool),

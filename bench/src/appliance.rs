@@ -229,6 +229,31 @@ pub fn start(
     log: &Path,
     startup_timeout: Duration,
 ) -> Result<RunningAppliance> {
+    start_with(
+        exe,
+        dir,
+        state_dir,
+        io,
+        demo_max_clients,
+        log,
+        startup_timeout,
+        "",
+    )
+}
+
+/// [`start`] with `extra_toml` appended to the config (sections the
+/// default config does not have, e.g. `[events]`).
+#[allow(clippy::too_many_arguments)]
+pub fn start_with(
+    exe: &Path,
+    dir: &Path,
+    state_dir: &Path,
+    io: &'static str,
+    demo_max_clients: usize,
+    log: &Path,
+    startup_timeout: Duration,
+    extra_toml: &str,
+) -> Result<RunningAppliance> {
     child::require_file(exe, "build it: cargo build --release -p consolegate")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let port_range = probe_port_range()?;
@@ -241,7 +266,7 @@ pub fn start(
         demo_max_clients,
     };
     let config_path = dir.join("consolegate.toml");
-    std::fs::write(&config_path, render_toml(&settings))
+    std::fs::write(&config_path, render_toml(&settings) + extra_toml)
         .with_context(|| format!("writing {}", config_path.display()))?;
     let args = vec![
         "run".to_string(),

@@ -139,6 +139,8 @@ pub struct ApplianceConfig {
     pub viewers: super::users::ViewersConfig,
     /// `[rate_limits]`: console creation per user.
     pub rate_limits: super::users::RateLimitsConfig,
+    /// `[events]`: the live event endpoints (`/ws/*`).
+    pub events: super::events::EventsConfig,
 }
 
 /// `[control]`: the REST API, `/metrics` and the `/ws/*` event endpoints, and
@@ -901,6 +903,7 @@ impl ApplianceConfig {
         let s = &self.sessions;
         in_range("sessions.ticket_ttl_ms", s.ticket_ttl_ms, 1, 86_400_000)?;
         self.validate_viewers()?;
+        self.events.validate()?;
         if s.ticket_bytes < 16 {
             return Err(invalid("sessions.ticket_bytes", "must be ≥ 16 (128 bits)"));
         }

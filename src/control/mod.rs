@@ -7,6 +7,7 @@
 //! nothing here runs on a worker thread: the data plane never touches tokio.
 
 pub mod api;
+pub mod events_ws;
 pub mod limits;
 pub mod metrics_text;
 pub mod registry;
@@ -95,6 +96,8 @@ pub struct ControlState {
     pub jwt: Option<crate::auth::JwtVerifier>,
     /// `[rate_limits]`: console creation per user.
     pub user_rates: limits::UserRates,
+    /// The live event bus behind `/ws/*`.
+    pub events: crate::events::EventBus,
 }
 
 /// Undelivered revoke messages kept for retry; beyond, the oldest are
@@ -248,6 +251,7 @@ pub fn serve(
         tokio::spawn(pump_reports(state.clone(), events));
         tokio::spawn(sweeper(state.clone()));
         tokio::spawn(port_saver(state.clone()));
+        tokio::spawn(events_ws::background(state.clone()));
         let mut sd = shutdown.clone();
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
