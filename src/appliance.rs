@@ -217,7 +217,7 @@ pub fn run(path: Option<&Path>, json_logs: bool) -> anyhow::Result<()> {
     for m in fleet.members() {
         tracing::info!(hypervisor = %m.id, kind = m.kind, "hypervisor configured");
     }
-    let events = crate::events::EventBus::new(crate::events::bus::BusLimits {
+    let events = consolegate::events::EventBus::new(consolegate::events::bus::BusLimits {
         max_subscribers: cfg.events.max_subscribers,
         subscriber_queue_events: cfg.events.subscriber_queue_events,
     });

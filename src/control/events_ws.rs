@@ -53,9 +53,15 @@ const MAX_INVALID_MESSAGES_IN_ROW: u32 = 10;
 /// WebSocket read buffer per connection, in bytes. Why small: clients send
 /// little (subscriptions, pings), and an idle subscriber must stay cheap.
 const READ_BUFFER_BYTES: usize = 4096;
-/// Most bytes waiting to be written per connection (events not yet taken
-/// by the kernel); a send beyond waits, bounded by [`SEND_TIMEOUT_MS`].
-const MAX_WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// Most bytes waiting to be written per connection beyond what the kernel
+/// took (each send waits for its flush, so this holds at most one message;
+/// a larger one ends the connection). Events are well under 4 KiB.
+const MAX_WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// After our close frame, how long the client's close (or its end) is
+/// awaited, reading and discarding what it still sends: closing at once
+/// would answer its late messages with a reset, which can destroy the
+/// close frame before the client reads it.
+const CLOSE_WAIT_MS: u64 = 1_000;
 /// Port pool use that raises an alert, and the use it must fall under
 /// before the next one.
 const PORT_ALERT_PERCENT: f64 = 90.0;
@@ -458,7 +464,18 @@ impl Connection {
             reason: Utf8Bytes::from(reason.to_string()),
         };
         let limit = Duration::from_millis(SEND_TIMEOUT_MS);
-        let _ = tokio::time::timeout(limit, self.socket.send(Message::Close(Some(frame)))).await;
+        let sent = tokio::time::timeout(limit, self.socket.send(Message::Close(Some(frame)))).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(CLOSE_WAIT_MS), async {
+            while let Some(Ok(msg)) = self.socket.recv().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     async fn finish(&mut self, end: End) {

@@ -100,6 +100,12 @@ pub struct ControlState {
     pub events: crate::events::EventBus,
 }
 
+/// SO_SNDBUF of each control connection (the kernel doubles it). Why this
+/// much: a REST answer (a thumbnail, a long list) still leaves in one go on
+/// a LAN, while a stalled `/ws/*` subscriber holds at most this in the
+/// kernel (then its events are dropped, counted, and it is let go).
+pub const CONTROL_SEND_BUFFER_BYTES: usize = 256 * 1024;
+
 /// Undelivered revoke messages kept for retry; beyond, the oldest are
 /// dropped (the tick still closes those consoles).
 pub const MAX_PENDING_REVOKES: usize = 65_536;
@@ -248,6 +254,12 @@ pub fn serve(
             .map_err(|source| ControlError::Bind { addr, source })?;
         tracing::info!(%addr, "control plane listening");
         let app = api::router(state.clone());
+        // Bound what the kernel buffers per control connection: an event
+        // subscriber that stops reading would otherwise hold up to
+        // tcp_wmem's maximum (4 MiB by default) of events in its socket.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(CONTROL_SEND_BUFFER_BYTES);
+        });
         tokio::spawn(pump_reports(state.clone(), events));
         tokio::spawn(sweeper(state.clone()));
         tokio::spawn(port_saver(state.clone()));
