@@ -9,7 +9,6 @@
 //! enough; the console sessions the tests open go through it. Every wait
 //! is a bounded poll; peers are started and stopped by the test.
 
-#[allow(dead_code)]
 mod common;
 
 use std::net::{SocketAddr, TcpStream};

@@ -450,7 +450,8 @@ fn measure(
 /// The medians of each figure over the runs.
 fn medians(runs: &[RunFigures]) -> HashMap<&'static str, f64> {
     let mut out = HashMap::new();
-    let fields: [(&'static str, fn(&RunFigures) -> f64); 6] = [
+    type Field = fn(&RunFigures) -> f64;
+    let fields: [(&'static str, Field); 6] = [
         ("p50_us", |r| r.p50_us),
         ("p99_us", |r| r.p99_us),
         ("max_us", |r| r.max_us),

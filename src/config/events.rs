@@ -104,7 +104,8 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_each_bound_is_checked() {
         assert!(EventsConfig::default().validate().is_ok());
-        let cases: [(&str, fn(&mut EventsConfig)); 5] = [
+        type Breaker = fn(&mut EventsConfig);
+        let cases: [(&str, Breaker); 5] = [
             ("events.metrics_interval_ms", |c| c.metrics_interval_ms = 1),
             ("events.subscriber_queue_events", |c| {
                 c.subscriber_queue_events = 0
