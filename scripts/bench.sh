@@ -10,7 +10,7 @@
 #   bash scripts/bench.sh --runs 1 --skip memory   # extra args go to the bench
 #   bash scripts/bench.sh --consolegate-arg=--workers=1   # a consolegate variant
 #   bash scripts/bench.sh latency --runs 5         # one benchmark alone
-#                                                  # (latency|throughput|memory|handshakes|session-start|downstream-bulk|webmks|hypervisors|console-url)
+#                                                  # (latency|throughput|memory|handshakes|session-start|downstream-bulk|webmks|hypervisors|console-url|events)
 #
 # Steps: release build; a Python virtualenv at bench/.venv with websockify and
 # numpy pinned (websockify unmasks with numpy when it is importable); then the
@@ -103,7 +103,7 @@ if [[ -n "$(git status --porcelain 2>/dev/null | head -1)" ]]; then GIT_REV="$GI
 
 SUBCOMMAND=all
 case "${1:-}" in
-    all|latency|throughput|memory|handshakes|session-start|downstream-bulk|webmks|hypervisors|console-url) SUBCOMMAND=$1; shift ;;
+    all|latency|throughput|memory|handshakes|session-start|downstream-bulk|webmks|hypervisors|console-url|events) SUBCOMMAND=$1; shift ;;
 esac
 
 STATUS=0

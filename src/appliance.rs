@@ -284,16 +284,21 @@ pub fn run(path: Option<&Path>, takeover: Option<&Path>, json_logs: bool) -> any
     for m in fleet.members() {
         tracing::info!(hypervisor = %m.id, kind = m.kind, "hypervisor configured");
     }
+    let events = consolegate::events::EventBus::new(consolegate::events::bus::BusLimits {
+        max_subscribers: cfg.events.max_subscribers,
+        subscriber_queue_events: cfg.events.subscriber_queue_events,
+    });
+    fleet.set_events(events.clone());
+    let mut registry = Registry::new(cfg.pool_max_sessions(), cfg.pool_max_sessions_per_user());
+    registry.set_events(events.clone());
     let api_tokens = arc_swap::ArcSwap::from_pointee(cfg.auth.tokens.clone());
     let state = Arc::new(ControlState {
+        events,
         jwt: arc_swap::ArcSwapOption::new(jwt.map(Arc::new)),
         user_rates: control::limits::UserRates::new(&cfg.rate_limits),
         api_tokens,
         clients: control::client_ip::ClientIps::new(&cfg.rate_limits, &cfg.network),
-        registry: Mutex::new(Registry::new(
-            cfg.pool_max_sessions(),
-            cfg.pool_max_sessions_per_user(),
-        )),
+        registry: Mutex::new(registry),
         cfg,
         workers: senders,
         ports: Some(pool),

@@ -7,6 +7,7 @@ pub mod cause;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod events;
 pub mod hypervisor;
 pub mod io;
 pub mod mailbox;

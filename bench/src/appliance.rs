@@ -241,8 +241,8 @@ pub fn start(
     )
 }
 
-/// [`start`] with `extra_toml` (whole tables, e.g. `[auth.jwt]`) appended
-/// to the config file.
+/// [`start`] with `extra_toml` (whole tables, e.g. `[auth.jwt]` or
+/// `[events]`) appended to the config file.
 #[allow(clippy::too_many_arguments)]
 pub fn start_with(
     exe: &Path,

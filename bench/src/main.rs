@@ -27,6 +27,7 @@ mod console_url;
 mod downstream_bulk;
 mod echo;
 mod evclient;
+mod events;
 mod handshakes;
 mod hypervisors;
 mod latency;
@@ -85,6 +86,18 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
+    /// Appliance mode: one live event (a demo session deleted through the
+    /// REST API, its `session_closed`) fanned out to 1 000 and 10 000
+    /// `/ws/monitor` subscribers: delivery latency p50/p99, the
+    /// appliance's CPU per event, RSS per idle subscriber.
+    Events {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        host: HostArgs,
+        #[command(flatten)]
+        opts: events::EventsOpts,
+    },
     /// Closed-loop round-trip latency of small messages through each proxy,
     /// and the latency each adds over direct TCP.
     Latency {
@@ -763,6 +776,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     let stop = install_signal_handlers().context("installing signal handlers")?;
     match cli.command {
+        Command::Events { common, host, opts } => {
+            let c = common.common()?;
+            prepare_host(&host, &c)?;
+            let ok = events::run(&c, &opts, stop.clone())?;
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(exit_code(true));
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Latency { common, host, opts } => {
             let c = common.common()?;
             prepare_host(&host, &c)?;

@@ -143,6 +143,8 @@ pub struct ApplianceConfig {
     pub rate_limits: super::users::RateLimitsConfig,
     /// `[network]`: trusted proxies, PROXY protocol, X-Forwarded-For.
     pub network: super::network::NetworkConfig,
+    /// `[events]`: the live event endpoints (`/ws/*`).
+    pub events: super::events::EventsConfig,
 }
 
 /// `[control]`: the REST API, `/metrics` and the `/ws/*` event endpoints, and
@@ -955,6 +957,7 @@ impl ApplianceConfig {
         in_range("sessions.ticket_ttl_ms", s.ticket_ttl_ms, 1, 86_400_000)?;
         self.validate_viewers()?;
         self.network.validate()?;
+        self.events.validate()?;
         if s.ticket_bytes < 16 {
             return Err(invalid("sessions.ticket_bytes", "must be ≥ 16 (128 bits)"));
         }

@@ -7,6 +7,7 @@
 //! fill the same struct from TOML.
 
 pub mod appliance;
+pub mod events;
 pub mod network;
 pub mod secrets;
 pub mod users;

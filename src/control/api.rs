@@ -79,6 +79,7 @@ pub fn router(state: Arc<ControlState>) -> Router {
             axum::routing::post(close_user_sessions),
         )
         .merge(super::vms::routes())
+        .merge(super::events_ws::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     #[cfg(feature = "failpoints")]

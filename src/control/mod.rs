@@ -9,6 +9,7 @@
 pub mod api;
 pub mod client_ip;
 pub mod console_open;
+pub mod events_ws;
 pub mod limits;
 pub mod metrics_text;
 pub mod registry;
@@ -103,7 +104,15 @@ pub struct ControlState {
     pub user_rates: limits::UserRates,
     /// Client addresses (trusted proxies) and the per-IP REST limit.
     pub clients: client_ip::ClientIps,
+    /// The live event bus behind `/ws/*`.
+    pub events: crate::events::EventBus,
 }
+
+/// SO_SNDBUF of each control connection (the kernel doubles it). Why this
+/// much: a REST answer (a thumbnail, a long list) still leaves in one go on
+/// a LAN, while a stalled `/ws/*` subscriber holds at most this in the
+/// kernel (then its events are dropped, counted, and it is let go).
+pub const CONTROL_SEND_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Undelivered revoke messages kept for retry; beyond, the oldest are
 /// dropped (the tick still closes those consoles).
@@ -254,9 +263,16 @@ pub fn serve(
             .map_err(|source| ControlError::Bind { addr, source })?;
         tracing::info!(%addr, "control plane listening");
         let app = api::router(state.clone());
+        // Bound what the kernel buffers per control connection: an event
+        // subscriber that stops reading would otherwise hold up to
+        // tcp_wmem's maximum (4 MiB by default) of events in its socket.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(CONTROL_SEND_BUFFER_BYTES);
+        });
         tokio::spawn(pump_reports(state.clone(), events));
         tokio::spawn(sweeper(state.clone()));
         tokio::spawn(port_saver(state.clone()));
+        tokio::spawn(events_ws::background(state.clone()));
         let mut sd = shutdown.clone();
         // With the peer address: the per-IP limits and logs need it.
         let app = app.into_make_service_with_connect_info::<SocketAddr>();

@@ -170,9 +170,34 @@ pub struct Registry {
     max_sessions: usize,
     max_per_user: usize,
     per_user: HashMap<String, usize>,
+    /// Where session lifecycle events go (`session_opened` /
+    /// `session_closed`), once the control plane attached the bus.
+    events: Option<crate::events::EventBus>,
 }
 
 impl Registry {
+    /// Publish sessions' lifecycle (opened, and every way of ending) on
+    /// `bus` from now on.
+    pub fn set_events(&mut self, bus: crate::events::EventBus) {
+        self.events = Some(bus);
+    }
+
+    fn publish_lifecycle(&self, kind: crate::events::EventKind, r: &Record, reason: &str) {
+        if let Some(bus) = &self.events {
+            let data = crate::events::protocol::SessionData {
+                session_id: r.session_id.clone(),
+                user: r.user.clone(),
+                vm_id: r.vm_id.clone(),
+                reason: reason.to_string(),
+                bytes: r
+                    .bytes_browser_to_backend
+                    .saturating_add(r.bytes_backend_to_browser),
+                duration_ms: u64::try_from(r.created.elapsed().as_millis()).unwrap_or(u64::MAX),
+            };
+            bus.publish(&crate::events::Event::session(kind, &data));
+        }
+    }
+
     pub fn new(max_sessions: usize, max_per_user: usize) -> Self {
         Self {
             live: HashMap::new(),
@@ -180,6 +205,7 @@ impl Registry {
             max_sessions,
             max_per_user,
             per_user: HashMap::new(),
+            events: None,
         }
     }
 
@@ -378,15 +404,22 @@ impl Registry {
     pub fn reconcile(&mut self) -> usize {
         let mut opened = 0;
         let mut ended = Vec::new();
+        let mut newly_open = Vec::new();
         for r in self.live.values_mut() {
             let Some(a) = &r.admission else { continue };
             match a.state() {
                 ticket_state::CLAIMED if r.state == State::Pending => {
                     r.state = State::Open;
                     opened += 1;
+                    newly_open.push(r.id);
                 }
                 ticket_state::CLOSED => ended.push(r.id),
                 _ => {}
+            }
+        }
+        for id in &newly_open {
+            if let Some(r) = self.live.get(id) {
+                self.publish_lifecycle(crate::events::EventKind::SessionOpened, r, "opened");
             }
         }
         for id in &ended {
@@ -430,6 +463,8 @@ impl Registry {
     }
 
     fn push_closed(&mut self, mut r: Record) {
+        let reason = r.close_reason.clone().unwrap_or_else(|| "closed".into());
+        self.publish_lifecycle(crate::events::EventKind::SessionClosed, &r, &reason);
         r.admission = None;
         self.closed.push_back(r);
         while self.closed.len() > CLOSED_RECORDS_KEPT {
@@ -441,10 +476,17 @@ impl Registry {
     pub fn apply(&mut self, msg: FromWorker, _now: Instant) {
         match msg {
             FromWorker::Opened { id, worker, peer } => {
+                let mut newly_open = false;
                 if let Some(r) = self.live.get_mut(&id) {
+                    // Reconcile may have seen it open first (its event
+                    // was sent then).
+                    newly_open = r.state == State::Pending;
                     r.state = State::Open;
                     r.worker = Some(worker);
                     r.peer = peer.map(|p: SocketAddr| p.to_string());
+                }
+                if let Some(r) = self.live.get(&id).filter(|_| newly_open) {
+                    self.publish_lifecycle(crate::events::EventKind::SessionOpened, r, "opened");
                 }
             }
             FromWorker::Closed {

@@ -12,9 +12,10 @@
 //! plane's HTTP layer.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -23,15 +24,20 @@ use tokio::sync::broadcast;
 use super::backend::{Backend, BackendError, HypervisorConfig, StartContext};
 use super::cache::{CacheLimits, CacheStats, Entry, TtlCache, Weigh};
 use super::model::{
-    Console, HvResult, Hypervisor, HypervisorError, PowerAction, Side, Thumbnail, ThumbnailSize,
-    VmInfo, VmStatusChange,
+    Console, HvResult, Hypervisor, HypervisorError, PowerAction, PowerState, Side, Thumbnail,
+    ThumbnailSize, VmInfo, VmStatusChange,
 };
 use super::operations::{OperationView, Operations, OperationsConfig};
 use super::pool::PoolStats;
 use super::queue::{Lane, PriorityQueue, QueueConfig, QueueStats};
+use crate::events::protocol::{AlertData, ProgressData, VmStatusData};
+use crate::events::{Event, EventBus};
 
 /// Status changes buffered for slow subscribers (the event bus).
 pub const STATUS_CHANGES_CAPACITY: usize = 1024;
+/// VMs whose last power state is remembered to report changes
+/// (`vm_status_changed`); VMs beyond are listed but not compared.
+pub const MAX_KNOWN_VMS: usize = 200_000;
 /// Longest VM id accepted in a request, in bytes.
 pub const MAX_VM_ID_BYTES: usize = 300;
 
@@ -192,6 +198,16 @@ pub struct Member {
     pub queue: PriorityQueue,
     health: AtomicU8,
     last_error: Mutex<Option<String>>,
+    /// The event bus, once attached (shared with the fleet).
+    events: Arc<OnceLock<EventBus>>,
+}
+
+fn health_name(health: u8) -> &'static str {
+    match health {
+        HEALTH_UP => "up",
+        HEALTH_DOWN => "down",
+        _ => "unknown",
+    }
 }
 
 impl Member {
@@ -207,17 +223,45 @@ impl Member {
 
     fn note<T>(&self, result: &HvResult<T>) {
         match result {
-            Ok(_) => self.health.store(HEALTH_UP, Ordering::Relaxed),
+            Ok(_) => self.set_health(HEALTH_UP, None),
             Err(e) if e.side() == Side::Hypervisor => {
-                self.health.store(HEALTH_DOWN, Ordering::Relaxed);
                 *self
                     .last_error
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+                self.set_health(HEALTH_DOWN, Some(e.to_string()));
             }
             // The caller's mistakes and our own queue say nothing about
             // the hypervisor.
             Err(_) => {}
+        }
+    }
+
+    /// Record the hypervisor's health; a change is an event
+    /// (`server_status_changed`, and an `alert` when it went down).
+    fn set_health(&self, health: u8, error: Option<String>) {
+        let old = self.health.swap(health, Ordering::Relaxed);
+        if old == health {
+            return;
+        }
+        let Some(bus) = self.events.get() else { return };
+        let data = serde_json::json!({
+            "server_id": self.id,
+            "old_status": health_name(old),
+            "new_status": health_name(health),
+            "pool": self.backend.pool_stats(),
+        });
+        bus.publish(&Event::server_status(&self.id, data));
+        if health == HEALTH_DOWN {
+            bus.publish(&Event::alert(&AlertData {
+                alert_id: format!("hypervisor_down:{}", self.id),
+                alert_type: "hypervisor_down".into(),
+                severity: "critical".into(),
+                title: format!("hypervisor {} is down", self.id),
+                message: error.unwrap_or_else(|| "the hypervisor did not answer".into()),
+                entity_type: "hypervisor".into(),
+                entity_id: self.id.clone(),
+            }));
         }
     }
 
@@ -289,6 +333,11 @@ pub struct Fleet {
     operations: Arc<Operations>,
     settings: FleetSettings,
     changes: broadcast::Sender<VmStatusChange>,
+    /// The event bus, once attached (shared with the members).
+    events: Arc<OnceLock<EventBus>>,
+    /// Each VM's name and power state as last listed or pushed (unique id
+    /// → …), to report changes; at most [`MAX_KNOWN_VMS`].
+    known: Mutex<HashMap<String, (String, PowerState)>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -311,6 +360,7 @@ impl Fleet {
         cx: &StartContext<'_>,
     ) -> Result<Arc<Fleet>, BackendError> {
         let mut members = Vec::with_capacity(configs.len());
+        let events = Arc::new(OnceLock::new());
         for config in configs {
             let queue = PriorityQueue::new(settings.queue.for_hypervisor(config.max_concurrent()))
                 .map_err(|problem| BackendError::Start {
@@ -324,6 +374,7 @@ impl Fleet {
                 queue,
                 health: AtomicU8::new(HEALTH_UNKNOWN),
                 last_error: Mutex::new(None),
+                events: events.clone(),
             }));
         }
         let (changes, _) = broadcast::channel(STATUS_CHANGES_CAPACITY);
@@ -334,9 +385,98 @@ impl Fleet {
             operations: Arc::new(Operations::new(settings.operations)),
             settings,
             changes,
+            events,
+            known: Mutex::new(HashMap::new()),
         });
         fleet.follow_status_changes();
         Ok(fleet)
+    }
+
+    /// Publish what the hypervisors do (operations' progress, health, VM
+    /// power states) on `bus` from now on. Once; later calls are ignored.
+    pub fn set_events(&self, bus: EventBus) {
+        let _ = self.events.set(bus);
+    }
+
+    /// Remember `vm`'s state; when it was known in another state, publish
+    /// the change. `pushed_old` is what a pushing hypervisor (QMP) said the
+    /// old state was, used when the VM was not known yet.
+    fn note_vm_state(
+        &self,
+        server: &str,
+        vm_id: &str,
+        name: Option<&str>,
+        new: PowerState,
+        pushed_old: Option<PowerState>,
+    ) {
+        let previous = {
+            let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+            let full = known.len() >= MAX_KNOWN_VMS;
+            match known.get_mut(vm_id) {
+                Some((known_name, state)) => {
+                    if let Some(n) = name {
+                        if known_name != n {
+                            *known_name = n.to_string();
+                        }
+                    }
+                    let old = *state;
+                    *state = new;
+                    Some((Some(old), known_name.clone()))
+                }
+                None if full => None,
+                None => {
+                    known.insert(
+                        vm_id.to_string(),
+                        (name.unwrap_or_default().to_string(), new),
+                    );
+                    Some((None, name.unwrap_or_default().to_string()))
+                }
+            }
+        };
+        let Some((old, vm_name)) = previous else {
+            return;
+        };
+        let Some(old) = old.or(pushed_old) else {
+            return;
+        };
+        if old == new {
+            return;
+        }
+        if let Some(bus) = self.events.get() {
+            bus.publish(&Event::vm_status(&VmStatusData {
+                vm_id: vm_id.to_string(),
+                vm_name: (!vm_name.is_empty()).then_some(vm_name),
+                server_id: server.to_string(),
+                old_status: power_name(old),
+                new_status: power_name(new),
+            }));
+        }
+    }
+
+    /// A hypervisor's fresh VM list: report what changed since the last.
+    fn compare_list(&self, server: &str, vms: &[VmInfo]) {
+        if self.events.get().is_none() {
+            return;
+        }
+        for vm in vms {
+            self.note_vm_state(server, &vm.id, Some(&vm.name), vm.power, None);
+        }
+    }
+
+    /// Fetch every hypervisor's VM list afresh (LOW lane), so changes no
+    /// hypervisor pushes are reported; the API's cache is refreshed too.
+    pub async fn refresh_lists(&self) {
+        for index in 0..self.members.len() {
+            self.vm_lists.invalidate(&index).await;
+        }
+        let lists = (0..self.members.len()).map(|i| self.list_of(i, Lane::Low));
+        let _ = join_all(lists).await;
+    }
+
+    fn publish_progress(&self, server: &str, data: ProgressData) {
+        if let Some(bus) = self.events.get() {
+            bus.publish(&Event::progress(server, &data));
+        }
     }
 
     pub fn members(&self) -> &[Arc<Member>] {
@@ -370,6 +510,13 @@ impl Fleet {
                     let Some(fleet) = fleet.upgrade() else { return };
                     fleet.vm_changed(index, &change.vm_id).await;
                     let member = &fleet.members[index];
+                    fleet.note_vm_state(
+                        &member.id,
+                        &unique_id(&member.id, &change.vm_id),
+                        None,
+                        change.new,
+                        Some(change.old),
+                    );
                     let _ = fleet.changes.send(VmStatusChange {
                         vm_id: unique_id(&member.id, &change.vm_id),
                         hypervisor: member.id.clone(),
@@ -406,6 +553,7 @@ impl Fleet {
                     vm.id = unique_id(&member.id, &vm.native_id);
                     vm.hypervisor = member.id.clone();
                 }
+                self.compare_list(&member.id, &vms);
                 Ok(vms)
             })
             .await?;
@@ -588,13 +736,20 @@ impl Fleet {
             )));
         }
         let op = self.operations.create(&found.id, &member.id, action)?;
+        self.publish_progress(&member.id, progress_data(&op));
         let fleet = self.clone();
         let id = op.id.clone();
         tokio::spawn(async move {
             let sink_ops = fleet.operations.clone();
             let sink_id = id.clone();
-            let sink: super::model::ProgressSink =
-                Box::new(move |p| sink_ops.progress(&sink_id, &p));
+            let sink_fleet = Arc::downgrade(&fleet);
+            let sink_server = member.id.clone();
+            let sink: super::model::ProgressSink = Box::new(move |p| {
+                sink_ops.progress(&sink_id, &p);
+                if let (Some(fleet), Some(view)) = (sink_fleet.upgrade(), sink_ops.get(&sink_id)) {
+                    fleet.publish_progress(&sink_server, progress_data(&view));
+                }
+            });
             let result = member
                 .call(
                     Lane::High,
@@ -607,7 +762,16 @@ impl Fleet {
                 tracing::info!(vm = %found.id, ?action, "power action done");
             }
             fleet.operations.finish(&id, &result);
+            if let Some(view) = fleet.operations.get(&id) {
+                fleet.publish_progress(&member.id, progress_data(&view));
+            }
             fleet.vm_changed(found.member, &found.native).await;
+            if fleet.events.get().is_some() {
+                // List it again now, so the power state's change is
+                // reported at once (QMP may report it too; the first to
+                // come does).
+                let _ = fleet.list_of(found.member, Lane::Low).await;
+            }
         });
         Ok(op)
     }
@@ -652,6 +816,39 @@ impl Fleet {
         for m in &self.members {
             m.backend.shutdown().await;
         }
+    }
+}
+
+/// A power state as events name it (`on`, `off`, `suspended`, `unknown`:
+/// as `GET /api/v1/vms` does).
+fn power_name(state: PowerState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// An operation as a `progress` event.
+fn progress_data(view: &OperationView) -> ProgressData {
+    let status = serde_json::to_value(view.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let operation_type = serde_json::to_value(view.action)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    ProgressData {
+        operation_id: view.id.clone(),
+        operation_type,
+        vm_id: view.vm.clone(),
+        progress_percent: view.progress_percent,
+        status,
+        message: view
+            .error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .or_else(|| view.message.clone()),
     }
 }
 

@@ -1,0 +1,368 @@
+//! The fan-out: every subscriber has its own bounded queue of encoded
+//! events; [`EventBus::publish`] encodes an event once, then offers it to
+//! each subscriber whose room, visibility and filter admit it with a
+//! `try_send`. A full queue drops the event for that subscriber only
+//! (counted per subscriber and in total): publishing never waits, so a
+//! slow or dead subscriber cannot delay the publisher or the others.
+//!
+//! Bounded: at most `max_subscribers` subscribers, each holding at most
+//! `subscriber_queue_events` events (shared, reference-counted frames).
+//! Registration and publishing take one mutex that only the control
+//! thread uses (uncontended).
+//!
+//! Must not depend on `crate::control` or `crate::hypervisor`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::Utf8Bytes;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::protocol::{Event, Filter, Room, Visibility};
+
+/// The bus's bounds (from `[events]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusLimits {
+    pub max_subscribers: usize,
+    pub subscriber_queue_events: usize,
+}
+
+/// Why a subscriber was not registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    #[error("{max} event subscribers are connected already")]
+    Full { max: usize },
+}
+
+struct Slot {
+    tx: mpsc::Sender<Utf8Bytes>,
+    room: Room,
+    visibility: Visibility,
+    filter: Filter,
+    dropped: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct Counters {
+    published: u64,
+    delivered: u64,
+    dropped: u64,
+}
+
+struct State {
+    subscribers: HashMap<u64, Slot>,
+    next_id: u64,
+    counters: Counters,
+}
+
+struct Inner {
+    limits: BusLimits,
+    state: Mutex<State>,
+}
+
+/// The event bus; cheap to clone (one shared inner).
+#[derive(Clone)]
+pub struct EventBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBus")
+            .field("limits", &self.inner.limits)
+            .finish()
+    }
+}
+
+/// `/ws/stats`: the bus's figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BusStats {
+    pub subscribers: usize,
+    pub max_subscribers: usize,
+    /// Subscribers by room: monitor, vm, server, stats.
+    pub connections_by_room: std::collections::BTreeMap<&'static str, usize>,
+    /// Events published since start.
+    pub events_published_total: u64,
+    /// Events queued to subscribers since start (one per subscriber).
+    pub events_delivered_total: u64,
+    /// Events dropped because a subscriber's queue was full.
+    pub events_dropped_total: u64,
+    /// The fullest subscriber queue, in events (of `queue_capacity`).
+    pub max_subscriber_lag_events: usize,
+    /// Events waiting in all queues.
+    pub queued_events: usize,
+    pub queue_capacity: usize,
+}
+
+/// Unix time in ms, the events' `timestamp`.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl EventBus {
+    pub fn new(limits: BusLimits) -> EventBus {
+        EventBus {
+            inner: Arc::new(Inner {
+                limits,
+                state: Mutex::new(State {
+                    subscribers: HashMap::new(),
+                    next_id: 1,
+                    counters: Counters::default(),
+                }),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn limits(&self) -> BusLimits {
+        self.inner.limits
+    }
+
+    /// Whether another subscriber would be refused.
+    pub fn is_full(&self) -> bool {
+        self.lock().subscribers.len() >= self.inner.limits.max_subscribers
+    }
+
+    /// Register a subscriber; it is unregistered when the returned
+    /// [`Subscription`] is dropped.
+    pub fn subscribe(&self, room: Room, visibility: Visibility) -> Result<Subscription, BusError> {
+        let mut state = self.lock();
+        if state.subscribers.len() >= self.inner.limits.max_subscribers {
+            return Err(BusError::Full {
+                max: self.inner.limits.max_subscribers,
+            });
+        }
+        let (tx, rx) = mpsc::channel(self.inner.limits.subscriber_queue_events);
+        let id = state.next_id;
+        state.next_id += 1;
+        let dropped = Arc::new(AtomicU64::new(0));
+        state.subscribers.insert(
+            id,
+            Slot {
+                tx,
+                room,
+                visibility,
+                filter: Filter::default(),
+                dropped: dropped.clone(),
+            },
+        );
+        Ok(Subscription {
+            id,
+            bus: self.clone(),
+            rx,
+            dropped,
+        })
+    }
+
+    /// Offer `event` to every subscriber that may see it and asked for it;
+    /// never waits. Returns to how many it was queued.
+    pub fn publish(&self, event: &Event) -> usize {
+        let frame = Utf8Bytes::from(event.encode(now_ms()));
+        let mut state = self.lock();
+        state.counters.published += 1;
+        let (mut delivered, mut dropped) = (0u64, 0u64);
+        for slot in state.subscribers.values() {
+            if !(slot.room.admits(event)
+                && slot.visibility.may_see(event)
+                && slot.filter.matches(event))
+            {
+                continue;
+            }
+            match slot.tx.try_send(frame.clone()) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    slot.dropped.fetch_add(1, Ordering::Relaxed);
+                    dropped += 1;
+                }
+                // Its connection is ending; its Subscription's drop
+                // removes the slot.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        state.counters.delivered += delivered;
+        state.counters.dropped += dropped;
+        usize::try_from(delivered).unwrap_or(usize::MAX)
+    }
+
+    pub fn stats(&self) -> BusStats {
+        let state = self.lock();
+        let capacity = self.inner.limits.subscriber_queue_events;
+        let mut stats = BusStats {
+            subscribers: state.subscribers.len(),
+            max_subscribers: self.inner.limits.max_subscribers,
+            events_published_total: state.counters.published,
+            events_delivered_total: state.counters.delivered,
+            events_dropped_total: state.counters.dropped,
+            queue_capacity: capacity,
+            ..BusStats::default()
+        };
+        for slot in state.subscribers.values() {
+            *stats
+                .connections_by_room
+                .entry(slot.room.label())
+                .or_insert(0) += 1;
+            let queued = capacity.saturating_sub(slot.tx.capacity());
+            stats.max_subscriber_lag_events = stats.max_subscriber_lag_events.max(queued);
+            stats.queued_events += queued;
+        }
+        stats
+    }
+
+    fn update_filter(&self, id: u64, change: impl FnOnce(&mut Filter)) -> Option<Filter> {
+        let mut state = self.lock();
+        let slot = state.subscribers.get_mut(&id)?;
+        change(&mut slot.filter);
+        Some(slot.filter.clone())
+    }
+
+    fn unregister(&self, id: u64) {
+        self.lock().subscribers.remove(&id);
+    }
+}
+
+/// One subscriber's end: its queue, its drop counter and its filter.
+pub struct Subscription {
+    id: u64,
+    bus: EventBus,
+    rx: mpsc::Receiver<Utf8Bytes>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// The next event for this subscriber (None when the bus is gone).
+    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
+        self.rx.recv().await
+    }
+
+    /// An event already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Events dropped since the last call (its queue was full).
+    pub fn take_dropped(&self) -> u64 {
+        self.dropped.swap(0, Ordering::Relaxed)
+    }
+
+    /// Nothing waits in the queue.
+    pub fn is_caught_up(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// Change the filter; returns it as it now is.
+    pub fn update_filter(&self, change: impl FnOnce(&mut Filter)) -> Filter {
+        self.bus.update_filter(self.id, change).unwrap_or_default()
+    }
+
+    pub fn bus(&self) -> &EventBus {
+        &self.bus
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.bus.unregister(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::protocol::{EventKind, FilterChange};
+    use serde_json::Value;
+
+    fn bus(max: usize, queue: usize) -> EventBus {
+        EventBus::new(BusLimits {
+            max_subscribers: max,
+            subscriber_queue_events: queue,
+        })
+    }
+
+    fn event(kind: EventKind, vm: &str) -> Event {
+        Event {
+            kind,
+            vm_id: Some(vm.into()),
+            server_id: vm.split_once(':').map(|(s, _)| s.to_string()),
+            owner: None,
+            data: Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_for_that_subscriber_only() {
+        let b = bus(10, 2);
+        let mut slow = b.subscribe(Room::Monitor, Visibility::All).unwrap();
+        let mut fast = b.subscribe(Room::Monitor, Visibility::All).unwrap();
+        for _ in 0..5 {
+            b.publish(&event(EventKind::Progress, "h:a"));
+            assert!(fast.try_recv().is_some());
+        }
+        assert_eq!(slow.take_dropped(), 3);
+        assert_eq!(slow.take_dropped(), 0);
+        assert!(slow.try_recv().is_some() && slow.try_recv().is_some());
+        assert!(slow.try_recv().is_none() && slow.is_caught_up());
+        let s = b.stats();
+        assert_eq!(
+            (
+                s.events_published_total,
+                s.events_delivered_total,
+                s.events_dropped_total
+            ),
+            (5, 7, 3)
+        );
+    }
+
+    #[test]
+    fn rooms_filters_and_bounds() {
+        let b = bus(2, 8);
+        let mut vm = b
+            .subscribe(Room::Vm("h:a".into()), Visibility::All)
+            .unwrap();
+        let mut anon = b.subscribe(Room::Monitor, Visibility::Anonymous).unwrap();
+        assert_eq!(
+            b.subscribe(Room::Monitor, Visibility::All).unwrap_err(),
+            BusError::Full { max: 2 }
+        );
+        anon.update_filter(|f| {
+            f.subscribe(&FilterChange {
+                server_ids: Some(vec!["h".into()]),
+                ..FilterChange::default()
+            })
+            .unwrap()
+        });
+        b.publish(&event(EventKind::Progress, "h:b"));
+        b.publish(&event(EventKind::Progress, "h:a"));
+        b.publish(&event(EventKind::VmStatusChanged, "h:b"));
+        b.publish(&event(EventKind::VmStatusChanged, "g:b"));
+        let text = |m: Option<Utf8Bytes>| m.map(|m| m.as_str().to_string()).unwrap_or_default();
+        assert!(text(vm.try_recv()).contains("\"progress\""));
+        assert!(vm.try_recv().is_none());
+        assert!(text(anon.try_recv()).contains("vm_status_changed"));
+        assert!(
+            anon.try_recv().is_none(),
+            "g is filtered out, progress is not public"
+        );
+        drop(vm);
+        assert_eq!(b.stats().subscribers, 1);
+        assert!(b.subscribe(Room::Stats, Visibility::All).is_ok());
+    }
+}
