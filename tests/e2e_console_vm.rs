@@ -97,16 +97,6 @@ fn assert_refusal(r: &HttpResponse, status: u16, code: &str, what: &str) {
     assert_eq!(body["error"]["code"], code, "{}{what}: {r:?}", ctx());
 }
 
-/// `consolegate_errors_total{cause}` summed over workers and control plane.
-fn metric(app: &Appliance, cause: &str) -> u64 {
-    let text = app.get("/metrics").body;
-    let label = format!("cause=\"{cause}\"");
-    text.lines()
-        .filter(|l| l.starts_with("consolegate_errors_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 /// The value of one `/metrics` series (0 when absent).
 fn series(app: &Appliance, name: &str) -> f64 {
     app.get("/metrics")
@@ -114,14 +104,6 @@ fn series(app: &Appliance, name: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-/// Polls until the worker counters (published once a second) show at
-/// least `n` refusals for `cause`.
-fn wait_metric(app: &Appliance, cause: &str, n: u64) {
-    wait_until(DEADLINE, &format!("{n} × {cause} in /metrics"), || {
-        (metric(app, cause) >= n).then_some(())
-    });
 }
 
 /// The sessions of `user` as `GET /api/v1/sessions` lists them.
@@ -210,11 +192,11 @@ fn console_by_url_relays_and_refuses_like_the_rest_call(io: &str) {
     assert_refusal(&r, 429, "too_many_sessions_for_user", "alice at her cap");
     assert!(r.header("Retry-After").is_some(), "{}{r:?}", ctx());
 
-    wait_metric(&app, "console_unauthorized", 3);
-    wait_metric(&app, "console_forbidden", 1);
-    wait_metric(&app, "console_vm_not_found", 1);
-    wait_metric(&app, "console_limited", 1);
-    wait_metric(&app, "console_bad_vm", 1);
+    app.wait_errors_counted("console_unauthorized", 3, DEADLINE);
+    app.wait_errors_counted("console_forbidden", 1, DEADLINE);
+    app.wait_errors_counted("console_vm_not_found", 1, DEADLINE);
+    app.wait_errors_counted("console_limited", 1, DEADLINE);
+    app.wait_errors_counted("console_bad_vm", 1, DEADLINE);
     // The relay carried on through all of it.
     let frame = rfb_framebuffer(&mut c, init.width, init.height);
     assert_eq!(frame.dimensions(), (320, 200), "{}", ctx());
@@ -339,8 +321,8 @@ fn a_slow_hypervisor_times_out_without_stalling_the_worker(io: &str) {
         "{}504 after connect_timeout_ms (1500 ms), not {waited:?}",
         ctx()
     );
-    wait_metric(&app, "console_timeout", 2);
-    wait_metric(&app, "console_parked_over_limit", 1);
+    app.wait_errors_counted("console_timeout", 2, DEADLINE);
+    app.wait_errors_counted("console_parked_over_limit", 1, DEADLINE);
     // A hypervisor that is not there: 503 from the hypervisor layer.
     let r = refused(console, &console_path("gone:vm-1", &operator), &[]);
     assert_refusal(
@@ -350,7 +332,7 @@ fn a_slow_hypervisor_times_out_without_stalling_the_worker(io: &str) {
         "a hypervisor that is down",
     );
     assert!(r.header("Retry-After").is_some(), "{}{r:?}", ctx());
-    wait_metric(&app, "console_unavailable", 1);
+    app.wait_errors_counted("console_unavailable", 1, DEADLINE);
     let frame = rfb_framebuffer(&mut relay, init.width, init.height);
     assert_eq!(frame.dimensions(), (200, 100), "{}", ctx());
     drop(silent);
@@ -463,6 +445,6 @@ fn vsphere_console_by_url_and_a_powered_off_vm() {
     assert_eq!((init.width, init.height), (400, 300), "{}", ctx());
     let r = refused(app.console, &console_path(&off, &token), &[]);
     assert_refusal(&r, 409, "vm_not_running", "a powered-off VM");
-    wait_metric(&app, "console_conflict", 1);
+    app.wait_errors_counted("console_conflict", 1, DEADLINE);
     assert_eq!(sim.stats().tickets_redeemed, 1, "{}", ctx());
 }

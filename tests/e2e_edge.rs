@@ -125,25 +125,6 @@ fn until_refused(
     panic!("{}no 429 from {source} within {attempts} requests", ctx());
 }
 
-/// `consolegate_errors_total{cause}` summed over workers and control plane.
-fn metric(app: &Appliance, cause: &str) -> u64 {
-    let text = app.get("/metrics").body;
-    let label = format!("cause=\"{cause}\"");
-    text.lines()
-        .filter(|l| l.starts_with("consolegate_errors_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
-/// Waits until `cause` was counted at least `n` times (workers report
-/// their counters periodically).
-fn wait_metric(app: &Appliance, cause: &str, n: u64) -> u64 {
-    wait_until(RECOVERY, &format!("{cause} counted {n} times"), || {
-        let v = metric(app, cause);
-        (v >= n).then_some(v)
-    })
-}
-
 /// An appliance with `[rate_limits]` and `[network]` as given, one worker
 /// (accept order is connect order), long handshake timeout (idle
 /// connections stay in their handshake for the whole test).
@@ -238,7 +219,7 @@ fn rest_per_ip_limit_refuses_then_recovers_and_honours_trusted_forwarded_for() {
         r.status, 200,
         "another forwarded client has its own budget: {r:?}"
     );
-    assert!(metric(&app, "rate_limited_rest_per_ip") >= 2);
+    assert!(app.errors_counted("rate_limited_rest_per_ip") >= 2);
 }
 
 // ---- the console port: per-IP limits --------------------------------------
@@ -263,7 +244,7 @@ fn handshakes_per_ip_refused_then_recover(io: &str) {
     wait_until(RECOVERY, "the handshake budget to recover", || {
         (console_status(&app, STRANGER, &req) == 404).then_some(())
     });
-    wait_metric(&app, "rate_limited_handshakes_per_ip", 1);
+    app.wait_errors_counted("rate_limited_handshakes_per_ip", 1, RECOVERY);
 }
 
 /// Connections that never finish their handshake hold their IP's places;
@@ -291,7 +272,7 @@ fn handshaking_per_ip_counts_unfinished_connections(io: &str) {
         (console_status(&app, STRANGER, &req) == 404).then_some(())
     });
     drop(idle_b);
-    wait_metric(&app, "handshaking_per_ip_over_limit", 4);
+    app.wait_errors_counted("handshaking_per_ip_over_limit", 4, RECOVERY);
 }
 
 fn handshaking_total_bounds_everyone(io: &str) {
@@ -310,7 +291,7 @@ fn handshaking_total_bounds_everyone(io: &str) {
         (console_status(&app, TRUSTED, &req) == 404).then_some(())
     });
     drop(idle_a);
-    wait_metric(&app, "handshaking_total_over_limit", 1);
+    app.wait_errors_counted("handshaking_total_over_limit", 1, RECOVERY);
 }
 
 // ---- the console port: the client address from a load balancer -------------
@@ -404,8 +385,8 @@ fn proxy_protocol_from_trusted_and_untrusted(io: &str) {
     // A stranger without a header is an ordinary client (another one: the
     // refused connections above spent the first stranger's budget).
     assert_eq!(console_status(&app, STRANGER_2, &req), 404);
-    wait_metric(&app, "proxy_header_untrusted", 2);
-    wait_metric(&app, "proxy_header_missing", 1);
+    app.wait_errors_counted("proxy_header_untrusted", 2, RECOVERY);
+    app.wait_errors_counted("proxy_header_missing", 1, RECOVERY);
 }
 
 fn forwarded_for_from_trusted_and_untrusted(io: &str) {

@@ -94,17 +94,6 @@ fn session_ids(app: &Appliance, token: &str) -> Vec<String> {
     ids
 }
 
-/// `consolegate_errors_total` for `cause`, summed over the workers and
-/// the control plane.
-fn metric(app: &Appliance, cause: &str) -> u64 {
-    let text = app.get("/metrics").body;
-    let label = format!("cause=\"{cause}\"");
-    text.lines()
-        .filter(|l| l.starts_with("consolegate_errors_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 fn jwt_appliance(jwt_extra: &str, opts: ApplianceOptions) -> (Appliance, tempfile::TempDir) {
     let (dir, secret) = secret_file();
     let app = Appliance::start(
@@ -206,11 +195,11 @@ fn jwt_edge_cases_on_the_api() {
         ("no role", token("alice", "guest", None), "auth_jwt_no_role"),
     ];
     for (what, tok, cause) in &refused {
-        let before = metric(&app, cause);
+        let before = app.errors_counted(cause);
         let r = app.api("GET", "/api/v1/stats", Some(tok), None);
         r.assert_api_error(401, "unauthorized", what);
         assert_eq!(
-            metric(&app, cause),
+            app.errors_counted(cause),
             before + 1,
             "{what}: /metrics counts the refusal as {cause}"
         );
@@ -426,7 +415,7 @@ fn a_user_at_the_cap_evicts_their_least_recently_active_console() {
         "{rec}"
     );
     assert_eq!(app.session(&s1.id)["state"], "open", "s1 stays");
-    assert!(metric(&app, "evicted") >= 1, "evictions are counted");
+    assert!(app.errors_counted("evicted") >= 1, "evictions are counted");
     // A pending (never opened) console counts too: alice holds s1 and the
     // new pending one; the next evicts the least recent of those.
     let r = console_of(&app, &alice, &json!({}));
@@ -593,7 +582,7 @@ fn console_creation_rate_limit_hits_and_recovers() {
         let r = console_of(&app, &alice, &json!({}));
         assert_eq!(r.status, 201, "creation {i} of the burst: {r:?}");
     }
-    let before = metric(&app, "rate_limited_sessions_per_minute");
+    let before = app.errors_counted("rate_limited_sessions_per_minute");
     let r = console_of(&app, &alice, &json!({}));
     r.assert_api_error(429, "rate_limited", "the 31st console within a minute");
     let retry: u64 = r
@@ -601,7 +590,10 @@ fn console_creation_rate_limit_hits_and_recovers() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("Retry-After in {r:?}"));
     assert!((1..=2).contains(&retry), "Retry-After {retry}");
-    assert_eq!(metric(&app, "rate_limited_sessions_per_minute"), before + 1);
+    assert_eq!(
+        app.errors_counted("rate_limited_sessions_per_minute"),
+        before + 1
+    );
     // Another user is not limited by alice's rate.
     let bob = token("bob", "viewer", None);
     assert_eq!(console_of(&app, &bob, &json!({})).status, 201);

@@ -118,27 +118,6 @@ fn ticket(what: &str) -> String {
     )
 }
 
-/// Sum of `consolegate_errors_total{cause=…}` over every worker.
-fn errors_counted(app: &Appliance, cause: &str) -> u64 {
-    let r = app.get("/metrics");
-    assert_eq!(r.status, 200, "io={}: GET /metrics: {r:?}", app.io);
-    let label = format!("cause=\"{cause}\"");
-    r.body
-        .lines()
-        .filter(|l| l.starts_with("consolegate_errors_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
-
-/// Polls `/metrics` until `cause` has been counted `n` times (at least).
-fn wait_errors_counted(app: &Appliance, cause: &str, n: u64) -> u64 {
-    wait_until(IO_TIMEOUT, &format!("{n} × {cause} in /metrics"), || {
-        let c = errors_counted(app, cause);
-        (c >= n).then_some(c)
-    })
-}
-
 /// Waits until the session is closed and returns its record.
 fn wait_closed(app: &Appliance, s: &CreatedSession) -> serde_json::Value {
     app.wait_state(&s.id, "closed", IO_TIMEOUT)
@@ -759,7 +738,7 @@ fn thumbprint_pins_the_backend_certificate(io: &str) {
         );
         assert!(!logs.contains(&t), "{what}: the ticket reached a log line");
     }
-    wait_errors_counted(&app, "backend_cert_mismatch", 2);
+    app.wait_errors_counted("backend_cert_mismatch", 2, IO_TIMEOUT);
     // The right pin, in either form, opens the console.
     for (leg, pin) in [
         (Leg::Ws, backend.thumbprint_sha256().to_string()),
@@ -855,7 +834,7 @@ fn backend_refusing_or_botching_the_upgrade_ends_with_1011(io: &str) {
         "backend_upgrade_invalid",
         "backend_upgrade_timeout",
     ] {
-        wait_errors_counted(&app, cause, 1);
+        app.wait_errors_counted(cause, 1, IO_TIMEOUT);
     }
 }
 

@@ -611,6 +611,9 @@ pub fn render_config(
     state_dir: &Path,
 ) -> String {
     format!(
+        // No periodic VM-list refresh for live events: the storm counts the
+        // thumbnails' VNC connections, and a refresh probing the static
+        // VMs would add its own.
         "# Written by consolegate-bench (hypervisors); one instance, loopback only.\n\
          [control]\nlisten = \"127.0.0.1:0\"\nrequest_timeout_ms = {}\n\n\
          [console]\nlisten = \"127.0.0.1:0\"\n\n\
@@ -621,6 +624,7 @@ pub fn render_config(
          [demo]\nenabled = false\n\n\
          [log]\nlevel = \"warn\"\n\n\
          [sessions]\nmax_sessions_per_user = 100000\nmax_sessions = 100000\nbind_origin = false\n\n\
+         [events]\nvm_refresh_interval_ms = 0\n\n\
          [queue]\ncritical_reserve = {}\nmax_queue_depth = {}\nqueue_timeout_ms = {}\n\n{}",
         s.request_timeout_ms,
         port_range.0,

@@ -186,30 +186,17 @@ fn authenticate(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_string());
     let token = from_header.or_else(|| query.ok().and_then(|Query(q)| q.token));
-    let Some(token) = token.filter(|t| !t.is_empty()) else {
-        if public_room && state.cfg.events.allow_anonymous {
-            return Ok(Visibility::Anonymous);
-        }
-        state.count_error("auth_missing");
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing token (Authorization: Bearer <token>, or ?token=<token>)",
-        ));
-    };
-    let principal = state.principal_of(&token).map_err(|e| {
-        state.count_error(e.kind());
-        tracing::warn!(cause = e.kind(), "event subscriber with a refused token");
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
-    })?;
-    if !principal.has(need) {
-        state.count_error("auth_forbidden");
-        return Err(forbidden(format!(
-            "this needs {} (the token has {:?})",
-            need.describe(),
-            principal.role
-        )));
+    let token = token.filter(|t| !t.is_empty());
+    if token.is_none() && public_room && state.cfg.events.allow_anonymous {
+        return Ok(Visibility::Anonymous);
     }
+    // The REST API's own check (counts, log line, 401 / 403 bodies).
+    let principal = super::api::authorize_token(
+        state,
+        token.as_deref(),
+        "missing token (Authorization: Bearer <token>, or ?token=<token>)",
+        need,
+    )?;
     Ok(Visibility::of(&principal))
 }
 

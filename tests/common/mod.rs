@@ -2423,6 +2423,30 @@ impl Appliance {
         self.api("GET", path, Some(READ_TOKEN), None)
     }
 
+    /// `consolegate_errors_total{cause=…}` for `cause`, summed over the
+    /// workers and the control plane.
+    pub fn errors_counted(&self, cause: &str) -> u64 {
+        let r = self.get("/metrics");
+        assert_eq!(r.status, 200, "io={}: GET /metrics: {r:?}", self.io);
+        let label = format!("cause=\"{cause}\"");
+        r.body
+            .lines()
+            .filter(|l| l.starts_with("consolegate_errors_total{") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+
+    /// Polls `/metrics` (workers publish their counters once a second)
+    /// until `cause` was counted at least `n` times, for up to `timeout`;
+    /// returns the count.
+    pub fn wait_errors_counted(&self, cause: &str, n: u64, timeout: Duration) -> u64 {
+        wait_until(timeout, &format!("{n} × {cause} in /metrics"), || {
+            let c = self.errors_counted(cause);
+            (c >= n).then_some(c)
+        })
+    }
+
     /// `GET path` with the read token, asserting 200 and a JSON body.
     pub fn get_json(&self, path: &str) -> serde_json::Value {
         let r = self.get(path);
