@@ -193,7 +193,10 @@ fn check_response(handshake: &ClientHandshake, options: &ClientOptions, input: &
                 .iter()
                 .position(|&b| b != b'\r' && b != b'\n')
                 .map_or(&head[..0], |at| &head[at..]);
-            assert!(status_line.starts_with(b"HTTP/1.1 101"), "accepted a non-101");
+            assert!(
+                status_line.starts_with(b"HTTP/1.1 101"),
+                "accepted a non-101"
+            );
             let accept = accept_key(handshake.key());
             assert!(
                 head.windows(accept.len()).any(|w| w == accept.as_bytes()),
