@@ -350,13 +350,9 @@ fn run_one(
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
+/// [`crate::stats::median`], 0 for no runs (a cell of the table).
+fn median(v: Vec<f64>) -> f64 {
+    crate::stats::median(&v).unwrap_or(0.0)
 }
 
 fn medians(runs: &[RunFigures], alg: JwtAlg) -> serde_json::Value {

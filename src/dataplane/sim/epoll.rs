@@ -159,7 +159,7 @@ fn write_browser(env: &mut Env, c: &mut Conn) -> bool {
 /// An emptied pipe goes back to the pool: idle sessions hold none.
 /// (A session that ended with bytes in its pipe forgets them; the pool
 /// closes such a pipe instead of reusing it.)
-fn give_back_empty_pipe(env: &mut Env, c: &mut Conn) {
+pub(super) fn give_back_empty_pipe(env: &mut Env, c: &mut Conn) {
     let Some(s) = c.session.as_ref() else {
         return;
     };
@@ -240,48 +240,58 @@ fn splice_in(env: &mut Env, c: &mut Conn) -> bool {
     if !backend_readable(c) || env.plan.pipes == 0 {
         return false;
     }
-    let Some(limit) = c.session.as_ref().and_then(|s| s.splice_in_limit(&env.ctx)) else {
-        return false;
+    let progress = match splice_into_pipe(env, c) {
+        None => return false,
+        Some(SockRead::Data(_)) => true,
+        Some(SockRead::Eof) => {
+            c.backend_gone(env, None);
+            true
+        }
+        Some(SockRead::Failed(e)) => {
+            c.backend_gone(env, Some(e));
+            true
+        }
+        Some(SockRead::WouldBlock) => false,
     };
+    give_back_empty_pipe(env, c);
+    progress
+}
+
+/// The backend → pipe half of a splice, the same in both simulated IO
+/// layers: lends the connection a pipe from the pool, reads up to the
+/// session's limit into it and reports the bytes to the session. None:
+/// no splice now (the session wants none, or no pipe is free); else the
+/// read's outcome, whose end of the leg the caller handles.
+pub(super) fn splice_into_pipe(env: &mut Env, c: &mut Conn) -> Option<SockRead> {
+    let limit = c
+        .session
+        .as_ref()
+        .and_then(|s| s.splice_in_limit(&env.ctx))?;
     if c.epoll.pipe.is_none() && env.pipes_free > 0 {
         env.pipes_free -= 1;
         c.epoll.pipe = Some(VecDeque::new());
     }
-    let Some(pipe) = c.epoll.pipe.as_mut() else {
-        return false;
-    };
+    let pipe = c.epoll.pipe.as_mut()?;
     if !pipe.is_empty() {
         let id = c.id;
         env.violate(format!(
             "conn {id}: the session asks for a splice while its pipe holds {} bytes",
             pipe.len()
         ));
-        return false;
+        return None;
     }
     let limit = limit.min(env.plan.pipe_bytes);
     let mut buf = vec![0u8; env.rng.size(limit)];
-    let progress = match c.klink.session_read(&mut buf) {
-        SockRead::Data(n) => {
-            pipe.extend(&buf[..n]);
-            if let Some(s) = c.session.as_mut() {
-                s.splice_in_done(&mut env.ctx, n, env.now);
-            }
-            c.note_backend_bytes(env, n, "splice");
-            env.cov.splices += 1;
-            true
+    let r = c.klink.session_read(&mut buf);
+    if let SockRead::Data(n) = r {
+        pipe.extend(&buf[..n]);
+        if let Some(s) = c.session.as_mut() {
+            s.splice_in_done(&mut env.ctx, n, env.now);
         }
-        SockRead::Eof => {
-            c.backend_gone(env, None);
-            true
-        }
-        SockRead::Failed(e) => {
-            c.backend_gone(env, Some(e));
-            true
-        }
-        SockRead::WouldBlock => false,
-    };
-    give_back_empty_pipe(env, c);
-    progress
+        c.note_backend_bytes(env, n, "splice");
+        env.cov.splices += 1;
+    }
+    Some(r)
 }
 
 fn read_into_frame(env: &mut Env, c: &mut Conn) -> bool {

@@ -472,7 +472,7 @@ fn splice_pump(env: &mut Env, c: &mut Conn) {
     let rounds = env.rng.range(1, SPLICE_ROUNDS);
     for _ in 0..rounds {
         let mut progress = splice_out(env, c);
-        give_back_empty_pipe(env, c);
+        super::epoll::give_back_empty_pipe(env, c);
         if c.session.as_ref().is_none_or(|s| s.is_done()) {
             return;
         }
@@ -485,19 +485,6 @@ fn splice_pump(env: &mut Env, c: &mut Conn) {
         c.uring.b_poll |= !c.uring.b_eof && c.uring.b_send.is_none();
     } else {
         c.uring.k_drained = true;
-    }
-}
-
-fn give_back_empty_pipe(env: &mut Env, c: &mut Conn) {
-    if c.session.as_ref().is_some_and(|s| s.pipe_bytes() == 0) && c.epoll.pipe.is_some() {
-        let held = c.epoll.pipe.take().map_or(0, |p| p.len());
-        if held > 0 && c.session.as_ref().is_some_and(|s| !s.is_done()) {
-            env.violate(format!(
-                "conn {}: the session says its pipe is empty, it holds {held} bytes",
-                c.id
-            ));
-        }
-        env.pipes_free += 1;
     }
 }
 
@@ -584,42 +571,23 @@ fn splice_in(env: &mut Env, c: &mut Conn) -> bool {
     {
         return false;
     }
-    let Some(limit) = c.session.as_ref().and_then(|s| s.splice_in_limit(&env.ctx)) else {
-        return false;
-    };
-    if c.epoll.pipe.is_none() && env.pipes_free > 0 {
-        env.pipes_free -= 1;
-        c.epoll.pipe = Some(VecDeque::new());
-    }
-    let Some(pipe) = c.epoll.pipe.as_mut() else {
-        return false;
-    };
-    let limit = limit.min(env.plan.pipe_bytes);
-    let mut buf = vec![0u8; env.rng.size(limit)];
-    let progress = match c.klink.session_read(&mut buf) {
-        SockRead::Data(n) => {
-            pipe.extend(&buf[..n]);
-            if let Some(s) = c.session.as_mut() {
-                s.splice_in_done(&mut env.ctx, n, env.now);
-            }
-            c.note_backend_bytes(env, n, "splice");
-            env.cov.splices += 1;
-            true
-        }
-        SockRead::Eof => {
+    let progress = match super::epoll::splice_into_pipe(env, c) {
+        None => return false,
+        Some(SockRead::Data(_)) => true,
+        Some(SockRead::Eof) => {
             leg_ended(env, c, false, None);
             true
         }
-        SockRead::Failed(e) => {
+        Some(SockRead::Failed(e)) => {
             leg_ended(env, c, false, Some(e));
             true
         }
-        SockRead::WouldBlock => {
+        Some(SockRead::WouldBlock) => {
             c.uring.k_drained = true;
             false
         }
     };
-    give_back_empty_pipe(env, c);
+    super::epoll::give_back_empty_pipe(env, c);
     progress
 }
 
