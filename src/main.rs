@@ -191,9 +191,10 @@ struct ProxyArgs {
     /// Splice pipes per worker (in use plus kept for reuse).
     #[arg(long)]
     splice_pipes: Option<usize>,
-    /// io_uring: splice bulk downstream (as epoll does) instead of bulk receives.
-    #[arg(long)]
-    uring_splice: bool,
+    /// io_uring: splice bulk downstream (as epoll does) instead of bulk
+    /// receives; on by default (`--uring-splice=false` turns it off).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    uring_splice: Option<bool>,
 }
 
 /// websockify options we do not implement, with why. Refused with a clear
@@ -404,8 +405,8 @@ fn proxy_config(a: ProxyArgs) -> anyhow::Result<ProxyConfig> {
     if let Some(v) = a.splice_pipes {
         limits.splice_pipes_per_worker = v;
     }
-    if a.uring_splice {
-        limits.uring_splice = true;
+    if let Some(on) = a.uring_splice {
+        limits.uring_splice = on;
     }
     let origins: Vec<String> = a.origin.into_iter().filter(|o| !o.is_empty()).collect();
     Ok(ProxyConfig {

@@ -30,6 +30,7 @@ backend_tests!(
     ssl_only_refuses_plain,
     backpressure_bounds_memory_and_stalls_backend,
     downstream_bulk_delivers_every_byte_in_whole_frames,
+    downstream_bulk_without_uring_splice_delivers_every_byte,
     downstream_bulk_base64_takes_the_copying_path,
     splice_pipes_exhausted_falls_back_to_copying,
     sessions_ended_mid_bulk_leak_nothing,
@@ -439,7 +440,7 @@ fn backpressure_bounds_memory_and_stalls_backend(io: &str) {
     // On epoll this stream went through a splice pipe, which was then the
     // session's downstream buffer while the client was not reading.
     let spliced = spliced_bytes(&proxy, 1);
-    assert_splice_use(io, spliced, true, &proxy);
+    assert_splice_use(io, spliced, true, true, &proxy);
 }
 
 /// `bytes_spliced` of each "session closed" line in the proxy's log, once
@@ -474,14 +475,22 @@ fn close_line_field(proxy: &Proxy, sessions: usize, field: &str) -> Vec<u64> {
     )
 }
 
-/// Bulk downstream on plain binary sessions: on epoll the bulk stream must
-/// have gone through a splice pipe (when `expected`), on io_uring through
-/// bulk receives straight into frame chunks (`bytes_bulk_recv`); each
-/// backend uses only its own path, and base64 neither.
-fn assert_splice_use(io: &str, spliced: Vec<u64>, expected: bool, proxy: &Proxy) {
+/// Bulk downstream on plain binary sessions: when `expected`, the bulk
+/// stream must have gone through a splice pipe on epoll, and on io_uring
+/// too while `uring_splice` is on (the default); with it off, io_uring
+/// takes bulk receives straight into frame chunks (`bytes_bulk_recv`).
+/// Each session uses only one of the two paths, and base64 neither.
+fn assert_splice_use(
+    io: &str,
+    spliced: Vec<u64>,
+    expected: bool,
+    uring_splice: bool,
+    proxy: &Proxy,
+) {
     let bulk = close_line_field(proxy, spliced.len().max(1), "bytes_bulk_recv");
     let bulk_total: u64 = bulk.iter().sum();
-    if io == "uring" && expected {
+    let splices = io == "epoll" || uring_splice;
+    if expected && !splices {
         assert!(
             bulk_total > 0,
             "io={io}: no byte came through a bulk receive ({bulk:?})\n{}",
@@ -491,7 +500,7 @@ fn assert_splice_use(io: &str, spliced: Vec<u64>, expected: bool, proxy: &Proxy)
         assert_eq!(bulk_total, 0, "io={io}: bulk receives used: {bulk:?}");
     }
     let total: u64 = spliced.iter().sum();
-    if io == "epoll" && expected {
+    if expected && splices {
         assert!(
             total > 0,
             "io={io}: no byte went through a splice pipe ({spliced:?})\n{}",
@@ -537,6 +546,16 @@ fn scripted_backend(steps: &'static [(usize, u64)]) -> (SocketAddr, std::thread:
 /// `buffer_bytes`, and the pongs to the client's pings (sent while bulk
 /// frames are in flight) arrive as frames of their own, never inside one.
 fn downstream_bulk_delivers_every_byte_in_whole_frames(io: &str) {
+    downstream_bulk_in_whole_frames(io, true);
+}
+
+/// The same with io_uring's splicing off (`--uring-splice=false`): io_uring
+/// then takes bulk receives straight into frame chunks; epoll still splices.
+fn downstream_bulk_without_uring_splice_delivers_every_byte(io: &str) {
+    downstream_bulk_in_whole_frames(io, false);
+}
+
+fn downstream_bulk_in_whole_frames(io: &str, uring_splice: bool) {
     const STEPS: &[(usize, u64)] = &[
         (1 << 20, 0),
         (3 << 20, 0),
@@ -553,7 +572,17 @@ fn downstream_bulk_delivers_every_byte_in_whole_frames(io: &str) {
     // while a spliced frame waits in the pipe.
     let proxy = Proxy::start(
         io,
-        &["--splice-min-bytes", "4096", "--splice-pipe-bytes", "65536"],
+        &[
+            "--splice-min-bytes",
+            "4096",
+            "--splice-pipe-bytes",
+            "65536",
+            if uring_splice {
+                "--uring-splice=true"
+            } else {
+                "--uring-splice=false"
+            },
+        ],
         Some(&addr.to_string()),
     );
     // A small receive buffer keeps the proxy's browser socket full, so the
@@ -635,7 +664,7 @@ fn downstream_bulk_delivers_every_byte_in_whole_frames(io: &str) {
     assert_eq!(pongs, pings, "io={io}: pongs for {pings} pings");
     assert_eq!(backend.join().unwrap(), total);
     eprintln!("io={io}: {total} bytes in {frames} frames, largest {largest}, {pings} pings");
-    assert_splice_use(io, spliced_bytes(&proxy, 1), true, &proxy);
+    assert_splice_use(io, spliced_bytes(&proxy, 1), true, uring_splice, &proxy);
 }
 
 /// base64 must be encoded in user space: a bulk stream under the base64
@@ -668,7 +697,7 @@ fn downstream_bulk_base64_takes_the_copying_path(io: &str) {
     }
     let (code, _) = c.expect_close(Duration::from_secs(5));
     assert_eq!(code, Some(1000), "io={io}");
-    assert_splice_use(io, spliced_bytes(&proxy, 1), false, &proxy);
+    assert_splice_use(io, spliced_bytes(&proxy, 1), false, true, &proxy);
 }
 
 /// One worker, one splice pipe, and a client that stops reading while its
@@ -741,7 +770,14 @@ fn splice_pipes_exhausted_falls_back_to_copying(io: &str) {
     );
     let (code, _) = stalled.expect_close(Duration::from_secs(5));
     assert_eq!(code, Some(1000), "io={io}");
-    assert_splice_use(io, spliced_bytes(&proxy, 3), true, &proxy);
+    // The one pipe was used; the sessions left without it took the copying
+    // path (epoll) or bulk receives (io_uring).
+    let spliced = spliced_bytes(&proxy, 3);
+    assert!(
+        spliced.iter().sum::<u64>() > 0,
+        "io={io}: no byte went through the splice pipe ({spliced:?})\n{}",
+        proxy.diagnostics()
+    );
 }
 
 /// A backend that serves up to `connections` connections, each with the
@@ -816,6 +852,9 @@ fn sessions_ended_mid_bulk_leak_nothing(io: &str) {
             // are bounded apart from the other descriptors.
             "--splice-pipes",
             "1",
+            // io_uring's bulk receives are what this test ends mid-way
+            // (splicing, the default, has a test of its own below).
+            "--uring-splice=false",
         ],
         Some(&addr.to_string()),
     );
@@ -907,16 +946,16 @@ const MID_SPLICE_SESSIONS: usize = 3;
 /// came back empty), the others must not add to it.
 const MID_SPLICE_ROUNDS: usize = 3;
 
-/// Bulk streams splice on both backends (io_uring with `--uring-splice`:
-/// the worker's own splice calls on poll completions), and sessions that
+/// Bulk streams splice on both backends (io_uring through the worker's own
+/// splice calls on poll completions, `uring_splice`, the default), and sessions that
 /// end while their spliced frames wait in pipes leak no pipe: in each round
 /// the browsers stall (stop reading) until a session's pipe holds its
 /// bytes (usually each session's does; one that happened to leave bulk mode
 /// as its browser stalled holds copied bytes instead), then vanish (a
 /// reset, unread bytes left); every close line counts spliced bytes and no
 /// bulk receive, and
-/// after each round the proxy holds no more descriptors (pipe ends or
-/// others) than after the first.
+/// after each round the proxy holds no more descriptors than after the
+/// first, besides at most one kept empty pipe per session of a round.
 fn sessions_ended_mid_splice_close_their_pipes(io: &str) {
     let addr = endless_backend(MID_SPLICE_SESSIONS * MID_SPLICE_ROUNDS);
     let proxy = Proxy::start(
@@ -928,7 +967,6 @@ fn sessions_ended_mid_splice_close_their_pipes(io: &str) {
             "1024",
             "--splice-pipes",
             "4",
-            "--uring-splice",
         ],
         Some(&addr.to_string()),
     );
@@ -986,9 +1024,16 @@ fn sessions_ended_mid_splice_close_their_pipes(io: &str) {
                 baseline = Some(fd_counts_by_kind(pid));
             }
             Some(b) => {
+                // Pipe ends: the pool keeps a pipe that came back empty, and
+                // how many did depends on where each reset caught its
+                // session; at most one per session of a round (the pool
+                // reuses kept pipes first). A pipe a session failed to give
+                // back stays lent, so the pool could lend fewer each round
+                // and a later session would splice nothing (checked above).
+                let pipes = at_start.1 + 2 * MID_SPLICE_SESSIONS;
                 wait_fd_counts_at_most(
                     pid,
-                    b,
+                    (b.0, pipes),
                     Duration::from_secs(15),
                     &format!("after round {round} (first round: {b:?})"),
                 );

@@ -17,7 +17,7 @@
 //!   EAGAIN, and never wait in the kernel holding the chunk; on EAGAIN a
 //!   one-shot poll (which holds nothing) waits for the next bytes. So an
 //!   idle session holds no chunk. A short read goes back to multishot.
-//! - Splice (`uring_splice`, off by default; the same bulk sessions, while
+//! - Splice (`uring_splice`, on by default; the same bulk sessions, while
 //!   the worker's [`PipePool`] lends a pipe): instead of bulk recvs, the worker
 //!   splices backend → pipe → browser itself with non-blocking `splice(2)`
 //!   calls through the session's splice steps, as the epoll backend does,

@@ -36,6 +36,9 @@ const WIND_DOWN_ROUNDS: u64 = 4_000;
 const SETTLE_STILL_ROUNDS: u32 = 20;
 const SETTLE_ROUNDS_MIN: u64 = 400_000;
 const SETTLE_ROUNDS_PER_SOCKET_LOAD: u64 = 4;
+/// What a TLS 1.3 record adds to its plaintext: a 5-byte header, the
+/// inner content type and a 16-byte AEAD tag.
+const TLS13_RECORD_OVERHEAD_BYTES: usize = 5 + 1 + 16;
 /// Wind-down: the clock moves the longest timeout / this per round.
 const WIND_DOWN_PACE_DIVISOR: u32 = 400;
 
@@ -1149,17 +1152,23 @@ impl World {
     /// Enough rounds to move every byte in play through the simulated
     /// sockets several times, even a 1-byte socket buffer's one byte per
     /// round (a settle that works ends after a few still rounds anyway).
+    /// Toward a WebMKS host, a browser byte can cost a whole TLS record:
+    /// a browser that trickles one byte a round through a 1-byte socket
+    /// has each byte sealed on its own, so it counts as a record's worth.
     fn settle_rounds_max(&self) -> u64 {
         let buffer = self.env.plan.limits().buffer_bytes;
+        let up_expansion = if self.env.plan.webmks {
+            1 + TLS13_RECORD_OVERHEAD_BYTES
+        } else {
+            1
+        };
         let in_play: usize = self
             .conns
             .iter()
             .map(|c| {
-                c.browser.unsent()
-                    + c.blink.buffered()
-                    + c.klink.buffered()
-                    + c.backend.unsent()
-                    + 2 * buffer
+                let up = c.browser.unsent() + c.blink.buffered() + buffer;
+                let down = c.klink.buffered() + c.backend.unsent() + buffer;
+                up * up_expansion + down
             })
             .sum();
         let per_round = self.env.plan.link_bytes.max(1);
