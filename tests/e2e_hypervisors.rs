@@ -257,7 +257,8 @@ fn vsphere_consoles_power_and_recovery(io: &str) {
     }
     let stats = sim.stats();
     assert_eq!(stats.tickets_redeemed, 3, "{stats:?}");
-    assert!(stats.logins <= VSPHERE_POOL_SIZE, "{stats:?}");
+    // The pool's sessions, plus the one that follows WaitForUpdatesEx.
+    assert!(stats.logins <= VSPHERE_POOL_SIZE + 1, "{stats:?}");
     let pooled = metric(
         &app,
         "consolegate_hypervisor_pool_connections{hypervisor=\"esx1\",state=\"total\"}",

@@ -34,6 +34,15 @@ pub struct EventsConfig {
     /// events still report). Cost: one list call per hypervisor per
     /// interval.
     pub vm_refresh_interval_ms: u64,
+    /// How often `vm_metrics_update` is sent for each VM that has a
+    /// subscriber in its `/ws/vm/{vm_id}` room (and only those: an
+    /// unwatched VM is never asked), in ms; 0 = never. Cost: one
+    /// counters call per watched VM per interval (QEMU: two QMP commands
+    /// and two small /proc reads; vSphere: one property read).
+    pub vm_metrics_interval_ms: u64,
+    /// Most VMs whose figures are fetched in one round; the watched VMs
+    /// beyond wait (the round takes the first ones by id).
+    pub vm_metrics_max_vms_per_round: usize,
 }
 
 impl Default for EventsConfig {
@@ -45,12 +54,16 @@ impl Default for EventsConfig {
             messages_per_s: 20,
             max_subscribers: 10_000,
             vm_refresh_interval_ms: 30_000,
+            vm_metrics_interval_ms: 5_000,
+            vm_metrics_max_vms_per_round: 64,
         }
     }
 }
 
 /// Largest `[events] max_subscribers`.
 pub const MAX_SUBSCRIBERS: usize = 1_000_000;
+/// Largest `[events] vm_metrics_max_vms_per_round`.
+pub const MAX_VM_METRICS_VMS_PER_ROUND: usize = 10_000;
 /// Largest `[events] subscriber_queue_events`.
 pub const MAX_SUBSCRIBER_QUEUE_EVENTS: usize = 65_536;
 
@@ -93,6 +106,20 @@ impl EventsConfig {
                 86_400_000,
             )?;
         }
+        if self.vm_metrics_interval_ms != 0 {
+            range(
+                "vm_metrics_interval_ms",
+                self.vm_metrics_interval_ms,
+                500,
+                3_600_000,
+            )?;
+        }
+        range(
+            "vm_metrics_max_vms_per_round",
+            self.vm_metrics_max_vms_per_round as u64,
+            1,
+            MAX_VM_METRICS_VMS_PER_ROUND as u64,
+        )?;
         Ok(())
     }
 }
@@ -105,7 +132,7 @@ mod tests {
     fn defaults_are_valid_and_each_bound_is_checked() {
         assert!(EventsConfig::default().validate().is_ok());
         type Breaker = fn(&mut EventsConfig);
-        let cases: [(&str, Breaker); 5] = [
+        let cases: [(&str, Breaker); 7] = [
             ("events.metrics_interval_ms", |c| c.metrics_interval_ms = 1),
             ("events.subscriber_queue_events", |c| {
                 c.subscriber_queue_events = 0
@@ -114,6 +141,12 @@ mod tests {
             ("events.max_subscribers", |c| c.max_subscribers = 0),
             ("events.vm_refresh_interval_ms", |c| {
                 c.vm_refresh_interval_ms = 10
+            }),
+            ("events.vm_metrics_interval_ms", |c| {
+                c.vm_metrics_interval_ms = 10
+            }),
+            ("events.vm_metrics_max_vms_per_round", |c| {
+                c.vm_metrics_max_vms_per_round = 0
             }),
         ];
         for (key, break_it) in cases {

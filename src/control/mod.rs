@@ -273,6 +273,14 @@ pub fn serve(
         tokio::spawn(sweeper(state.clone()));
         tokio::spawn(port_saver(state.clone()));
         tokio::spawn(events_ws::background(state.clone()));
+        tokio::spawn(crate::hypervisor::metrics::run(
+            state.fleet.clone(),
+            state.events.clone(),
+            crate::hypervisor::metrics::MetricsSettings {
+                interval_ms: state.cfg.events.vm_metrics_interval_ms,
+                max_vms_per_round: state.cfg.events.vm_metrics_max_vms_per_round,
+            },
+        ));
         let mut sd = shutdown.clone();
         // With the peer address: the per-IP limits and logs need it.
         let app = app.into_make_service_with_connect_info::<SocketAddr>();

@@ -21,7 +21,7 @@ use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::protocol::{Event, Filter, Room, Visibility};
+use super::protocol::{server_of, Event, EventKind, Filter, Room, Visibility};
 
 /// The bus's bounds (from `[events]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +219,34 @@ impl EventBus {
         stats
     }
 
+    /// The VMs (unique ids, sorted, at most `max`) whose `/ws/vm/{vm_id}`
+    /// room has a subscriber that would receive an event of `kind` about
+    /// its VM (its visibility and filter admit it): the only VMs whose
+    /// figures are worth fetching (`vm_metrics_update`).
+    pub fn watched_vms(&self, kind: EventKind, max: usize) -> Vec<String> {
+        let state = self.lock();
+        let mut watched = std::collections::BTreeSet::new();
+        for slot in state.subscribers.values() {
+            let Room::Vm(vm_id) = &slot.room else {
+                continue;
+            };
+            if watched.contains(vm_id) {
+                continue;
+            }
+            let probe = Event {
+                kind,
+                vm_id: Some(vm_id.clone()),
+                server_id: server_of(vm_id).map(str::to_string),
+                owner: None,
+                data: serde_json::Value::Null,
+            };
+            if slot.visibility.may_see(&probe) && slot.filter.matches(&probe) {
+                watched.insert(vm_id.clone());
+            }
+        }
+        watched.into_iter().take(max).collect()
+    }
+
     fn update_filter(&self, id: u64, change: impl FnOnce(&mut Filter)) -> Option<Filter> {
         let mut state = self.lock();
         let slot = state.subscribers.get_mut(&id)?;
@@ -287,7 +315,7 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::protocol::{EventKind, FilterChange};
+    use crate::events::protocol::FilterChange;
     use serde_json::Value;
 
     fn bus(max: usize, queue: usize) -> EventBus {
@@ -360,6 +388,21 @@ mod tests {
         assert!(
             anon.try_recv().is_none(),
             "g is filtered out, progress is not public"
+        );
+        assert_eq!(
+            b.watched_vms(EventKind::VmMetricsUpdate, 10),
+            vec!["h:a".to_string()]
+        );
+        vm.update_filter(|f| {
+            f.subscribe(&FilterChange {
+                events: Some(vec![EventKind::Progress]),
+                ..FilterChange::default()
+            })
+            .unwrap()
+        });
+        assert!(
+            b.watched_vms(EventKind::VmMetricsUpdate, 10).is_empty(),
+            "a room whose filter refuses the kind does not count"
         );
         drop(vm);
         assert_eq!(b.stats().subscribers, 1);

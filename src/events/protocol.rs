@@ -46,16 +46,18 @@ pub enum EventKind {
     ServerStatusChanged,
     VmStatusChanged,
     Alert,
+    VmMetricsUpdate,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::SessionOpened,
         EventKind::SessionClosed,
         EventKind::Progress,
         EventKind::ServerStatusChanged,
         EventKind::VmStatusChanged,
         EventKind::Alert,
+        EventKind::VmMetricsUpdate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +68,7 @@ impl EventKind {
             Self::ServerStatusChanged => "server_status_changed",
             Self::VmStatusChanged => "vm_status_changed",
             Self::Alert => "alert",
+            Self::VmMetricsUpdate => "vm_metrics_update",
         }
     }
 
@@ -133,6 +136,36 @@ pub struct VmStatusData {
     pub new_status: String,
 }
 
+/// `vm_metrics_update`: a VM's figures from its hypervisor's own counters;
+/// a figure the hypervisor cannot give is left out, never invented.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct VmMetricsData {
+    pub vm_id: String,
+    pub server_id: String,
+    /// CPU used over the last interval, in percent of the VM's vCPUs
+    /// (QEMU: from two samples of the vCPU threads' CPU time; vSphere:
+    /// `overallCpuUsage` of `maxCpuUsage`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_usage_percent: Option<f64>,
+    /// CPU time the vCPUs used since they started, in ns (QEMU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_time_ns: Option<u64>,
+    /// `memory_used_mb` of `memory_size_mb`, in percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_usage_percent: Option<f64>,
+    /// Memory in use, in MiB (QEMU: the QEMU process's resident memory;
+    /// vSphere: `guestMemoryUsage`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_used_mb: Option<u64>,
+    /// The VM's configured memory, in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_size_mb: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_rx_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_tx_bytes: Option<u64>,
+}
+
 /// `alert`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AlertData {
@@ -186,6 +219,16 @@ impl Event {
     pub fn vm_status(data: &VmStatusData) -> Event {
         Event {
             kind: EventKind::VmStatusChanged,
+            vm_id: Some(data.vm_id.clone()),
+            server_id: Some(data.server_id.clone()),
+            owner: None,
+            data: to_value(data),
+        }
+    }
+
+    pub fn vm_metrics(data: &VmMetricsData) -> Event {
+        Event {
+            kind: EventKind::VmMetricsUpdate,
             vm_id: Some(data.vm_id.clone()),
             server_id: Some(data.server_id.clone()),
             owner: None,
@@ -301,7 +344,7 @@ impl Visibility {
                 EventKind::SessionOpened | EventKind::SessionClosed => {
                     user.is_some() && event.owner == *user
                 }
-                EventKind::Progress | EventKind::VmStatusChanged => {
+                EventKind::Progress | EventKind::VmStatusChanged | EventKind::VmMetricsUpdate => {
                     event.vm_id.as_deref().is_some_and(|id| {
                         let native = id.split_once(':').map_or(id, |(_, n)| n);
                         vms.allows(&[id, native])
@@ -605,6 +648,8 @@ mod tests {
         });
         assert!(viewer.may_see(&vm_event(EventKind::VmStatusChanged, "kvm:web-1")));
         assert!(!viewer.may_see(&vm_event(EventKind::VmStatusChanged, "kvm:db-1")));
+        assert!(viewer.may_see(&vm_event(EventKind::VmMetricsUpdate, "kvm:web-1")));
+        assert!(!viewer.may_see(&vm_event(EventKind::VmMetricsUpdate, "kvm:db-1")));
         let session = |user: &str| {
             Event::session(
                 EventKind::SessionOpened,
@@ -623,6 +668,7 @@ mod tests {
         assert!(Visibility::All.may_see(&session("bob")));
         assert!(!Visibility::Anonymous.may_see(&session("bob")));
         assert!(Visibility::Anonymous.may_see(&vm_event(EventKind::VmStatusChanged, "k:x")));
+        assert!(!Visibility::Anonymous.may_see(&vm_event(EventKind::VmMetricsUpdate, "k:x")));
         assert!(!Visibility::Anonymous.may_subscribe(EventKind::Progress));
         let service = Visibility::of(&Principal::service(Role::Operator));
         assert_eq!(service, Visibility::All);

@@ -182,6 +182,7 @@ impl Backend {
                 // Ends with the runtime; sessions are logged out by
                 // `shutdown`.
                 drop(backend.spawn_keepalive());
+                backend.spawn_updates();
                 Ok(Backend::Vsphere(backend))
             }
             HypervisorConfig::Qemu(c) => {
@@ -235,7 +236,8 @@ impl Backend {
     pub fn subscribe(&self) -> Option<broadcast::Receiver<VmStatusChange>> {
         match self {
             Backend::Qemu(b) => Some(b.subscribe()),
-            _ => None,
+            Backend::Vsphere(b) => b.subscribe(),
+            Backend::Static(_) => None,
         }
     }
 

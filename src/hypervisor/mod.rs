@@ -13,6 +13,7 @@ pub mod backend;
 pub mod cache;
 pub mod demo;
 pub mod fleet;
+pub mod metrics;
 pub mod model;
 pub mod operations;
 pub mod pool;

@@ -159,6 +159,11 @@ impl QemuBackend {
         self.inner.changes.subscribe()
     }
 
+    /// A VM's figures from QMP and /proc (see [`super::counters`]).
+    pub async fn counters(&self, vm: &str) -> HvResult<crate::hypervisor::metrics::VmCounters> {
+        super::counters::counters(self.find(vm)?).await
+    }
+
     /// How many `command`s were sent to VM `vm` (None: no such VM).
     pub fn commands_sent(&self, vm: &str, command: &str) -> Option<u64> {
         self.find(vm)

@@ -12,6 +12,7 @@
 //! Files: `config.rs` (the TOML entry), `qmp.rs` (the QMP client),
 //! `state.rs` (notices → power state), `password.rs` (one-time passwords
 //! and the one password slot per display), `power.rs` (actions),
+//! `counters.rs` (CPU and memory figures from QMP and /proc),
 //! `backend.rs` (the `Hypervisor` implementation).
 //!
 //! What it must not depend on: the data plane, the control plane's REST
@@ -19,6 +20,7 @@
 
 mod backend;
 pub mod config;
+pub mod counters;
 pub mod password;
 pub mod power;
 pub mod qmp;

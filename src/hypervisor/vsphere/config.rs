@@ -18,6 +18,24 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_TASK_TIMEOUT_MS: u64 = 300_000;
 /// Hypervisor calls in flight at once (the control plane's queue uses it).
 pub const DEFAULT_MAX_CONCURRENT: usize = 4;
+/// How long one `WaitForUpdatesEx` waits for changes, in seconds, unless
+/// configured: an answer every 20 s keeps the session alive (far below
+/// the host's 30-minute idle timeout) and stays below the request timeout.
+pub const DEFAULT_UPDATES_MAX_WAIT_S: u64 = 20;
+/// Objects one `WaitForUpdatesEx` answer may carry unless configured (the
+/// host truncates beyond and the next call continues).
+pub const DEFAULT_UPDATES_MAX_OBJECTS: u64 = 1_000;
+/// The longest pause between two attempts to follow updates again after
+/// the session or the filter was lost, in ms, unless configured.
+pub const DEFAULT_UPDATES_RECONNECT_MAX_MS: u64 = 30_000;
+/// Largest `updates_max_objects` accepted (an answer's XML stays within
+/// the SOAP response bound).
+pub const MAX_UPDATES_MAX_OBJECTS: u64 = 10_000;
+/// Largest `updates_max_wait_s` accepted.
+pub const MAX_UPDATES_MAX_WAIT_S: u64 = 3_600;
+/// Time of a request's timeout kept free beyond a `WaitForUpdatesEx`'s
+/// wait, in ms (the answer must still arrive within the timeout).
+pub const UPDATES_WAIT_MARGIN_MS: u64 = 2_000;
 /// Largest password file read, in bytes.
 pub const MAX_PASSWORD_FILE_BYTES: u64 = 4096;
 
@@ -58,6 +76,36 @@ pub struct VsphereConfig {
     /// addresses the appliance can reach (`"esx-07.lab" = "10.1.2.7"`).
     #[serde(default)]
     pub host_map: BTreeMap<String, String>,
+    /// Follow power-state and name changes with the PropertyCollector's
+    /// `WaitForUpdatesEx` on a session of its own (they reach
+    /// `vm_status_changed` at once instead of at the next list refresh).
+    #[serde(default = "default_follow_updates")]
+    pub follow_updates: bool,
+    /// `maxWaitSeconds` of each `WaitForUpdatesEx`; the wait used is at
+    /// most `request_timeout_ms` less 2 s (at least 1 s), see
+    /// [`VsphereConfig::updates_wait_s`].
+    #[serde(default = "default_updates_max_wait_s")]
+    pub updates_max_wait_s: u64,
+    /// `maxObjectUpdates` of each `WaitForUpdatesEx`.
+    #[serde(default = "default_updates_max_objects")]
+    pub updates_max_objects: u64,
+    /// The longest pause before following updates again once the session
+    /// or the filter was lost (the pause doubles from 100 ms up to this).
+    #[serde(default = "default_updates_reconnect_max_ms")]
+    pub updates_reconnect_max_ms: u64,
+}
+
+fn default_follow_updates() -> bool {
+    true
+}
+fn default_updates_max_wait_s() -> u64 {
+    DEFAULT_UPDATES_MAX_WAIT_S
+}
+fn default_updates_max_objects() -> u64 {
+    DEFAULT_UPDATES_MAX_OBJECTS
+}
+fn default_updates_reconnect_max_ms() -> u64 {
+    DEFAULT_UPDATES_RECONNECT_MAX_MS
 }
 
 fn default_pool_size() -> usize {
@@ -100,6 +148,10 @@ impl VsphereConfig {
             request_timeout_ms: default_request_timeout_ms(),
             task_timeout_ms: default_task_timeout_ms(),
             host_map: BTreeMap::new(),
+            follow_updates: default_follow_updates(),
+            updates_max_wait_s: default_updates_max_wait_s(),
+            updates_max_objects: default_updates_max_objects(),
+            updates_reconnect_max_ms: default_updates_reconnect_max_ms(),
         }
     }
 
@@ -128,7 +180,35 @@ impl VsphereConfig {
                 "max_concurrent, request_timeout_ms and task_timeout_ms must be above 0".into(),
             );
         }
+        self.validate_updates()?;
         self.pool_config().validate()
+    }
+
+    /// The `maxWaitSeconds` sent: `updates_max_wait_s`, shortened so the
+    /// answer comes within the request timeout.
+    pub fn updates_wait_s(&self) -> u64 {
+        let fits_s = self
+            .request_timeout_ms
+            .saturating_sub(UPDATES_WAIT_MARGIN_MS)
+            / 1000;
+        self.updates_max_wait_s.min(fits_s).max(1)
+    }
+
+    fn validate_updates(&self) -> Result<(), String> {
+        if self.updates_max_wait_s == 0 || self.updates_max_wait_s > MAX_UPDATES_MAX_WAIT_S {
+            return Err(format!(
+                "updates_max_wait_s must be 1 to {MAX_UPDATES_MAX_WAIT_S}"
+            ));
+        }
+        if self.updates_max_objects == 0 || self.updates_max_objects > MAX_UPDATES_MAX_OBJECTS {
+            return Err(format!(
+                "updates_max_objects must be 1 to {MAX_UPDATES_MAX_OBJECTS}"
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.updates_reconnect_max_ms) {
+            return Err("updates_reconnect_max_ms must be 100 to 3600000".into());
+        }
+        Ok(())
     }
 
     /// Reads the password file.
@@ -231,9 +311,22 @@ mod tests {
         let mut c = good.clone();
         c.pool_size = 0;
         assert!(c.validate().is_err());
-        let mut c = good;
+        let mut c = good.clone();
         c.request_timeout_ms = 0;
         assert!(c.validate().is_err());
+        let mut c = good.clone();
+        c.updates_max_wait_s = 0;
+        assert!(c.validate().unwrap_err().contains("updates_max_wait_s"));
+        // The wait fits in the request timeout.
+        let mut c = good.clone();
+        assert_eq!(c.updates_wait_s(), DEFAULT_UPDATES_MAX_WAIT_S);
+        c.request_timeout_ms = 5_000;
+        assert_eq!(c.updates_wait_s(), 3);
+        c.request_timeout_ms = 500;
+        assert_eq!(c.updates_wait_s(), 1);
+        let mut c = good;
+        c.updates_max_objects = 0;
+        assert!(c.validate().unwrap_err().contains("updates_max_objects"));
     }
 
     #[test]

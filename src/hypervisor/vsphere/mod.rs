@@ -17,6 +17,11 @@
 //!   task's `info` (bounded interval and overall timeout); `ShutdownGuest`
 //!   (no task) by polling the VM's power state.
 //! - Thumbnails: `GET /screen?id=vm-N` with the session cookie.
+//! - Changes as they happen: `WaitForUpdatesEx` on a session of its own
+//!   (see [`updates`]), published on a broadcast channel
+//!   ([`VsphereBackend::subscribe`]).
+//! - Figures (`vm_metrics_update`): the VM's `summary.quickStats` with its
+//!   CPU and memory sizes ([`VsphereBackend::counters`]).
 //!
 //! What it does not do: queue or cache (the control plane does), or touch
 //! the data plane. It depends on the hypervisor model, pool, thumbnails
@@ -25,21 +30,24 @@
 pub mod client;
 pub mod config;
 pub mod soap;
+pub mod updates;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use self::client::SoapClient;
 use self::soap::{MoRef, Request, ServiceContent, TaskState, Ticket};
+use super::metrics::VmCounters;
 use super::model::{
     Console, ConsoleTarget, HvResult, Hypervisor, HypervisorError, OperationState, PowerAction,
-    PowerState, Progress, ProgressSink, Thumbnail, ThumbnailSize, VmInfo,
+    PowerState, Progress, ProgressSink, Thumbnail, ThumbnailSize, VmInfo, VmStatusChange,
 };
-use super::pool::{Connector, Pool, PoolStats};
+use super::pool::{Connector, Pool, PoolConfig, PoolStats};
 use super::thumbnail;
 use crate::pki::{self, PkiError, Thumbprint, Trust};
 
@@ -58,6 +66,15 @@ pub const WEBMKS_DEFAULT_PORT: u16 = 443;
 /// How long shutdown waits for checked-out sessions before logging out
 /// the rest as they come back.
 pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+/// Power-state changes kept for slow subscribers of [`VsphereBackend::subscribe`].
+pub const STATUS_CHANGES_CAPACITY: usize = 256;
+/// The properties read for a VM's figures.
+const COUNTER_PATHS: [&str; 4] = [
+    "summary.quickStats.overallCpuUsage",
+    "summary.quickStats.guestMemoryUsage",
+    "summary.runtime.maxCpuUsage",
+    "summary.config.memorySizeMB",
+];
 
 /// Why a backend could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +189,11 @@ pub struct VsphereBackend {
     host_map: BTreeMap<String, String>,
     task_timeout: Duration,
     max_concurrent: usize,
+    changes: broadcast::Sender<VmStatusChange>,
+    /// Follows changes with WaitForUpdatesEx (`follow_updates`), once
+    /// started by [`VsphereBackend::spawn_updates`].
+    follower: Option<Arc<updates::Follower>>,
+    follower_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for VsphereBackend {
@@ -197,9 +219,17 @@ impl VsphereBackend {
         let connector = VsphereConnector {
             client: client.clone(),
             username: config.username.clone(),
-            password,
+            password: password.clone(),
         };
         let pool = Pool::new(connector, config.pool_config()).map_err(VsphereError::Config)?;
+        let (changes, _) = broadcast::channel(STATUS_CHANGES_CAPACITY);
+        let follower = if config.follow_updates {
+            Some(Arc::new(Self::follower(
+                config, &client, &password, &changes,
+            )?))
+        } else {
+            None
+        };
         Ok(VsphereBackend {
             id: config.id.clone(),
             client,
@@ -207,7 +237,86 @@ impl VsphereBackend {
             host_map: config.host_map.clone(),
             task_timeout: Duration::from_millis(config.task_timeout_ms),
             max_concurrent: config.max_concurrent,
+            changes,
+            follower,
+            follower_task: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The follower of changes, with its own one-session pool.
+    fn follower(
+        config: &VsphereConfig,
+        client: &Arc<SoapClient>,
+        password: &Secret,
+        changes: &broadcast::Sender<VmStatusChange>,
+    ) -> Result<updates::Follower, VsphereError> {
+        let connector = VsphereConnector {
+            client: client.clone(),
+            username: config.username.clone(),
+            password: password.clone(),
+        };
+        let pool_config = PoolConfig {
+            pool_size: 1,
+            ..config.pool_config()
+        };
+        Ok(updates::Follower {
+            id: config.id.clone(),
+            client: client.clone(),
+            pool: Pool::new(connector, pool_config).map_err(VsphereError::Config)?,
+            changes: changes.clone(),
+            limits: updates::FollowLimits {
+                wait_s: config.updates_wait_s(),
+                max_objects: config.updates_max_objects,
+                reconnect_max_ms: config.updates_reconnect_max_ms,
+            },
+        })
+    }
+
+    /// Power-state (and name, and inventory) changes as WaitForUpdatesEx
+    /// reports them; None when `follow_updates` is off.
+    pub fn subscribe(&self) -> Option<broadcast::Receiver<VmStatusChange>> {
+        self.follower.as_ref().map(|_| self.changes.subscribe())
+    }
+
+    /// Starts following changes (when `follow_updates`), on the current
+    /// tokio runtime; it ends when the backend shuts down. Once.
+    pub fn spawn_updates(&self) {
+        let Some(follower) = &self.follower else {
+            return;
+        };
+        let mut task = self
+            .follower_task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if task.is_none() {
+            *task = Some(tokio::spawn(follower.clone().run()));
+        }
+    }
+
+    /// The follower's session pool (its logins count reconnections).
+    pub fn updates_stats(&self) -> Option<PoolStats> {
+        self.follower.as_ref().map(|f| f.pool.stats())
+    }
+
+    /// A VM's figures from `summary.quickStats`: CPU in use of the most it
+    /// may use, guest memory in use of its configured size.
+    pub async fn counters(&self, vm: &str) -> HvResult<VmCounters> {
+        let object = MoRef::new("VirtualMachine", vm);
+        let found = self
+            .with_session(|call| {
+                let object = object.clone();
+                async move {
+                    let body = soap::retrieve_object(call.collector(), &object, &COUNTER_PATHS);
+                    let answer = call.soap(body, Some(&object.value)).await?;
+                    let (objects, _) = soap::retrieve_result(answer.result()?)?;
+                    objects
+                        .into_iter()
+                        .find(|o| o.obj == object)
+                        .ok_or_else(|| HypervisorError::VmNotFound(object.value.clone()))
+                }
+            })
+            .await?;
+        Ok(quick_stats(&found))
     }
 
     pub fn id(&self) -> &str {
@@ -233,11 +342,23 @@ impl VsphereBackend {
         self.pool.spawn_keepalive()
     }
 
-    /// Logs every session out (see [`Pool::shutdown`]).
+    /// Stops following changes and logs every session out (see
+    /// [`Pool::shutdown`]).
     pub async fn shutdown(&self) {
-        self.pool
-            .shutdown(Duration::from_millis(SHUTDOWN_GRACE_MS))
-            .await;
+        let task = self
+            .follower_task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+        let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
+        if let Some(follower) = &self.follower {
+            follower.pool.shutdown(grace).await;
+        }
+        self.pool.shutdown(grace).await;
     }
 
     /// Runs `op` on a checked-out session; on `NotAuthenticated` the
@@ -438,6 +559,28 @@ impl Reporter {
             percent: 0,
             message: Some(message.to_string()),
         });
+    }
+}
+
+/// A number property (`xsd:int`, `xsd:long`) of a retrieval.
+fn number(object: &soap::ObjectContent, path: &str) -> Option<u64> {
+    object.prop_text(path)?.parse::<i64>().ok()?.try_into().ok()
+}
+
+/// The figures of `summary.quickStats` (MHz and MB), as shares where the
+/// whole is known; a share of an unknown or zero whole is left out.
+fn quick_stats(object: &soap::ObjectContent) -> VmCounters {
+    let cpu_used_mhz = number(object, "summary.quickStats.overallCpuUsage");
+    let cpu_most_mhz = number(object, "summary.runtime.maxCpuUsage").filter(|m| *m > 0);
+    let memory_used_mb = number(object, "summary.quickStats.guestMemoryUsage");
+    let memory_size_mb = number(object, "summary.config.memorySizeMB");
+    VmCounters {
+        cpu_usage_percent: cpu_used_mhz
+            .zip(cpu_most_mhz)
+            .map(|(used, most)| used as f64 * 100.0 / most as f64),
+        memory_used_bytes: memory_used_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+        memory_size_bytes: memory_size_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+        ..VmCounters::default()
     }
 }
 
@@ -702,6 +845,34 @@ mod tests {
         let map = BTreeMap::from([("esx7".to_string(), "10.1.2.7".to_string())]);
         let (url, _) = url_of(webmks_target(&ticket(Some("esx7"), Some(443)), "vc", &map).unwrap());
         assert_eq!(url, "wss://10.1.2.7:443/ticket/abc-123");
+    }
+
+    #[test]
+    fn quick_stats_become_shares_and_missing_wholes_are_left_out() {
+        let val = |text: &str| soap::Element {
+            name: "val".into(),
+            text: text.into(),
+            ..soap::Element::default()
+        };
+        let mut object = soap::ObjectContent {
+            obj: MoRef::new("VirtualMachine", "vm-1"),
+            props: vec![
+                ("summary.quickStats.overallCpuUsage".into(), val("500")),
+                ("summary.runtime.maxCpuUsage".into(), val("2000")),
+                ("summary.quickStats.guestMemoryUsage".into(), val("256")),
+                ("summary.config.memorySizeMB".into(), val("1024")),
+            ],
+        };
+        let c = quick_stats(&object);
+        assert_eq!(c.cpu_usage_percent, Some(25.0));
+        assert_eq!(c.memory_used_bytes, Some(256 << 20));
+        assert_eq!(c.memory_size_bytes, Some(1024 << 20));
+        assert_eq!(c.cpu_time_ns, None);
+        object.props[1].1 = val("0");
+        object.props[2].1 = val("-3");
+        let c = quick_stats(&object);
+        assert_eq!(c.cpu_usage_percent, None, "no share of a zero whole");
+        assert_eq!(c.memory_used_bytes, None, "a negative size is no size");
     }
 
     #[test]
