@@ -46,16 +46,19 @@ pub enum EventKind {
     ServerStatusChanged,
     VmStatusChanged,
     Alert,
+    /// The end of an alert's condition (same `alert_id` as the `alert`).
+    AlertCleared,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::SessionOpened,
         EventKind::SessionClosed,
         EventKind::Progress,
         EventKind::ServerStatusChanged,
         EventKind::VmStatusChanged,
         EventKind::Alert,
+        EventKind::AlertCleared,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +69,7 @@ impl EventKind {
             Self::ServerStatusChanged => "server_status_changed",
             Self::VmStatusChanged => "vm_status_changed",
             Self::Alert => "alert",
+            Self::AlertCleared => "alert_cleared",
         }
     }
 
@@ -106,6 +110,16 @@ pub struct SessionData {
     pub reason: String,
     /// Bytes relayed both ways, as known when the event was sent.
     pub bytes: u64,
+    /// Bytes from the browser to the backend (part of `bytes`).
+    pub bytes_browser_to_backend: u64,
+    /// Bytes from the backend to the browser (part of `bytes`).
+    pub bytes_backend_to_browser: u64,
+    /// The byte counts are the worker's final figures. False when a
+    /// session that a worker held was closed by the control plane and the
+    /// worker's close report did not arrive within
+    /// `[events] session_close_report_wait_ms` (the counts are then what
+    /// was known: 0 or the last figures).
+    pub bytes_final: bool,
     /// Time since the session was created, in ms.
     pub duration_ms: u64,
 }
@@ -142,7 +156,7 @@ pub struct AlertData {
     pub severity: String,
     pub title: String,
     pub message: String,
-    /// `hypervisor` or `port_pool`.
+    /// `hypervisor`, `port_pool`, `worker` or `rate_limits`.
     pub entity_type: String,
     pub entity_id: String,
 }
@@ -213,6 +227,17 @@ impl Event {
             owner: None,
             data: to_value(data),
         }
+    }
+
+    /// `alert_cleared`: the alert's data (its `message` saying why it
+    /// ended) and how long it was in force.
+    pub fn alert_cleared(data: &AlertData, duration_ms: u64) -> Event {
+        let mut event = Event::alert(data);
+        event.kind = EventKind::AlertCleared;
+        if let Value::Object(map) = &mut event.data {
+            map.insert("duration_ms".into(), Value::from(duration_ms));
+        }
+        event
     }
 
     /// The wire form.
@@ -289,7 +314,7 @@ impl Visibility {
         match self {
             Self::All => true,
             Self::Anonymous => kind.is_public(),
-            Self::Viewer { .. } => kind != EventKind::Alert,
+            Self::Viewer { .. } => !matches!(kind, EventKind::Alert | EventKind::AlertCleared),
         }
     }
 
@@ -308,7 +333,7 @@ impl Visibility {
                     })
                 }
                 EventKind::ServerStatusChanged => true,
-                EventKind::Alert => false,
+                EventKind::Alert | EventKind::AlertCleared => false,
             },
         }
     }
@@ -614,12 +639,31 @@ mod tests {
                     vm_id: None,
                     reason: "opened".into(),
                     bytes: 0,
+                    bytes_browser_to_backend: 0,
+                    bytes_backend_to_browser: 0,
+                    bytes_final: true,
                     duration_ms: 0,
                 },
             )
         };
         assert!(viewer.may_see(&session("alice")) && !viewer.may_see(&session("bob")));
         assert!(!viewer.may_subscribe(EventKind::Alert));
+        assert!(!viewer.may_subscribe(EventKind::AlertCleared));
+        let cleared = Event::alert_cleared(
+            &AlertData {
+                alert_id: "a".into(),
+                alert_type: "worker_unhealthy".into(),
+                severity: "critical".into(),
+                title: "t".into(),
+                message: "m".into(),
+                entity_type: "worker".into(),
+                entity_id: "0".into(),
+            },
+            42,
+        );
+        assert_eq!(cleared.data["duration_ms"], 42);
+        assert!(!viewer.may_see(&cleared) && !Visibility::Anonymous.may_see(&cleared));
+        assert!(Visibility::All.may_see(&cleared));
         assert!(Visibility::All.may_see(&session("bob")));
         assert!(!Visibility::Anonymous.may_see(&session("bob")));
         assert!(Visibility::Anonymous.may_see(&vm_event(EventKind::VmStatusChanged, "k:x")));
