@@ -291,9 +291,15 @@ pub fn run(path: Option<&Path>, takeover: Option<&Path>, json_logs: bool) -> any
     fleet.set_events(events.clone());
     let mut registry = Registry::new(cfg.pool_max_sessions(), cfg.pool_max_sessions_per_user());
     registry.set_events(events.clone());
+    registry.set_close_report_wait_ms(cfg.events.session_close_report_wait_ms);
+    let alerts = consolegate::events::alerts::AlertCenter::new(
+        events.clone(),
+        control::alert_sources::thresholds(&cfg),
+    );
     let api_tokens = arc_swap::ArcSwap::from_pointee(cfg.auth.tokens.clone());
     let state = Arc::new(ControlState {
         events,
+        alerts: Mutex::new(alerts),
         jwt: arc_swap::ArcSwapOption::new(jwt.map(Arc::new)),
         user_rates: control::limits::UserRates::new(&cfg.rate_limits),
         api_tokens,

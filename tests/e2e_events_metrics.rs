@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::events_client::EventsClient;
+use common::events::{events, EventsClient};
 use common::qemu::{Qemu, QemuOptions};
 use common::vcsim::{Vcsim, VcsimOptions, USERNAME};
 use common::*;
@@ -63,7 +63,7 @@ fn polls(app: &Appliance, vm_id: &str) -> usize {
 }
 
 fn metrics_of(events: &mut EventsClient, vm_id: &str) -> Value {
-    events.next_where("vm_metrics_update", METRICS_DEADLINE, |d| {
+    events.next_where_within("vm_metrics_update", METRICS_DEADLINE, |d| {
         d["vm_id"] == vm_id
     })
 }
@@ -85,13 +85,13 @@ fn qemu_figures_reach_a_vm_room_and_unwatched_vms_are_never_asked() {
         watched.backend_qmp.display().to_string(),
         unwatched.backend_qmp.display().to_string()
     ));
-    let mut monitor = EventsClient::connect(app.control, "/ws/monitor", ADMIN_TOKEN);
+    let mut monitor = events(app.control, "/ws/monitor", Some(ADMIN_TOKEN));
     // Nobody in a VM room: nothing is asked, nothing sent.
     let sent = monitor.all_of("vm_metrics_update", QUIET);
     assert!(sent.is_empty(), "figures nobody watches: {sent:?}");
     assert_eq!(polls(&app, "kvm1:web01") + polls(&app, "kvm1:web02"), 0);
 
-    let mut room = EventsClient::connect(app.control, "/ws/vm/kvm1:web01", READ_TOKEN);
+    let mut room = events(app.control, "/ws/vm/kvm1:web01", Some(READ_TOKEN));
     let first = metrics_of(&mut room, "kvm1:web01");
     assert_eq!(first["data"]["server_id"], "kvm1", "{first}");
     assert!(
@@ -189,7 +189,7 @@ fn vsphere_figures_come_from_quick_stats_for_watched_vms_only() {
             .to_string()
     };
     let (watched, other) = (id_of("DC0_H0_VM0"), id_of("DC0_H0_VM1"));
-    let mut room = EventsClient::connect(app.control, &format!("/ws/vm/{watched}"), ADMIN_TOKEN);
+    let mut room = events(app.control, &format!("/ws/vm/{watched}"), Some(ADMIN_TOKEN));
     let update = metrics_of(&mut room, &watched);
     assert_eq!(update["data"]["server_id"], "esx1", "{update}");
     assert!(number(&update, "memory_size_mb") > 0.0, "{update}");

@@ -16,7 +16,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::events_client::EventsClient;
+use common::events::{events, EventsClient};
 use common::vcsim::{Vcsim, VcsimOptions, USERNAME};
 use common::*;
 use consolegate::hypervisor::model::{Hypervisor, PowerAction};
@@ -125,7 +125,7 @@ fn wait_inventory_reads(app: &Appliance, at_least: usize) {
 }
 
 fn status_change(events: &mut EventsClient, vm_id: &str, old: &str, new: &str) -> Value {
-    let change = events.next_where("vm_status_changed", EVENT_DEADLINE, |d| {
+    let change = events.next_where_within("vm_status_changed", EVENT_DEADLINE, |d| {
         d["vm_id"] == vm_id && d["old_status"] == old && d["new_status"] == new
     });
     assert_eq!(change["data"]["server_id"], "esx1", "{change}");
@@ -142,8 +142,8 @@ fn a_power_change_on_the_host_reaches_subscribers_through_wait_for_updates() {
     wait_inventory_reads(&app, 1);
     let listed = app.get_json(&format!("/api/v1/vms/{vm_id}"));
     assert_eq!(listed["power"], "on", "{listed}");
-    let mut room = EventsClient::connect(app.control, &format!("/ws/vm/{vm_id}"), ADMIN_TOKEN);
-    let mut monitor = EventsClient::connect(app.control, "/ws/monitor", READ_TOKEN);
+    let mut room = events(app.control, &format!("/ws/vm/{vm_id}"), Some(ADMIN_TOKEN));
+    let mut monitor = events(app.control, "/ws/monitor", Some(READ_TOKEN));
 
     let started = Instant::now();
     host.power(&native, PowerAction::Off);
@@ -183,7 +183,7 @@ fn a_lost_session_is_re_established_and_changes_keep_coming() {
     let vm_id = format!("esx1:{native}");
     let app = vsphere_appliance(&sim);
     wait_inventory_reads(&app, 1);
-    let mut room = EventsClient::connect(app.control, &format!("/ws/vm/{vm_id}"), ADMIN_TOKEN);
+    let mut room = events(app.control, &format!("/ws/vm/{vm_id}"), Some(ADMIN_TOKEN));
 
     let logins = sim.stats().logins;
     let expired = sim.expire_sessions();

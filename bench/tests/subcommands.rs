@@ -503,7 +503,8 @@ fn hypervisors_measures_storm_and_pool() {
     assert_eq!(p["errors"], 0, "{p}");
     assert_eq!(p["screens"], 10, "{p}");
     let logins = p["logins"].as_u64().unwrap();
-    assert!((1..=4).contains(&logins), "{p}");
+    // The pool's 4 sessions at most, plus the WaitForUpdatesEx follower's.
+    assert!((1..=5).contains(&logins), "{p}");
     assert!(p["peak_active_sessions"].as_u64().unwrap() <= logins, "{p}");
     assert_eq!(p["active_after_stop"], 0, "logged out on stop: {p}");
     assert!(std::fs::read_to_string(out.join("hypervisors.txt"))

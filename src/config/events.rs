@@ -43,6 +43,25 @@ pub struct EventsConfig {
     /// Most VMs whose figures are fetched in one round; the watched VMs
     /// beyond wait (the round takes the first ones by id).
     pub vm_metrics_max_vms_per_round: usize,
+    /// How often the alert detectors sample the hypervisor pools, the
+    /// workers' heartbeats and the rate-limit refusals, in ms. Cost: one
+    /// read of a few counters per hypervisor and worker per interval.
+    pub alert_check_interval_ms: u64,
+    /// How long an alert's condition must be gone before `alert_cleared`
+    /// (the hysteresis that keeps a flickering condition from flooding).
+    pub alert_clear_after_ms: u64,
+    /// Refusals per second by the per-IP limits (REST, console
+    /// handshakes, connections in their handshake) that count as
+    /// sustained rate limiting; cleared under half of it. 0 = no alert.
+    pub rate_limit_alert_refusals_per_s: u32,
+    /// How long that rate must hold before the alert, in ms.
+    pub rate_limit_alert_after_ms: u64,
+    /// How long `session_closed` of a session the control plane ended
+    /// while a worker held it (revoked, evicted) waits for the worker's
+    /// close report and its byte counts, in ms; then it is sent with what
+    /// is known and `bytes_final: false`. Cost: one small entry per such
+    /// session for at most this long.
+    pub session_close_report_wait_ms: u64,
 }
 
 impl Default for EventsConfig {
@@ -56,6 +75,11 @@ impl Default for EventsConfig {
             vm_refresh_interval_ms: 30_000,
             vm_metrics_interval_ms: 5_000,
             vm_metrics_max_vms_per_round: 64,
+            alert_check_interval_ms: 1_000,
+            alert_clear_after_ms: 10_000,
+            rate_limit_alert_refusals_per_s: 10,
+            rate_limit_alert_after_ms: 10_000,
+            session_close_report_wait_ms: 2_000,
         }
     }
 }
@@ -98,6 +122,30 @@ impl EventsConfig {
             1,
             MAX_SUBSCRIBERS as u64,
         )?;
+        range(
+            "alert_check_interval_ms",
+            self.alert_check_interval_ms,
+            50,
+            3_600_000,
+        )?;
+        range(
+            "alert_clear_after_ms",
+            self.alert_clear_after_ms,
+            0,
+            86_400_000,
+        )?;
+        range(
+            "rate_limit_alert_after_ms",
+            self.rate_limit_alert_after_ms,
+            0,
+            86_400_000,
+        )?;
+        range(
+            "session_close_report_wait_ms",
+            self.session_close_report_wait_ms,
+            0,
+            60_000,
+        )?;
         if self.vm_refresh_interval_ms != 0 {
             range(
                 "vm_refresh_interval_ms",
@@ -132,7 +180,7 @@ mod tests {
     fn defaults_are_valid_and_each_bound_is_checked() {
         assert!(EventsConfig::default().validate().is_ok());
         type Breaker = fn(&mut EventsConfig);
-        let cases: [(&str, Breaker); 7] = [
+        let cases: [(&str, Breaker); 9] = [
             ("events.metrics_interval_ms", |c| c.metrics_interval_ms = 1),
             ("events.subscriber_queue_events", |c| {
                 c.subscriber_queue_events = 0
@@ -147,6 +195,12 @@ mod tests {
             }),
             ("events.vm_metrics_max_vms_per_round", |c| {
                 c.vm_metrics_max_vms_per_round = 0
+            }),
+            ("events.alert_check_interval_ms", |c| {
+                c.alert_check_interval_ms = 1
+            }),
+            ("events.session_close_report_wait_ms", |c| {
+                c.session_close_report_wait_ms = 60_001
             }),
         ];
         for (key, break_it) in cases {

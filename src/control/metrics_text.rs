@@ -249,6 +249,7 @@ pub fn render(state: &ControlState, fleet: &FleetStats) -> String {
             ("free", |s| s.pool_free as u64),
         ],
     );
+    alert_lines(&mut o, state);
     if let Some(p) = &state.ports {
         let ps = p.stats();
         o.help("consolegate_ports", "gauge", "Dedicated-port pool.");
@@ -551,4 +552,40 @@ pub fn stats_json(state: &ControlState) -> serde_json::Value {
         "ports": state.ports.as_ref().map(|p| serde_json::to_value(p.stats()).unwrap_or_default()),
         "control": control,
     })
+}
+
+/// Alerts raised and cleared by type since start, and those in force.
+fn alert_lines(o: &mut Out, state: &ControlState) {
+    let Ok(counts) = state.alerts.lock().map(|a| a.counts()) else {
+        return;
+    };
+    for (name, kind, help, map) in [
+        (
+            "consolegate_alerts_raised_total",
+            "counter",
+            "Alerts raised, by type.",
+            &counts.raised,
+        ),
+        (
+            "consolegate_alerts_cleared_total",
+            "counter",
+            "Alerts cleared, by type.",
+            &counts.cleared,
+        ),
+        (
+            "consolegate_alerts_active",
+            "gauge",
+            "Alerts in force now, by type.",
+            &counts.active,
+        ),
+    ] {
+        o.help(name, kind, help);
+        for alert_type in crate::events::alerts::ALERT_TYPES {
+            o.line(
+                name,
+                &[("type", alert_type)],
+                map.get(alert_type).copied().unwrap_or(0),
+            );
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! ([`crate::mailbox`]), never blocks on them (a full mailbox is a 503), and
 //! nothing here runs on a worker thread: the data plane never touches tokio.
 
+pub mod alert_sources;
 pub mod api;
 pub mod client_ip;
 pub mod console_open;
@@ -106,6 +107,8 @@ pub struct ControlState {
     pub clients: client_ip::ClientIps,
     /// The live event bus behind `/ws/*`.
     pub events: crate::events::EventBus,
+    /// The alert detectors (fed by `alert_sources`) and their counts.
+    pub alerts: Mutex<crate::events::alerts::AlertCenter>,
 }
 
 /// SO_SNDBUF of each control connection (the kernel doubles it). Why this
@@ -281,6 +284,7 @@ pub fn serve(
                 max_vms_per_round: state.cfg.events.vm_metrics_max_vms_per_round,
             },
         ));
+        tokio::spawn(alert_sources::run(state.clone()));
         let mut sd = shutdown.clone();
         // With the peer address: the per-IP limits and logs need it.
         let app = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -454,6 +458,7 @@ async fn sweeper(state: Arc<ControlState>) {
                 // Reconcile first: a claimed admission whose report is late
                 // is open, not expired.
                 r.reconcile();
+                r.flush_overdue_reports(now);
                 r.expire(now)
             }
             Err(_) => Vec::new(),

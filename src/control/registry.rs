@@ -1,6 +1,13 @@
 //! The session registry: every session the control plane created, its state
 //! as reported by the workers, and the bounds (total, per user).
 //!
+//! `session_closed` of a session the control plane ends while a worker
+//! holds it (revoked, evicted, or closed by reconcile before the worker's
+//! report) waits for the worker's close report, which brings the byte
+//! counts, at most `[events] session_close_report_wait_ms` (checked by the
+//! sweeper); past it, it is sent with what is known and `bytes_final:
+//! false`.
+//!
 //! Plain data owned by the control thread; no IO.
 
 use std::collections::{HashMap, VecDeque};
@@ -14,6 +21,20 @@ use crate::mailbox::{ticket_state, Admission, FromWorker};
 
 /// Closed sessions kept for `GET` after they end (oldest dropped first).
 pub const CLOSED_RECORDS_KEPT: usize = 1024;
+/// `session_closed` events held back for a worker's report at most; beyond,
+/// the oldest is sent at once (as at its deadline).
+pub const MAX_AWAITING_REPORTS: usize = CLOSED_RECORDS_KEPT;
+/// How long a `session_closed` waits for the worker's figures unless set.
+pub const DEFAULT_CLOSE_REPORT_WAIT_MS: u64 = 2_000;
+
+/// A `session_closed` held back until the worker's close report (its byte
+/// counts) arrives or `deadline` passes.
+#[derive(Debug)]
+struct AwaitingReport {
+    id: u64,
+    data: crate::events::protocol::SessionData,
+    deadline: Instant,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -173,6 +194,10 @@ pub struct Registry {
     /// Where session lifecycle events go (`session_opened` /
     /// `session_closed`), once the control plane attached the bus.
     events: Option<crate::events::EventBus>,
+    /// `session_closed` events waiting for their worker's report, oldest
+    /// (earliest deadline) first; at most [`MAX_AWAITING_REPORTS`].
+    awaiting: VecDeque<AwaitingReport>,
+    close_report_wait: std::time::Duration,
 }
 
 impl Registry {
@@ -182,20 +207,102 @@ impl Registry {
         self.events = Some(bus);
     }
 
-    fn publish_lifecycle(&self, kind: crate::events::EventKind, r: &Record, reason: &str) {
-        if let Some(bus) = &self.events {
-            let data = crate::events::protocol::SessionData {
-                session_id: r.session_id.clone(),
-                user: r.user.clone(),
-                vm_id: r.vm_id.clone(),
-                reason: reason.to_string(),
-                bytes: r
-                    .bytes_browser_to_backend
-                    .saturating_add(r.bytes_backend_to_browser),
-                duration_ms: u64::try_from(r.created.elapsed().as_millis()).unwrap_or(u64::MAX),
-            };
-            bus.publish(&crate::events::Event::session(kind, &data));
+    /// How long `session_closed` waits for a worker's close report.
+    pub fn set_close_report_wait_ms(&mut self, wait_ms: u64) {
+        self.close_report_wait = std::time::Duration::from_millis(wait_ms);
+    }
+
+    fn session_data(r: &Record, reason: &str) -> crate::events::protocol::SessionData {
+        crate::events::protocol::SessionData {
+            session_id: r.session_id.clone(),
+            user: r.user.clone(),
+            vm_id: r.vm_id.clone(),
+            reason: reason.to_string(),
+            bytes: r
+                .bytes_browser_to_backend
+                .saturating_add(r.bytes_backend_to_browser),
+            bytes_browser_to_backend: r.bytes_browser_to_backend,
+            bytes_backend_to_browser: r.bytes_backend_to_browser,
+            bytes_final: true,
+            duration_ms: u64::try_from(r.created.elapsed().as_millis()).unwrap_or(u64::MAX),
         }
+    }
+
+    fn publish_session(
+        &self,
+        kind: crate::events::EventKind,
+        data: &crate::events::protocol::SessionData,
+    ) {
+        if let Some(bus) = &self.events {
+            bus.publish(&crate::events::Event::session(kind, data));
+        }
+    }
+
+    fn publish_lifecycle(&self, kind: crate::events::EventKind, r: &Record, reason: &str) {
+        if self.events.is_some() {
+            self.publish_session(kind, &Self::session_data(r, reason));
+        }
+    }
+
+    /// Hold `session_closed` of `r` back until its worker's report.
+    fn await_report(&mut self, r: &Record, reason: &str, now: Instant) {
+        if self.events.is_none() {
+            return;
+        }
+        if self.awaiting.len() >= MAX_AWAITING_REPORTS {
+            if let Some(oldest) = self.awaiting.pop_front() {
+                self.publish_session(crate::events::EventKind::SessionClosed, &oldest.data);
+            }
+        }
+        let mut data = Self::session_data(r, reason);
+        data.bytes_final = false;
+        self.awaiting.push_back(AwaitingReport {
+            id: r.id,
+            data,
+            deadline: now + self.close_report_wait,
+        });
+    }
+
+    /// The worker's figures of an awaited `session_closed` arrived: send
+    /// it with them.
+    fn report_arrived(
+        &mut self,
+        id: u64,
+        (bytes_up, bytes_down): (u64, u64),
+        reason: Option<String>,
+    ) {
+        let Some(at) = self.awaiting.iter().position(|a| a.id == id) else {
+            return;
+        };
+        if let Some(mut awaited) = self.awaiting.remove(at) {
+            awaited.data.bytes_browser_to_backend = bytes_up;
+            awaited.data.bytes_backend_to_browser = bytes_down;
+            awaited.data.bytes = bytes_up.saturating_add(bytes_down);
+            awaited.data.bytes_final = true;
+            if let Some(reason) = reason {
+                awaited.data.reason = reason;
+            }
+            self.publish_session(crate::events::EventKind::SessionClosed, &awaited.data);
+        }
+    }
+
+    /// Send the `session_closed` events whose worker's report did not come
+    /// within the wait, with what is known (`bytes_final: false`). Returns
+    /// how many.
+    pub fn flush_overdue_reports(&mut self, now: Instant) -> usize {
+        let mut sent = 0;
+        while self.awaiting.front().is_some_and(|a| now >= a.deadline) {
+            if let Some(overdue) = self.awaiting.pop_front() {
+                self.publish_session(crate::events::EventKind::SessionClosed, &overdue.data);
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    /// `session_closed` events waiting for a worker's report.
+    pub fn awaiting_reports(&self) -> usize {
+        self.awaiting.len()
     }
 
     pub fn new(max_sessions: usize, max_per_user: usize) -> Self {
@@ -206,6 +313,8 @@ impl Registry {
             max_per_user,
             per_user: HashMap::new(),
             events: None,
+            awaiting: VecDeque::new(),
+            close_report_wait: std::time::Duration::from_millis(DEFAULT_CLOSE_REPORT_WAIT_MS),
         }
     }
 
@@ -243,13 +352,14 @@ impl Registry {
     fn evict(&mut self, id: u64) -> Option<Record> {
         let mut r = self.live.remove(&id)?;
         self.dec_user(&r.user);
+        let held = held_by_a_worker(&r);
         if let Some(a) = &r.admission {
             a.evict();
         }
         r.state = State::Revoked;
         r.close_reason = Some("evicted: the least recently active console, to make room".into());
         let out = r.clone();
-        self.push_closed(r);
+        self.push_closed_after_report(r, held);
         Some(out)
     }
 
@@ -384,6 +494,7 @@ impl Registry {
     pub fn revoke(&mut self, id: u64) -> Option<Record> {
         let mut r = self.live.remove(&id)?;
         self.dec_user(&r.user);
+        let held = held_by_a_worker(&r);
         if let Some(a) = &r.admission {
             a.revoke();
         }
@@ -392,7 +503,7 @@ impl Registry {
             r.close_reason = Some("revoked through the API".into());
         }
         let out = r.clone();
-        self.push_closed(r);
+        self.push_closed_after_report(r, held);
         Some(out)
     }
 
@@ -427,7 +538,8 @@ impl Registry {
                 self.dec_user(&r.user);
                 r.state = State::Closed;
                 r.close_reason = Some("closed (the worker's report has not arrived)".into());
-                self.push_closed(r);
+                // Its worker closed it: the report is on its way.
+                self.push_closed_after_report(r, true);
             }
         }
         opened + ended.len()
@@ -462,9 +574,19 @@ impl Registry {
         ids
     }
 
-    fn push_closed(&mut self, mut r: Record) {
+    fn push_closed(&mut self, r: Record) {
+        self.push_closed_after_report(r, false);
+    }
+
+    /// Keep `r` as closed and send its `session_closed`: now, or once its
+    /// worker's report came when `awaits_report` (a worker held it).
+    fn push_closed_after_report(&mut self, mut r: Record, awaits_report: bool) {
         let reason = r.close_reason.clone().unwrap_or_else(|| "closed".into());
-        self.publish_lifecycle(crate::events::EventKind::SessionClosed, &r, &reason);
+        if awaits_report {
+            self.await_report(&r, &reason, Instant::now());
+        } else {
+            self.publish_lifecycle(crate::events::EventKind::SessionClosed, &r, &reason);
+        }
         r.admission = None;
         self.closed.push_back(r);
         while self.closed.len() > CLOSED_RECORDS_KEPT {
@@ -512,16 +634,23 @@ impl Registry {
                     r.bytes_browser_to_backend = bytes_up;
                     r.bytes_backend_to_browser = bytes_down;
                     self.push_closed(r);
-                } else if let Some(r) = self.closed.iter_mut().find(|r| r.id == id) {
-                    // Revoked while live (keep the revoke state), or closed
-                    // by reconcile before this report came: add figures.
-                    r.close_code = code;
-                    r.worker = Some(worker);
-                    r.bytes_browser_to_backend = bytes_up;
-                    r.bytes_backend_to_browser = bytes_down;
-                    if r.state == State::Closed {
-                        r.close_reason = Some(reason);
+                } else {
+                    // The relay's own reason replaces reconcile's guess.
+                    let mut relay_reason = None;
+                    if let Some(r) = self.closed.iter_mut().find(|r| r.id == id) {
+                        // Revoked while live (keep the revoke state), or
+                        // closed by reconcile before this report came: add
+                        // figures.
+                        r.close_code = code;
+                        r.worker = Some(worker);
+                        r.bytes_browser_to_backend = bytes_up;
+                        r.bytes_backend_to_browser = bytes_down;
+                        if r.state == State::Closed {
+                            r.close_reason = Some(reason.clone());
+                            relay_reason = Some(reason);
+                        }
                     }
+                    self.report_arrived(id, (bytes_up, bytes_down), relay_reason);
                 }
             }
             FromWorker::Refused { id, .. } => {
@@ -538,6 +667,15 @@ impl Registry {
             | FromWorker::ConsoleRequest(_) => {}
         }
     }
+}
+
+/// Whether a worker holds (or held and is reporting on) the session: its
+/// close report, with the byte counts, is still to come.
+fn held_by_a_worker(r: &Record) -> bool {
+    r.state == State::Open
+        || r.admission
+            .as_ref()
+            .is_some_and(|a| matches!(a.state(), ticket_state::CLAIMED | ticket_state::CLOSED))
 }
 
 fn with_age(r: &Record, now: Instant) -> Record {
@@ -784,5 +922,82 @@ mod tests {
         let g = r.get(1, now).unwrap();
         assert_eq!((g.close_code, g.bytes_backend_to_browser), (Some(1000), 4));
         assert_eq!(g.close_reason.as_deref(), Some("backend closed"));
+    }
+
+    fn closed_events(sub: &mut crate::events::Subscription) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| sub.try_recv())
+            .map(|m| serde_json::from_str::<serde_json::Value>(m.as_str()).unwrap())
+            .filter(|v| v["type"] == "session_closed")
+            .map(|v| v["data"].clone())
+            .collect()
+    }
+
+    #[test]
+    fn session_closed_of_a_revoked_live_session_waits_for_the_worker_figures() {
+        let now = Instant::now();
+        let bus = crate::events::EventBus::new(crate::events::bus::BusLimits {
+            max_subscribers: 2,
+            subscriber_queue_events: 64,
+        });
+        let mut sub = bus
+            .subscribe(crate::events::Room::Monitor, crate::events::Visibility::All)
+            .unwrap();
+        let mut r = Registry::new(10, 10);
+        r.set_events(bus);
+        r.set_close_report_wait_ms(0);
+        let closed = |id: u64, up: u64, down: u64| FromWorker::Closed {
+            id,
+            worker: 0,
+            code: Some(1000),
+            reason: "revoked".into(),
+            bytes_up: up,
+            bytes_down: down,
+        };
+        // Live on a worker, revoked: nothing until the report.
+        for id in [1, 2] {
+            let (record, a) = admitted(id, now);
+            r.insert(record);
+            assert!(a.claim());
+        }
+        r.reconcile();
+        r.revoke(1).unwrap();
+        r.revoke(2).unwrap();
+        assert!(closed_events(&mut sub).is_empty());
+        assert_eq!(r.awaiting_reports(), 2);
+        r.apply(closed(1, 300, 4000), now);
+        let got = closed_events(&mut sub);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["reason"], "revoked through the API");
+        assert_eq!(
+            (
+                &got[0]["bytes"],
+                &got[0]["bytes_browser_to_backend"],
+                &got[0]["bytes_backend_to_browser"],
+                &got[0]["bytes_final"]
+            ),
+            (
+                &serde_json::json!(4300),
+                &serde_json::json!(300),
+                &serde_json::json!(4000),
+                &serde_json::json!(true)
+            )
+        );
+        // Session 2's report never comes: sent at the deadline, flagged.
+        assert_eq!(r.flush_overdue_reports(Instant::now()), 1);
+        let got = closed_events(&mut sub);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["bytes_final"], false);
+        assert_eq!(r.awaiting_reports(), 0);
+        // A late report after the flush sends nothing more.
+        r.apply(closed(2, 1, 1), now);
+        assert!(closed_events(&mut sub).is_empty());
+        // A pending session (no worker) is reported at once, final.
+        r.insert(rec(3, "a", now));
+        r.revoke(3).unwrap();
+        let got = closed_events(&mut sub);
+        assert_eq!(
+            (got.len(), &got[0]["bytes_final"]),
+            (1, &serde_json::json!(true))
+        );
     }
 }

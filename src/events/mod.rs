@@ -5,6 +5,9 @@
 //! - [`protocol`]: the events, their wire format (`{"type","data",
 //!   "timestamp"}`), the client's messages (subscribe, unsubscribe, ping)
 //!   and the subscription filter;
+//! - [`alerts`]: alerts raised when a condition starts and cleared when
+//!   it ends (pool exhausted, worker unhealthy, sustained rate limiting),
+//!   with hysteresis;
 //! - [`bus`]: the fan-out, with a bounded queue per subscriber, who may
 //!   see what, rooms, and the counters `/ws/stats` shows.
 //!
@@ -19,6 +22,7 @@
 //! `crate::dataplane`, `crate::io` or `crate::plane`: the sources call in,
 //! never the other way.
 
+pub mod alerts;
 pub mod bus;
 pub mod protocol;
 

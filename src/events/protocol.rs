@@ -47,10 +47,12 @@ pub enum EventKind {
     VmStatusChanged,
     Alert,
     VmMetricsUpdate,
+    /// The end of an alert's condition (same `alert_id` as the `alert`).
+    AlertCleared,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::SessionOpened,
         EventKind::SessionClosed,
         EventKind::Progress,
@@ -58,6 +60,7 @@ impl EventKind {
         EventKind::VmStatusChanged,
         EventKind::Alert,
         EventKind::VmMetricsUpdate,
+        EventKind::AlertCleared,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +72,7 @@ impl EventKind {
             Self::VmStatusChanged => "vm_status_changed",
             Self::Alert => "alert",
             Self::VmMetricsUpdate => "vm_metrics_update",
+            Self::AlertCleared => "alert_cleared",
         }
     }
 
@@ -109,6 +113,16 @@ pub struct SessionData {
     pub reason: String,
     /// Bytes relayed both ways, as known when the event was sent.
     pub bytes: u64,
+    /// Bytes from the browser to the backend (part of `bytes`).
+    pub bytes_browser_to_backend: u64,
+    /// Bytes from the backend to the browser (part of `bytes`).
+    pub bytes_backend_to_browser: u64,
+    /// The byte counts are the worker's final figures. False when a
+    /// session that a worker held was closed by the control plane and the
+    /// worker's close report did not arrive within
+    /// `[events] session_close_report_wait_ms` (the counts are then what
+    /// was known: 0 or the last figures).
+    pub bytes_final: bool,
     /// Time since the session was created, in ms.
     pub duration_ms: u64,
 }
@@ -175,7 +189,7 @@ pub struct AlertData {
     pub severity: String,
     pub title: String,
     pub message: String,
-    /// `hypervisor` or `port_pool`.
+    /// `hypervisor`, `port_pool`, `worker` or `rate_limits`.
     pub entity_type: String,
     pub entity_id: String,
 }
@@ -258,6 +272,17 @@ impl Event {
         }
     }
 
+    /// `alert_cleared`: the alert's data (its `message` saying why it
+    /// ended) and how long it was in force.
+    pub fn alert_cleared(data: &AlertData, duration_ms: u64) -> Event {
+        let mut event = Event::alert(data);
+        event.kind = EventKind::AlertCleared;
+        if let Value::Object(map) = &mut event.data {
+            map.insert("duration_ms".into(), Value::from(duration_ms));
+        }
+        event
+    }
+
     /// The wire form.
     pub fn encode(&self, timestamp_ms: u64) -> String {
         message(self.kind.name(), &self.data, timestamp_ms)
@@ -332,7 +357,7 @@ impl Visibility {
         match self {
             Self::All => true,
             Self::Anonymous => kind.is_public(),
-            Self::Viewer { .. } => kind != EventKind::Alert,
+            Self::Viewer { .. } => !matches!(kind, EventKind::Alert | EventKind::AlertCleared),
         }
     }
 
@@ -351,7 +376,7 @@ impl Visibility {
                     })
                 }
                 EventKind::ServerStatusChanged => true,
-                EventKind::Alert => false,
+                EventKind::Alert | EventKind::AlertCleared => false,
             },
         }
     }
@@ -659,12 +684,31 @@ mod tests {
                     vm_id: None,
                     reason: "opened".into(),
                     bytes: 0,
+                    bytes_browser_to_backend: 0,
+                    bytes_backend_to_browser: 0,
+                    bytes_final: true,
                     duration_ms: 0,
                 },
             )
         };
         assert!(viewer.may_see(&session("alice")) && !viewer.may_see(&session("bob")));
         assert!(!viewer.may_subscribe(EventKind::Alert));
+        assert!(!viewer.may_subscribe(EventKind::AlertCleared));
+        let cleared = Event::alert_cleared(
+            &AlertData {
+                alert_id: "a".into(),
+                alert_type: "worker_unhealthy".into(),
+                severity: "critical".into(),
+                title: "t".into(),
+                message: "m".into(),
+                entity_type: "worker".into(),
+                entity_id: "0".into(),
+            },
+            42,
+        );
+        assert_eq!(cleared.data["duration_ms"], 42);
+        assert!(!viewer.may_see(&cleared) && !Visibility::Anonymous.may_see(&cleared));
+        assert!(Visibility::All.may_see(&cleared));
         assert!(Visibility::All.may_see(&session("bob")));
         assert!(!Visibility::Anonymous.may_see(&session("bob")));
         assert!(Visibility::Anonymous.may_see(&vm_event(EventKind::VmStatusChanged, "k:x")));

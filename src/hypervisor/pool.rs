@@ -117,6 +117,13 @@ pub struct PoolStats {
     pub reachable: Option<bool>,
     pub logins: u64,
     pub logouts: u64,
+    /// Checkouts that found every session in use and had to wait (the
+    /// `hypervisor_pool_exhausted` alert watches these and the next).
+    #[serde(default)]
+    pub waited_checkouts: u64,
+    /// Checkouts refused (`Busy`) after `acquire_timeout_ms` of waiting.
+    #[serde(default)]
+    pub refused_checkouts: u64,
 }
 
 struct Idle<T> {
@@ -138,6 +145,8 @@ struct Counters {
     errors: AtomicU64,
     logins: AtomicU64,
     logouts: AtomicU64,
+    waited: AtomicU64,
+    refused: AtomicU64,
     active: AtomicUsize,
     /// 0 unknown, 1 reachable, 2 unreachable.
     reachable: std::sync::atomic::AtomicU8,
@@ -206,16 +215,10 @@ impl<C: Connector> Pool<C> {
         if inner.closed.load(Ordering::Acquire) {
             return Err(shut_down());
         }
-        let wait = Duration::from_millis(inner.config.acquire_timeout_ms);
-        let permit = match tokio::time::timeout(wait, inner.permits.clone().acquire_owned()).await {
-            Err(_) => {
-                return Err(HypervisorError::Busy(format!(
-                    "all {} sessions in use for {} ms",
-                    inner.config.pool_size, inner.config.acquire_timeout_ms
-                )))
-            }
-            Ok(Err(_)) => return Err(shut_down()),
-            Ok(Ok(permit)) => permit,
+        let permit = match inner.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(shut_down()),
+            Err(tokio::sync::TryAcquireError::NoPermits) => self.wait_for_permit().await?,
         };
         if let Some(taken) = self.take_idle() {
             if let Some(entry) = self.check(taken).await? {
@@ -225,6 +228,25 @@ impl<C: Connector> Pool<C> {
         }
         let entry = self.connect().await?;
         Ok(self.lend(entry, permit))
+    }
+
+    /// Every session is in use: wait up to `acquire_timeout_ms` for one
+    /// (counted as a waited checkout, and as refused when it times out).
+    async fn wait_for_permit(&self) -> HvResult<OwnedSemaphorePermit> {
+        let inner = &self.inner;
+        inner.counters.waited.fetch_add(1, Ordering::Relaxed);
+        let wait = Duration::from_millis(inner.config.acquire_timeout_ms);
+        match tokio::time::timeout(wait, inner.permits.clone().acquire_owned()).await {
+            Err(_) => {
+                inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+                Err(HypervisorError::Busy(format!(
+                    "all {} sessions in use for {} ms",
+                    inner.config.pool_size, inner.config.acquire_timeout_ms
+                )))
+            }
+            Ok(Err(_)) => Err(shut_down()),
+            Ok(Ok(permit)) => Ok(permit),
+        }
     }
 
     /// Pops the most recently used idle session, held by a guard that puts
@@ -400,6 +422,8 @@ impl<C: Connector> Pool<C> {
             },
             logins: c.logins.load(Ordering::Relaxed),
             logouts: c.logouts.load(Ordering::Relaxed),
+            waited_checkouts: c.waited.load(Ordering::Relaxed),
+            refused_checkouts: c.refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -688,6 +712,9 @@ mod tests {
         drop(b);
         assert_eq!(pool.stats().total_connections, 2);
         assert_eq!(pool.stats().available_connections, 2);
+        // The refused third checkout and the waiter both had to wait.
+        let s = pool.stats();
+        assert_eq!((s.waited_checkouts, s.refused_checkouts), (2, 1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -845,6 +872,8 @@ mod tests {
             reachable: Some(true),
             logins: 1,
             logouts: 0,
+            waited_checkouts: 0,
+            refused_checkouts: 0,
         })
         .unwrap();
         assert_eq!(stats["available_connections"], 1);

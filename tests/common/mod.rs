@@ -12,7 +12,7 @@
 //! not every file uses every helper.
 #![allow(dead_code)]
 pub mod browser;
-pub mod events_client;
+pub mod events;
 pub mod qemu;
 pub mod vcsim;
 pub mod wss_backend;
