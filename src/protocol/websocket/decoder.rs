@@ -363,11 +363,14 @@ impl Decoder {
         p: &mut Progress,
     ) -> Result<(), Fault> {
         // The input is borrowed immutably, so unmask a block at a time into
-        // the stack; re-unmasking the unused tail later is cheap.
-        const BLOCK: usize = 512;
-        let mut scratch = [0u8; BLOCK];
+        // the stack; re-unmasking the unused tail later is cheap as long as
+        // the block is about what `data_out` can take (`base64_block_chars`):
+        // a call with little room (a nearly full relay buffer, or the fuzz
+        // targets' tiny buffers) must not unmask 512 characters to decode 4.
+        let mut scratch = [0u8; BASE64_BLOCK_CHARS];
         loop {
-            let avail = (input.len() - p.consumed).min(BLOCK);
+            let room = out.len() - p.written;
+            let avail = (input.len() - p.consumed).min(base64_block_chars(room));
             let k = (avail as u64).min(self.frame.remaining) as usize;
             if k == 0 {
                 return Ok(());
@@ -383,6 +386,19 @@ impl Decoder {
             }
         }
     }
+}
+
+/// Most base64 characters unmasked onto the stack at a time.
+pub(super) const BASE64_BLOCK_CHARS: usize = 512;
+
+/// How many base64 characters to unmask for `room` bytes of output: the
+/// whole groups that fit (4 characters per 3 bytes), plus up to 3
+/// characters completing a group carried over and one more group (a padded
+/// group may fit in less than 3 bytes), at most [`BASE64_BLOCK_CHARS`].
+/// Only text with padded groups inside a message can use more, and then
+/// `base64_payload` simply takes another block.
+pub(super) fn base64_block_chars(room: usize) -> usize {
+    (4 * (room / 3) + 8).min(BASE64_BLOCK_CHARS)
 }
 
 /// Copy `src` into `dst` (same length), unmasking at the frame's key

@@ -1,5 +1,6 @@
 //! Unit and property tests of the frame codec (decoder and encoders).
 
+use super::decoder::{base64_block_chars, BASE64_BLOCK_CHARS};
 use super::test_support::*;
 use super::*;
 use proptest::prelude::*;
@@ -727,6 +728,42 @@ fn base64_padded_group_fits_small_room() {
     let p = d.decode(&rest[4..], &mut one).unwrap();
     assert_eq!((p.consumed, p.written, one), (4, 1, *b"D"));
     assert!(d.is_idle());
+}
+
+/// A call with little room unmasks only about what that room can take
+/// (`base64_block_chars`), not a whole 512-character block: a long message
+/// decoded a few bytes at a time still comes out whole and exact.
+#[test]
+fn base64_small_room_decodes_long_messages_exactly() {
+    let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 + i / 256) as u8).collect();
+    let input = frame(true, Opcode::Text, &b64enc(&data));
+    for sizes in [&[3][..], &[1, 2, 4], &[0, 5, 7, 3], &[600, 1, 8]] {
+        let mut d = b64();
+        let o = feed_chunks(&mut d, &[&input], sizes);
+        assert_eq!((o.error, o.consumed), (None, input.len()), "{sizes:?}");
+        assert_eq!(o.data, data, "{sizes:?}");
+        assert!(d.is_idle());
+    }
+    for room in 0..2000 {
+        let chars = base64_block_chars(room);
+        assert!(chars <= BASE64_BLOCK_CHARS);
+        // A carried group (3 chars) and every whole group that fits.
+        assert!(chars >= (3 + 4 * (room / 3) + 4).min(BASE64_BLOCK_CHARS));
+    }
+}
+
+/// Padded groups inside a message give 1 byte per 4 characters, more than
+/// one block for the room: the decoder takes further blocks in the same
+/// call and fills the room.
+#[test]
+fn base64_padded_groups_fill_the_room_in_one_call() {
+    let text = b"QQ==".repeat(40);
+    let input = frame(true, Opcode::Text, &text);
+    let header_len = input.len() - text.len();
+    let mut out = [0u8; 30];
+    let p = b64().decode(&input, &mut out).unwrap();
+    assert_eq!((p.consumed, p.written), (header_len + 120, 30));
+    assert_eq!(out, [b'A'; 30]);
 }
 
 #[test]
