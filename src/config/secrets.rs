@@ -430,12 +430,14 @@ mod tests {
         use crate::config::appliance::TlsConfig;
         use crate::hypervisor::static_targets::{StaticConfig, StaticVmConfig};
         use crate::hypervisor::vsphere::config::VsphereConfig;
-        let mut c = ApplianceConfig::default();
-        c.tls = Some(TlsConfig {
-            cert: write(dir, "cert.pem", "public", 0o644),
-            key: write(dir, "key.pem", "private", 0o600),
-            allow_plain: false,
-        });
+        let mut c = ApplianceConfig {
+            tls: Some(TlsConfig {
+                cert: write(dir, "cert.pem", "public", 0o644),
+                key: write(dir, "key.pem", "private", 0o600),
+                allow_plain: false,
+            }),
+            ..ApplianceConfig::default()
+        };
         c.auth.jwt.enabled = true;
         c.auth.jwt.hs256_secret_file = Some(write(dir, "jwt.secret", TOKEN, 0o600));
         let vc = write(dir, "vc.password", "p", 0o600);

@@ -233,6 +233,7 @@ upgrade_keeps_consoles() {
     shift
     old_pid=$(service_prop MainPID)
     restarts=$(service_prop NRestarts)
+    rm -f "$WORK/admitted" "$WORK/go"
     in_net python3 "$HERE/console.py" --admit-only http://127.0.0.1:8080 "$ROOT/etc/consolegate/admin-token" \
         "$WORK/admitted" "$WORK/go" >"$WORK/admitted.out" 2>&1 &
     ADMITTED=$!
