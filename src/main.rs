@@ -443,9 +443,23 @@ pub(crate) fn init_logging_filter(json: bool, default: &str) {
     }
 }
 
+/// `consolegate proxy` is a websockify drop-in, and websockify reads a
+/// `--key` (or a combined `--cert` PEM) whatever its mode: a key others may
+/// read is a warning here, where `consolegate run` refuses it
+/// (`config::secrets`).
+fn warn_if_key_not_private(key: &std::path::Path) {
+    use consolegate::config::secrets::{check_private_path, SecretError};
+    if let Err(e @ SecretError::ReadableByOthers { .. }) = check_private_path(key) {
+        tracing::warn!("TLS key: {e} (accepted in proxy mode for websockify compatibility)");
+    }
+}
+
 fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
     if cfg.origins.is_empty() {
         tracing::warn!("no --origin allowlist: any Origin is accepted (as websockify does)");
+    }
+    if let Some(tls) = &cfg.tls {
+        warn_if_key_not_private(&tls.key);
     }
     // Before the workers accept: once they do, a flood can take every
     // descriptor, and the signal handler needs one.

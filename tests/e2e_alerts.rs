@@ -16,7 +16,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -333,8 +332,7 @@ fn viewer_jwt(user: &str, vms: &[&str]) -> String {
 /// fast list refreshes and alerts, and a REST limit for the flood.
 fn viewer_appliance(dir: &std::path::Path, web: u16, db: u16) -> Appliance {
     let secret = dir.join("jwt.secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    common::write_private(&secret, format!("{SECRET}\n"));
     appliance(ApplianceOptions {
         extra_toml: format!(
             "{FAST_ALERTS}vm_refresh_interval_ms = 1000\n\n[rate_limits]\nrest_per_ip_per_s = 50\n\n\

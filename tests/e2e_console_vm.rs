@@ -45,7 +45,7 @@ fn now_s() -> i64 {
 /// `[auth.jwt]` (HS256, the secret in `dir`) plus `extra` TOML.
 fn jwt_toml(dir: &Path, extra: &str) -> String {
     let secret = dir.join("jwt.secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    write_private(&secret, format!("{SECRET}\n"));
     format!(
         "\n[auth.jwt]\nenabled = true\nalgorithm = \"HS256\"\nhs256_secret_file = {:?}\n\
          issuer = \"{ISSUER}\"\naudience = \"{AUDIENCE}\"\nleeway_ms = 1000\n\n{extra}\n",
@@ -241,7 +241,7 @@ fn a_slow_hypervisor_times_out_without_stalling_the_worker(io: &str) {
         password: None,
     });
     let password = dir.path().join("vsphere.password");
-    std::fs::write(&password, "secret\n").unwrap();
+    write_private(&password, "secret\n");
     let thumbprint = vec!["AB"; 20].join(":");
     let vsphere = |id: &str, port: u16| {
         format!(

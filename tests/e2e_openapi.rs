@@ -886,7 +886,7 @@ const JWT_SECRET: &str = "openapi-jwt-secret-0123456789abcdef0123456789";
 /// `[auth.jwt]` for the test appliance, its secret in `dir`.
 fn jwt_toml(dir: &Path) -> String {
     let secret = dir.join("jwt.secret");
-    fs::write(&secret, JWT_SECRET).unwrap();
+    write_private(&secret, JWT_SECRET);
     format!(
         "\n[auth.jwt]\nenabled = true\nhs256_secret_file = {:?}\nissuer = \"openapi\"\naudience = \"consolegate\"\n",
         secret.display().to_string()

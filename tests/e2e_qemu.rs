@@ -515,7 +515,7 @@ async fn static_backend_lists_opens_and_thumbnails_xvnc() {
     let xvnc = Xvnc::with_password("static-pw");
     let dir = tempfile::tempdir().unwrap();
     let password_file = dir.path().join("x1.password");
-    std::fs::write(&password_file, "static-pw\n").unwrap();
+    common::write_private(&password_file, "static-pw\n");
     // A port nobody listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

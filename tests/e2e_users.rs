@@ -44,7 +44,7 @@ fn jwt_toml(secret_path: &Path, extra: &str) -> String {
 fn secret_file() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jwt.secret");
-    std::fs::write(&path, format!("{SECRET}\n")).unwrap();
+    write_private(&path, format!("{SECRET}\n"));
     (dir, path)
 }
 

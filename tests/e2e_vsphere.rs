@@ -455,7 +455,7 @@ async fn the_api_certificate_is_checked_never_skipped() {
     assert_eq!(sim.stats().logins, 1, "only the right pin logged in");
     // A wrong password is a refused login, not a retry loop.
     let wrong_password = sim.password_file().with_file_name("wrong");
-    std::fs::write(&wrong_password, "nope\n").unwrap();
+    common::write_private(&wrong_password, "nope\n");
     let mut bad = config(&sim);
     bad.password_file = wrong_password;
     let err = VsphereBackend::new(&bad)

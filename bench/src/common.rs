@@ -54,6 +54,24 @@ pub fn rotated(proxies: &[ProxyKind], run: usize) -> Vec<ProxyKind> {
     v
 }
 
+/// Write a file holding a secret (a JWT secret, a hypervisor password) with
+/// mode 0600: the appliance refuses a secret file others may read. Created
+/// 0600, so it is never readable by others, even for a moment.
+pub fn write_private(path: &std::path::Path, contents: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An existing file keeps its mode on open: set it.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(contents.as_ref())?;
+    Ok(())
+}
+
 /// Print a subcommand's text report and write `<name>.txt` and
 /// `<name>.json` into `dir`.
 pub fn write_report<T: Serialize>(

@@ -150,7 +150,7 @@ fn signer(alg: JwtAlg, dir: &Path) -> Result<Signer> {
         JwtAlg::Hs256 => {
             let secret = appliance::random_token();
             let path = dir.join("jwt.secret");
-            std::fs::write(&path, &secret)?;
+            crate::common::write_private(&path, &secret)?;
             (
                 format!("hs256_secret_file = {}", toml_path(&path)),
                 Header::new(Algorithm::HS256),

@@ -1287,7 +1287,7 @@ impl Vcsim {
         let dir = std::path::absolute(dir)?;
         std::fs::create_dir_all(dir.join("certs"))?;
         let password_file = dir.join("password");
-        std::fs::write(&password_file, format!("{VCSIM_PASSWORD}\n"))?;
+        crate::common::write_private(&password_file, format!("{VCSIM_PASSWORD}\n"))?;
         // env(1) execs the simulator in place (same PID), with its
         // datastore directories in our own directory.
         let args: Vec<String> = vec![

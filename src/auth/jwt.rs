@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 
 use super::{AuthError, Principal, VmGrant, MAX_USER_BYTES, MAX_VM_PATTERNS, MAX_VM_PATTERN_BYTES};
 use crate::config::appliance::Role;
+use crate::config::secrets::{read_private_file, SecretError};
 use crate::config::users::{JwtAlgorithm, JwtConfig};
 
 /// Shortest HS256 secret accepted: 256 bits, the hash's size (RFC 7518
@@ -35,6 +36,9 @@ pub enum KeyError {
     },
     #[error("auth.jwt: {path}: {message}")]
     Bad { path: String, message: String },
+    /// The HS256 secret file is unreadable or others may read it.
+    #[error("auth.jwt.hs256_secret_file: {0}")]
+    Secret(#[from] SecretError),
 }
 
 /// Verifies tokens of one issuer, one audience, one algorithm. Immutable
@@ -55,6 +59,8 @@ impl std::fmt::Debug for JwtVerifier {
     }
 }
 
+/// A public key's file: any mode (a public key is public, so unlike the
+/// HS256 secret it gets no `o-rwx` check).
 fn read_key_file(path: &Path) -> Result<Vec<u8>, KeyError> {
     let shown = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|source| KeyError::Read {
@@ -83,7 +89,8 @@ impl JwtVerifier {
         let (algorithm, key) = match cfg.algorithm {
             JwtAlgorithm::HS256 => {
                 let path = cfg.hs256_secret_file.as_deref().unwrap_or(Path::new(""));
-                let mut secret = read_key_file(path)?;
+                // A shared secret: the file must be private (o-rwx).
+                let mut secret = read_private_file(path, MAX_KEY_FILE_BYTES)?;
                 while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                     secret.pop();
                 }

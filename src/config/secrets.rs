@@ -7,6 +7,15 @@
 //! `o-rwx`), at most [`MAX_SECRET_BYTES`], UTF-8; one trailing newline is
 //! dropped. Errors name the file, never its content.
 //!
+//! The mode rule is shared by every secret the appliance reads from a file:
+//! token files and credentials here, the JWT HS256 secret
+//! (`auth::jwt`), the hypervisor password files (`hypervisor::static_targets`,
+//! `hypervisor::vsphere::config`) read through [`read_private_file`], and
+//! the console's TLS key, checked with the rest by
+//! [`ApplianceConfig::check_secret_file_modes`] before anything starts (so
+//! `check-config`, the start and a reload refuse the same files). Group
+//! access is fine: the packaged files are 0640 root:consolegate.
+//!
 //! Like the rest of `config`, this opens no socket and depends on no plane;
 //! its only IO is reading the files it is pointed at.
 
@@ -15,10 +24,14 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use super::appliance::{check_token, ApplianceConfig, ConfigFileError};
+use super::users::JwtAlgorithm;
+use crate::hypervisor::backend::HypervisorConfig;
 
 /// Largest secret file read. A token is at most a few KiB; the cap makes a
 /// wrong path (a device, a log) fail fast.
 pub const MAX_SECRET_BYTES: u64 = 64 * 1024;
+/// The permission bits of "others": a secret file must have none of them.
+const OTHERS_PERMISSION_BITS: u32 = 0o007;
 /// The variable systemd sets to the directory of the unit's credentials.
 pub const CREDENTIALS_ENV: &str = "CREDENTIALS_DIRECTORY";
 
@@ -33,13 +46,13 @@ pub enum SecretError {
     #[error("{} is not a regular file", path.display())]
     NotAFile { path: PathBuf },
     #[error(
-        "{} is readable by others (mode {mode:04o}); run: chmod o-rwx {}",
+        "{} holds a secret but others have access to it (mode {mode:04o}): refused; run: chmod o-rwx {}",
         path.display(),
         path.display()
     )]
     ReadableByOthers { path: PathBuf, mode: u32 },
-    #[error("{} is larger than {MAX_SECRET_BYTES} bytes", path.display())]
-    TooLarge { path: PathBuf },
+    #[error("{} is larger than {max_bytes} bytes", path.display())]
+    TooLarge { path: PathBuf, max_bytes: u64 },
     #[error("{} is empty", path.display())]
     Empty { path: PathBuf },
     #[error("{} is not UTF-8 text", path.display())]
@@ -69,6 +82,63 @@ pub enum CredentialMode {
     SkipOutsideService,
 }
 
+/// Refuse `mode` (of the file at `path`) when it gives others any access:
+/// read, write or execute. The one mode rule of every secret file.
+pub fn check_private_mode(path: &Path, mode: u32) -> Result<(), SecretError> {
+    let mode = mode & 0o7777;
+    if mode & OTHERS_PERMISSION_BITS != 0 {
+        return Err(SecretError::ReadableByOthers {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Check the file at `path` (symbolic links followed, as a read would) is
+/// a regular file that others cannot access, without reading it.
+pub fn check_private_path(path: &Path) -> Result<(), SecretError> {
+    let meta = std::fs::metadata(path).map_err(|source| SecretError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(SecretError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    check_private_mode(path, meta.mode())
+}
+
+/// Read a secret file: a regular file others cannot access, at most
+/// `max_bytes`, any bytes (a key, a password). The open file's metadata is
+/// checked, not the path's: what is checked is what is read.
+pub fn read_private_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, SecretError> {
+    let read_err = |source| SecretError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(SecretError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    check_private_mode(path, meta.mode())?;
+    let mut bytes = Vec::new();
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(SecretError::TooLarge {
+            path: path.to_path_buf(),
+            max_bytes,
+        });
+    }
+    Ok(bytes)
+}
+
 /// Read one secret.
 pub fn read_secret(
     source: SecretSource<'_>,
@@ -85,27 +155,7 @@ pub fn read_secret(
             }
         },
     };
-    let read_err = |source| SecretError::Read {
-        path: path.clone(),
-        source,
-    };
-    let file = std::fs::File::open(&path).map_err(read_err)?;
-    // The open file's metadata, not the path's: what is checked is what is read.
-    let meta = file.metadata().map_err(read_err)?;
-    if !meta.is_file() {
-        return Err(SecretError::NotAFile { path });
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o007 != 0 {
-        return Err(SecretError::ReadableByOthers { path, mode });
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_SECRET_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    if bytes.len() as u64 > MAX_SECRET_BYTES {
-        return Err(SecretError::TooLarge { path });
-    }
+    let bytes = read_private_file(&path, MAX_SECRET_BYTES)?;
     let text = String::from_utf8(bytes).map_err(|_| SecretError::NotText { path: path.clone() })?;
     let text = text
         .strip_suffix('\n')
@@ -158,7 +208,67 @@ impl ApplianceConfig {
             t.token = value;
         }
         self.check_duplicate_tokens()?;
+        self.check_secret_file_modes()?;
         Ok(warnings)
+    }
+
+    /// The secret files the config names besides the tokens, each with its
+    /// key: the console's TLS private key, the JWT HS256 secret, the
+    /// hypervisor password files. Not `auth.jwt.public_key_file`: a public
+    /// key is public, any mode is fine. Not `vsphere ca_file` either (CA
+    /// certificates are public).
+    pub fn secret_files(&self) -> Vec<(String, PathBuf)> {
+        let mut files = Vec::new();
+        if let Some(tls) = &self.tls {
+            files.push(("tls.key".to_string(), tls.key.clone()));
+        }
+        let jwt = &self.auth.jwt;
+        if jwt.enabled && jwt.algorithm == JwtAlgorithm::HS256 {
+            if let Some(p) = &jwt.hs256_secret_file {
+                files.push(("auth.jwt.hs256_secret_file".to_string(), p.clone()));
+            }
+        }
+        for (i, h) in self.hypervisors.iter().enumerate() {
+            match h {
+                HypervisorConfig::Vsphere(v) => files.push((
+                    format!("hypervisors[{i}].password_file"),
+                    v.password_file.clone(),
+                )),
+                HypervisorConfig::Static(s) => {
+                    for (j, vm) in s.vms.iter().enumerate() {
+                        if let Some(p) = &vm.password_file {
+                            files.push((
+                                format!("hypervisors[{i}].vms[{j}].password_file"),
+                                p.clone(),
+                            ));
+                        }
+                    }
+                }
+                // QEMU: one-time VNC passwords over QMP, no file; demo: none.
+                HypervisorConfig::Qemu(_) | HypervisorConfig::Demo(_) => {}
+            }
+        }
+        files
+    }
+
+    /// Refuse a config whose secret files ([`secret_files`](Self::secret_files))
+    /// others may access, naming the key, the file, its mode and the chmod
+    /// that fixes it. A file that cannot be read at all is left to the
+    /// part that reads it (the TLS setup, the JWT verifier, the hypervisor),
+    /// which reports it as before.
+    pub fn check_secret_file_modes(&self) -> Result<(), ConfigFileError> {
+        for (key, path) in self.secret_files() {
+            match check_private_path(&path) {
+                Ok(()) | Err(SecretError::Read { .. }) => {}
+                Err(e) => {
+                    return Err(ConfigFileError::Invalid {
+                        key,
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -280,6 +390,124 @@ mod tests {
             e.starts_with("auth.tokens[1].credential: the token read: shorter"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_mode_rule_refuses_any_access_by_others_and_allows_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o600, 0o640, 0o660, 0o400, 0o440] {
+            let p = write(dir.path(), &format!("ok{mode:o}"), "s", mode);
+            assert_eq!(read_private_file(&p, 16).unwrap(), b"s");
+            check_private_path(&p).unwrap();
+        }
+        for mode in [0o644, 0o604, 0o602, 0o601, 0o666, 0o777] {
+            let p = write(dir.path(), &format!("open{mode:o}"), "s", mode);
+            let e = read_private_file(&p, 16).unwrap_err();
+            assert!(
+                matches!(e, SecretError::ReadableByOthers { mode: m, .. } if m == mode),
+                "{e}"
+            );
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("(mode {mode:04o})"))
+                    && text.ends_with(&format!("run: chmod o-rwx {}", p.display())),
+                "{text}"
+            );
+            assert!(matches!(
+                check_private_path(&p),
+                Err(SecretError::ReadableByOthers { .. })
+            ));
+        }
+        let p = write(dir.path(), "big", "12345", 0o600);
+        assert!(matches!(
+            read_private_file(&p, 4),
+            Err(SecretError::TooLarge { max_bytes: 4, .. })
+        ));
+    }
+
+    /// A config naming one secret file of each kind, all 0600.
+    fn config_with_secret_files(dir: &Path) -> ApplianceConfig {
+        use crate::config::appliance::TlsConfig;
+        use crate::hypervisor::static_targets::{StaticConfig, StaticVmConfig};
+        use crate::hypervisor::vsphere::config::VsphereConfig;
+        let mut c = ApplianceConfig {
+            tls: Some(TlsConfig {
+                cert: write(dir, "cert.pem", "public", 0o644),
+                key: write(dir, "key.pem", "private", 0o600),
+                allow_plain: false,
+            }),
+            ..ApplianceConfig::default()
+        };
+        c.auth.jwt.enabled = true;
+        c.auth.jwt.hs256_secret_file = Some(write(dir, "jwt.secret", TOKEN, 0o600));
+        let vc = write(dir, "vc.password", "p", 0o600);
+        c.hypervisors
+            .push(HypervisorConfig::Vsphere(VsphereConfig::new(
+                "vc1",
+                "https://vc.example/sdk",
+                "u",
+                &vc,
+            )));
+        let vm = StaticVmConfig {
+            password_file: Some(write(dir, "vnc.password", "p", 0o600)),
+            ..StaticVmConfig::new("x1", None, "10.0.0.7", 5901, None)
+        };
+        c.hypervisors
+            .push(HypervisorConfig::Static(StaticConfig::new(
+                "lab",
+                vec![vm],
+                4,
+            )));
+        c
+    }
+
+    #[test]
+    fn every_secret_file_others_may_read_is_refused_naming_its_key() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let c = config_with_secret_files(dir.path());
+        let files = c.secret_files();
+        let keys: Vec<&str> = files.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "tls.key",
+                "auth.jwt.hs256_secret_file",
+                "hypervisors[0].password_file",
+                "hypervisors[1].vms[0].password_file"
+            ]
+        );
+        // The certificate is 0644 and that is fine: it is public.
+        c.check_secret_file_modes().unwrap();
+        for (key, path) in &files {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let e = c.check_secret_file_modes().unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("{key}: {}", path.display()))
+                    && e.contains("(mode 0644)")
+                    && e.contains("chmod o-rwx"),
+                "{e}"
+            );
+            // resolve_secrets (check-config, the start, a reload) refuses it too.
+            let e = c
+                .clone()
+                .resolve_secrets(None, CredentialMode::Required)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(&format!("{key}: ")), "{e}");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        }
+        c.check_secret_file_modes().unwrap();
+        // A missing file is left to its reader (which says it cannot read it).
+        std::fs::remove_file(&files[0].1).unwrap();
+        c.check_secret_file_modes().unwrap();
+        // JWTs off or a public key: the secret file is not one.
+        let mut off = c.clone();
+        off.auth.jwt.enabled = false;
+        assert!(!off
+            .secret_files()
+            .iter()
+            .any(|(k, _)| k.starts_with("auth.")));
     }
 
     #[test]

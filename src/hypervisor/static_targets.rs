@@ -256,18 +256,10 @@ fn read_password(hypervisor: &str, vm: &StaticVmConfig) -> Result<Option<Secret>
         path: path.clone(),
         problem,
     };
-    let file = std::fs::File::open(path).map_err(|e| problem(e.to_string()))?;
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(file, MAX_PASSWORD_FILE_BYTES + 1),
-        &mut bytes,
-    )
-    .map_err(|e| problem(e.to_string()))?;
-    if bytes.len() as u64 > MAX_PASSWORD_FILE_BYTES {
-        return Err(problem(format!(
-            "longer than {MAX_PASSWORD_FILE_BYTES} bytes"
-        )));
-    }
+    // A private file (o-rwx, the rule of every secret file); the error
+    // names the file and its mode, never the contents.
+    let bytes = crate::config::secrets::read_private_file(path, MAX_PASSWORD_FILE_BYTES)
+        .map_err(|e| problem(e.to_string()))?;
     // Never echo the contents in the error.
     let mut text = String::from_utf8(bytes).map_err(|_| problem("not UTF-8 text".into()))?;
     if text.ends_with('\n') {
@@ -430,9 +422,23 @@ mod tests {
 
     #[test]
     fn password_files_are_read_trimmed_and_never_shown() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pw");
         std::fs::write(&path, "s3cr3t!\n").unwrap();
+        // Others may read it: refused, naming the file and the mode.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut open = vm("a", 5900);
+        open.password_file = Some(path.clone());
+        let e = StaticBackend::new(config(vec![open]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("(mode 0644)") && e.contains("chmod o-rwx") && !e.contains("s3cr3t"),
+            "{e}"
+        );
+        // Group-readable is fine.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         let mut with_file = vm("a", 5900);
         with_file.password_file = Some(path.clone());
         let backend = StaticBackend::new(config(vec![with_file.clone()])).unwrap();

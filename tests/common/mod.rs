@@ -574,6 +574,26 @@ fn probe_rfb(port: u16, child: &mut Child) -> Result<(), String> {
     }
 }
 
+/// Writes a file holding a secret (a key, a password, a JWT secret) with
+/// mode 0600, as the appliance requires of every secret file it reads
+/// (`config::secrets`: others may not read it). Created 0600, so the
+/// secret is never readable by others, even for a moment.
+pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    // An existing file keeps its mode on open: set it.
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod 0600 {}: {e}", path.display()));
+    file.write_all(contents.as_ref())
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
 /// Writes a VNC password file with `vncpasswd -f` (TigerVNC's obfuscated format).
 pub fn write_vnc_password_file(password: &str, path: &Path) {
     let vncpasswd = find_program("vncpasswd").unwrap_or_else(|| {
@@ -598,7 +618,7 @@ pub fn write_vnc_password_file(password: &str, path: &Path) {
         "vncpasswd -f failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    fs::write(path, out.stdout).expect("write password file");
+    write_private(path, out.stdout);
 }
 
 // ---------------------------------------------------------------------------
@@ -1615,7 +1635,7 @@ impl TestCert {
         let cert_path = dir.path().join("cert.pem");
         let key_path = dir.path().join("key.pem");
         fs::write(&cert_path, ck.cert.pem()).unwrap();
-        fs::write(&key_path, ck.signing_key.serialize_pem()).unwrap();
+        write_private(&key_path, ck.signing_key.serialize_pem());
         TestCert {
             cert_der: ck.cert.der().to_vec(),
             cert_path,

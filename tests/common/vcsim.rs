@@ -11,7 +11,6 @@
 //! killed and restarted on the same port with the same certificate.
 
 use std::fs;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -166,8 +165,7 @@ impl Vcsim {
             .prefix("consolegate-vcsim-")
             .tempdir()
             .expect("tempdir");
-        let mut password = fs::File::create(dir.path().join("password")).unwrap();
-        writeln!(password, "{PASSWORD}").unwrap();
+        super::write_private(&dir.path().join("password"), format!("{PASSWORD}\n"));
         let mut sim = Vcsim {
             child: None,
             url: String::new(),

@@ -137,7 +137,7 @@ impl BackendCert {
         let cert_path = dir.path().join("cert.pem");
         let key_path = dir.path().join("key.pem");
         fs::write(&cert_path, ck.cert.pem()).expect("write cert.pem");
-        fs::write(&key_path, ck.signing_key.serialize_pem()).expect("write key.pem");
+        super::write_private(&key_path, ck.signing_key.serialize_pem());
         let cert_der = ck.cert.der().to_vec();
         BackendCert {
             sha1: thumbprint_sha1(&cert_der),

@@ -4,6 +4,8 @@
 #
 #   tests/packaging/install-test.sh DEB_OLD DEB_NEW RPM_OLD RPM_NEW
 #
+# ONLY=deb|rpm|rpm-systemd runs one of the three tests (while working on it).
+#
 # A minimal Debian 12 root is made once with debootstrap and cached in
 # $CONSOLEGATE_TEST_CACHE (default /var/cache/consolegate-test, outside the
 # checkout; ~2 min the first time, then ~250 MB reused); each test works on a
@@ -17,8 +19,13 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CACHE=${CONSOLEGATE_TEST_CACHE:-/var/cache/consolegate-test}
 BASE=$CACHE/bookworm-minbase
+RPM_BASE=$CACHE/bookworm-rpm
 # Deadlines, seconds.
-BOOT_S=60 SERVICE_S=30 WATCHDOG_RESTART_S=40 FRAMES_S=20
+BOOT_S=60 SERVICE_S=30 WATCHDOG_RESTART_S=40 FRAMES_S=20 STALL_S=20
+# The test's drop-in shortens the watchdog and the worker stall threshold so
+# the stuck-worker check takes seconds (a stall is seen after
+# WORKER_STALL_MS, the watchdog fires WatchdogSec later).
+WORKER_STALL_MS=3000
 
 fail() { echo "FAIL: $*" >&2; [ -n "${PID1:-}" ] && nsenter -t "$PID1" -a journalctl -u consolegate --no-pager -n 40 -o verbose | grep -E "^ *(MESSAGE|CG_[A-Z_]*)=" >&2 || true; exit 1; }
 step() { echo "== $*"; }
@@ -58,6 +65,26 @@ base_root() {
     touch "$BASE/.complete"
 }
 
+# The base root plus Debian's rpm, for the rpm test under systemd (made once
+# from the base with apt in a chroot, which has the host's network; the
+# booted containers have none).
+rpm_root() {
+    [ -f "$RPM_BASE/.complete" ] && return
+    step "add Debian's rpm to a copy of the root ($RPM_BASE, cached for later runs)"
+    rm -rf "$RPM_BASE.partial"
+    cp -a "$BASE" "$RPM_BASE.partial"
+    rm -f "$RPM_BASE.partial/.complete"
+    cp /etc/resolv.conf "$RPM_BASE.partial/etc/resolv.conf"
+    { chroot "$RPM_BASE.partial" apt-get update -q &&
+        chroot "$RPM_BASE.partial" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -q --no-install-recommends rpm &&
+        chroot "$RPM_BASE.partial" apt-get clean; } >"$CACHE/rpm-root.log" 2>&1 \
+        || { tail -20 "$CACHE/rpm-root.log" >&2; fail "apt-get install rpm in the chroot"; }
+    rm -rf "$RPM_BASE"
+    mv "$RPM_BASE.partial" "$RPM_BASE"
+    touch "$RPM_BASE/.complete"
+}
+
 WORK=$(mktemp -d "$CACHE/run.XXXXXX")
 NSPAWN=
 cleanup() {
@@ -67,6 +94,7 @@ cleanup() {
         kill -KILL "$NSPAWN" 2>/dev/null || true
     fi
     [ -n "${CONSOLE:-}" ] && kill "$CONSOLE" 2>/dev/null || true
+    [ -n "${STOPPER:-}" ] && kill "$STOPPER" 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -137,15 +165,104 @@ start_console() {
     wait_frames 10
 }
 
-deb_test() {
-    ROOT=$WORK/deb
+# copy_root BASE DIR: a copy of the cached root (ROOT=DIR) with the test's
+# drop-in: a short watchdog and worker stall
+# threshold so the stuck-worker check is quick.
+copy_root() {
+    ROOT=$2
     step "copy the cached root"
-    cp -a "$BASE" "$ROOT"
+    cp -a "$1" "$ROOT"
+    mkdir -p "$ROOT/etc/systemd/system/consolegate.service.d"
+    printf '[Service]\nWatchdogSec=3s\nTimeoutAbortSec=3s\nEnvironment=CONSOLEGATE_CONTROL_WORKER_STALL_MS=%s\n' \
+        "$WORKER_STALL_MS" >"$ROOT/etc/systemd/system/consolegate.service.d/test.conf"
+}
+
+http_code() { in_net curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:8080$1" || true; }
+
+# One worker thread stuck (ptrace-stopped by stop_thread.py from the host),
+# the rest of the process running: the control plane sees the stall
+# (/readyz 503, same main PID), withholds the watchdog pings, and systemd
+# kills and restarts the service, which serves again.
+stuck_worker_restarts() {
+    step "one stuck worker thread (the rest running) stops the watchdog pings; systemd restarts the service"
+    local pid restarts end
+    pid=$(service_prop MainPID)
+    restarts=$(service_prop NRestarts)
+    rm -f "$WORK/stopped"
+    python3 "$HERE/stop_thread.py" "$PID1" "$pid" cg-worker-0 "$WORK/stopped" >"$WORK/stop_thread.out" 2>&1 &
+    STOPPER=$!
+    end=$((SECONDS + 10))
+    until [ -s "$WORK/stopped" ]; do
+        kill -0 "$STOPPER" 2>/dev/null || fail "stop_thread.py: $(cat "$WORK/stop_thread.out")"
+        [ $SECONDS -lt $end ] || fail "the worker thread did not stop within 10 s: $(cat "$WORK/stop_thread.out")"
+        sleep 0.1
+    done
+    # The rest runs: the control plane answers and reports the stall.
+    end=$((SECONDS + STALL_S))
+    until [ "$(http_code /readyz)" = 503 ]; do
+        [ "$(service_prop MainPID)" = "$pid" ] || fail "restarted before /readyz reported the stalled worker"
+        [ $SECONDS -lt $end ] || fail "/readyz did not report the stalled worker (not within ${STALL_S} s)"
+        sleep 0.2
+    done
+    [ "$(service_prop MainPID)" = "$pid" ] || fail "the main PID changed while the worker was stopped"
+    [ "$(http_code /healthz)" = 200 ] || fail "/healthz while one worker is stopped: the rest of the process should run"
+    until_ok "$WATCHDOG_RESTART_S" "a restart after the watchdog timeout (NRestarts above $restarts)" \
+        sh -c "[ \$(nsenter -t $PID1 -a systemctl show -p NRestarts --value consolegate) -gt $restarts ]"
+    until_ok "$SERVICE_S" "consolegate active again" in_ct systemctl is-active consolegate
+    [ "$(service_prop MainPID)" != "$pid" ] || fail "same main PID after the restart"
+    in_ct journalctl -u consolegate --no-pager | grep -q "Watchdog timeout" || fail "no watchdog timeout in the journal"
+    until_ok "$SERVICE_S" "/healthz answering after the restart" sh -c "[ \"\$(nsenter -t $PID1 -n curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/healthz)\" = 200 ]"
+    api /api/v1/stats >/dev/null || fail "the API after the restart"
+    # The helper leaves once the process is gone; stop it by PID if not.
+    end=$((SECONDS + 10))
+    while kill -0 "$STOPPER" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.2; done
+    kill "$STOPPER" 2>/dev/null || true
+    wait "$STOPPER" || fail "stop_thread.py: $(cat "$WORK/stop_thread.out")"
+    STOPPER=
+}
+
+# upgrade_keeps_consoles LOG CMD...: run the package manager's upgrade CMD in
+# the container while a console is live (start_console) and a session is
+# admitted but not yet connected, and check the hand-off: the package did not
+# fall back to a restart, a new main PID without a systemd restart, the old
+# process alive and the live console flowing, the admitted session
+# connecting through the new process, the old process exiting once its last
+# console ends.
+upgrade_keeps_consoles() {
+    local log=$1 old_pid restarts new_pid
+    shift
+    old_pid=$(service_prop MainPID)
+    restarts=$(service_prop NRestarts)
+    rm -f "$WORK/admitted" "$WORK/go"
+    in_net python3 "$HERE/console.py" --admit-only http://127.0.0.1:8080 "$ROOT/etc/consolegate/admin-token" \
+        "$WORK/admitted" "$WORK/go" >"$WORK/admitted.out" 2>&1 &
+    ADMITTED=$!
+    until_ok 20 "the admitted session" grep -qx admitted "$WORK/admitted"
+    in_ct "$@" >"$log" 2>&1 || { cat "$log"; fail "upgrade: $*"; }
+    grep -q "did not finish" "$log" && fail "the package fell back to a restart: $(cat "$log")"
+    in_ct systemctl is-active consolegate >/dev/null || fail "inactive after the upgrade"
+    new_pid=$(service_prop MainPID)
+    [ "$new_pid" != "$old_pid" ] || fail "the main PID did not change"
+    in_ct sh -c "kill -0 $old_pid" || fail "the old process exited with a live console"
+    wait_frames 20
+    api /api/v1/stats >/dev/null || fail "the API after the upgrade"
+    [ "$(service_prop NRestarts)" = "$restarts" ] || fail "systemd restarted the service during the upgrade: NRestarts $restarts -> $(service_prop NRestarts)"
+    touch "$WORK/go"
+    wait "$ADMITTED" || fail "the session admitted before the upgrade: $(cat "$WORK/admitted.out")"
+    [ "$(cat "$WORK/admitted")" = 10 ] || fail "admitted session: $(cat "$WORK/admitted")"
+    step "the old process exits once its last console ends"
+    touch "$WORK/stop"
+    wait "$CONSOLE" || fail "console: $(cat "$WORK/console.out")"
+    CONSOLE=
+    until_ok 15 "the old process to exit" sh -c "! nsenter -t $PID1 -a sh -c 'kill -0 $old_pid'"
+    in_ct systemctl is-active consolegate >/dev/null || fail "inactive after the old process left"
+    [ "$(service_prop MainPID)" = "$new_pid" ] || fail "main PID changed again"
+}
+
+deb_test() {
+    copy_root "$BASE" "$WORK/deb"
     cp "$DEB_OLD" "$ROOT/srv/old.deb"
     cp "$DEB_NEW" "$ROOT/srv/new.deb"
-    # The test's own drop-in: a short watchdog so the restart check is quick.
-    mkdir -p "$ROOT/etc/systemd/system/consolegate.service.d"
-    printf '[Service]\nWatchdogSec=3s\nTimeoutAbortSec=3s\n' >"$ROOT/etc/systemd/system/consolegate.service.d/test.conf"
     boot "$ROOT"
 
     step "apt install the .deb; the service starts and reports READY"
@@ -164,14 +281,7 @@ deb_test() {
     [ "$code" = 401 ] || fail "a wrong token got $code"
     in_ct journalctl -u consolegate --no-pager | grep -q "demo console started" && fail "the demo console runs"
 
-    step "a stuck process stops the watchdog pings; systemd restarts it"
-    pid=$(service_prop MainPID)
-    in_ct sh -c "kill -STOP $pid"
-    until_ok "$WATCHDOG_RESTART_S" "a restart after the watchdog timeout" \
-        sh -c "[ \$(nsenter -t $PID1 -a systemctl show -p NRestarts --value consolegate) -ge 1 ]"
-    until_ok "$SERVICE_S" "consolegate active again" in_ct systemctl is-active consolegate
-    [ "$(service_prop MainPID)" != "$pid" ] || fail "same main PID after the restart"
-    in_ct journalctl -u consolegate --no-pager | grep -q "Watchdog timeout" || fail "no watchdog timeout in the journal"
+    stuck_worker_restarts
 
     step "edit the conffile: TLS on the console port (plain ws allowed), a marker line"
     mkdir -p "$WORK/tls1" "$WORK/tls2"
@@ -222,37 +332,12 @@ TOML
         || fail "no session line with CG_SESSION/CG_USER fields"
 
     step "upgrade to the newer build with a live console: hand-off, the console keeps flowing, the edit survives"
-    old_pid=$(service_prop MainPID)
-    restarts=$(service_prop NRestarts)
-    # A session admitted before the upgrade, connected after it.
-    in_net python3 "$HERE/console.py" --admit-only http://127.0.0.1:8080 "$ROOT/etc/consolegate/admin-token" \
-        "$WORK/admitted" "$WORK/go" >"$WORK/admitted.out" 2>&1 &
-    ADMITTED=$!
-    until_ok 20 "the admitted session" grep -qx admitted "$WORK/admitted"
-    in_ct apt-get install -y -q -o Dpkg::Options::=--force-confold /srv/new.deb >"$WORK/apt-upgrade.log" 2>&1 \
-        || { cat "$WORK/apt-upgrade.log"; fail "apt upgrade"; }
-    grep -q "did not finish" "$WORK/apt-upgrade.log" && fail "postinst fell back to a restart: $(cat "$WORK/apt-upgrade.log")"
+    upgrade_keeps_consoles "$WORK/apt-upgrade.log" \
+        apt-get install -y -q -o Dpkg::Options::=--force-confold /srv/new.deb
     new_version=$(dpkg-deb -f "$DEB_NEW" Version)
     [ "$(in_ct dpkg-query -W -f '${Version}' consolegate)" = "$new_version" ] || fail "not upgraded to $new_version"
     grep -q "local edit by the package test" "$ROOT/etc/consolegate/consolegate.toml" || fail "the conffile edit was lost"
     [ "$(mode_of "$ROOT" /etc/consolegate/consolegate.toml)" = "640 root consolegate" ] || fail "config mode after upgrade"
-    in_ct systemctl is-active consolegate >/dev/null || fail "inactive after the upgrade"
-    new_pid=$(service_prop MainPID)
-    [ "$new_pid" != "$old_pid" ] || fail "the main PID did not change"
-    in_ct sh -c "kill -0 $old_pid" || fail "the old process exited with a live console"
-    wait_frames 20
-    api /api/v1/stats >/dev/null || fail "the API after the upgrade"
-    [ "$(service_prop NRestarts)" = "$restarts" ] || fail "systemd restarted the service during the upgrade: NRestarts $restarts -> $(service_prop NRestarts)"
-    touch "$WORK/go"
-    wait "$ADMITTED" || fail "the session admitted before the upgrade: $(cat "$WORK/admitted.out")"
-    [ "$(cat "$WORK/admitted")" = 10 ] || fail "admitted session: $(cat "$WORK/admitted")"
-    step "the old process exits once its last console ends"
-    touch "$WORK/stop"
-    wait "$CONSOLE" || fail "console: $(cat "$WORK/console.out")"
-    CONSOLE=
-    until_ok 15 "the old process to exit" sh -c "! nsenter -t $PID1 -a sh -c 'kill -0 $old_pid'"
-    in_ct systemctl is-active consolegate >/dev/null || fail "inactive after the old process left"
-    [ "$(service_prop MainPID)" = "$new_pid" ] || fail "main PID changed again"
 
     step "remove keeps the config; purge removes config, token, state, user"
     in_ct apt-get remove -y -q consolegate >/dev/null 2>&1 || fail "apt remove"
@@ -304,8 +389,55 @@ rpm_test() {
     echo "rpm test passed"
 }
 
+# The rpm under systemd: install, upgrade with the hand-off, erase, in a
+# booted container (Debian's rpm in a Debian root: no Fedora root to boot).
+rpm_systemd_test() {
+    copy_root "$RPM_BASE" "$WORK/rpm-systemd"
+    cp "$RPM" "$ROOT/srv/old.rpm"
+    cp "$RPM_NEW" "$ROOT/srv/new.rpm"
+    boot "$ROOT"
+
+    step "rpm -i under systemd, then systemctl enable --now; the service reports READY"
+    in_ct rpm --initdb
+    # --nodeps: the container's packages are in dpkg's database, not rpm's,
+    # so the rpm's Requires (systemd, shadow-utils, coreutils: Fedora's
+    # names) cannot be resolved although Debian's systemd, passwd and
+    # coreutils are installed. --force-debian: Debian's rpm otherwise warns
+    # that rpm should not install packages on a Debian system.
+    in_ct rpm -i --nodeps --force-debian /srv/old.rpm >"$WORK/rpm-install.log" 2>&1 || { cat "$WORK/rpm-install.log"; fail "rpm -i"; }
+    # As on Fedora, installing an rpm starts nothing (%systemd_post presets).
+    in_ct systemctl enable --now consolegate >>"$WORK/rpm-install.log" 2>&1 || { cat "$WORK/rpm-install.log"; fail "systemctl enable --now"; }
+    until_ok "$SERVICE_S" "consolegate active (rpm)" in_ct systemctl is-active consolegate
+    [ "$(service_prop StatusText)" = "listening; workers running" ] || fail "rpm: status: $(service_prop StatusText)"
+    [ "$(service_prop User)" = consolegate ] || fail "rpm: User=$(service_prop User)"
+    [ "$(mode_of "$ROOT" /etc/consolegate/admin-token)" = "600 root root" ] || fail "rpm: token mode"
+    api /api/v1/stats >/dev/null || fail "rpm: GET /api/v1/stats with the admin token"
+
+    step "rpm -U with a live console: the old package's %postun hands over"
+    start_console
+    upgrade_keeps_consoles "$WORK/rpm-upgrade.log" rpm -U --nodeps --force-debian /srv/new.rpm
+    [ "$(in_ct rpm -q --qf '%{RELEASE}' consolegate)" = "$(rpm -qp --qf '%{RELEASE}' "$RPM_NEW")" ] || fail "rpm -U: not the new release"
+    [ "$(mode_of "$ROOT" /etc/consolegate/admin-token)" = "600 root root" ] || fail "rpm -U: the token is gone or changed mode"
+
+    step "rpm -e stops and disables the service, removes the files and the token"
+    in_ct rpm -e --nodeps consolegate >"$WORK/rpm-erase.log" 2>&1 || { cat "$WORK/rpm-erase.log"; fail "rpm -e"; }
+    in_ct systemctl is-active consolegate >/dev/null && fail "active after rpm -e"
+    [ "$(http_code /healthz)" = 000 ] || fail "something still answers on the control port after rpm -e"
+    [ ! -e "$ROOT/usr/bin/consolegate" ] || fail "rpm -e left the binary"
+    [ ! -e "$ROOT/etc/consolegate/admin-token" ] || fail "rpm -e left the token"
+    kill -TERM "$NSPAWN"
+    wait "$NSPAWN" 2>/dev/null || true
+    NSPAWN= PID1=
+    echo "rpm test under systemd passed"
+}
+
 exposure
 base_root
-rpm_test
-deb_test
+case ${ONLY:-all} in
+all) rpm_test; deb_test; rpm_root; rpm_systemd_test ;;
+deb) deb_test ;;
+rpm) rpm_test ;;
+rpm-systemd) rpm_root; rpm_systemd_test ;;
+*) fail "ONLY=$ONLY: deb, rpm or rpm-systemd" ;;
+esac
 echo "install tests passed"

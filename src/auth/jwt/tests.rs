@@ -27,6 +27,13 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A secret file as the appliance wants it: 0600.
+fn write_private(path: &std::path::Path, bytes: &[u8]) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, bytes).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     cfg: JwtConfig,
@@ -38,7 +45,7 @@ fn hs256() -> Setup {
     // A trailing newline is not part of the secret.
     let mut file = SECRET.to_vec();
     file.push(b'\n');
-    std::fs::write(&path, file).unwrap();
+    write_private(&path, &file);
     Setup {
         cfg: JwtConfig {
             enabled: true,
@@ -301,7 +308,7 @@ fn key_files_are_checked_at_start() {
     let s = hs256();
     let dir = tempfile::tempdir().unwrap();
     let short = dir.path().join("short");
-    std::fs::write(&short, b"too-short\n").unwrap();
+    write_private(&short, b"too-short\n");
     let e = JwtVerifier::from_config(&JwtConfig {
         hs256_secret_file: Some(short),
         ..s.cfg.clone()
@@ -313,7 +320,10 @@ fn key_files_are_checked_at_start() {
         ..s.cfg.clone()
     })
     .unwrap_err();
-    assert!(matches!(e, KeyError::Read { .. }), "{e}");
+    assert!(
+        matches!(e, KeyError::Secret(SecretError::Read { .. })),
+        "{e}"
+    );
     let e = JwtVerifier::from_config(&JwtConfig {
         algorithm: JwtAlgorithm::EdDSA,
         hs256_secret_file: None,
@@ -325,4 +335,37 @@ fn key_files_are_checked_at_start() {
     assert!(JwtVerifier::from_config(&JwtConfig::default())
         .unwrap()
         .is_none());
+}
+
+#[test]
+fn an_hs256_secret_others_may_read_is_refused_a_public_key_is_not() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = hs256();
+    let path = s.cfg.hs256_secret_file.clone().unwrap();
+    for mode in [0o644, 0o604, 0o602, 0o601] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let e = JwtVerifier::from_config(&s.cfg).unwrap_err().to_string();
+        assert!(
+            e.starts_with("auth.jwt.hs256_secret_file: ")
+                && e.contains(&format!("(mode {mode:04o})"))
+                && e.contains(&format!("chmod o-rwx {}", path.display())),
+            "{e}"
+        );
+        assert!(!e.contains("0123456789abcdef"), "the secret leaked: {e}");
+    }
+    // Group-readable is fine (0640 root:consolegate).
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert!(JwtVerifier::from_config(&s.cfg).unwrap().is_some());
+    // A world-readable public key is accepted.
+    let dir = tempfile::tempdir().unwrap();
+    let public = dir.path().join("public.pem");
+    std::fs::copy(fixture("rs256-public.pem"), &public).unwrap();
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = JwtConfig {
+        algorithm: JwtAlgorithm::RS256,
+        hs256_secret_file: None,
+        public_key_file: Some(public),
+        ..s.cfg.clone()
+    };
+    assert!(JwtVerifier::from_config(&cfg).unwrap().is_some());
 }

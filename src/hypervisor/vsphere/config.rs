@@ -211,18 +211,14 @@ impl VsphereConfig {
         Ok(())
     }
 
-    /// Reads the password file.
+    /// Reads the password file: a private file (`o-rwx`, the rule of every
+    /// secret file), at most [`MAX_PASSWORD_FILE_BYTES`].
     pub fn read_password(&self) -> Result<Secret, String> {
         let path = &self.password_file;
-        let meta = std::fs::metadata(path)
-            .map_err(|e| format!("password file {path:?} cannot be read: {e}"))?;
-        if meta.len() > MAX_PASSWORD_FILE_BYTES {
-            return Err(format!(
-                "password file {path:?} is larger than {MAX_PASSWORD_FILE_BYTES} bytes"
-            ));
-        }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("password file {path:?} cannot be read: {e}"))?;
+        let bytes = crate::config::secrets::read_private_file(path, MAX_PASSWORD_FILE_BYTES)
+            .map_err(|e| format!("password file: {e}"))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| format!("password file {path:?} is not UTF-8 text"))?;
         let password = text.strip_suffix('\n').unwrap_or(&text);
         let password = password.strip_suffix('\r').unwrap_or(password);
         if password.is_empty() {
@@ -331,10 +327,20 @@ mod tests {
 
     #[test]
     fn the_password_is_read_trimmed_and_never_printed() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pw");
         std::fs::write(&path, "s3cret-pass\n").unwrap();
         let c = VsphereConfig::new("esx1", "https://h/sdk", "u", &path);
+        // Others may read it: refused, naming the file and the mode.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let e = c.read_password().unwrap_err();
+        assert!(
+            e.contains("(mode 0604)") && e.contains(&format!("chmod o-rwx {}", path.display())),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let secret = c.read_password().unwrap();
         assert_eq!(secret.expose(), "s3cret-pass");
         assert!(!format!("{secret:?}").contains("s3cret"));

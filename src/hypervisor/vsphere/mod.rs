@@ -902,6 +902,8 @@ mod tests {
             Err(VsphereError::Password(_))
         ));
         std::fs::write(&pw, "secret\n").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
         config.thumbprint = Some("zz".into());
         let err = VsphereBackend::new(&config).unwrap_err();
         assert!(
