@@ -68,6 +68,27 @@ BIN_DIR=fuzz/target/x86_64-unknown-linux-gnu/release
 
 log() { echo "fuzz($mode): $*" >&2; }
 
+# Longest input libFuzzer makes for a target (-max_len), where long inputs
+# cost much and reach nothing short ones do not; others keep libFuzzer's
+# default (the longest corpus input, at least 4096). Corpus inputs over the
+# limit are cut to it when loaded (the files stay whole). See "Fuzz target
+# throughput" in docs/RELIABILITY.md for the measurements.
+max_len_for() {
+    case "$1" in
+    # A frame header declares its length (7-, 16- or 64-bit form) whatever
+    # follows, so every length path, limit check and "payload cut short"
+    # case fits in 4 KiB; a payload beyond that only repeats Payload steps.
+    # Without it the 70 KB seeds let libFuzzer grow inputs to 70 KB.
+    frame_tracker) echo 4096 ;;
+    # Records carry payloads the harness frames itself: 126 bytes reach the
+    # 16-bit length form (95 in base64 mode), and the 64-bit form would
+    # need 48 KiB or more at any limit. 1 KiB holds several such frames;
+    # every byte more is decoded twice (both roles) a few bytes per call.
+    websocket_roundtrip) echo 1024 ;;
+    *) echo 0 ;;
+    esac
+}
+
 command -v cargo-fuzz >/dev/null 2>&1 || {
     log "cargo-fuzz not found: run 'bash scripts/install-deps.sh fuzz'"
     exit 1
@@ -100,6 +121,9 @@ run_target() {
         runs="$runs_long"
         limits=(-max_total_time="$max_seconds")
     fi
+    local max_len
+    max_len=$(max_len_for "$target")
+    [ "$max_len" -eq 0 ] || limits+=(-max_len="$max_len")
     mkdir -p "$work" "fuzz/artifacts/$target"
     logfile="fuzz/work/$target-$mode.log"
     start=$(date +%s)
