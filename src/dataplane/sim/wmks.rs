@@ -231,8 +231,9 @@ impl WsServer {
         Ok(())
     }
 
-    /// Whole client frames: data frames' raw bytes to `received`; pongs
-    /// must answer its pings in order; the close frame is echoed.
+    /// Whole client frames: data frames' raw bytes to `received`; a pong
+    /// must answer an outstanding ping (older ones may go unanswered, in
+    /// order); the close frame is echoed.
     fn frames(&mut self, received: &mut Vec<u8>) -> Result<(), String> {
         let mut at = 0;
         let result = loop {
@@ -257,11 +258,19 @@ impl WsServer {
                     received.extend_from_slice(raw);
                 }
                 0x9 => self.plain(&server_frame(true, Opcode::Pong, &payload)),
-                0xA => match self.pings_out.pop_front() {
-                    Some(p) if p == payload => {}
-                    other => {
+                // RFC 6455 5.5.3: an endpoint with several pings unanswered
+                // may answer only the latest (the appliance drops the oldest
+                // deferred control frames beyond its bound), so a pong
+                // settles its ping and every older one; it must answer a
+                // ping that was sent and is still outstanding.
+                0xA => match self.pings_out.iter().position(|p| *p == payload) {
+                    Some(i) => {
+                        self.pings_out.drain(..=i);
+                    }
+                    None => {
                         break Err(format!(
-                            "pong {payload:?} does not answer its oldest ping {other:?}"
+                            "pong {payload:?} answers no outstanding ping (outstanding: {:?})",
+                            self.pings_out
                         ))
                     }
                 },
