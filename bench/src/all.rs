@@ -58,10 +58,10 @@ pub struct AllEventsArgs {
     )]
     pub subscribers: Vec<usize>,
     /// Events (rounds) per run.
-    #[arg(long = "event-rounds", default_value_t = 20)]
+    #[arg(id = "all_event_rounds", long = "event-rounds", default_value_t = 20)]
     pub rounds: usize,
     /// Runs per subscriber count (medians are reported).
-    #[arg(long = "event-runs", default_value_t = 3)]
+    #[arg(id = "all_event_runs", long = "event-runs", default_value_t = 3)]
     pub runs: usize,
 }
 
@@ -83,6 +83,7 @@ impl AllEventsArgs {
 pub struct AllConsoleUrlArgs {
     /// JWT algorithms, one appliance instance each per run.
     #[arg(
+        id = "all_console_url_algorithms",
         long = "console-url-algorithms",
         value_enum,
         value_delimiter = ',',
@@ -90,13 +91,25 @@ pub struct AllConsoleUrlArgs {
     )]
     pub algorithms: Vec<JwtAlg>,
     /// Runs (fresh instances); the report gives the medians.
-    #[arg(long = "console-url-runs", default_value_t = 3)]
+    #[arg(
+        id = "all_console_url_runs",
+        long = "console-url-runs",
+        default_value_t = 3
+    )]
     pub runs: usize,
     /// Rounds per variant (bearer, JWT) in each run, alternating.
-    #[arg(long = "console-url-rounds", default_value_t = 2)]
+    #[arg(
+        id = "all_console_url_rounds",
+        long = "console-url-rounds",
+        default_value_t = 2
+    )]
     pub rounds: usize,
     /// Console opens per round, back to back.
-    #[arg(long = "console-url-samples", default_value_t = 200)]
+    #[arg(
+        id = "all_console_url_samples",
+        long = "console-url-samples",
+        default_value_t = 200
+    )]
     pub samples: u64,
 }
 
