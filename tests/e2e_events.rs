@@ -466,7 +466,7 @@ fn a_subscriber_that_never_reads_delays_nobody_and_holds_bounded_memory() {
     const QUEUE: usize = 4 * BATCH;
     raise_nofile();
     let app = appliance(&format!(
-        "[events]\nsubscriber_queue_events = {QUEUE}\nmetrics_interval_ms = 200\n\n\
+        "[events]\nsubscriber_queue_events = {QUEUE}\nstats_interval_ms = 200\n\n\
          [viewers]\nmax_sessions_per_user = {}\n",
         BATCH * 2
     ));

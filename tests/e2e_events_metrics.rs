@@ -36,7 +36,7 @@ fn appliance_with(hypervisors_toml: &str) -> Appliance {
         IO,
         ApplianceOptions {
             extra_toml: format!(
-                "\n[events]\nvm_refresh_interval_ms = 0\nvm_metrics_interval_ms = {INTERVAL_MS}\n\n{hypervisors_toml}"
+                "\n[events]\nvm_refresh_interval_ms = 0\nmetrics_interval_ms = {INTERVAL_MS}\n\n{hypervisors_toml}"
             ),
             launch: Launch {
                 env: vec![(

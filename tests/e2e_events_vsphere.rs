@@ -40,7 +40,7 @@ const VM_NAME: &str = "DC0_H0_VM0";
 fn vsphere_appliance(sim: &Vcsim) -> Appliance {
     set_current_io(IO);
     let extra_toml = format!(
-        "\n[events]\nvm_refresh_interval_ms = {REFRESH_INTERVAL_MS}\nvm_metrics_interval_ms = 0\n\n\
+        "\n[events]\nvm_refresh_interval_ms = {REFRESH_INTERVAL_MS}\nmetrics_interval_ms = 0\n\n\
          [[hypervisors]]\nkind = \"vsphere\"\nid = \"esx1\"\nurl = {:?}\nusername = {USERNAME:?}\n\
          password_file = {:?}\nthumbprint = {:?}\npool_size = 2\nacquire_timeout_ms = 5000\n\
          request_timeout_ms = 10000\nupdates_max_wait_s = {WAIT_S}\nupdates_reconnect_max_ms = 1000\n\n\

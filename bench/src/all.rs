@@ -4,8 +4,8 @@
 //! `report.md` (the tables, the limits, the targets met or missed).
 //!
 //! Each benchmark still writes its own files (`latency.*`, `throughput.*`,
-//! `memory.*`, `handshakes.*`, `session-start.*`, `webmks.*`, `hgrm/`, `latency.svg`,
-//! `logs/`) into the
+//! `memory.*`, `handshakes.*`, `session-start.*`, `webmks.*`, `events.*`,
+//! `console-url.json`, `hgrm/`, `latency.svg`, `logs/`) into the
 //! same directory. A benchmark that fails is recorded as such and the
 //! others still run.
 
@@ -17,7 +17,9 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::common::{unix_now, Common};
+use crate::console_url::{self, ConsoleUrlOpts, ConsoleUrlReport, JwtAlg};
 use crate::downstream_bulk::{self, BulkConfig, BulkReport};
+use crate::events::{self, EventsOpts, EventsReport};
 use crate::handshakes::{self, HandshakeConfig, HandshakeReport};
 use crate::latency::{self, LatencyConfig, Report as LatencyReport};
 use crate::memory::{self, MemoryConfig, MemoryReport};
@@ -39,6 +41,88 @@ pub enum Bench {
     SessionStart,
     DownstreamBulk,
     Webmks,
+    Events,
+    ConsoleUrl,
+}
+
+/// `all`'s event fan-out options: the `events` subcommand's flags with
+/// smaller defaults (1 000 subscribers only, 20 rounds), so that it adds
+/// well under a minute to `make bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AllEventsArgs {
+    /// Subscriber counts, one measurement each.
+    #[arg(
+        long = "event-subscribers",
+        value_delimiter = ',',
+        default_value = "1000"
+    )]
+    pub subscribers: Vec<usize>,
+    /// Events (rounds) per run.
+    #[arg(id = "all_event_rounds", long = "event-rounds", default_value_t = 20)]
+    pub rounds: usize,
+    /// Runs per subscriber count (medians are reported).
+    #[arg(id = "all_event_runs", long = "event-runs", default_value_t = 3)]
+    pub runs: usize,
+}
+
+impl AllEventsArgs {
+    pub fn opts(&self) -> EventsOpts {
+        EventsOpts {
+            subscribers: self.subscribers.clone(),
+            rounds: self.rounds,
+            runs: self.runs,
+            round_timeout_ms: events::DEFAULT_ROUND_TIMEOUT_MS,
+            connect_timeout_ms: events::DEFAULT_CONNECT_TIMEOUT_MS,
+        }
+    }
+}
+
+/// `all`'s console-by-URL options: the `console-url` subcommand's flags
+/// with smaller defaults (HS256 only, 2 rounds of 200 opens per variant).
+#[derive(clap::Args, Debug, Clone)]
+pub struct AllConsoleUrlArgs {
+    /// JWT algorithms, one appliance instance each per run.
+    #[arg(
+        id = "all_console_url_algorithms",
+        long = "console-url-algorithms",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "hs256"
+    )]
+    pub algorithms: Vec<JwtAlg>,
+    /// Runs (fresh instances); the report gives the medians.
+    #[arg(
+        id = "all_console_url_runs",
+        long = "console-url-runs",
+        default_value_t = 3
+    )]
+    pub runs: usize,
+    /// Rounds per variant (bearer, JWT) in each run, alternating.
+    #[arg(
+        id = "all_console_url_rounds",
+        long = "console-url-rounds",
+        default_value_t = 2
+    )]
+    pub rounds: usize,
+    /// Console opens per round, back to back.
+    #[arg(
+        id = "all_console_url_samples",
+        long = "console-url-samples",
+        default_value_t = 200
+    )]
+    pub samples: u64,
+}
+
+impl AllConsoleUrlArgs {
+    pub fn opts(&self) -> ConsoleUrlOpts {
+        ConsoleUrlOpts {
+            console_url_algorithms: self.algorithms.clone(),
+            console_url_runs: self.runs,
+            console_url_rounds: self.rounds,
+            console_url_samples: self.samples,
+            console_url_io: "epoll".into(),
+        }
+    }
 }
 
 pub struct AllConfig {
@@ -50,6 +134,8 @@ pub struct AllConfig {
     pub session_start: SessionStartConfig,
     pub downstream_bulk: BulkConfig,
     pub webmks: WebmksConfig,
+    pub events: EventsOpts,
+    pub console_url: ConsoleUrlOpts,
     pub common: Common,
 }
 
@@ -86,6 +172,10 @@ pub struct AllReport {
     pub downstream_bulk: Option<BulkReport>,
     /// Appliance mode: `webmks` vs `vnc` sessions (consolegate variants).
     pub webmks: Option<WebmksReport>,
+    /// Appliance mode: one live event fanned out to N subscribers.
+    pub events: Option<EventsReport>,
+    /// Appliance mode: consoles opened by VM id in one URL.
+    pub console_url: Option<ConsoleUrlReport>,
 }
 
 const CONSOLEGATES: [ProxyKind; 2] = [ProxyKind::ConsolegateEpoll, ProxyKind::ConsolegateUring];
@@ -210,6 +300,46 @@ pub fn targets(
         }
     }
     out
+}
+
+/// The event fan-out's targets: p99 ≤ 10 ms to 1 000 subscribers, and
+/// ≤ 16 KiB per idle subscriber (at the largest count measured).
+pub fn event_targets(r: &EventsReport) -> Vec<Target> {
+    let proxy = ProxyKind::ConsolegateEpoll;
+    let at_1000 = r.counts.iter().find(|c| c.subscribers == 1000);
+    let p99_ms = at_1000
+        .and_then(|c| c.median("p99_us"))
+        .map(|us| us / 1000.0);
+    let largest = r
+        .counts
+        .iter()
+        .filter(|c| !c.runs.is_empty())
+        .max_by_key(|c| c.subscribers);
+    let kib = largest
+        .and_then(|c| c.median("rss_bytes_per_subscriber"))
+        .map(|b| b / 1024.0);
+    vec![
+        Target {
+            target: "event to 1 000 subscribers: p99 ≤ 10 ms".into(),
+            proxy,
+            value: p99_ms,
+            limit: 10.0,
+            met: check(p99_ms, 10.0, true),
+            note: at_1000.map_or("not measured".into(), |c| {
+                format!("median of {} runs", c.runs.len())
+            }),
+        },
+        Target {
+            target: "idle event subscriber ≤ 16 KiB RSS".into(),
+            proxy,
+            value: kib,
+            limit: 16.0,
+            met: check(kib, 16.0, true),
+            note: largest.map_or(String::new(), |c| {
+                format!("at {} subscribers", c.subscribers)
+            }),
+        },
+    ]
 }
 
 /// The per-proxy headline figures with their ratios to websockify.
@@ -445,6 +575,16 @@ pub fn render_markdown(r: &AllReport) -> String {
         out.push_str(&crate::webmks_report::render_text(w));
         out.push('\n');
     }
+    if let Some(e) = &r.events {
+        let _ = writeln!(out, "## Event fan-out (appliance, /ws/monitor)\n");
+        out.push_str(&events::render_text(e));
+        out.push('\n');
+    }
+    if let Some(c) = &r.console_url {
+        let _ = writeln!(out, "## Console by VM id (appliance, /ws/console/{{vm}})\n");
+        out.push_str(&console_url::render_text(c));
+        out.push('\n');
+    }
     if !r.errors.is_empty() {
         let _ = writeln!(out, "## Errors\n");
         for e in &r.errors {
@@ -525,6 +665,22 @@ pub fn run(cfg: AllConfig, tuning: Tuning, stop: Arc<AtomicBool>) -> Result<AllR
     } else {
         None
     };
+    let events = if on(Bench::Events) {
+        eprintln!("== events");
+        events::measure_all(&cfg.common, &cfg.events, stop.clone())
+            .map_err(|e| note("events", e))
+            .ok()
+    } else {
+        None
+    };
+    let console_url = if on(Bench::ConsoleUrl) {
+        eprintln!("== console-url");
+        console_url::run(&cfg.common, &cfg.console_url, stop.clone())
+            .map_err(|e| note("console-url", e))
+            .ok()
+    } else {
+        None
+    };
     let mut targets = targets(
         latency.as_ref(),
         throughput.as_ref(),
@@ -532,6 +688,7 @@ pub fn run(cfg: AllConfig, tuning: Tuning, stop: Arc<AtomicBool>) -> Result<AllR
         handshakes.as_ref(),
     );
     targets.extend(webmks.iter().flat_map(|w| w.targets.iter().cloned()));
+    targets.extend(events.iter().flat_map(event_targets));
     let report = AllReport {
         run: RunInfo::ended("all", started, &stop, machine),
         schema_version: 1,
@@ -548,6 +705,8 @@ pub fn run(cfg: AllConfig, tuning: Tuning, stop: Arc<AtomicBool>) -> Result<AllR
         session_start,
         downstream_bulk,
         webmks,
+        events,
+        console_url,
     };
     let md = render_markdown(&report);
     let dir = &report.common.out_dir;
@@ -564,6 +723,48 @@ pub fn run(cfg: AllConfig, tuning: Tuning, stop: Arc<AtomicBool>) -> Result<AllR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run(subscribers: usize, p99_us: f64, rss_bytes: f64) -> events::RunFigures {
+        events::RunFigures {
+            subscribers,
+            rounds: 20,
+            p50_us: p99_us / 2.0,
+            p99_us,
+            max_us: p99_us,
+            cpu_ms_per_event: 1.0,
+            cpu_ms_per_trigger_alone: 0.1,
+            rss_kib_before: 0,
+            rss_kib_after: 0,
+            rss_bytes_per_subscriber: rss_bytes,
+            load_average_1m: None,
+        }
+    }
+
+    #[test]
+    fn event_targets_take_the_medians() {
+        let r = EventsReport {
+            counts: vec![
+                events::CountFigures {
+                    subscribers: 1000,
+                    runs: vec![
+                        run(1000, 8_000.0, 12_000.0),
+                        run(1000, 12_000.0, 12_000.0),
+                        run(1000, 9_000.0, 12_000.0),
+                    ],
+                },
+                events::CountFigures {
+                    subscribers: 10_000,
+                    runs: vec![run(10_000, 90_000.0, 20_000.0)],
+                },
+            ],
+        };
+        let t = event_targets(&r);
+        assert_eq!((t[0].value, t[0].met), (Some(9.0), Some(true)));
+        let kib = 20_000.0 / 1024.0;
+        assert_eq!((t[1].value, t[1].met), (Some(kib), Some(false)));
+        let none = event_targets(&EventsReport { counts: vec![] });
+        assert_eq!((none[0].met, none[1].met), (None, None));
+    }
 
     #[test]
     fn check_directions() {

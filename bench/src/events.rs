@@ -44,6 +44,10 @@ const MAX_RX_BYTES: usize = 1 << 20;
 const SETTLE: Duration = Duration::from_millis(1_000);
 /// The fixed request key (every subscriber may use the same one).
 const KEY_RAW: [u8; 16] = *b"consolegate-evnt";
+/// How long all subscribers may take to receive one event, by default.
+pub const DEFAULT_ROUND_TIMEOUT_MS: u64 = 10_000;
+/// How long all subscribers may take to connect, by default.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 120_000;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct EventsOpts {
@@ -61,10 +65,10 @@ pub struct EventsOpts {
     #[arg(long = "event-runs", default_value_t = 3)]
     pub runs: usize,
     /// How long all subscribers may take to receive one event.
-    #[arg(long = "event-round-timeout-ms", default_value_t = 10_000)]
+    #[arg(long = "event-round-timeout-ms", default_value_t = DEFAULT_ROUND_TIMEOUT_MS)]
     pub round_timeout_ms: u64,
     /// How long all subscribers may take to connect.
-    #[arg(long = "event-connect-timeout-ms", default_value_t = 120_000)]
+    #[arg(long = "event-connect-timeout-ms", default_value_t = DEFAULT_CONNECT_TIMEOUT_MS)]
     pub connect_timeout_ms: u64,
 }
 
@@ -495,9 +499,47 @@ fn report(all: &[(usize, Vec<RunFigures>)]) -> String {
     text
 }
 
-pub fn run(common: &Common, opts: &EventsOpts, stop: Arc<AtomicBool>) -> Result<bool> {
+/// One subscriber count's runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct CountFigures {
+    pub subscribers: usize,
+    pub runs: Vec<RunFigures>,
+}
+
+impl CountFigures {
+    /// The median of one figure over the runs (`p50_us`, `p99_us`,
+    /// `max_us`, `cpu_ms_per_event`, `cpu_ms_per_trigger_alone`,
+    /// `rss_bytes_per_subscriber`).
+    pub fn median(&self, figure: &str) -> Option<f64> {
+        medians(&self.runs).get(figure).copied()
+    }
+}
+
+/// Every subscriber count measured (what `all` keeps).
+#[derive(Debug, Clone, Serialize)]
+pub struct EventsReport {
+    pub counts: Vec<CountFigures>,
+}
+
+/// The table of medians, one row per subscriber count.
+pub fn render_text(r: &EventsReport) -> String {
+    let all: Vec<(usize, Vec<RunFigures>)> = r
+        .counts
+        .iter()
+        .map(|c| (c.subscribers, c.runs.clone()))
+        .collect();
+    report(&all)
+}
+
+/// Every run of every subscriber count; writes `events.md` and
+/// `events.json` and prints the table.
+pub fn measure_all(
+    common: &Common,
+    opts: &EventsOpts,
+    stop: Arc<AtomicBool>,
+) -> Result<EventsReport> {
     std::fs::create_dir_all(&common.out_dir)?;
-    let mut all = Vec::new();
+    let mut counts = Vec::new();
     for &n in &opts.subscribers {
         let mut runs = Vec::new();
         for run in 0..opts.runs {
@@ -521,18 +563,24 @@ pub fn run(common: &Common, opts: &EventsOpts, stop: Arc<AtomicBool>) -> Result<
                 Err(e) => eprintln!("events: {n} subscribers, run {}: failed: {e:#}", run + 1),
             }
         }
-        all.push((n, runs));
+        counts.push(CountFigures {
+            subscribers: n,
+            runs,
+        });
     }
-    let text = report(&all);
+    let r = EventsReport { counts };
+    let text = render_text(&r);
     print!("{text}");
     std::fs::write(common.out_dir.join("events.md"), &text)?;
-    let json: Vec<_> = all
-        .iter()
-        .map(|(n, r)| serde_json::json!({"subscribers": n, "runs": r}))
-        .collect();
     std::fs::write(
         common.out_dir.join("events.json"),
-        serde_json::to_string_pretty(&json)?,
+        serde_json::to_string_pretty(&r.counts)?,
     )?;
-    Ok(all.iter().all(|(_, r)| !r.is_empty()))
+    Ok(r)
+}
+
+/// The `events` subcommand: true when every subscriber count has a run.
+pub fn run(common: &Common, opts: &EventsOpts, stop: Arc<AtomicBool>) -> Result<bool> {
+    let r = measure_all(common, opts, stop)?;
+    Ok(r.counts.iter().all(|c| !c.runs.is_empty()))
 }

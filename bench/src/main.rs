@@ -227,6 +227,10 @@ enum Command {
         downstream_bulk: downstream_bulk::DownstreamBulkOpts,
         #[command(flatten)]
         webmks: WebmksOpts,
+        #[command(flatten)]
+        events: all::AllEventsArgs,
+        #[command(flatten)]
+        console_url: all::AllConsoleUrlArgs,
         /// Benchmarks to leave out.
         #[arg(long, value_enum, value_delimiter = ',')]
         skip: Vec<Bench>,
@@ -915,6 +919,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             session_start,
             downstream_bulk,
             webmks,
+            events,
+            console_url,
             skip,
         } => {
             let c = common.common()?;
@@ -929,6 +935,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 handshakes: handshakes.config(p, &c),
                 session_start: session_start.config(p, &c),
                 downstream_bulk: downstream_bulk.config(p, &c),
+                events: events.opts(),
+                console_url: console_url.opts(),
                 common: c,
             };
             let r = all::run(cfg, t, stop)?;
@@ -1011,6 +1019,20 @@ mod tests {
             vec![SessionCount::N(500), SessionCount::Max]
         );
         assert_eq!(skip, vec![Bench::Latency]);
+        let Command::All {
+            events,
+            console_url,
+            ..
+        } = Cli::try_parse_from(["b", "all", "--event-runs", "2"])
+            .unwrap()
+            .command
+        else {
+            panic!("not all");
+        };
+        let (e, c) = (events.opts(), console_url.opts());
+        assert_eq!((e.subscribers, e.rounds, e.runs), (vec![1000], 20, 2));
+        assert_eq!(c.console_url_algorithms, vec![console_url::JwtAlg::Hs256]);
+        assert_eq!((c.console_url_rounds, c.console_url_samples), (2, 200));
         assert_eq!(
             without_relay(&memory.memory_proxies, &common.proxies),
             vec![ProxyKind::Websockify, ProxyKind::ConsolegateUring]

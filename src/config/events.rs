@@ -15,7 +15,7 @@ pub struct EventsConfig {
     /// hypervisor status). Off: every connection needs a token (401).
     pub allow_anonymous: bool,
     /// How often `/ws/stats` sends the bus's figures, in ms.
-    pub metrics_interval_ms: u64,
+    pub stats_interval_ms: u64,
     /// Events queued per subscriber; beyond, events are dropped for that
     /// subscriber (it gets a `lagged` message with the count) and a
     /// subscriber that stays behind is closed (1008). Cost: one pointer per
@@ -39,7 +39,7 @@ pub struct EventsConfig {
     /// unwatched VM is never asked), in ms; 0 = never. Cost: one
     /// counters call per watched VM per interval (QEMU: two QMP commands
     /// and two small /proc reads; vSphere: one property read).
-    pub vm_metrics_interval_ms: u64,
+    pub metrics_interval_ms: u64,
     /// Most VMs whose figures are fetched in one round; the watched VMs
     /// beyond wait (the round takes the first ones by id).
     pub vm_metrics_max_vms_per_round: usize,
@@ -68,12 +68,12 @@ impl Default for EventsConfig {
     fn default() -> Self {
         EventsConfig {
             allow_anonymous: false,
-            metrics_interval_ms: 5_000,
+            stats_interval_ms: 5_000,
             subscriber_queue_events: 256,
             messages_per_s: 20,
             max_subscribers: 10_000,
             vm_refresh_interval_ms: 30_000,
-            vm_metrics_interval_ms: 5_000,
+            metrics_interval_ms: 5_000,
             vm_metrics_max_vms_per_round: 64,
             alert_check_interval_ms: 1_000,
             alert_clear_after_ms: 10_000,
@@ -103,12 +103,7 @@ fn range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigFileErro
 
 impl EventsConfig {
     pub fn validate(&self) -> Result<(), ConfigFileError> {
-        range(
-            "metrics_interval_ms",
-            self.metrics_interval_ms,
-            100,
-            3_600_000,
-        )?;
+        range("stats_interval_ms", self.stats_interval_ms, 100, 3_600_000)?;
         range(
             "subscriber_queue_events",
             self.subscriber_queue_events as u64,
@@ -154,10 +149,10 @@ impl EventsConfig {
                 86_400_000,
             )?;
         }
-        if self.vm_metrics_interval_ms != 0 {
+        if self.metrics_interval_ms != 0 {
             range(
-                "vm_metrics_interval_ms",
-                self.vm_metrics_interval_ms,
+                "metrics_interval_ms",
+                self.metrics_interval_ms,
                 500,
                 3_600_000,
             )?;
@@ -181,7 +176,7 @@ mod tests {
         assert!(EventsConfig::default().validate().is_ok());
         type Breaker = fn(&mut EventsConfig);
         let cases: [(&str, Breaker); 9] = [
-            ("events.metrics_interval_ms", |c| c.metrics_interval_ms = 1),
+            ("events.stats_interval_ms", |c| c.stats_interval_ms = 1),
             ("events.subscriber_queue_events", |c| {
                 c.subscriber_queue_events = 0
             }),
@@ -190,9 +185,7 @@ mod tests {
             ("events.vm_refresh_interval_ms", |c| {
                 c.vm_refresh_interval_ms = 10
             }),
-            ("events.vm_metrics_interval_ms", |c| {
-                c.vm_metrics_interval_ms = 10
-            }),
+            ("events.metrics_interval_ms", |c| c.metrics_interval_ms = 10),
             ("events.vm_metrics_max_vms_per_round", |c| {
                 c.vm_metrics_max_vms_per_round = 0
             }),

@@ -22,6 +22,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use futures_util::SinkExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -53,9 +54,18 @@ const MAX_INVALID_MESSAGES_IN_ROW: u32 = 10;
 /// WebSocket read buffer per connection, in bytes. Why small: clients send
 /// little (subscriptions, pings), and an idle subscriber must stay cheap.
 const READ_BUFFER_BYTES: usize = 4096;
+/// Events already queued when a connection wakes are framed into one
+/// buffer and written together, up to this many bytes (then written out,
+/// and the batch goes on): one write for a burst of events instead of one
+/// per event. Why not larger: the buffer is kept per connection.
+const WRITE_BATCH_BYTES: usize = 8 * 1024;
+/// Most queued events taken in one wake-up: the connection then waits its
+/// turn again, so a subscriber with a full queue does not hold the control
+/// thread for its whole queue.
+const MAX_EVENTS_PER_WAKE: usize = 32;
 /// Most bytes waiting to be written per connection beyond what the kernel
-/// took (each send waits for its flush, so this holds at most one message;
-/// a larger one ends the connection). Events are well under 4 KiB.
+/// took (a batch is flushed before the next is taken; a larger message
+/// ends the connection). Events are well under 4 KiB.
 const MAX_WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// After our close frame, how long the client's close (or its end) is
 /// awaited, reading and discarding what it still sends: closing at once
@@ -227,7 +237,7 @@ fn upgrade(state: Arc<ControlState>, ws: Upgrade, room: Room, visibility: Visibi
         return e.into_response();
     }
     ws.read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BATCH_BYTES)
         .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
         .max_message_size(MAX_CLIENT_MESSAGE_BYTES)
         .max_frame_size(MAX_CLIENT_MESSAGE_BYTES)
@@ -318,7 +328,7 @@ impl Connection {
     }
 
     async fn serve(&mut self, sub: &mut Subscription, stats: bool) -> End {
-        let interval = Duration::from_millis(self.state.cfg.events.metrics_interval_ms);
+        let interval = Duration::from_millis(self.state.cfg.events.stats_interval_ms);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_published = (Instant::now(), sub.bus().stats().events_published_total);
@@ -332,7 +342,7 @@ impl Connection {
                 }
                 frame = sub.recv() => {
                     let Some(frame) = frame else { return End::Close(1001, "shutting down") };
-                    if let Err(end) = self.deliver(frame, sub).await {
+                    if let Err(end) = self.deliver_queued(frame, sub).await {
                         return end;
                     }
                 }
@@ -346,8 +356,24 @@ impl Connection {
         }
     }
 
-    /// Send one queued event, after a `lagged` notice when the queue
-    /// overflowed since the last one.
+    /// Send `first` and what else is queued already (at most
+    /// [`MAX_EVENTS_PER_WAKE`]), framed into one buffer, then flush it.
+    async fn deliver_queued(
+        &mut self,
+        first: Utf8Bytes,
+        sub: &mut Subscription,
+    ) -> Result<(), End> {
+        self.deliver(first, sub).await?;
+        for _ in 1..MAX_EVENTS_PER_WAKE {
+            let Some(frame) = sub.try_recv() else { break };
+            self.deliver(frame, sub).await?;
+        }
+        self.flush().await
+    }
+
+    /// Queue one event for writing (see [`Connection::deliver_queued`]),
+    /// after a `lagged` notice when the queue overflowed since the last
+    /// one.
     async fn deliver(&mut self, frame: Utf8Bytes, sub: &Subscription) -> Result<(), End> {
         let dropped = sub.take_dropped();
         if dropped > 0 {
@@ -359,12 +385,12 @@ impl Connection {
                     "subscriber too slow: it stayed behind after lagged notices",
                 ));
             }
-            self.send_message("lagged", &json!({"dropped": dropped}))
-                .await?;
+            let notice = message("lagged", &json!({"dropped": dropped}), now_ms());
+            self.feed(Message::Text(Utf8Bytes::from(notice))).await?;
         } else if sub.is_caught_up() {
             self.lag_notices = 0;
         }
-        self.send(Message::Text(frame)).await
+        self.feed(Message::Text(frame)).await
     }
 
     async fn on_client_message(&mut self, msg: Message, sub: &Subscription) -> Result<(), End> {
@@ -434,8 +460,31 @@ impl Connection {
     }
 
     async fn send(&mut self, msg: Message) -> Result<(), End> {
-        let limit = Duration::from_millis(SEND_TIMEOUT_MS);
-        match tokio::time::timeout(limit, self.socket.send(msg)).await {
+        self.feed(msg).await?;
+        self.flush().await
+    }
+
+    /// Frame `msg` into the write buffer (written out when the buffer
+    /// passes [`WRITE_BATCH_BYTES`], or by [`Connection::flush`]).
+    async fn feed(&mut self, msg: Message) -> Result<(), End> {
+        let fed = tokio::time::timeout(Self::send_limit(), self.socket.feed(msg)).await;
+        self.sent(fed)
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        let flushed = tokio::time::timeout(Self::send_limit(), self.socket.flush()).await;
+        self.sent(flushed)
+    }
+
+    fn send_limit() -> Duration {
+        Duration::from_millis(SEND_TIMEOUT_MS)
+    }
+
+    fn sent(
+        &self,
+        outcome: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<(), End> {
+        match outcome {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Drop),
             Err(_) => {

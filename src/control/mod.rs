@@ -269,10 +269,15 @@ pub fn serve(
         // Bound what the kernel buffers per control connection: an event
         // subscriber that stops reading would otherwise hold up to
         // tcp_wmem's maximum (4 MiB by default) of events in its socket.
+        // No Nagle: an event written while the subscriber's delayed ACK of
+        // the previous one is pending would otherwise wait for that ACK
+        // (up to 40 ms); every write here is a whole message.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
             let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(CONTROL_SEND_BUFFER_BYTES);
+            let _ = tcp.set_nodelay(true);
         });
-        tokio::spawn(pump_reports(state.clone(), events));
+        let reports = forward_reports(events).map_err(ControlError::Runtime)?;
+        tokio::spawn(pump_reports(state.clone(), reports));
         tokio::spawn(sweeper(state.clone()));
         tokio::spawn(port_saver(state.clone()));
         tokio::spawn(events_ws::background(state.clone()));
@@ -280,7 +285,7 @@ pub fn serve(
             state.fleet.clone(),
             state.events.clone(),
             crate::hypervisor::metrics::MetricsSettings {
-                interval_ms: state.cfg.events.vm_metrics_interval_ms,
+                interval_ms: state.cfg.events.metrics_interval_ms,
                 max_vms_per_round: state.cfg.events.vm_metrics_max_vms_per_round,
             },
         ));
@@ -300,25 +305,56 @@ pub fn serve(
     })
 }
 
-/// How often the control plane drains the workers' report queue.
-///
-/// Why a poll and not the queue's eventfd: awaiting a raw fd in tokio needs
-/// `unsafe` registration, which the house rules keep inside `io/`, and the
-/// data plane must not touch tokio. 10 ms bounds the delay of a report
-/// (session opened/closed, port freed) at ~100 cheap wake-ups a second.
-/// It is also what a console by VM id (`/ws/console/{vm}`) waits, at most,
-/// before the control plane reads its request (docs/BENCHMARKS.md).
-const REPORT_POLL: Duration = Duration::from_millis(10);
+/// Most reports applied in one turn before the pump yields to the other
+/// tasks (the API, the event subscribers), so a burst of reports cannot
+/// starve them.
+const MAX_REPORTS_PER_TURN: usize = 256;
 
-/// Read worker reports and apply them.
-async fn pump_reports(state: Arc<ControlState>, mut events: Inbox<FromWorker>) {
-    let mut tick = tokio::time::interval(REPORT_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+/// Reports handed from the reader thread to the control runtime and not
+/// yet applied, at most. Behind it the workers' queue holds at most
+/// `[control] events_capacity`; when both are full a worker counts the
+/// report it could not queue, as before.
+const REPORT_FORWARD_QUEUE: usize = 256;
+
+/// A thread that blocks on the workers' report queue and forwards each
+/// report to the control runtime as it arrives.
+///
+/// Why a thread and not a poll or the queue's eventfd: a console by VM id
+/// (`/ws/console/{vm}`) waits for the control plane to read its request,
+/// and the former 10 ms poll cost it ~10 ms at p50 (docs/BENCHMARKS.md,
+/// "Console by VM id"); awaiting the eventfd in tokio needs `unsafe`
+/// registration (`AsyncFd::register`), which the house rules keep inside
+/// `io/`, while a blocking receive is safe code. The thread ends when
+/// every worker's sender is gone or the control plane stopped reading.
+fn forward_reports(mut inbox: Inbox<FromWorker>) -> std::io::Result<ReportReceiver> {
+    let (tx, rx) = tokio::sync::mpsc::channel(REPORT_FORWARD_QUEUE);
+    std::thread::Builder::new()
+        .name("cg-reports".into())
+        .spawn(move || {
+            while let Some(report) = inbox.recv_blocking() {
+                if tx.blocking_send(report).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(rx)
+}
+
+type ReportReceiver = tokio::sync::mpsc::Receiver<FromWorker>;
+
+/// Apply the workers' reports as the reader thread forwards them.
+async fn pump_reports(state: Arc<ControlState>, mut reports: ReportReceiver) {
+    let mut batch = Vec::with_capacity(MAX_REPORTS_PER_TURN);
     loop {
-        tick.tick().await;
-        events.reset();
-        while let Some(msg) = events.try_recv() {
-            apply_report(&state, msg);
+        let received = reports.recv_many(&mut batch, MAX_REPORTS_PER_TURN).await;
+        if received == 0 {
+            return;
+        }
+        for report in batch.drain(..) {
+            apply_report(&state, report);
+        }
+        if received == MAX_REPORTS_PER_TURN {
+            tokio::task::yield_now().await;
         }
     }
 }
@@ -495,5 +531,28 @@ async fn sweeper(state: Arc<ControlState>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reports_are_forwarded_as_they_arrive_and_the_reader_ends_with_the_senders() {
+        let (tx, inbox) = mailbox::channel::<FromWorker>(4).unwrap();
+        let mut reports = forward_reports(inbox).unwrap();
+        let limit = Duration::from_secs(5);
+        for id in [7, 8] {
+            tx.send(FromWorker::BackendAuthenticated { id }).unwrap();
+            let got = tokio::time::timeout(limit, reports.recv()).await;
+            assert!(
+                matches!(got, Ok(Some(FromWorker::BackendAuthenticated { id: got_id })) if got_id == id),
+                "report {id} not forwarded"
+            );
+        }
+        drop(tx);
+        let end = tokio::time::timeout(limit, reports.recv()).await;
+        assert!(matches!(end, Ok(None)), "the reader did not end");
     }
 }

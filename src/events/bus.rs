@@ -1,7 +1,10 @@
 //! The fan-out: every subscriber has its own bounded queue of encoded
 //! events; [`EventBus::publish`] encodes an event once, then offers it to
 //! each subscriber whose room, visibility and filter admit it with a
-//! `try_send`. A full queue drops the event for that subscriber only
+//! `try_send`. Subscribers are indexed by room (the monitor room, one map
+//! per VM, one per hypervisor), so an event is only offered to the rooms
+//! that can admit it: a VM's event costs nothing to the subscribers of
+//! the other VMs' rooms. A full queue drops the event for that subscriber only
 //! (counted per subscriber and in total): publishing never waits, so a
 //! slow or dead subscriber cannot delay the publisher or the others.
 //!
@@ -39,7 +42,6 @@ pub enum BusError {
 
 struct Slot {
     tx: mpsc::Sender<Utf8Bytes>,
-    room: Room,
     visibility: Visibility,
     filter: Filter,
     dropped: Arc<AtomicU64>,
@@ -52,8 +54,103 @@ struct Counters {
     dropped: u64,
 }
 
+/// Subscribers by id, in the room they joined.
+type Slots = HashMap<u64, Slot>;
+
+/// The subscribers, indexed by room. Bounded: `by_id` has one entry per
+/// subscriber (at most `max_subscribers`), and a VM's or hypervisor's map
+/// is removed with its last subscriber.
+#[derive(Default)]
+struct Rooms {
+    /// Each subscriber's room, to find its slot.
+    by_id: HashMap<u64, Room>,
+    monitor: Slots,
+    vms: HashMap<String, Slots>,
+    servers: HashMap<String, Slots>,
+    stats: Slots,
+}
+
+impl Rooms {
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    fn insert(&mut self, id: u64, room: Room, slot: Slot) {
+        match &room {
+            Room::Monitor => self.monitor.insert(id, slot),
+            Room::Vm(vm) => self.vms.entry(vm.clone()).or_default().insert(id, slot),
+            Room::Server(s) => self.servers.entry(s.clone()).or_default().insert(id, slot),
+            Room::Stats => self.stats.insert(id, slot),
+        };
+        self.by_id.insert(id, room);
+    }
+
+    fn get_mut(&mut self, id: u64) -> Option<&mut Slot> {
+        match self.by_id.get(&id)? {
+            Room::Monitor => self.monitor.get_mut(&id),
+            Room::Vm(vm) => self.vms.get_mut(vm)?.get_mut(&id),
+            Room::Server(s) => self.servers.get_mut(s)?.get_mut(&id),
+            Room::Stats => self.stats.get_mut(&id),
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        fn from_keyed(map: &mut HashMap<String, Slots>, key: &str, id: u64) {
+            if let Some(slots) = map.get_mut(key) {
+                slots.remove(&id);
+                if slots.is_empty() {
+                    map.remove(key);
+                }
+            }
+        }
+        match self.by_id.remove(&id) {
+            Some(Room::Monitor) => {
+                self.monitor.remove(&id);
+            }
+            Some(Room::Vm(vm)) => from_keyed(&mut self.vms, &vm, id),
+            Some(Room::Server(s)) => from_keyed(&mut self.servers, &s, id),
+            Some(Room::Stats) => {
+                self.stats.remove(&id);
+            }
+            None => {}
+        }
+    }
+
+    /// The rooms that admit `event` (see [`Room::admits`]): the monitor
+    /// room, its VM's and its hypervisor's.
+    fn admitting<'a>(&'a self, event: &Event) -> impl Iterator<Item = &'a Slot> + 'a {
+        let vm = event.vm_id.as_deref().and_then(|v| self.vms.get(v));
+        let server = event.server_id.as_deref().and_then(|s| self.servers.get(s));
+        self.monitor
+            .values()
+            .chain(vm.into_iter().flat_map(HashMap::values))
+            .chain(server.into_iter().flat_map(HashMap::values))
+    }
+
+    /// Every subscriber with its room's label.
+    fn all(&self) -> impl Iterator<Item = (&'static str, &Slot)> + '_ {
+        self.monitor
+            .values()
+            .map(|slot| ("monitor", slot))
+            .chain(keyed_slots("vm", &self.vms))
+            .chain(keyed_slots("server", &self.servers))
+            .chain(self.stats.values().map(|slot| ("stats", slot)))
+    }
+}
+
+/// The slots of every VM (or hypervisor) room, with `label`.
+fn keyed_slots<'a>(
+    label: &'static str,
+    rooms: &'a HashMap<String, Slots>,
+) -> impl Iterator<Item = (&'static str, &'a Slot)> + 'a {
+    rooms
+        .values()
+        .flat_map(HashMap::values)
+        .map(move |slot| (label, slot))
+}
+
 struct State {
-    subscribers: HashMap<u64, Slot>,
+    subscribers: Rooms,
     next_id: u64,
     counters: Counters,
 }
@@ -110,7 +207,7 @@ impl EventBus {
             inner: Arc::new(Inner {
                 limits,
                 state: Mutex::new(State {
-                    subscribers: HashMap::new(),
+                    subscribers: Rooms::default(),
                     next_id: 1,
                     counters: Counters::default(),
                 }),
@@ -149,9 +246,9 @@ impl EventBus {
         let dropped = Arc::new(AtomicU64::new(0));
         state.subscribers.insert(
             id,
+            room,
             Slot {
                 tx,
-                room,
                 visibility,
                 filter: Filter::default(),
                 dropped: dropped.clone(),
@@ -172,11 +269,8 @@ impl EventBus {
         let mut state = self.lock();
         state.counters.published += 1;
         let (mut delivered, mut dropped) = (0u64, 0u64);
-        for slot in state.subscribers.values() {
-            if !(slot.room.admits(event)
-                && slot.visibility.may_see(event)
-                && slot.filter.matches(event))
-            {
+        for slot in state.subscribers.admitting(event) {
+            if !(slot.visibility.may_see(event) && slot.filter.matches(event)) {
                 continue;
             }
             match slot.tx.try_send(frame.clone()) {
@@ -207,11 +301,8 @@ impl EventBus {
             queue_capacity: capacity,
             ..BusStats::default()
         };
-        for slot in state.subscribers.values() {
-            *stats
-                .connections_by_room
-                .entry(slot.room.label())
-                .or_insert(0) += 1;
+        for (label, slot) in state.subscribers.all() {
+            *stats.connections_by_room.entry(label).or_insert(0) += 1;
             let queued = capacity.saturating_sub(slot.tx.capacity());
             stats.max_subscriber_lag_events = stats.max_subscriber_lag_events.max(queued);
             stats.queued_events += queued;
@@ -226,13 +317,7 @@ impl EventBus {
     pub fn watched_vms(&self, kind: EventKind, max: usize) -> Vec<String> {
         let state = self.lock();
         let mut watched = std::collections::BTreeSet::new();
-        for slot in state.subscribers.values() {
-            let Room::Vm(vm_id) = &slot.room else {
-                continue;
-            };
-            if watched.contains(vm_id) {
-                continue;
-            }
+        for (vm_id, slots) in &state.subscribers.vms {
             let probe = Event {
                 kind,
                 vm_id: Some(vm_id.clone()),
@@ -240,7 +325,10 @@ impl EventBus {
                 owner: None,
                 data: serde_json::Value::Null,
             };
-            if slot.visibility.may_see(&probe) && slot.filter.matches(&probe) {
+            let admitted = slots
+                .values()
+                .any(|slot| slot.visibility.may_see(&probe) && slot.filter.matches(&probe));
+            if admitted {
                 watched.insert(vm_id.clone());
             }
         }
@@ -249,13 +337,13 @@ impl EventBus {
 
     fn update_filter(&self, id: u64, change: impl FnOnce(&mut Filter)) -> Option<Filter> {
         let mut state = self.lock();
-        let slot = state.subscribers.get_mut(&id)?;
+        let slot = state.subscribers.get_mut(id)?;
         change(&mut slot.filter);
         Some(slot.filter.clone())
     }
 
     fn unregister(&self, id: u64) {
-        self.lock().subscribers.remove(&id);
+        self.lock().subscribers.remove(id);
     }
 }
 
@@ -357,6 +445,49 @@ mod tests {
             ),
             (5, 7, 3)
         );
+    }
+
+    #[test]
+    fn the_room_index_offers_exactly_what_the_rooms_admit() {
+        let b = bus(16, 8);
+        let rooms = [
+            Room::Monitor,
+            Room::Vm("h:a".into()),
+            Room::Vm("h:b".into()),
+            Room::Vm("h:a".into()),
+            Room::Server("h".into()),
+            Room::Server("g".into()),
+            Room::Stats,
+        ];
+        let mut subs: Vec<(Room, Subscription)> = rooms
+            .iter()
+            .map(|r| (r.clone(), b.subscribe(r.clone(), Visibility::All).unwrap()))
+            .collect();
+        for vm in ["h:a", "h:b", "g:a", "x"] {
+            let e = event(EventKind::Progress, vm);
+            let delivered = b.publish(&e);
+            let mut received = 0;
+            for (room, sub) in &mut subs {
+                let got = sub.try_recv().is_some();
+                assert_eq!(got, room.admits(&e), "{room:?} and an event of {vm}");
+                received += usize::from(got);
+            }
+            assert_eq!(delivered, received, "an event of {vm}");
+        }
+        let by_room = b.stats().connections_by_room;
+        assert_eq!(
+            (
+                by_room["monitor"],
+                by_room["vm"],
+                by_room["server"],
+                by_room["stats"]
+            ),
+            (1, 3, 2, 1)
+        );
+        drop(subs);
+        assert_eq!(b.stats().subscribers, 0);
+        let state = b.lock();
+        assert!(state.subscribers.vms.is_empty() && state.subscribers.servers.is_empty());
     }
 
     #[test]

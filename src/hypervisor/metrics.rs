@@ -1,4 +1,4 @@
-//! `vm_metrics_update`: every `[events] vm_metrics_interval_ms`, the
+//! `vm_metrics_update`: every `[events] metrics_interval_ms`, the
 //! figures of each VM that has a subscriber in its `/ws/vm/{vm_id}` room
 //! who may see them ([`EventBus::watched_vms`]) — and of no other VM: an
 //! unwatched VM is never asked — at most `vm_metrics_max_vms_per_round`

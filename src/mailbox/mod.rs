@@ -475,6 +475,16 @@ impl<T> Inbox<T> {
         }
     }
 
+    /// Wait for the next message; `None` once every sender is gone. Only
+    /// for a thread that does nothing else (the control plane's report
+    /// reader): never on a worker or the control thread.
+    pub fn recv_blocking(&mut self) -> Option<T> {
+        if let Some(m) = self.peeked.take() {
+            return Some(m);
+        }
+        self.rx.recv().ok()
+    }
+
     /// Whether a message is waiting, without losing it (it is kept for the
     /// next `try_recv`): used to re-wake the owner when it stopped draining
     /// at its per-turn bound.
