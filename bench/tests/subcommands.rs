@@ -331,8 +331,11 @@ fn downstream_bulk_splits_the_proxy_cpu_by_thread() {
             "1",
             "--bulk-sessions",
             "3",
+            // Long enough for tens of clock ticks of the proxy's CPU: with a
+            // few ticks only, per-thread and process counters round apart
+            // and a worker's share can read as 0.
             "--bulk-bytes",
-            "48MiB",
+            "384MiB",
             "--bulk-warmup-bytes",
             "1MiB",
         ],
@@ -360,12 +363,12 @@ fn downstream_bulk_splits_the_proxy_cpu_by_thread() {
         assert_eq!(log["sessions_closed"], 3, "{m}");
         let down = log["bytes_down"].as_u64().unwrap();
         assert!(down >= 48 << 20, "{m}");
-        let path = if m["proxy"] == "consolegate-epoll" {
-            "bytes_spliced"
-        } else {
-            "bytes_bulk_recv"
-        };
-        assert!(log[path].as_u64().unwrap() > down / 2, "{path}: {m}");
+        // Both backends splice bulk downstream by default (io_uring's
+        // `uring_splice`); bulk receives are io_uring's path with it off.
+        assert!(
+            log["bytes_spliced"].as_u64().unwrap() > down / 2,
+            "bytes_spliced: {m}"
+        );
     }
     let text = std::fs::read_to_string(out.join("downstream-bulk.txt")).unwrap();
     assert!(text.contains("| consolegate-uring"), "{text}");
@@ -433,7 +436,12 @@ fn webmks_compares_the_two_relay_kinds_of_the_appliance() {
     let targets = r["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 4, "2 latency + 2 CPU targets: {targets:?}");
     for t in targets {
-        assert!(t["value"].is_number(), "{t}");
+        let latency = t["target"].as_str().unwrap().contains("added p50");
+        // A latency ratio has no value when the VNC relay's added p50 came
+        // out at or below 0 (its baseline's p50 was the slower one, which a
+        // loaded 2-vCPU VM does); then it is neither met nor missed.
+        let undefined = latency && t["value"].is_null() && t["met"].is_null();
+        assert!(t["value"].is_number() || undefined, "{t}");
     }
     let text = std::fs::read_to_string(out.join("webmks.txt")).unwrap();
     assert!(text.contains("webmks ÷ (vnc + TLS)"), "{text}");
