@@ -40,6 +40,32 @@ pub fn try_events(
     token: Option<&str>,
 ) -> Result<EventsClient, (u16, Value)> {
     let stream = TcpStream::connect_timeout(&control, IO_TIMEOUT).expect("connect control");
+    upgrade_events(stream, control, path, token)
+}
+
+/// A subscriber whose socket receives into a fixed `rcvbuf` bytes (no
+/// autotuning), so not reading pushes back on the appliance quickly.
+pub fn events_small_rcvbuf(
+    control: SocketAddr,
+    path: &str,
+    token: &str,
+    rcvbuf: usize,
+) -> EventsClient {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(rcvbuf).unwrap();
+    sock.connect_timeout(&control.into(), IO_TIMEOUT).unwrap();
+    upgrade_events(sock.into(), control, path, Some(token))
+        .unwrap_or_else(|(s, b)| panic!("{path}: refused with {s} {b}"))
+}
+
+/// The upgrade of `path` over `stream`, then its `welcome`; a refusal as
+/// its status and JSON body.
+fn upgrade_events(
+    stream: TcpStream,
+    control: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<EventsClient, (u16, Value)> {
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     let mut req = ws_request(&format!("ws://{control}{path}"), &[], None);
@@ -76,10 +102,14 @@ pub fn events(control: SocketAddr, path: &str, token: Option<&str>) -> EventsCli
 }
 
 impl EventsClient {
-    pub fn send_json(&mut self, v: Value) {
+    pub fn send(&mut self, text: &str) {
         self.ws
-            .send(Message::text(v.to_string()))
+            .send(Message::text(text.to_string()))
             .unwrap_or_else(|e| panic!("{}: send: {e}", self.what));
+    }
+
+    pub fn send_json(&mut self, v: Value) {
+        self.send(&v.to_string());
     }
 
     pub fn read(&mut self, timeout: Duration) -> Got {
@@ -97,6 +127,11 @@ impl EventsClient {
                 Ok(Message::Text(t)) => {
                     let v: Value = serde_json::from_str(t.as_str())
                         .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {t}", self.what));
+                    assert!(
+                        v["type"].is_string() && v["timestamp"].is_u64() && v.get("data").is_some(),
+                        "{}: every message is {{type, data, timestamp}}: {v}",
+                        self.what
+                    );
                     return Got::Message(v);
                 }
                 Ok(Message::Close(frame)) => {
@@ -111,6 +146,9 @@ impl EventsClient {
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) => {}
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return Got::Closed(None, String::new())
+                }
                 Err(e) => return Got::Closed(None, e.to_string()),
             }
         }
@@ -186,6 +224,37 @@ impl EventsClient {
             self.backlog.drain(..).partition(|v| v["type"] == kind);
         self.backlog = rest;
         found.into()
+    }
+
+    /// No message of type `kind` within `quiet` (nor kept).
+    pub fn none_of(&mut self, kind: &str, quiet: Duration) {
+        if let Some(v) = self.backlog.iter().find(|v| v["type"] == kind) {
+            panic!("{}: unexpected {kind}: {v}", self.what);
+        }
+        let deadline = Instant::now() + quiet;
+        loop {
+            match self.read(deadline.saturating_duration_since(Instant::now())) {
+                Got::Message(v) if v["type"] == kind => {
+                    panic!("{}: unexpected {kind}: {v}", self.what)
+                }
+                Got::Message(_) => {}
+                Got::Timeout => return,
+                other => panic!("{}: {other:?}", self.what),
+            }
+        }
+    }
+
+    /// The close that ends the connection within [`EVENT_TIMEOUT`]
+    /// (messages before it are skipped): its code and reason.
+    pub fn expect_close(&mut self) -> (Option<u16>, String) {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            match self.read(deadline.saturating_duration_since(Instant::now())) {
+                Got::Closed(code, reason) => return (code, reason),
+                Got::Message(_) => {}
+                Got::Timeout => panic!("{}: not closed within {EVENT_TIMEOUT:?}", self.what),
+            }
+        }
     }
 
     /// `subscribe`, answered with `subscribed`.
