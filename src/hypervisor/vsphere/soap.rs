@@ -112,6 +112,21 @@ impl Request {
 
     /// Opens `<name>` (with an `xsi:type` when given); close with
     /// [`Request::end`].
+    /// The `objectSet` of a property filter over a ContainerView: the
+    /// objects the view holds (the view itself skipped).
+    pub fn view_object_set(self, view: &MoRef) -> Request {
+        self.start("objectSet", None)
+            .moref("obj", view)
+            .text("skip", "true")
+            .start("selectSet", Some("TraversalSpec"))
+            .text("name", "traverseEntities")
+            .text("type", "ContainerView")
+            .text("path", "view")
+            .text("skip", "false")
+            .end("selectSet")
+            .end("objectSet")
+    }
+
     pub fn start(mut self, name: &str, xsi_type: Option<&str>) -> Request {
         let mut start = BytesStart::new(name);
         if let Some(t) = xsi_type {
@@ -170,16 +185,7 @@ pub fn retrieve_view(
         }
         r = r.end("propSet");
     }
-    r.start("objectSet", None)
-        .moref("obj", view)
-        .text("skip", "true")
-        .start("selectSet", Some("TraversalSpec"))
-        .text("name", "traverseEntities")
-        .text("type", "ContainerView")
-        .text("path", "view")
-        .text("skip", "false")
-        .end("selectSet")
-        .end("objectSet")
+    r.view_object_set(view)
         .end("specSet")
         .start("options", None)
         .text("maxObjects", &page_objects.to_string())

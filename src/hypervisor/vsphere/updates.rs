@@ -75,16 +75,7 @@ pub fn create_filter(collector: &MoRef, view: &MoRef) -> Vec<u8> {
     }
     request
         .end("propSet")
-        .start("objectSet", None)
-        .moref("obj", view)
-        .text("skip", "true")
-        .start("selectSet", Some("TraversalSpec"))
-        .text("name", "traverseEntities")
-        .text("type", "ContainerView")
-        .text("path", "view")
-        .text("skip", "false")
-        .end("selectSet")
-        .end("objectSet")
+        .view_object_set(view)
         .end("spec")
         .text("partialUpdates", "false")
         .finish()
