@@ -94,66 +94,89 @@ fn close_backend_when_asked(c: &mut Conn) {
 fn write_browser(env: &mut Env, c: &mut Conn) -> bool {
     let mut progress = false;
     for _ in 0..WRITES_PER_ROUND {
-        let Some(s) = c.session.as_mut() else {
+        let Some(s) = c.session.as_ref() else {
             break;
         };
         if s.browser_pending_len() == 0 {
             break;
         }
-        let pending = s.browser_pending();
-        let from_pipe = pending.is_empty();
-        let result = if !from_pipe {
-            let max = env.rng.size(pending.len());
-            env.cov.short_writes += u64::from(max < pending.len());
-            c.blink.session_write(pending, max)
-        } else {
-            let ready = s.splice_out_ready();
-            let Some(pipe) = c
-                .epoll
-                .pipe
-                .as_mut()
-                .filter(|p| ready > 0 && p.len() >= ready)
-            else {
-                let id = c.id;
-                env.violate(format!(
-                    "conn {id}: {} bytes pending for the browser, none to write, {ready} ready in a pipe of {:?} bytes",
-                    s.browser_pending_len(),
-                    c.epoll.pipe.as_ref().map(VecDeque::len)
-                ));
-                break;
-            };
-            let max = env.rng.size(ready);
-            let bytes: Vec<u8> = pipe.iter().take(max).copied().collect();
-            let r = c.blink.session_write(&bytes, max);
-            if let SockWrite::Wrote(n) = r {
-                pipe.drain(..n);
-            }
-            r
-        };
-        match result {
-            SockWrite::Wrote(n) => {
-                env.browser_writes += 1;
-                if env.plan.mutation == Some(Mutation::CorruptDownstream) && env.browser_writes == 5
-                {
-                    c.blink.corrupt_last_byte();
-                }
-                if from_pipe {
-                    if let Some(s) = c.session.as_mut() {
-                        s.splice_out_done(&mut env.ctx, n, env.now);
-                    }
-                } else {
-                    c.browser_sent(env, n);
-                }
-                progress = true;
-            }
-            SockWrite::WouldBlock => break,
-            SockWrite::Failed(e) => {
-                c.browser_gone(env, Some(e));
-                break;
-            }
+        match write_browser_once(env, c) {
+            BrowserWrite::Wrote => progress = true,
+            BrowserWrite::WouldBlock | BrowserWrite::Gone | BrowserWrite::Broken => break,
         }
     }
     progress
+}
+
+/// What [`write_browser_once`] did.
+pub(super) enum BrowserWrite {
+    Wrote,
+    WouldBlock,
+    /// The browser's socket failed: the connection is gone.
+    Gone,
+    /// Nothing could be written although the session said there was
+    /// (a violation is recorded).
+    Broken,
+}
+
+/// One write toward the browser, shared by both IO layers: the session's
+/// queued bytes (a spliced frame's header among them), else the spliced
+/// payload from the pipe; then what the session is told of it.
+pub(super) fn write_browser_once(env: &mut Env, c: &mut Conn) -> BrowserWrite {
+    let Some(s) = c.session.as_mut() else {
+        return BrowserWrite::Broken;
+    };
+    let pending = s.browser_pending();
+    let from_pipe = pending.is_empty();
+    let result = if !from_pipe {
+        let max = env.rng.size(pending.len());
+        env.cov.short_writes += u64::from(max < pending.len());
+        c.blink.session_write(pending, max)
+    } else {
+        let ready = s.splice_out_ready();
+        let Some(pipe) = c
+            .epoll
+            .pipe
+            .as_mut()
+            .filter(|p| ready > 0 && p.len() >= ready)
+        else {
+            let id = c.id;
+            env.violate(format!(
+                "conn {id}: {} bytes pending for the browser, none to write, {ready} ready in a pipe of {:?} bytes",
+                s.browser_pending_len(),
+                c.epoll.pipe.as_ref().map(VecDeque::len)
+            ));
+            return BrowserWrite::Broken;
+        };
+        let max = env.rng.size(ready);
+        let bytes: Vec<u8> = pipe.iter().take(max).copied().collect();
+        let r = c.blink.session_write(&bytes, max);
+        if let SockWrite::Wrote(n) = r {
+            pipe.drain(..n);
+        }
+        r
+    };
+    match result {
+        SockWrite::Wrote(n) => {
+            env.browser_writes += 1;
+            if env.plan.mutation == Some(Mutation::CorruptDownstream) && env.browser_writes == 5 {
+                c.blink.corrupt_last_byte();
+            }
+            if from_pipe {
+                if let Some(s) = c.session.as_mut() {
+                    s.splice_out_done(&mut env.ctx, n, env.now);
+                }
+            } else {
+                c.browser_sent(env, n);
+            }
+            BrowserWrite::Wrote
+        }
+        SockWrite::WouldBlock => BrowserWrite::WouldBlock,
+        SockWrite::Failed(e) => {
+            c.browser_gone(env, Some(e));
+            BrowserWrite::Gone
+        }
+    }
 }
 
 /// An emptied pipe goes back to the pool: idle sessions hold none.

@@ -24,10 +24,10 @@
 //! - Connect, cancels, teardown: a finished session's sockets are shut,
 //!   every pending operation completes, and only then is it released.
 
-use std::collections::VecDeque;
 use std::io;
 
 use super::backend::ConnectPlan;
+use super::epoll::{self, BrowserWrite};
 use super::net::{SockRead, SockWrite};
 use super::plan::Mutation;
 use super::world::{Conn, Env};
@@ -472,7 +472,7 @@ fn splice_pump(env: &mut Env, c: &mut Conn) {
     let rounds = env.rng.range(1, SPLICE_ROUNDS);
     for _ in 0..rounds {
         let mut progress = splice_out(env, c);
-        super::epoll::give_back_empty_pipe(env, c);
+        epoll::give_back_empty_pipe(env, c);
         if c.session.as_ref().is_none_or(|s| s.is_done()) {
             return;
         }
@@ -504,56 +504,13 @@ fn splice_out(env: &mut Env, c: &mut Conn) -> bool {
         ));
         return false;
     }
-    let pending = s.browser_pending();
-    let header = !pending.is_empty();
-    let result = if header {
-        let max = env.rng.size(pending.len());
-        c.blink.session_write(pending, max)
-    } else {
-        let ready = s.splice_out_ready();
-        let Some(pipe) = c
-            .epoll
-            .pipe
-            .as_mut()
-            .filter(|p| ready > 0 && p.len() >= ready)
-        else {
-            let id = c.id;
-            env.violate(format!(
-                "conn {id}: {} bytes in the pipe, {ready} ready, pipe {:?}",
-                s.pipe_bytes(),
-                c.epoll.pipe.as_ref().map(VecDeque::len)
-            ));
-            return false;
-        };
-        let max = env.rng.size(ready);
-        let bytes: Vec<u8> = pipe.iter().take(max).copied().collect();
-        let r = c.blink.session_write(&bytes, max);
-        if let SockWrite::Wrote(n) = r {
-            pipe.drain(..n);
-        }
-        r
-    };
-    match result {
-        SockWrite::Wrote(n) => {
-            env.browser_writes += 1;
-            if env.plan.mutation == Some(Mutation::CorruptDownstream) && env.browser_writes == 5 {
-                c.blink.corrupt_last_byte();
-            }
-            if header {
-                c.browser_sent(env, n);
-            } else if let Some(s) = c.session.as_mut() {
-                s.splice_out_done(&mut env.ctx, n, env.now);
-            }
-            true
-        }
-        SockWrite::WouldBlock => {
+    match epoll::write_browser_once(env, c) {
+        BrowserWrite::Wrote | BrowserWrite::Gone => true,
+        BrowserWrite::WouldBlock => {
             c.uring.b_poll = true;
             false
         }
-        SockWrite::Failed(e) => {
-            c.browser_gone(env, Some(e));
-            true
-        }
+        BrowserWrite::Broken => false,
     }
 }
 
@@ -571,7 +528,7 @@ fn splice_in(env: &mut Env, c: &mut Conn) -> bool {
     {
         return false;
     }
-    let progress = match super::epoll::splice_into_pipe(env, c) {
+    let progress = match epoll::splice_into_pipe(env, c) {
         None => return false,
         Some(SockRead::Data(_)) => true,
         Some(SockRead::Eof) => {
@@ -587,7 +544,7 @@ fn splice_in(env: &mut Env, c: &mut Conn) -> bool {
             false
         }
     };
-    super::epoll::give_back_empty_pipe(env, c);
+    epoll::give_back_empty_pipe(env, c);
     progress
 }
 
