@@ -802,12 +802,7 @@ fn pump(
                             c.backend_leg.readable = false
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e)
-                            if matches!(
-                                e.raw_os_error(),
-                                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                            ) =>
-                        {
+                        Err(e) if splice::is_unsupported(&e) => {
                             // Nothing moved; copy from now on.
                             ctx.metrics.count(Cause::SpliceUnsupported);
                             tracing::warn!(worker = ctx.worker_id, error = %e, "splice refused, copying instead");

@@ -124,6 +124,15 @@ pub fn send(fd: RawFd, buf: &[u8], more: bool) -> io::Result<usize> {
     }
 }
 
+/// splice(2) refused for these descriptors (no bytes moved): the kernel
+/// or the socket type does not support it, so the worker stops splicing.
+pub fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+    )
+}
+
 /// A worker's pipes: at most `max` in all (lent plus free). Free pipes are
 /// empty. Creating one costs two syscalls, so they are kept for reuse.
 #[derive(Debug)]

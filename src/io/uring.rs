@@ -1394,12 +1394,7 @@ fn splice_in(c: &mut Conn, pipes: &mut PipePool, ctx: &mut WorkerCtx, now: Insta
             false
         }
         Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-            ) =>
-        {
+        Err(e) if splice::is_unsupported(&e) => {
             // Nothing moved; bulk recvs from now on.
             ctx.metrics.count(Cause::SpliceUnsupported);
             tracing::warn!(worker = ctx.worker_id, error = %e, "splice refused, receiving instead");

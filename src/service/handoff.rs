@@ -102,6 +102,17 @@ pub enum HandoffError {
     Internal(String),
 }
 
+impl HandoffError {
+    /// For `map_err`: the wire failed at `step` of the hand-off, in the
+    /// process named by `side`.
+    fn on_wire(
+        side: &'static str,
+        step: &'static str,
+    ) -> impl Fn(WireError) -> HandoffError + Copy {
+        move |error| HandoffError::Wire { side, step, error }
+    }
+}
+
 /// Messages, in the order of the sequence above.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -309,13 +320,7 @@ impl Predecessor {
             demo_addr: self.demo_addr,
         };
         let t = self.step_timeout;
-        let fail = |step| {
-            move |error| HandoffError::Wire {
-                side: "new process",
-                step,
-                error,
-            }
-        };
+        let fail = |step| HandoffError::on_wire("new process", step);
         wire.send(&offer, t).map_err(fail("offer"))?;
         let mut fds: Vec<BorrowedFd<'_>> = held.console.iter().map(|l| l.as_fd()).collect();
         fds.push(held.control.as_fd());
@@ -351,13 +356,7 @@ impl Predecessor {
             );
         }
         let carried = sessions.len();
-        let fail = |step| {
-            move |error| HandoffError::Wire {
-                side: "new process",
-                step,
-                error,
-            }
-        };
+        let fail = |step| HandoffError::on_wire("new process", step);
         wire.send(&Message::Commit { sessions }, t)
             .map_err(fail("commit"))?;
         let pid = match wire.recv::<Message>(t).map_err(fail("start"))? {
@@ -398,11 +397,7 @@ impl Successor {
         })?;
         check_peer(&stream)?;
         let mut wire = Wire::new(stream);
-        let fail = |error| HandoffError::Wire {
-            side: "running process",
-            step: "offer",
-            error,
-        };
+        let fail = HandoffError::on_wire("running process", "offer");
         let (pid, count, demo_addr) = match wire.recv::<Message>(step_timeout).map_err(fail)? {
             Message::Offer {
                 version,
@@ -453,13 +448,7 @@ impl Successor {
     /// may take the predecessor up to a few step timeouts).
     pub fn prepared(&mut self) -> Result<Vec<PendingSession>, HandoffError> {
         let t = self.step_timeout;
-        let fail = |step| {
-            move |error| HandoffError::Wire {
-                side: "running process",
-                step,
-                error,
-            }
-        };
+        let fail = |step| HandoffError::on_wire("running process", step);
         self.wire
             .send(&Message::Prepared, t)
             .map_err(fail("prepare"))?;
@@ -472,13 +461,7 @@ impl Successor {
     /// Step 5 done; wait for step 6 (this process is the main one now).
     pub fn started(mut self) -> Result<(), HandoffError> {
         let t = self.step_timeout;
-        let fail = |step| {
-            move |error| HandoffError::Wire {
-                side: "running process",
-                step,
-                error,
-            }
-        };
+        let fail = |step| HandoffError::on_wire("running process", step);
         self.wire
             .send(
                 &Message::Started {
