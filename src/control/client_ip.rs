@@ -16,7 +16,7 @@
 //! the IO backends.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -217,8 +217,8 @@ pub async fn limit_rest_per_ip(
 ) -> Response {
     let peer = req
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+        .get::<ConnectInfo<super::conn::ControlPeer>>()
+        .map(|c| c.0.addr);
     let Some(peer) = peer else {
         // Served without connection info (in-process tests): no address.
         return next.run(req).await;

@@ -5,28 +5,42 @@
 //! `Authorization` or, since browsers cannot set headers on a WebSocket,
 //! `?token=`): 401 / 403 / 404 / 503 as JSON, like the REST API. Without a
 //! token, and only with `[events] allow_anonymous`, a client may join the
-//! public rooms and sees public events only. After the upgrade one task
-//! per connection relays its [`Subscription`]'s queue and answers its
-//! messages ([`crate::events::protocol`]).
+//! public rooms and sees public events only.
+//!
+//! After the upgrade, events are written to the connection's socket by the
+//! fan-out itself ([`crate::events::sink`]), and one task per connection
+//! reads the client's messages ([`crate::events::protocol`]) through
+//! tungstenite, answers them, and writes out what the socket did not take
+//! at once when it becomes writable. Why the upgrade is done here and not
+//! with axum's `WebSocketUpgrade`: that hands over a socket only its own
+//! task may write to, so every event cost a task wake-up and a re-framing
+//! per subscriber.
 //!
 //! Also here: the control plane's own event sources that need its state
 //! (the port pool above 90 %, the periodic refresh of the VM lists).
 
+use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use futures_util::SinkExt;
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
+use tungstenite::Message;
 
 use super::api::{forbidden, ApiError, ApiResult};
+use super::conn::ControlPeer;
 use super::ControlState;
 use crate::auth::Need;
 use crate::events::bus::now_ms;
@@ -34,6 +48,7 @@ use crate::events::protocol::{
     error_data, message, parse_client, AlertData, ClientMessage, ProtocolError,
     MAX_CLIENT_MESSAGE_BYTES,
 };
+use crate::events::sink::{text_frame, Sink};
 use crate::events::{Event, Room, Subscription, Visibility};
 use crate::hypervisor::queue::Lane;
 
@@ -51,22 +66,11 @@ const SEND_TIMEOUT_MS: u64 = 10_000;
 const MAX_LAG_NOTICES: u32 = 3;
 /// Invalid messages in a row before the connection is closed.
 const MAX_INVALID_MESSAGES_IN_ROW: u32 = 10;
-/// WebSocket read buffer per connection, in bytes. Why small: clients send
-/// little (subscriptions, pings), and an idle subscriber must stay cheap.
-const READ_BUFFER_BYTES: usize = 4096;
-/// Events already queued when a connection wakes are framed into one
-/// buffer and written together, up to this many bytes (then written out,
-/// and the batch goes on): one write for a burst of events instead of one
-/// per event. Why not larger: the buffer is kept per connection.
-const WRITE_BATCH_BYTES: usize = 8 * 1024;
-/// Most queued events taken in one wake-up: the connection then waits its
-/// turn again, so a subscriber with a full queue does not hold the control
-/// thread for its whole queue.
-const MAX_EVENTS_PER_WAKE: usize = 32;
-/// Most bytes waiting to be written per connection beyond what the kernel
-/// took (a batch is flushed before the next is taken; a larger message
-/// ends the connection). Events are well under 4 KiB.
-const MAX_WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// Bytes read from a connection at a time, and tungstenite's read buffer,
+/// per connection. Why small: clients send little (subscriptions, pings),
+/// and an idle subscriber must stay cheap; a longer message (up to
+/// `MAX_CLIENT_MESSAGE_BYTES`) takes several reads.
+const READ_CHUNK_BYTES: usize = 1024;
 /// After our close frame, how long the client's close (or its end) is
 /// awaited, reading and discarding what it still sends: closing at once
 /// would answer its late messages with a reset, which can destroy the
@@ -92,20 +96,19 @@ pub struct TokenQuery {
     token: Option<String>,
 }
 
-type Upgrade = Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
 type TokenParam = Result<Query<TokenQuery>, QueryRejection>;
 
 async fn monitor(
     State(state): State<Arc<ControlState>>,
     headers: HeaderMap,
     query: TokenParam,
-    ws: Upgrade,
+    request: Request,
 ) -> Response {
     let visibility = match authenticate(&state, &headers, query, Need::Any, true) {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    upgrade(state, ws, Room::Monitor, visibility)
+    upgrade(state, request, Room::Monitor, visibility)
 }
 
 async fn vm_room(
@@ -113,7 +116,7 @@ async fn vm_room(
     Path(vm_id): Path<String>,
     headers: HeaderMap,
     query: TokenParam,
-    ws: Upgrade,
+    request: Request,
 ) -> Response {
     let visibility = match authenticate(&state, &headers, query, Need::Any, true) {
         Ok(v) => v,
@@ -134,7 +137,7 @@ async fn vm_room(
             return forbidden(format!("the token does not allow VM {vm:?}")).into_response();
         }
     }
-    upgrade(state, ws, Room::Vm(vm), visibility)
+    upgrade(state, request, Room::Vm(vm), visibility)
 }
 
 async fn server_room(
@@ -142,7 +145,7 @@ async fn server_room(
     Path(server): Path<String>,
     headers: HeaderMap,
     query: TokenParam,
-    ws: Upgrade,
+    request: Request,
 ) -> Response {
     let visibility = match authenticate(&state, &headers, query, Need::Any, true) {
         Ok(v) => v,
@@ -157,20 +160,20 @@ async fn server_room(
         )
         .into_response();
     }
-    upgrade(state, ws, Room::Server(server), visibility)
+    upgrade(state, request, Room::Server(server), visibility)
 }
 
 async fn stats_room(
     State(state): State<Arc<ControlState>>,
     headers: HeaderMap,
     query: TokenParam,
-    ws: Upgrade,
+    request: Request,
 ) -> Response {
     let visibility = match authenticate(&state, &headers, query, Need::Admin, false) {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    upgrade(state, ws, Room::Stats, visibility)
+    upgrade(state, request, Room::Stats, visibility)
 }
 
 fn clip(text: &str) -> &str {
@@ -210,15 +213,55 @@ fn authenticate(
     Ok(Visibility::of(&principal))
 }
 
-fn upgrade(state: Arc<ControlState>, ws: Upgrade, room: Room, visibility: Visibility) -> Response {
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rejection) => {
+/// Why a request is not a WebSocket upgrade (RFC 6455 4.2.1), or the
+/// `Sec-WebSocket-Accept` value answering it.
+fn accept_key(request: &Request) -> Result<String, &'static str> {
+    fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    }
+    let headers = request.headers();
+    if request.method() != Method::GET {
+        return Err("the method must be GET");
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Err("Connection: upgrade is missing");
+    }
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Err("Upgrade: websocket is missing");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err("Sec-WebSocket-Version must be 13");
+    }
+    match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(key) if !key.is_empty() => {
+            Ok(tungstenite::handshake::derive_accept_key(key.as_bytes()))
+        }
+        _ => Err("Sec-WebSocket-Key is missing"),
+    }
+}
+
+fn upgrade(
+    state: Arc<ControlState>,
+    mut request: Request,
+    room: Room,
+    visibility: Visibility,
+) -> Response {
+    let accept = match accept_key(&request) {
+        Ok(accept) => accept,
+        Err(why) => {
             state.count_error("events_not_websocket");
             return ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
-                format!("a WebSocket upgrade is expected: {rejection}"),
+                format!("a WebSocket upgrade is expected: {why}"),
             )
             .into_response();
         }
@@ -236,21 +279,46 @@ fn upgrade(state: Arc<ControlState>, ws: Upgrade, room: Room, visibility: Visibi
         e.retry_after_s = Some(5);
         return e.into_response();
     }
-    ws.read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BATCH_BYTES)
-        .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
-        .max_message_size(MAX_CLIENT_MESSAGE_BYTES)
-        .max_frame_size(MAX_CLIENT_MESSAGE_BYTES)
-        .on_upgrade(move |socket| async move {
-            let mut connection = Connection::new(state, socket, visibility.clone());
-            connection.run(room, visibility).await;
-        })
+    let stream = request
+        .extensions()
+        .get::<ConnectInfo<ControlPeer>>()
+        .and_then(|ConnectInfo(peer)| peer.stream());
+    let Some(stream) = stream else {
+        // Served without the control listener (in-process tests), or the
+        // connection is already gone.
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the connection's socket is not available for an event stream",
+        )
+        .into_response();
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        // The client left before the switch completed: nothing to serve.
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut connection = Connection::new(state, stream, upgraded, visibility);
+        connection.run(room).await;
+    });
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
 }
 
 /// What ends a connection.
 enum End {
     /// Close with this code and reason.
     Close(u16, &'static str),
+    /// The client closed: write out what is queued (its close answered),
+    /// then let go.
+    Closed,
     /// The peer is gone or stuck: just drop the socket.
     Drop,
 }
@@ -283,72 +351,161 @@ impl MessageRate {
     }
 }
 
+/// tungstenite's view of the connection: it reads the bytes just read
+/// from the socket, and what it writes (answers to pings, its close
+/// frames) is collected for the sink, so every frame leaves in order
+/// through one place.
+struct Wiring<'a> {
+    input: &'a [u8],
+    output: Vec<u8>,
+}
+
+impl Read for Wiring<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.input.len());
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input = &self.input[n..];
+        Ok(n)
+    }
+}
+
+impl Write for Wiring<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What reading the client's bytes came to.
+enum Reading {
+    /// Every whole message was handled; more bytes are awaited.
+    More,
+    /// The connection ends.
+    End(End),
+}
+
 struct Connection {
     state: Arc<ControlState>,
-    socket: WebSocket,
+    /// The socket, to wait until it is writable (writes go through the sink).
+    stream: Arc<TcpStream>,
+    /// The socket's reading side, as hyper handed it over.
+    reader: TokioIo<hyper::upgrade::Upgraded>,
+    websocket: WebSocketContext,
+    chunk: Box<[u8]>,
     visibility: Visibility,
     rate: MessageRate,
     invalid_in_row: u32,
     lag_notices: u32,
+    /// While frames wait for the socket: when it must have taken some.
+    write_deadline: Option<tokio::time::Instant>,
 }
 
 impl Connection {
-    fn new(state: Arc<ControlState>, socket: WebSocket, visibility: Visibility) -> Connection {
+    fn new(
+        state: Arc<ControlState>,
+        stream: Arc<TcpStream>,
+        upgraded: hyper::upgrade::Upgraded,
+        visibility: Visibility,
+    ) -> Connection {
         let rate = MessageRate::new(state.cfg.events.messages_per_s);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_CHUNK_BYTES)
+            .max_message_size(Some(MAX_CLIENT_MESSAGE_BYTES))
+            .max_frame_size(Some(MAX_CLIENT_MESSAGE_BYTES));
         Connection {
             state,
-            socket,
+            stream,
+            reader: TokioIo::new(upgraded),
+            websocket: WebSocketContext::new(Role::Server, Some(config)),
+            chunk: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
             visibility,
             rate,
             invalid_in_row: 0,
             lag_notices: 0,
+            write_deadline: None,
         }
     }
 
-    async fn run(&mut self, room: Room, visibility: Visibility) {
-        let mut sub = match self.state.events.subscribe(room.clone(), visibility) {
+    async fn run(&mut self, room: Room) {
+        let wire: Arc<dyn crate::events::Wire> = self.stream.clone();
+        let sub = match self
+            .state
+            .events
+            .subscribe_on(room.clone(), self.visibility.clone(), wire)
+        {
             Ok(sub) => sub,
             Err(e) => {
-                self.close(CLOSE_TRY_AGAIN, &e.to_string()).await;
+                // Not registered: a sink of its own for the close.
+                let sink = Sink::new(self.stream.clone(), 0);
+                tracing::debug!(error = %e, "event subscriber refused");
+                self.finish(
+                    &sink,
+                    End::Close(CLOSE_TRY_AGAIN, "too many event subscribers"),
+                )
+                .await;
                 return;
             }
         };
+        // No await since the subscription: the welcome is the first frame
+        // (events are published on this same thread).
         let welcome = json!({
             "room": room.label(),
             "anonymous": self.visibility == Visibility::Anonymous,
             "subscription": sub.update_filter(|_| {}).to_json(),
         });
-        if let Err(end) = self.send_message("welcome", &welcome).await {
-            self.finish(end).await;
-            return;
-        }
-        let end = self.serve(&mut sub, room == Room::Stats).await;
+        let end = match self.send_message(sub.sink(), "welcome", &welcome) {
+            Ok(()) => self.serve(&sub, room == Room::Stats).await,
+            Err(end) => end,
+        };
+        let sink = sub.sink().clone();
         drop(sub);
-        self.finish(end).await;
+        self.finish(&sink, end).await;
     }
 
-    async fn serve(&mut self, sub: &mut Subscription, stats: bool) -> End {
+    async fn serve(&mut self, sub: &Subscription, stats: bool) -> End {
         let interval = Duration::from_millis(self.state.cfg.events.stats_interval_ms);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_published = (Instant::now(), sub.bus().stats().events_published_total);
+        let sink = sub.sink().clone();
         loop {
+            if let Err(end) = self.write_out(&sink) {
+                return end;
+            }
+            let waiting = self.write_deadline.is_some();
+            let deadline = self
+                .write_deadline
+                .unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
-                incoming = self.socket.recv() => {
-                    let Some(Ok(msg)) = incoming else { return End::Drop };
-                    if let Err(end) = self.on_client_message(msg, sub).await {
+                read = self.reader.read(&mut self.chunk) => {
+                    let n = match read {
+                        Ok(0) | Err(_) => return End::Drop,
+                        Ok(n) => n,
+                    };
+                    if let Reading::End(end) = self.on_bytes(n, sub) {
                         return end;
                     }
                 }
-                frame = sub.recv() => {
-                    let Some(frame) = frame else { return End::Close(1001, "shutting down") };
-                    if let Err(end) = self.deliver_queued(frame, sub).await {
-                        return end;
+                () = sink.notified() => {}
+                ready = self.stream.writable(), if waiting => {
+                    if ready.is_err() {
+                        return End::Drop;
                     }
+                }
+                () = tokio::time::sleep_until(deadline), if waiting => {
+                    self.state.count_error("events_send_timeout");
+                    return End::Drop;
                 }
                 _ = ticker.tick(), if stats => {
                     let figures = stats_figures(sub, &mut last_published);
-                    if let Err(end) = self.send_message("stats", &figures).await {
+                    if let Err(end) = self.send_message(&sink, "stats", &figures) {
                         return end;
                     }
                 }
@@ -356,26 +513,13 @@ impl Connection {
         }
     }
 
-    /// Send `first` and what else is queued already (at most
-    /// [`MAX_EVENTS_PER_WAKE`]), framed into one buffer, then flush it.
-    async fn deliver_queued(
-        &mut self,
-        first: Utf8Bytes,
-        sub: &mut Subscription,
-    ) -> Result<(), End> {
-        self.deliver(first, sub).await?;
-        for _ in 1..MAX_EVENTS_PER_WAKE {
-            let Some(frame) = sub.try_recv() else { break };
-            self.deliver(frame, sub).await?;
-        }
-        self.flush().await
-    }
-
-    /// Queue one event for writing (see [`Connection::deliver_queued`]),
-    /// after a `lagged` notice when the queue overflowed since the last
-    /// one.
-    async fn deliver(&mut self, frame: Utf8Bytes, sub: &Subscription) -> Result<(), End> {
-        let dropped = sub.take_dropped();
+    /// Write out what waits for the socket, tell the client when events
+    /// were dropped for it (a `lagged` notice; too many without catching
+    /// up in between end the connection), and keep the deadline by which
+    /// a stalled socket must take something.
+    fn write_out(&mut self, sink: &Sink) -> Result<(), End> {
+        let (written, empty) = sink.write_queued().map_err(|_| End::Drop)?;
+        let dropped = sink.take_dropped();
         if dropped > 0 {
             self.lag_notices += 1;
             if self.lag_notices > MAX_LAG_NOTICES {
@@ -385,21 +529,74 @@ impl Connection {
                     "subscriber too slow: it stayed behind after lagged notices",
                 ));
             }
-            let notice = message("lagged", &json!({"dropped": dropped}), now_ms());
-            self.feed(Message::Text(Utf8Bytes::from(notice))).await?;
-        } else if sub.is_caught_up() {
+            self.send_message(sink, "lagged", &json!({"dropped": dropped}))?;
+        } else if empty {
             self.lag_notices = 0;
         }
-        self.feed(Message::Text(frame)).await
+        self.write_deadline = if !sink.has_queued() {
+            None
+        } else if written > 0 || self.write_deadline.is_none() {
+            Some(tokio::time::Instant::now() + Duration::from_millis(SEND_TIMEOUT_MS))
+        } else {
+            self.write_deadline
+        };
+        Ok(())
     }
 
-    async fn on_client_message(&mut self, msg: Message, sub: &Subscription) -> Result<(), End> {
+    /// Hand `n` bytes just read to tungstenite and handle every message
+    /// they complete.
+    fn on_bytes(&mut self, n: usize, sub: &Subscription) -> Reading {
+        let chunk = std::mem::take(&mut self.chunk);
+        let mut wiring = Wiring {
+            input: &chunk[..n],
+            output: Vec::new(),
+        };
+        let outcome = loop {
+            let read = self.websocket.read(&mut wiring);
+            if let Err(end) = self.pass_on(sub.sink(), &mut wiring.output) {
+                break Reading::End(end);
+            }
+            match read {
+                Ok(Message::Close(_)) => {
+                    // tungstenite queued the answering close: out with it.
+                    let _ = self.websocket.flush(&mut wiring);
+                    let _ = self.pass_on(sub.sink(), &mut wiring.output);
+                    break Reading::End(End::Closed);
+                }
+                Ok(msg) => {
+                    if let Err(end) = self.on_client_message(msg, sub) {
+                        break Reading::End(end);
+                    }
+                }
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    break Reading::More;
+                }
+                // A protocol error, a message too large, or the client's
+                // close already answered: nothing more to read.
+                Err(_) => break Reading::End(End::Drop),
+            }
+        };
+        self.chunk = chunk;
+        outcome
+    }
+
+    /// What tungstenite wrote (pongs, close frames), to the sink.
+    fn pass_on(&self, sink: &Sink, output: &mut Vec<u8>) -> Result<(), End> {
+        if output.is_empty() {
+            return Ok(());
+        }
+        self.send_own(sink, Bytes::from(std::mem::take(output)))
+    }
+
+    fn on_client_message(&mut self, msg: Message, sub: &Subscription) -> Result<(), End> {
         let text = match msg {
             Message::Text(text) => text,
-            Message::Binary(_) => Utf8Bytes::from_static(""),
-            // Pings are answered by the WebSocket layer; a close ends the
-            // connection on the next read.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => return Ok(()),
+            Message::Binary(_) => tungstenite::Utf8Bytes::from_static(""),
+            // Pings are answered by tungstenite; a close ends the
+            // connection (handled by the caller).
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
+                return Ok(())
+            }
         };
         if !self.rate.take(Instant::now()) {
             self.state.count_error("events_message_rate");
@@ -413,7 +610,7 @@ impl Connection {
         match parsed.and_then(|m| self.apply(m, sub)) {
             Ok((kind, data)) => {
                 self.invalid_in_row = 0;
-                self.send_message(kind, &data).await
+                self.send_message(sub.sink(), kind, &data)
             }
             Err(e) => {
                 self.invalid_in_row += 1;
@@ -421,7 +618,7 @@ impl Connection {
                 if self.invalid_in_row > MAX_INVALID_MESSAGES_IN_ROW {
                     return Err(End::Close(CLOSE_POLICY, "too many invalid messages"));
                 }
-                self.send_message("error", &error_data(&e)).await
+                self.send_message(sub.sink(), "error", &error_data(&e))
             }
         }
     }
@@ -454,70 +651,75 @@ impl Connection {
         }
     }
 
-    async fn send_message(&mut self, kind: &str, data: &Value) -> Result<(), End> {
+    fn send_message(&self, sink: &Sink, kind: &str, data: &Value) -> Result<(), End> {
         let text = message(kind, data, now_ms());
-        self.send(Message::Text(Utf8Bytes::from(text))).await
+        self.send_own(sink, text_frame(text.as_bytes()))
     }
 
-    async fn send(&mut self, msg: Message) -> Result<(), End> {
-        self.feed(msg).await?;
-        self.flush().await
-    }
-
-    /// Frame `msg` into the write buffer (written out when the buffer
-    /// passes [`WRITE_BATCH_BYTES`], or by [`Connection::flush`]).
-    async fn feed(&mut self, msg: Message) -> Result<(), End> {
-        let fed = tokio::time::timeout(Self::send_limit(), self.socket.feed(msg)).await;
-        self.sent(fed)
-    }
-
-    async fn flush(&mut self) -> Result<(), End> {
-        let flushed = tokio::time::timeout(Self::send_limit(), self.socket.flush()).await;
-        self.sent(flushed)
-    }
-
-    fn send_limit() -> Duration {
-        Duration::from_millis(SEND_TIMEOUT_MS)
-    }
-
-    fn sent(
-        &self,
-        outcome: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
-    ) -> Result<(), End> {
-        match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::Drop),
-            Err(_) => {
+    fn send_own(&self, sink: &Sink, frame: Bytes) -> Result<(), End> {
+        sink.send_own(frame).map_err(|e| {
+            if matches!(e, crate::events::sink::SinkError::Overflow) {
                 self.state.count_error("events_send_timeout");
-                Err(End::Drop)
+            }
+            End::Drop
+        })
+    }
+
+    /// End the connection: for a close of ours, send it and wait (at most
+    /// [`CLOSE_WAIT_MS`]) for the client's, reading and discarding what it
+    /// still sends, since closing at once would answer its late messages
+    /// with a reset, which can destroy the close frame before the client
+    /// reads it; after the client's close, write out what is queued (its
+    /// answer) within the same time.
+    async fn finish(&mut self, sink: &Sink, end: End) {
+        let mut wiring = Wiring {
+            input: &[],
+            output: Vec::new(),
+        };
+        match end {
+            End::Drop => return,
+            End::Closed => {}
+            End::Close(code, reason) => {
+                let frame = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: tungstenite::Utf8Bytes::from_static(reason),
+                };
+                let _ = self.websocket.close(&mut wiring, Some(frame));
+                let _ = self.websocket.flush(&mut wiring);
+                if self.pass_on(sink, &mut wiring.output).is_err() {
+                    return;
+                }
             }
         }
-    }
-
-    async fn close(&mut self, code: u16, reason: &str) {
-        let frame = CloseFrame {
-            code,
-            reason: Utf8Bytes::from(reason.to_string()),
-        };
-        let limit = Duration::from_millis(SEND_TIMEOUT_MS);
-        let sent = tokio::time::timeout(limit, self.socket.send(Message::Close(Some(frame)))).await;
-        if !matches!(sent, Ok(Ok(()))) {
-            return;
-        }
         let _ = tokio::time::timeout(Duration::from_millis(CLOSE_WAIT_MS), async {
-            while let Some(Ok(msg)) = self.socket.recv().await {
-                if matches!(msg, Message::Close(_)) {
-                    break;
+            loop {
+                let Ok((_, empty)) = sink.write_queued() else {
+                    return;
+                };
+                let client_closed = !self.websocket.can_read();
+                if empty && client_closed {
+                    return;
+                }
+                tokio::select! {
+                    read = self.reader.read(&mut self.chunk) => {
+                        let Ok(n) = read else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        let chunk = std::mem::take(&mut self.chunk);
+                        let mut input = Wiring { input: &chunk[..n], output: Vec::new() };
+                        while self.websocket.read(&mut input).is_ok() {}
+                        self.chunk = chunk;
+                    }
+                    ready = self.stream.writable(), if !empty => {
+                        if ready.is_err() {
+                            return;
+                        }
+                    }
                 }
             }
         })
         .await;
-    }
-
-    async fn finish(&mut self, end: End) {
-        if let End::Close(code, reason) = end {
-            self.close(code, reason).await;
-        }
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod alert_sources;
 pub mod api;
 pub mod client_ip;
+pub mod conn;
 pub mod console_open;
 pub mod events_ws;
 pub mod limits;
@@ -110,12 +111,6 @@ pub struct ControlState {
     /// The alert detectors (fed by `alert_sources`) and their counts.
     pub alerts: Mutex<crate::events::alerts::AlertCenter>,
 }
-
-/// SO_SNDBUF of each control connection (the kernel doubles it). Why this
-/// much: a REST answer (a thumbnail, a long list) still leaves in one go on
-/// a LAN, while a stalled `/ws/*` subscriber holds at most this in the
-/// kernel (then its events are dropped, counted, and it is let go).
-pub const CONTROL_SEND_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Undelivered revoke messages kept for retry; beyond, the oldest are
 /// dropped (the tick still closes those consoles).
@@ -266,16 +261,9 @@ pub fn serve(
             .map_err(|source| ControlError::Bind { addr, source })?;
         tracing::info!(%addr, "control plane listening");
         let app = api::router(state.clone());
-        // Bound what the kernel buffers per control connection: an event
-        // subscriber that stops reading would otherwise hold up to
-        // tcp_wmem's maximum (4 MiB by default) of events in its socket.
-        // No Nagle: an event written while the subscriber's delayed ACK of
-        // the previous one is pending would otherwise wait for that ACK
-        // (up to 40 ms); every write here is a whole message.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(CONTROL_SEND_BUFFER_BYTES);
-            let _ = tcp.set_nodelay(true);
-        });
+        // Connections share their socket with the event fan-out, and get
+        // their socket options (conn.rs).
+        let listener = conn::ControlListener::new(listener);
         let reports = forward_reports(events).map_err(ControlError::Runtime)?;
         tokio::spawn(pump_reports(state.clone(), reports));
         tokio::spawn(sweeper(state.clone()));
@@ -291,8 +279,9 @@ pub fn serve(
         ));
         tokio::spawn(alert_sources::run(state.clone()));
         let mut sd = shutdown.clone();
-        // With the peer address: the per-IP limits and logs need it.
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
+        // With the peer address (the per-IP limits and logs need it) and
+        // the socket (the event endpoints write to it directly).
+        let app = app.into_make_service_with_connect_info::<conn::ControlPeer>();
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = sd.wait_for(|v| *v).await;

@@ -1,12 +1,15 @@
-//! The fan-out: every subscriber has its own bounded queue of encoded
-//! events; [`EventBus::publish`] encodes an event once, then offers it to
-//! each subscriber whose room, visibility and filter admit it with a
-//! `try_send`. Subscribers are indexed by room (the monitor room, one map
-//! per VM, one per hypervisor), so an event is only offered to the rooms
-//! that can admit it: a VM's event costs nothing to the subscribers of
-//! the other VMs' rooms. A full queue drops the event for that subscriber only
-//! (counted per subscriber and in total): publishing never waits, so a
-//! slow or dead subscriber cannot delay the publisher or the others.
+//! The fan-out: [`EventBus::publish`] encodes an event once, as a
+//! WebSocket text frame, then offers it to each subscriber whose room,
+//! visibility and filter admit it: the frame is written straight to the
+//! subscriber's socket without waiting, or queued in its bounded
+//! [`Sink`] when the socket does not take it at once (see
+//! [`super::sink`]). Subscribers are indexed by room (the monitor room,
+//! one map per VM, one per hypervisor), so an event is only offered to
+//! the rooms that can admit it: a VM's event costs nothing to the
+//! subscribers of the other VMs' rooms. A full queue drops the event for
+//! that subscriber only (counted per subscriber and in total): publishing
+//! never waits, so a slow or dead subscriber cannot delay the publisher
+//! or the others.
 //!
 //! Bounded: at most `max_subscribers` subscribers, each holding at most
 //! `subscriber_queue_events` events (shared, reference-counted frames).
@@ -16,15 +19,13 @@
 //! Must not depend on `crate::control` or `crate::hypervisor`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use super::protocol::{server_of, Event, EventKind, Filter, Room, Visibility};
+use super::sink::{text_frame, Offer, Sink, Wire};
 
 /// The bus's bounds (from `[events]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +42,9 @@ pub enum BusError {
 }
 
 struct Slot {
-    tx: mpsc::Sender<Utf8Bytes>,
+    sink: Arc<Sink>,
     visibility: Visibility,
     filter: Filter,
-    dropped: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -231,41 +231,54 @@ impl EventBus {
         self.lock().subscribers.len() >= self.inner.limits.max_subscribers
     }
 
-    /// Register a subscriber; it is unregistered when the returned
-    /// [`Subscription`] is dropped.
-    pub fn subscribe(&self, room: Room, visibility: Visibility) -> Result<Subscription, BusError> {
+    /// Register a subscriber whose frames go to `wire`; it is
+    /// unregistered when the returned [`Subscription`] is dropped.
+    pub fn subscribe_on(
+        &self,
+        room: Room,
+        visibility: Visibility,
+        wire: Arc<dyn Wire>,
+    ) -> Result<Subscription, BusError> {
         let mut state = self.lock();
         if state.subscribers.len() >= self.inner.limits.max_subscribers {
             return Err(BusError::Full {
                 max: self.inner.limits.max_subscribers,
             });
         }
-        let (tx, rx) = mpsc::channel(self.inner.limits.subscriber_queue_events);
+        let sink = Arc::new(Sink::new(wire, self.inner.limits.subscriber_queue_events));
         let id = state.next_id;
         state.next_id += 1;
-        let dropped = Arc::new(AtomicU64::new(0));
         state.subscribers.insert(
             id,
             room,
             Slot {
-                tx,
+                sink: sink.clone(),
                 visibility,
                 filter: Filter::default(),
-                dropped: dropped.clone(),
             },
         );
         Ok(Subscription {
             id,
             bus: self.clone(),
-            rx,
-            dropped,
+            sink,
+            #[cfg(test)]
+            memory: None,
         })
     }
 
+    /// A subscriber whose frames are kept in memory ([`Subscription::try_recv`]).
+    #[cfg(test)]
+    pub fn subscribe(&self, room: Room, visibility: Visibility) -> Result<Subscription, BusError> {
+        let wire = super::sink::memory::MemoryWire::unlimited();
+        let mut sub = self.subscribe_on(room, visibility, wire.clone())?;
+        sub.memory = Some(wire);
+        Ok(sub)
+    }
+
     /// Offer `event` to every subscriber that may see it and asked for it;
-    /// never waits. Returns to how many it was queued.
+    /// never waits. Returns to how many it was written or queued.
     pub fn publish(&self, event: &Event) -> usize {
-        let frame = Utf8Bytes::from(event.encode(now_ms()));
+        let frame = text_frame(event.encode(now_ms()).as_bytes());
         let mut state = self.lock();
         state.counters.published += 1;
         let (mut delivered, mut dropped) = (0u64, 0u64);
@@ -273,15 +286,12 @@ impl EventBus {
             if !(slot.visibility.may_see(event) && slot.filter.matches(event)) {
                 continue;
             }
-            match slot.tx.try_send(frame.clone()) {
-                Ok(()) => delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    slot.dropped.fetch_add(1, Ordering::Relaxed);
-                    dropped += 1;
-                }
+            match slot.sink.offer_event(&frame) {
+                Offer::Written | Offer::Queued => delivered += 1,
+                Offer::Dropped => dropped += 1,
                 // Its connection is ending; its Subscription's drop
                 // removes the slot.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Offer::Gone => {}
             }
         }
         state.counters.delivered += delivered;
@@ -303,7 +313,7 @@ impl EventBus {
         };
         for (label, slot) in state.subscribers.all() {
             *stats.connections_by_room.entry(label).or_insert(0) += 1;
-            let queued = capacity.saturating_sub(slot.tx.capacity());
+            let queued = slot.sink.queued_events();
             stats.max_subscriber_lag_events = stats.max_subscriber_lag_events.max(queued);
             stats.queued_events += queued;
         }
@@ -347,12 +357,14 @@ impl EventBus {
     }
 }
 
-/// One subscriber's end: its queue, its drop counter and its filter.
+/// One subscriber's end: its sink and its filter.
 pub struct Subscription {
     id: u64,
     bus: EventBus,
-    rx: mpsc::Receiver<Utf8Bytes>,
-    dropped: Arc<AtomicU64>,
+    sink: Arc<Sink>,
+    /// Where a test subscriber's frames went.
+    #[cfg(test)]
+    memory: Option<Arc<super::sink::memory::MemoryWire>>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -364,24 +376,9 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    /// The next event for this subscriber (None when the bus is gone).
-    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
-        self.rx.recv().await
-    }
-
-    /// An event already queued, without waiting.
-    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
-        self.rx.try_recv().ok()
-    }
-
-    /// Events dropped since the last call (its queue was full).
-    pub fn take_dropped(&self) -> u64 {
-        self.dropped.swap(0, Ordering::Relaxed)
-    }
-
-    /// Nothing waits in the queue.
-    pub fn is_caught_up(&self) -> bool {
-        self.rx.is_empty()
+    /// Where this subscriber's frames go.
+    pub fn sink(&self) -> &Arc<Sink> {
+        &self.sink
     }
 
     /// Change the filter; returns it as it now is.
@@ -391,6 +388,12 @@ impl Subscription {
 
     pub fn bus(&self) -> &EventBus {
         &self.bus
+    }
+
+    /// The next message a test subscriber got ([`EventBus::subscribe`]).
+    #[cfg(test)]
+    pub fn try_recv(&mut self) -> Option<String> {
+        self.memory.as_ref()?.next_text()
     }
 }
 
@@ -404,6 +407,7 @@ impl Drop for Subscription {
 mod tests {
     use super::*;
     use crate::events::protocol::FilterChange;
+    use crate::events::sink::memory::MemoryWire;
     use serde_json::Value;
 
     fn bus(max: usize, queue: usize) -> EventBus {
@@ -426,16 +430,24 @@ mod tests {
     #[test]
     fn a_full_queue_drops_for_that_subscriber_only() {
         let b = bus(10, 2);
-        let mut slow = b.subscribe(Room::Monitor, Visibility::All).unwrap();
+        // A socket that takes nothing: every event waits in the queue.
+        let blocked = MemoryWire::with_room(0);
+        let slow = b
+            .subscribe_on(Room::Monitor, Visibility::All, blocked.clone())
+            .unwrap();
         let mut fast = b.subscribe(Room::Monitor, Visibility::All).unwrap();
         for _ in 0..5 {
             b.publish(&event(EventKind::Progress, "h:a"));
             assert!(fast.try_recv().is_some());
         }
-        assert_eq!(slow.take_dropped(), 3);
-        assert_eq!(slow.take_dropped(), 0);
-        assert!(slow.try_recv().is_some() && slow.try_recv().is_some());
-        assert!(slow.try_recv().is_none() && slow.is_caught_up());
+        assert_eq!(slow.sink().take_dropped(), 3);
+        assert_eq!(slow.sink().take_dropped(), 0);
+        assert_eq!(b.stats().max_subscriber_lag_events, 2);
+        blocked.set_room(None);
+        assert!(slow.sink().write_queued().unwrap().1);
+        let got: Vec<String> = std::iter::from_fn(|| blocked.next_text()).collect();
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().all(|m| m.contains("\"progress\"")), "{got:?}");
         let s = b.stats();
         assert_eq!(
             (
@@ -512,7 +524,7 @@ mod tests {
         b.publish(&event(EventKind::Progress, "h:a"));
         b.publish(&event(EventKind::VmStatusChanged, "h:b"));
         b.publish(&event(EventKind::VmStatusChanged, "g:b"));
-        let text = |m: Option<Utf8Bytes>| m.map(|m| m.as_str().to_string()).unwrap_or_default();
+        let text = Option::unwrap_or_default;
         assert!(text(vm.try_recv()).contains("\"progress\""));
         assert!(vm.try_recv().is_none());
         assert!(text(anon.try_recv()).contains("vm_status_changed"));

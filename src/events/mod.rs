@@ -8,8 +8,10 @@
 //! - [`alerts`]: alerts raised when a condition starts and cleared when
 //!   it ends (pool exhausted, worker unhealthy, sustained rate limiting),
 //!   with hysteresis;
-//! - [`bus`]: the fan-out, with a bounded queue per subscriber, who may
-//!   see what, rooms, and the counters `/ws/stats` shows.
+//! - [`bus`]: the fan-out: who may see what, rooms, and the counters
+//!   `/ws/stats` shows;
+//! - [`sink`]: one subscriber's outgoing frames, written straight to its
+//!   socket, with a bounded queue for what the socket does not take.
 //!
 //! Publishing never waits: a subscriber whose queue is full loses the
 //! event (counted, and told with a `lagged` message), so a slow or dead
@@ -25,6 +27,8 @@
 pub mod alerts;
 pub mod bus;
 pub mod protocol;
+pub mod sink;
 
 pub use bus::{BusStats, EventBus, Subscription};
 pub use protocol::{Event, EventKind, Filter, Room, Visibility};
+pub use sink::{Sink, Wire};
