@@ -13,7 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::events::{events, events_small_rcvbuf, try_events, EventsClient as Events};
+use common::events::{events, events_small_rcvbuf, try_events, EventsClient as Events, Got};
 use common::qemu::{Qemu, QemuOptions, TestQmp};
 use common::*;
 use serde_json::{json, Value};
@@ -349,4 +349,83 @@ fn a_subscriber_that_never_reads_delays_nobody_and_holds_bounded_memory() {
         },
     );
     drop(stuck);
+}
+
+/// A subscriber that reads late: while it does not read, what its socket
+/// does not take waits in its queue (the fan-out writes straight to the
+/// sockets, and queues only the rest), and beyond the queue events are
+/// dropped. When it reads again it gets whole events, in the order they
+/// were published, then a `lagged` notice whose count accounts exactly
+/// for the events it lost.
+#[test]
+fn a_late_reader_gets_whole_events_in_order_then_lagged_notices_with_the_count() {
+    const BATCH: usize = 50;
+    const BATCHES: usize = 30;
+    const EVENTS: usize = BATCH * BATCHES;
+    const QUEUE: usize = 8;
+    raise_nofile();
+    let app = appliance(&format!(
+        "[events]\nsubscriber_queue_events = {QUEUE}\n\n\
+         [viewers]\nmax_sessions_per_user = {}\n",
+        BATCH * 2
+    ));
+    let user = format!("late-{}", "u".repeat(200));
+    let mut late = events_small_rcvbuf(app.control, "/ws/monitor", ADMIN_TOKEN, 4096);
+    late.subscribe(json!({"events": ["session_closed"]}));
+    // A reader that keeps up, to know when every event was published.
+    let mut witness = events(app.control, "/ws/monitor", Some(ADMIN_TOKEN));
+    witness.subscribe(json!({"events": ["session_closed"]}));
+    let mut published = Vec::with_capacity(EVENTS);
+    for _ in 0..BATCHES {
+        for _ in 0..BATCH {
+            app.create_demo(&user);
+        }
+        let r = app.api(
+            "POST",
+            &format!("/api/v1/users/{user}/close-sessions"),
+            Some(ADMIN_TOKEN),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        for _ in 0..BATCH {
+            let m = witness.next_of("session_closed");
+            published.push(m["data"]["session_id"].as_str().unwrap().to_string());
+        }
+    }
+    // Now read until it is quiet: whole events in publishing order, and
+    // `lagged` notices (one when the queue first overflowed, one for what
+    // was dropped after it) that account for the rest.
+    let (mut got, mut dropped, mut notices) = (Vec::new(), 0, 0);
+    loop {
+        match late.read(Duration::from_secs(2)) {
+            Got::Message(m) if m["type"] == "session_closed" => {
+                assert_eq!(notices, 0, "an event after a lagged notice: {m}");
+                got.push(m["data"]["session_id"].as_str().unwrap().to_string());
+            }
+            Got::Message(m) if m["type"] == "lagged" => {
+                notices += 1;
+                dropped += m["data"]["dropped"].as_u64().unwrap() as usize;
+            }
+            Got::Timeout => break,
+            other => panic!("after {} events: {other:?}", got.len()),
+        }
+    }
+    assert!(
+        dropped > 0 && !got.is_empty() && (1..=2).contains(&notices),
+        "got {}, dropped {dropped} in {notices} notices",
+        got.len()
+    );
+    assert_eq!(
+        got.len() + dropped,
+        EVENTS,
+        "every event either arrives or is counted"
+    );
+    assert_eq!(
+        got[..],
+        published[..got.len()],
+        "the first events, in order"
+    );
+    // It caught up: it keeps its connection.
+    late.send_json(json!({"type": "ping", "data": {"timestamp": 7}}));
+    assert_eq!(late.next_of("pong")["data"]["timestamp"], 7);
 }

@@ -791,6 +791,48 @@ pub async fn background(state: Arc<ControlState>) {
 mod tests {
     use super::*;
 
+    fn request(method: &str, headers: &[(&str, &str)]) -> Request {
+        let mut builder = axum::http::Request::builder()
+            .method(method)
+            .uri("/ws/monitor");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn the_upgrade_is_checked_and_answered_as_rfc_6455_says() {
+        let good = [
+            ("Connection", "keep-alive, Upgrade"),
+            ("Upgrade", "WebSocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ];
+        // RFC 6455 1.3's example.
+        assert_eq!(
+            accept_key(&request("GET", &good)).unwrap(),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert_eq!(
+            accept_key(&request("POST", &good)).unwrap_err(),
+            "the method must be GET"
+        );
+        for (missing, why) in [
+            (0, "Connection: upgrade is missing"),
+            (1, "Upgrade: websocket is missing"),
+            (2, "Sec-WebSocket-Version must be 13"),
+            (3, "Sec-WebSocket-Key is missing"),
+        ] {
+            let mut headers = good.to_vec();
+            headers.remove(missing);
+            assert_eq!(accept_key(&request("GET", &headers)).unwrap_err(), why);
+        }
+        let mut old = good.to_vec();
+        old[2] = ("Sec-WebSocket-Version", "8");
+        assert!(accept_key(&request("GET", &old)).is_err());
+    }
+
     #[test]
     fn the_message_rate_allows_a_burst_then_refills() {
         let mut rate = MessageRate::new(5);
