@@ -352,10 +352,7 @@ impl Registry {
     fn evict(&mut self, id: u64) -> Option<Record> {
         let mut r = self.live.remove(&id)?;
         self.dec_user(&r.user);
-        let held = held_by_a_worker(&r);
-        if let Some(a) = &r.admission {
-            a.evict();
-        }
+        let held = held_by_a_worker(&r, r.admission.as_ref().map(|a| a.evict_from()));
         r.state = State::Revoked;
         r.close_reason = Some("evicted: the least recently active console, to make room".into());
         let out = r.clone();
@@ -494,10 +491,7 @@ impl Registry {
     pub fn revoke(&mut self, id: u64) -> Option<Record> {
         let mut r = self.live.remove(&id)?;
         self.dec_user(&r.user);
-        let held = held_by_a_worker(&r);
-        if let Some(a) = &r.admission {
-            a.revoke();
-        }
+        let held = held_by_a_worker(&r, r.admission.as_ref().map(|a| a.revoke_from()));
         r.state = State::Revoked;
         if r.close_reason.is_none() {
             r.close_reason = Some("revoked through the API".into());
@@ -671,11 +665,22 @@ impl Registry {
 
 /// Whether a worker holds (or held and is reporting on) the session: its
 /// close report, with the byte counts, is still to come.
-fn held_by_a_worker(r: &Record) -> bool {
-    r.state == State::Open
-        || r.admission
+/// Whether a worker holds (or held) `r`'s session, so its close report
+/// with the byte counts will come: from what revoking its admission found
+/// (`revoked_from`: `Some(state revoked from)`, or `Some(None)` when it
+/// was revoked or closed already; `None` without an admission).
+fn held_by_a_worker(r: &Record, revoked_from: Option<Option<u8>>) -> bool {
+    if r.state == State::Open {
+        return true;
+    }
+    match revoked_from {
+        Some(Some(before)) => before == ticket_state::CLAIMED,
+        Some(None) => r
+            .admission
             .as_ref()
-            .is_some_and(|a| matches!(a.state(), ticket_state::CLAIMED | ticket_state::CLOSED))
+            .is_some_and(|a| a.state() == ticket_state::CLOSED),
+        None => false,
+    }
 }
 
 fn with_age(r: &Record, now: Instant) -> Record {

@@ -216,9 +216,15 @@ impl Admission {
     /// Revoke to make room in the pool: the relay closes with 4001
     /// "evicted". False when it had ended already.
     pub fn evict(&self) -> bool {
+        self.evict_from().is_some()
+    }
+
+    /// [`Admission::evict`], returning the state it evicted from (see
+    /// [`Admission::revoke_from`]).
+    pub fn evict_from(&self) -> Option<u8> {
         self.revoke_cause
             .store(revoke_cause::EVICTED, Ordering::Release);
-        self.revoke()
+        self.revoke_from()
     }
 
     pub fn revoke_cause(&self) -> u8 {
@@ -241,10 +247,19 @@ impl Admission {
     /// a live connection that claimed it closes on its worker's next tick.
     /// False when it was already revoked or closed.
     pub fn revoke(&self) -> bool {
+        self.revoke_from().is_some()
+    }
+
+    /// [`Admission::revoke`], returning the state it revoked from
+    /// (PENDING or CLAIMED), or None when it was already revoked or
+    /// closed. Why: whether a worker holds the session must be read in the
+    /// same step as the revoke; read before it, a worker can claim the
+    /// admission in between.
+    pub fn revoke_from(&self) -> Option<u8> {
         let mut cur = self.state.load(Ordering::Acquire);
         loop {
             if !matches!(cur, ticket_state::PENDING | ticket_state::CLAIMED) {
-                return false;
+                return None;
             }
             match self.state.compare_exchange_weak(
                 cur,
@@ -252,7 +267,7 @@ impl Admission {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return true,
+                Ok(_) => return Some(cur),
                 Err(now) => cur = now,
             }
         }
@@ -626,6 +641,31 @@ mod tests {
         let d = format!("{a:?}");
         assert!(!d.contains("hunter22") && !d.contains("[1, 1"), "{d}");
         assert!(d.contains("redacted"), "{d}");
+    }
+
+    /// What the registry relies on to know whether a worker holds a
+    /// session it ends: a claim racing a revoke either wins (and the
+    /// revoke reports CLAIMED) or loses; never a claimed admission whose
+    /// revoke reports PENDING.
+    #[test]
+    fn a_revoke_racing_a_claim_reports_the_state_it_really_revoked() {
+        let rounds = 2_000;
+        for _ in 0..rounds {
+            let a = Arc::new(admission());
+            let worker = {
+                let a = a.clone();
+                std::thread::spawn(move || a.claim())
+            };
+            let from = a.revoke_from();
+            let claimed = worker.join().unwrap();
+            assert_eq!(claimed, from == Some(ticket_state::CLAIMED), "{from:?}");
+            assert_eq!(a.state(), ticket_state::REVOKED);
+        }
+        let a = admission();
+        assert!(a.claim());
+        a.close();
+        assert_eq!(a.revoke_from(), None, "a closed admission is not revoked");
+        assert_eq!(a.evict_from(), None);
     }
 
     #[test]
