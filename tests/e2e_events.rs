@@ -260,6 +260,21 @@ fn qemu_power_changes_and_progress_reach_subscribers_anonymous_see_only_public_e
     }
 }
 
+/// `count` demo sessions of `user` created, then closed in one call: one
+/// `session_closed` each, in a burst.
+fn open_then_close_all(app: &Appliance, user: &str, count: usize) {
+    for _ in 0..count {
+        app.create_demo(user);
+    }
+    let r = app.api(
+        "POST",
+        &format!("/api/v1/users/{user}/close-sessions"),
+        Some(ADMIN_TOKEN),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 /// One subscriber never reads; 100 others must get every event promptly,
 /// and the appliance's memory must stay bounded. The events are made
 /// large (a long user name) and many (1.2 MiB), so they overflow what the
@@ -301,16 +316,7 @@ fn a_subscriber_that_never_reads_delays_nobody_and_holds_bounded_memory() {
     // of them falls behind.
     let mut received = vec![0usize; READERS];
     for batch in 0..BATCHES {
-        for _ in 0..BATCH {
-            app.create_demo(&user);
-        }
-        let r = app.api(
-            "POST",
-            &format!("/api/v1/users/{user}/close-sessions"),
-            Some(ADMIN_TOKEN),
-            None,
-        );
-        assert_eq!(r.status, 200, "{}", r.body);
+        open_then_close_all(&app, &user, BATCH);
         for (i, reader) in readers.iter_mut().enumerate() {
             while received[i] < (batch + 1) * BATCH {
                 let m = reader.next_of("session_closed");
@@ -377,16 +383,7 @@ fn a_late_reader_gets_whole_events_in_order_then_lagged_notices_with_the_count()
     witness.subscribe(json!({"events": ["session_closed"]}));
     let mut published = Vec::with_capacity(EVENTS);
     for _ in 0..BATCHES {
-        for _ in 0..BATCH {
-            app.create_demo(&user);
-        }
-        let r = app.api(
-            "POST",
-            &format!("/api/v1/users/{user}/close-sessions"),
-            Some(ADMIN_TOKEN),
-            None,
-        );
-        assert_eq!(r.status, 200, "{}", r.body);
+        open_then_close_all(&app, &user, BATCH);
         for _ in 0..BATCH {
             let m = witness.next_of("session_closed");
             published.push(m["data"]["session_id"].as_str().unwrap().to_string());
