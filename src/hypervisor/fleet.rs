@@ -278,6 +278,9 @@ pub struct HypervisorView {
     /// API-session pool (vSphere).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolStats>,
+    /// The `WaitForUpdatesEx` follower (vSphere with `follow_updates`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updates: Option<crate::hypervisor::vsphere::updates::UpdatesStats>,
     pub queue: QueueStats,
 }
 
@@ -788,6 +791,7 @@ impl Fleet {
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone(),
                 pool: m.backend.pool_stats(),
+                updates: m.backend.updates_stats(),
                 queue: m.queue.stats(),
             })
             .collect()

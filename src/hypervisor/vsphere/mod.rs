@@ -275,6 +275,7 @@ impl VsphereBackend {
                 max_objects: config.updates_max_objects,
                 reconnect_max_ms: config.updates_reconnect_max_ms,
             },
+            counters: updates::FollowerCounters::default(),
         })
     }
 
@@ -299,9 +300,10 @@ impl VsphereBackend {
         }
     }
 
-    /// The follower's session pool (its logins count reconnections).
-    pub fn updates_stats(&self) -> Option<PoolStats> {
-        self.follower.as_ref().map(|f| f.pool.stats())
+    /// The follower's figures and its session pool (its logins count
+    /// reconnections); None when it does not follow updates.
+    pub fn updates_stats(&self) -> Option<updates::UpdatesStats> {
+        self.follower.as_ref().map(|f| f.stats())
     }
 
     /// A VM's figures from `summary.quickStats`: CPU in use of the most it
