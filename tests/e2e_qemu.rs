@@ -52,8 +52,9 @@ fn setup(options: QemuOptions) -> Setup {
         .prefix("consolegate-qemu-")
         .tempdir()
         .unwrap();
+    let prelaunch = options.prelaunch;
     let qemu = Qemu::start(dir.path(), options);
-    if !options.prelaunch {
+    if !prelaunch {
         qemu.wait_for_text_screen();
     }
     // Private to this user, as the appliance makes it.

@@ -535,7 +535,7 @@ mod tests {
     fn the_follower_counts_updates_and_losses() {
         let counters = FollowerCounters::default();
         let session = PoolStats::default();
-        let idle = counters.stats(session.clone());
+        let idle = counters.stats(session);
         assert!(!idle.following);
         assert_eq!((idle.updates_received, idle.errors), (0, 0));
         assert_eq!((idle.last_update_unix_ms, &idle.last_error), (None, &None));
@@ -544,7 +544,7 @@ mod tests {
         counters.started();
         counters.update(3, 1_000);
         counters.update(0, 2_000);
-        let running = counters.stats(session.clone());
+        let running = counters.stats(session);
         assert!(running.following);
         assert_eq!(running.updates_received, 2);
         assert_eq!(running.changes_reported, 3);
