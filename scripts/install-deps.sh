@@ -124,6 +124,8 @@ deps_test() {
     need_pkg chromium file /usr/lib/chromium/chromium
     # QEMU (TCG) behind the QEMU backend's end-to-end tests (tests/e2e_qemu.rs).
     need_pkg qemu-system-x86 cmd qemu-system-x86_64
+    # The tap device of the QEMU network-counter test (tests/e2e_events_metrics.rs).
+    need_pkg iproute2 cmd ip
     # The vSphere tests build govmomi's simulator (tests/support/vcsim) offline
     # with Debian's Go and its govmomi sources.
     need_pkg golang-go cmd go

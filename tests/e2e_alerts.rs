@@ -1,7 +1,8 @@
 //! Alerts and who sees the live events, end to end against a real
 //! appliance (`consolegate run`): sustained rate limiting, a stuck worker
-//! (the `failpoints` test build) and an exhausted hypervisor pool (the
-//! govmomi simulator with `pool_size = 1`) each raise one `alert` and, once
+//! (the `failpoints` test build), an exhausted hypervisor pool (the
+//! govmomi simulator with `pool_size = 1`) and a hypervisor down (the
+//! simulator killed, then restarted) each raise one `alert` and, once
 //! over, one `alert_cleared`, counted in `/metrics`; a viewer's JWT (HS256,
 //! signed here) sees only its VMs' and its own sessions' events, is
 //! refused the rooms it may not join, and never gets alerts or stats; and
@@ -34,6 +35,8 @@ const FLOODER: &str = "127.0.0.9";
 /// Bounds of a flood of refused REST calls.
 const FLOOD_MAX_REQUESTS: u64 = 50_000;
 const FLOOD_MAX_TIME: Duration = Duration::from_secs(40);
+/// How long a hypervisor may take to be found reachable.
+const EVENT_WAIT: Duration = Duration::from_secs(20);
 /// Alerts sample fast and clear quickly here; the rate alert needs
 /// 20 refusals a second for 1 s (measured over 3 s spans).
 const FAST_ALERTS: &str =
@@ -265,6 +268,66 @@ fn an_exhausted_vsphere_pool_raises_an_alert_in_its_server_room_then_clears_it()
         alert_metrics(&app, "hypervisor_pool_exhausted"),
         (1.0, 1.0, 0.0)
     );
+}
+
+/// Whether `GET /api/v1/hypervisors` says `id`'s last call reached it.
+fn reachable(app: &Appliance, id: &str) -> Option<bool> {
+    let all = app.get_json("/api/v1/hypervisors");
+    all["hypervisors"]
+        .as_array()?
+        .iter()
+        .find(|h| h["id"] == id)?["reachable"]
+        .as_bool()
+}
+
+#[test]
+fn a_vsphere_host_that_goes_down_and_comes_back_raises_hypervisor_down_then_clears_it() {
+    let mut sim = Vcsim::start(VcsimOptions::default());
+    // The VM lists are refetched every second (the least allowed): that is
+    // what finds the host gone, and back.
+    let app = appliance(ApplianceOptions {
+        extra_toml: format!(
+            "{FAST_ALERTS}vm_refresh_interval_ms = 1000\n\n[cache]\nvm_list_ttl_ms = 100\n\n\
+             [[hypervisors]]\nkind = \"vsphere\"\nid = \"esx1\"\nurl = {:?}\n\
+             username = {USERNAME:?}\npassword_file = {:?}\nthumbprint = {:?}\n\
+             request_timeout_ms = 2000\n",
+            sim.url,
+            sim.password_file().display().to_string(),
+            sim.thumbprint
+        ),
+        ..ApplianceOptions::default()
+    });
+    let mut monitor = events(app.control, "/ws/monitor", Some(ADMIN_TOKEN));
+    monitor.subscribe(json!({"events": ["alert", "alert_cleared"]}));
+    wait_until(EVENT_WAIT, "esx1 reachable", || {
+        thread::sleep(Duration::from_millis(100));
+        (reachable(&app, "esx1") == Some(true)).then_some(())
+    });
+    assert!(
+        monitor
+            .drain(Duration::from_millis(500))
+            .iter()
+            .all(|v| v["data"]["alert_type"] != "hypervisor_down"),
+        "an alert while the host answered"
+    );
+    sim.kill();
+    let (raised, cleared) = raised_then_cleared(&mut monitor, "hypervisor_down", || {
+        assert_eq!(reachable(&app, "esx1"), Some(false));
+        sim.restart();
+    });
+    let d = &raised["data"];
+    assert_eq!(
+        (&d["severity"], &d["entity_type"], &d["entity_id"]),
+        (&json!("critical"), &json!("hypervisor"), &json!("esx1")),
+        "{raised}"
+    );
+    assert!(!d["message"].as_str().unwrap().is_empty(), "{raised}");
+    assert_eq!(reachable(&app, "esx1"), Some(true), "cleared while down");
+    assert!(
+        cleared["data"]["duration_ms"].as_u64().unwrap() >= 1000,
+        "cleared before alert_clear_after_ms: {cleared}"
+    );
+    assert_eq!(alert_metrics(&app, "hypervisor_down"), (1.0, 1.0, 0.0));
 }
 
 #[test]

@@ -1,13 +1,15 @@
 //! `vm_metrics_update` end to end against a real appliance: real QEMU VMs
 //! (the vCPU threads' CPU time and the process's memory, through QMP and
-//! /proc) and govmomi's simulator (`summary.quickStats`). Figures are sent
+//! /proc; a tap device's counters, seen from the guest) and govmomi's
+//! simulator (`summary.quickStats`, PerformanceManager's network rates). Figures are sent
 //! only for VMs that have a subscriber in their `/ws/vm/{id}` room: the
 //! appliance's debug log line per poll (`vm metrics polled vm_id=…`, target
 //! `consolegate::vm_metrics`) counts the calls, so an unwatched VM is
 //! proved never asked, and a VM whose room emptied is asked no more.
 //!
-//! Needs qemu-system-x86, golang-go and golang-github-vmware-govmomi-dev
-//! (`make test` installs them). Every wait is bounded.
+//! Needs qemu-system-x86, iproute2, golang-go and
+//! golang-github-vmware-govmomi-dev (`make test` installs them), and root
+//! for the tap device. Every wait is bounded.
 
 #[macro_use]
 mod common;
@@ -15,7 +17,7 @@ mod common;
 use std::time::Duration;
 
 use common::events::{events, EventsClient};
-use common::qemu::{Qemu, QemuOptions};
+use common::qemu::{Qemu, QemuOptions, Tap};
 use common::vcsim::{Vcsim, VcsimOptions, USERNAME};
 use common::*;
 use serde_json::{json, Value};
@@ -138,10 +140,12 @@ fn qemu_figures_reach_a_vm_room_and_unwatched_vms_are_never_asked() {
         "memory_used_mb {used_mb} vs the process's {rss_mb} MiB: {second}"
     );
     assert!(number(&second, "memory_usage_percent") > 0.0, "{second}");
-    assert!(
-        second["data"].get("network_rx_bytes").is_none(),
-        "not counted, so left out: {second}"
-    );
+    for field in ["network_rx_bytes", "network_tx_bytes"] {
+        assert!(
+            second["data"].get(field).is_none(),
+            "a VM without a tap has no network figures: {second}"
+        );
+    }
 
     // The monitor sees the watched VM's figures, never the other's.
     let seen = monitor.all_of("vm_metrics_update", QUIET);
@@ -167,6 +171,86 @@ fn qemu_figures_reach_a_vm_room_and_unwatched_vms_are_never_asked() {
             .trim()
     );
     drop(unwatched);
+}
+
+/// Broadcast datagrams sent into the tap from the host's side: the guest
+/// receives them (the tap's `tx_bytes`), with no ARP first.
+const DATAGRAMS_INTO_TAP: usize = 20;
+const DATAGRAM_BYTES: usize = 200;
+
+/// The next update of `vm_id` whose `network_rx_bytes` is at least `least`.
+fn metrics_with_rx_at_least(room: &mut EventsClient, vm_id: &str, least: u64) -> Value {
+    for _ in 0..MAX_UPDATES_FOR_GROWTH {
+        let update = metrics_of(room, vm_id);
+        if number(&update, "network_rx_bytes") as u64 >= least {
+            return update;
+        }
+    }
+    panic!("network_rx_bytes of {vm_id} never reached {least}");
+}
+
+#[test]
+fn qemu_network_bytes_are_the_taps_counters_from_the_guests_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let tap = Tap::create(0);
+    let qemu = Qemu::start(
+        dir.path(),
+        QemuOptions {
+            tap: Some(tap.name.clone()),
+            ..QemuOptions::default()
+        },
+    );
+    let app = appliance_with(&format!(
+        "[[hypervisors]]\nkind = \"qemu\"\nid = \"kvm1\"\nreconnect_max_ms = 200\n\
+         vms = [{{ id = \"net01\", qmp = {:?} }}]\n",
+        qemu.backend_qmp.display().to_string()
+    ));
+    let mut room = events(app.control, "/ws/vm/kvm1:net01", Some(READ_TOKEN));
+    // The tap is down and quiet, and the guest (no boot ROM, no disk)
+    // sends nothing: the figures are the tap's counters, crossed.
+    let first = metrics_of(&mut room, "kvm1:net01");
+    assert_eq!(
+        number(&first, "network_rx_bytes") as u64,
+        tap.counter("tx_bytes"),
+        "the guest receives what the host sends into the tap: {first}"
+    );
+    assert_eq!(
+        number(&first, "network_tx_bytes") as u64,
+        tap.counter("rx_bytes"),
+        "the guest sends what the host receives from the tap: {first}"
+    );
+    // The host sends broadcasts into the tap: the guest's rx grows by them.
+    tap.up_with("10.213.77.1/24");
+    let before = tap.counter("tx_bytes");
+    let socket = std::net::UdpSocket::bind("10.213.77.1:0").expect("bind on the tap's address");
+    socket.set_broadcast(true).unwrap();
+    for _ in 0..DATAGRAMS_INTO_TAP {
+        socket
+            .send_to(&[0x5a; DATAGRAM_BYTES], "10.213.77.255:9")
+            .expect("send into the tap");
+    }
+    let sent = (DATAGRAMS_INTO_TAP * DATAGRAM_BYTES) as u64;
+    wait_until(METRICS_DEADLINE, "the datagrams counted by the tap", || {
+        (tap.counter("tx_bytes") >= before + sent).then_some(())
+    });
+    let after = metrics_with_rx_at_least(&mut room, "kvm1:net01", before + sent);
+    assert_eq!(
+        number(&after, "network_rx_bytes") as u64,
+        tap.counter("tx_bytes"),
+        "{after}"
+    );
+    assert_eq!(
+        number(&after, "network_tx_bytes") as u64,
+        tap.counter("rx_bytes"),
+        "the guest still sent nothing: {after}"
+    );
+    assert!(
+        number(&after, "network_rx_bytes") > number(&first, "network_rx_bytes"),
+        "{first} then {after}"
+    );
+    eprintln!("QEMU network figures: {first} then {after}");
+    drop(app);
+    drop(qemu);
 }
 
 #[test]
@@ -198,6 +282,20 @@ fn vsphere_figures_come_from_quick_stats_for_watched_vms_only() {
         update["data"].get("cpu_time_ns").is_none(),
         "vSphere gives no cumulative CPU time: {update}"
     );
+    // Network: PerformanceManager's averaged rates (the simulator serves
+    // canned samples), never cumulative bytes.
+    for field in ["network_rx_bytes_per_s", "network_tx_bytes_per_s"] {
+        let rate = update["data"][field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field} missing or not an integer: {update}"));
+        assert_eq!(rate % 1024, 0, "KBps × 1024: {update}");
+    }
+    for field in ["network_rx_bytes", "network_tx_bytes"] {
+        assert!(
+            update["data"].get(field).is_none(),
+            "vSphere gives rates, not counts: {update}"
+        );
+    }
     metrics_of(&mut room, &watched);
     assert!(polls(&app, &watched) >= 2);
     assert_eq!(polls(&app, &other), 0, "the unwatched VM was asked");

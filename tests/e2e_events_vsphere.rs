@@ -166,6 +166,45 @@ fn a_power_change_on_the_host_reaches_subscribers_through_wait_for_updates() {
     // Reported once: no second copy of either change reaches the room.
     let copies = room.all_of("vm_status_changed", Duration::from_millis(1500));
     assert!(copies.is_empty(), "reported twice: {copies:?}");
+    // The follower's figures: in GET /api/v1/hypervisors and /metrics.
+    let all = app.get_json("/api/v1/hypervisors");
+    let updates = all["hypervisors"]
+        .as_array()
+        .and_then(|hs| hs.iter().find(|h| h["id"] == "esx1"))
+        .map(|h| h["updates"].clone())
+        .unwrap_or_else(|| panic!("no esx1 in {all}"));
+    assert_eq!(updates["following"], true, "{updates}");
+    assert_eq!(updates["session"]["pool_size"], 1, "{updates}");
+    assert!(
+        updates["session"]["logins"].as_u64() >= Some(1),
+        "{updates}"
+    );
+    assert!(
+        updates["changes_reported"].as_u64() >= Some(2),
+        "off and on: {updates}"
+    );
+    assert!(updates["updates_received"].as_u64() >= Some(3), "{updates}");
+    assert!(
+        updates["last_update_unix_ms"].as_u64().is_some(),
+        "{updates}"
+    );
+    let metrics = app.get("/metrics").body;
+    for line in [
+        "consolegate_vsphere_updates_following{hypervisor=\"esx1\"} 1",
+        "consolegate_vsphere_updates_errors_total{hypervisor=\"esx1\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in /metrics"
+        );
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                .starts_with("consolegate_vsphere_updates_received_total{hypervisor=\"esx1\"} ")),
+        "no updates_received in /metrics"
+    );
     eprintln!(
         "vSphere power change to subscribers in {:.0} ms (load {})",
         took.as_secs_f64() * 1000.0,

@@ -52,8 +52,9 @@ fn setup(options: QemuOptions) -> Setup {
         .prefix("consolegate-qemu-")
         .tempdir()
         .unwrap();
+    let prelaunch = options.prelaunch;
     let qemu = Qemu::start(dir.path(), options);
-    if !options.prelaunch {
+    if !prelaunch {
         qemu.wait_for_text_screen();
     }
     // Private to this user, as the appliance makes it.
@@ -168,10 +169,12 @@ async fn qemu_console_is_refused_without_a_password_protected_display() {
     let open = setup(QemuOptions {
         vnc: QemuVnc::NoPassword,
         prelaunch: false,
+        ..QemuOptions::default()
     });
     let headless = setup(QemuOptions {
         vnc: QemuVnc::Without,
         prelaunch: false,
+        ..QemuOptions::default()
     });
     wait_power(&open.backend, PowerState::On).await;
     let e = open.backend.console(VM).await.unwrap_err();
@@ -298,6 +301,7 @@ async fn qemu_power_actions_run_to_completion_with_progress() {
     let mut s = setup(QemuOptions {
         vnc: QemuVnc::Password,
         prelaunch: true,
+        ..QemuOptions::default()
     });
     wait_power(&s.backend, PowerState::Off).await;
     let steps = [

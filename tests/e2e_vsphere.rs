@@ -19,6 +19,7 @@ use consolegate::hypervisor::model::{
     ConsoleTarget, Hypervisor, HypervisorError, OperationState, PowerAction, PowerState, Progress,
     ThumbnailSize, VmInfo,
 };
+use consolegate::hypervisor::vsphere::updates::UpdatesStats;
 use consolegate::hypervisor::vsphere::{VsphereBackend, VsphereConfig};
 use consolegate::pki::{self, Thumbprint, Trust};
 
@@ -528,4 +529,82 @@ async fn thumbnails_decode_to_the_scaled_size() {
         .unwrap();
     assert_ne!(a.png, b.png, "each VM has its own screen");
     assert_eq!(sim.stats().screens, 4);
+}
+
+/// Polls the follower's figures until `until` holds (bounded).
+async fn wait_updates(
+    backend: &VsphereBackend,
+    what: &str,
+    until: impl Fn(&UpdatesStats) -> bool,
+) -> UpdatesStats {
+    let deadline = Instant::now() + SIM_WAIT;
+    loop {
+        let stats = backend
+            .updates_stats()
+            .expect("the backend follows updates");
+        if until(&stats) {
+            return stats;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {stats:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_update_follower_reports_its_session_its_updates_and_its_losses() {
+    let mut sim = Vcsim::start(with_vm1_off(None));
+    let mut c = config(&sim);
+    c.follow_updates = true;
+    c.updates_max_wait_s = 1;
+    c.updates_reconnect_max_ms = 200;
+    let backend = VsphereBackend::new(&c).expect("vSphere backend");
+    let before = backend.updates_stats().expect("following is configured");
+    assert!(!before.following, "{before:?}");
+    assert_eq!((before.updates_received, before.errors), (0, 0));
+    assert_eq!(
+        (before.last_update_unix_ms, before.session.logins),
+        (None, 0)
+    );
+    backend.spawn_updates();
+    // The inventory's first UpdateSet: following, on one session.
+    let read = wait_updates(&backend, "the inventory read", |u| {
+        u.following && u.updates_received >= 1
+    })
+    .await;
+    assert_eq!((read.errors, read.session.logins), (0, 1), "{read:?}");
+    assert_eq!(
+        read.session.active_connections, 1,
+        "its session is checked out"
+    );
+    let first_at = read.last_update_unix_ms.expect("a time of the last update");
+    // A power change on the host: one more UpdateSet, one change reported.
+    let vm = vm_named(&backend, "DC0_H0_VM1").await.native_id;
+    backend
+        .power(&vm, PowerAction::On, Box::new(|_| {}))
+        .await
+        .expect("power on");
+    let changed = wait_updates(&backend, "the power change", |u| {
+        u.changes_reported > read.changes_reported
+    })
+    .await;
+    assert!(
+        changed.updates_received > read.updates_received,
+        "{changed:?}"
+    );
+    assert!(
+        changed.last_update_unix_ms.unwrap() >= first_at,
+        "{changed:?}"
+    );
+    // The host goes away: lost, counted, with its reason; back: following
+    // again on a new session.
+    sim.kill();
+    let lost = wait_updates(&backend, "the loss", |u| !u.following && u.errors >= 1).await;
+    assert!(lost.last_error.is_some(), "{lost:?}");
+    sim.restart();
+    let back = wait_updates(&backend, "following again", |u| {
+        u.following && u.session.logins >= 2
+    })
+    .await;
+    assert!(back.updates_received > changed.updates_received, "{back:?}");
+    assert!(back.errors >= lost.errors, "{back:?}");
 }

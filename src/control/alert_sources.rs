@@ -1,7 +1,8 @@
 //! What the alert detectors (`crate::events::alerts`) watch, read every
 //! `[events] alert_check_interval_ms` on the control thread: each
-//! hypervisor's API-session pool (checkouts that had to wait, which
-//! include those refused), the workers' heartbeats (the same ones
+//! hypervisor's reachability (as its last call found it) and API-session
+//! pool (checkouts that had to wait, which include those refused), the
+//! dedicated port pool's use, the workers' heartbeats (the same ones
 //! `/readyz` reads), and the refusals of the per-IP limits (REST on the
 //! control plane, console handshakes on the workers, as counted for
 //! `consolegate_errors_total`).
@@ -73,12 +74,8 @@ fn refusals_total(state: &ControlState) -> u64 {
 fn sample(state: &ControlState, now: Instant) {
     let now_ms =
         u64::try_from(now.saturating_duration_since(state.started).as_millis()).unwrap_or(u64::MAX);
-    let pools: Vec<(String, u64)> = state
-        .fleet
-        .hypervisors()
-        .into_iter()
-        .filter_map(|h| Some((h.id, h.pool?.waited_checkouts)))
-        .collect();
+    let hypervisors = state.fleet.hypervisors();
+    let ports = state.ports.as_ref().map(|pool| pool.stats());
     let beats: Vec<WorkerBeat> = state
         .data_plane
         .health(now)
@@ -93,8 +90,14 @@ fn sample(state: &ControlState, now: Instant) {
     let Ok(mut alerts) = state.alerts.lock() else {
         return;
     };
-    for (hypervisor, waited) in &pools {
-        alerts.observe_pool(hypervisor, *waited, now_ms);
+    for h in &hypervisors {
+        alerts.observe_hypervisor(&h.id, h.reachable, h.last_error.as_deref(), now_ms);
+        if let Some(pool) = &h.pool {
+            alerts.observe_pool(&h.id, pool.waited_checkouts, now_ms);
+        }
+    }
+    if let Some(ports) = &ports {
+        alerts.observe_ports(ports.allocated_ports, ports.total_ports, now_ms);
     }
     // Workers that stop while the appliance drains are not unhealthy.
     if !state.data_plane.is_draining() {

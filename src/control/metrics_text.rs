@@ -14,6 +14,7 @@ use super::registry::State;
 use super::ControlState;
 use crate::hypervisor::cache::CacheStats;
 use crate::hypervisor::fleet::FleetStats;
+use crate::hypervisor::vsphere::updates::UpdatesStats;
 
 /// Reads one figure of a worker's report.
 type StatFn = fn(&crate::mailbox::WorkerStats) -> u64;
@@ -383,6 +384,7 @@ fn render_fleet(o: &mut Out, fleet: &FleetStats) {
             h.queue.running,
         );
     }
+    render_updates(o, fleet);
     render_lanes(o, fleet);
     render_cache(o, "vm_list", &fleet.vm_list_cache);
     render_cache(o, "thumbnail", &fleet.thumbnail_cache);
@@ -392,6 +394,66 @@ fn render_fleet(o: &mut Out, fleet: &FleetStats) {
         "Power operations remembered (running and finished).",
         fleet.operations,
     );
+}
+
+/// The vSphere update followers (`WaitForUpdatesEx`), per hypervisor.
+fn render_updates(o: &mut Out, fleet: &FleetStats) {
+    let followers: Vec<(&str, &UpdatesStats)> = fleet
+        .hypervisors
+        .iter()
+        .filter_map(|h| Some((h.id.as_str(), h.updates.as_ref()?)))
+        .collect();
+    render_followers(o, &followers);
+}
+
+fn render_followers(o: &mut Out, followers: &[(&str, &UpdatesStats)]) {
+    type Figure = fn(&UpdatesStats) -> Option<u64>;
+    let series: [(&str, &str, &str, Figure); 6] = [
+        (
+            "consolegate_vsphere_updates_following",
+            "gauge",
+            "1 while the vSphere update follower has its WaitForUpdatesEx filter in place.",
+            |u| Some(u64::from(u.following)),
+        ),
+        (
+            "consolegate_vsphere_updates_received_total",
+            "counter",
+            "WaitForUpdatesEx answers that carried an UpdateSet.",
+            |u| Some(u.updates_received),
+        ),
+        (
+            "consolegate_vsphere_updates_changes_total",
+            "counter",
+            "VM changes the update follower reported.",
+            |u| Some(u.changes_reported),
+        ),
+        (
+            "consolegate_vsphere_updates_errors_total",
+            "counter",
+            "Times the update follower lost its session or filter, or could not start.",
+            |u| Some(u.errors),
+        ),
+        (
+            "consolegate_vsphere_updates_session_logins_total",
+            "counter",
+            "Logins of the update follower's own API session (each start over is one).",
+            |u| Some(u.session.logins),
+        ),
+        (
+            "consolegate_vsphere_updates_last_update_timestamp_seconds",
+            "gauge",
+            "When the last UpdateSet arrived (Unix time; absent before any).",
+            |u| u.last_update_unix_ms.map(|ms| ms / 1000),
+        ),
+    ];
+    for (name, kind, help, figure) in series {
+        o.help(name, kind, help);
+        for (id, updates) in followers {
+            if let Some(value) = figure(updates) {
+                o.line(name, &[("hypervisor", id)], value);
+            }
+        }
+    }
 }
 
 /// Per hypervisor and lane: waiting callers, outcomes, wait quantiles.
@@ -587,5 +649,51 @@ fn alert_lines(o: &mut Out, state: &ControlState) {
                 map.get(alert_type).copied().unwrap_or(0),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::pool::PoolStats;
+
+    #[test]
+    fn update_followers_are_rendered_per_hypervisor() {
+        let following = UpdatesStats {
+            following: true,
+            session: PoolStats {
+                logins: 2,
+                ..PoolStats::default()
+            },
+            updates_received: 7,
+            changes_reported: 3,
+            last_update_unix_ms: Some(1_796_000_000_999),
+            errors: 1,
+            last_error: Some("gone".into()),
+        };
+        let lost = UpdatesStats {
+            following: false,
+            last_update_unix_ms: None,
+            ..following.clone()
+        };
+        let mut o = Out(String::new());
+        render_followers(&mut o, &[("esx1", &following), ("esx\"2", &lost)]);
+        let text = o.0;
+        for line in [
+            "# TYPE consolegate_vsphere_updates_following gauge",
+            "consolegate_vsphere_updates_following{hypervisor=\"esx1\"} 1",
+            "consolegate_vsphere_updates_following{hypervisor=\"esx\\\"2\"} 0",
+            "consolegate_vsphere_updates_received_total{hypervisor=\"esx1\"} 7",
+            "consolegate_vsphere_updates_changes_total{hypervisor=\"esx1\"} 3",
+            "consolegate_vsphere_updates_errors_total{hypervisor=\"esx1\"} 1",
+            "consolegate_vsphere_updates_session_logins_total{hypervisor=\"esx1\"} 2",
+            "consolegate_vsphere_updates_last_update_timestamp_seconds{hypervisor=\"esx1\"} 1796000000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("last_update_timestamp_seconds{hypervisor=\"esx\\\"2\"}"),
+            "no timestamp before any update:\n{text}"
+        );
     }
 }

@@ -2,10 +2,17 @@
 //! ends (`alert` / `alert_cleared`), with hysteresis so a condition that
 //! flickers does not flood the subscribers:
 //!
+//! - `hypervisor_down` (critical, per hypervisor): its last call did not
+//!   reach it; cleared once it has been reachable for
+//!   `alert_clear_after_ms`;
 //! - `hypervisor_pool_exhausted` (warning, per hypervisor): a checkout of
 //!   the hypervisor's API-session pool had to wait, or was refused, for
 //!   lack of a free session; cleared once none had to for
 //!   `alert_clear_after_ms`;
+//! - `port_pool_high` (warning, one for the appliance): more than
+//!   [`PORT_POOL_RAISE_PERCENT`] of the dedicated ports allocated; cleared
+//!   once under [`PORT_POOL_CLEAR_PERCENT`] for `alert_clear_after_ms`
+//!   (between the two it stays as it is);
 //! - `worker_unhealthy` (critical, per worker): a worker's loop has not
 //!   turned for longer than `[control] worker_stall_ms` (the limit
 //!   `/readyz` uses), or its thread ended; cleared once it has turned
@@ -17,7 +24,8 @@
 //!   rate for `alert_clear_after_ms`. No client address is in it: the
 //!   log lines of the refusals name them.
 //!
-//! [`AlertCenter`] is fed samples (counter totals and worker heartbeats,
+//! [`AlertCenter`] is fed samples (counter totals, hypervisors'
+//! reachability, the port pool's use and worker heartbeats,
 //! with the time passed in) by the control plane every
 //! `alert_check_interval_ms`, publishes on the bus and keeps the counts
 //! `/metrics` shows. [`Hysteresis`] is the detector each alert uses.
@@ -32,11 +40,25 @@ use super::bus::EventBus;
 use super::protocol::{AlertData, Event};
 
 /// The alert types this module raises, as they appear in `alert_type`.
+pub const HYPERVISOR_DOWN: &str = "hypervisor_down";
 pub const POOL_EXHAUSTED: &str = "hypervisor_pool_exhausted";
+pub const PORT_POOL_HIGH: &str = "port_pool_high";
 pub const WORKER_UNHEALTHY: &str = "worker_unhealthy";
 pub const RATE_LIMIT_SUSTAINED: &str = "rate_limit_sustained";
 /// The alert types counted in `/metrics` (this module's).
-pub const ALERT_TYPES: [&str; 3] = [POOL_EXHAUSTED, RATE_LIMIT_SUSTAINED, WORKER_UNHEALTHY];
+pub const ALERT_TYPES: [&str; 5] = [
+    HYPERVISOR_DOWN,
+    POOL_EXHAUSTED,
+    PORT_POOL_HIGH,
+    RATE_LIMIT_SUSTAINED,
+    WORKER_UNHEALTHY,
+];
+/// Above this share of the dedicated ports allocated, `port_pool_high`.
+pub const PORT_POOL_RAISE_PERCENT: f64 = 90.0;
+/// Under this share, `port_pool_high` may clear: the 5-point band keeps a
+/// pool that hovers around 90 % from raising and clearing on every
+/// allocation.
+pub const PORT_POOL_CLEAR_PERCENT: f64 = 85.0;
 /// The shortest span a refusal rate is measured over, in ms: the workers
 /// report their counts once a second, so a span of three reports keeps a
 /// steady rate's estimate within a third of the truth.
@@ -194,6 +216,9 @@ pub struct AlertCenter {
     bus: EventBus,
     thresholds: AlertThresholds,
     pools: HashMap<String, PoolWatch>,
+    /// `hypervisor_down`'s detector per hypervisor.
+    downs: HashMap<String, Hysteresis>,
+    ports: Hysteresis,
     workers: Vec<Hysteresis>,
     rate: Hysteresis,
     refusals: RateOf,
@@ -217,6 +242,8 @@ impl AlertCenter {
             bus,
             thresholds,
             pools: HashMap::new(),
+            downs: HashMap::new(),
+            ports: Hysteresis::new(0, thresholds.clear_after_ms),
             workers: Vec::new(),
             rate: Hysteresis::new(thresholds.rate_limit_after_ms, thresholds.clear_after_ms),
             refusals: RateOf::default(),
@@ -300,6 +327,96 @@ impl AlertCenter {
                 POOL_EXHAUSTED,
                 hypervisor,
                 format!("no checkout waited for {clear_after_ms} ms"),
+                now_ms,
+            ),
+            None => {}
+        }
+    }
+
+    /// A hypervisor's reachability: whether its last call reached it
+    /// (None before any call: says nothing), and the error it gave.
+    pub fn observe_hypervisor(
+        &mut self,
+        hypervisor: &str,
+        reachable: Option<bool>,
+        error: Option<&str>,
+        now_ms: u64,
+    ) {
+        if !self.downs.contains_key(hypervisor) && self.downs.len() >= MAX_TRACKED_HYPERVISORS {
+            return;
+        }
+        let clear_after_ms = self.thresholds.clear_after_ms;
+        let detector = self
+            .downs
+            .entry(hypervisor.to_string())
+            .or_insert_with(|| Hysteresis::new(0, clear_after_ms));
+        let level = match reachable {
+            Some(false) => Level::Bad,
+            Some(true) => Level::Good,
+            None => Level::Between,
+        };
+        match detector.observe(level, now_ms) {
+            Some(Change::Raised) => self.raise(
+                HYPERVISOR_DOWN,
+                AlertData {
+                    alert_id: format!("{HYPERVISOR_DOWN}:{hypervisor}:{}", super::bus::now_ms()),
+                    alert_type: HYPERVISOR_DOWN.into(),
+                    severity: "critical".into(),
+                    title: format!("hypervisor {hypervisor} is down"),
+                    message: error.unwrap_or("the hypervisor did not answer").to_string(),
+                    entity_type: "hypervisor".into(),
+                    entity_id: hypervisor.to_string(),
+                },
+                now_ms,
+            ),
+            Some(Change::Cleared) => self.clear(
+                HYPERVISOR_DOWN,
+                hypervisor,
+                format!("hypervisor {hypervisor} answered again for {clear_after_ms} ms"),
+                now_ms,
+            ),
+            None => {}
+        }
+    }
+
+    /// The dedicated port pool's use: `allocated` of `total` ports.
+    pub fn observe_ports(&mut self, allocated: usize, total: usize, now_ms: u64) {
+        let percent = if total == 0 {
+            0.0
+        } else {
+            allocated as f64 * 100.0 / total as f64
+        };
+        let level = if percent > PORT_POOL_RAISE_PERCENT {
+            Level::Bad
+        } else if percent < PORT_POOL_CLEAR_PERCENT {
+            Level::Good
+        } else {
+            Level::Between
+        };
+        let clear_after_ms = self.thresholds.clear_after_ms;
+        match self.ports.observe(level, now_ms) {
+            Some(Change::Raised) => self.raise(
+                PORT_POOL_HIGH,
+                AlertData {
+                    alert_id: format!("{PORT_POOL_HIGH}:{}", super::bus::now_ms()),
+                    alert_type: PORT_POOL_HIGH.into(),
+                    severity: "warning".into(),
+                    title: format!("port pool above {PORT_POOL_RAISE_PERCENT} %"),
+                    message: format!(
+                        "{allocated} of {total} dedicated ports allocated ({percent:.1} %)"
+                    ),
+                    entity_type: "port_pool".into(),
+                    entity_id: "ports".into(),
+                },
+                now_ms,
+            ),
+            Some(Change::Cleared) => self.clear(
+                PORT_POOL_HIGH,
+                "ports",
+                format!(
+                    "{allocated} of {total} dedicated ports allocated ({percent:.1} %), \
+                     under {PORT_POOL_CLEAR_PERCENT} % for {clear_after_ms} ms"
+                ),
                 now_ms,
             ),
             None => {}
@@ -498,6 +615,124 @@ mod tests {
         assert_eq!(counts.raised[POOL_EXHAUSTED], 1);
         assert_eq!(counts.cleared[POOL_EXHAUSTED], 1);
         assert_eq!(counts.active[POOL_EXHAUSTED], 0);
+    }
+
+    #[test]
+    fn a_hypervisor_down_raises_once_and_clears_after_it_answered_long_enough() {
+        let (mut c, mut sub) = center();
+        // Before any call nothing is known: no alert.
+        c.observe_hypervisor("esx1", None, None, 0);
+        c.observe_hypervisor("esx1", Some(true), None, 100);
+        assert!(drain(&mut sub).is_empty());
+        c.observe_hypervisor("esx1", Some(false), Some("connection refused"), 200);
+        c.observe_hypervisor("esx2", Some(true), None, 200);
+        let got = drain(&mut sub);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["type"], "alert");
+        let d = &got[0]["data"];
+        assert_eq!(d["alert_type"], HYPERVISOR_DOWN);
+        assert_eq!(d["severity"], "critical");
+        assert_eq!(
+            (&d["entity_type"], &d["entity_id"]),
+            (&"hypervisor".into(), &"esx1".into())
+        );
+        assert_eq!(d["message"], "connection refused");
+        let id = d["alert_id"].clone();
+        // Still down, and unknown, for a long time: not raised again.
+        for at in [300, 5_000, 9_000] {
+            c.observe_hypervisor("esx1", Some(false), Some("connection refused"), at);
+        }
+        c.observe_hypervisor("esx1", None, None, 9_100);
+        assert!(drain(&mut sub).is_empty(), "raised once");
+        // Up, but down again within the clearing time: still raised.
+        c.observe_hypervisor("esx1", Some(true), None, 9_200);
+        c.observe_hypervisor("esx1", Some(false), None, 9_800);
+        c.observe_hypervisor("esx1", Some(true), None, 10_000);
+        c.observe_hypervisor("esx1", Some(true), None, 10_900);
+        assert!(
+            drain(&mut sub).is_empty(),
+            "the flap restarted the clearing"
+        );
+        c.observe_hypervisor("esx1", Some(true), None, 11_000);
+        let got = drain(&mut sub);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["type"], "alert_cleared");
+        assert_eq!(got[0]["data"]["alert_id"], id);
+        assert_eq!(got[0]["data"]["duration_ms"], 10_800);
+        c.observe_hypervisor("esx1", Some(true), None, 20_000);
+        assert!(drain(&mut sub).is_empty(), "cleared once");
+        let counts = c.counts();
+        assert_eq!(
+            (
+                counts.raised[HYPERVISOR_DOWN],
+                counts.cleared[HYPERVISOR_DOWN]
+            ),
+            (1, 1)
+        );
+        assert_eq!(counts.active[HYPERVISOR_DOWN], 0);
+        // A new episode is a new alert.
+        c.observe_hypervisor("esx1", Some(false), None, 21_000);
+        let got = drain(&mut sub);
+        assert_eq!(got[0]["data"]["message"], "the hypervisor did not answer");
+        assert_eq!(c.counts().active[HYPERVISOR_DOWN], 1);
+    }
+
+    #[test]
+    fn the_port_pool_above_90_percent_raises_once_and_clears_under_85() {
+        let (mut c, mut sub) = center();
+        c.observe_ports(90, 100, 0);
+        assert!(drain(&mut sub).is_empty(), "90 % is not above 90 %");
+        c.observe_ports(91, 100, 100);
+        let got = drain(&mut sub);
+        assert_eq!(got.len(), 1, "{got:?}");
+        let d = &got[0]["data"];
+        assert_eq!(d["alert_type"], PORT_POOL_HIGH);
+        assert_eq!(d["severity"], "warning");
+        assert_eq!(
+            (&d["entity_type"], &d["entity_id"]),
+            (&"port_pool".into(), &"ports".into())
+        );
+        assert!(
+            d["message"].as_str().unwrap().starts_with("91 of 100"),
+            "{d}"
+        );
+        let id = d["alert_id"].clone();
+        // Full, then in the band (85–90 %) for long: neither again nor cleared.
+        c.observe_ports(100, 100, 200);
+        for at in [1_000, 3_000, 6_000] {
+            c.observe_ports(87, 100, at);
+        }
+        assert!(drain(&mut sub).is_empty());
+        // Under 85 %, then in the band: the band does not restart it.
+        c.observe_ports(50, 100, 7_000);
+        c.observe_ports(86, 100, 7_500);
+        c.observe_ports(10, 100, 8_000);
+        let got = drain(&mut sub);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["type"], "alert_cleared");
+        assert_eq!(got[0]["data"]["alert_id"], id);
+        assert!(
+            got[0]["data"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("under 85 %"),
+            "{got:?}"
+        );
+        c.observe_ports(0, 100, 9_000);
+        c.observe_ports(0, 0, 10_000);
+        assert!(
+            drain(&mut sub).is_empty(),
+            "cleared once; an empty range is 0 %"
+        );
+        let counts = c.counts();
+        assert_eq!(
+            (
+                counts.raised[PORT_POOL_HIGH],
+                counts.cleared[PORT_POOL_HIGH],
+                counts.active[PORT_POOL_HIGH]
+            ),
+            (1, 1, 0)
+        );
     }
 
     fn beat(worker: usize, alive: bool, age: u64) -> WorkerBeat {

@@ -174,10 +174,19 @@ pub struct VmMetricsData {
     /// The VM's configured memory, in MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_size_mb: Option<u64>,
+    /// Bytes the guest received / sent since its NICs started (QEMU: its
+    /// tap devices' counters, seen from the guest).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network_rx_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network_tx_bytes: Option<u64>,
+    /// Bytes per second the guest received / sent, averaged over the
+    /// hypervisor's last sample (vSphere: `net.bytesRx` / `net.bytesTx`
+    /// over 20 s), for backends with rates rather than counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_rx_bytes_per_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_tx_bytes_per_s: Option<u64>,
 }
 
 /// `alert`.

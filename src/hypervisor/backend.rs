@@ -226,6 +226,15 @@ impl Backend {
         }
     }
 
+    /// The vSphere update follower's figures (None: not vSphere, or it
+    /// does not follow updates).
+    pub fn updates_stats(&self) -> Option<crate::hypervisor::vsphere::updates::UpdatesStats> {
+        match self {
+            Backend::Vsphere(b) => b.updates_stats(),
+            _ => None,
+        }
+    }
+
     /// Whether power actions can work at all (static VNC targets, the demo
     /// included, have none).
     pub fn has_power_control(&self) -> bool {

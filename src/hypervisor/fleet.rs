@@ -30,7 +30,7 @@ use super::model::{
 use super::operations::{OperationView, Operations, OperationsConfig};
 use super::pool::PoolStats;
 use super::queue::{Lane, PriorityQueue, QueueConfig, QueueStats};
-use crate::events::protocol::{AlertData, ProgressData, VmStatusData};
+use crate::events::protocol::{ProgressData, VmStatusData};
 use crate::events::{Event, EventBus};
 
 /// Status changes buffered for slow subscribers (the event bus).
@@ -223,13 +223,13 @@ impl Member {
 
     fn note<T>(&self, result: &HvResult<T>) {
         match result {
-            Ok(_) => self.set_health(HEALTH_UP, None),
+            Ok(_) => self.set_health(HEALTH_UP),
             Err(e) if e.side() == Side::Hypervisor => {
                 *self
                     .last_error
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
-                self.set_health(HEALTH_DOWN, Some(e.to_string()));
+                self.set_health(HEALTH_DOWN);
             }
             // The caller's mistakes and our own queue say nothing about
             // the hypervisor.
@@ -238,8 +238,10 @@ impl Member {
     }
 
     /// Record the hypervisor's health; a change is an event
-    /// (`server_status_changed`, and an `alert` when it went down).
-    fn set_health(&self, health: u8, error: Option<String>) {
+    /// (`server_status_changed`). The `hypervisor_down` alert and its
+    /// clearing come from the control plane's alert detectors, which read
+    /// [`reachable`](Self::reachable) and `last_error`.
+    fn set_health(&self, health: u8) {
         let old = self.health.swap(health, Ordering::Relaxed);
         if old == health {
             return;
@@ -252,17 +254,6 @@ impl Member {
             "pool": self.backend.pool_stats(),
         });
         bus.publish(&Event::server_status(&self.id, data));
-        if health == HEALTH_DOWN {
-            bus.publish(&Event::alert(&AlertData {
-                alert_id: format!("hypervisor_down:{}", self.id),
-                alert_type: "hypervisor_down".into(),
-                severity: "critical".into(),
-                title: format!("hypervisor {} is down", self.id),
-                message: error.unwrap_or_else(|| "the hypervisor did not answer".into()),
-                entity_type: "hypervisor".into(),
-                entity_id: self.id.clone(),
-            }));
-        }
     }
 
     /// Whether the last call reached the hypervisor (None before any).
@@ -287,6 +278,9 @@ pub struct HypervisorView {
     /// API-session pool (vSphere).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolStats>,
+    /// The `WaitForUpdatesEx` follower (vSphere with `follow_updates`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updates: Option<crate::hypervisor::vsphere::updates::UpdatesStats>,
     pub queue: QueueStats,
 }
 
@@ -797,6 +791,7 @@ impl Fleet {
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone(),
                 pool: m.backend.pool_stats(),
+                updates: m.backend.updates_stats(),
                 queue: m.queue.stats(),
             })
             .collect()

@@ -5,8 +5,9 @@
 //! per round, each call on its hypervisor's LOW lane.
 //!
 //! The figures are the backends' own counters ([`VmCounters`]): QEMU's
-//! vCPU threads' CPU time and its process's memory, vSphere's
-//! `summary.quickStats`. A CPU share from cumulative time needs two
+//! vCPU threads' CPU time, its process's memory and its taps' byte
+//! counters, vSphere's `summary.quickStats` and PerformanceManager network
+//! rates. A CPU share from cumulative time needs two
 //! samples, so the first update of a VM has no `cpu_usage_percent`; a
 //! figure a backend cannot give is left out, never invented.
 //!
@@ -44,8 +45,14 @@ pub struct VmCounters {
     pub cpu_usage_percent: Option<f64>,
     pub memory_used_bytes: Option<u64>,
     pub memory_size_bytes: Option<u64>,
+    /// Bytes the guest received / sent since its NICs started
+    /// (cumulative; QEMU: its taps' counters).
     pub network_rx_bytes: Option<u64>,
     pub network_tx_bytes: Option<u64>,
+    /// Bytes per second the guest received / sent (a backend that gives
+    /// averaged rates, not cumulative counts: vSphere).
+    pub network_rx_bytes_per_s: Option<u64>,
+    pub network_tx_bytes_per_s: Option<u64>,
 }
 
 /// `[events] vm_metrics_*`.
@@ -148,6 +155,8 @@ fn metrics_data(
         memory_size_mb: counters.memory_size_bytes.map(|b| b / BYTES_PER_MIB),
         network_rx_bytes: counters.network_rx_bytes,
         network_tx_bytes: counters.network_tx_bytes,
+        network_rx_bytes_per_s: counters.network_rx_bytes_per_s,
+        network_tx_bytes_per_s: counters.network_tx_bytes_per_s,
     }
 }
 

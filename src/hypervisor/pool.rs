@@ -98,7 +98,7 @@ pub trait Connector: Send + Sync + 'static {
 }
 
 /// What a pool reports (`GET /api/v1/hypervisors`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolStats {
     pub pool_size: usize,
     /// Sessions open on the host (idle + checked out + being checked).

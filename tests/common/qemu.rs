@@ -37,11 +37,17 @@ pub enum QemuVnc {
 }
 
 /// How to start a [`Qemu`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct QemuOptions {
     pub vnc: QemuVnc,
     /// `-S`: stopped before the first instruction (QMP status `prelaunch`).
     pub prelaunch: bool,
+    /// An rtl8139 NIC on this existing tap interface ([`Tap`]), without
+    /// its boot ROM so the diskless guest sends nothing by itself. (QEMU's
+    /// rtl8139 takes frames from the tap even while no guest driver
+    /// enabled it, dropping them itself; its e1000 and virtio-net leave
+    /// them queued in the tap, so the tap's counters would not move.)
+    pub tap: Option<String>,
 }
 
 impl Default for QemuOptions {
@@ -49,7 +55,73 @@ impl Default for QemuOptions {
         QemuOptions {
             vnc: QemuVnc::Password,
             prelaunch: false,
+            tap: None,
         }
+    }
+}
+
+/// A tap interface made for a test (`ip tuntap add mode tap`), quiet
+/// (IPv6 off, so the kernel sends nothing by itself) and deleted on drop.
+/// Needs root (CAP_NET_ADMIN); fails with a clear message otherwise.
+pub struct Tap {
+    pub name: String,
+}
+
+fn ip_binary() -> PathBuf {
+    find_program("ip").unwrap_or_else(|| panic!("ip not found: install Debian package iproute2"))
+}
+
+/// Runs `ip ARGS`, panicking with its output when it fails.
+fn ip(args: &[&str]) {
+    let output = Command::new(ip_binary())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "ip {args:?} failed (tap tests need root / CAP_NET_ADMIN): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Tap {
+    /// `cgtap<N>`: N from the process id and `index`, so parallel test
+    /// runs do not collide.
+    pub fn create(index: u32) -> Tap {
+        let name = format!("cgtap{}{index}", std::process::id() % 100_000);
+        let _ = Command::new(ip_binary())
+            .args(["link", "delete", &name])
+            .output();
+        ip(&["tuntap", "add", "mode", "tap", "name", &name]);
+        let tap = Tap { name };
+        let ipv6_off = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name);
+        if Path::new(&ipv6_off).exists() {
+            fs::write(&ipv6_off, "1").unwrap_or_else(|e| panic!("{ipv6_off}: {e}"));
+        }
+        tap
+    }
+
+    /// Brings the link up with `address` (CIDR) on the host's side.
+    pub fn up_with(&self, address: &str) {
+        ip(&["addr", "add", address, "dev", &self.name]);
+        ip(&["link", "set", &self.name, "up"]);
+    }
+
+    /// One of the host's counters of the tap (`rx_bytes`, `tx_bytes`).
+    pub fn counter(&self, which: &str) -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/{which}", self.name);
+        fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{path} unreadable"))
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new(ip_binary())
+            .args(["link", "delete", &self.name])
+            .output();
     }
 }
 
@@ -136,6 +208,12 @@ impl Qemu {
             .arg(&pidfile);
         if self.options.prelaunch {
             command.arg("-S");
+        }
+        if let Some(tap) = &self.options.tap {
+            command
+                .arg("-netdev")
+                .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
+                .args(["-device", "rtl8139,netdev=net0,romfile="]);
         }
         let log = File::create(&self.log).expect("create QEMU log");
         // -daemonize: the command returns once the VM is set up (sockets

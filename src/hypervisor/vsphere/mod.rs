@@ -21,7 +21,8 @@
 //!   (see [`updates`]), published on a broadcast channel
 //!   ([`VsphereBackend::subscribe`]).
 //! - Figures (`vm_metrics_update`): the VM's `summary.quickStats` with its
-//!   CPU and memory sizes ([`VsphereBackend::counters`]).
+//!   CPU and memory sizes, and its network rates from the
+//!   PerformanceManager ([`perf`]; [`VsphereBackend::counters`]).
 //!
 //! What it does not do: queue or cache (the control plane does), or touch
 //! the data plane. It depends on the hypervisor model, pool, thumbnails
@@ -29,6 +30,7 @@
 
 pub mod client;
 pub mod config;
+pub mod perf;
 pub mod soap;
 pub mod updates;
 
@@ -194,6 +196,9 @@ pub struct VsphereBackend {
     /// started by [`VsphereBackend::spawn_updates`].
     follower: Option<Arc<updates::Follower>>,
     follower_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The ids of `net.bytesRx` / `net.bytesTx` on this server, once
+    /// looked up (`Some(None)`: it has not both).
+    net_counters: std::sync::Mutex<Option<Option<perf::NetCounterIds>>>,
 }
 
 impl std::fmt::Debug for VsphereBackend {
@@ -240,6 +245,7 @@ impl VsphereBackend {
             changes,
             follower,
             follower_task: std::sync::Mutex::new(None),
+            net_counters: std::sync::Mutex::new(None),
         })
     }
 
@@ -269,6 +275,7 @@ impl VsphereBackend {
                 max_objects: config.updates_max_objects,
                 reconnect_max_ms: config.updates_reconnect_max_ms,
             },
+            counters: updates::FollowerCounters::default(),
         })
     }
 
@@ -293,9 +300,10 @@ impl VsphereBackend {
         }
     }
 
-    /// The follower's session pool (its logins count reconnections).
-    pub fn updates_stats(&self) -> Option<PoolStats> {
-        self.follower.as_ref().map(|f| f.pool.stats())
+    /// The follower's figures and its session pool (its logins count
+    /// reconnections); None when it does not follow updates.
+    pub fn updates_stats(&self) -> Option<updates::UpdatesStats> {
+        self.follower.as_ref().map(|f| f.stats())
     }
 
     /// A VM's figures from `summary.quickStats`: CPU in use of the most it
@@ -316,7 +324,65 @@ impl VsphereBackend {
                 }
             })
             .await?;
-        Ok(quick_stats(&found))
+        let rates = self.net_rates(&object).await;
+        Ok(VmCounters {
+            network_rx_bytes_per_s: rates.rx_bytes_per_s,
+            network_tx_bytes_per_s: rates.tx_bytes_per_s,
+            ..quick_stats(&found)
+        })
+    }
+
+    /// The VM's network rates; none when the server has no PerformanceManager
+    /// or no such counters, or the query failed (logged at debug level: the
+    /// other figures still go out).
+    async fn net_rates(&self, vm: &MoRef) -> perf::NetRates {
+        let cached = *self
+            .net_counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let found = self
+            .with_session(|call| {
+                let vm = vm.clone();
+                async move {
+                    let Some(perf_manager) = call.session.content.perf_manager.clone() else {
+                        return Ok((None, perf::NetRates::default()));
+                    };
+                    let ids = match cached {
+                        Some(ids) => ids,
+                        None => {
+                            let body = perf::counters_request(call.collector(), &perf_manager);
+                            let answer = call.soap(body, None).await?;
+                            let (objects, _) = soap::retrieve_result(answer.result()?)?;
+                            match objects.first().and_then(|o| o.prop("perfCounter")) {
+                                Some(list) => perf::net_counter_ids(list)?,
+                                None => None,
+                            }
+                        }
+                    };
+                    let Some(ids) = ids else {
+                        return Ok((Some(None), perf::NetRates::default()));
+                    };
+                    let body = perf::query_request(&perf_manager, &vm, ids);
+                    let answer = call.soap(body, Some(&vm.value)).await?;
+                    Ok((Some(Some(ids)), perf::rates(answer.result()?, ids)?))
+                }
+            })
+            .await;
+        match found {
+            Ok((ids, rates)) => {
+                if let Some(ids) = ids {
+                    *self
+                        .net_counters
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ids);
+                }
+                rates
+            }
+            Err(e) => {
+                tracing::debug!(hypervisor = %self.id, vm = %vm.value, code = e.code(), "no network rates: {e}");
+                perf::NetRates::default()
+            }
+        }
     }
 
     pub fn id(&self) -> &str {

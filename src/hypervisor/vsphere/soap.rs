@@ -425,6 +425,8 @@ pub struct ServiceContent {
     pub property_collector: MoRef,
     pub view_manager: MoRef,
     pub session_manager: MoRef,
+    /// The PerformanceManager (network rates); None if the server has none.
+    pub perf_manager: Option<MoRef>,
     pub api_version: String,
 }
 
@@ -443,6 +445,10 @@ pub fn service_content(result: &Element) -> HvResult<ServiceContent> {
         property_collector: moref("propertyCollector")?,
         view_manager: moref("viewManager")?,
         session_manager: moref("sessionManager")?,
+        perf_manager: content
+            .child("perfManager")
+            .map(MoRef::from_element)
+            .transpose()?,
         api_version: content
             .path(&["about", "apiVersion"])
             .map(|e| e.text.trim().to_string())

@@ -19,20 +19,26 @@
 //! while following was down is still reported. The periodic list refresh
 //! stays the fallback.
 //!
+//! What the follower did is counted ([`FollowerCounters`]) and shown with
+//! its session's pool figures ([`UpdatesStats`]) in `GET
+//! /api/v1/hypervisors` and `/metrics`.
+//!
 //! Request building and answer parsing are plain functions (no IO); it
 //! depends on the vSphere client and the hypervisor model only.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::Serialize;
 use tokio::sync::broadcast;
 
 use super::client::SoapClient;
 use super::soap::{self, Element, MoRef, Request, ServiceContent};
 use super::{Call, VsphereConnector};
 use crate::hypervisor::model::{HvResult, HypervisorError, PowerState, VmStatusChange};
-use crate::hypervisor::pool::Pool;
+use crate::hypervisor::pool::{Pool, PoolStats};
 
 /// The first pause before following again after a loss, in ms.
 pub const RECONNECT_FIRST_MS: u64 = 100;
@@ -316,6 +322,103 @@ fn change(vm: &str, old: PowerState, new: PowerState) -> VmStatusChange {
 // The follower
 // ---------------------------------------------------------------------------
 
+/// Longest `last_error` kept, in bytes (a SOAP fault's text can be long).
+pub const MAX_LAST_ERROR_BYTES: usize = 512;
+
+/// What the follower did since start; written by its task, read by the
+/// control plane (relaxed atomics: each figure stands alone).
+#[derive(Debug, Default)]
+pub struct FollowerCounters {
+    following: AtomicBool,
+    updates_received: AtomicU64,
+    changes_reported: AtomicU64,
+    /// 0: never.
+    last_update_unix_ms: AtomicU64,
+    errors: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl FollowerCounters {
+    /// The filter is in place: updates flow from now on.
+    pub fn started(&self) {
+        self.following.store(true, Ordering::Relaxed);
+    }
+
+    /// An `UpdateSet` arrived at `unix_ms`, giving `changes` reported changes.
+    pub fn update(&self, changes: usize, unix_ms: u64) {
+        self.updates_received.fetch_add(1, Ordering::Relaxed);
+        self.changes_reported
+            .fetch_add(changes as u64, Ordering::Relaxed);
+        self.last_update_unix_ms.store(unix_ms, Ordering::Relaxed);
+    }
+
+    /// Following was lost (or could not start) for `error`.
+    pub fn lost(&self, error: &HypervisorError) {
+        self.following.store(false, Ordering::Relaxed);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut text = error.to_string();
+        if text.len() > MAX_LAST_ERROR_BYTES {
+            let mut end = MAX_LAST_ERROR_BYTES;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(text);
+    }
+
+    /// The figures, with the follower's session pool.
+    pub fn stats(&self, session: PoolStats) -> UpdatesStats {
+        let last = self.last_update_unix_ms.load(Ordering::Relaxed);
+        UpdatesStats {
+            following: self.following.load(Ordering::Relaxed),
+            session,
+            updates_received: self.updates_received.load(Ordering::Relaxed),
+            changes_reported: self.changes_reported.load(Ordering::Relaxed),
+            last_update_unix_ms: (last > 0).then_some(last),
+            errors: self.errors.load(Ordering::Relaxed),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        }
+    }
+}
+
+/// `GET /api/v1/hypervisors` `updates` (a vSphere hypervisor that
+/// follows updates).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpdatesStats {
+    /// Whether a `WaitForUpdatesEx` filter is in place now.
+    pub following: bool,
+    /// The follower's own one-session pool (its `logins` count how often
+    /// it had to start over on a new session).
+    pub session: PoolStats,
+    /// `WaitForUpdatesEx` answers that carried an `UpdateSet`, since start.
+    pub updates_received: u64,
+    /// VM changes they gave (`vm_status_changed` and list refreshes).
+    pub changes_reported: u64,
+    /// When the last `UpdateSet` arrived (Unix ms); absent before any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_update_unix_ms: Option<u64>,
+    /// Times following was lost or could not start, since start.
+    pub errors: u64,
+    /// Why it was last lost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
 /// Follows one hypervisor's VMs on a session of its own.
 pub struct Follower {
     pub(super) id: String,
@@ -323,6 +426,7 @@ pub struct Follower {
     pub(super) pool: Pool<VsphereConnector>,
     pub(super) changes: broadcast::Sender<VmStatusChange>,
     pub(super) limits: FollowLimits,
+    pub(super) counters: FollowerCounters,
 }
 
 impl std::fmt::Debug for Follower {
@@ -335,6 +439,11 @@ impl std::fmt::Debug for Follower {
 }
 
 impl Follower {
+    /// What it did, with its session pool's figures.
+    pub fn stats(&self) -> UpdatesStats {
+        self.counters.stats(self.pool.stats())
+    }
+
     /// Follows until the task is aborted (the backend's shutdown), coming
     /// back after every loss.
     pub async fn run(self: Arc<Self>) {
@@ -344,6 +453,7 @@ impl Follower {
         let mut pause = first;
         loop {
             let error = self.follow(&mut inventory, &mut pause).await;
+            self.counters.lost(&error);
             tracing::warn!(
                 hypervisor = %self.id,
                 code = error.code(),
@@ -386,6 +496,7 @@ impl Follower {
             soap::returned_moref(call.soap(create_vm_view(&content), None).await?.result()?)?;
         let body = create_filter(&content.property_collector, &view);
         soap::returned_moref(call.soap(body, None).await?.result()?)?;
+        self.counters.started();
         inventory.start_sync();
         let mut version = String::new();
         let mut announced = false;
@@ -398,7 +509,9 @@ impl Follower {
             };
             *pause = Duration::from_millis(RECONNECT_FIRST_MS);
             version = set.version.clone();
-            for change in inventory.apply(&self.id, &set) {
+            let changes = inventory.apply(&self.id, &set);
+            self.counters.update(changes.len(), unix_ms_now());
+            for change in changes {
                 // No receiver (no event bus) is not an error.
                 let _ = self.changes.send(change);
             }
@@ -417,6 +530,39 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_follower_counts_updates_and_losses() {
+        let counters = FollowerCounters::default();
+        let session = PoolStats::default();
+        let idle = counters.stats(session);
+        assert!(!idle.following);
+        assert_eq!((idle.updates_received, idle.errors), (0, 0));
+        assert_eq!((idle.last_update_unix_ms, &idle.last_error), (None, &None));
+        let json = serde_json::to_value(&idle).unwrap();
+        assert!(json.get("last_update_unix_ms").is_none(), "{json}");
+        counters.started();
+        counters.update(3, 1_000);
+        counters.update(0, 2_000);
+        let running = counters.stats(session);
+        assert!(running.following);
+        assert_eq!(running.updates_received, 2);
+        assert_eq!(running.changes_reported, 3);
+        assert_eq!(running.last_update_unix_ms, Some(2_000));
+        counters.lost(&HypervisorError::Unreachable(
+            "x".repeat(4 * MAX_LAST_ERROR_BYTES),
+        ));
+        let lost = counters.stats(session);
+        assert!(!lost.following);
+        assert_eq!(lost.errors, 1);
+        let error = lost.last_error.unwrap();
+        assert!(
+            error.len() <= MAX_LAST_ERROR_BYTES && error.contains("xxx"),
+            "{error}"
+        );
+        assert_eq!(lost.updates_received, 2, "counts survive a loss");
+        assert!(unix_ms_now() > 1_700_000_000_000);
+    }
 
     fn parse_result(xml: &str) -> Element {
         let root = soap::parse(xml.as_bytes()).unwrap();
