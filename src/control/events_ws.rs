@@ -16,8 +16,8 @@
 //! task may write to, so every event cost a task wake-up and a re-framing
 //! per subscriber.
 //!
-//! Also here: the control plane's own event sources that need its state
-//! (the port pool above 90 %, the periodic refresh of the VM lists).
+//! Also here: the periodic refresh of the VM lists (an event source that
+//! needs the control plane's state).
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -45,11 +45,10 @@ use super::ControlState;
 use crate::auth::Need;
 use crate::events::bus::now_ms;
 use crate::events::protocol::{
-    error_data, message, parse_client, AlertData, ClientMessage, ProtocolError,
-    MAX_CLIENT_MESSAGE_BYTES,
+    error_data, message, parse_client, ClientMessage, ProtocolError, MAX_CLIENT_MESSAGE_BYTES,
 };
 use crate::events::sink::{text_frame, Sink};
-use crate::events::{Event, Room, Subscription, Visibility};
+use crate::events::{Room, Subscription, Visibility};
 use crate::hypervisor::queue::Lane;
 
 /// Close code for a policy violation (bad auth after the upgrade, message
@@ -76,12 +75,6 @@ const READ_CHUNK_BYTES: usize = 1024;
 /// would answer its late messages with a reset, which can destroy the
 /// close frame before the client reads it.
 const CLOSE_WAIT_MS: u64 = 1_000;
-/// Port pool use that raises an alert, and the use it must fall under
-/// before the next one.
-const PORT_ALERT_PERCENT: f64 = 90.0;
-const PORT_REARM_PERCENT: f64 = 85.0;
-/// How often the port pool's use is checked.
-const PORT_CHECK_INTERVAL_MS: u64 = 1_000;
 
 pub fn routes() -> Router<Arc<ControlState>> {
     Router::new()
@@ -746,44 +739,19 @@ fn stats_figures(sub: &Subscription, last: &mut (Instant, u64)) -> Value {
     value
 }
 
-/// The control plane's own event sources: the port pool's use (an alert
-/// above 90 %) and the periodic refresh of the VM lists.
+/// The control plane's own event source here: the periodic refresh of
+/// the VM lists (the port pool's alert is an alert detector's:
+/// `control/alert_sources.rs`).
 pub async fn background(state: Arc<ControlState>) {
     let refresh_ms = state.cfg.events.vm_refresh_interval_ms;
-    if refresh_ms > 0 {
-        let fleet = state.fleet.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(refresh_ms));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                fleet.refresh_lists().await;
-            }
-        });
+    if refresh_ms == 0 {
+        return;
     }
-    let mut tick = tokio::time::interval(Duration::from_millis(PORT_CHECK_INTERVAL_MS));
-    let mut alerted = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(refresh_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Some(pool) = &state.ports else { continue };
-        let stats = pool.stats();
-        if !alerted && stats.utilization_percent > PORT_ALERT_PERCENT {
-            alerted = true;
-            state.events.publish(&Event::alert(&AlertData {
-                alert_id: format!("port_pool_high:{}", now_ms()),
-                alert_type: "port_pool_high".into(),
-                severity: "warning".into(),
-                title: "port pool above 90 %".into(),
-                message: format!(
-                    "{} of {} dedicated ports allocated ({} %)",
-                    stats.allocated_ports, stats.total_ports, stats.utilization_percent
-                ),
-                entity_type: "port_pool".into(),
-                entity_id: "ports".into(),
-            }));
-        } else if alerted && stats.utilization_percent < PORT_REARM_PERCENT {
-            alerted = false;
-        }
+        state.fleet.refresh_lists().await;
     }
 }
 
