@@ -4,7 +4,10 @@
 //! REST API, and its `session_closed` event must reach every subscriber.
 //!
 //! Per run: the delivery latency (from the DELETE request being sent to
-//! each subscriber having the event, HdrHistogram, µs), the appliance's
+//! the event's arrival in each subscriber's socket, by the kernel's
+//! receive timestamp, SO_TIMESTAMPNS; HdrHistogram, µs), the latency to
+//! the bench having read it (which adds the bench's one reading thread
+//! working through N sockets), the appliance's
 //! CPU per event (its CPU time over the rounds / rounds, and the same for
 //! rounds with no subscriber, so the fan-out's share shows), and memory
 //! per idle subscriber (RSS after N subscribers connected and settled,
@@ -15,11 +18,11 @@
 //! handshake at once).
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
@@ -77,9 +80,13 @@ pub struct EventsOpts {
 pub struct RunFigures {
     pub subscribers: usize,
     pub rounds: usize,
+    /// Until the event is in the subscriber's socket (kernel timestamp).
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
+    /// Until the bench has read it (adds the bench's own reading).
+    pub read_p50_us: f64,
+    pub read_p99_us: f64,
     /// Appliance CPU per event with N subscribers (ms).
     pub cpu_ms_per_event: f64,
     /// Appliance CPU per create + delete with no subscriber (ms).
@@ -97,13 +104,23 @@ enum Phase {
     Open,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    arrived: Option<SystemTime>,
+    read: Instant,
+}
+
 struct Subscriber {
     stream: TcpStream,
     phase: Phase,
     rx: Vec<u8>,
     welcomed: bool,
     /// When the current round's event arrived.
-    got: Option<Instant>,
+    /// The round's event: when it arrived (kernel timestamp, wall clock)
+    /// and when the bench read it.
+    got: Option<Arrival>,
+    /// The kernel timestamp of the latest bytes read.
+    last_arrival: Option<SystemTime>,
 }
 
 /// All subscribers, on one poll.
@@ -139,6 +156,12 @@ impl Fleet {
 
     fn connect_one(&mut self, control: SocketAddr) -> io::Result<()> {
         let mut stream = TcpStream::connect(control)?;
+        nix::sys::socket::setsockopt(
+            &stream,
+            nix::sys::socket::sockopt::ReceiveTimestampns,
+            &true,
+        )
+        .map_err(io::Error::from)?;
         let token = Token(self.subs.len());
         self.poll.registry().register(
             &mut stream,
@@ -151,6 +174,7 @@ impl Fleet {
             rx: Vec::new(),
             welcomed: false,
             got: None,
+            last_arrival: None,
         });
         Ok(())
     }
@@ -196,10 +220,9 @@ impl Fleet {
     /// One poll: handshakes, then frames.
     fn pump(&mut self, events: &mut Events) -> Result<()> {
         self.poll.poll(events, Some(POLL_SLICE))?;
-        let now = Instant::now();
         for event in events.iter() {
             let index = event.token().0;
-            if let Err(e) = self.service(index, event.is_writable(), now) {
+            if let Err(e) = self.service(index, event.is_writable()) {
                 self.failed += 1;
                 eprintln!("events: subscriber {index}: {e}");
                 let _ = self
@@ -211,7 +234,7 @@ impl Fleet {
         Ok(())
     }
 
-    fn service(&mut self, index: usize, writable: bool, now: Instant) -> Result<(), String> {
+    fn service(&mut self, index: usize, writable: bool) -> Result<(), String> {
         let sub = &mut self.subs[index];
         if sub.phase == Phase::Connecting {
             if !writable {
@@ -234,9 +257,12 @@ impl Fleet {
         }
         let mut buf = [0u8; 16 * 1024];
         loop {
-            match sub.stream.read(&mut buf) {
-                Ok(0) => return Err("closed by the appliance".into()),
-                Ok(n) => sub.rx.extend_from_slice(&buf[..n]),
+            match read_stamped(&sub.stream, &mut buf) {
+                Ok((0, _)) => return Err("closed by the appliance".into()),
+                Ok((n, arrived)) => {
+                    sub.rx.extend_from_slice(&buf[..n]);
+                    sub.last_arrival = arrived.or(sub.last_arrival);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.to_string()),
@@ -254,7 +280,15 @@ impl Fleet {
                 }
             }
         }
-        frames(sub, &self.needle, now)
+        // Read once this subscriber's bytes are in: one poll returns up
+        // to 1 024 ready subscribers, and the last of them is read well
+        // after the poll returned (one clock per poll made every
+        // subscriber of a batch look as early as its first).
+        let arrival = Arrival {
+            arrived: sub.last_arrival,
+            read: Instant::now(),
+        };
+        frames(sub, &self.needle, arrival)
     }
 
     /// Wait until every subscriber has the current round's event.
@@ -282,7 +316,7 @@ impl Fleet {
 
 /// Take the complete frames out of `sub.rx`: the welcome, and the round's
 /// event (found by its session id).
-fn frames(sub: &mut Subscriber, needle: &[u8], now: Instant) -> Result<(), String> {
+fn frames(sub: &mut Subscriber, needle: &[u8], now: Arrival) -> Result<(), String> {
     loop {
         let Some(h) = wsproto::parse_header(&sub.rx).map_err(|e| format!("{e:?}"))? else {
             return Ok(());
@@ -303,6 +337,33 @@ fn frames(sub: &mut Subscriber, needle: &[u8], now: Instant) -> Result<(), Strin
         }
         sub.rx.drain(..end);
     }
+}
+
+/// Read what is there, with the kernel's receive timestamp of the last
+/// segment read (SO_TIMESTAMPNS; None if the kernel gave none).
+fn read_stamped(stream: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, Option<SystemTime>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut space = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .map_err(io::Error::from)?;
+    let mut arrived = None;
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmTimestampns(ts) = cmsg {
+            let since_epoch = Duration::new(
+                u64::try_from(ts.tv_sec()).unwrap_or(0),
+                u32::try_from(ts.tv_nsec()).unwrap_or(0),
+            );
+            arrived = Some(UNIX_EPOCH + since_epoch);
+        }
+    }
+    Ok((msg.bytes, arrived))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -418,6 +479,7 @@ fn measure(
     }
     let rss_after = rss_kib(pid)?;
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut read_histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let cpu1 = cpu_s(pid);
     for _ in 0..opts.rounds {
         let id = create(&mut rest)?;
@@ -425,14 +487,21 @@ fn measure(
         for s in &mut fleet.subs {
             s.got = None;
         }
+        let sent_wall = SystemTime::now();
         let sent = Instant::now();
         delete(&mut rest, &id)?;
         fleet.await_round(Duration::from_millis(opts.round_timeout_ms), stop)?;
         for s in &fleet.subs {
-            let at = s.got.unwrap_or(sent);
-            let us =
-                u64::try_from(at.saturating_duration_since(sent).as_micros()).unwrap_or(u64::MAX);
-            histogram.record(us.max(1))?;
+            let Some(got) = s.got else { continue };
+            let read_us = got.read.saturating_duration_since(sent).as_micros();
+            read_histogram.record(u64::try_from(read_us).unwrap_or(u64::MAX).max(1))?;
+            let arrived = got
+                .arrived
+                .ok_or_else(|| anyhow!("the kernel gave no receive timestamp"))?;
+            let us = arrived
+                .duration_since(sent_wall)
+                .map_or(0, |d| d.as_micros());
+            histogram.record(u64::try_from(us).unwrap_or(u64::MAX).max(1))?;
         }
     }
     let per_event_ms = (cpu_s(pid) - cpu1) * 1000.0 / opts.rounds as f64;
@@ -442,6 +511,8 @@ fn measure(
         p50_us: histogram.value_at_quantile(0.50) as f64,
         p99_us: histogram.value_at_quantile(0.99) as f64,
         max_us: histogram.max() as f64,
+        read_p50_us: read_histogram.value_at_quantile(0.50) as f64,
+        read_p99_us: read_histogram.value_at_quantile(0.99) as f64,
         cpu_ms_per_event: per_event_ms,
         cpu_ms_per_trigger_alone: alone_ms,
         rss_kib_before: rss_before,
@@ -455,10 +526,12 @@ fn measure(
 fn medians(runs: &[RunFigures]) -> HashMap<&'static str, f64> {
     let mut out = HashMap::new();
     type Field = fn(&RunFigures) -> f64;
-    let fields: [(&'static str, Field); 6] = [
+    let fields: [(&'static str, Field); 8] = [
         ("p50_us", |r| r.p50_us),
         ("p99_us", |r| r.p99_us),
         ("max_us", |r| r.max_us),
+        ("read_p50_us", |r| r.read_p50_us),
+        ("read_p99_us", |r| r.read_p99_us),
         ("cpu_ms_per_event", |r| r.cpu_ms_per_event),
         ("cpu_ms_per_trigger_alone", |r| r.cpu_ms_per_trigger_alone),
         ("rss_bytes_per_subscriber", |r| r.rss_bytes_per_subscriber),
@@ -474,8 +547,8 @@ fn medians(runs: &[RunFigures]) -> HashMap<&'static str, f64> {
 
 fn report(all: &[(usize, Vec<RunFigures>)]) -> String {
     let mut text = String::from(
-        "| subscribers | runs | p50 | p99 | max | CPU per event | CPU per trigger alone | RSS per idle subscriber | load (1 min) |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+        "| subscribers | runs | p50 | p99 | max | read p50 | read p99 | CPU per event | CPU per trigger alone | RSS per idle subscriber | load (1 min) |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
     );
     for (n, runs) in all {
         let m = medians(runs);
@@ -485,11 +558,13 @@ fn report(all: &[(usize, Vec<RunFigures>)]) -> String {
             .map(|r| r.load_average_1m.map_or("?".into(), |l| format!("{l:.1}")))
             .collect();
         text.push_str(&format!(
-            "| {n} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} KiB | {} |\n",
+            "| {n} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} KiB | {} |\n",
             runs.len(),
             get("p50_us") / 1000.0,
             get("p99_us") / 1000.0,
             get("max_us") / 1000.0,
+            get("read_p50_us") / 1000.0,
+            get("read_p99_us") / 1000.0,
             get("cpu_ms_per_event"),
             get("cpu_ms_per_trigger_alone"),
             get("rss_bytes_per_subscriber") / 1024.0,
@@ -508,7 +583,8 @@ pub struct CountFigures {
 
 impl CountFigures {
     /// The median of one figure over the runs (`p50_us`, `p99_us`,
-    /// `max_us`, `cpu_ms_per_event`, `cpu_ms_per_trigger_alone`,
+    /// `max_us` until the event is in the socket, `read_p50_us`,
+    /// `read_p99_us` until the bench read it, `cpu_ms_per_event`, `cpu_ms_per_trigger_alone`,
     /// `rss_bytes_per_subscriber`).
     pub fn median(&self, figure: &str) -> Option<f64> {
         medians(&self.runs).get(figure).copied()
