@@ -31,13 +31,20 @@ fuzz_target!(|bytes: &[u8]| {
     let strict_result = parse_into(path, file, true, max_tokens, &mut strict);
     let mut lenient = HashMap::new();
     let lenient_result = parse_into(path, file, false, max_tokens, &mut lenient);
-    for map in [&strict, &lenient] {
+    // When strict parsing passed, its map must equal the lenient one
+    // (checked below), so its entries are not checked twice.
+    let checked: &[&HashMap<String, TokenTarget>] = if strict_result.is_ok() {
+        &[&lenient]
+    } else {
+        &[&strict, &lenient]
+    };
+    for map in checked {
         assert!(
             map.len() <= max_tokens,
             "{} tokens over the cap {max_tokens}",
             map.len()
         );
-        for (token, target) in map {
+        for (token, target) in *map {
             check_entry(token, target);
         }
     }

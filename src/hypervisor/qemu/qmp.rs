@@ -571,7 +571,12 @@ impl LineReader {
 #[derive(Debug)]
 pub struct LineFramer {
     buf: Vec<u8>,
-    /// Bytes of `buf` known to hold no newline.
+    /// Bytes at the front of `buf` already taken as lines. Taking a line
+    /// only moves this offset; the taken bytes are dropped once per read
+    /// (in [`LineFramer::push`]), so a read holding k lines costs one move
+    /// of the partial line, not k moves of everything after each line.
+    taken: usize,
+    /// Bytes of `buf` after `taken` known to hold no newline.
     scanned: usize,
     max_line_bytes: usize,
 }
@@ -581,6 +586,7 @@ impl LineFramer {
     pub fn new(max_line_bytes: usize) -> Self {
         LineFramer {
             buf: Vec::new(),
+            taken: 0,
             scanned: 0,
             max_line_bytes,
         }
@@ -590,6 +596,8 @@ impl LineFramer {
     /// [`LineFramer::next_line`] answered `Ok(None)`, so the buffer stays
     /// within `max_line_bytes` plus one read.
     pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.drain(..self.taken);
+        self.taken = 0;
         self.buf.extend_from_slice(bytes);
     }
 
@@ -597,17 +605,19 @@ impl LineFramer {
     /// are needed; an error (for the log) when the line in progress is
     /// longer than `max_line_bytes`, which ends the stream.
     pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, String> {
-        if let Some(offset) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
-            let end = self.scanned + offset;
-            if end > self.max_line_bytes {
+        let from = self.taken + self.scanned;
+        if let Some(offset) = self.buf[from..].iter().position(|&b| b == b'\n') {
+            let end = from + offset;
+            if end - self.taken > self.max_line_bytes {
                 return Err(self.too_long());
             }
-            let line: Vec<u8> = self.buf.drain(..=end).take(end).collect();
+            let line = self.buf[self.taken..end].to_vec();
+            self.taken = end + 1;
             self.scanned = 0;
             return Ok(Some(line));
         }
-        self.scanned = self.buf.len();
-        if self.buf.len() > self.max_line_bytes {
+        self.scanned = self.buffered_bytes();
+        if self.buffered_bytes() > self.max_line_bytes {
             return Err(self.too_long());
         }
         Ok(None)
@@ -615,7 +625,7 @@ impl LineFramer {
 
     /// Bytes held (a partial line and any lines not taken yet).
     pub fn buffered_bytes(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.taken
     }
 
     fn too_long(&self) -> String {
@@ -662,6 +672,42 @@ mod tests {
         // A complete line over the limit fails too.
         let mut framer = LineFramer::new(2);
         framer.push(b"abc\n");
+        assert!(framer.next_line().is_err());
+    }
+
+    #[test]
+    fn taking_lines_moves_no_bytes_until_the_next_read() {
+        // One read holding many lines: each line is taken where it lies;
+        // the taken bytes are dropped once, when the next read comes.
+        let mut framer = LineFramer::new(16);
+        let lines: Vec<String> = (0..1000).map(|n| format!("{{\"n\":{n}}}")).collect();
+        let mut read = lines.join("\n").into_bytes();
+        read.extend_from_slice(b"\n{\"par");
+        framer.push(&read);
+        let mut left = read.len();
+        for line in &lines {
+            assert_eq!(framer.next_line(), Ok(Some(line.as_bytes().to_vec())));
+            left -= line.len() + 1;
+            assert_eq!(framer.buffered_bytes(), left);
+            assert_eq!(
+                framer.buf.len(),
+                read.len(),
+                "a taken line moved the buffer"
+            );
+        }
+        assert_eq!(framer.next_line(), Ok(None));
+        assert_eq!(framer.buffered_bytes(), 5);
+        framer.push(b"tial\":1}\n");
+        assert_eq!(framer.buf, b"{\"partial\":1}\n".to_vec());
+        assert_eq!(framer.next_line(), Ok(Some(b"{\"partial\":1}".to_vec())));
+        assert_eq!(framer.next_line(), Ok(None));
+        assert_eq!(framer.buffered_bytes(), 0);
+        // The bound counts the line in progress only, not the taken bytes.
+        framer.push(b"0123456789abcdef");
+        assert_eq!(framer.next_line(), Ok(None));
+        framer.push(b"\n");
+        assert_eq!(framer.next_line(), Ok(Some(b"0123456789abcdef".to_vec())));
+        framer.push(b"0123456789abcdefg");
         assert!(framer.next_line().is_err());
     }
 
