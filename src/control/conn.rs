@@ -45,18 +45,11 @@ impl ControlListener {
     }
 }
 
-/// The connection's peer and its address, for [`ControlPeer`].
-#[derive(Debug, Clone)]
-pub struct Accepted {
-    addr: SocketAddr,
-    stream: Weak<TcpStream>,
-}
-
 impl Listener for ControlListener {
     type Io = ControlStream;
-    type Addr = Accepted;
+    type Addr = ControlPeer;
 
-    async fn accept(&mut self) -> (ControlStream, Accepted) {
+    async fn accept(&mut self) -> (ControlStream, ControlPeer) {
         loop {
             match self.inner.accept().await {
                 Ok((tcp, addr)) => {
@@ -68,11 +61,11 @@ impl Listener for ControlListener {
                     let _ = socket2::SockRef::from(&tcp)
                         .set_send_buffer_size(CONTROL_SEND_BUFFER_BYTES);
                     let stream = Arc::new(tcp);
-                    let accepted = Accepted {
+                    let peer = ControlPeer {
                         addr,
                         stream: Arc::downgrade(&stream),
                     };
-                    return (ControlStream(stream), accepted);
+                    return (ControlStream(stream), peer);
                 }
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {
@@ -83,8 +76,8 @@ impl Listener for ControlListener {
         }
     }
 
-    fn local_addr(&self) -> io::Result<Accepted> {
-        Ok(Accepted {
+    fn local_addr(&self) -> io::Result<ControlPeer> {
+        Ok(ControlPeer {
             addr: self.inner.local_addr()?,
             stream: Weak::new(),
         })
@@ -152,7 +145,8 @@ impl AsyncWrite for ControlStream {
     }
 }
 
-/// What every request on the control port knows of its connection.
+/// What every request on the control port knows of its connection (the
+/// listener's address type, handed to each request as connect info).
 #[derive(Debug, Clone)]
 pub struct ControlPeer {
     pub addr: SocketAddr,
@@ -168,11 +162,7 @@ impl ControlPeer {
 
 impl Connected<IncomingStream<'_, ControlListener>> for ControlPeer {
     fn connect_info(stream: IncomingStream<'_, ControlListener>) -> Self {
-        let accepted = stream.remote_addr();
-        ControlPeer {
-            addr: accepted.addr,
-            stream: accepted.stream.clone(),
-        }
+        stream.remote_addr().clone()
     }
 }
 
@@ -193,16 +183,13 @@ mod tests {
             c.read_to_end(&mut got).await.unwrap();
             got
         });
-        let (mut stream, accepted) = listener.accept().await;
+        let (mut stream, peer) = listener.accept().await;
         let mut buf = [0u8; 4];
         stream.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"ping");
         stream.write_all(b"pong ").await.unwrap();
         // The shared handle writes to the same socket.
-        let shared = accepted
-            .stream
-            .upgrade()
-            .expect("alive while the stream is");
+        let shared = peer.stream().expect("alive while the stream is");
         shared.writable().await.unwrap();
         assert_eq!(shared.try_write(b"direct").unwrap(), 6);
         drop(shared);
@@ -210,7 +197,7 @@ mod tests {
         assert_eq!(client.await.unwrap(), b"pong direct");
         drop(stream);
         assert!(
-            accepted.stream.upgrade().is_none(),
+            peer.stream().is_none(),
             "the socket is gone with its stream"
         );
     }

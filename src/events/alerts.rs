@@ -236,6 +236,38 @@ impl std::fmt::Debug for AlertCenter {
     }
 }
 
+/// What a detector says when it raises an alert; [`Alerting::into_data`]
+/// adds the alert's type and a fresh id.
+struct Alerting {
+    /// The id names the entity too (one alert per hypervisor, per worker).
+    per_entity_id: bool,
+    severity: &'static str,
+    title: String,
+    message: String,
+    entity_type: &'static str,
+    entity_id: String,
+}
+
+impl Alerting {
+    fn into_data(self, kind: &'static str) -> AlertData {
+        let now = super::bus::now_ms();
+        let alert_id = if self.per_entity_id {
+            format!("{kind}:{}:{now}", self.entity_id)
+        } else {
+            format!("{kind}:{now}")
+        };
+        AlertData {
+            alert_id,
+            alert_type: kind.into(),
+            severity: self.severity.into(),
+            title: self.title,
+            message: self.message,
+            entity_type: self.entity_type.into(),
+            entity_id: self.entity_id,
+        }
+    }
+}
+
 impl AlertCenter {
     pub fn new(bus: EventBus, thresholds: AlertThresholds) -> Self {
         Self {
@@ -262,7 +294,8 @@ impl AlertCenter {
         *entry = entry.saturating_add_signed(delta);
     }
 
-    fn raise(&mut self, kind: &'static str, data: AlertData, now_ms: u64) {
+    fn raise(&mut self, kind: &'static str, alerting: Alerting, now_ms: u64) {
+        let data = alerting.into_data(kind);
         let key = format!("{kind}:{}", data.entity_id);
         tracing::warn!(alert = kind, entity = %data.entity_id, "{}", data.message);
         self.bus.publish(&Event::alert(&data));
@@ -310,15 +343,14 @@ impl AlertCenter {
         match watch.detector.observe(level, now_ms) {
             Some(Change::Raised) => self.raise(
                 POOL_EXHAUSTED,
-                AlertData {
-                    alert_id: format!("{POOL_EXHAUSTED}:{hypervisor}:{}", super::bus::now_ms()),
-                    alert_type: POOL_EXHAUSTED.into(),
-                    severity: "warning".into(),
+                Alerting {
+                    per_entity_id: true,
+                    severity: "warning",
                     title: format!("hypervisor {hypervisor}: API-session pool exhausted"),
                     message: format!(
                         "{starved} checkouts had to wait for a free API session or were refused"
                     ),
-                    entity_type: "hypervisor".into(),
+                    entity_type: "hypervisor",
                     entity_id: hypervisor.to_string(),
                 },
                 now_ms,
@@ -358,13 +390,12 @@ impl AlertCenter {
         match detector.observe(level, now_ms) {
             Some(Change::Raised) => self.raise(
                 HYPERVISOR_DOWN,
-                AlertData {
-                    alert_id: format!("{HYPERVISOR_DOWN}:{hypervisor}:{}", super::bus::now_ms()),
-                    alert_type: HYPERVISOR_DOWN.into(),
-                    severity: "critical".into(),
+                Alerting {
+                    per_entity_id: true,
+                    severity: "critical",
                     title: format!("hypervisor {hypervisor} is down"),
                     message: error.unwrap_or("the hypervisor did not answer").to_string(),
-                    entity_type: "hypervisor".into(),
+                    entity_type: "hypervisor",
                     entity_id: hypervisor.to_string(),
                 },
                 now_ms,
@@ -397,15 +428,14 @@ impl AlertCenter {
         match self.ports.observe(level, now_ms) {
             Some(Change::Raised) => self.raise(
                 PORT_POOL_HIGH,
-                AlertData {
-                    alert_id: format!("{PORT_POOL_HIGH}:{}", super::bus::now_ms()),
-                    alert_type: PORT_POOL_HIGH.into(),
-                    severity: "warning".into(),
+                Alerting {
+                    per_entity_id: false,
+                    severity: "warning",
                     title: format!("port pool above {PORT_POOL_RAISE_PERCENT} %"),
                     message: format!(
                         "{allocated} of {total} dedicated ports allocated ({percent:.1} %)"
                     ),
-                    entity_type: "port_pool".into(),
+                    entity_type: "port_pool",
                     entity_id: "ports".into(),
                 },
                 now_ms,
@@ -449,16 +479,12 @@ impl AlertCenter {
                     };
                     self.raise(
                         WORKER_UNHEALTHY,
-                        AlertData {
-                            alert_id: format!(
-                                "{WORKER_UNHEALTHY}:{entity}:{}",
-                                super::bus::now_ms()
-                            ),
-                            alert_type: WORKER_UNHEALTHY.into(),
-                            severity: "critical".into(),
+                        Alerting {
+                            per_entity_id: true,
+                            severity: "critical",
                             title: format!("worker {} is unhealthy", beat.worker),
                             message,
-                            entity_type: "worker".into(),
+                            entity_type: "worker",
                             entity_id: entity,
                         },
                         now_ms,
@@ -497,17 +523,16 @@ impl AlertCenter {
         match self.rate.observe(level, now_ms) {
             Some(Change::Raised) => self.raise(
                 RATE_LIMIT_SUSTAINED,
-                AlertData {
-                    alert_id: format!("{RATE_LIMIT_SUSTAINED}:{}", super::bus::now_ms()),
-                    alert_type: RATE_LIMIT_SUSTAINED.into(),
-                    severity: "warning".into(),
+                Alerting {
+                    per_entity_id: false,
+                    severity: "warning",
                     title: "sustained rate limiting".into(),
                     message: format!(
                         "the per-IP limits refuse {per_s:.1} requests or connections a second \
                          (alert at {threshold}/s for {} ms)",
                         self.thresholds.rate_limit_after_ms
                     ),
-                    entity_type: "rate_limits".into(),
+                    entity_type: "rate_limits",
                     entity_id: "per_ip".into(),
                 },
                 now_ms,

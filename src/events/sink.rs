@@ -217,11 +217,12 @@ impl Sink {
     }
 
     fn fail(&self, state: &mut State) -> Offer {
-        state.failed = true;
-        state.queue.clear();
-        state.queued_events = 0;
-        state.queued_own_bytes = 0;
-        state.head_written = 0;
+        // Nothing queued can be sent any more: let it go.
+        *state = State {
+            failed: true,
+            dropped: state.dropped,
+            ..State::default()
+        };
         self.wake.notify_one();
         Offer::Gone
     }

@@ -89,6 +89,15 @@ pub fn query_request(perf_manager: &MoRef, vm: &MoRef, ids: NetCounterIds) -> Ve
         .finish()
 }
 
+/// An element's text as a number; what it is names it in the error.
+fn number<T: std::str::FromStr>(element: &Element, what: &str) -> HvResult<T> {
+    element
+        .text
+        .trim()
+        .parse()
+        .map_err(|_| protocol(format!("QueryPerf: {what} {:?}", element.text)))
+}
+
 /// The rates in a `QueryPerf` answer: the latest value of each counter's
 /// series for the instance `""` (a negative value is vSphere's "no
 /// data"). KBps become bytes per second.
@@ -99,11 +108,7 @@ pub fn rates(result: &Element, ids: NetCounterIds) -> HvResult<NetRates> {
             let Some(id) = series.path(&["id", "counterId"]) else {
                 continue;
             };
-            let counter: i32 = id
-                .text
-                .trim()
-                .parse()
-                .map_err(|_| protocol(format!("QueryPerf: counterId {:?}", id.text)))?;
+            let counter: i32 = number(id, "counterId")?;
             let instance = series
                 .path(&["id", "instance"])
                 .map_or("", |i| i.text.trim());
@@ -113,11 +118,7 @@ pub fn rates(result: &Element, ids: NetCounterIds) -> HvResult<NetRates> {
             let Some(last) = series.children_named("value").last() else {
                 continue;
             };
-            let kbps: i64 = last
-                .text
-                .trim()
-                .parse()
-                .map_err(|_| protocol(format!("QueryPerf: value {:?}", last.text)))?;
+            let kbps: i64 = number(last, "value")?;
             let bytes = u64::try_from(kbps)
                 .ok()
                 .map(|k| k.saturating_mul(BYTES_PER_KB));
