@@ -17,7 +17,7 @@ mod common;
 use std::time::Duration;
 
 use common::events::{events, EventsClient};
-use common::qemu::{Qemu, QemuOptions, Tap};
+use common::qemu::{Qemu, QemuBalloon, QemuOptions, Tap};
 use common::vcsim::{Vcsim, VcsimOptions, USERNAME};
 use common::*;
 use serde_json::{json, Value};
@@ -156,6 +156,7 @@ fn qemu_figures_reach_a_vm_room_and_unwatched_vms_are_never_asked() {
         "memory_used_mb {used_mb} vs the process's {rss_mb} MiB: {second}"
     );
     assert!(number(&second, "memory_usage_percent") > 0.0, "{second}");
+    assert_eq!(second["data"]["memory_source"], "process", "{second}");
     for field in ["network_rx_bytes", "network_tx_bytes"] {
         assert!(
             second["data"].get(field).is_none(),
@@ -187,6 +188,108 @@ fn qemu_figures_reach_a_vm_room_and_unwatched_vms_are_never_asked() {
             .trim()
     );
     drop(unwatched);
+}
+
+/// The balloon statistics interval the appliance is configured with.
+const BALLOON_POLLING_S: u64 = 2;
+/// The interval an operator set before the appliance looked.
+const OPERATORS_POLLING_S: u64 = 7;
+
+/// A balloon device's statistics polling interval, asked on the test's own
+/// QMP socket.
+fn polling_interval(qemu: &Qemu, device: &str) -> u64 {
+    qemu.qmp()
+        .execute(
+            "qom-get",
+            json!({"path": device, "property": "guest-stats-polling-interval"}),
+        )
+        .unwrap_or_else(|e| panic!("qom-get {device}: {e}"))
+        .as_u64()
+        .unwrap()
+}
+
+/// A VM with a balloon device gets its statistics polling turned on
+/// (once, at the configured interval; an operator's interval is kept). The
+/// diskless guests have no balloon driver, so they never report (QEMU's
+/// `last-update` stays 0): the figure is then the process's memory,
+/// `memory_source` "process", as for a VM without a balloon. (A guest
+/// that reports is covered by the unit tests of `guest_memory`, on
+/// statistics of the shape QEMU holds them in; no guest OS runs here.)
+#[test]
+fn balloon_polling_is_turned_on_and_a_guest_without_a_driver_falls_back_to_the_process() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let named = Qemu::start(
+        dirs[0].path(),
+        QemuOptions {
+            balloon: QemuBalloon::Named("balloon0".into()),
+            ..QemuOptions::default()
+        },
+    );
+    let anonymous = Qemu::start(
+        dirs[1].path(),
+        QemuOptions {
+            balloon: QemuBalloon::Anonymous,
+            ..QemuOptions::default()
+        },
+    );
+    let anonymous_device = "/machine/peripheral-anon/device[0]";
+    let set = anonymous.qmp().execute(
+        "qom-set",
+        json!({"path": anonymous_device, "property": "guest-stats-polling-interval",
+               "value": OPERATORS_POLLING_S}),
+    );
+    set.unwrap_or_else(|e| panic!("qom-set: {e}"));
+    assert_eq!(polling_interval(&named, "/machine/peripheral/balloon0"), 0);
+    let app = appliance_with(&format!(
+        "[[hypervisors]]\nkind = \"qemu\"\nid = \"kvm1\"\nreconnect_max_ms = 200\n\
+         balloon_stats_polling_interval_s = {BALLOON_POLLING_S}\n\
+         vms = [{{ id = \"b1\", qmp = {:?} }}, {{ id = \"b2\", qmp = {:?} }}]\n",
+        named.backend_qmp.display().to_string(),
+        anonymous.backend_qmp.display().to_string()
+    ));
+    // Nobody watches yet: nothing is turned on.
+    let mut monitor = events(app.control, "/ws/monitor", Some(ADMIN_TOKEN));
+    monitor.all_of("vm_metrics_update", QUIET);
+    assert_eq!(polling_interval(&named, "/machine/peripheral/balloon0"), 0);
+
+    for (vm, qemu, device, interval) in [
+        (
+            "kvm1:b1",
+            &named,
+            "/machine/peripheral/balloon0",
+            BALLOON_POLLING_S,
+        ),
+        ("kvm1:b2", &anonymous, anonymous_device, OPERATORS_POLLING_S),
+    ] {
+        let mut room = events(app.control, &format!("/ws/vm/{vm}"), Some(READ_TOKEN));
+        let update = metrics_of(&mut room, vm);
+        assert_eq!(polling_interval(qemu, device), interval, "{vm}: {update}");
+        let stats = qemu
+            .qmp()
+            .execute(
+                "qom-get",
+                json!({"path": device, "property": "guest-stats"}),
+            )
+            .unwrap_or_else(|e| panic!("qom-get guest-stats: {e}"));
+        assert_eq!(stats["last-update"], 0, "no guest driver reported: {stats}");
+        assert_eq!(update["data"]["memory_source"], "process", "{update}");
+        let rss_mb = rss_bytes(qemu.pid().unwrap()).unwrap() / MIB;
+        let used_mb = number(&update, "memory_used_mb") as u64;
+        assert!(
+            used_mb > 0 && used_mb.abs_diff(rss_mb) <= rss_mb / 2 + 8,
+            "{vm}: memory_used_mb {used_mb} vs the process's {rss_mb} MiB: {update}"
+        );
+        // Later updates keep to it, and the interval stays as it is.
+        let later = metrics_of(&mut room, vm);
+        assert_eq!(later["data"]["memory_source"], "process", "{later}");
+        assert_eq!(polling_interval(qemu, device), interval, "{vm}");
+    }
+    let turned_on = std::fs::read_to_string(app.dir().join("stderr.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("balloon statistics polling turned on"))
+        .count();
+    assert_eq!(turned_on, 1, "once, for the VM whose polling was off");
 }
 
 /// Broadcast datagrams sent into the tap from the host's side: the guest
@@ -277,6 +380,7 @@ fn vsphere_figures_come_from_quick_stats_for_watched_vms_only() {
     assert_eq!(update["data"]["server_id"], "esx1", "{update}");
     assert!(number(&update, "memory_size_mb") > 0.0, "{update}");
     assert!(number(&update, "memory_used_mb") >= 0.0, "{update}");
+    assert_eq!(update["data"]["memory_source"], "quick_stats", "{update}");
     assert!(
         update["data"].get("cpu_time_ns").is_none(),
         "vSphere gives no cumulative CPU time: {update}"

@@ -150,6 +150,21 @@ pub struct VmStatusData {
     pub new_status: String,
 }
 
+/// What a `vm_metrics_update`'s `memory_used_mb` counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemorySource {
+    /// The guest's own figure from its virtio-balloon driver's statistics
+    /// (QEMU): total less available memory, of the guest's total.
+    Balloon,
+    /// The QEMU process's resident memory: what the VM costs the host,
+    /// QEMU's own overhead included (a guest without a balloon driver).
+    Process,
+    /// vSphere's `summary.quickStats.guestMemoryUsage` (the host's
+    /// estimate of the guest's active memory).
+    QuickStats,
+}
+
 /// `vm_metrics_update`: a VM's figures from its hypervisor's own counters;
 /// a figure the hypervisor cannot give is left out, never invented.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -167,10 +182,14 @@ pub struct VmMetricsData {
     /// `memory_used_mb` of `memory_size_mb`, in percent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_usage_percent: Option<f64>,
-    /// Memory in use, in MiB (QEMU: the QEMU process's resident memory;
-    /// vSphere: `guestMemoryUsage`).
+    /// Memory in use, in MiB (QEMU: what the guest's balloon driver
+    /// reports, or else the QEMU process's resident memory; vSphere:
+    /// `guestMemoryUsage`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_used_mb: Option<u64>,
+    /// Where `memory_used_mb` comes from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_source: Option<MemorySource>,
     /// The VM's configured memory, in MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_size_mb: Option<u64>,

@@ -25,7 +25,7 @@ use super::backend::Backend;
 use super::fleet::Fleet;
 use super::model::{HvResult, HypervisorError};
 use super::queue::Lane;
-use crate::events::protocol::{EventKind, VmMetricsData};
+use crate::events::protocol::{EventKind, MemorySource, VmMetricsData};
 use crate::events::{Event, EventBus};
 
 /// Where the poll of one VM is logged (debug), so tests and operators can
@@ -44,7 +44,14 @@ pub struct VmCounters {
     /// gives a rate rather than a cumulative time).
     pub cpu_usage_percent: Option<f64>,
     pub memory_used_bytes: Option<u64>,
+    /// The VM's configured memory.
     pub memory_size_bytes: Option<u64>,
+    /// The whole `memory_used_bytes` is a share of, when it is not the
+    /// configured size (a guest's own total, which leaves out what its
+    /// firmware and kernel keep).
+    pub memory_total_bytes: Option<u64>,
+    /// Where `memory_used_bytes` comes from.
+    pub memory_source: Option<MemorySource>,
     /// Bytes the guest received / sent since its NICs started
     /// (cumulative; QEMU: its taps' counters).
     pub network_rx_bytes: Option<u64>,
@@ -141,7 +148,8 @@ fn metrics_data(
         }
         _ => None,
     };
-    let memory_usage_percent = match (counters.memory_used_bytes, counters.memory_size_bytes) {
+    let whole = counters.memory_total_bytes.or(counters.memory_size_bytes);
+    let memory_usage_percent = match (counters.memory_used_bytes, whole) {
         (Some(used), Some(size)) if size > 0 => Some(round2(used as f64 * 100.0 / size as f64)),
         _ => None,
     };
@@ -152,6 +160,7 @@ fn metrics_data(
         cpu_time_ns: counters.cpu_time_ns,
         memory_usage_percent,
         memory_used_mb: counters.memory_used_bytes.map(|b| b / BYTES_PER_MIB),
+        memory_source: counters.memory_used_bytes.and(counters.memory_source),
         memory_size_mb: counters.memory_size_bytes.map(|b| b / BYTES_PER_MIB),
         network_rx_bytes: counters.network_rx_bytes,
         network_tx_bytes: counters.network_tx_bytes,
@@ -197,5 +206,28 @@ mod tests {
         let json = serde_json::to_value(&back).unwrap();
         assert!(json.get("network_rx_bytes").is_none(), "{json}");
         assert_eq!(json["cpu_time_ns"], 3_000_000_000u64);
+        assert!(json.get("memory_source").is_none(), "{json}");
+        // A guest's own figure is a share of the guest's own total.
+        let guest = VmCounters {
+            memory_used_bytes: Some(96 * BYTES_PER_MIB),
+            memory_size_bytes: Some(256 * BYTES_PER_MIB),
+            memory_total_bytes: Some(192 * BYTES_PER_MIB),
+            memory_source: Some(MemorySource::Balloon),
+            ..VmCounters::default()
+        };
+        let data = metrics_data("kvm:a", "kvm", &guest, None, now);
+        assert_eq!(data.memory_usage_percent, Some(50.0));
+        let json = serde_json::to_value(&data).unwrap();
+        assert_eq!(json["memory_source"], "balloon", "{json}");
+        assert_eq!(json["memory_size_mb"], 256, "{json}");
+        // No figure, no source.
+        let none = VmCounters {
+            memory_source: Some(MemorySource::Process),
+            ..VmCounters::default()
+        };
+        assert_eq!(
+            metrics_data("kvm:a", "kvm", &none, None, now).memory_source,
+            None
+        );
     }
 }

@@ -48,6 +48,19 @@ pub struct QemuOptions {
     /// enabled it, dropping them itself; its e1000 and virtio-net leave
     /// them queued in the tap, so the tap's counters would not move.)
     pub tap: Option<String>,
+    /// A virtio-balloon device (no guest driver: the diskless guest never
+    /// loads one, so it never reports statistics).
+    pub balloon: QemuBalloon,
+}
+
+/// Whether a [`Qemu`] has a balloon device, and how it is named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuBalloon {
+    Without,
+    /// `-device virtio-balloon-pci,id=ID` (`/machine/peripheral/ID`).
+    Named(String),
+    /// `-device virtio-balloon-pci` (`/machine/peripheral-anon/device[N]`).
+    Anonymous,
 }
 
 impl Default for QemuOptions {
@@ -56,6 +69,7 @@ impl Default for QemuOptions {
             vnc: QemuVnc::Password,
             prelaunch: false,
             tap: None,
+            balloon: QemuBalloon::Without,
         }
     }
 }
@@ -214,6 +228,15 @@ impl Qemu {
                 .arg("-netdev")
                 .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
                 .args(["-device", "rtl8139,netdev=net0,romfile="]);
+        }
+        match &self.options.balloon {
+            QemuBalloon::Without => {}
+            QemuBalloon::Named(id) => {
+                command.args(["-device", &format!("virtio-balloon-pci,id={id}")]);
+            }
+            QemuBalloon::Anonymous => {
+                command.args(["-device", "virtio-balloon-pci"]);
+            }
         }
         let log = File::create(&self.log).expect("create QEMU log");
         // -daemonize: the command returns once the VM is set up (sockets

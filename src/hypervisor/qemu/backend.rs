@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
 
 use super::config::{QemuConfig, QemuError, QemuVmConfig};
+use super::counters::BalloonProbe;
 use super::password::{self, PasswordSlot};
 use super::power;
 use super::qmp::{NoticeHandler, QmpClient, QmpError};
@@ -79,11 +80,27 @@ pub(super) struct Vm {
     pub(super) client: QmpClient,
     pub(super) state: watch::Receiver<VmState>,
     slot: PasswordSlot,
+    /// Its balloon device as last found (see [`super::counters`]).
+    balloon: std::sync::Mutex<Option<BalloonProbe>>,
 }
 
 impl Vm {
     pub(super) fn state(&self) -> VmState {
         self.state.borrow().clone()
+    }
+
+    pub(super) fn balloon_probe(&self) -> Option<BalloonProbe> {
+        self.balloon
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(super) fn set_balloon_probe(&self, probe: Option<BalloonProbe>) {
+        *self
+            .balloon
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = probe;
     }
 
     /// The state, when QMP is up and the guest is not off: what consoles
@@ -161,7 +178,8 @@ impl QemuBackend {
 
     /// A VM's figures from QMP and /proc (see [`super::counters`]).
     pub async fn counters(&self, vm: &str) -> HvResult<crate::hypervisor::metrics::VmCounters> {
-        super::counters::counters(self.find(vm)?).await
+        let balloon_interval_s = self.inner.config.balloon_stats_polling_interval_s;
+        super::counters::counters(self.find(vm)?, balloon_interval_s).await
     }
 
     /// How many `command`s were sent to VM `vm` (None: no such VM).
@@ -334,6 +352,7 @@ fn start_vm(
         client: QmpClient::start(&vm.qmp, config.qmp_limits(), handler),
         state,
         slot: PasswordSlot::default(),
+        balloon: std::sync::Mutex::new(None),
     }
 }
 

@@ -16,6 +16,12 @@ pub const ONE_TIME_PASSWORD_TTL_MS: u64 = 30_000;
 /// Largest `screendump` file read, in bytes: a 4K screen as PNG is a few
 /// MiB; more means something else is writing there.
 pub const MAX_SCREENDUMP_BYTES: u64 = 64 * 1024 * 1024;
+/// Default interval of the guest's balloon statistics, in seconds (the
+/// default `[events] metrics_interval_ms` is 5 000).
+pub const BALLOON_STATS_POLLING_INTERVAL_S: u64 = 5;
+/// Longest balloon statistics interval, in seconds (QEMU takes any
+/// `int64`; past an hour the figures are too old to show).
+pub const MAX_BALLOON_STATS_POLLING_INTERVAL_S: u64 = 3_600;
 /// Longest id (hypervisor or VM), in bytes.
 pub const MAX_ID_BYTES: usize = 128;
 
@@ -51,6 +57,12 @@ pub struct QemuConfig {
     /// Calls in flight at once (the control plane's queue).
     #[serde(default = "crate::hypervisor::queue::default_max_concurrent")]
     pub max_concurrent: usize,
+    /// How often QEMU asks the guest's virtio-balloon driver for memory
+    /// statistics, in seconds, set on a VM with a balloon device whose
+    /// polling is off when its figures are first wanted (an interval
+    /// someone else set is kept); 0: never turn polling on.
+    #[serde(default = "default_balloon_stats_polling_interval_s")]
+    pub balloon_stats_polling_interval_s: u64,
 }
 
 /// One VM of a QEMU hypervisor.
@@ -85,6 +97,9 @@ fn default_one_time_password_ttl_ms() -> u64 {
 fn default_max_screendump_bytes() -> u64 {
     MAX_SCREENDUMP_BYTES
 }
+fn default_balloon_stats_polling_interval_s() -> u64 {
+    BALLOON_STATS_POLLING_INTERVAL_S
+}
 
 /// A config or start-up problem of the QEMU backend.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +130,7 @@ impl QemuConfig {
             one_time_password_ttl_ms: default_one_time_password_ttl_ms(),
             max_screendump_bytes: default_max_screendump_bytes(),
             max_concurrent: crate::hypervisor::queue::default_max_concurrent(),
+            balloon_stats_polling_interval_s: default_balloon_stats_polling_interval_s(),
         }
     }
 
@@ -159,6 +175,11 @@ impl QemuConfig {
         }
         if self.reconnect_max_ms < self.reconnect_min_ms {
             return Err(problem("reconnect_max_ms is below reconnect_min_ms".into()));
+        }
+        if self.balloon_stats_polling_interval_s > MAX_BALLOON_STATS_POLLING_INTERVAL_S {
+            return Err(problem(format!(
+                "balloon_stats_polling_interval_s must be at most {MAX_BALLOON_STATS_POLLING_INTERVAL_S}"
+            )));
         }
         if self.one_time_password_ttl_ms < 1_000 {
             // QEMU expires passwords in whole seconds.
@@ -215,6 +236,10 @@ mod tests {
         assert_eq!(config.vms[1].name.as_deref(), Some("database"));
         assert_eq!(config.command_timeout_ms, 2000);
         assert_eq!(config.one_time_password_ttl_ms, ONE_TIME_PASSWORD_TTL_MS);
+        assert_eq!(
+            config.balloon_stats_polling_interval_s,
+            BALLOON_STATS_POLLING_INTERVAL_S
+        );
         assert_eq!(config.qmp_limits().max_line_bytes, qmp::MAX_LINE_BYTES);
         config.validate().unwrap();
     }
@@ -257,6 +282,10 @@ mod tests {
             },
             QemuConfig {
                 one_time_password_ttl_ms: 10,
+                ..QemuConfig::new("kvm1", vec![])
+            },
+            QemuConfig {
+                balloon_stats_polling_interval_s: MAX_BALLOON_STATS_POLLING_INTERVAL_S + 1,
                 ..QemuConfig::new("kvm1", vec![])
             },
         ];

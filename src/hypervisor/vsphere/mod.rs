@@ -51,6 +51,7 @@ use super::model::{
 };
 use super::pool::{Connector, Pool, PoolConfig, PoolStats};
 use super::thumbnail;
+use crate::events::protocol::MemorySource;
 use crate::pki::{self, PkiError, Thumbprint, Trust};
 
 pub use self::config::{Secret, VsphereConfig};
@@ -646,6 +647,7 @@ fn quick_stats(object: &soap::ObjectContent) -> VmCounters {
             .map(|(used, most)| used as f64 * 100.0 / most as f64),
         memory_used_bytes: memory_used_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
         memory_size_bytes: memory_size_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+        memory_source: Some(MemorySource::QuickStats),
         ..VmCounters::default()
     }
 }
