@@ -14,6 +14,12 @@
 #   FUZZ_RUNS            executions per target in the long run (default 10000000)
 #   FUZZ_JOBS            targets fuzzed at the same time (default 1)
 #   FUZZ_MAX_SECONDS     long run: also stop a target after this many seconds (default 0: no limit)
+#   FUZZ_FORK            long run: fuzz each target in this many processes at once, as one
+#                        run (libFuzzer's -fork=N: FUZZ_RUNS counts the executions of all of
+#                        them; default 0: one process). For a target too slow to reach
+#                        FUZZ_RUNS on one core in the time there is. The processes are
+#                        restarted from the corpus job by job, so "peak RSS" is not known
+#                        (each still stops at FUZZ_RSS_LIMIT_MB).
 #   FUZZ_SMOKE_RUNS      executions per target in the smoke run (default 200000)
 #   FUZZ_SMOKE_SECONDS   seconds per target in the smoke run (default 6: 12 targets in about
 #                        a minute and a half with the corpus loading)
@@ -51,6 +57,7 @@ targets=("$@")
 runs_long="${FUZZ_RUNS:-10000000}"
 jobs="${FUZZ_JOBS:-1}"
 max_seconds="${FUZZ_MAX_SECONDS:-0}"
+forks="${FUZZ_FORK:-0}"
 smoke_runs="${FUZZ_SMOKE_RUNS:-200000}"
 smoke_seconds="${FUZZ_SMOKE_SECONDS:-6}"
 rss_limit_mb="${FUZZ_RSS_LIMIT_MB:-2048}"
@@ -120,6 +127,7 @@ run_target() {
         work="fuzz/work/$target"
         runs="$runs_long"
         limits=(-max_total_time="$max_seconds")
+        [ "$forks" -eq 0 ] || limits+=(-fork="$forks")
     fi
     local max_len
     max_len=$(max_len_for "$target")
@@ -136,7 +144,10 @@ run_target() {
         -print_final_stats=1 "$work" "fuzz/corpus/$target" >"$logfile" 2>&1 || result=FAILED
     end=$(date +%s)
     local executions seconds rate rss_early rss_peak cov ft corpus
-    executions=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$logfile" | grep -oE '[0-9]+$' || echo "?")
+    # A forked run prints no final stats: its count is the last status line's.
+    executions=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$logfile" | grep -oE '[0-9]+$' ||
+        grep -oE 'fuzzed for [0-9]+ iterations|^#[0-9]+: cov' "$logfile" | tail -1 | grep -oE '[0-9]+' | head -1 ||
+        echo "?")
     rss_peak=$(grep -oE 'stat::peak_rss_mb: *[0-9]+' "$logfile" | grep -oE '[0-9]+$' || echo "?")
     seconds=$((end - start))
     rate="?"
@@ -148,7 +159,7 @@ run_target() {
     rss_early=$(awk -v tenth="$tenth" '/^#[0-9]+/ { n = substr($1, 2) + 0; if (n >= tenth) { for (i = 1; i <= NF; i++) if ($i == "rss:") { print $(i + 1); exit } } }' "$logfile" | tr -d 'Mb')
     cov=$(status_field cov <"$logfile")
     ft=$(status_field ft <"$logfile")
-    corpus=$(grep -oE 'corp: [0-9]+/[0-9]+[a-zA-Z]*' "$logfile" | tail -1 | cut -d' ' -f2)
+    corpus=$(grep -oE 'corp: [0-9]+(/[0-9]+[a-zA-Z]*)?' "$logfile" | tail -1 | cut -d' ' -f2)
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$executions" "$seconds" "$rate" \
         "${rss_early:-?}" "$rss_peak" "$cov" "$ft" "${corpus:-?}" "$result" "$(date -u +%FT%TZ)" | tee -a "$summary"
     if [ "$result" != ok ]; then
