@@ -796,6 +796,9 @@ def seeds_soap():
     write(t, "task_running", envelope % b'<R><returnval><state>running</state><progress>250</progress></returnval></R>')
     write(t, "missing_set", envelope % b'<R><returnval><objects><obj type="VirtualMachine">vm-1</obj><missingSet><path>name</path><fault><fault xsi:type="NoPermission"/></fault></missingSet></objects><token>t</token></returnval></R>')
     write(t, "unbalanced", b"<a><b></a></b>")
+    # Found by the long run of 2026-12-03 night: an empty `<prefix>:type` before the
+    # real xsi:type gave a fault without a kind (fixed in soap::Element::xsi_type).
+    write(t, "fault_empty_type", envelope % b'<soapenv:Fault><faultcode>Se</faultcode><faultstring>x</faultstring><detail><ManagedObjectNotFoundFault xmlnxsi:type="" xsi:type="Man"><obj type="VirtualMachine">vm-1</obj></ManagedObjectNotFoundFault></detail></soapenv:Fault>')
 
 
 # ---- qmp: max_line_bytes choice, 8 read sizes, then QEMU's bytes

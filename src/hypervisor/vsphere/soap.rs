@@ -233,13 +233,22 @@ impl Element {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The local part of the `xsi:type` attribute (`xsd:string` → `string`).
+    /// The local part of the `xsi:type` attribute (`xsd:string` → `string`),
+    /// or of the first `<prefix>:type` when the XSI namespace has another
+    /// prefix; None when it is empty (an empty type names nothing).
     pub fn xsi_type(&self) -> Option<&str> {
-        let (_, value) = self
-            .attrs
-            .iter()
-            .find(|(k, _)| k.split_once(':').is_some_and(|(_, local)| local == "type"))?;
-        Some(value.rsplit(':').next().unwrap_or(value))
+        let prefixed_type = |(key, _): &&(String, String)| {
+            key.split_once(':')
+                .is_some_and(|(_, local)| local == "type")
+        };
+        let value = self.attr("xsi:type").or_else(|| {
+            self.attrs
+                .iter()
+                .find(prefixed_type)
+                .map(|(_, value)| value.as_str())
+        })?;
+        let local = value.rsplit(':').next().unwrap_or(value).trim();
+        (!local.is_empty()).then_some(local)
     }
 }
 
@@ -391,13 +400,14 @@ pub fn body_result(root: &Element) -> Result<&Element, Fault> {
 fn fault_of(fault: &Element) -> Fault {
     let message = fault.child_text("faultstring").unwrap_or("").to_string();
     let detail = fault.child("detail").and_then(|d| d.children.first());
-    let kind = match detail {
-        Some(d) => d
-            .xsi_type()
-            .map(str::to_string)
-            .unwrap_or_else(|| d.name.strip_suffix("Fault").unwrap_or(&d.name).to_string()),
-        None => "Unknown".to_string(),
-    };
+    let kind = detail
+        .and_then(|d| {
+            d.xsi_type()
+                .or_else(|| Some(d.name.strip_suffix("Fault").unwrap_or(&d.name)))
+        })
+        .filter(|kind| !kind.is_empty())
+        .unwrap_or("Unknown")
+        .to_string();
     Fault { kind, message }
 }
 
@@ -687,6 +697,27 @@ mod tests {
         let fault = body_result(&parse(&login).unwrap()).unwrap_err();
         assert_eq!(fault.kind, "InvalidLogin");
         assert!(matches!(map_fault(&fault, None), HypervisorError::Auth(_)));
+        // Found by the soap fuzz target: an empty `<prefix>:type` before
+        // the real xsi:type gave a fault with an empty kind. An empty type
+        // names nothing: xsi:type wins, then the element name, then
+        // "Unknown".
+        let empty_type = envelope(
+            r#"<soapenv:Fault><faultcode>Se</faultcode><faultstring>x</faultstring><detail><ManagedObjectNotFoundFault xmlnxsi:type="" xsi:type="ManagedObjectNotFound"><obj type="VirtualMachine">vm-1</obj></ManagedObjectNotFoundFault></detail></soapenv:Fault>"#,
+        );
+        let fault = body_result(&parse(&empty_type).unwrap()).unwrap_err();
+        assert_eq!(fault.kind, "ManagedObjectNotFound");
+        for (detail, kind) in [
+            (r#"<InvalidLoginFault xsi:type=" "/>"#, "InvalidLogin"),
+            (r#"<InvalidLoginFault xsi:type="xsd:"/>"#, "InvalidLogin"),
+            (r#"<Fault/>"#, "Unknown"),
+            (r#"<Fault xsi:type=""/>"#, "Unknown"),
+        ] {
+            let xml = envelope(&format!(
+                "<soapenv:Fault><faultstring>x</faultstring><detail>{detail}</detail></soapenv:Fault>"
+            ));
+            let fault = body_result(&parse(&xml).unwrap()).unwrap_err();
+            assert_eq!(fault.kind, kind, "{detail}");
+        }
         let missing = Fault {
             kind: "ManagedObjectNotFound".into(),
             message: String::new(),
