@@ -2608,13 +2608,3 @@ pub fn run_cli_env(
     }
     run_cli_with(cmd, args, timeout)
 }
-
-/// Width and height from a PNG's IHDR chunk.
-pub fn png_size(data: &[u8]) -> Option<(u32, u32)> {
-    if data.len() < 24 || &data[..8] != b"\x89PNG\r\n\x1a\n" || &data[12..16] != b"IHDR" {
-        return None;
-    }
-    let w = u32::from_be_bytes(data[16..20].try_into().ok()?);
-    let h = u32::from_be_bytes(data[20..24].try_into().ok()?);
-    Some((w, h))
-}

@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{
-    find_program, pick_free_port, png_size, send_signal, stop_child, tail_of_file, STARTUP_TIMEOUT,
-};
+use super::{find_program, pick_free_port, send_signal, stop_child, tail_of_file, STARTUP_TIMEOUT};
 
 /// How a [`Qemu`]'s VNC display is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,28 +269,40 @@ impl Qemu {
             .unwrap_or_else(|| panic!("query-vnc without a port: {vnc}"));
     }
 
-    /// The guest screen's size, from a `screendump` over the test's socket.
-    pub fn screen_size(&self) -> Option<(u32, u32)> {
+    /// The guest screen's size and how many of its pixels are not black,
+    /// from a `screendump` over the test's socket.
+    pub fn screen(&self) -> Option<(u32, u32, usize)> {
         let path = self.dir.join("test-screen.png");
         let arguments = json!({"filename": path, "format": "png"});
         self.qmp().execute("screendump", arguments).ok()?;
-        let size = fs::read(&path).ok().and_then(|png| png_size(&png));
+        let png = fs::read(&path).ok();
         let _ = fs::remove_file(&path);
-        size
+        let img = image::load_from_memory_with_format(&png?, image::ImageFormat::Png)
+            .ok()?
+            .to_rgb8();
+        let lit = img.pixels().filter(|p| p.0 != [0, 0, 0]).count();
+        Some((img.width(), img.height(), lit))
     }
 
-    /// Waits until SeaBIOS shows its 720×400 text screen (QEMU starts on a
-    /// 640×480 one, for a few hundred milliseconds of TCG).
+    /// Waits until SeaBIOS shows its 720×400 text screen with its text on
+    /// it. QEMU starts on a 640×480 screen, for a few hundred milliseconds
+    /// of TCG; then the text screen is blank but for the cursor (18 pixels)
+    /// until SeaBIOS writes its banner and "No bootable device" (about
+    /// 4 570 pixels, the blinking cursor aside): a test that took the
+    /// screen in between saw no text.
     pub fn wait_for_text_screen(&self) {
+        const TEXT_PIXELS: usize = 1_000;
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            let size = self.screen_size();
-            if size == Some((720, 400)) {
-                return;
+            let screen = self.screen();
+            if let Some((720, 400, lit)) = screen {
+                if lit >= TEXT_PIXELS {
+                    return;
+                }
             }
             assert!(
                 Instant::now() < deadline,
-                "the guest screen is still {size:?}"
+                "the guest screen is still (width, height, lit pixels) {screen:?}"
             );
             thread::sleep(Duration::from_millis(20));
         }
