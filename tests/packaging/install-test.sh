@@ -85,6 +85,8 @@ rpm_root() {
     touch "$RPM_BASE/.complete"
 }
 
+# The cache may not exist yet on a fresh machine (base_root makes it too, later).
+mkdir -p "$CACHE"
 WORK=$(mktemp -d "$CACHE/run.XXXXXX")
 NSPAWN=
 cleanup() {
