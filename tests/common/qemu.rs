@@ -23,6 +23,11 @@ use serde_json::{json, Value};
 
 use super::{find_program, pick_free_port, send_signal, stop_child, tail_of_file, STARTUP_TIMEOUT};
 
+/// How many pixels of `img` are not black (text on SeaBIOS's screen).
+pub fn lit_pixels(img: &image::RgbImage) -> usize {
+    img.pixels().filter(|p| p.0 != [0, 0, 0]).count()
+}
+
 /// How a [`Qemu`]'s VNC display is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QemuVnc {
@@ -280,8 +285,7 @@ impl Qemu {
         let img = image::load_from_memory_with_format(&png?, image::ImageFormat::Png)
             .ok()?
             .to_rgb8();
-        let lit = img.pixels().filter(|p| p.0 != [0, 0, 0]).count();
-        Some((img.width(), img.height(), lit))
+        Some((img.width(), img.height(), lit_pixels(&img)))
     }
 
     /// Waits until SeaBIOS shows its 720×400 text screen with its text on

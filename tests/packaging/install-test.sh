@@ -33,6 +33,7 @@ for tool in debootstrap systemd-nspawn nsenter rpm python3 curl openssl systemd-
     command -v "$tool" >/dev/null || fail "$tool is missing: run scripts/install-deps.sh test"
 done
 [ "$(id -u)" = 0 ] || fail "the install tests need root (debootstrap, systemd-nspawn, rpm --root)"
+mkdir -p "$CACHE"
 
 # until SECONDS WHAT CMD...: poll CMD every 0.2 s until it succeeds.
 until_ok() {
@@ -57,7 +58,6 @@ base_root() {
     [ -f "$BASE/.complete" ] && return
     step "debootstrap a Debian 12 root into $BASE (cached for later runs)"
     rm -rf "$BASE.partial"
-    mkdir -p "$CACHE"
     debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus bookworm "$BASE.partial" "$(mirror)" \
         >"$CACHE/debootstrap.log" 2>&1 || { tail -20 "$CACHE/debootstrap.log" >&2; fail "debootstrap"; }
     rm -rf "$BASE"
@@ -85,8 +85,6 @@ rpm_root() {
     touch "$RPM_BASE/.complete"
 }
 
-# The cache may not exist yet on a fresh machine (base_root makes it too, later).
-mkdir -p "$CACHE"
 WORK=$(mktemp -d "$CACHE/run.XXXXXX")
 NSPAWN=
 cleanup() {
